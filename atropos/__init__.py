@@ -1,0 +1,3 @@
+"""atropos-sandbox: isolated multi-slot sandbox servers for LLM-agent RL rollouts."""
+
+__version__ = "0.1.0"

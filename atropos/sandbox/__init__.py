@@ -1,0 +1,1 @@
+"""The sandbox server: slots, tools, isolation and the HTTP API."""
