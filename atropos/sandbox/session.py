@@ -1,0 +1,163 @@
+"""A persistent bash per slot (`bash_session` tool): cwd and environment survive between calls.
+
+Commands reach the shell on a private control pipe as NUL-terminated (marker, command) pairs;
+the shell `eval`s each in its own context, then prints the marker with the exit code on stdout
+and the marker alone on stderr. A command is done when both markers arrived: no sleeps, no
+prompt scraping, and the marker is random per command so output cannot fake it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from typing import Any
+
+from atropos.sandbox.capture import BoundedBuffer
+from atropos.sandbox.children import Child, Children, PipeReader
+from atropos.sandbox.oneshot import result_dict
+from atropos.sandbox.procs import kill_tree
+
+_LOOP = (
+    "while IFS= read -r -d '' -u {fd} __atropos_mark && IFS= read -r -d '' -u {fd} __atropos_cmd; do "
+    'eval "$__atropos_cmd" {fd}<&- </dev/null; '
+    "__atropos_rc=$?; "
+    "printf '%s %d\\n' \"$__atropos_mark\" \"$__atropos_rc\"; "
+    "printf '%s\\n' \"$__atropos_mark\" >&2; "
+    "done"
+)
+
+# how long a timed-out command's shell gets to print its marker once the command's processes
+# are dead; a shell still busy after that (a builtin loop) is itself killed and replaced
+_SHELL_GRACE = 1.0
+
+
+class _MarkerScanner:
+    """Splits a stream into command output and the end marker, across chunk boundaries."""
+
+    def __init__(self, marker: bytes, buf: BoundedBuffer, want_code: bool) -> None:
+        self.marker = marker
+        self.buf = buf
+        self.want_code = want_code
+        self.pending = bytearray()
+        self.done: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self._keep = len(marker) + 24
+
+    def feed(self, chunk: bytes) -> None:
+        if self.done.done():
+            return  # output after the marker (a background job) is dropped
+        self.pending += chunk
+        idx = self.pending.find(self.marker)
+        if idx < 0:
+            flush = len(self.pending) - self._keep
+            if flush > 0:
+                self.buf.write(bytes(self.pending[:flush]))
+                del self.pending[:flush]
+            return
+        rest = bytes(self.pending[idx + len(self.marker) :])
+        nl = rest.find(b"\n")
+        if nl < 0:
+            return  # the exit code line is not complete yet
+        self.buf.write(bytes(self.pending[:idx]))
+        code: int | None = None
+        if self.want_code:
+            try:
+                code = int(rest[:nl].strip())
+            except ValueError:
+                code = None
+        self.pending.clear()
+        self.done.set_result(code)
+
+    def flush_rest(self) -> None:
+        self.buf.write(bytes(self.pending))
+        self.pending.clear()
+
+
+class BashSession:
+    def __init__(self, children: Children) -> None:
+        self.children = children
+        self.child: Child | None = None
+        self._ctrl_w = -1
+        self._sinks: list[_MarkerScanner | None] = [None, None]
+        self._readers: list[PipeReader] = []
+
+    @property
+    def alive(self) -> bool:
+        return self.child is not None and not self.child.exited.done()
+
+    def _start(self) -> None:
+        ctrl_r, ctrl_w = os.pipe()
+        os.set_inheritable(ctrl_r, True)
+        try:
+            self.child = self.children.spawn(
+                ["bash", "--noprofile", "--norc", "-c", _LOOP.format(fd=ctrl_r)], pass_fds=(ctrl_r,)
+            )
+        finally:
+            os.close(ctrl_r)
+        self._ctrl_w = ctrl_w
+        self._readers = [
+            PipeReader(self.children.loop, self.child.stdout_fd, lambda b: self._feed(0, b)),
+            PipeReader(self.children.loop, self.child.stderr_fd, lambda b: self._feed(1, b)),
+        ]
+
+    def _feed(self, stream: int, chunk: bytes) -> None:
+        sink = self._sinks[stream]
+        if sink is not None:
+            sink.feed(chunk)
+
+    def close(self) -> None:
+        if self.child is not None and not self.child.exited.done():
+            kill_tree(self.child.pid)
+        for reader in self._readers:
+            reader.close()
+        if self._ctrl_w >= 0:
+            os.close(self._ctrl_w)
+            self._ctrl_w = -1
+        self.child = None
+
+    async def run(self, command: str, *, timeout: float, cap: int) -> dict[str, Any]:
+        started = time.monotonic()
+        out, err = BoundedBuffer(cap), BoundedBuffer(cap)
+        if "\x00" in command:
+            return result_dict(out, err, exit_code=None, timed_out=False, started=started,
+                               error="command contains a NUL byte")
+        if not self.alive:
+            self.close()
+            self._start()
+        child = self.child
+        assert child is not None
+        marker = f"__ATROPOS_END_{uuid.uuid4().hex}__".encode()
+        scan_out = _MarkerScanner(marker, out, want_code=True)
+        scan_err = _MarkerScanner(marker, err, want_code=False)
+        self._sinks = [scan_out, scan_err]
+        os.write(self._ctrl_w, marker + b"\0" + command.encode() + b"\0")
+        both = asyncio.gather(scan_out.done, scan_err.done)
+        error: str | None = None
+        timed_out = False
+        try:
+            done, _ = await asyncio.wait({both, child.exited}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                timed_out = True
+                kill_tree(child.pid, include_root=False)  # the command, not the shell
+                done, _ = await asyncio.wait({both, child.exited}, timeout=_SHELL_GRACE,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    error = "command timed out and the shell itself was busy: the session was restarted"
+                    self.close()
+            if both.done():
+                code = scan_out.done.result()
+            else:
+                for reader in self._readers:
+                    reader.drain()
+                scan_out.flush_rest()
+                scan_err.flush_rest()
+                code = child.exited.result() if child.exited.done() else None
+                if error is None:
+                    error = "the session's shell exited; the next call starts a new shell"
+                self.close()
+        finally:
+            both.cancel()
+            self._sinks = [None, None]
+        return result_dict(out, err, exit_code=code, timed_out=timed_out, started=started, error=error)

@@ -1,0 +1,150 @@
+"""Server-side handle of one slot: its runner process, the RPC to it, ordering and reset."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from atropos.sandbox.files import empty_dir
+from atropos.sandbox.procs import kill_tree
+
+log = logging.getLogger("atropos.sandbox")
+
+# the runner enforces a call's timeout itself; the server gives it this long on top before it
+# declares the runner hung and replaces it
+RUNNER_GRACE = 10.0
+
+
+class SlotFailure(RuntimeError):
+    """The slot's runner failed (died, hung, or was reset mid-call): not the command's failure."""
+
+
+class SlotReset(SlotFailure):
+    pass
+
+
+class Slot:
+    def __init__(self, index: int, workspace: str, command: Callable[[], list[str]], env: dict[str, str]) -> None:
+        self.index = index
+        self.workspace = workspace
+        self._command = command
+        self._env = env
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._ids = itertools.count(1)
+        self._start_lock = asyncio.Lock()
+        self.order = asyncio.Lock()  # a slot's calls run one after another, in arrival order
+        self.generation = 0
+        self.busy = 0
+
+    async def _ensure_runner(self) -> asyncio.subprocess.Process:
+        async with self._start_lock:
+            if self._proc is not None and self._proc.returncode is None:
+                return self._proc
+            proc = await asyncio.create_subprocess_exec(
+                *self._command(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                env=self._env, start_new_session=True, limit=256 * 1024 * 1024,
+            )
+            assert proc.stdout is not None
+            hello = await proc.stdout.readline()
+            if not hello:
+                await proc.wait()
+                raise SlotFailure(f"slot {self.index}: the sandbox did not start (exit {proc.returncode})")
+            self._proc = proc
+            self._reader = asyncio.ensure_future(self._read_answers(proc))
+            return proc
+
+    async def _read_answers(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while True:
+            line = await proc.stdout.readline()
+            if not line:
+                break
+            msg = json.loads(line)
+            fut = self._pending.pop(msg.get("id") or -1, None)
+            if fut is None or fut.done():
+                continue
+            if "error" in msg:
+                fut.set_exception(SlotFailure(f"slot {self.index}: runner error: {msg['error']}"))
+            else:
+                fut.set_result(msg["result"])
+        await proc.wait()
+        self._fail_pending(SlotFailure(f"slot {self.index}: the sandbox exited ({proc.returncode}); "
+                                       "it restarts on the next call"))
+
+    def _fail_pending(self, exc: Exception) -> None:
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+
+    async def call(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+        proc = await self._ensure_runner()
+        assert proc.stdin is not None
+        rid = next(self._ids)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        proc.stdin.write(json.dumps({"id": rid, "timeout": timeout, **request}).encode() + b"\n")
+        try:
+            await proc.stdin.drain()
+            return await asyncio.wait_for(asyncio.shield(fut), timeout + RUNNER_GRACE)
+        except asyncio.TimeoutError:
+            log.error("slot %d: runner did not answer within %.0fs; replacing it", self.index,
+                      timeout + RUNNER_GRACE)
+            await self.kill_runner()
+            raise SlotFailure(f"slot {self.index}: the sandbox stopped answering; it was restarted") from None
+        except (BrokenPipeError, ConnectionResetError):
+            raise SlotFailure(f"slot {self.index}: the sandbox exited; it restarts on the next call") from None
+        finally:
+            self._pending.pop(rid, None)
+
+    async def execute(self, op: dict[str, Any], timeout: float) -> dict[str, Any]:
+        self.busy += 1
+        try:
+            async with self.order:
+                generation = self.generation
+                result = await self.call(op, timeout)
+                if generation != self.generation:
+                    raise SlotReset(f"slot {self.index} was reset while the call ran")
+                return result
+        finally:
+            self.busy -= 1
+
+    async def reset(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Kill everything the slot started and empty its workspace; cuts a running call short."""
+        self.generation += 1
+        try:
+            return await self.call({"op": "reset"}, timeout)
+        except SlotFailure:
+            await self.kill_runner()  # a broken runner: the fresh one starts from an empty slot
+            await asyncio.to_thread(_empty, self.workspace)
+            return {"ok": True, "killed": 0, "duration_ms": 0.0}
+
+    async def kill_runner(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        # without bubblewrap the runner's orphans are not in a PID namespace that dies with it
+        await asyncio.to_thread(kill_tree, proc.pid)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        await proc.wait()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.kill_runner()
+
+
+def _empty(workspace: str) -> None:
+    if os.path.isdir(workspace):
+        empty_dir(workspace)
