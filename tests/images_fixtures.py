@@ -1,0 +1,118 @@
+"""Fixtures and helpers for the image tests.
+
+Test modules load it explicitly with `pytest_plugins = ["tests.images_fixtures"]` and import names
+from it only under TYPE_CHECKING (so pytest can rewrite its asserts).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from atropos.images import process, runtime
+from atropos.images.errors import ImageError
+from atropos.images.runtime import ApptainerRuntime, find_runtime
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+STANDIN_DIR = TESTS_DIR / "bin_images"
+STANDIN = STANDIN_DIR / "apptainer"
+
+_LAUNCH = b"#!/usr/bin/env run-singularity\n".ljust(32, b"\0") + b"SIF_MAGIC\0"
+_CHUNK = 4096
+
+
+def expected_image(source: str, chunks: int) -> bytes:
+    """The exact bytes the stand-in writes for `source`: what a complete image must equal."""
+    parts = [_LAUNCH]
+    for index in range(chunks):
+        seed = f"{source}#{index}|".encode()
+        parts.append((seed * (_CHUNK // len(seed) + 1))[:_CHUNK])
+    parts.append(f"\nEND-OF-IMAGE {source}\n".encode())
+    return b"".join(parts)
+
+
+@dataclass
+class StandIn:
+    """The `apptainer` stand-in, put first on PATH, logging each pull/build it performs."""
+
+    binary: Path
+    log: Path
+    cache: Path
+    started: Path
+    chunks: int
+
+    def calls(self) -> list[list[str]]:
+        """One `[verb, source, output, pid, cachedir]` per pull/build, in order."""
+        if not self.log.exists():
+            return []
+        return [line.split(" ") for line in self.log.read_text().splitlines()]
+
+    def install(self, bindir: Path, name: str = "apptainer") -> Path:
+        """Another copy of the stand-in, e.g. to break it or to name it `singularity`."""
+        return install_standin(bindir, name)
+
+    def expected(self, source: str) -> bytes:
+        """The exact bytes of a complete image of `source`."""
+        return expected_image(source, self.chunks)
+
+
+def real_apptainer() -> ApptainerRuntime | None:
+    """A real apptainer/singularity on PATH (never one of the stand-ins under tests/), or None."""
+    entries = os.environ.get("PATH", "").split(os.pathsep)
+    path = os.pathsep.join(entry for entry in entries if not entry.startswith(str(TESTS_DIR)))
+    try:
+        found = find_runtime(env={"PATH": path})
+    except ImageError:
+        return None
+    return None if found.binary.startswith(str(TESTS_DIR)) else found
+
+
+def install_standin(bindir: Path, name: str = "apptainer") -> Path:
+    """Copy the stand-in into `bindir` as `name`, its shebang naming this interpreter (no PATH lookup)."""
+    bindir.mkdir(parents=True, exist_ok=True)
+    target = bindir / name
+    body = STANDIN.read_text().split("\n", 1)[1]
+    target.write_text(f"#!{sys.executable}\n{body}")
+    target.chmod(0o755)
+    return target
+
+
+@pytest.fixture
+def standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[StandIn]:
+    """Environment where discovery finds the stand-in, with a private SIF cache and call log."""
+    bindir = tmp_path / "bin"
+    fake = StandIn(
+        binary=install_standin(bindir),
+        log=tmp_path / "standin.log",
+        cache=tmp_path / "cache",
+        started=tmp_path / "started",
+        chunks=8,
+    )
+    fake.started.mkdir()
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("STANDIN_LOG", str(fake.log))
+    monkeypatch.setenv("STANDIN_CHUNKS", str(fake.chunks))
+    monkeypatch.setenv("STANDIN_CHUNK_DELAY", "0.01")
+    monkeypatch.setenv("STANDIN_STARTED", str(fake.started))
+    for name in ("ATROPOS_APPTAINER", "ATROPOS_SIF_CACHE", "APPTAINER_CACHEDIR", "SINGULARITY_CACHEDIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(process, "HEARTBEAT_SECONDS", 3600.0)
+    runtime._probe_cached.cache_clear()
+    yield fake
+
+
+@pytest.fixture
+def singularity_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A PATH holding nothing but a `singularity` stand-in."""
+    bindir = tmp_path / "bin-singularity"
+    target = install_standin(bindir, "singularity")
+    monkeypatch.setenv("PATH", str(bindir))
+    monkeypatch.delenv("ATROPOS_APPTAINER", raising=False)
+    runtime._probe_cached.cache_clear()
+    return target
