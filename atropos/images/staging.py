@@ -18,8 +18,9 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from atropos.images import process
 from atropos.images.errors import ImageError
-from atropos.images.process import HEARTBEAT_SECONDS, Progress
+from atropos.images.process import Progress
 
 __all__ = ["SIF_MAGIC", "check_sif", "is_sif", "locked", "staged_file"]
 
@@ -41,7 +42,7 @@ def locked(
     lock = FileLock(str(lock_path(dest)))
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        wait = HEARTBEAT_SECONDS
+        wait = process.HEARTBEAT_SECONDS
         if deadline is not None:
             wait = max(0.0, min(wait, deadline - time.monotonic()))
         try:
