@@ -210,7 +210,9 @@ def test_heartbeat_reports_a_long_wait(monkeypatch: pytest.MonkeyPatch) -> None:
     assert lines[0].startswith("pull x: still running after ")
 
 
-def test_waiting_for_another_pullers_lock_is_reported(standin: StandIn, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_waiting_for_another_pullers_lock_is_reported(
+    standin: StandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(process, "HEARTBEAT_SECONDS", 0.01)
     dest = cached_image_path(REF, standin.cache)
     standin.cache.mkdir(parents=True)

@@ -73,8 +73,8 @@ class Runner:
 
     async def reset(self) -> dict[str, Any]:
         started = time.monotonic()
-        self.session.close()
-        killed = kill_tree(os.getpid(), include_root=False)
+        killed = self.session.close()
+        killed += kill_tree(os.getpid(), include_root=False)
         self.children.reap()
         await asyncio.to_thread(empty_dir, self.root)
         return {"ok": True, "killed": killed, "duration_ms": (time.monotonic() - started) * 1000.0}

@@ -120,16 +120,20 @@ def build_slots(cfg: ServerConfig, spec: SandboxSpec | None) -> list[Slot]:
     return slots
 
 
-async def serve(cfg: ServerConfig, token_file: str | None = None) -> None:
+def prepare(cfg: ServerConfig, token_file: str | None = None) -> tuple[ServerConfig, SandboxApp, str | None]:
+    """Everything that must hold before the server listens: token, isolation, slot directories."""
     cfg = cfg.model_copy(update={"data_dir": os.path.realpath(cfg.data_dir)})
     os.makedirs(cfg.data_dir, exist_ok=True)
     token, generated = resolve_token(cfg, token_file)
-    hidden = tuple(p for p in (token_file, generated) if p)
-    spec = choose_isolation(cfg, tuple(os.path.realpath(p) for p in hidden))
-    isolation = "bwrap" if spec is not None else "none"
-    slots = build_slots(cfg, spec)
-    api = SandboxApp(slots, token=token, default_timeout=cfg.timeout, isolation=isolation,
-                     network=cfg.network, max_body=cfg.max_body)
+    hidden = tuple(os.path.realpath(p) for p in (token_file, generated) if p)
+    spec = choose_isolation(cfg, hidden)
+    api = SandboxApp(build_slots(cfg, spec), token=token, default_timeout=cfg.timeout,
+                     isolation="bwrap" if spec is not None else "none", network=cfg.network,
+                     max_body=cfg.max_body)
+    return cfg, api, generated
+
+
+async def serve(cfg: ServerConfig, api: SandboxApp, generated: str | None = None) -> None:
     runner = web.AppRunner(api.build(), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True)
@@ -138,10 +142,9 @@ async def serve(cfg: ServerConfig, token_file: str | None = None) -> None:
     except OSError as exc:
         await runner.cleanup()
         raise StartupError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
-    server = site._server
-    port = server.sockets[0].getsockname()[1] if server is not None and server.sockets else cfg.port
+    port = runner.addresses[0][1] if runner.addresses else cfg.port
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-    log.info("%d slots in %s, isolation=%s network=%s", cfg.slots, cfg.data_dir, isolation, cfg.network)
+    log.info("%d slots in %s, isolation=%s network=%s", cfg.slots, cfg.data_dir, api.isolation, cfg.network)
     if generated:
         log.info("no token given: generated one in %s", generated)
     print(f"{READY_PREFIX} http://{host}:{port}", flush=True)
@@ -188,7 +191,7 @@ def run_from_args(args: argparse.Namespace) -> int:
                            isolation=args.isolation, network=args.network, timeout=args.timeout,
                            max_output=args.max_output, max_file_bytes=args.max_file_bytes,
                            max_body=args.max_body)
-        asyncio.run(serve(cfg, args.token_file))
+        asyncio.run(serve(*prepare(cfg, args.token_file)))
     except ValidationError as exc:
         problems = "; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
                              for e in exc.errors())

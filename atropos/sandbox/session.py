@@ -106,15 +106,18 @@ class BashSession:
         if sink is not None:
             sink.feed(chunk)
 
-    def close(self) -> None:
+    def close(self) -> int:
+        """Kill the shell and everything it started; returns how many processes died."""
+        killed = 0
         if self.child is not None and not self.child.exited.done():
-            kill_tree(self.child.pid)
+            killed = kill_tree(self.child.pid)
         for reader in self._readers:
             reader.close()
         if self._ctrl_w >= 0:
             os.close(self._ctrl_w)
             self._ctrl_w = -1
         self.child = None
+        return killed
 
     async def run(self, command: str, *, timeout: float, cap: int) -> dict[str, Any]:
         started = time.monotonic()
@@ -133,15 +136,16 @@ class BashSession:
         self._sinks = [scan_out, scan_err]
         os.write(self._ctrl_w, marker + b"\0" + command.encode() + b"\0")
         both = asyncio.gather(scan_out.done, scan_err.done)
+        waiters: set[asyncio.Future[Any]] = {both, child.exited}
         error: str | None = None
         timed_out = False
         try:
-            done, _ = await asyncio.wait({both, child.exited}, timeout=timeout,
+            done, _ = await asyncio.wait(waiters, timeout=timeout,
                                          return_when=asyncio.FIRST_COMPLETED)
             if not done:
                 timed_out = True
                 kill_tree(child.pid, include_root=False)  # the command, not the shell
-                done, _ = await asyncio.wait({both, child.exited}, timeout=_SHELL_GRACE,
+                done, _ = await asyncio.wait(waiters, timeout=_SHELL_GRACE,
                                              return_when=asyncio.FIRST_COMPLETED)
                 if not done:
                     error = "command timed out and the shell itself was busy: the session was restarted"

@@ -1,0 +1,235 @@
+"""Build the Nomad job that runs a pool's sandbox servers, for the docker, singularity and process
+drivers.
+
+Port scheme
+-----------
+`docker`: one task group `sandbox` with `Count = count`. The group network has a `DynamicPorts`
+entry `http` mapped (`To`) to the server's port inside the container; Nomad picks a free host port
+per allocation. Scaling is `POST /v1/job/:id/scale` on that group.
+
+`singularity` and `process` (`raw_exec`, host network): Apptainer shares the host network, so the
+server binds a host port directly and two servers on one node must not share one. Each container is
+its own task group `sandbox-<i>` (`Count = 1`) with a static `ReservedPorts` entry `http` whose value
+is `base_port + i` (no `To`). Several containers of one job can therefore land on one node without
+colliding, and Nomad never places a group on a node where its port is taken (by anything): that group
+goes to another node or waits, reported as a port collision. Two pools on one cluster should use
+base ports at least `count` apart. Each group carries a scaling policy `Min = 0, Max = 1`, so
+`POST /v1/job/:id/scale` (or `nomad job scale JOB sandbox-3 0`) can stop or restart one container but
+never puts two on one port. Changing the number of containers re-registers the job with groups
+`sandbox-0 .. sandbox-<count-1>` (see `scale_sandbox_job`): groups whose definition is unchanged keep
+their allocations, new groups start, removed groups stop. With `count = 0` the job keeps group
+`sandbox-0` at `Count = 0` (Nomad refuses a job without groups).
+
+`static_ports=False` gives `singularity`/`process` the docker layout instead: one group, a dynamic
+host port (no `To`), scaled with `POST /v1/job/:id/scale`.
+
+Every server binds `${NOMAD_IP_http}` (raw_exec) or `0.0.0.0` inside its container (docker), takes its
+port from the `http` label, keeps its slots in the allocation's `data` dir, and reads its bearer
+token from the environment (never the command line).
+"""
+
+from __future__ import annotations
+
+from atropos import __version__
+from atropos.images.apptainer import (
+    CONTAINER_DATA_DIR,
+    TOKEN_ENV,
+    apptainer_secret_env,
+    build_apptainer_exec_argv,
+    exec_shell_command,
+    runtime_env_prefix,
+    sandbox_server_args,
+)
+from atropos.nomad.models import (
+    EphemeralDisk,
+    Job,
+    NetworkResource,
+    Port,
+    Resources,
+    ScalingPolicy,
+    Service,
+    ServiceCheck,
+    Task,
+    TaskGroup,
+)
+from atropos.nomad.spec import SandboxJobSpec
+
+__all__ = [
+    "GROUP_NAME",
+    "PORT_LABEL",
+    "TASK_NAME",
+    "create_sandbox_job",
+    "group_index",
+    "group_names",
+    "static_port",
+]
+
+GROUP_NAME = "sandbox"
+TASK_NAME = "server"
+PORT_LABEL = "http"
+
+_ALLOC_DATA = "${NOMAD_ALLOC_DIR}/data"
+_HOST_IP = "${NOMAD_IP_http}"
+_HOST_PORT = "${NOMAD_PORT_http}"
+
+
+def create_sandbox_job(spec: SandboxJobSpec) -> Job:
+    """The Nomad job for `spec` (see the module docstring for the port scheme)."""
+    if spec.uses_static_ports:
+        groups = [
+            _group(spec, group_name(spec, i), 1 if i < spec.count else 0, static_port(spec, i))
+            for i in range(max(spec.count, 1))
+        ]
+    else:
+        groups = [_group(spec, GROUP_NAME, spec.count, None)]
+    return Job(
+        id=spec.job_id,
+        name=spec.job_id,
+        priority=spec.priority,
+        region=spec.region,
+        namespace=spec.namespace,
+        node_pool=spec.node_pool,
+        datacenters=spec.datacenters or None,
+        constraints=spec.constraints or None,
+        update=spec.update,
+        meta=_job_meta(spec),
+        task_groups=groups,
+    )
+
+
+def group_name(spec: SandboxJobSpec, index: int) -> str:
+    return f"{GROUP_NAME}-{index}" if spec.uses_static_ports else GROUP_NAME
+
+
+def group_names(spec: SandboxJobSpec) -> list[str]:
+    """The task groups a job built from `spec` has."""
+    if spec.uses_static_ports:
+        return [group_name(spec, i) for i in range(max(spec.count, 1))]
+    return [GROUP_NAME]
+
+
+def group_index(group: str) -> int | None:
+    """The container index of a static-port group name (`sandbox-3` -> 3), else None."""
+    prefix = GROUP_NAME + "-"
+    if group.startswith(prefix) and group[len(prefix):].isdigit():
+        return int(group[len(prefix):])
+    return None
+
+
+def static_port(spec: SandboxJobSpec, index: int) -> int:
+    """The host port of container `index` under the static scheme."""
+    return spec.base_port + index
+
+
+def _job_meta(spec: SandboxJobSpec) -> dict[str, str]:
+    meta = {
+        "atropos_kind": "sandbox",
+        "atropos_driver": spec.driver,
+        "atropos_slots": str(spec.slots_per_container),
+        "atropos_version": __version__,
+    }
+    if spec.owner is not None:
+        meta.update(spec.owner.to_meta())
+    meta.update(spec.meta)
+    return meta
+
+
+def _group(spec: SandboxJobSpec, name: str, count: int, port: int | None) -> TaskGroup:
+    return TaskGroup(
+        name=name,
+        count=count,
+        networks=[_network(spec, port)],
+        services=[_service(spec)] if spec.service else None,
+        restart_policy=spec.restart,
+        reschedule_policy=spec.reschedule,
+        scaling=ScalingPolicy(min=0, max=1) if port is not None else None,
+        ephemeral_disk=EphemeralDisk(size_mb=spec.disk_mb) if spec.disk_mb else None,
+        tasks=[_task(spec)],
+    )
+
+
+def _network(spec: SandboxJobSpec, static: int | None) -> NetworkResource:
+    if static is not None:
+        return NetworkResource(reserved_ports=[Port(label=PORT_LABEL, value=static)])
+    to = spec.container_port if spec.driver == "docker" else None
+    return NetworkResource(dynamic_ports=[Port(label=PORT_LABEL, to=to)])
+
+
+def _service(spec: SandboxJobSpec) -> Service:
+    check = ServiceCheck(name="health", type="http", path="/health")
+    return Service(name=spec.job_id.replace("_", "-").replace(".", "-"), port_label=PORT_LABEL,
+                   checks=[check])
+
+
+def _task(spec: SandboxJobSpec) -> Task:
+    token = spec.token.get_secret_value()
+    server_env = {TOKEN_ENV: token, **spec.server_env}
+    if spec.driver == "docker":
+        driver, config, env = "docker", _docker_config(spec), server_env
+    elif spec.driver == "singularity":
+        driver, config, env = "raw_exec", _singularity_config(spec), _singularity_env(spec, server_env)
+    else:
+        driver, config, env = "raw_exec", _process_config(spec), server_env
+    return Task(
+        name=TASK_NAME,
+        driver=driver,
+        config=config,
+        env=env,
+        resources=Resources(cpu=spec.cpu, memory_mb=spec.memory, memory_max_mb=spec.memory_max),
+        kill_signal="SIGTERM",
+        kill_timeout=spec.kill_timeout,
+    )
+
+
+def _server_args(spec: SandboxJobSpec, *, host: str, port: int | str, data_dir: str) -> list[str]:
+    return sandbox_server_args(
+        host=host,
+        port=port,
+        data_dir=data_dir,
+        slots=spec.slots_per_container,
+        isolation=spec.isolation,
+        network=spec.network,
+        timeout=spec.command_timeout,
+        max_output=spec.max_output,
+    )
+
+
+def _docker_config(spec: SandboxJobSpec) -> dict[str, object]:
+    # The docker driver mounts the allocation dir at /alloc (= NOMAD_ALLOC_DIR in the container).
+    args = _server_args(spec, host="0.0.0.0", port=spec.container_port, data_dir=_ALLOC_DATA)
+    return {
+        "image": spec.image,
+        "ports": [PORT_LABEL],
+        "entrypoint": spec.server_command[:1],
+        "args": [*spec.server_command[1:], *args],
+    }
+
+
+def _process_config(spec: SandboxJobSpec) -> dict[str, object]:
+    args = _server_args(spec, host=_HOST_IP, port=_HOST_PORT, data_dir=_ALLOC_DATA)
+    return {"command": spec.server_command[0], "args": [*spec.server_command[1:], *args]}
+
+
+def _singularity_config(spec: SandboxJobSpec) -> dict[str, object]:
+    assert spec.singularity_image is not None  # checked by SandboxJobSpec
+    argv = build_apptainer_exec_argv(
+        spec.apptainer_binary,
+        spec.singularity_image,
+        binds=[(_ALLOC_DATA, CONTAINER_DATA_DIR)],
+        extra_args=spec.apptainer_args,
+        server_args=_server_args(spec, host=_HOST_IP, port=_HOST_PORT, data_dir=CONTAINER_DATA_DIR),
+        workdir=spec.apptainer_workdir,
+        containall=spec.apptainer_containall,
+        command=spec.server_command,
+    )
+    # The shell expands the ${NOMAD_*} references and is then replaced by apptainer (`exec`), so
+    # Nomad's kill signal reaches apptainer, which forwards it to the server.
+    return {"command": "/bin/sh", "args": ["-c", exec_shell_command(argv)]}
+
+
+def _singularity_env(spec: SandboxJobSpec, server_env: dict[str, str]) -> dict[str, str]:
+    env = apptainer_secret_env(spec.apptainer_binary, server_env)
+    if spec.apptainer_cache_dir:
+        runtime = runtime_env_prefix(spec.apptainer_binary).removesuffix("ENV_")
+        env[f"{runtime}_CACHEDIR"] = spec.apptainer_cache_dir
+    return env

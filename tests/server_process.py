@@ -1,0 +1,105 @@
+"""Start a real sandbox server as a child process for tests (real HTTP on loopback)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import httpx
+
+
+@dataclass
+class RunningServer:
+    url: str
+    token: str
+    proc: subprocess.Popen[str]
+    data_dir: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def client(self, timeout: float = 60.0) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=self.headers, timeout=timeout)
+
+    def execute(self, slot: int, tool: str, timeout: float | None = None, **args: object) -> dict[str, object]:
+        body: dict[str, object] = {"slot": slot, "tool": tool, "args": args}
+        if timeout is not None:
+            body["timeout"] = timeout
+        with self.client() as c:
+            r = c.post("/execute", json=body)
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+
+def wait_ready(proc: subprocess.Popen[str], what: str, timeout: float = 30.0) -> str:
+    """Read the server's stdout up to its READY line; fail with its stderr if it exits first."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("ATROPOS_SANDBOX_READY "):
+            return line.split()[1]
+        if not line and proc.poll() is not None:
+            err = proc.stderr.read() if proc.stderr else ""
+            raise RuntimeError(f"{what} exited with {proc.returncode}: {err}")
+    raise RuntimeError(f"{what} did not become ready in {timeout}s")
+
+
+@contextmanager
+def run_server(data_dir: str, *extra: str, env: dict[str, str] | None = None) -> Iterator[RunningServer]:
+    token = secrets.token_hex(16)
+    full_env = {**os.environ, "ATROPOS_SANDBOX_TOKEN": token, **(env or {})}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "atropos.sandbox.server", "--port", "0", "--data-dir", data_dir, *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, start_new_session=True,
+    )
+    try:
+        url = wait_ready(proc, "sandbox server")
+        yield RunningServer(url, token, proc, data_dir)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def pids_with_arg(marker: str) -> list[int]:
+    """Live (non-zombie) processes whose command line contains `marker`."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as fh:
+                cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{name}/stat", "rb") as fh:
+                state = fh.read().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in cmd and state != b"Z" and int(name) != os.getpid():
+            found.append(int(name))
+    return found
+
+
+def wait_until_gone(marker: str, timeout: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = pids_with_arg(marker)
+        if not alive:
+            return []
+        time.sleep(0.05)
+    return pids_with_arg(marker)

@@ -1,0 +1,204 @@
+"""Each tool, in both isolation modes, through real HTTP to a real server."""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+
+from tests.server_process import RunningServer, pids_with_arg, wait_until_gone
+
+
+def test_health_reports_mode_without_auth(server: RunningServer) -> None:
+    import httpx
+
+    r = httpx.get(server.url + "/health")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "ok"
+    assert body["slots"] == 4
+    assert body["isolation"] in ("bwrap", "none")
+    assert set(body) == {"status", "version", "slots", "busy", "isolation", "network"}
+
+
+def test_bash_separates_streams_and_exit_code(server: RunningServer) -> None:
+    res = server.execute(0, "bash", command="echo out; echo err >&2; exit 7")
+    assert res["stdout"] == "out\n"
+    assert res["stderr"] == "err\n"
+    assert res["exit_code"] == 7
+    assert res["ok"] is False
+    assert res["timed_out"] is False
+    assert "out" in str(res["output"]) and "err" in str(res["output"])
+
+
+def test_bash_runs_in_workspace(server: RunningServer) -> None:
+    server.execute(1, "write_file", path="marker.txt", content="here")
+    res = server.execute(1, "bash", command="cat marker.txt && echo $HOME")
+    assert res["ok"] is True
+    assert str(res["stdout"]).startswith("here")
+
+
+def test_session_keeps_cwd_and_env(server: RunningServer) -> None:
+    assert server.execute(2, "bash_session", command="mkdir -p deep/er && cd deep/er && export FOO=bar")["ok"]
+    res = server.execute(2, "bash_session", command="pwd; echo $FOO")
+    lines = str(res["stdout"]).splitlines()
+    assert lines[0].endswith("/deep/er")
+    assert lines[1] == "bar"
+    res = server.execute(2, "bash_session", command="false")
+    assert res["exit_code"] == 1 and res["ok"] is False
+    res = server.execute(2, "bash_session", command="printf 'no newline'; printf 'e' >&2")
+    assert res["stdout"] == "no newline" and res["stderr"] == "e"
+    # output that imitates a delimiter cannot end the command early
+    res = server.execute(2, "bash_session", command="echo __ATROPOS_END_x__ 0; echo after")
+    assert str(res["stdout"]).endswith("after\n")
+
+
+def test_session_exit_starts_new_shell(server: RunningServer) -> None:
+    server.execute(3, "bash_session", command="cd /; export KEEP=1")
+    res = server.execute(3, "bash_session", command="exit 4")
+    assert res["exit_code"] == 4 and res["error"]
+    res = server.execute(3, "bash_session", command="echo ${KEEP:-unset}")
+    assert res["stdout"] == "unset\n"
+
+
+def test_write_then_read_text_and_binary(server: RunningServer) -> None:
+    res = server.execute(0, "write_file", path="a/b/c.txt", content="héllo\n")
+    assert res["ok"], res
+    assert server.execute(0, "read_file", path="a/b/c.txt")["output"] == "héllo\n"
+    blob = bytes(range(256)) * 4
+    enc = base64.b64encode(blob).decode()
+    assert server.execute(0, "write_file", path="bin.dat", content=enc, encoding="base64")["ok"]
+    res = server.execute(0, "read_file", path="bin.dat")
+    assert res["ok"] is False and "base64" in str(res["error"])
+    res = server.execute(0, "read_file", path="/workspace/bin.dat", encoding="base64")
+    assert base64.b64decode(str(res["output"])) == blob
+    res = server.execute(0, "write_file", path="run.sh", content="#!/bin/sh\necho ran\n", mode=0o755)
+    assert server.execute(0, "bash", command="./run.sh")["stdout"] == "ran\n"
+
+
+def test_read_limit_and_missing_file(server: RunningServer) -> None:
+    server.execute(1, "bash", command="head -c 2000000 /dev/zero > big.bin")
+    res = server.execute(1, "read_file", path="big.bin", encoding="base64")
+    assert res["ok"] is False and "limit" in str(res["error"])
+    res = server.execute(1, "read_file", path="nope.txt")
+    assert res["ok"] is False and "no such file" in str(res["error"])
+    res = server.execute(1, "read_file", path="big.bin", max_bytes=10, encoding="base64")
+    assert res["ok"] is False and "10 bytes" in str(res["error"])
+
+
+def test_timeout_kills_whole_tree(server: RunningServer) -> None:
+    tag = f"3{server.proc.pid % 1000:03d}1"
+    cmd = f"sleep {tag} & (sleep {tag} &) ; bash -c 'sleep {tag}' & echo started; wait"
+    res = server.execute(2, "bash", timeout=1.0, command=cmd)
+    assert res["timed_out"] is True and res["ok"] is False
+    assert res["stdout"] == "started\n"  # partial output is returned
+    assert wait_until_gone(f"sleep {tag}") == []
+
+
+def test_session_timeout_keeps_session(server: RunningServer) -> None:
+    server.execute(3, "bash_session", command="export STAY=yes")
+    res = server.execute(3, "bash_session", timeout=0.5, command="echo before; sleep 30")
+    assert res["timed_out"] is True and "before" in str(res["stdout"])
+    assert server.execute(3, "bash_session", command="echo $STAY")["stdout"] == "yes\n"
+    # a shell busy in a builtin loop cannot be interrupted: it is replaced, and says so
+    res = server.execute(3, "bash_session", timeout=0.5, command="while :; do :; done")
+    assert res["timed_out"] is True and "restarted" in str(res["error"])
+    assert server.execute(3, "bash_session", command="echo alive")["stdout"] == "alive\n"
+
+
+def test_fork_without_end_is_stopped(server: RunningServer) -> None:
+    tag = f"4{server.proc.pid % 1000:03d}2"
+    res = server.execute(0, "bash", timeout=1.0, command=f"while :; do sleep {tag} & done")
+    assert res["timed_out"] is True
+    assert wait_until_gone(f"sleep {tag}") == []
+
+
+def test_output_flood_is_capped(server: RunningServer) -> None:
+    res = server.execute(1, "bash", command="yes abcdefghij | head -c 30000000; echo tail-end >&2; echo END")
+    assert res["truncated"] is True
+    assert res["exit_code"] == 0
+    out = str(res["stdout"])
+    assert len(out) < 70000  # the server keeps --max-output bytes per stream (65536)
+    assert out.startswith("abcdefghij") and out.endswith("END\n") and "omitted" in out
+    res = server.execute(1, "bash_session", command="yes xyz | head -c 5000000; echo DONE")
+    assert res["truncated"] is True and str(res["stdout"]).endswith("DONE\n")
+
+
+def test_reset_kills_background_and_empties(server: RunningServer) -> None:
+    tag = f"5{server.proc.pid % 1000:03d}3"
+    server.execute(2, "bash", command=f"nohup sleep {tag} >/dev/null 2>&1 & setsid sleep {tag} & echo x > f")
+    server.execute(2, "bash_session", command=f"sleep {tag} &")
+    deadline = time.monotonic() + 10
+    while len(pids_with_arg(f"sleep {tag}")) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(pids_with_arg(f"sleep {tag}")) == 3
+    with server.client() as c:
+        r = c.post("/reset", json={"slot": 2})
+    assert r.status_code == 200, r.text
+    assert r.json()["killed"] >= 3
+    assert wait_until_gone(f"sleep {tag}") == []
+    assert server.execute(2, "bash", command="ls -A | wc -l")["stdout"] == "0\n"
+    assert server.execute(2, "bash_session", command="pwd")["ok"]
+
+
+def test_reset_cuts_running_call_short(server: RunningServer) -> None:
+    result: dict[str, object] = {}
+
+    def long_call() -> None:
+        with server.client() as c:
+            r = c.post("/execute", json={"slot": 3, "tool": "bash", "args": {"command": "sleep 60"}})
+            result["status"] = r.status_code
+            result["body"] = r.json()
+
+    t = threading.Thread(target=long_call)
+    t.start()
+    while not pids_with_arg("sleep 60"):
+        pass
+    with server.client() as c:
+        assert c.post("/reset", json={"slot": 3}).status_code == 200
+    t.join(20)
+    assert result["status"] == 409, result
+
+
+def test_batch_runs_slots_concurrently_and_in_order(server: RunningServer) -> None:
+    stamp = "python3 -c 'import time; print(time.time())'"
+    calls = [
+        {"slot": 0, "tool": "bash", "args": {"command": f"{stamp}; sleep 1; {stamp}"}},
+        {"slot": 1, "tool": "bash", "args": {"command": f"{stamp}; sleep 1; {stamp}"}},
+        {"slot": 2, "tool": "bash_session", "args": {"command": "export N=1"}},
+        {"slot": 2, "tool": "bash_session", "args": {"command": "echo $N"}},
+    ]
+    with server.client() as c:
+        r = c.post("/batch", json={"calls": calls})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert len(results) == 4
+    a = [float(x) for x in results[0]["stdout"].split()]
+    b = [float(x) for x in results[1]["stdout"].split()]
+    assert a[0] < b[1] and b[0] < a[1], "the two slots' commands did not overlap in time"
+    assert results[3]["stdout"] == "1\n"
+
+
+def test_concurrent_execute_on_different_slots_overlap(server: RunningServer) -> None:
+    stamp = "python3 -c 'import time; print(time.time())'"
+    spans: dict[int, list[float]] = {}
+
+    def run(slot: int) -> None:
+        res = server.execute(slot, "bash", command=f"{stamp}; sleep 1; {stamp}")
+        spans[slot] = [float(x) for x in str(res["stdout"]).split()]
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in (0, 1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    latest_start = max(s[0] for s in spans.values())
+    earliest_end = min(s[1] for s in spans.values())
+    assert latest_start < earliest_end, spans
+
+
+def test_openapi_document(server: RunningServer) -> None:
+    with server.client() as c:
+        doc = c.get("/openapi.json").json()
+    assert set(doc["paths"]) == {"/health", "/execute", "/batch", "/reset"}
+    assert "ExecuteResult" in doc["components"]["schemas"]
