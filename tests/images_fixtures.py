@@ -48,7 +48,7 @@ class StandIn:
     chunks: int
 
     def calls(self) -> list[list[str]]:
-        """One `[verb, source, output, pid, cachedir]` per pull/build, in order."""
+        """One `[verb, source, output, pid, cachedir, build-args]` per pull/build, in order."""
         if not self.log.exists():
             return []
         return [line.split(" ") for line in self.log.read_text().splitlines()]

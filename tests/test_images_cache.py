@@ -210,9 +210,7 @@ def test_heartbeat_reports_a_long_wait(monkeypatch: pytest.MonkeyPatch) -> None:
     assert lines[0].startswith("pull x: still running after ")
 
 
-def test_waiting_for_another_pullers_lock_is_reported(
-    standin: StandIn, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_waiting_for_another_pullers_lock_is_reported(standin: StandIn, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(process, "HEARTBEAT_SECONDS", 0.01)
     dest = cached_image_path(REF, standin.cache)
     standin.cache.mkdir(parents=True)
@@ -272,9 +270,7 @@ def test_cache_dir_precedence(tmp_path: Path) -> None:
     assert default_cache_dir(env=both) == tmp_path / "mine"
 
 
-def test_environment_cache_dir_is_used_without_an_argument(
-    standin: StandIn, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_environment_cache_dir_is_used_without_an_argument(standin: StandIn, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ATROPOS_SIF_CACHE", str(standin.cache / "env"))
     assert pull_image(REF).parent == standin.cache / "env"
 

@@ -32,9 +32,7 @@ def test_singularity_is_the_fallback(singularity_only: Path) -> None:
     assert found.env_prefix == "SINGULARITY_"
 
 
-def test_environment_override_wins(
-    standin: StandIn, singularity_only: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_environment_override_wins(standin: StandIn, singularity_only: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ATROPOS_APPTAINER", str(standin.binary))
     assert find_runtime().binary == str(standin.binary)
     assert find_runtime(str(singularity_only)).binary == str(singularity_only)

@@ -34,9 +34,7 @@ def lock_path(dest: Path) -> Path:
 
 
 @contextmanager
-def locked(
-    dest: Path, *, progress: Progress | None, label: str, timeout: float | None = None
-) -> Iterator[None]:
+def locked(dest: Path, *, progress: Progress | None, label: str, timeout: float | None = None) -> Iterator[None]:
     """Hold the lock of `dest`, reporting periodically while another process holds it."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(lock_path(dest)))
