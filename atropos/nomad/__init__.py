@@ -1,1 +1,67 @@
-"""nomad"""
+"""Nomad: the sandbox job builder (docker | singularity | process), the API client, and the
+lifecycle a pool needs (deploy, scale, find servers, stop, clean up after dead owners)."""
+
+from atropos.nomad.allocations import allocation_address, allocation_endpoint
+from atropos.nomad.builder import GROUP_NAME, PORT_LABEL, TASK_NAME, create_sandbox_job, group_names, static_port
+from atropos.nomad.client import NomadClient
+from atropos.nomad.errors import (
+    NomadAllocationFailed,
+    NomadConnectionError,
+    NomadError,
+    NomadNotFound,
+    NomadPlacementFailed,
+    NomadRequestError,
+    NomadServerError,
+    NomadWaitTimeout,
+)
+from atropos.nomad.lifecycle import (
+    cleanup_dead_owner_jobs,
+    deploy_sandbox_job,
+    find_dead_owner_jobs,
+    running_endpoints,
+    scale_sandbox_job,
+    stop_sandbox_job,
+)
+from atropos.nomad.models import Constraint, Job
+from atropos.nomad.owner import OwnerMeta, owner_state
+from atropos.nomad.responses import Allocation, AllocationEndpoint, AllocationStub
+from atropos.nomad.settings import NomadSettings
+from atropos.nomad.spec import DEFAULT_BASE_PORT, SandboxJobSpec
+from atropos.nomad.waiting import WaitProgress
+
+__all__ = [
+    "DEFAULT_BASE_PORT",
+    "GROUP_NAME",
+    "PORT_LABEL",
+    "TASK_NAME",
+    "Allocation",
+    "AllocationEndpoint",
+    "AllocationStub",
+    "Constraint",
+    "Job",
+    "NomadAllocationFailed",
+    "NomadClient",
+    "NomadConnectionError",
+    "NomadError",
+    "NomadNotFound",
+    "NomadPlacementFailed",
+    "NomadRequestError",
+    "NomadServerError",
+    "NomadSettings",
+    "NomadWaitTimeout",
+    "OwnerMeta",
+    "SandboxJobSpec",
+    "WaitProgress",
+    "allocation_address",
+    "allocation_endpoint",
+    "cleanup_dead_owner_jobs",
+    "create_sandbox_job",
+    "deploy_sandbox_job",
+    "find_dead_owner_jobs",
+    "group_names",
+    "owner_state",
+    "running_endpoints",
+    "scale_sandbox_job",
+    "static_port",
+    "stop_sandbox_job",
+]

@@ -30,6 +30,8 @@ token from the environment (never the command line).
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from atropos import __version__
 from atropos.images.apptainer import (
     CONTAINER_DATA_DIR,
@@ -71,6 +73,7 @@ PORT_LABEL = "http"
 _ALLOC_DATA = "${NOMAD_ALLOC_DIR}/data"
 _HOST_IP = "${NOMAD_IP_http}"
 _HOST_PORT = "${NOMAD_PORT_http}"
+_SERVICE_SHUTDOWN_DELAY = timedelta(seconds=2)
 
 
 def create_sandbox_job(spec: SandboxJobSpec) -> Job:
@@ -144,6 +147,8 @@ def _group(spec: SandboxJobSpec, name: str, count: int, port: int | None) -> Tas
         reschedule_policy=spec.reschedule,
         scaling=ScalingPolicy(min=0, max=1) if port is not None else None,
         ephemeral_disk=EphemeralDisk(size_mb=spec.disk_mb) if spec.disk_mb else None,
+        # with a service, give Nomad's catalog time to drop the instance before the server stops
+        shutdown_delay=_SERVICE_SHUTDOWN_DELAY if spec.service else None,
         tasks=[_task(spec)],
     )
 
@@ -164,15 +169,15 @@ def _service(spec: SandboxJobSpec) -> Service:
 def _task(spec: SandboxJobSpec) -> Task:
     token = spec.token.get_secret_value()
     server_env = {TOKEN_ENV: token, **spec.server_env}
-    if spec.driver == "docker":
-        driver, config, env = "docker", _docker_config(spec), server_env
-    elif spec.driver == "singularity":
-        driver, config, env = "raw_exec", _singularity_config(spec), _singularity_env(spec, server_env)
+    if spec.driver == "singularity":
+        config, env = _singularity_config(spec), _singularity_env(spec, server_env)
+    elif spec.driver == "docker":
+        config, env = _docker_config(spec), server_env
     else:
-        driver, config, env = "raw_exec", _process_config(spec), server_env
+        config, env = _process_config(spec), server_env
     return Task(
         name=TASK_NAME,
-        driver=driver,
+        driver="docker" if spec.driver == "docker" else "raw_exec",
         config=config,
         env=env,
         resources=Resources(cpu=spec.cpu, memory_mb=spec.memory, memory_max_mb=spec.memory_max),
@@ -198,6 +203,7 @@ def _docker_config(spec: SandboxJobSpec) -> dict[str, object]:
     # The docker driver mounts the allocation dir at /alloc (= NOMAD_ALLOC_DIR in the container).
     args = _server_args(spec, host="0.0.0.0", port=spec.container_port, data_dir=_ALLOC_DATA)
     return {
+        **spec.docker_config,
         "image": spec.image,
         "ports": [PORT_LABEL],
         "entrypoint": spec.server_command[:1],

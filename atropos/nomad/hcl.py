@@ -104,6 +104,7 @@ _GROUP = (
     _Field("Update", "update", "block", _UPDATE),
     _Field("Scaling", "scaling", "block", _SCALING),
     _Field("EphemeralDisk", "ephemeral_disk", "block", (_Field("SizeMB", "size"),)),
+    _Field("ShutdownDelay", "shutdown_delay", "duration"),
     _Field("Meta", "meta", "map"),
     _Field("Tasks", "task", "labeled", _TASK),
 )

@@ -180,6 +180,7 @@ class TaskGroup(NomadModel):
     update: UpdateStrategy | None = None
     scaling: ScalingPolicy | None = None
     ephemeral_disk: EphemeralDisk | None = None
+    shutdown_delay: Duration | None = None
     meta: dict[str, str] | None = None
     tasks: list[Task]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
@@ -16,8 +16,9 @@ __all__ = ["DEFAULT_BASE_PORT", "Driver", "SandboxJobSpec"]
 
 Driver = Literal["docker", "singularity", "process"]
 
-DEFAULT_BASE_PORT = 28000
-"""Static host port of the first container of a `singularity`/`process` job (see builder.py)."""
+DEFAULT_BASE_PORT = 19000
+"""Static host port of the first container of a `singularity`/`process` job (see builder.py): below
+Nomad's dynamic port range (20000-32000) and the kernel's ephemeral range (32768-60999)."""
 
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 
@@ -48,6 +49,9 @@ class SandboxJobSpec(BaseModel):
         default_factory=lambda: list(SERVER_COMMAND),
         description="the server command: on the node (process) or inside the image (docker, singularity)")
     server_env: dict[str, str] = Field(default_factory=dict, description="extra environment of the server")
+    docker_config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="extra docker driver options, e.g. {'cap_add': ['sys_admin']} for bubblewrap")
 
     # ports
     container_port: int = Field(default=DEFAULT_CONTAINER_PORT, ge=1, le=65535,

@@ -1,0 +1,118 @@
+"""`atropos-sandbox job render`: print the Nomad job for a driver, as JSON or HCL2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shlex
+import sys
+from typing import Any
+
+from pydantic import ValidationError
+
+from atropos.images.apptainer import TOKEN_ENV
+from atropos.nomad.builder import create_sandbox_job
+from atropos.nomad.hcl import render_job_hcl
+from atropos.nomad.models import Constraint
+from atropos.nomad.spec import DEFAULT_BASE_PORT, SandboxJobSpec
+
+__all__ = ["register", "render_from_args", "spec_from_args"]
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    job = sub.add_parser("job", help="Nomad jobs for sandbox servers",
+                         description="Nomad jobs for sandbox servers.")
+    actions = job.add_subparsers(dest="job_command", metavar="ACTION", required=True)
+    render = actions.add_parser(
+        "render", help="print the job for a driver (JSON for `nomad job run -json`, or HCL2)",
+        description="Print the Nomad job that runs sandbox servers. JSON is the body of "
+        "POST /v1/jobs (also `nomad job run -json FILE`); HCL2 is a jobspec for `nomad job run FILE`.")
+    _add_render_arguments(render)
+    render.set_defaults(handler=render_from_args)
+
+
+def _add_render_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--driver", choices=["docker", "singularity", "process"], required=True)
+    p.add_argument("--format", choices=["json", "hcl"], default="hcl")
+    p.add_argument("--job-id", default="atropos-sandbox")
+    p.add_argument("--count", type=int, default=1, help="containers (allocations)")
+    p.add_argument("--slots", type=int, default=8, help="slots per container")
+    p.add_argument("--token", help=f"the servers' bearer token (default ${TOKEN_ENV}, else a new random one)")
+    p.add_argument("--image", default="atropos-sandbox:latest", help="docker image")
+    p.add_argument("--sif", help="SIF image path on the nodes (driver singularity)")
+    p.add_argument("--apptainer", default="apptainer", help="apptainer (or singularity) binary on the nodes")
+    p.add_argument("--apptainer-arg", action="append", default=[], metavar="ARG",
+                   help="extra apptainer exec flag (repeatable), e.g. --apptainer-arg=--nv")
+    p.add_argument("--apptainer-cache-dir", help="APPTAINER_CACHEDIR of the task")
+    p.add_argument("--server-command", help="the server command, default 'atropos-sandbox server'")
+    p.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT,
+                   help="static host port of container 0, container i gets base+i (singularity, process)")
+    p.add_argument("--dynamic-ports", action="store_true",
+                   help="singularity/process: one group with a Nomad-chosen host port instead")
+    p.add_argument("--container-port", type=int, default=None, help="server port inside a docker container")
+    p.add_argument("--isolation", choices=["auto", "bwrap", "none"], default="auto")
+    p.add_argument("--network", choices=["allow", "deny"], default="allow")
+    p.add_argument("--cpu", type=int, default=1000, help="MHz per container")
+    p.add_argument("--memory", type=int, default=2048, help="MB per container")
+    p.add_argument("--datacenter", action="append", default=[], help="repeatable")
+    p.add_argument("--namespace")
+    p.add_argument("--region")
+    p.add_argument("--node-pool")
+    p.add_argument("--constraint", action="append", default=[], nargs=3, metavar=("ATTRIBUTE", "OPERATOR", "VALUE"),
+                   help="e.g. --constraint '${attr.kernel.name}' = linux (repeatable)")
+    p.add_argument("--service", action="store_true", help="register a Nomad service with a health check")
+
+
+def spec_from_args(args: argparse.Namespace) -> SandboxJobSpec:
+    token = args.token or os.environ.get(TOKEN_ENV)
+    if not token:
+        token = secrets.token_urlsafe(32)
+        print(f"# no --token and no ${TOKEN_ENV}: generated one; clients must send "
+              f"'Authorization: Bearer {token}'", file=sys.stderr)
+    values: dict[str, Any] = {
+        "job_id": args.job_id,
+        "driver": args.driver,
+        "count": args.count,
+        "slots_per_container": args.slots,
+        "token": token,
+        "image": args.image,
+        "singularity_image": args.sif,
+        "apptainer_binary": args.apptainer,
+        "apptainer_args": args.apptainer_arg,
+        "apptainer_cache_dir": args.apptainer_cache_dir,
+        "base_port": args.base_port,
+        "static_ports": not args.dynamic_ports,
+        "isolation": args.isolation,
+        "network": args.network,
+        "cpu": args.cpu,
+        "memory": args.memory,
+        "datacenters": args.datacenter,
+        "namespace": args.namespace,
+        "region": args.region,
+        "node_pool": args.node_pool,
+        "constraints": [Constraint(l_target=a, operand=o, r_target=v) for a, o, v in args.constraint],
+        "service": args.service,
+        "owner": None,  # a job rendered for a person has no owner process to outlive
+    }
+    if args.server_command:
+        values["server_command"] = shlex.split(args.server_command)
+    if args.container_port is not None:
+        values["container_port"] = args.container_port
+    return SandboxJobSpec(**values)
+
+
+def render_from_args(args: argparse.Namespace) -> int:
+    try:
+        spec = spec_from_args(args)
+    except ValidationError as exc:
+        problems = "; ".join(str(e["msg"]) for e in exc.errors())
+        print(f"atropos-sandbox job render: error: {problems}", file=sys.stderr)
+        return 2
+    job = create_sandbox_job(spec)
+    if args.format == "json":
+        sys.stdout.write(json.dumps(job.to_api(), indent=2) + "\n")
+    else:
+        sys.stdout.write(render_job_hcl(job.to_json()))
+    return 0

@@ -1,0 +1,100 @@
+"""What a pool does with its sandbox job: deploy, find the servers, scale, stop, and clean up the
+jobs of pools that died without stopping theirs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from atropos.nomad.builder import GROUP_NAME, create_sandbox_job
+from atropos.nomad.client import NomadClient
+from atropos.nomad.errors import NomadNotFound
+from atropos.nomad.owner import owner_state
+from atropos.nomad.responses import AllocationEndpoint, JobStub
+from atropos.nomad.spec import SandboxJobSpec
+from atropos.nomad.waiting import ProgressCallback
+
+__all__ = [
+    "cleanup_dead_owner_jobs",
+    "deploy_sandbox_job",
+    "find_dead_owner_jobs",
+    "running_endpoints",
+    "scale_sandbox_job",
+    "stop_sandbox_job",
+]
+
+log = logging.getLogger("atropos.nomad")
+
+SANDBOX_KIND = "sandbox"
+
+
+async def deploy_sandbox_job(
+    client: NomadClient,
+    spec: SandboxJobSpec,
+    *,
+    timeout: float = 600.0,
+    on_progress: ProgressCallback | None = None,
+) -> list[AllocationEndpoint]:
+    """Register the job and wait until its `spec.count` servers' allocations run."""
+    await client.register_job(create_sandbox_job(spec))
+    return await client.wait_for_allocations(spec.job_id, spec.count, timeout=timeout, on_progress=on_progress)
+
+
+async def scale_sandbox_job(client: NomadClient, spec: SandboxJobSpec, count: int) -> SandboxJobSpec:
+    """Run `count` containers instead of `spec.count`; returns the spec to use from now on.
+
+    Static ports (singularity/process default): the job is re-registered with groups
+    `sandbox-0 .. sandbox-<count-1>`; unchanged groups keep running, so nothing already serving
+    restarts. Otherwise (docker, or `static_ports=False`): `POST /v1/job/:id/scale` on group
+    `sandbox`. Follow with `client.wait_for_allocations(spec.job_id, count, ...)` to wait for them.
+    """
+    scaled = spec.with_count(count)
+    if scaled.uses_static_ports:
+        await client.register_job(create_sandbox_job(scaled))
+    else:
+        await client.scale_job(spec.job_id, GROUP_NAME, count,
+                               message=f"atropos-sandbox: {spec.count} -> {count} containers")
+    return scaled
+
+
+async def running_endpoints(client: NomadClient, job_id: str) -> list[AllocationEndpoint]:
+    """The servers of the job's allocations that run now (no waiting)."""
+    running = [a for a in await client.job_allocations(job_id) if a.wanted and a.is_running]
+    found = await asyncio.gather(*(client.allocation_endpoint(a.id) for a in running))
+    return sorted(found, key=lambda e: (e.index if e.index is not None else -1, e.group, e.alloc_id))
+
+
+async def stop_sandbox_job(client: NomadClient, job_id: str, *, purge: bool = True) -> bool:
+    """Stop (and by default purge) the job; False if there was no such job."""
+    try:
+        await client.stop_job(job_id, purge=purge)
+    except NomadNotFound:
+        return False
+    return True
+
+
+async def find_dead_owner_jobs(client: NomadClient, prefix: str = "") -> list[JobStub]:
+    """Sandbox jobs (id starting with `prefix`) whose owner process on this host no longer exists.
+
+    Jobs owned by other hosts, or without an owner (run by hand), are never returned."""
+    found = []
+    for stub in await client.list_jobs(prefix or None):
+        meta = stub.meta
+        if meta is None:  # Nomad without `?meta=true` support: read the job itself
+            try:
+                meta = (await client.read_job(stub.id)).get("Meta") or {}
+            except NomadNotFound:
+                continue
+        if meta.get("atropos_kind") == SANDBOX_KIND and owner_state(meta) == "dead":
+            found.append(stub)
+    return found
+
+
+async def cleanup_dead_owner_jobs(client: NomadClient, prefix: str = "", *, purge: bool = True) -> list[str]:
+    """Stop the jobs `find_dead_owner_jobs` finds; returns their ids."""
+    stopped = []
+    for stub in await find_dead_owner_jobs(client, prefix):
+        if await stop_sandbox_job(client, stub.id, purge=purge):
+            log.info("stopped sandbox job %s: its owner process is gone", stub.id)
+            stopped.append(stub.id)
+    return stopped

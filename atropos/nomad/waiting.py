@@ -1,0 +1,172 @@
+"""Wait for a job's allocations to run, and say why when they will not.
+
+Two blocking queries run side by side, on the job's allocations and on its evaluations, so a change
+to either wakes the waiter at once (no polling interval). After each change:
+
+- an allocation Nomad still wants that has failed since the job was last registered (a fatal task
+  event, e.g. `Driver Failure`, or `Terminated` before the server ever ran) ends the wait with
+  `NomadAllocationFailed`, quoting the event and the tail of the task's stderr;
+- a group Nomad cannot place on any node (every node filtered out: missing driver, constraints, no
+  node in the datacenters) ends it with `NomadPlacementFailed`; groups waiting for resources (a port
+  held by another allocation, memory) are reported through `on_progress` and in the timeout error;
+- when `count` allocations run, their addresses are read and returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict
+
+from atropos.nomad.diagnosis import AllocationFailure, allocation_failure, placement_problems
+from atropos.nomad.errors import NomadAllocationFailed, NomadError, NomadPlacementFailed, NomadWaitTimeout
+from atropos.nomad.responses import AllocationEndpoint, AllocationStub, Evaluation
+
+if TYPE_CHECKING:
+    from atropos.nomad.client import NomadClient
+
+__all__ = ["ProgressCallback", "WaitProgress", "wait_for_allocations"]
+
+_MAX_BLOCK_S = 10.0
+_LOG_TAIL_TIMEOUT_S = 5.0
+_MAX_LOGGED_FAILURES = 3
+
+
+class WaitProgress(BaseModel):
+    """What `wait_for_allocations` sees, passed to `on_progress` each time it changes."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str
+    wanted: int
+    running: int
+    starting: int
+    problems: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        text = f"job {self.job_id}: {self.running}/{self.wanted} allocations running, {self.starting} starting"
+        return text + "".join(f"; {p}" for p in self.problems)
+
+
+ProgressCallback = Callable[[WaitProgress], object]
+
+
+async def wait_for_allocations(
+    client: NomadClient,
+    job_id: str,
+    count: int,
+    *,
+    timeout: float,
+    on_progress: ProgressCallback | None = None,
+) -> list[AllocationEndpoint]:
+    """Wait until `count` allocations of `job_id` run; return their endpoints, sorted by index."""
+    endpoint = f"GET /v1/job/{job_id}/allocations"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    job = await client.read_job(job_id)
+    baseline = int(job.get("JobModifyIndex", 0))
+    watch = _Watch(client, job_id)
+    last: WaitProgress | None = None
+    try:
+        while True:
+            failures = [f for a in watch.allocations if a.wanted and a.modify_index >= baseline
+                        and (f := allocation_failure(a)) is not None]
+            if failures:
+                described = await _with_stderr(client, failures)
+                raise NomadAllocationFailed(endpoint, "\n".join(f.describe() for f in described))
+            problems = placement_problems(e for e in watch.evaluations if e.create_index >= baseline)
+            if any(p.permanent for p in problems):
+                raise NomadPlacementFailed(
+                    f"GET /v1/job/{job_id}/evaluations", "; ".join(p.describe() for p in problems))
+            running = [a for a in watch.allocations if a.wanted and a.is_running]
+            progress = WaitProgress(
+                job_id=job_id,
+                wanted=count,
+                running=len(running),
+                starting=sum(1 for a in watch.allocations if a.wanted and not a.is_running),
+                problems=tuple(p.describe() for p in problems),
+            )
+            if progress != last:
+                last = progress
+                await _notify(on_progress, progress)
+            if len(running) >= count:
+                return await _endpoints(client, running)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise NomadWaitTimeout(endpoint, f"gave up after {timeout:g}s: {progress.describe()}")
+            await watch.next_change(min(remaining, _MAX_BLOCK_S))
+    finally:
+        await watch.close()
+
+
+class _Watch:
+    """The two blocking queries, each re-armed with its latest index after it answers."""
+
+    def __init__(self, client: NomadClient, job_id: str) -> None:
+        self._client = client
+        self._job_id = job_id
+        self.allocations: list[AllocationStub] = []
+        self.evaluations: list[Evaluation] = []
+        self._alloc_index = 0
+        self._eval_index = 0
+        self._alloc_task: asyncio.Task[tuple[int, list[AllocationStub]]] | None = None
+        self._eval_task: asyncio.Task[tuple[int, list[Evaluation]]] | None = None
+
+    async def next_change(self, wait: float) -> None:
+        if self._alloc_task is None:
+            self._alloc_task = _start(self._client.watch_job_allocations(
+                self._job_id, index=self._alloc_index, wait=wait))
+        if self._eval_task is None:
+            self._eval_task = _start(self._client.watch_job_evaluations(
+                self._job_id, index=self._eval_index, wait=wait))
+        tasks: list[asyncio.Task[Any]] = [self._alloc_task, self._eval_task]
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if self._alloc_task in done:
+            self._alloc_index, self.allocations = self._alloc_task.result()
+            self._alloc_task = None
+        if self._eval_task in done:
+            self._eval_index, self.evaluations = self._eval_task.result()
+            self._eval_task = None
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._alloc_task, self._eval_task) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _start(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+    return asyncio.ensure_future(coro)
+
+
+async def _notify(callback: ProgressCallback | None, progress: WaitProgress) -> None:
+    if callback is None:
+        return
+    result = callback(progress)
+    if inspect.isawaitable(result):
+        await result
+
+
+async def _endpoints(client: NomadClient, running: list[AllocationStub]) -> list[AllocationEndpoint]:
+    found = await asyncio.gather(*(client.allocation_endpoint(a.id) for a in running))
+    return sorted(found, key=lambda e: (e.index if e.index is not None else -1, e.group, e.alloc_id))
+
+
+async def _with_stderr(client: NomadClient, failures: list[AllocationFailure]) -> list[AllocationFailure]:
+    """Add the tail of each failed task's stderr (best effort: the log may be gone or unreachable)."""
+
+    async def one(failure: AllocationFailure) -> AllocationFailure:
+        if not failure.task:
+            return failure
+        try:
+            tail = await asyncio.wait_for(client.task_log_tail(failure.alloc_id, failure.task, max_bytes=1024),
+                                          _LOG_TAIL_TIMEOUT_S)
+        except (NomadError, asyncio.TimeoutError):
+            return failure
+        return failure.with_stderr(tail) if tail.strip() else failure
+
+    first = failures[:_MAX_LOGGED_FAILURES]
+    return [*await asyncio.gather(*(one(f) for f in first)), *failures[_MAX_LOGGED_FAILURES:]]
