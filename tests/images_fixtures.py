@@ -117,3 +117,12 @@ def singularity_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("ATROPOS_APPTAINER", raising=False)
     runtime._probe_cached.cache_clear()
     return target
+
+
+@pytest.fixture(scope="session")
+def real_runtime() -> ApptainerRuntime:
+    """The real apptainer/singularity, or a skip saying how to provide one."""
+    found = real_apptainer()
+    if found is None:
+        pytest.skip("no real apptainer or singularity on PATH (install Apptainer or put it on PATH)")
+    return found

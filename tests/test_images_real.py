@@ -1,0 +1,152 @@
+"""Against a real Apptainer: build the air-gapped SIF, run the server from it, run a command in a slot.
+
+Skipped (marker `apptainer`) when no real apptainer/singularity is on PATH. Building needs
+debootstrap and network access to a Debian mirror and to PyPI (for the wheelhouse); set
+ATROPOS_TEST_SIF=/path/to/atropos-sandbox.sif to reuse an image built earlier instead.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+
+from atropos.images.apptainer import (
+    TOKEN_ENV,
+    apptainer_secret_env,
+    build_apptainer_exec_argv,
+    sandbox_server_args,
+)
+from atropos.images.process import format_size
+from atropos.images.staging import is_sif
+
+if TYPE_CHECKING:
+    from atropos.images.runtime import ApptainerRuntime
+
+pytest_plugins = ["tests.images_fixtures"]
+pytestmark = [pytest.mark.apptainer, pytest.mark.timeout(3600)]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def report(request: pytest.FixtureRequest, line: str) -> None:
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"[apptainer] {line}")
+
+
+@pytest.fixture(scope="module")
+def airgapped_sif(
+    real_runtime: ApptainerRuntime, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Path:
+    given = os.environ.get("ATROPOS_TEST_SIF")
+    if given:
+        return Path(given)
+    if shutil.which("debootstrap") is None:
+        pytest.skip("debootstrap is not installed: cannot build the air-gapped image")
+    out = tmp_path_factory.mktemp("sif") / "atropos-sandbox.sif"
+    command = [str(REPO / "scripts" / "build-sif.sh"), "--from", "airgapped", "-o", str(out)]
+    if os.geteuid() != 0:
+        command.append("--fakeroot")
+    env = {**os.environ, "APPTAINER": real_runtime.binary}
+    started = time.monotonic()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    seconds = time.monotonic() - started
+    assert done.returncode == 0, done.stderr[-4000:]
+    report(request, f"{real_runtime.describe()}: built {out.name} from the air-gapped definition "
+                    f"in {seconds:.0f} s, {format_size(out.stat().st_size)} ({out.stat().st_size} bytes)")  # fmt: skip
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_ready(proc: subprocess.Popen[str]) -> str:
+    """The URL from the server's READY line (the deadline only bounds a hung start)."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("ATROPOS_SANDBOX_READY "):
+            return line.split()[1]
+        if not line and proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}")
+    raise AssertionError("the server in the SIF did not become ready")
+
+
+@pytest.fixture
+def sif_server(
+    real_runtime: ApptainerRuntime, airgapped_sif: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[str, str, subprocess.Popen[str]]]:
+    data = tmp_path / "data"
+    work = tmp_path / "work"
+    data.mkdir()
+    work.mkdir()
+    token = secrets.token_urlsafe(24)
+    argv = build_apptainer_exec_argv(
+        real_runtime.binary,
+        str(airgapped_sif),
+        binds=[(str(data), "/data")],
+        workdir=str(work),
+        server_args=sandbox_server_args(host="127.0.0.1", port=free_port(), slots=2),
+    )
+    env = {**os.environ, **apptainer_secret_env(real_runtime.binary, {TOKEN_ENV: token})}
+    env.pop(TOKEN_ENV, None)
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        url = wait_ready(proc)
+        report(request, f"server in the SIF ready in {time.monotonic() - started:.1f} s at {url}")
+        yield url, token, proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def test_real_runtime_reports_a_version(real_runtime: ApptainerRuntime) -> None:
+    assert real_runtime.version_tuple()[:1] >= (1,)
+
+
+def test_airgapped_sif_is_a_sif(airgapped_sif: Path) -> None:
+    assert is_sif(airgapped_sif)
+
+
+def test_server_from_the_sif_runs_a_command_in_a_slot(
+    sif_server: tuple[str, str, subprocess.Popen[str]], request: pytest.FixtureRequest
+) -> None:
+    url, token, proc = sif_server
+    with open(f"/proc/{proc.pid}/cmdline", "rb") as handle:
+        assert token.encode() not in handle.read()  # the token is never on the command line
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=120) as client:
+        health = client.get("/health").json()
+        assert health["status"] == "ok" and health["slots"] == 2
+        report(request, f"health from the SIF: {health}")
+        body = {"slot": 1, "tool": "bash", "args": {"command": "echo hello-from-sif; cat /etc/debian_version"}}
+        result = client.post("/execute", json=body).json()
+        assert result["ok"], result
+        assert "hello-from-sif" in result["output"]
+        denied = httpx.get(f"{url}/health", timeout=30)
+        assert denied.status_code == 200  # /health needs no token; everything else does
+        assert httpx.post(f"{url}/execute", json=body, timeout=30).status_code == 401
