@@ -168,9 +168,29 @@ def test_dockerfile_installs_what_the_server_needs() -> None:
     assert re.search(r"^USER 1000", text, re.MULTILINE)
     assert "chmod 1777 /data" in text
     entrypoint = next(line for line in instructions if line.startswith("ENTRYPOINT"))
-    for word in ('"atropos-sandbox", "server"', '"--host", "0.0.0.0"', '"--port", "8080"', '"--data-dir", "/data"'):
-        assert word in entrypoint
-    assert (IMAGES / "Dockerfile.dockerignore").read_text().count(".git") >= 1
+    assert entrypoint == 'ENTRYPOINT ["tini", "--", "/usr/local/bin/atropos-sandbox-entrypoint"]'
+    assert "COPY images/docker-entrypoint.sh /usr/local/bin/atropos-sandbox-entrypoint" in text
+    assert ".git" in (IMAGES / "Dockerfile.dockerignore").read_text().split()
+
+
+@pytest.mark.parametrize(
+    ("args", "runs"),
+    [
+        ([], "atropos-sandbox server --host 0.0.0.0 --port 8080 --data-dir /data"),
+        (["--slots", "8"], "atropos-sandbox server --host 0.0.0.0 --port 8080 --data-dir /data --slots 8"),
+        (["atropos-sandbox", "server", "--port", "9"], "atropos-sandbox server --port 9"),
+        (["echo", "plain"], "plain"),
+    ],
+)
+def test_docker_entrypoint_defaults_to_the_server(tmp_path: Path, args: list[str], runs: str) -> None:
+    fake = tmp_path / "atropos-sandbox"
+    fake.write_text('#!/bin/sh\necho atropos-sandbox "$@"\n')
+    fake.chmod(0o755)
+    env = {"PATH": f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = subprocess.run(["sh", str(IMAGES / "docker-entrypoint.sh"), *args], env=env, capture_output=True,
+                          text=True, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == runs
 
 
 @pytest.mark.parametrize("script", ["build-image.sh", "build-sif.sh"])
