@@ -149,7 +149,7 @@ def apptainer_secret_env(binary: str, secrets: Mapping[str, str]) -> dict[str, s
 
 
 _REFERENCE = re.compile(r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)\}|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))")
-_SAFE_WORD = re.compile(r"[A-Za-z0-9_@%+=:,./-]+\Z")
+_SAFE_WORD = re.compile(r"[A-Za-z0-9_@%+:,./-]+\Z")  # no "=": a first word must not read as an assignment
 
 
 def shell_quote_argv(argv: Sequence[str], *, expand: Sequence[str] = ("NOMAD_",)) -> str:
