@@ -1,0 +1,49 @@
+"""What a backend is: the way sandbox servers come to exist, and go away, for a SlotPool."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+Progress = Callable[[str], None]
+
+
+def no_progress(_message: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    server_id: str
+    url: str
+    token: str
+    slots: int
+
+
+class SandboxBackend(abc.ABC):
+    """Starts and stops sandbox servers. The pool decides how many; the backend makes it so."""
+
+    name: str = "backend"
+
+    @abc.abstractmethod
+    async def add_servers(self, count: int, progress: Progress = no_progress) -> list[ServerInfo]:
+        """Bring up `count` more servers and return them once they answer /health."""
+
+    @abc.abstractmethod
+    async def remove_server(self, server_id: str) -> None:
+        """Stop one server (its slots were drained from the pool first)."""
+
+    async def replace_server(self, server_id: str, progress: Progress = no_progress) -> list[ServerInfo]:
+        """A server was lost: make its capacity come back. Default: stop what is left, start anew."""
+        await self.remove_server(server_id)
+        return await self.add_servers(1, progress)
+
+    def exited(self, server_id: str) -> asyncio.Future[None] | None:
+        """A future done when the server's process ends, where the backend can see it (local)."""
+        return None
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop every server this backend started, leaving no process, container or job behind."""

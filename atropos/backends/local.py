@@ -1,0 +1,240 @@
+"""Local backend: sandbox servers as child processes on this machine, no Nomad.
+
+Drivers: `process` (the server itself), `singularity` (`apptainer exec <sif> atropos-sandbox
+server ...`, host networking, the server's data dir bound to /data) and `docker` (`docker run`
+with the port published on loopback). Every server gets a free port (it binds port 0 and reports
+it) and a fresh token, and is stopped with its whole process tree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from atropos.backends.base import Progress, SandboxBackend, ServerInfo, no_progress
+from atropos.images.apptainer import (
+    CONTAINER_DATA_DIR,
+    TOKEN_ENV,
+    apptainer_secret_env,
+    build_apptainer_exec_argv,
+    sandbox_server_args,
+)
+from atropos.sandbox.procs import kill_tree
+from atropos.sandbox.server import READY_PREFIX
+from atropos.slots.config import SlotPoolConfig
+from atropos.slots.errors import BackendError
+
+log = logging.getLogger("atropos.backends.local")
+
+_STOP_GRACE = 10.0
+
+
+@dataclass
+class _LocalServer:
+    info: ServerInfo
+    proc: asyncio.subprocess.Process
+    data_dir: str
+    container: str | None = None
+    exited: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class LocalBackend(SandboxBackend):
+    name = "local"
+
+    def __init__(self, config: SlotPoolConfig, workdir: str | None = None) -> None:
+        self.config = config
+        self._own_workdir = workdir is None
+        self.workdir = workdir or tempfile.mkdtemp(prefix="atropos-pool-")
+        self._servers: dict[str, _LocalServer] = {}
+        self._ids = itertools.count()
+        self._sif: str | None = None
+        self._apptainer: str | None = None
+        self._tasks: set[asyncio.Future[None]] = set()
+
+    # -- command lines -------------------------------------------------------------------------
+
+    def _server_options(self, host: str, port: int, data_dir: str) -> list[str]:
+        c = self.config
+        return sandbox_server_args(host=host, port=port, data_dir=data_dir, slots=c.slots_per_container,
+                                   isolation=c.isolation, network=c.network, timeout=c.tool_timeout,
+                                   max_output=c.max_output)
+
+    def command(self, name: str, data_dir: str, token: str) -> tuple[list[str], dict[str, str]]:
+        """argv and environment of one server; the token travels in the environment, never in argv."""
+        driver = self.config.driver
+        env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+        if driver == "process":
+            argv = [sys.executable, "-m", "atropos.sandbox.server",
+                    *self._server_options("127.0.0.1", 0, data_dir)]
+            return argv, {**env, TOKEN_ENV: token}
+        if driver == "singularity":
+            assert self._sif is not None and self._apptainer is not None
+            argv = build_apptainer_exec_argv(
+                self._apptainer, self._sif, binds=[(data_dir, CONTAINER_DATA_DIR)],
+                server_args=self._server_options("127.0.0.1", 0, CONTAINER_DATA_DIR),
+            )
+            return argv, {**env, **apptainer_secret_env(self._apptainer, {TOKEN_ENV: token})}
+        assert self.config.image is not None
+        argv = ["docker", "run", "--rm", "--name", name, "--init", "-p", f"127.0.0.1::{self.config.container_port}",
+                "-v", f"{data_dir}:{CONTAINER_DATA_DIR}", "-e", TOKEN_ENV, self.config.image,
+                "atropos-sandbox", "server",
+                *self._server_options("0.0.0.0", self.config.container_port, CONTAINER_DATA_DIR)]
+        return argv, {**env, TOKEN_ENV: token}
+
+    async def _prepare_driver(self, progress: Progress) -> None:
+        if self.config.driver == "singularity" and self._sif is None:
+            from atropos.images.cache import resolve_singularity_image
+            from atropos.images.errors import ImageError
+            from atropos.images.runtime import find_runtime
+
+            assert self.config.singularity_image is not None
+            progress(f"image: resolving {self.config.singularity_image} (pull policy {self.config.pull_policy})")
+            try:
+                runtime = await asyncio.to_thread(find_runtime, self.config.apptainer_binary)
+                sif = await asyncio.to_thread(resolve_singularity_image, self.config.singularity_image,
+                                              self.config.pull_policy, runtime=runtime, progress=progress)
+            except ImageError as exc:
+                raise BackendError(str(exc)) from None
+            self._apptainer, self._sif = str(runtime.binary), str(sif)
+        elif self.config.driver == "docker" and shutil.which("docker") is None:
+            raise BackendError("driver 'docker' needs the docker CLI on PATH and a running Docker engine")
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def add_servers(self, count: int, progress: Progress = no_progress) -> list[ServerInfo]:
+        await self._prepare_driver(progress)
+        started = await asyncio.gather(*(self._start_one(progress) for _ in range(count)),
+                                       return_exceptions=True)
+        infos = [s for s in started if isinstance(s, ServerInfo)]
+        errors = [s for s in started if isinstance(s, BaseException)]
+        if errors and not infos:
+            raise errors[0]
+        for exc in errors:
+            log.error("event=server_start_failed error=%s", exc)
+        return infos
+
+    async def _start_one(self, progress: Progress) -> ServerInfo:
+        server_id = f"local-{next(self._ids)}"
+        name = f"atropos-{os.getpid()}-{server_id}"
+        data_dir = os.path.join(self.workdir, server_id)
+        os.makedirs(data_dir, exist_ok=True)
+        token = secrets.token_urlsafe(32)
+        argv, env = self.command(name, data_dir, token)
+        log_path = os.path.join(self.workdir, f"{server_id}.log")
+        log_file = await asyncio.to_thread(open, log_path, "ab")
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdout=asyncio.subprocess.PIPE, stderr=log_file, env=env, start_new_session=True)
+        except OSError as exc:
+            raise BackendError(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
+        finally:
+            log_file.close()  # the child has its own copy of the descriptor
+        container = name if self.config.driver == "docker" else None
+        try:
+            url = await asyncio.wait_for(self._read_ready(proc), self.config.start_timeout)
+            if container is not None:
+                url = await self._docker_url(container)
+        except (asyncio.TimeoutError, BackendError) as exc:
+            await self._kill(proc, container)
+            tail = _tail(log_path)
+            why = "did not report ready" if isinstance(exc, asyncio.TimeoutError) else str(exc)
+            raise BackendError(f"server {server_id} ({self.config.driver}) {why}; log {log_path}:\n{tail}") from None
+        except BaseException:  # cancelled (the pool closes while a server starts): leave nothing behind
+            await asyncio.shield(self._kill(proc, container))
+            raise
+        server = _LocalServer(ServerInfo(server_id, url, token, self.config.slots_per_container), proc, data_dir,
+                              container)
+        self._servers[server_id] = server
+        self._background(self._watch(server))
+        progress(f"server {server_id} ready at {url} ({self.config.slots_per_container} slots)")
+        return server.info
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _read_ready(self, proc: asyncio.subprocess.Process) -> str:
+        assert proc.stdout is not None
+        while True:
+            line = (await proc.stdout.readline()).decode(errors="replace")
+            if not line:
+                await proc.wait()
+                raise BackendError(f"exited with code {proc.returncode} before it was ready")
+            if line.startswith(READY_PREFIX):
+                self._background(_drain(proc.stdout))
+                return line.split()[1]
+
+    async def _docker_url(self, name: str) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            "docker", "port", name, f"{self.config.container_port}/tcp",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate()
+        if proc.returncode != 0 or not out.strip():
+            raise BackendError(f"docker port {name}: {err.decode(errors='replace').strip()}")
+        return "http://" + out.decode().splitlines()[0].strip()
+
+    async def _watch(self, server: _LocalServer) -> None:
+        await server.proc.wait()
+        if not server.exited.done():
+            server.exited.set_result(None)
+
+    def exited(self, server_id: str) -> asyncio.Future[None] | None:
+        server = self._servers.get(server_id)
+        return server.exited if server is not None else None
+
+    async def _kill(self, proc: asyncio.subprocess.Process, container: str | None = None) -> None:
+        if container is not None:
+            stop = await asyncio.create_subprocess_exec("docker", "stop", "-t", "5", container,
+                                                        stdout=asyncio.subprocess.DEVNULL,
+                                                        stderr=asyncio.subprocess.DEVNULL)
+            await stop.wait()
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+                os.killpg(proc.pid, signal.SIGCONT)  # a stopped (hung) server must run to handle it
+            try:
+                await asyncio.wait_for(proc.wait(), _STOP_GRACE)
+            except asyncio.TimeoutError:
+                log.warning("event=server_kill pid=%d reason=no exit %ss after SIGTERM", proc.pid, _STOP_GRACE)
+        # whatever is left of the tree (a hung server, apptainer's children) dies now
+        await asyncio.to_thread(kill_tree, proc.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+
+    async def remove_server(self, server_id: str) -> None:
+        server = self._servers.pop(server_id, None)
+        if server is None:
+            return
+        await self._kill(server.proc, server.container)
+        await asyncio.to_thread(shutil.rmtree, server.data_dir, True)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(self.remove_server(sid) for sid in list(self._servers)))
+        if self._own_workdir:
+            await asyncio.to_thread(shutil.rmtree, self.workdir, True)
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    while await stream.read(65536):
+        pass
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return "".join(fh.readlines()[-lines:])
+    except OSError:
+        return ""

@@ -1,0 +1,43 @@
+"""Errors of the pool. Infrastructure failures are never a command's failure."""
+
+from __future__ import annotations
+
+
+class SlotPoolError(RuntimeError):
+    """Base class of every error the pool raises."""
+
+
+class PoolConfigError(SlotPoolError, ValueError):
+    """The configuration cannot work (missing image, impossible bounds...)."""
+
+
+class AcquireTimeout(SlotPoolError, TimeoutError):
+    """No slot became free within the acquire timeout."""
+
+
+class PoolClosed(SlotPoolError):
+    """The pool is shut down or was never started."""
+
+
+class LeaseError(SlotPoolError):
+    """The slot handle is not (or no longer) leased to the caller."""
+
+
+class InvalidToolCall(SlotPoolError, ValueError):
+    """The server refused the call itself (unknown tool, bad arguments): a caller bug."""
+
+
+class InfrastructureError(SlotPoolError):
+    """The sandbox failed, not the command. The command may or may not have run; it is never retried."""
+
+
+class SlotLost(InfrastructureError):
+    """The slot's server died or stopped answering; the slot left the pool. Acquire another one."""
+
+
+class SlotFailed(InfrastructureError):
+    """The slot's sandbox failed during the call (it restarts itself); the lease stays valid."""
+
+
+class BackendError(InfrastructureError):
+    """Sandbox servers could not be started, found or stopped."""

@@ -1,0 +1,166 @@
+"""The lease book: which physical slot is free, leased (to whom), resetting or lost.
+
+Pure bookkeeping, no I/O, so that acquire costs microseconds. FIFO-fair: a freed slot goes to
+the longest waiter first. A slot is handed out only from the FREE state, and every hand-out
+gets a new lease id, so a stale handle can never act on a slot leased to someone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from atropos.slots.errors import LeaseError, SlotLost
+
+
+class SlotStatus(enum.Enum):
+    FREE = "free"
+    LEASED = "leased"
+    RESETTING = "resetting"
+    DRAINING = "draining"  # being removed on scale-down: never handed out again
+    LOST = "lost"
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A lease handle: what a trajectory holds while it uses one slot."""
+
+    server_id: str
+    index: int
+    lease_id: int
+    trajectory_id: str
+
+    @property
+    def slot_id(self) -> str:
+        return f"{self.server_id}/{self.index}"
+
+
+@dataclass(eq=False)
+class SlotState:
+    server_id: str
+    index: int
+    status: SlotStatus = SlotStatus.FREE
+    lease_id: int = 0
+    trajectory_id: str = ""
+    dirty: bool = False  # ran something since it was last reset
+    inflight: int = 0
+    last_seen: float = field(default_factory=time.monotonic)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.server_id, self.index)
+
+
+class LeaseBook:
+    def __init__(self) -> None:
+        self.slots: dict[tuple[str, int], SlotState] = {}
+        self._free: deque[SlotState] = deque()
+        self._waiters: deque[asyncio.Future[SlotState]] = deque()
+        self._lease_ids = itertools.count(1)
+
+    # -- membership ----------------------------------------------------------------------------
+
+    def add(self, states: list[SlotState]) -> None:
+        for st in states:
+            self.slots[st.key] = st
+            self.make_free(st)
+
+    def remove_server(self, server_id: str, status: SlotStatus) -> list[SlotState]:
+        """Take every slot of a server out of circulation (lost, or draining for scale-down)."""
+        gone = [st for st in self.slots.values() if st.server_id == server_id]
+        for st in gone:
+            st.status = status
+            del self.slots[st.key]
+        return gone
+
+    # -- free list and waiters ----------------------------------------------------------------
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    @property
+    def free_count(self) -> int:
+        return sum(1 for st in self._free if st.status is SlotStatus.FREE)
+
+    def make_free(self, st: SlotState) -> None:
+        if st.key not in self.slots or st.status in (SlotStatus.LOST, SlotStatus.DRAINING):
+            return
+        st.status = SlotStatus.FREE
+        st.dirty = False
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                st.status = SlotStatus.LEASED  # reserved for this waiter; lease() fills it in
+                waiter.set_result(st)
+                return
+        self._free.append(st)
+
+    def take_free(self) -> SlotState | None:
+        """A free slot for a caller when nobody waits before it (fast path), else None."""
+        if self._waiters:
+            return None  # someone waits already: FIFO, they go first
+        while self._free:
+            st = self._free.popleft()
+            if st.status is SlotStatus.FREE and st.key in self.slots:
+                st.status = SlotStatus.LEASED
+                return st
+        return None
+
+    def enqueue_waiter(self) -> asyncio.Future[SlotState]:
+        fut: asyncio.Future[SlotState] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        return fut
+
+    def drop_waiter(self, fut: asyncio.Future[SlotState]) -> None:
+        """Forget a waiter that gave up; if a slot reached it meanwhile, pass the slot on."""
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
+            self.make_free(fut.result())
+        else:
+            fut.cancel()
+        try:
+            self._waiters.remove(fut)
+        except ValueError:
+            pass
+
+    def fail_waiters(self, exc: BaseException) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(exc)
+
+    # -- leases --------------------------------------------------------------------------------
+
+    def lease(self, st: SlotState, trajectory_id: str) -> Slot:
+        st.status = SlotStatus.LEASED
+        st.lease_id = next(self._lease_ids)
+        st.trajectory_id = trajectory_id
+        st.last_seen = time.monotonic()
+        return Slot(st.server_id, st.index, st.lease_id, trajectory_id)
+
+    def check(self, slot: Slot) -> SlotState:
+        """The slot's state if `slot` is the current lease on it; a clear error otherwise."""
+        st = self.slots.get((slot.server_id, slot.index))
+        if st is None or st.lease_id != slot.lease_id or st.status is SlotStatus.LOST:
+            if st is None or st.status is SlotStatus.LOST:
+                raise SlotLost(f"slot {slot.slot_id} left the pool (its server was lost or removed); "
+                               "acquire another slot")
+            raise LeaseError(f"slot {slot.slot_id} is not leased to trajectory {slot.trajectory_id!r} "
+                             "any more (released, or reclaimed after its lease TTL)")
+        if st.status is not SlotStatus.LEASED:
+            raise LeaseError(f"slot {slot.slot_id} is {st.status.value}, not leased")
+        return st
+
+    def end_lease(self, st: SlotState) -> None:
+        st.lease_id = 0
+        st.trajectory_id = ""
+
+    def counts(self) -> dict[str, int]:
+        out = {s.value: 0 for s in SlotStatus}
+        for st in self.slots.values():
+            out[st.status.value] += 1
+        return out
