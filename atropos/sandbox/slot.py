@@ -16,6 +16,10 @@ from atropos.sandbox.procs import kill_tree
 
 log = logging.getLogger("atropos.sandbox")
 
+# runners starting at once: each costs ~50 ms of CPU, and a burst of 64 on a small machine would
+# starve the server's own event loop (health checks time out, the pool declares it lost)
+_STARTS = asyncio.Semaphore(max(2, os.cpu_count() or 2))
+
 # the runner enforces a call's timeout itself; the server gives it this long on top before it
 # declares the runner hung and replaces it
 RUNNER_GRACE = 10.0
@@ -48,18 +52,22 @@ class Slot:
         async with self._start_lock:
             if self._proc is not None and self._proc.returncode is None:
                 return self._proc
-            proc = await asyncio.create_subprocess_exec(
-                *self._command(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                env=self._env, start_new_session=True, limit=256 * 1024 * 1024,
-            )
-            assert proc.stdout is not None
-            hello = await proc.stdout.readline()
-            if not hello:
-                await proc.wait()
-                raise SlotFailure(f"slot {self.index}: the sandbox did not start (exit {proc.returncode})")
-            self._proc = proc
-            self._reader = asyncio.ensure_future(self._read_answers(proc))
-            return proc
+            async with _STARTS:
+                return await self._start_runner()
+
+    async def _start_runner(self) -> asyncio.subprocess.Process:
+        proc = await asyncio.create_subprocess_exec(
+            *self._command(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            env=self._env, start_new_session=True, limit=256 * 1024 * 1024,
+        )
+        assert proc.stdout is not None
+        hello = await proc.stdout.readline()
+        if not hello:
+            await proc.wait()
+            raise SlotFailure(f"slot {self.index}: the sandbox did not start (exit {proc.returncode})")
+        self._proc = proc
+        self._reader = asyncio.ensure_future(self._read_answers(proc))
+        return proc
 
     async def _read_answers(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None

@@ -26,7 +26,7 @@ class SlotPoolConfig(BaseModel):
     pull_policy: Literal["never", "always", "missing"] = "missing"
     apptainer_binary: str | None = Field(default=None, description="apptainer/singularity binary; found if unset")
 
-    slots_per_container: int = Field(default=8, ge=1, le=1024)
+    slots_per_container: int = Field(default=8, ge=1, le=4096)
     min_containers: int = Field(default=1, ge=0, le=1000)
     max_containers: int = Field(default=4, ge=1, le=1000)
 
@@ -40,6 +40,9 @@ class SlotPoolConfig(BaseModel):
         default=900.0, gt=0, description="reclaim a lease with no call or heartbeat for this long; None: never"
     )
     health_interval: float = Field(default=0.5, gt=0, description="server liveness probe period, seconds")
+    health_timeout: float = Field(
+        default=2.0, gt=0, description="a server unanswering for this long is lost (a refused connection: at once)"
+    )
     scale_cooldown: float = Field(default=30.0, ge=0, description="min seconds between scaling actions")
     idle_scale_down: float = Field(default=120.0, ge=0, description="scale down after slots idle this long")
     max_output: int = Field(default=1 << 20, ge=1024, description="bytes kept per stream per call")

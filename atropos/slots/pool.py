@@ -19,6 +19,8 @@ from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
+
 from atropos.backends.base import Progress, SandboxBackend, ServerInfo, no_progress
 from atropos.sandbox.models import ExecuteResult
 from atropos.slots.config import SlotPoolConfig
@@ -36,8 +38,6 @@ from atropos.slots.stats import PoolStats, StatsRecorder, summarize
 
 log = logging.getLogger("atropos.slots")
 
-# a server whose /health has not answered for this long is declared lost
-_HEALTH_DEADLINE = 1.5
 _RESET_TIMEOUT = 60.0
 _SCALE_UP_RETRY = 5.0
 
@@ -233,6 +233,11 @@ class SlotPool:
 
     # -- tool calls ----------------------------------------------------------------------------
 
+    async def server_health(self, slot: Slot) -> dict[str, Any]:
+        """/health of the slot's server, through the same pooled connection its calls use."""
+        st = self._book.check(slot)
+        return await self._servers[st.server_id].client.health(timeout=self.config.health_timeout)
+
     async def execute(self, slot: Slot, tool: str, args: dict[str, Any] | None = None,
                       timeout: float | None = None) -> ExecuteResult:
         """Run one tool call in the leased slot. A command's failure is in the result; a failure of
@@ -306,12 +311,15 @@ class SlotPool:
     async def _check_server(self, server: _Server) -> None:
         if server.info.server_id not in self._servers:
             return
+        deadline = self.config.health_timeout
         try:
-            await server.client.health(timeout=_HEALTH_DEADLINE)
+            await server.client.health(timeout=deadline)
             server.last_ok = time.monotonic()
+        except httpx.ConnectError as exc:  # nothing listens any more: the server is gone
+            self._lose(server.info.server_id, f"connection refused ({exc!r})")
         except Exception as exc:
-            if time.monotonic() - server.last_ok >= _HEALTH_DEADLINE:
-                self._lose(server.info.server_id, f"/health failing for {_HEALTH_DEADLINE}s ({exc!r})")
+            if time.monotonic() - server.last_ok >= deadline:
+                self._lose(server.info.server_id, f"/health unanswered for {deadline}s ({exc!r})")
 
     def _on_exit(self, server_id: str, _exited: object = None) -> None:
         if not self._closed:

@@ -1,0 +1,1 @@
+"""Benchmarks: `atropos-sandbox bench`."""

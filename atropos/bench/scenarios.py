@@ -1,0 +1,182 @@
+"""The benchmark's scenarios; each returns rows that carry their own baseline from the same run."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from atropos.bench.measure import (
+    Row,
+    Summary,
+    judged,
+    rss_mb,
+    sample_async,
+    subprocess_floor,
+    subprocess_floor_concurrent,
+    tree_rss_mb,
+)
+from atropos.slots import SlotPool, SlotPoolConfig
+
+
+@dataclass(frozen=True)
+class Sizes:
+    latency_n: int
+    sleep_calls: int
+    true_calls: int
+    acquire_n: int
+    big_pool: int
+
+    @classmethod
+    def for_mode(cls, quick: bool) -> Sizes:
+        if quick:
+            return cls(latency_n=60, sleep_calls=20, true_calls=15, acquire_n=20_000, big_pool=10_000)
+        return cls(latency_n=400, sleep_calls=20, true_calls=200, acquire_n=200_000, big_pool=10_000)
+
+
+def pool_config(**kw: object) -> SlotPoolConfig:
+    base: dict[str, object] = {"slots_per_container": 1, "min_containers": 1, "max_containers": 1,
+                               "lease_ttl": None, "scale_cooldown": 3600.0}
+    base.update(kw)
+    return SlotPoolConfig.model_validate(base)
+
+
+def ms(seconds: float) -> float:
+    return seconds * 1000.0
+
+
+async def latency_rows(sizes: Sizes, say: Callable[[str], None]) -> list[Row]:
+    """Scenarios 1-3: one call at a time, isolation on and off, against their floors."""
+    rows: list[Row] = []
+    floor = Summary.of(subprocess_floor(sizes.latency_n))
+    rows.append(Row("1 one-shot", "subprocess floor p50", ms(floor.p50), "ms", extra={"p99_ms": ms(floor.p99)}))
+    for isolation in ("bwrap", "none"):
+        say(f"latency scenarios, isolation={isolation}")
+        async with SlotPool(pool_config(isolation=isolation)) as pool:
+            async with pool.slot("bench") as slot:
+                n = sizes.latency_n
+
+                async def oneshot() -> None:
+                    await pool.execute(slot, "bash", {"command": "true"})
+
+                async def session_true() -> None:
+                    await pool.execute(slot, "bash_session", {"command": "true"})
+
+                async def session_cd() -> None:
+                    await pool.execute(slot, "bash_session", {"command": "mkdir -p d && cd d && echo hi && cd .."})
+
+                async def write_read() -> None:
+                    await pool.execute(slot, "write_file", {"path": "f.txt", "content": "x" * 1024})
+                    await pool.execute(slot, "read_file", {"path": "f.txt"})
+
+                async def health() -> None:
+                    await pool.server_health(slot)
+
+                one = Summary.of(await sample_async(oneshot, n))
+                floor_again = Summary.of(subprocess_floor(n))  # the floor moves with the machine's load
+                base = min(floor.p50, floor_again.p50)
+                rows.append(judged(Row("1 one-shot", f"bash true p50 ({isolation})", ms(one.p50), "ms",
+                                       "subprocess bash -c true", ms(base), "<= 2.0x",
+                                       extra={"p99_ms": ms(one.p99)}), 2.0))
+                for name, fn in (("true", session_true), ("cd/echo", session_cd)):
+                    s = Summary.of(await sample_async(fn, n))
+                    rows.append(judged(Row("2 session", f"bash_session {name} p50 ({isolation})", ms(s.p50), "ms",
+                                           "subprocess bash -c true", ms(base), "<= 1.0x",
+                                           extra={"p99_ms": ms(s.p99)}), 1.0))
+                wr = Summary.of(await sample_async(write_read, n))
+                hp = Summary.of(await sample_async(health, n))
+                rows.append(judged(Row("3 files", f"1 KB write+read p50 ({isolation})", ms(wr.p50), "ms",
+                                       "GET /health same connection", ms(hp.p50), "<= 2.0x",
+                                       extra={"p99_ms": ms(wr.p99), "health_p99_ms": ms(hp.p99)}), 2.0))
+    return rows
+
+
+async def concurrency_rows(sizes: Sizes, say: Callable[[str], None]) -> list[Row]:
+    """Scenario 4: 64 slots at once (4 servers x 16 slots, bubblewrap on where it works)."""
+    rows: list[Row] = []
+    say("concurrency: starting 4 servers x 16 slots")
+    async with SlotPool(pool_config(slots_per_container=16, min_containers=4, max_containers=4)) as pool:
+        slots = [await pool.acquire(f"c{i}") for i in range(64)]
+
+        async def loop(slot_index: int, command: str, calls: int) -> None:
+            for _ in range(calls):
+                await pool.execute(slots[slot_index], "bash", {"command": command})
+
+        async def wall(command: str, calls: int) -> float:
+            t0 = time.perf_counter()
+            await asyncio.gather(*(loop(i, command, calls) for i in range(64)))
+            return time.perf_counter() - t0
+
+        await wall("true", 1)  # warm every slot's sandbox
+        say("concurrency: 64 x 20 x sleep 0.05")
+        sleep_wall = await wall("sleep 0.05", sizes.sleep_calls)
+        ideal = sizes.sleep_calls * 0.05
+        rows.append(judged(Row("4 concurrency", f"64 slots x {sizes.sleep_calls} x sleep 0.05 wall", sleep_wall, "s",
+                               "ideal (no overhead)", ideal, "<= 1.3x ideal"), 1.3))
+        say(f"concurrency: 64 x {sizes.true_calls} x true")
+        true_wall = await wall("true", sizes.true_calls)
+        ours = 64 * sizes.true_calls / true_wall
+        floor = await subprocess_floor_concurrent(64, sizes.true_calls)
+        rows.append(judged(Row("4 concurrency", f"64 slots x {sizes.true_calls} x true", ours, "calls/s",
+                               "subprocess, 64 concurrent", floor, ">= 0.6x"), 0.6, higher_is_better=True))
+        for s in slots:
+            pool.release(s)
+    return rows
+
+
+async def acquire_rows(sizes: Sizes, say: Callable[[str], None]) -> list[Row]:
+    """Scenario 5: the lease book's speed, with real servers behind it."""
+    rows: list[Row] = []
+    say("acquire/release: 1 server x 64 slots")
+    async with SlotPool(pool_config(slots_per_container=64)) as pool:
+        n = sizes.acquire_n
+        t0 = time.perf_counter()
+        for _ in range(n):
+            pool.release(await pool.acquire("a"))
+        rate = n / (time.perf_counter() - t0)
+        rows.append(judged(Row("5 leasing", "acquire+release (no tool call)", rate, "per s", target=">= 50,000/s"),
+                           50_000, higher_is_better=True))
+    per = sizes.big_pool // 4
+    say(f"acquire p99: 4 servers x {per} slots")
+    async with SlotPool(pool_config(slots_per_container=per, min_containers=4, max_containers=4,
+                                    start_timeout=600)) as pool:
+        held = []
+        samples = []
+        for i in range(sizes.big_pool):
+            t0 = time.perf_counter()
+            held.append(await pool.acquire(f"t{i}"))
+            samples.append(time.perf_counter() - t0)
+        s = Summary.of(samples)
+        rows.append(judged(Row("5 leasing", f"acquire p99 with {sizes.big_pool} slots", s.p99 * 1e6, "us",
+                               target="<= 100 us", extra={"p50_us": s.p50 * 1e6}), 100))
+        for slot in held:
+            pool.release(slot)
+    return rows
+
+
+async def startup_rows(say: Callable[[str], None]) -> list[Row]:
+    """Scenario 6: cold start and memory."""
+    rows: list[Row] = []
+    say("cold start: 4 servers x 16 slots")
+    t0 = time.perf_counter()
+    async with SlotPool(pool_config(slots_per_container=16, min_containers=4, max_containers=4)):
+        cold = time.perf_counter() - t0
+    rows.append(judged(Row("6 startup", "cold start 4 x 16 slots to all ready", cold, "s", target="<= 2 s"), 2.0))
+    say("memory: 1 server x 64 slots")
+    async with SlotPool(pool_config(slots_per_container=64)) as pool:
+        backend = pool.backend
+        pid = next(iter(backend._servers.values())).proc.pid  # type: ignore[attr-defined]
+        await asyncio.sleep(0.5)
+        idle = rss_mb(pid)
+        rows.append(judged(Row("6 startup", "server RSS idle, 64 slots", idle, "MB", target="<= 80 MB"), 80))
+        slots = [await pool.acquire(f"m{i}") for i in range(64)]
+        await asyncio.gather(*(pool.execute(s, "bash_session", {"command": "true"}) for s in slots))
+        busy = rss_mb(pid)
+        everything = tree_rss_mb(pid)
+        rows.append(judged(Row("6 startup", "server RSS, 64 open sessions", busy, "MB", target="<= 150 MB",
+                               note=f"with slot runners and shells: {everything:.0f} MB",
+                               extra={"tree_rss_mb": everything}), 150))
+        for s in slots:
+            pool.release(s)
+    return rows
