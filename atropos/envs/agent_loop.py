@@ -1,0 +1,155 @@
+"""One trajectory: lease a slot, let the model act through tool calls, score the result with the
+task's hidden checks, give the slot back.
+
+A failure of the sandbox (InfrastructureError, or no slot in time) makes the rollout an
+infrastructure failure with no reward: it says nothing about the model and must not be trained on.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from atropos.envs.chat import ChatModel, Message, assistant_message, tool_message
+from atropos.envs.scoring import CheckResult, score_task, write_files
+from atropos.envs.task_set import Task
+from atropos.envs.tool_calls import TOOL_SCHEMAS, ParsedCall, ToolCall, ToolCallFormat, hermes_tools_prompt, parse_reply
+from atropos.sandbox.models import ExecuteResult
+from atropos.slots import AcquireTimeout, InfrastructureError, InvalidToolCall, Slot, SlotPool
+
+RolloutStatus = Literal["ok", "infra_error", "error"]
+
+_SYSTEM_PROMPT = (
+    "You are an autonomous software engineer working in a Linux sandbox. Your workspace is /workspace "
+    "(the current directory of every command). Use the tools to inspect files, write code and run "
+    "commands until the task is done; nobody will answer questions. When you are finished, reply "
+    "with a short summary and no tool call."
+)
+
+
+class AgentSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_turns: int = Field(default=8, ge=1, le=1000, description="model turns per trajectory")
+    tool_call_format: ToolCallFormat = "hermes"
+    tool_timeout: float = Field(default=60.0, gt=0, description="seconds per tool call")
+    max_tool_output: int = Field(default=4000, ge=100, description="characters of a tool result shown to the model")
+    acquire_timeout: float | None = Field(default=None, gt=0, description="wait for a slot; pool default if unset")
+
+
+class Rollout(BaseModel):
+    """A finished trajectory, as written to the rollouts JSONL."""
+
+    task_id: str
+    trajectory_id: str
+    status: RolloutStatus
+    reward: float | None = Field(description="fraction of hidden checks passed; None unless status is ok")
+    checks: list[CheckResult] = Field(default_factory=list)
+    turns: int = 0
+    tool_calls: int = Field(default=0, description="calls the sandbox ran")
+    malformed_calls: int = Field(default=0, description="calls answered with an error instead of running")
+    finished: Literal["answer", "max_turns"] | None = None
+    wall_time_s: float = 0.0
+    error: str | None = None
+    messages: list[Message] = Field(default_factory=list)
+
+
+def initial_messages(task: Task, fmt: ToolCallFormat) -> list[Message]:
+    system = _SYSTEM_PROMPT if fmt == "openai" else f"{_SYSTEM_PROMPT}\n\n{hermes_tools_prompt()}"
+    return [{"role": "system", "content": system}, {"role": "user", "content": task.prompt}]
+
+
+def request_tools(fmt: ToolCallFormat) -> list[Message] | None:
+    """The `tools` of each chat request: the schemas in the OpenAI format; in the Hermes format the
+    system prompt carries them."""
+    return TOOL_SCHEMAS if fmt == "openai" else None
+
+
+class _Progress:
+    def __init__(self, task: Task, trajectory_id: str, fmt: ToolCallFormat) -> None:
+        self.started = time.monotonic()
+        self.rollout = Rollout(task_id=task.id, trajectory_id=trajectory_id, status="ok", reward=None,
+                               messages=initial_messages(task, fmt))
+
+    def done(self, status: RolloutStatus, error: str | None = None) -> Rollout:
+        self.rollout.status = status
+        self.rollout.error = error
+        self.rollout.wall_time_s = round(time.monotonic() - self.started, 4)
+        if status != "ok":
+            self.rollout.reward = None
+        return self.rollout
+
+
+async def run_rollout(pool: SlotPool, task: Task, model: ChatModel, settings: AgentSettings,
+                      trajectory_id: str | None = None) -> Rollout:
+    """Run one trajectory of `task`. Errors of the model propagate; sandbox failures do not."""
+    progress = _Progress(task, trajectory_id or f"{task.id}-{uuid.uuid4().hex[:8]}", settings.tool_call_format)
+    rollout = progress.rollout
+    try:
+        async with pool.slot(rollout.trajectory_id, timeout=settings.acquire_timeout) as slot:
+            await write_files(pool, slot, task.setup_files, settings.tool_timeout, what=f"task {task.id} setup")
+            await _agent_turns(pool, slot, model, settings, rollout)
+            rollout.checks = await score_task(pool, slot, task)
+    except (InfrastructureError, AcquireTimeout) as exc:
+        return progress.done("infra_error", f"{type(exc).__name__}: {exc}")
+    passed = sum(1 for check in rollout.checks if check.passed)
+    rollout.reward = passed / len(rollout.checks)
+    return progress.done("ok")
+
+
+async def _agent_turns(pool: SlotPool, slot: Slot, model: ChatModel, settings: AgentSettings,
+                       rollout: Rollout) -> None:
+    tools = request_tools(settings.tool_call_format)
+    rollout.finished = "max_turns"
+    for turn in range(settings.max_turns):
+        reply = await model.complete(rollout.messages, tools)
+        rollout.turns += 1
+        rollout.messages.append(assistant_message(reply))
+        calls = parse_reply(reply, turn)
+        if not calls:
+            rollout.finished = "answer"
+            return
+        for call in calls:
+            content = await _answer(pool, slot, call, settings)
+            if isinstance(call, ToolCall):
+                rollout.tool_calls += 1
+            else:
+                rollout.malformed_calls += 1
+            rollout.messages.append(tool_message(call.id, call.name, content))
+
+
+async def _answer(pool: SlotPool, slot: Slot, call: ParsedCall, settings: AgentSettings) -> str:
+    """What the model is told about one of its calls: the tool's result, or why it could not run."""
+    if not isinstance(call, ToolCall):
+        return f"error: {call.error}"
+    try:
+        result = await pool.execute(slot, call.name, call.arguments, timeout=settings.tool_timeout)
+    except InvalidToolCall as exc:  # the server refused the arguments: the model's mistake, not the sandbox's
+        return f"error: {exc}"
+    return render_result(result, settings.max_tool_output)
+
+
+def render_result(result: ExecuteResult, limit: int) -> str:
+    parts = []
+    if result.output:
+        parts.append(clip(result.output, limit))
+    if result.truncated:
+        parts.append("[output truncated by the sandbox]")
+    if result.error:
+        parts.append(f"[error: {result.error}]")
+    if result.exit_code is not None:
+        parts.append(f"[exit code {result.exit_code}]")
+    return "\n".join(parts) or "[no output]"
+
+
+def clip(text: str, limit: int) -> str:
+    """At most `limit` characters: the head and the tail, with a marker saying what was cut."""
+    if len(text) <= limit:
+        return text
+    head = limit * 2 // 3
+    tail = limit - head
+    return f"{text[:head]}\n[... {len(text) - limit} characters cut ...]\n{text[-tail:]}"
+
