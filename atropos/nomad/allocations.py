@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from atropos.nomad.builder import PORT_LABEL, group_index
 from atropos.nomad.errors import NomadError
 from atropos.nomad.responses import Allocation, AllocationEndpoint, NetworkStatus
 
-__all__ = ["allocation_address", "allocation_endpoint"]
+__all__ = ["allocation_address", "allocation_endpoint", "by_index"]
 
 
 def allocation_address(alloc: Allocation, label: str = PORT_LABEL) -> tuple[str, int]:
@@ -59,3 +59,8 @@ def allocation_endpoint(alloc: Allocation, label: str = PORT_LABEL) -> Allocatio
         host=host,
         port=port,
     )
+
+
+def by_index(endpoints: Sequence[AllocationEndpoint]) -> list[AllocationEndpoint]:
+    """Endpoints in container order (index, then group and allocation id)."""
+    return sorted(endpoints, key=lambda e: (e.index if e.index is not None else -1, e.group, e.alloc_id))

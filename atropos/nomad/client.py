@@ -41,7 +41,7 @@ from atropos.nomad.responses import (
     RegisterResponse,
 )
 from atropos.nomad.settings import NomadSettings
-from atropos.nomad.waiting import ProgressCallback, wait_for_allocations
+from atropos.nomad.waiting import Probe, ProgressCallback, wait_for_allocations
 
 __all__ = ["NomadClient"]
 
@@ -167,10 +167,12 @@ class NomadClient:
         *,
         timeout: float,
         on_progress: ProgressCallback | None = None,
+        probe: Probe | None = None,
     ) -> list[AllocationEndpoint]:
-        """Wait until `count` allocations of the job run, failing fast with a diagnosis when they
-        cannot (see `atropos.nomad.waiting`)."""
-        return await wait_for_allocations(self, job_id, count, timeout=timeout, on_progress=on_progress)
+        """Wait until `count` allocations of the job run (and pass `probe`), failing fast with a
+        diagnosis when they cannot (see `atropos.nomad.waiting`)."""
+        return await wait_for_allocations(self, job_id, count, timeout=timeout, on_progress=on_progress,
+                                          probe=probe)
 
     # ------------------------------------------------------------------------------ agent, nodes
 

@@ -6,18 +6,22 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import httpx
+
+from atropos.nomad.allocations import by_index
 from atropos.nomad.builder import GROUP_NAME, create_sandbox_job
 from atropos.nomad.client import NomadClient
-from atropos.nomad.errors import NomadNotFound
+from atropos.nomad.errors import NomadNotFound, NomadRequestError
 from atropos.nomad.owner import owner_state
 from atropos.nomad.responses import AllocationEndpoint, JobStub
 from atropos.nomad.spec import SandboxJobSpec
-from atropos.nomad.waiting import ProgressCallback
+from atropos.nomad.waiting import Probe, ProgressCallback
 
 __all__ = [
     "cleanup_dead_owner_jobs",
     "deploy_sandbox_job",
     "find_dead_owner_jobs",
+    "health_probe",
     "running_endpoints",
     "scale_sandbox_job",
     "stop_sandbox_job",
@@ -28,16 +32,32 @@ log = logging.getLogger("atropos.nomad")
 SANDBOX_KIND = "sandbox"
 
 
+def health_probe(timeout: float = 2.0) -> Probe:
+    """A probe for `wait_for_allocations`: the server answers `GET /health` with 200."""
+
+    async def probe(endpoint: AllocationEndpoint) -> bool:
+        try:
+            async with httpx.AsyncClient(timeout=timeout) as http:
+                return (await http.get(endpoint.url + "/health")).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    return probe
+
+
 async def deploy_sandbox_job(
     client: NomadClient,
     spec: SandboxJobSpec,
     *,
     timeout: float = 600.0,
     on_progress: ProgressCallback | None = None,
+    probe: Probe | None = None,
 ) -> list[AllocationEndpoint]:
-    """Register the job and wait until its `spec.count` servers' allocations run."""
+    """Register the job and wait until its `spec.count` servers answer (`probe`, by default
+    `health_probe()`); a server that cannot start fails this with Nomad's diagnosis."""
     await client.register_job(create_sandbox_job(spec))
-    return await client.wait_for_allocations(spec.job_id, spec.count, timeout=timeout, on_progress=on_progress)
+    return await client.wait_for_allocations(spec.job_id, spec.count, timeout=timeout, on_progress=on_progress,
+                                             probe=probe or health_probe())
 
 
 async def scale_sandbox_job(client: NomadClient, spec: SandboxJobSpec, count: int) -> SandboxJobSpec:
@@ -46,22 +66,28 @@ async def scale_sandbox_job(client: NomadClient, spec: SandboxJobSpec, count: in
     Static ports (singularity/process default): the job is re-registered with groups
     `sandbox-0 .. sandbox-<count-1>`; unchanged groups keep running, so nothing already serving
     restarts. Otherwise (docker, or `static_ports=False`): `POST /v1/job/:id/scale` on group
-    `sandbox`. Follow with `client.wait_for_allocations(spec.job_id, count, ...)` to wait for them.
+    `sandbox`; Nomad refuses that while the job's deployment is still running ("job scaling blocked
+    due to active deployment"), and then the job is re-registered with the new count instead, which
+    Nomad always accepts. Follow with `client.wait_for_allocations(spec.job_id, count, ...)`.
     """
     scaled = spec.with_count(count)
     if scaled.uses_static_ports:
         await client.register_job(create_sandbox_job(scaled))
-    else:
+        return scaled
+    try:
         await client.scale_job(spec.job_id, GROUP_NAME, count,
                                message=f"atropos-sandbox: {spec.count} -> {count} containers")
+    except NomadRequestError as exc:
+        if "active deployment" not in exc.message:
+            raise
+        await client.register_job(create_sandbox_job(scaled))
     return scaled
 
 
 async def running_endpoints(client: NomadClient, job_id: str) -> list[AllocationEndpoint]:
     """The servers of the job's allocations that run now (no waiting)."""
     running = [a for a in await client.job_allocations(job_id) if a.wanted and a.is_running]
-    found = await asyncio.gather(*(client.allocation_endpoint(a.id) for a in running))
-    return sorted(found, key=lambda e: (e.index if e.index is not None else -1, e.group, e.alloc_id))
+    return by_index(await asyncio.gather(*(client.allocation_endpoint(a.id) for a in running)))
 
 
 async def stop_sandbox_job(client: NomadClient, job_id: str, *, purge: bool = True) -> bool:

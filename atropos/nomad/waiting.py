@@ -9,18 +9,21 @@ to either wakes the waiter at once (no polling interval). After each change:
 - a group Nomad cannot place on any node (every node filtered out: missing driver, constraints, no
   node in the datacenters) ends it with `NomadPlacementFailed`; groups waiting for resources (a port
   held by another allocation, memory) are reported through `on_progress` and in the timeout error;
-- when `count` allocations run, their addresses are read and returned.
+- when `count` allocations run (and, given a `probe`, their servers answer it), their addresses
+  are returned. An allocation "runs" as soon as its process started: a server that dies on start-up
+  (apptainer missing, a bad image) is caught by the probe wait, not mistaken for a working one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
+from atropos.nomad.allocations import by_index
 from atropos.nomad.diagnosis import AllocationFailure, allocation_failure, placement_problems
 from atropos.nomad.errors import NomadAllocationFailed, NomadError, NomadPlacementFailed, NomadWaitTimeout
 from atropos.nomad.responses import AllocationEndpoint, AllocationStub, Evaluation
@@ -28,9 +31,10 @@ from atropos.nomad.responses import AllocationEndpoint, AllocationStub, Evaluati
 if TYPE_CHECKING:
     from atropos.nomad.client import NomadClient
 
-__all__ = ["ProgressCallback", "WaitProgress", "wait_for_allocations"]
+__all__ = ["Probe", "ProgressCallback", "WaitProgress", "wait_for_allocations"]
 
 _MAX_BLOCK_S = 10.0
+_PROBE_INTERVAL_S = 0.1
 _LOG_TAIL_TIMEOUT_S = 5.0
 _MAX_LOGGED_FAILURES = 3
 
@@ -43,15 +47,19 @@ class WaitProgress(BaseModel):
     job_id: str
     wanted: int
     running: int
+    ready: int
     starting: int
     problems: tuple[str, ...] = ()
 
     def describe(self) -> str:
-        text = f"job {self.job_id}: {self.running}/{self.wanted} allocations running, {self.starting} starting"
+        text = (f"job {self.job_id}: {self.running}/{self.wanted} allocations running "
+                f"({self.ready} ready), {self.starting} starting")
         return text + "".join(f"; {p}" for p in self.problems)
 
 
 ProgressCallback = Callable[[WaitProgress], object]
+Probe = Callable[[AllocationEndpoint], Awaitable[bool]]
+"""Is the server of a running allocation ready? (e.g. it answers GET /health)"""
 
 
 async def wait_for_allocations(
@@ -61,14 +69,17 @@ async def wait_for_allocations(
     *,
     timeout: float,
     on_progress: ProgressCallback | None = None,
+    probe: Probe | None = None,
 ) -> list[AllocationEndpoint]:
-    """Wait until `count` allocations of `job_id` run; return their endpoints, sorted by index."""
+    """Wait until `count` allocations of `job_id` run and pass `probe`; return their endpoints,
+    sorted by index."""
     endpoint = f"GET /v1/job/{job_id}/allocations"
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     job = await client.read_job(job_id)
     baseline = int(job.get("JobModifyIndex", 0))
     watch = _Watch(client, job_id)
+    readiness = _Readiness(client, probe)
     last: WaitProgress | None = None
     try:
         while True:
@@ -82,22 +93,26 @@ async def wait_for_allocations(
                 raise NomadPlacementFailed(
                     f"GET /v1/job/{job_id}/evaluations", "; ".join(p.describe() for p in problems))
             running = [a for a in watch.allocations if a.wanted and a.is_running]
+            ready = await readiness.check(running)
             progress = WaitProgress(
                 job_id=job_id,
                 wanted=count,
                 running=len(running),
+                ready=len(ready),
                 starting=sum(1 for a in watch.allocations if a.wanted and not a.is_running),
                 problems=tuple(p.describe() for p in problems),
             )
             if progress != last:
                 last = progress
                 await _notify(on_progress, progress)
-            if len(running) >= count:
-                return await _endpoints(client, running)
+            if len(ready) >= count:
+                return by_index(ready)
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise NomadWaitTimeout(endpoint, f"gave up after {timeout:g}s: {progress.describe()}")
-            await watch.next_change(min(remaining, _MAX_BLOCK_S))
+            # servers still starting are probed again soon; otherwise only a change wakes us
+            block = _PROBE_INTERVAL_S if len(ready) < len(running) else _MAX_BLOCK_S
+            await watch.next_change(min(remaining, block))
     finally:
         await watch.close()
 
@@ -150,9 +165,26 @@ async def _notify(callback: ProgressCallback | None, progress: WaitProgress) -> 
         await result
 
 
-async def _endpoints(client: NomadClient, running: list[AllocationStub]) -> list[AllocationEndpoint]:
-    found = await asyncio.gather(*(client.allocation_endpoint(a.id) for a in running))
-    return sorted(found, key=lambda e: (e.index if e.index is not None else -1, e.group, e.alloc_id))
+class _Readiness:
+    """Addresses of running allocations (read once each) and which of them passed the probe."""
+
+    def __init__(self, client: NomadClient, probe: Probe | None) -> None:
+        self._client = client
+        self._probe = probe
+        self._endpoints: dict[str, AllocationEndpoint] = {}
+        self._ready: set[str] = set()
+
+    async def check(self, running: list[AllocationStub]) -> list[AllocationEndpoint]:
+        new = [a.id for a in running if a.id not in self._endpoints]
+        for found in await asyncio.gather(*(self._client.allocation_endpoint(i) for i in new)):
+            self._endpoints[found.alloc_id] = found
+        waiting = [self._endpoints[a.id] for a in running if a.id not in self._ready]
+        if self._probe is None:
+            self._ready.update(e.alloc_id for e in waiting)
+        else:
+            results = await asyncio.gather(*(self._probe(e) for e in waiting), return_exceptions=True)
+            self._ready.update(e.alloc_id for e, ok in zip(waiting, results, strict=True) if ok is True)
+        return [self._endpoints[a.id] for a in running if a.id in self._ready]
 
 
 async def _with_stderr(client: NomadClient, failures: list[AllocationFailure]) -> list[AllocationFailure]:
