@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from atropos.nomad import NomadClient, NomadSettings
+from atropos.nomad import Constraint, NomadClient, NomadSettings, SandboxJobSpec
 from tests.nomad_standin import NomadStandIn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,6 +114,41 @@ async def execute(url: str, command: str, *, slot: int = 0, token: str = TOKEN) 
                                    json={"slot": slot, "tool": "bash", "args": {"command": command}})
         response.raise_for_status()
         return dict(response.json())
+
+
+def job_shapes() -> list[SandboxJobSpec]:
+    """Every shape the builder can produce: each driver, bare and with every option set."""
+    full = {
+        "count": 3,
+        "token": TOKEN,
+        "datacenters": ["dc1", "dc2"],
+        "namespace": "research",
+        "region": "global",
+        "node_pool": "gpu",
+        "priority": 70,
+        "constraints": [Constraint(l_target="${attr.kernel.name}", r_target="linux")],
+        "memory_max": 4096,
+        "disk_mb": 2000,
+        "service": True,
+        "meta": {"team": "rl"},
+        "command_timeout": 300.0,
+        "max_output": 65536,
+        "server_env": {"LOG_LEVEL": "debug"},
+    }
+    out = []
+    for driver in ("docker", "singularity", "process"):
+        extra = {"singularity_image": "/images/sandbox.sif"} if driver == "singularity" else {}
+        out.append(SandboxJobSpec(driver=driver, token=TOKEN, **extra))
+        out.append(SandboxJobSpec(driver=driver, **full, **extra, apptainer_cache_dir="/scratch/cache",
+                                  apptainer_args=["--nv"], docker_config={"cap_add": ["sys_admin"]}))
+    out.append(SandboxJobSpec(driver="process", token=TOKEN, static_ports=False, count=2))
+    out.append(SandboxJobSpec(driver="singularity", singularity_image="/i.sif", token=TOKEN, count=0))
+    return out
+
+
+def shape_id(spec: SandboxJobSpec) -> str:
+    dynamic = "-dynamic" if not spec.uses_static_ports and spec.driver != "docker" else ""
+    return f"{spec.driver}-{spec.count}-{'full' if spec.service else 'bare'}{dynamic}"
 
 
 # ------------------------------------------------------------------------------ a real Nomad agent

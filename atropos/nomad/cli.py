@@ -107,7 +107,7 @@ def render_from_args(args: argparse.Namespace) -> int:
     try:
         spec = spec_from_args(args)
     except ValidationError as exc:
-        problems = "; ".join(str(e["msg"]) for e in exc.errors())
+        problems = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
         print(f"atropos-sandbox job render: error: {problems}", file=sys.stderr)
         return 2
     job = create_sandbox_job(spec)

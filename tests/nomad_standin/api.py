@@ -138,6 +138,7 @@ class NomadStandIn:
         self.address = f"http://{NODE_IP}:{port}"
 
     async def stop(self) -> None:
+        self.cluster.index.close()
         await self.cluster.shutdown()
         if self._runner is not None:
             await self._runner.cleanup()

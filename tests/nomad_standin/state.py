@@ -37,7 +37,13 @@ class Index:
 
     def __init__(self) -> None:
         self.value = 1
+        self.closed = False
         self._changed = asyncio.Event()
+
+    def close(self) -> None:
+        """Release every blocking query (the stand-in is stopping)."""
+        self.closed = True
+        self._changed.set()
 
     def bump(self) -> int:
         self.value += 1
@@ -49,7 +55,7 @@ class Index:
         """Return once `current()` (the resource's index) exceeds `index`, or after `timeout`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while current() <= index:
+        while current() <= index and not self.closed:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return
@@ -260,7 +266,7 @@ class AllocRecord:
             tasks[task["Name"]] = {"Cpu": {"CpuShares": int(res.get("CPU", 100))},
                                    "Memory": {"MemoryMB": int(res.get("MemoryMB", 300))}, "Networks": []}
         disk = int((self.group.get("EphemeralDisk") or {}).get("SizeMB", 300))
-        full = self.to_stub()
+        full = {k: v for k, v in self.to_stub().items() if k not in ("JobType", "JobVersion")}
         full.update(
             Job=copy.deepcopy(self.job),
             AllocModifyIndex=self.modify_index,
