@@ -40,6 +40,11 @@ class SandboxBackend(abc.ABC):
         await self.remove_server(server_id)
         return await self.add_servers(1, progress)
 
+    def pick_removable(self, idle: list[str]) -> str | None:
+        """Which of these idle servers (longest idle first) a scale-down may stop, if any. A backend
+        that cannot choose which server goes (Nomad stops the highest group) must say so here."""
+        return idle[0] if idle else None
+
     def exited(self, server_id: str) -> asyncio.Future[None] | None:
         """A future done when the server's process ends, where the backend can see it (local)."""
         return None

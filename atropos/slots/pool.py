@@ -395,16 +395,17 @@ class SlotPool:
                 raise
             await self._register(infos)
             return
-        for server in list(self._servers.values()):
-            slots = [st for st in self._book.slots.values() if st.server_id == server.info.server_id]
-            if any(st.status is not SlotStatus.FREE for st in slots):
-                server.idle_since = now
+        busy = {st.server_id for st in self._book.slots.values() if st.status is not SlotStatus.FREE}
+        for busy_id in busy:
+            if busy_id in self._servers:
+                self._servers[busy_id].idle_since = now
         if waiting or len(self._servers) <= c.min_containers or now - self._last_scale < c.scale_cooldown:
             return
-        idle = [s for s in self._servers.values() if now - s.idle_since >= c.idle_scale_down]
-        if idle:
-            victim = max(idle, key=lambda s: now - s.idle_since)
-            sid = victim.info.server_id
+        idle = sorted((s for s in self._servers.values() if now - s.idle_since >= c.idle_scale_down),
+                      key=lambda s: s.idle_since)
+        sid = self.backend.pick_removable([s.info.server_id for s in idle])
+        if sid is not None:
+            victim = self._servers[sid]
             self._book.remove_server(sid, SlotStatus.DRAINING)
             del self._servers[sid]
             self._stats.counters["scale_downs"] += 1

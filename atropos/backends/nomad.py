@@ -1,0 +1,158 @@
+"""Nomad backend: the pool's servers are allocations of one Nomad job built by `atropos.nomad`.
+
+The job id is `<job_id>-<8 hex>` so pools never share a job; its Meta names this process, and
+jobs whose owner died on this host are stopped before a new one is submitted. A `singularity`
+image reference is pulled (per `pull_policy`) before anything is scheduled, so a missing image
+fails here and not on a node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import uuid
+
+from pydantic import SecretStr
+
+from atropos.backends.base import Progress, SandboxBackend, ServerInfo, no_progress
+from atropos.nomad.client import NomadClient
+from atropos.nomad.errors import NomadError
+from atropos.nomad.lifecycle import (
+    cleanup_dead_owner_jobs,
+    deploy_sandbox_job,
+    health_probe,
+    running_endpoints,
+    scale_sandbox_job,
+    stop_sandbox_job,
+)
+from atropos.nomad.responses import AllocationEndpoint
+from atropos.nomad.settings import NomadSettings
+from atropos.nomad.spec import SandboxJobSpec
+from atropos.nomad.waiting import WaitProgress
+from atropos.slots.config import SlotPoolConfig
+from atropos.slots.errors import BackendError
+
+log = logging.getLogger("atropos.backends.nomad")
+
+
+class NomadBackend(SandboxBackend):
+    name = "nomad"
+
+    def __init__(self, config: SlotPoolConfig, client: NomadClient | None = None) -> None:
+        self.config = config
+        self.client = client or NomadClient(NomadSettings.from_env(
+            address=config.nomad_address, token=config.nomad_token, namespace=config.nomad_namespace,
+            region=config.nomad_region))
+        self.job_id = f"{config.job_id}-{uuid.uuid4().hex[:8]}"
+        self._token = secrets.token_urlsafe(32)
+        self._spec: SandboxJobSpec | None = None
+        self._known: dict[str, AllocationEndpoint] = {}
+        self._lock = asyncio.Lock()
+
+    async def _base_spec(self, progress: Progress) -> SandboxJobSpec:
+        c = self.config
+        sif = c.singularity_image
+        if c.driver == "singularity" and sif is not None:
+            from atropos.images.cache import resolve_singularity_image
+            from atropos.images.errors import ImageError
+
+            progress(f"image: resolving {sif} (pull policy {c.pull_policy}) before submitting the job")
+            try:
+                sif = str(await asyncio.to_thread(resolve_singularity_image, sif, c.pull_policy,
+                                                  runtime=c.apptainer_binary, progress=progress))
+            except ImageError as exc:
+                raise BackendError(str(exc)) from None
+        return SandboxJobSpec(
+            job_id=self.job_id, driver=c.driver, count=0, slots_per_container=c.slots_per_container,
+            token=SecretStr(self._token), image=c.image or "atropos-sandbox:latest", singularity_image=sif,
+            apptainer_binary=c.apptainer_binary or "apptainer", container_port=c.container_port,
+            base_port=c.static_port_base, isolation=c.isolation, network=c.network,
+            command_timeout=c.tool_timeout, max_output=c.max_output, cpu=c.cpu, memory=c.memory,
+            datacenters=[d for d in c.datacenters if d != "*"], namespace=c.nomad_namespace,
+            region=c.nomad_region, node_pool=c.node_pool,
+        )
+
+    def _reporter(self, progress: Progress) -> object:
+        def report(p: WaitProgress) -> None:
+            progress(f"nomad job {p.job_id}: {p.describe()}")
+        return report
+
+    def _infos(self, endpoints: list[AllocationEndpoint]) -> list[ServerInfo]:
+        fresh = [e for e in endpoints if e.alloc_id not in self._known]
+        for e in fresh:
+            self._known[e.alloc_id] = e
+        return [ServerInfo(e.alloc_id, e.url, self._token, self.config.slots_per_container) for e in fresh]
+
+    async def add_servers(self, count: int, progress: Progress = no_progress) -> list[ServerInfo]:
+        async with self._lock:
+            try:
+                if self._spec is None:
+                    stale = await cleanup_dead_owner_jobs(self.client, self.config.job_id)
+                    if stale:
+                        progress(f"stopped {len(stale)} job(s) left by dead pools: {', '.join(stale)}")
+                    spec = (await self._base_spec(progress)).with_count(count)
+                    progress(f"submitting nomad job {self.job_id} ({self.config.driver}, {count} container(s))")
+                    endpoints = await deploy_sandbox_job(self.client, spec, timeout=self.config.start_timeout,
+                                                         on_progress=self._reporter(progress))  # type: ignore[arg-type]
+                    self._spec = spec
+                else:
+                    target = self._spec.count + count
+                    progress(f"scaling nomad job {self.job_id}: {self._spec.count} -> {target} containers")
+                    self._spec = await scale_sandbox_job(self.client, self._spec, target)
+                    endpoints = await self.client.wait_for_allocations(
+                        self.job_id, target, timeout=self.config.start_timeout,
+                        on_progress=self._reporter(progress), probe=health_probe())  # type: ignore[arg-type]
+            except NomadError as exc:
+                raise BackendError(f"nomad: {exc}") from None
+            return self._infos(endpoints)
+
+    def pick_removable(self, idle: list[str]) -> str | None:
+        """Scaling down by one stops the highest-numbered container (group `sandbox-<n>` with
+        static ports, the highest allocation index otherwise): only that one may be drained."""
+        if not self._known:
+            return None
+        top = max(self._known.values(), key=lambda e: (e.index if e.index is not None else -1))
+        return top.alloc_id if top.alloc_id in idle else None
+
+    async def remove_server(self, server_id: str) -> None:
+        """Scale the job down by one; the pool drained `server_id`, the one `pick_removable` chose."""
+        async with self._lock:
+            self._known.pop(server_id, None)
+            if self._spec is None or self._spec.count == 0:
+                return
+            try:
+                self._spec = await scale_sandbox_job(self.client, self._spec, self._spec.count - 1)
+            except NomadError as exc:
+                log.error("event=nomad_scale_down_failed job=%s error=%s", self.job_id, exc)
+
+    async def replace_server(self, server_id: str, progress: Progress = no_progress) -> list[ServerInfo]:
+        """Nomad restarts or reschedules a failed allocation by itself: wait for the job to have
+        its full count of healthy servers again and return the new ones."""
+        async with self._lock:
+            self._known.pop(server_id, None)
+            if self._spec is None:
+                return []
+            progress(f"waiting for nomad to replace allocation {server_id[:8]}")
+            try:
+                endpoints = await self.client.wait_for_allocations(
+                    self.job_id, self._spec.count, timeout=self.config.start_timeout,
+                    on_progress=self._reporter(progress), probe=health_probe())  # type: ignore[arg-type]
+            except NomadError as exc:
+                raise BackendError(f"nomad: {exc}") from None
+            # the lost allocation may still count as running (hung, not dead): only new ones are news
+            return self._infos([e for e in endpoints if e.alloc_id != server_id])
+
+    async def running(self) -> list[AllocationEndpoint]:
+        return await running_endpoints(self.client, self.job_id)
+
+    async def close(self) -> None:
+        try:
+            if self._spec is not None:
+                stopped = await stop_sandbox_job(self.client, self.job_id, purge=self.config.purge_on_exit)
+                log.info("event=nomad_job_stopped job=%s found=%s purge=%s", self.job_id, stopped,
+                         self.config.purge_on_exit)
+        except NomadError as exc:
+            log.error("event=nomad_stop_failed job=%s error=%s", self.job_id, exc)
+        finally:
+            await self.client.aclose()

@@ -1,0 +1,128 @@
+"""SlotPool on the Nomad backend: the stand-in always, a real agent when one is present."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+
+from atropos.backends.nomad import NomadBackend
+from atropos.slots import SlotPool, SlotPoolConfig
+from tests.nomad_fixtures import (  # noqa: F401  (fixtures)
+    NomadTarget,
+    free_port_block,
+    nomad_target,
+    real_agent,
+    standin,
+    write_standin_image,
+)
+from tests.nomad_standin import NomadStandIn
+from tests.server_process import wait_until_gone
+
+
+def pool_config(**kw: object) -> SlotPoolConfig:
+    base: dict[str, object] = {
+        "backend": "nomad", "driver": "process", "slots_per_container": 2, "min_containers": 1,
+        "max_containers": 2, "static_port_base": free_port_block(4), "scale_cooldown": 0.0,
+        "idle_scale_down": 0.5, "health_interval": 0.25, "cpu": 100, "memory": 256, "start_timeout": 120,
+        "job_id": f"atropos-test-{os.getpid()}",
+    }
+    base.update(kw)
+    return SlotPoolConfig.model_validate(base)
+
+
+async def _job_status(target: NomadTarget, job_id: str) -> str | None:
+    jobs = await target.client.list_jobs(job_id)
+    return next((j.status for j in jobs if j.id == job_id), None)
+
+
+@pytest.mark.parametrize("driver", ["process", "singularity"])
+async def test_pool_runs_scales_and_cleans_up(nomad_target: NomadTarget, driver: str) -> None:
+    extra: dict[str, object] = {"driver": driver}
+    if driver == "singularity":
+        extra["singularity_image"] = write_standin_image(os.path.join(nomad_target.workdir, "sandbox.sif"))
+    config = pool_config(**extra)
+    backend = NomadBackend(config, client=nomad_target.client)
+    messages: list[str] = []
+    t0 = time.monotonic()
+    async with SlotPool(config, backend=backend, progress=messages.append) as pool:
+        first_ready = time.monotonic() - t0
+        print(f"[{nomad_target.kind}/{driver}] job submission to first healthy server: {first_ready:.2f}s")
+        assert any("submitting nomad job" in m for m in messages)
+        assert pool.stats().servers == 1
+        a = await pool.acquire("a")
+        res = await pool.execute(a, "bash", {"command": "echo $HOME; pwd"})
+        assert res.ok and res.stdout.strip().endswith("/workspace"), res
+        b = await pool.acquire("b")
+        c = await pool.acquire("c", timeout=120)  # 2 slots taken: the pool scales the job up
+        assert pool.stats().servers == 2 and pool.stats().scale_ups == 1
+        assert (await pool.execute(c, "bash", {"command": "echo scaled"})).stdout == "scaled\n"
+        for s in (a, b, c):
+            pool.release(s)
+        deadline = time.monotonic() + 60
+        while pool.stats().servers > 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert pool.stats().servers == 1 and pool.stats().scale_downs == 1
+        d = await pool.acquire("d", timeout=30)  # the survivor still serves
+        assert (await pool.execute(d, "bash", {"command": "echo alive"})).stdout == "alive\n"
+        job_id = backend.job_id
+    assert await _job_status(nomad_target, job_id) in (None, "dead")  # purged (or stopped)
+    if not nomad_target.real:
+        assert wait_until_gone(job_id) == []
+
+
+async def test_nomad_500_and_hangs_while_scaling(standin: NomadStandIn) -> None:
+    from tests.nomad_fixtures import client_for
+
+    config = pool_config(max_containers=3)
+    client = client_for(standin.address)
+    backend = NomadBackend(config, client=client)
+    async with SlotPool(config, backend=backend) as pool:
+        held = [await pool.acquire(f"h{i}") for i in range(2)]
+        # the first scale-up request fails twice with 500 (retried), then hangs once (retried)
+        standin.faults.fail("POST", r"^/v1/job/[^/]+$", status=500, times=2)
+        standin.faults.hang("POST", r"^/v1/job/[^/]+$", seconds=30, times=1)
+        extra = await pool.acquire("extra", timeout=120)
+        assert (await pool.execute(extra, "bash", {"command": "echo ok"})).stdout == "ok\n"
+        # held slots never noticed
+        for s in held:
+            assert (await pool.execute(s, "bash", {"command": "echo fine"})).ok
+        fill = await pool.acquire("fill", timeout=5)  # the last free slot of the two servers
+        # now Nomad answers 500 to everything for good: scale-up fails clearly, the pool goes on
+        standin.faults.fail("POST", r"^/v1/job/[^/]+$", status=500, times=None)
+        with pytest.raises(Exception, match="no slot became free"):
+            await pool.acquire("never", timeout=3)
+        assert any("Nomad" in k or "Backend" in k for k in pool.stats().errors), pool.stats().errors
+        standin.faults.rules.clear()
+        assert (await pool.execute(fill, "bash", {"command": "echo still"})).stdout == "still\n"
+        for s in [*held, extra, fill]:
+            pool.release(s)
+
+
+async def test_dead_owner_jobs_are_cleaned_up(standin: NomadStandIn) -> None:
+    from tests.nomad_fixtures import client_for
+
+    config = pool_config()
+    first = NomadBackend(config, client=client_for(standin.address))
+    pool = SlotPool(config, backend=first)
+    await pool.start()
+    orphan = first.job_id
+    # simulate the owner dying: rewrite the job's owner to a pid that does not exist on this host
+    job = await first.client.read_job(orphan)
+    job["Meta"]["atropos_owner_pid"] = "999999999"
+    await first.client.register_job(job)
+    second = NomadBackend(config, client=client_for(standin.address))
+    async with SlotPool(config, backend=second, progress=print):
+        status = await _job_status_standin(standin, orphan)
+        assert status in (None, "dead")
+    await pool.close()
+
+
+async def _job_status_standin(standin: NomadStandIn, job_id: str) -> str | None:
+    from tests.nomad_fixtures import client_for
+
+    async with client_for(standin.address) as client:
+        jobs = await client.list_jobs(job_id)
+    return next((j.status for j in jobs if j.id == job_id), None)
