@@ -138,6 +138,11 @@ def check_call(call_id: str, name: str, arguments: object) -> ParsedCall:
     return ToolCall(call_id, name, arguments)
 
 
-def validation_summary(exc: ValidationError) -> str:
-    """A pydantic error as one line: `field: message; field: message`."""
-    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}" for err in exc.errors())
+def validation_summary(exc: ValidationError, prefix: str = "") -> str:
+    """A pydantic error as one line: `field: message; field: message` (`prefix` before each field)."""
+    parts = []
+    for err in exc.errors():
+        message = err["msg"].removeprefix("Value error, ")
+        where = ".".join(str(p) for p in err["loc"])
+        parts.append(f"{prefix}{where}: {message}" if where else message)
+    return "; ".join(parts)

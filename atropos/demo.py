@@ -1,0 +1,180 @@
+"""`atropos-sandbox demo`: bring up a slot pool, run a batch of concurrent agent trajectories over the
+task set, write the rollouts as JSONL, print a table and a summary.
+
+The default policy replays each task's reference solution through real tool calls (no model needed);
+`--openai-base-url` and `--model` put a model server (OpenAI-compatible chat completions) in charge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from atropos.envs.agent_loop import AgentSettings, Rollout
+from atropos.envs.batch import ModelFactory, run_batch, summarize
+from atropos.envs.chat import ChatModel
+from atropos.envs.openai_client import OpenAIChatModel
+from atropos.envs.reference_policy import ReferencePolicy
+from atropos.envs.report import summary_lines, table_header, table_row
+from atropos.envs.task_set import Task, TaskError, load_tasks
+from atropos.envs.tool_calls import validation_summary
+from atropos.slots import PoolConfigError, SlotPool, SlotPoolConfig
+
+__all__ = ["register"]
+
+
+class DemoError(Exception):
+    """A flag or input the demo cannot work with: printed as one line, exit status 2."""
+
+
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+    parser = subparsers.add_parser(
+        "demo", help="run a batch of agent trajectories in sandbox slots and score them",
+        description="Start a slot pool, run concurrent agent trajectories over the built-in tasks (or --task-file), "
+        "score each with the task's hidden checks, write the rollouts as JSONL and print a table. Without "
+        "--openai-base-url the policy replays each task's reference solution through real tool calls.",
+    )
+    work = parser.add_argument_group("work")
+    work.add_argument("--tasks", type=int, metavar="N", help="trajectories to run, cycling through the tasks "
+                      "(default: one per task)")
+    work.add_argument("--task-ids", metavar="IDS", help="comma-separated task ids to use (default: all)")
+    work.add_argument("--task-file", metavar="JSONL", help="tasks from this JSONL file instead of the built-in set")
+    work.add_argument("--concurrency", type=int, default=16, metavar="N", help="trajectories at once (default 16)")
+    work.add_argument("--max-turns", type=int, default=8, metavar="N", help="model turns per trajectory (default 8)")
+    work.add_argument("--tool-timeout", type=float, default=60.0, metavar="S", help="seconds per tool call")
+    work.add_argument("--tool-call-format", choices=("openai", "hermes"), default="openai",
+                      help="openai: the API's tool_calls; hermes: <tool_call> JSON in the text (default openai)")
+    work.add_argument("--out", default="demo-rollouts.jsonl", metavar="PATH",
+                      help="rollouts JSONL (default ./demo-rollouts.jsonl)")
+
+    model = parser.add_argument_group("model (default: the reference policy)")
+    model.add_argument("--openai-base-url", metavar="URL", help="OpenAI-compatible server, e.g. http://localhost:8000/v1")
+    model.add_argument("--model", metavar="NAME", help="model name sent to the server")
+    model.add_argument("--api-key", metavar="KEY", help="bearer token (default: $OPENAI_API_KEY)")
+    model.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
+    model.add_argument("--max-tokens", type=int, default=1024, metavar="N", help="max tokens per turn")
+
+    pool = parser.add_argument_group("sandbox pool")
+    pool.add_argument("--backend", choices=("local", "nomad"), default="local", help="default: local")
+    pool.add_argument("--driver", choices=("process", "docker", "singularity"), default="process",
+                      help="default: process")
+    pool.add_argument("--image", metavar="IMAGE", help="docker image (driver docker)")
+    pool.add_argument("--singularity-image", metavar="SIF", help="SIF path or reference (driver singularity)")
+    pool.add_argument("--nomad-address", metavar="URL", help="Nomad API (backend nomad; default $NOMAD_ADDR)")
+    pool.add_argument("--slots-per-container", type=int, default=8, metavar="N", help="default 8")
+    pool.add_argument("--containers", type=int, default=2, metavar="N", help="servers started (default 2)")
+    pool.add_argument("--max-containers", type=int, default=4, metavar="N", help="servers at most (default 4)")
+    parser.set_defaults(handler=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        plan = _Plan.from_args(args)
+    except DemoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(plan.run())
+
+
+class _Plan:
+    def __init__(self, args: argparse.Namespace, pool_config: SlotPoolConfig, settings: AgentSettings,
+                 tasks: list[Task]) -> None:
+        self.args = args
+        self.pool_config = pool_config
+        self.settings = settings
+        self.tasks = tasks
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> _Plan:
+        for flag in ("tasks", "concurrency", "max_turns", "slots_per_container", "max_containers", "max_tokens"):
+            value = getattr(args, flag)
+            if value is not None and value < 1:
+                raise DemoError(f"--{flag.replace('_', '-')} must be at least 1, not {value}")
+        if bool(args.openai_base_url) != bool(args.model):
+            raise DemoError("--openai-base-url and --model go together (a model server needs a model name)")
+        try:
+            pool_config = SlotPoolConfig(
+                backend=args.backend, driver=args.driver, image=args.image, singularity_image=args.singularity_image,
+                nomad_address=args.nomad_address, slots_per_container=args.slots_per_container,
+                min_containers=args.containers, max_containers=args.max_containers, tool_timeout=args.tool_timeout,
+            )
+            settings = AgentSettings(max_turns=args.max_turns, tool_call_format=args.tool_call_format,
+                                     tool_timeout=args.tool_timeout)
+        except ValidationError as exc:
+            raise DemoError(validation_summary(exc)) from None
+        except PoolConfigError as exc:
+            raise DemoError(str(exc)) from None
+        try:
+            ids = [part.strip() for part in (args.task_ids or "").split(",") if part.strip()]
+            tasks = load_tasks(args.task_file, ids)
+        except TaskError as exc:
+            raise DemoError(str(exc)) from None
+        if not args.openai_base_url:
+            missing = [task.id for task in tasks if not task.reference]
+            if missing:
+                raise DemoError(f"the reference policy needs a reference solution; none for: {', '.join(missing)}")
+        count = args.tasks or len(tasks)
+        return cls(args, pool_config, settings, list(itertools.islice(itertools.cycle(tasks), count)))
+
+    def _policy(self) -> tuple[ModelFactory, OpenAIChatModel | None, str]:
+        args = self.args
+        if not args.openai_base_url:
+            fmt = self.settings.tool_call_format
+
+            def reference(task: Task) -> ChatModel:
+                return ReferencePolicy(task, fmt)
+
+            return reference, None, ("reference policy: replays each task's reference solution through real tool "
+                                     "calls (no model); pass --openai-base-url and --model to use a model")
+        client = OpenAIChatModel(args.openai_base_url, args.model, args.api_key or os.environ.get("OPENAI_API_KEY"),
+                                 temperature=args.temperature, max_tokens=args.max_tokens)
+        return (lambda _task: client), client, (f"model {args.model} at {args.openai_base_url} "
+                                                f"({self.settings.tool_call_format} tool calls)")
+
+    async def run(self) -> int:
+        model_for, client, description = self._policy()
+        c = self.pool_config
+        print(f"policy: {description}")
+        print(f"pool: {c.backend} backend, {c.driver} driver, {c.initial_containers}..{c.max_containers} server(s) "
+              f"x {c.slots_per_container} slots; {len(self.tasks)} trajectories, {self.args.concurrency} at once",
+              flush=True)
+        ready = False
+        try:
+            async with SlotPool(c, progress=lambda message: print(f"  .. {message}", flush=True)) as pool:
+                ready = True
+                print(f"\n{table_header()}", flush=True)
+                started = time.monotonic()
+                rollouts = await run_batch(pool, self.tasks, model_for, self.settings, self.args.concurrency,
+                                           on_rollout=lambda rollout: print(table_row(rollout), flush=True))
+                wall = time.monotonic() - started
+                sandbox_calls = sum(call.count for call in pool.stats().calls.values())
+        except Exception as exc:  # the pool could not start, or broke beyond single trajectories
+            what = "failed" if ready else "could not start"
+            print(f"error: the sandbox pool {what}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            if client is not None:
+                await client.aclose()
+        out = self._write(rollouts)
+        summary = summarize(rollouts, wall)
+        print("\n" + "\n".join(summary_lines(summary)))
+        print(f"sandbox calls     {sandbox_calls} (tool calls + task setup + hidden checks), "
+              f"{sandbox_calls / wall:.1f}/s")
+        print(f"rollouts          {out}")
+        return 0 if summary.errors == 0 and summary.infra_failures == 0 else 1
+
+    def _write(self, rollouts: list[Rollout]) -> Path:
+        out = Path(self.args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w", encoding="utf-8") as handle:
+            for rollout in rollouts:
+                handle.write(rollout.model_dump_json() + "\n")
+        return out

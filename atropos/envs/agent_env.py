@@ -1,0 +1,269 @@
+"""The Atropos environment: agent trajectories whose tool calls run in sandbox slots, rewarded by the
+hidden checks of coding and shell tasks.
+
+    python -m atropos.envs.agent_env process --env.driver=singularity --env.singularity_image=/path/x.sif \\
+        --openai.base_url=http://localhost:9001/v1 --openai.model_name=NousResearch/Hermes-3-Llama-3.1-8B \\
+        --env.total_steps=4 --env.group_size=4 --env.data_path_to_save_groups=rollouts.jsonl --env.use_wandb=false
+
+`serve` feeds a trainer through the Atropos API; `process` writes scored groups as JSONL; `evaluate`
+runs every task once. This is the one module of the package that needs atroposlib (extra `atropos`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from typing import Any, Literal
+
+from atroposlib.envs.base import APIServerConfig, BaseEnv, BaseEnvConfig, ScoredDataGroup
+from pydantic import Field, ValidationError, model_validator
+from pydantic_cli import FailedExecutionException, run_and_exit
+
+from atropos.envs.agent_loop import AgentSettings, Rollout, request_tools, run_rollout
+from atropos.envs.chat import AssistantReply, Message, reply_from_completion
+from atropos.envs.task_set import Task, TaskError, load_tasks
+from atropos.envs.tokens import tokens_and_masks
+from atropos.envs.tool_calls import ToolCallFormat, validation_summary
+from atropos.slots import InfrastructureError, PoolConfigError, SlotPool, SlotPoolConfig
+
+logger = logging.getLogger("atropos.envs")
+
+DEFAULT_MODEL = "NousResearch/Hermes-3-Llama-3.1-8B"
+# groups in a row lost to sandbox failures before the environment gives up
+_MAX_INFRA_GROUPS = 5
+
+
+class AgentEnvConfig(BaseEnvConfig):  # type: ignore[misc]
+    backend: Literal["local", "nomad"] = Field(
+        default="local", description="How sandbox servers come to exist: local (this machine) or nomad (a cluster)"
+    )
+    driver: Literal["process", "docker", "singularity"] = Field(
+        default="process", description="What runs a sandbox server: process, docker or singularity (apptainer)"
+    )
+    image: str | None = Field(default=None, description="Docker image of the sandbox server (driver docker)")
+    singularity_image: str | None = Field(
+        default=None, description="SIF path or docker:// / oras:// reference of the sandbox (driver singularity)"
+    )
+    nomad_address: str | None = Field(default=None, description="Nomad API address (backend nomad); else NOMAD_ADDR")
+    slots_per_container: int = Field(default=8, ge=1, le=1024, description="Slots (workspaces) per sandbox server")
+    min_containers: int = Field(default=1, ge=0, le=1000, description="Sandbox servers kept running")
+    max_containers: int = Field(default=4, ge=1, le=1000, description="Sandbox servers at most")
+    max_turns: int = Field(default=8, ge=1, le=1000, description="Model turns per trajectory")
+    tool_timeout: float = Field(default=60.0, gt=0, description="Seconds one tool call may run")
+    tool_call_format: Literal["hermes", "openai"] = Field(
+        default="hermes", description="hermes: <tool_call> JSON in the text; openai: the API's tool_calls"
+    )
+    task_file: str | None = Field(default=None, description="JSONL file of tasks; the built-in tasks if unset")
+    task_ids: str | None = Field(default=None, description="Comma-separated task ids to use; all if unset")
+    max_tokens_per_turn: int = Field(default=1024, ge=1, description="max_tokens of each model turn")
+    temperature: float = Field(default=1.0, ge=0, description="Sampling temperature of training rollouts")
+    max_tool_output: int = Field(default=4000, ge=100, description="Characters of a tool result shown to the model")
+
+    @model_validator(mode="after")
+    def _pool_config_fits(self) -> AgentEnvConfig:
+        self.pool_config()  # raises PoolConfigError (a ValueError) with the reason
+        return self
+
+    def pool_config(self) -> SlotPoolConfig:
+        return SlotPoolConfig(
+            backend=self.backend, driver=self.driver, image=self.image, singularity_image=self.singularity_image,
+            nomad_address=self.nomad_address, slots_per_container=self.slots_per_container,
+            min_containers=self.min_containers, max_containers=self.max_containers, tool_timeout=self.tool_timeout,
+        )
+
+    def agent_settings(self) -> AgentSettings:
+        return AgentSettings(max_turns=self.max_turns, tool_call_format=self.tool_call_format,
+                             tool_timeout=self.tool_timeout, max_tool_output=self.max_tool_output)
+
+    def selected_task_ids(self) -> list[str]:
+        return [part.strip() for part in (self.task_ids or "").split(",") if part.strip()]
+
+
+class ServerChatModel:
+    """The policy being trained, behind atroposlib's server manager (load balancing, retries)."""
+
+    def __init__(self, server: Any, *, split: str, max_tokens: int, temperature: float) -> None:
+        self.server = server
+        self.split = split
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+
+    async def complete(self, messages: list[Message], tools: list[Message] | None) -> AssistantReply:
+        kwargs: dict[str, Any] = {"messages": list(messages), "n": 1, "max_tokens": self.max_tokens,
+                                  "temperature": self.temperature, "split": self.split}
+        if tools:
+            kwargs["tools"] = list(tools)
+        completion = await self.server.chat_completion(**kwargs)
+        return reply_from_completion(completion.model_dump())
+
+
+class AgentEnv(BaseEnv):  # type: ignore[misc]
+    name = "atropos_sandbox_agent"
+    env_config_cls = AgentEnvConfig
+
+    def __init__(self, config: AgentEnvConfig, server_configs: Any, slurm: bool = False,
+                 testing: bool = False) -> None:
+        super().__init__(config, server_configs, slurm=slurm, testing=testing)
+        self.config: AgentEnvConfig = config
+        self.pool: SlotPool | None = None
+        self.tasks: list[Task] = []
+        self._cursor = 0
+        self._rewards: list[float] = []
+        self._infra_failures = 0
+        self._infra_groups_in_a_row = 0
+        self._eval_metrics: dict[str, float] = {}
+
+    @classmethod
+    def config_init(cls) -> tuple[AgentEnvConfig, list[APIServerConfig]]:
+        env_config = AgentEnvConfig(tokenizer_name=DEFAULT_MODEL, group_size=4, max_token_length=8192,
+                                    total_steps=1000, steps_per_eval=100, wandb_name=cls.name)
+        server = APIServerConfig(model_name=DEFAULT_MODEL, base_url="http://localhost:9001/v1", api_key="x",
+                                 num_requests_for_eval=64)
+        return env_config, [server]
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        self.tasks = load_tasks(self.config.task_file, self.config.selected_task_ids())
+        pool = SlotPool(self.config.pool_config(), progress=_progress)
+        await pool.start()
+        self.pool = pool
+        logger.info("event=env_ready tasks=%d", len(self.tasks))
+
+    async def close_pool(self) -> None:
+        if self.pool is not None:
+            pool, self.pool = self.pool, None
+            await pool.close()
+
+    async def process_manager(self) -> None:
+        try:
+            await super().process_manager()
+        finally:
+            await self.close_pool()
+
+    async def env_manager(self) -> None:
+        try:
+            await super().env_manager()
+        finally:
+            await self.close_pool()
+
+    async def _run_evaluate(self) -> None:
+        try:
+            await super()._run_evaluate()
+        finally:
+            await self.close_pool()
+
+    # -- rollouts ------------------------------------------------------------------------------
+
+    async def get_next_item(self) -> Task:
+        task = self.tasks[self._cursor % len(self.tasks)]
+        self._cursor += 1
+        return task
+
+    async def rollout(self, task: Task, split: str, temperature: float) -> Rollout:
+        if self.pool is None:
+            raise RuntimeError("AgentEnv.setup() has not run: no slot pool")
+        model = ServerChatModel(self.server, split=split, max_tokens=self.config.max_tokens_per_turn,
+                                temperature=temperature)
+        return await run_rollout(self.pool, task, model, self.config.agent_settings())
+
+    async def collect_trajectories(self, item: Task) -> tuple[ScoredDataGroup | None, list[Task]]:
+        rollouts = await asyncio.gather(*(self.rollout(item, "train", self.config.temperature)
+                                          for _ in range(self.config.group_size)))
+        lost = [r for r in rollouts if r.status != "ok"]
+        if lost:
+            # a group with sandbox failures is not trained on: its scores say nothing about the model
+            self._infra_failures += len(lost)
+            self._infra_groups_in_a_row += 1
+            logger.warning("event=group_dropped task=%s infra_failures=%d first_error=%s", item.id, len(lost),
+                           lost[0].error)
+            if self._infra_groups_in_a_row >= _MAX_INFRA_GROUPS:
+                raise InfrastructureError(f"{_MAX_INFRA_GROUPS} groups in a row lost to sandbox failures; "
+                                          f"last: {lost[0].error}")
+            return None, [item]
+        self._infra_groups_in_a_row = 0
+        self._rewards.extend(r.reward for r in rollouts if r.reward is not None)
+        return self.scored_group(rollouts), []
+
+    def scored_group(self, rollouts: list[Rollout]) -> ScoredDataGroup:
+        tools = request_tools(self.config.tool_call_format)
+        group = ScoredDataGroup(tokens=[], masks=[], scores=[], messages=[])
+        for rollout in rollouts:
+            tokens, masks = tokens_and_masks(self.tokenizer, rollout.messages, tools)
+            group["tokens"].append(tokens)
+            group["masks"].append(masks)
+            group["scores"].append(float(rollout.reward or 0.0))
+            group["messages"].append(rollout.messages)
+        if not self.config.include_messages:
+            group["messages"] = None
+        return group
+
+    async def evaluate(self, *args: Any, **kwargs: Any) -> None:
+        started = time.time()
+        gate = asyncio.Semaphore(self.config.max_eval_workers)
+
+        async def one(task: Task) -> Rollout:
+            async with gate:
+                return await self.rollout(task, "eval", 0.0)
+
+        rollouts = await asyncio.gather(*(one(task) for task in self.tasks))
+        rewards = [r.reward for r in rollouts if r.reward is not None]
+        metrics = {
+            "eval/reward_mean": sum(rewards) / len(rewards) if rewards else 0.0,
+            "eval/solved_fraction": sum(1 for x in rewards if x >= 1.0) / len(rewards) if rewards else 0.0,
+            "eval/infra_failures": float(len(rollouts) - len(rewards)),
+        }
+        self._eval_metrics = metrics
+        samples = [r.model_dump(mode="json") for r in rollouts]
+        await self.evaluate_log(metrics=metrics, samples=samples, start_time=started, end_time=time.time())
+
+    async def wandb_log(self, wandb_metrics: dict[str, Any] | None = None) -> None:
+        metrics = dict(wandb_metrics or {})
+        if self._rewards:
+            metrics["train/reward_mean"] = sum(self._rewards) / len(self._rewards)
+            self._rewards = []
+        metrics["train/infra_failures_total"] = self._infra_failures
+        metrics.update(self._eval_metrics)
+        self._eval_metrics = {}
+        await super().wandb_log(metrics)
+
+    # -- command line --------------------------------------------------------------------------
+
+    @classmethod
+    def cli(cls) -> None:
+        """`serve | process | evaluate` from atroposlib, with configuration errors reported in one line."""
+        subcommands = {
+            "serve": cls.get_cli_serve_config_cls(),
+            "process": cls.get_cli_process_config_cls(),
+            "evaluate": cls.get_cli_evaluate_config_cls(),
+        }
+        run_and_exit(subcommands, description=f"CLI for {cls.__name__}: agent rollouts in sandbox slots",
+                     exception_handler=cli_error)
+
+
+def _progress(message: str) -> None:
+    print(f"[atropos-sandbox] {message}", file=sys.stderr, flush=True)
+
+
+def cli_error(exc: BaseException) -> int:
+    """Exit status for an error of the command line; unexpected errors keep their traceback."""
+    if isinstance(exc, FailedExecutionException):
+        message = str(exc.message).split("error: ")[-1]
+        code = exc.exit_code
+    elif isinstance(exc, ValidationError):
+        prefix = "env." if exc.title == AgentEnvConfig.__name__ else ""
+        message, code = f"invalid configuration: {validation_summary(exc, prefix)}", 2
+    elif isinstance(exc, (PoolConfigError, TaskError)):
+        message, code = str(exc), 2
+    elif isinstance(exc, InfrastructureError):
+        message, code = f"the sandbox pool failed: {exc}", 1
+    else:
+        raise exc
+    print(f"error: {message}", file=sys.stderr)
+    return int(code)
+
+
+if __name__ == "__main__":
+    AgentEnv.cli()
