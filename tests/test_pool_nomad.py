@@ -39,7 +39,7 @@ async def _job_status(target: NomadTarget, job_id: str) -> str | None:
 
 
 @pytest.mark.parametrize("driver", ["process", "singularity"])
-async def test_pool_runs_scales_and_cleans_up(nomad_target: NomadTarget, driver: str) -> None:
+async def test_pool_runs_scales_and_cleans_up(nomad_target: NomadTarget, driver: str) -> None:  # noqa: F811
     extra: dict[str, object] = {"driver": driver}
     if driver == "singularity":
         extra["singularity_image"] = write_standin_image(os.path.join(nomad_target.workdir, "sandbox.sif"))
@@ -73,7 +73,7 @@ async def test_pool_runs_scales_and_cleans_up(nomad_target: NomadTarget, driver:
         assert wait_until_gone(job_id) == []
 
 
-async def test_nomad_500_and_hangs_while_scaling(standin: NomadStandIn) -> None:
+async def test_nomad_500_and_hangs_while_scaling(standin: NomadStandIn) -> None:  # noqa: F811
     from tests.nomad_fixtures import client_for
 
     config = pool_config(max_containers=3)
@@ -101,7 +101,7 @@ async def test_nomad_500_and_hangs_while_scaling(standin: NomadStandIn) -> None:
             pool.release(s)
 
 
-async def test_dead_owner_jobs_are_cleaned_up(standin: NomadStandIn) -> None:
+async def test_dead_owner_jobs_are_cleaned_up(standin: NomadStandIn) -> None:  # noqa: F811
     from tests.nomad_fixtures import client_for
 
     config = pool_config()
