@@ -120,9 +120,9 @@ async def test_dead_owner_jobs_are_cleaned_up(standin: NomadStandIn) -> None:  #
     await pool.close()
 
 
-async def _job_status_standin(standin: NomadStandIn, job_id: str) -> str | None:
+async def _job_status_standin(nomad: NomadStandIn, job_id: str) -> str | None:
     from tests.nomad_fixtures import client_for
 
-    async with client_for(standin.address) as client:
+    async with client_for(nomad.address) as client:
         jobs = await client.list_jobs(job_id)
     return next((j.status for j in jobs if j.id == job_id), None)
