@@ -279,8 +279,8 @@ async def standin() -> AsyncIterator[NomadStandIn]:
 
 
 def _settings(address: str, **overrides: object) -> NomadSettings:
-    return NomadSettings(address=address, timeout=5.0, attempts=3, backoff=0.05, max_backoff=0.2,
-                         **overrides)  # type: ignore[arg-type]
+    values: dict[str, object] = {"timeout": 5.0, "attempts": 3, "backoff": 0.05, "max_backoff": 0.2}
+    return NomadSettings(address=address, **{**values, **overrides})  # type: ignore[arg-type]
 
 
 def client_for(address: str, **overrides: object) -> NomadClient:

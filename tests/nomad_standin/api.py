@@ -9,6 +9,7 @@ OpenAPI description of the real endpoint. Faults (`NomadStandIn.faults`) make ch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -96,6 +97,7 @@ class NomadStandIn:
         self.served: list[Served] = []
         self.requests: list[tuple[str, str]] = []
         self._runner: web.AppRunner | None = None
+        self._closing = asyncio.Event()
         self.address = ""
 
     async def __aenter__(self) -> NomadStandIn:
@@ -138,6 +140,7 @@ class NomadStandIn:
         self.address = f"http://{NODE_IP}:{port}"
 
     async def stop(self) -> None:
+        self._closing.set()
         self.cluster.index.close()
         await self.cluster.shutdown()
         if self._runner is not None:
@@ -152,7 +155,8 @@ class NomadStandIn:
         self.requests.append((request.method, request.path_qs))
         rule = self.faults.match(request.method, request.path)
         if rule is not None and rule.action == "hang":
-            await asyncio.sleep(rule.seconds if rule.seconds is not None else 3600)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), rule.seconds)
         elif rule is not None:
             return web.Response(status=rule.status, text=rule.message)
         try:
