@@ -15,17 +15,19 @@ import asyncio
 import logging
 import sys
 import time
+from collections.abc import Awaitable, Sequence
 from typing import Any, Literal
 
 from atroposlib.envs.base import APIServerConfig, BaseEnv, BaseEnvConfig, ScoredDataGroup
 from pydantic import Field, ValidationError, model_validator
-from pydantic_cli import FailedExecutionException, run_and_exit
+from pydantic_cli import run_and_exit
+from pydantic_cli.argparse import FailedExecutionException
 
 from atropos.envs.agent_loop import AgentSettings, Rollout, request_tools, run_rollout
 from atropos.envs.chat import AssistantReply, Message, reply_from_completion
 from atropos.envs.task_set import Task, TaskError, load_tasks
 from atropos.envs.tokens import tokens_and_masks
-from atropos.envs.tool_calls import ToolCallFormat, validation_summary
+from atropos.envs.tool_calls import validation_summary
 from atropos.slots import InfrastructureError, PoolConfigError, SlotPool, SlotPoolConfig
 
 logger = logging.getLogger("atropos.envs")
@@ -90,7 +92,7 @@ class ServerChatModel:
         self.max_tokens = max_tokens
         self.temperature = temperature
 
-    async def complete(self, messages: list[Message], tools: list[Message] | None) -> AssistantReply:
+    async def complete(self, messages: Sequence[Message], tools: Sequence[Message] | None) -> AssistantReply:
         kwargs: dict[str, Any] = {"messages": list(messages), "n": 1, "max_tokens": self.max_tokens,
                                   "temperature": self.temperature, "split": self.split}
         if tools:
@@ -137,23 +139,21 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]
             pool, self.pool = self.pool, None
             await pool.close()
 
-    async def process_manager(self) -> None:
+    async def _closing_pool(self, run: Awaitable[None]) -> None:
         try:
-            await super().process_manager()
+            await run
         finally:
             await self.close_pool()
+
+    # each way atroposlib runs an environment (process, serve, evaluate) ends with the pool closed
+    async def process_manager(self) -> None:
+        await self._closing_pool(super().process_manager())
 
     async def env_manager(self) -> None:
-        try:
-            await super().env_manager()
-        finally:
-            await self.close_pool()
+        await self._closing_pool(super().env_manager())
 
     async def _run_evaluate(self) -> None:
-        try:
-            await super()._run_evaluate()
-        finally:
-            await self.close_pool()
+        await self._closing_pool(super()._run_evaluate())
 
     # -- rollouts ------------------------------------------------------------------------------
 

@@ -1,0 +1,159 @@
+"""AgentEnv through atroposlib: the `serve | process | evaluate` command line, JSONL of scored groups
+from `process` against a scripted model server, and the environment's handling of groups."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from atropos.envs.agent_loop import Rollout
+from atropos.envs.task_set import load_tasks
+from tests.env_fixtures import build_tokenizer, failing_script, solving_script
+from tests.fake_openai import FakeOpenAI
+
+pytest.importorskip("atroposlib", reason="atroposlib comes with the `atropos` extra (CI installs it)")
+
+from atropos.envs.agent_env import AgentEnv, AgentEnvConfig
+
+OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TRANSFORMERS_VERBOSITY": "error"}
+POOL = ["--env.slots_per_container=2", "--env.max_containers=1"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+async def run_env(*args: str) -> tuple[int, str, str]:
+    """`python -m atropos.envs.agent_env ...` as a child, without blocking the loop of the test's servers."""
+    child = await asyncio.create_subprocess_exec(sys.executable, "-m", "atropos.envs.agent_env", *args, env=OFFLINE,
+                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(child.communicate(), timeout=90)
+    assert child.returncode is not None
+    return child.returncode, out.decode(), err.decode()
+
+
+def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """AgentEnv.cli() in this process: the same parsing as `python -m atropos.envs.agent_env`, minus the start-up."""
+    monkeypatch.setattr(sys, "argv", ["agent_env", *args])
+    with pytest.raises(SystemExit) as exited:
+        AgentEnv.cli()
+    captured = capsys.readouterr()
+    return int(exited.value.code or 0), captured.out, captured.err
+
+
+@pytest.mark.parametrize("command", ["serve", "process", "evaluate"])
+def test_help_lists_the_sandbox_flags(command: str, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(monkeypatch, capsys, command, "--help")
+    assert code == 0
+    for flag in ("--env.driver", "--env.singularity_image", "--env.backend", "--env.tool_call_format",
+                 "--env.max_turns", "--env.task_file", "--openai.base_url"):
+        assert flag in out, f"{flag} missing from `{command} --help`"
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--env.driver=kubernetes"], "env.driver: Input should be 'process', 'docker' or 'singularity'"),
+    (["--env.driver=singularity"], "driver 'singularity' needs `singularity_image`"),
+    (["--env.driver=singularity", "--env.singularity_image=/nowhere/x.sif"],
+     "singularity_image '/nowhere/x.sif' does not exist"),
+    (["--env.max_turns=0"], "env.max_turns: Input should be greater than or equal to 1"),
+])
+def test_bad_values_fail_with_one_clear_line(flags: list[str], message: str, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(monkeypatch, capsys, "process", "--env.use_wandb=false", *flags)
+    assert code == 2
+    assert f"error: invalid configuration: {message}" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "openai"])
+async def test_process_writes_groups_whose_rewards_tell_solving_from_failing(
+        fmt: str, tokenizer_dir: str, tmp_path: Path) -> None:
+    out = tmp_path / "groups.jsonl"
+    async with FakeOpenAI([solving_script(), failing_script()]) as server:
+        code, _, err = await run_env(
+            "process", f"--openai.base_url={server.base_url}", "--openai.model_name=scripted-model",
+            "--openai.api_key=x", f"--env.tokenizer_name={tokenizer_dir}", f"--env.tool_call_format={fmt}",
+            "--env.task_ids=fizzbuzz", "--env.group_size=2", "--env.total_steps=1", "--env.use_wandb=false",
+            f"--env.data_path_to_save_groups={out}", *POOL)
+    assert code == 0, err
+    groups = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(groups) == 1
+    group = groups[0]
+    assert sorted(group["scores"]) == [0.0, 1.0]
+    for tokens, masks, messages, score in zip(group["tokens"], group["masks"], group["messages"], group["scores"],
+                                              strict=True):
+        assert len(tokens) == len(masks) > 0
+        trained = [t for t, m in zip(tokens, masks, strict=True) if m != -100]
+        assert trained and all(m in (-100, t) for t, m in zip(tokens, masks, strict=True))
+        assert masks[0] == -100  # the prompt is never trained on
+        assistant_turns = sum(1 for m in messages if m["role"] == "assistant")
+        assert assistant_turns == (6 if score == 1.0 else 2)
+    tools_sent = {"tools" in request for request in server.scripted_requests()}
+    assert tools_sent == {fmt == "openai"}
+    answered = [m["content"] for r in server.scripted_requests() for m in r["messages"] if m["role"] == "tool"]
+    assert any(content.startswith("error: the tool call is not valid JSON") for content in answered)
+    assert "[atropos-sandbox] pool ready" in err and "[atropos-sandbox] pool closed" in err
+
+
+async def test_evaluate_runs_each_task_once(tokenizer_dir: str, tmp_path: Path) -> None:
+    async with FakeOpenAI([solving_script()]) as server:
+        code, _, err = await run_env(
+            "evaluate", f"--openai.base_url={server.base_url}", "--openai.model_name=scripted-model",
+            "--openai.api_key=x", f"--env.tokenizer_name={tokenizer_dir}", "--env.task_ids=fizzbuzz",
+            "--env.use_wandb=false", f"--env.data_dir_to_save_evals={tmp_path}", *POOL)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["results"]["all"]
+    assert metrics == {"eval/reward_mean": 1.0, "eval/solved_fraction": 1.0, "eval/infra_failures": 0.0}
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [(s["task_id"], s["reward"]) for s in samples] == [("fizzbuzz", 1.0)]
+
+
+def test_config_init_gives_server_configs_so_openai_flags_apply() -> None:
+    env_config, servers = AgentEnv.config_init()
+    assert isinstance(env_config, AgentEnvConfig) and env_config.driver == "process"
+    assert isinstance(servers, list) and len(servers) == 1 and servers[0].base_url
+
+
+def test_config_maps_onto_the_pool(tmp_path: Path) -> None:
+    sif = tmp_path / "sandbox.sif"
+    sif.write_bytes(b"SIF")
+    config = AgentEnvConfig(driver="singularity", singularity_image=str(sif), backend="nomad",
+                            nomad_address="http://nomad:4646", slots_per_container=16, max_containers=8,
+                            tool_timeout=30, tool_call_format="openai", max_turns=3)
+    pool = config.pool_config()
+    assert (pool.driver, pool.singularity_image, pool.backend, pool.nomad_address) == (
+        "singularity", str(sif), "nomad", "http://nomad:4646")
+    assert (pool.slots_per_container, pool.max_containers, pool.tool_timeout) == (16, 8, 30)
+    settings = config.agent_settings()
+    assert (settings.tool_call_format, settings.max_turns, settings.tool_timeout) == ("openai", 3, 30)
+
+
+def make_env(tokenizer_dir: str, **overrides: Any) -> AgentEnv:
+    env_config, servers = AgentEnv.config_init()
+    config = env_config.model_copy(update={"tokenizer_name": tokenizer_dir, "use_wandb": False, "group_size": 2,
+                                           "include_messages": True, **overrides})
+    return AgentEnv(config, servers)
+
+
+async def test_a_group_with_sandbox_failures_is_dropped_and_requeued(tokenizer_dir: str) -> None:
+    env = make_env(tokenizer_dir)
+    task = load_tasks(None, ["fizzbuzz"])[0]
+    outcomes = iter([Rollout(task_id=task.id, trajectory_id="a", status="ok", reward=1.0),
+                     Rollout(task_id=task.id, trajectory_id="b", status="infra_error", reward=None,
+                             error="SlotLost: gone")])
+
+    async def fake_rollout(item: Any, split: str, temperature: float) -> Rollout:
+        return next(outcomes)
+
+    env.rollout = fake_rollout  # type: ignore[method-assign]
+    group, backlog = await env.collect_trajectories(task)
+    assert group is None and backlog == [task]
+    assert env._infra_failures == 1
