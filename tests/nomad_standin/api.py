@@ -240,28 +240,24 @@ class NomadStandIn:
         return _register_answer(evaluation, self.cluster.index.value)
 
     async def _job_allocations(self, request: web.Request) -> web.Response:
+        return await self._job_records(request, self.cluster.allocs, lambda a: a.to_stub(), newest_first=False)
+
+    async def _job_evaluations(self, request: web.Request) -> web.Response:
+        return await self._job_records(request, self.cluster.evals, lambda e: e.to_json(), newest_first=True)
+
+    async def _job_records(self, request: web.Request, records: Mapping[str, Any],
+                           render: Callable[[Any], dict[str, Any]], *, newest_first: bool) -> web.Response:
+        """A job's allocations or evaluations, as a blocking query on their latest change."""
         job_id = request.match_info["job_id"]
 
         def mine() -> list[Any]:
-            return [a for a in self.cluster.allocs.values() if a.job_id == job_id]
+            found = [r for r in records.values() if r.job_id == job_id]
+            return sorted(found, key=lambda r: r.create_index, reverse=newest_first)
 
         def index() -> int:
-            return max((a.modify_index for a in mine()), default=1)
+            return max((r.modify_index for r in mine()), default=1)
 
-        return await self._blocking(request, index, lambda: [a.to_stub() for a in
-                                                             sorted(mine(), key=lambda a: a.create_index)])
-
-    async def _job_evaluations(self, request: web.Request) -> web.Response:
-        job_id = request.match_info["job_id"]
-
-        def mine() -> list[EvalRecord]:
-            return [e for e in self.cluster.evals.values() if e.job_id == job_id]
-
-        def index() -> int:
-            return max((e.modify_index for e in mine()), default=1)
-
-        return await self._blocking(request, index, lambda: [e.to_json() for e in
-                                                             sorted(mine(), key=lambda e: -e.create_index)])
+        return await self._blocking(request, index, lambda: [render(r) for r in mine()])
 
     # ---------------------------------------------------------------------------- the rest
 
