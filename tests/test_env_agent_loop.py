@@ -80,6 +80,10 @@ class BrokenPool:
 
     def __init__(self) -> None:
         self.released = 0
+        self.config = SlotPoolConfig()
+
+    def heartbeat(self, slot: str) -> None:
+        pass
 
     @contextlib.asynccontextmanager
     async def slot(self, trajectory_id: str | None = None, timeout: float | None = None) -> AsyncIterator[str]:
@@ -119,6 +123,24 @@ async def test_no_free_slot_in_time_is_an_infrastructure_failure() -> None:
         rollout = await run_rollout(pool, FIZZBUZZ, Scripted(), AgentSettings(acquire_timeout=0.2))
         pool.release(held)
     assert rollout.status == "infra_error" and rollout.error is not None and "AcquireTimeout" in rollout.error
+
+
+class Slow(Scripted):
+    async def complete(self, messages: Sequence[Message], tools: Sequence[Message] | None) -> AssistantReply:
+        await asyncio.sleep(1.5)
+        return await super().complete(messages, tools)
+
+
+async def test_a_slow_model_keeps_its_slot() -> None:
+    # leases quiet for 0.6 s are reclaimed; the model thinks for 1.5 s per turn
+    async with small_pool(lease_ttl=0.6) as pool:
+        model = Slow(AssistantReply('<tool_call>{"name": "bash", "arguments": {"command": "echo still mine"}}'
+                                    "</tool_call>"), AssistantReply("done"))
+        rollout = await run_rollout(pool, FIZZBUZZ, model, AgentSettings())
+        stats = pool.stats()
+    assert rollout.status == "ok", rollout.error
+    assert "still mine" in rollout.messages[3]["content"]
+    assert stats.reclaimed == 0
 
 
 async def test_model_failure_propagates_and_the_slot_goes_back() -> None:

@@ -7,18 +7,20 @@ infrastructure failure with no reward: it says nothing about the model and must 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 import uuid
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from atropos.envs.chat import ChatModel, Message, assistant_message, tool_message
+from atropos.envs.chat import AssistantReply, ChatModel, Message, assistant_message, tool_message
 from atropos.envs.scoring import CheckResult, score_task, write_files
 from atropos.envs.task_set import Task
 from atropos.envs.tool_calls import TOOL_SCHEMAS, ParsedCall, ToolCall, ToolCallFormat, hermes_tools_prompt, parse_reply
 from atropos.sandbox.models import ExecuteResult
-from atropos.slots import AcquireTimeout, InfrastructureError, InvalidToolCall, Slot, SlotPool
+from atropos.slots import AcquireTimeout, InfrastructureError, InvalidToolCall, LeaseError, Slot, SlotPool
 
 RolloutStatus = Literal["ok", "infra_error", "error"]
 
@@ -68,36 +70,23 @@ def request_tools(fmt: ToolCallFormat) -> list[Message] | None:
     return TOOL_SCHEMAS if fmt == "openai" else None
 
 
-class _Progress:
-    def __init__(self, task: Task, trajectory_id: str, fmt: ToolCallFormat) -> None:
-        self.started = time.monotonic()
-        self.rollout = Rollout(task_id=task.id, trajectory_id=trajectory_id, status="ok", reward=None,
-                               messages=initial_messages(task, fmt))
-
-    def done(self, status: RolloutStatus, error: str | None = None) -> Rollout:
-        self.rollout.status = status
-        self.rollout.error = error
-        self.rollout.wall_time_s = round(time.monotonic() - self.started, 4)
-        if status != "ok":
-            self.rollout.reward = None
-        return self.rollout
-
-
 async def run_rollout(pool: SlotPool, task: Task, model: ChatModel, settings: AgentSettings,
                       trajectory_id: str | None = None) -> Rollout:
     """Run one trajectory of `task`. Errors of the model propagate; sandbox failures do not."""
-    progress = _Progress(task, trajectory_id or f"{task.id}-{uuid.uuid4().hex[:8]}", settings.tool_call_format)
-    rollout = progress.rollout
+    started = time.monotonic()
+    rollout = Rollout(task_id=task.id, trajectory_id=trajectory_id or f"{task.id}-{uuid.uuid4().hex[:8]}",
+                      status="ok", reward=None, messages=initial_messages(task, settings.tool_call_format))
     try:
         async with pool.slot(rollout.trajectory_id, timeout=settings.acquire_timeout) as slot:
             await write_files(pool, slot, task.setup_files, settings.tool_timeout, what=f"task {task.id} setup")
             await _agent_turns(pool, slot, model, settings, rollout)
             rollout.checks = await score_task(pool, slot, task)
-    except (InfrastructureError, AcquireTimeout) as exc:
-        return progress.done("infra_error", f"{type(exc).__name__}: {exc}")
-    passed = sum(1 for check in rollout.checks if check.passed)
-    rollout.reward = passed / len(rollout.checks)
-    return progress.done("ok")
+    except (InfrastructureError, AcquireTimeout, LeaseError) as exc:  # the sandbox failed, not the model
+        rollout.status, rollout.error = "infra_error", f"{type(exc).__name__}: {exc}"
+    else:
+        rollout.reward = sum(1 for check in rollout.checks if check.passed) / len(rollout.checks)
+    rollout.wall_time_s = round(time.monotonic() - started, 4)
+    return rollout
 
 
 async def _agent_turns(pool: SlotPool, slot: Slot, model: ChatModel, settings: AgentSettings,
@@ -105,7 +94,7 @@ async def _agent_turns(pool: SlotPool, slot: Slot, model: ChatModel, settings: A
     tools = request_tools(settings.tool_call_format)
     rollout.finished = "max_turns"
     for turn in range(settings.max_turns):
-        reply = await model.complete(rollout.messages, tools)
+        reply = await _model_turn(pool, slot, model, rollout.messages, tools)
         rollout.turns += 1
         rollout.messages.append(assistant_message(reply))
         calls = parse_reply(reply, turn)
@@ -119,6 +108,27 @@ async def _agent_turns(pool: SlotPool, slot: Slot, model: ChatModel, settings: A
             else:
                 rollout.malformed_calls += 1
             rollout.messages.append(tool_message(call.id, call.name, content))
+
+
+async def _model_turn(pool: SlotPool, slot: Slot, model: ChatModel, messages: list[Message],
+                      tools: list[Message] | None) -> AssistantReply:
+    """The model's next turn, with the lease kept alive meanwhile: a slow model must not lose its slot
+    to the pool's reclaiming of leases whose holder went quiet."""
+    keeper = asyncio.ensure_future(_keep_lease(pool, slot))
+    try:
+        return await model.complete(messages, tools)
+    finally:
+        keeper.cancel()
+
+
+async def _keep_lease(pool: SlotPool, slot: Slot) -> None:
+    ttl = pool.config.lease_ttl
+    if ttl is None:
+        return
+    with contextlib.suppress(LeaseError):  # gone already: the next tool call says so
+        while True:
+            await asyncio.sleep(ttl / 3)
+            pool.heartbeat(slot)
 
 
 async def _answer(pool: SlotPool, slot: Slot, call: ParsedCall, settings: AgentSettings) -> str:
