@@ -111,7 +111,8 @@ async def test_evaluate_runs_each_task_once(tokenizer_dir: str, tmp_path: Path) 
             "--env.use_wandb=false", f"--env.data_dir_to_save_evals={tmp_path}", *POOL)
     assert code == 0, err
     metrics = json.loads((tmp_path / "metrics.json").read_text())["results"]["all"]
-    assert metrics == {"eval/reward_mean": 1.0, "eval/solved_fraction": 1.0, "eval/infra_failures": 0.0}
+    assert metrics == {"eval/reward_mean": 1.0, "eval/solved_fraction": 1.0, "eval/infra_failures": 0.0,
+                       "eval/errors": 0.0}
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert [(s["task_id"], s["reward"]) for s in samples] == [("fizzbuzz", 1.0)]
 
@@ -143,17 +144,28 @@ def make_env(tokenizer_dir: str, **overrides: Any) -> AgentEnv:
     return AgentEnv(config, servers)
 
 
+def env_with_outcomes(tokenizer_dir: str, *outcomes: tuple[str, float | None]) -> AgentEnv:
+    """An AgentEnv whose rollouts come out as given, (status, reward) each, without model or pool."""
+    env = make_env(tokenizer_dir, group_size=len(outcomes))
+
+    async def fake_rollouts(tasks: list[Any], split: str, temperature: float, concurrency: int) -> list[Rollout]:
+        return [Rollout(task_id=task.id, trajectory_id=f"t{i}", status=status, reward=reward,  # type: ignore[arg-type]
+                        error=None if status == "ok" else f"{status} happened")
+                for i, (task, (status, reward)) in enumerate(zip(tasks, outcomes, strict=True))]
+
+    env.rollouts = fake_rollouts  # type: ignore[method-assign]
+    return env
+
+
 async def test_a_group_with_sandbox_failures_is_dropped_and_requeued(tokenizer_dir: str) -> None:
-    env = make_env(tokenizer_dir)
+    env = env_with_outcomes(tokenizer_dir, ("ok", 1.0), ("infra_error", None))
     task = load_tasks(None, ["fizzbuzz"])[0]
-    outcomes = iter([Rollout(task_id=task.id, trajectory_id="a", status="ok", reward=1.0),
-                     Rollout(task_id=task.id, trajectory_id="b", status="infra_error", reward=None,
-                             error="SlotLost: gone")])
-
-    async def fake_rollout(item: Any, split: str, temperature: float) -> Rollout:
-        return next(outcomes)
-
-    env.rollout = fake_rollout  # type: ignore[method-assign]
     group, backlog = await env.collect_trajectories(task)
     assert group is None and backlog == [task]
     assert env._infra_failures == 1
+
+
+async def test_a_group_whose_model_failed_raises(tokenizer_dir: str) -> None:
+    env = env_with_outcomes(tokenizer_dir, ("ok", 1.0), ("error", None))
+    with pytest.raises(RuntimeError, match="1 of 2 rollouts of task fizzbuzz failed; first: error happened"):
+        await env.collect_trajectories(load_tasks(None, ["fizzbuzz"])[0])

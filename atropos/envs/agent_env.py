@@ -11,7 +11,6 @@ runs every task once. This is the one module of the package that needs atroposli
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 import time
@@ -23,7 +22,8 @@ from pydantic import Field, ValidationError, model_validator
 from pydantic_cli import run_and_exit
 from pydantic_cli.argparse import FailedExecutionException
 
-from atropos.envs.agent_loop import AgentSettings, Rollout, request_tools, run_rollout
+from atropos.envs.agent_loop import AgentSettings, Rollout, request_tools
+from atropos.envs.batch import run_batch, summarize
 from atropos.envs.chat import AssistantReply, Message, reply_from_completion
 from atropos.envs.task_set import Task, TaskError, load_tasks
 from atropos.envs.tokens import tokens_and_masks
@@ -162,17 +162,21 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]
         self._cursor += 1
         return task
 
-    async def rollout(self, task: Task, split: str, temperature: float) -> Rollout:
+    async def rollouts(self, tasks: list[Task], split: str, temperature: float, concurrency: int) -> list[Rollout]:
+        """One trajectory per task; a failing model or task makes a rollout of status "error"."""
         if self.pool is None:
             raise RuntimeError("AgentEnv.setup() has not run: no slot pool")
         model = ServerChatModel(self.server, split=split, max_tokens=self.config.max_tokens_per_turn,
                                 temperature=temperature)
-        return await run_rollout(self.pool, task, model, self.config.agent_settings())
+        return await run_batch(self.pool, tasks, lambda _task: model, self.config.agent_settings(), concurrency)
 
     async def collect_trajectories(self, item: Task) -> tuple[ScoredDataGroup | None, list[Task]]:
-        rollouts = await asyncio.gather(*(self.rollout(item, "train", self.config.temperature)
-                                          for _ in range(self.config.group_size)))
-        lost = [r for r in rollouts if r.status != "ok"]
+        size = self.config.group_size
+        rollouts = await self.rollouts([item] * size, "train", self.config.temperature, size)
+        failed = [r for r in rollouts if r.status == "error"]
+        if failed:
+            raise RuntimeError(f"{len(failed)} of {size} rollouts of task {item.id} failed; first: {failed[0].error}")
+        lost = [r for r in rollouts if r.status == "infra_error"]
         if lost:
             # a group with sandbox failures is not trained on: its scores say nothing about the model
             self._infra_failures += len(lost)
@@ -202,18 +206,14 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]
 
     async def evaluate(self, *args: Any, **kwargs: Any) -> None:
         started = time.time()
-        gate = asyncio.Semaphore(self.config.max_eval_workers)
-
-        async def one(task: Task) -> Rollout:
-            async with gate:
-                return await self.rollout(task, "eval", 0.0)
-
-        rollouts = await asyncio.gather(*(one(task) for task in self.tasks))
-        rewards = [r.reward for r in rollouts if r.reward is not None]
+        rollouts = await self.rollouts(self.tasks, "eval", 0.0, self.config.max_eval_workers)
+        summary = summarize(rollouts, time.time() - started)
+        scored = max(summary.ok, 1)
         metrics = {
-            "eval/reward_mean": sum(rewards) / len(rewards) if rewards else 0.0,
-            "eval/solved_fraction": sum(1 for x in rewards if x >= 1.0) / len(rewards) if rewards else 0.0,
-            "eval/infra_failures": float(len(rollouts) - len(rewards)),
+            "eval/reward_mean": summary.reward_mean or 0.0,
+            "eval/solved_fraction": summary.solved / scored,
+            "eval/infra_failures": float(summary.infra_failures),
+            "eval/errors": float(summary.errors),
         }
         self._eval_metrics = metrics
         samples = [r.model_dump(mode="json") for r in rollouts]

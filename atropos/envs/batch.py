@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Callable, Sequence
 
 from pydantic import BaseModel
@@ -41,7 +42,7 @@ async def run_batch(pool: SlotPool, tasks: Sequence[Task], model_for: ModelFacto
     async def one(number: int, task: Task) -> Rollout:
         async with gate:
             started = time.monotonic()
-            trajectory_id = f"{task.id}-{number}"
+            trajectory_id = f"{task.id}-{number}-{uuid.uuid4().hex[:6]}"
             try:
                 rollout = await run_rollout(pool, task, model_for(task), settings, trajectory_id)
             except Exception as exc:
