@@ -16,6 +16,7 @@ from atropos.envs.agent_loop import AgentSettings, clip, initial_messages, run_r
 from atropos.envs.chat import AssistantReply, Message, ModelError
 from atropos.envs.openai_client import OpenAIChatModel
 from atropos.envs.task_set import load_tasks
+from atropos.envs.tool_calls import ToolCallFormat
 from atropos.slots import SlotLost, SlotPool, SlotPoolConfig
 from tests.env_fixtures import failing_script, solving_script
 from tests.fake_openai import FakeOpenAI, hermes
@@ -29,7 +30,7 @@ def small_pool(**overrides: Any) -> SlotPool:
 
 
 @pytest.mark.parametrize("fmt", ["hermes", "openai"])
-async def test_scripted_model_solves_and_fails(fmt: str) -> None:
+async def test_scripted_model_solves_and_fails(fmt: ToolCallFormat) -> None:
     settings = AgentSettings(tool_call_format=fmt)
     async with FakeOpenAI([solving_script(), failing_script()]) as server, small_pool() as pool:
         model = OpenAIChatModel(server.base_url, "scripted-model")
