@@ -12,6 +12,7 @@ from atropos.nomad import (
     NomadAllocationFailed,
     NomadConnectionError,
     NomadNotFound,
+    NomadPlacementFailed,
     NomadRequestError,
     NomadServerError,
     NomadWaitTimeout,
@@ -133,3 +134,16 @@ async def test_blocking_queries_wake_on_change_without_polling(standin: NomadSta
         new_index, allocations = await watcher
     assert new_index > index and len(allocations) == 1
     assert any("index=" in path and "wait=60000ms" in path for _, path in standin.requests)
+
+
+async def test_a_port_held_for_good_fails_the_wait_after_the_grace_period(standin: NomadStandIn) -> None:  # noqa: F811
+    async with client_for(standin.address) as client:
+        holder = spec("holder")
+        await deploy_sandbox_job(client, holder)
+        await client.register_job(create_sandbox_job(spec("late", base_port=holder.base_port)))
+        with pytest.raises(NomadPlacementFailed) as failure:
+            await client.wait_for_allocations("late", 1, timeout=600, placement_grace=0.2)
+    assert str(failure.value) == (
+        f"GET /v1/job/late/evaluations: task group sandbox-0 not placed: network: reserved port collision "
+        f"http={holder.base_port}: exhausted on 1 node(s) -- another allocation holds that port on every "
+        f"eligible node: free it or change base_port (unchanged for 0.2s)")

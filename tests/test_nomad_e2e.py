@@ -178,6 +178,40 @@ async def test_dynamic_ports_scale_with_the_scale_endpoint(target: NomadTarget) 
         await wait_healthy(endpoint.url)
 
 
+async def test_raw_exec_tasks_see_nomads_environment(target: NomadTarget) -> None:
+    """What the stand-in gives a raw_exec task is what Nomad gives it (the same test runs on both)."""
+    script = 'env > "$NOMAD_ALLOC_DIR/data/env.txt"; echo "${NOMAD_PORT_http}" > "$NOMAD_ALLOC_DIR/data/args.txt"; ' \
+             "exec sleep 600"
+    spec = job_spec(count=2, server_command=["/bin/sh", "-c", script, "sh"], kill_timeout=1)
+    await target.client.register_job(create_sandbox_job(spec))
+    endpoints = await target.client.wait_for_allocations(spec.job_id, 2, timeout=120)
+    second = endpoints[1]
+
+    async def written() -> bool:
+        try:
+            return bool(await read_alloc_file(target, second.alloc_id, "alloc/data/args.txt"))
+        except httpx.HTTPStatusError:
+            return False
+
+    await until(written)
+    env = dict(line.split("=", 1) for line in
+               (await read_alloc_file(target, second.alloc_id, "alloc/data/env.txt")).splitlines() if "=" in line)
+    port = str(spec.base_port + 1)
+    assert env["NOMAD_PORT_http"] == env["NOMAD_HOST_PORT_http"] == port
+    assert env["NOMAD_ADDR_http"] == f"{env['NOMAD_IP_http']}:{port}"
+    assert env["NOMAD_IP_http"] == second.host
+    assert env["NOMAD_ALLOC_DIR"].endswith(f"{second.alloc_id}/alloc")
+    assert env["NOMAD_TASK_DIR"].endswith(f"{second.alloc_id}/server/local")
+    assert (env["NOMAD_ALLOC_ID"], env["NOMAD_ALLOC_INDEX"]) == (second.alloc_id, "0")
+    assert env["NOMAD_ALLOC_NAME"] == f"{spec.job_id}.sandbox-1[0]"
+    assert (env["NOMAD_JOB_NAME"], env["NOMAD_GROUP_NAME"], env["NOMAD_TASK_NAME"]) == (
+        spec.job_id, "sandbox-1", "server")
+    assert env["NOMAD_META_atropos_kind"] == "sandbox"
+    assert env["ATROPOS_SANDBOX_TOKEN"] == TOKEN
+    assert "PYTHONPATH" in env  # raw_exec inherits the agent's environment
+    assert await read_alloc_file(target, second.alloc_id, "alloc/data/args.txt") == port + "\n"
+
+
 # ------------------------------------------------------------------------------------ singularity
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import httpx
 import pytest
@@ -93,6 +96,19 @@ def test_real_nomad_validates_the_examples(name: str, real_agent: RealAgent) -> 
     response = httpx.post(real_agent.address + "/v1/validate/job", json=body)
     assert response.status_code == 200, response.text
     assert response.json()["ValidationErrors"] in (None, []), response.json()
+
+
+@pytest.mark.nomad
+@pytest.mark.parametrize("config", ["nomad-singularity.hcl", "nomad-docker.hcl"])
+def test_real_nomad_accepts_the_agent_configs(config: str, tmp_path: Path) -> None:
+    binary = shutil.which("nomad") or os.environ.get("ATROPOS_NOMAD_BINARY")
+    if not binary:
+        pytest.skip("no `nomad` binary on PATH")
+    extra = tmp_path / "data-dir.hcl"
+    extra.write_text(f'data_dir = "{tmp_path / "data"}"\n')
+    result = subprocess.run([binary, "config", "validate", os.path.join(REPO, "nomad", config), str(extra)],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def _differences(ours: object, theirs: object, path: str = "") -> list[str]:

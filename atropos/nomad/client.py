@@ -168,11 +168,12 @@ class NomadClient:
         timeout: float,
         on_progress: ProgressCallback | None = None,
         probe: Probe | None = None,
+        placement_grace: float = 30.0,
     ) -> list[AllocationEndpoint]:
         """Wait until `count` allocations of the job run (and pass `probe`), failing fast with a
         diagnosis when they cannot (see `atropos.nomad.waiting`)."""
         return await wait_for_allocations(self, job_id, count, timeout=timeout, on_progress=on_progress,
-                                          probe=probe)
+                                          probe=probe, placement_grace=placement_grace)
 
     # ------------------------------------------------------------------------------ agent, nodes
 

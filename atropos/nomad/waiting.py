@@ -7,8 +7,10 @@ to either wakes the waiter at once (no polling interval). After each change:
   event, e.g. `Driver Failure`, or `Terminated` before the server ever ran) ends the wait with
   `NomadAllocationFailed`, quoting the event and the tail of the task's stderr;
 - a group Nomad cannot place on any node (every node filtered out: missing driver, constraints, no
-  node in the datacenters) ends it with `NomadPlacementFailed`; groups waiting for resources (a port
-  held by another allocation, memory) are reported through `on_progress` and in the timeout error;
+  node in the datacenters) ends it with `NomadPlacementFailed`. A group waiting for resources (a port
+  held by another allocation, memory) is reported through `on_progress`, and fails the same way once
+  the same problem has lasted `placement_grace` seconds: a port still held by an allocation that is
+  shutting down (a pool restarting its job) frees up within that time, a port held for good does not;
 - when `count` allocations run (and, given a `probe`, their servers answer it), their addresses
   are returned. An allocation "runs" as soon as its process started: a server that dies on start-up
   (apptainer missing, a bad image) is caught by the probe wait, not mistaken for a working one.
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict
 
 from atropos.nomad.allocations import by_index
-from atropos.nomad.diagnosis import AllocationFailure, allocation_failure, placement_problems
+from atropos.nomad.diagnosis import AllocationFailure, PlacementProblem, allocation_failure, placement_problems
 from atropos.nomad.errors import NomadAllocationFailed, NomadError, NomadPlacementFailed, NomadWaitTimeout
 from atropos.nomad.responses import AllocationEndpoint, AllocationStub, Evaluation
 
@@ -70,6 +72,7 @@ async def wait_for_allocations(
     timeout: float,
     on_progress: ProgressCallback | None = None,
     probe: Probe | None = None,
+    placement_grace: float = 30.0,
 ) -> list[AllocationEndpoint]:
     """Wait until `count` allocations of `job_id` run and pass `probe`; return their endpoints,
     sorted by index."""
@@ -80,6 +83,7 @@ async def wait_for_allocations(
     baseline = int(job.get("JobModifyIndex", 0))
     watch = _Watch(client, job_id)
     readiness = _Readiness(client, probe)
+    lasting = _Lasting(placement_grace)
     last: WaitProgress | None = None
     try:
         while True:
@@ -89,9 +93,10 @@ async def wait_for_allocations(
                 described = await _with_stderr(client, failures)
                 raise NomadAllocationFailed(endpoint, "\n".join(f.describe() for f in described))
             problems = placement_problems(e for e in watch.evaluations if e.create_index >= baseline)
-            if any(p.permanent for p in problems):
-                raise NomadPlacementFailed(
-                    f"GET /v1/job/{job_id}/evaluations", "; ".join(p.describe() for p in problems))
+            stuck = [p.describe() for p in problems if p.permanent] or [
+                f"{p.describe()} (unchanged for {placement_grace:g}s)" for p in lasting.expired(problems, loop.time())]
+            if stuck:
+                raise NomadPlacementFailed(f"GET /v1/job/{job_id}/evaluations", "; ".join(stuck))
             running = [a for a in watch.allocations if a.wanted and a.is_running]
             ready = await readiness.check(running)
             progress = WaitProgress(
@@ -111,8 +116,9 @@ async def wait_for_allocations(
             if remaining <= 0:
                 raise NomadWaitTimeout(endpoint, f"gave up after {timeout:g}s: {progress.describe()}")
             # servers still starting are probed again soon; otherwise only a change wakes us
-            block = _PROBE_INTERVAL_S if len(ready) < len(running) else _MAX_BLOCK_S
-            await watch.next_change(min(remaining, block))
+            wake = _PROBE_INTERVAL_S if len(ready) < len(running) else _MAX_BLOCK_S
+            await watch.next_change(min(remaining, _MAX_BLOCK_S),
+                                    timeout=min(remaining, wake, lasting.time_left(loop.time())))
     finally:
         await watch.close()
 
@@ -130,7 +136,9 @@ class _Watch:
         self._alloc_task: asyncio.Task[tuple[int, list[AllocationStub]]] | None = None
         self._eval_task: asyncio.Task[tuple[int, list[Evaluation]]] | None = None
 
-    async def next_change(self, wait: float) -> None:
+    async def next_change(self, wait: float, *, timeout: float) -> None:
+        """Return when either query answers (each blocks up to `wait` in Nomad), or after `timeout`
+        (queries still pending carry on into the next call)."""
         if self._alloc_task is None:
             self._alloc_task = _start(self._client.watch_job_allocations(
                 self._job_id, index=self._alloc_index, wait=wait))
@@ -138,7 +146,7 @@ class _Watch:
             self._eval_task = _start(self._client.watch_job_evaluations(
                 self._job_id, index=self._eval_index, wait=wait))
         tasks: list[asyncio.Task[Any]] = [self._alloc_task, self._eval_task]
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(tasks, timeout=max(timeout, 0.0), return_when=asyncio.FIRST_COMPLETED)
         if self._alloc_task in done:
             self._alloc_index, self.allocations = self._alloc_task.result()
             self._alloc_task = None
@@ -163,6 +171,23 @@ async def _notify(callback: ProgressCallback | None, progress: WaitProgress) -> 
     result = callback(progress)
     if inspect.isawaitable(result):
         await result
+
+
+class _Lasting:
+    """Since when each placement problem has been reported, to fail the ones that last too long."""
+
+    def __init__(self, grace: float) -> None:
+        self._grace = grace
+        self._since: dict[str, float] = {}
+
+    def expired(self, problems: list[PlacementProblem], now: float) -> list[PlacementProblem]:
+        current = {p.describe(): p for p in problems}
+        self._since = {text: self._since.get(text, now) for text in current}
+        return [current[text] for text, since in self._since.items() if now - since >= self._grace]
+
+    def time_left(self, now: float) -> float:
+        """Seconds until the oldest problem expires (a long time when there is none)."""
+        return min((since + self._grace - now for since in self._since.values()), default=_MAX_BLOCK_S)
 
 
 class _Readiness:
