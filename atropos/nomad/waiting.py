@@ -87,11 +87,7 @@ async def wait_for_allocations(
     last: WaitProgress | None = None
     try:
         while True:
-            failures = [f for a in watch.allocations if a.wanted and a.modify_index >= baseline
-                        and (f := allocation_failure(a)) is not None]
-            if failures:
-                described = await _with_stderr(client, failures)
-                raise NomadAllocationFailed(endpoint, "\n".join(f.describe() for f in described))
+            await _fail_fast(client, job_id, watch, baseline)
             problems = placement_problems(e for e in watch.evaluations if e.create_index >= baseline)
             stuck = [p.describe() for p in problems if p.permanent] or [
                 f"{p.describe()} (unchanged for {placement_grace:g}s)" for p in lasting.expired(problems, loop.time())]
@@ -121,6 +117,15 @@ async def wait_for_allocations(
                                     timeout=min(remaining, wake, lasting.time_left(loop.time())))
     finally:
         await watch.close()
+
+
+async def _fail_fast(client: NomadClient, job_id: str, watch: _Watch, baseline: int) -> None:
+    """Raise `NomadAllocationFailed` for wanted allocations that failed since `baseline`."""
+    failures = [f for a in watch.allocations if a.wanted and a.modify_index >= baseline
+                and (f := allocation_failure(a)) is not None]
+    if failures:
+        described = await _with_stderr(client, failures)
+        raise NomadAllocationFailed(f"GET /v1/job/{job_id}/allocations", "\n".join(f.describe() for f in described))
 
 
 class _Watch:
