@@ -1,11 +1,11 @@
 """AgentEnv through atroposlib: the `serve | process | evaluate` command line, JSONL of scored groups
-from `process` against a scripted model server, and the environment's handling of groups."""
+from `process` against a scripted model server (driver process, and driver singularity with the
+apptainer stand-in of tests/bin), and the environment's handling of groups."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,12 +16,14 @@ from atropos.envs.agent_loop import Rollout
 from atropos.envs.task_set import load_tasks
 from tests.env_fixtures import build_tokenizer, failing_script, solving_script
 from tests.fake_openai import FakeOpenAI
+from tests.nomad_fixtures import agent_env as standin_env
+from tests.nomad_fixtures import write_standin_image
 
 pytest.importorskip("atroposlib", reason="atroposlib comes with the `atropos` extra (CI installs it)")
 
 from atropos.envs.agent_env import AgentEnv, AgentEnvConfig
 
-OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TRANSFORMERS_VERBOSITY": "error"}
+OFFLINE_VARS = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TRANSFORMERS_VERBOSITY": "error"}
 POOL = ["--env.slots_per_container=2", "--env.max_containers=1"]
 
 
@@ -31,8 +33,10 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 async def run_env(*args: str) -> tuple[int, str, str]:
-    """`python -m atropos.envs.agent_env ...` as a child, without blocking the loop of the test's servers."""
-    child = await asyncio.create_subprocess_exec(sys.executable, "-m", "atropos.envs.agent_env", *args, env=OFFLINE,
+    """`python -m atropos.envs.agent_env ...` as a child, without blocking the loop of the test's servers.
+    The apptainer stand-in (tests/bin) is on its PATH for `--env.driver=singularity`."""
+    env = {**standin_env(), **OFFLINE_VARS}
+    child = await asyncio.create_subprocess_exec(sys.executable, "-m", "atropos.envs.agent_env", *args, env=env,
                                                  stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(child.communicate(), timeout=90)
     assert child.returncode is not None
@@ -73,13 +77,16 @@ def test_bad_values_fail_with_one_clear_line(flags: list[str], message: str, mon
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("fmt", ["hermes", "openai"])
+@pytest.mark.parametrize(("fmt", "driver"), [("hermes", "process"), ("openai", "singularity")])
 async def test_process_writes_groups_whose_rewards_tell_solving_from_failing(
-        fmt: str, tokenizer_dir: str, tmp_path: Path) -> None:
+        fmt: str, driver: str, tokenizer_dir: str, tmp_path: Path) -> None:
     out = tmp_path / "groups.jsonl"
+    sandbox = [f"--env.driver={driver}"]
+    if driver == "singularity":
+        sandbox.append(f"--env.singularity_image={write_standin_image(str(tmp_path / 'sandbox.sif'))}")
     async with FakeOpenAI([solving_script(), failing_script()]) as server:
         code, _, err = await run_env(
-            "process", f"--openai.base_url={server.base_url}", "--openai.model_name=scripted-model",
+            "process", *sandbox, f"--openai.base_url={server.base_url}", "--openai.model_name=scripted-model",
             "--openai.api_key=x", f"--env.tokenizer_name={tokenizer_dir}", f"--env.tool_call_format={fmt}",
             "--env.task_ids=fizzbuzz", "--env.group_size=2", "--env.total_steps=1", "--env.use_wandb=false",
             f"--env.data_path_to_save_groups={out}", *POOL)
@@ -101,6 +108,7 @@ async def test_process_writes_groups_whose_rewards_tell_solving_from_failing(
     answered = [m["content"] for r in server.scripted_requests() for m in r["messages"] if m["role"] == "tool"]
     assert any(content.startswith("error: the tool call is not valid JSON") for content in answered)
     assert "[atropos-sandbox] pool ready" in err and "[atropos-sandbox] pool closed" in err
+    assert f"starting 1 {driver} server(s)" in err
 
 
 async def test_evaluate_runs_each_task_once(tokenizer_dir: str, tmp_path: Path) -> None:
