@@ -122,13 +122,7 @@ async def test_server_rejects_requests_without_the_token(target: NomadTarget) ->
         response = await http.post(endpoint.url + "/execute",
                                    json={"slot": 0, "tool": "bash", "args": {"command": "id"}})
     assert response.status_code == 401
-    # the token is in no process's command line
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                assert TOKEN.encode() not in f.read()
-        except OSError:
-            continue
+    assert_token_in_no_command_line()
 
 
 async def test_scaling_static_groups_keeps_running_servers(target: NomadTarget) -> None:
@@ -229,6 +223,16 @@ async def test_singularity_job_runs_the_server_in_the_container(target: NomadTar
         assert result["output"] == "from-2\n"
     # /data inside the container is the allocation's data dir on the host
     assert await read_alloc_file(target, endpoints[1].alloc_id, "alloc/data/slots/0/note") == "from-2\n"
+    assert_token_in_no_command_line()
+
+
+def assert_token_in_no_command_line() -> None:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                assert TOKEN.encode() not in f.read(), f"the token is in the command line of pid {pid}"
+        except OSError:
+            continue
 
 
 async def test_missing_apptainer_is_diagnosed(target: NomadTarget) -> None:
