@@ -23,6 +23,8 @@ REPO_ROOT = TESTS_DIR.parent
 STANDIN_DIR = TESTS_DIR / "bin_images"
 STANDIN = STANDIN_DIR / "apptainer"
 
+_FIGURES: list[str] = []
+
 _LAUNCH = b"#!/usr/bin/env run-singularity\n".ljust(32, b"\0") + b"SIF_MAGIC\0"
 _CHUNK = 4096
 
@@ -126,3 +128,14 @@ def real_runtime() -> ApptainerRuntime:
     if found is None:
         pytest.skip("no real apptainer or singularity on PATH (install Apptainer or put it on PATH)")
     return found
+
+
+@pytest.fixture(scope="session")
+def figures() -> list[str]:
+    """Append lines here (build time, SIF size, ...): they are shown in the terminal summary."""
+    return _FIGURES
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for line in _FIGURES:
+        terminalreporter.write_line(f"[apptainer] {line}")

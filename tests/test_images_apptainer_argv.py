@@ -30,7 +30,7 @@ def test_local_backend_command_binds_data_and_runs_server_on_given_port() -> Non
     assert argv == [
         "/usr/bin/apptainer", "exec", "--containall",
         "--workdir", "/scratch/run1/work-0",
-        "--bind", "/scratch/run1/slots-0:/data",
+        "--bind", "/scratch/run1/slots-0:/data", "--bind", "/dev/full",
         "/images/atropos-sandbox.sif",
         "atropos-sandbox", "server",
         "--host", "127.0.0.1", "--port", "41234", "--data-dir", "/data", "--slots", "8",
@@ -45,7 +45,7 @@ def test_no_network_namespace_flags_for_rootless_hosts() -> None:
 
 def test_contain_without_pid_namespace_when_asked() -> None:
     argv = build_apptainer_exec_argv("apptainer", "x.sif", containall=False, server_args=[])
-    assert argv[:4] == ["apptainer", "exec", "--contain", "--cleanenv"]
+    assert argv[:6] == ["apptainer", "exec", "--contain", "--cleanenv", "--bind", "/dev/full"]
     assert "--containall" not in argv
 
 
@@ -76,8 +76,8 @@ def test_plain_env_goes_through_env_flags_and_extra_args_before_image() -> None:
         server_args=[],
     )
     assert argv[2:] == [
-        "--containall", "--env", "PYTHONUNBUFFERED=1", "--env", "LANG=C.UTF-8", "--nv", "img.sif",
-        "atropos-sandbox", "server",
+        "--containall", "--bind", "/dev/full", "--env", "PYTHONUNBUFFERED=1", "--env", "LANG=C.UTF-8",
+        "--nv", "img.sif", "atropos-sandbox", "server",
     ]  # fmt: skip
 
 
@@ -143,7 +143,7 @@ def test_nomad_job_shell_command_keeps_nomad_references_expandable() -> None:
     )
     assert exec_shell_command(argv) == (
         'exec apptainer exec --containall --workdir "${NOMAD_ALLOC_DIR}/tmp" '
-        '--bind "${NOMAD_ALLOC_DIR}/data:/data" /shared/images/atropos-sandbox.sif '
+        '--bind "${NOMAD_ALLOC_DIR}/data:/data" --bind /dev/full /shared/images/atropos-sandbox.sif '
         'atropos-sandbox server --host 0.0.0.0 --port "${NOMAD_PORT_http}" --data-dir /data --slots 10'
     )
 

@@ -2,7 +2,10 @@
 
 Skipped (marker `apptainer`) when no real apptainer/singularity is on PATH. Building needs
 debootstrap and network access to a Debian mirror and to PyPI (for the wheelhouse); set
-ATROPOS_TEST_SIF=/path/to/atropos-sandbox.sif to reuse an image built earlier instead.
+ATROPOS_TEST_SIF=/path/to/atropos-sandbox.sif to reuse an image built earlier instead, and
+ATROPOS_TEST_SIF_BUILD_FLAGS (e.g. `--fakeroot`) to add options to scripts/build-sif.sh (root in a
+container without every capability needs `--fakeroot`). Figures (build time, SIF size, health)
+are printed in the terminal summary.
 """
 
 from __future__ import annotations
@@ -39,16 +42,8 @@ pytestmark = [pytest.mark.apptainer, pytest.mark.timeout(3600)]
 REPO = Path(__file__).resolve().parent.parent
 
 
-def report(request: pytest.FixtureRequest, line: str) -> None:
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(f"[apptainer] {line}")
-
-
 @pytest.fixture(scope="module")
-def airgapped_sif(
-    real_runtime: ApptainerRuntime, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
-) -> Path:
+def airgapped_sif(real_runtime: ApptainerRuntime, tmp_path_factory: pytest.TempPathFactory, figures: list[str]) -> Path:
     given = os.environ.get("ATROPOS_TEST_SIF")
     if given:
         return Path(given)
@@ -56,14 +51,15 @@ def airgapped_sif(
         pytest.skip("debootstrap is not installed: cannot build the air-gapped image")
     out = tmp_path_factory.mktemp("sif") / "atropos-sandbox.sif"
     command = [str(REPO / "scripts" / "build-sif.sh"), "--from", "airgapped", "-o", str(out)]
-    if os.geteuid() != 0:
+    command += os.environ.get("ATROPOS_TEST_SIF_BUILD_FLAGS", "").split()
+    if os.geteuid() != 0 and "--fakeroot" not in command:
         command.append("--fakeroot")
     env = {**os.environ, "APPTAINER": real_runtime.binary}
     started = time.monotonic()
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     seconds = time.monotonic() - started
     assert done.returncode == 0, done.stderr[-4000:]
-    report(request, f"{real_runtime.describe()}: built {out.name} from the air-gapped definition "
+    figures.append(f"{real_runtime.describe()}: built {out.name} from the air-gapped definition "
                     f"in {seconds:.0f} s, {format_size(out.stat().st_size)} ({out.stat().st_size} bytes)")  # fmt: skip
     return out
 
@@ -89,7 +85,7 @@ def wait_ready(proc: subprocess.Popen[str]) -> str:
 
 @pytest.fixture
 def sif_server(
-    real_runtime: ApptainerRuntime, airgapped_sif: Path, tmp_path: Path, request: pytest.FixtureRequest
+    real_runtime: ApptainerRuntime, airgapped_sif: Path, tmp_path: Path, figures: list[str]
 ) -> Iterator[tuple[str, str, subprocess.Popen[str]]]:
     data = tmp_path / "data"
     work = tmp_path / "work"
@@ -110,7 +106,7 @@ def sif_server(
                             start_new_session=True)  # fmt: skip
     try:
         url = wait_ready(proc)
-        report(request, f"server in the SIF ready in {time.monotonic() - started:.1f} s at {url}")
+        figures.append(f"server in the SIF ready in {time.monotonic() - started:.1f} s at {url}")
         yield url, token, proc
     finally:
         if proc.poll() is None:
@@ -134,7 +130,7 @@ def test_airgapped_sif_is_a_sif(airgapped_sif: Path) -> None:
 
 
 def test_server_from_the_sif_runs_a_command_in_a_slot(
-    sif_server: tuple[str, str, subprocess.Popen[str]], request: pytest.FixtureRequest
+    sif_server: tuple[str, str, subprocess.Popen[str]], figures: list[str]
 ) -> None:
     url, token, proc = sif_server
     with open(f"/proc/{proc.pid}/cmdline", "rb") as handle:
@@ -142,7 +138,7 @@ def test_server_from_the_sif_runs_a_command_in_a_slot(
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=120) as client:
         health = client.get("/health").json()
         assert health["status"] == "ok" and health["slots"] == 2
-        report(request, f"health from the SIF: {health}")
+        figures.append(f"health from the SIF: {health}")
         body = {"slot": 1, "tool": "bash", "args": {"command": "echo hello-from-sif; cat /etc/debian_version"}}
         result = client.post("/execute", json=body).json()
         assert result["ok"], result

@@ -16,6 +16,8 @@ Flags, chosen for rootless HPC nodes:
   container and, without a workdir, live in Apptainer's small session tmpfs; a workdir on the host
   gives them real disk space;
 - `--bind SRC:DST` for the writable data dir (`/data` inside the image);
+- `--bind /dev/full`: `--contain` gives the container a minimal `/dev` without `/dev/full`, and
+  bubblewrap's `--dev` (the slots' sandbox) refuses to start when that node is missing;
 - `--env KEY=VALUE` for plain settings.
 
 Secrets (the server token) must never be on the command line, where `ps` shows them to every user of
@@ -52,6 +54,7 @@ SERVER_COMMAND: tuple[str, ...] = ("atropos-sandbox", "server")
 TOKEN_ENV = "ATROPOS_SANDBOX_TOKEN"
 
 _NO_ENV: Mapping[str, str] = MappingProxyType({})
+_DEV_FULL = "/dev/full"  # absent from the minimal /dev of --contain; bubblewrap's --dev needs it
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # `--env` is parsed as a comma-separated KEY=VALUE list by apptainer; these characters would be
 # split or mangled on the way in, so such values must travel through the process environment.
@@ -89,6 +92,7 @@ def build_apptainer_exec_argv(
         argv += ["--workdir", _checked_path(workdir, "workdir")]
     for host, container in binds:
         argv += ["--bind", _bind_spec(host, container)]
+    argv += ["--bind", _DEV_FULL]
     for name, value in env.items():
         argv += ["--env", _env_spec(name, value)]
     argv += list(extra_args)
