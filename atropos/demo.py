@@ -24,7 +24,7 @@ from atropos.envs.chat import ChatModel
 from atropos.envs.openai_client import OpenAIChatModel
 from atropos.envs.reference_policy import ReferencePolicy
 from atropos.envs.report import summary_lines, table_header, table_row
-from atropos.envs.task_set import Task, TaskError, load_tasks
+from atropos.envs.task_set import Task, TaskError, load_tasks, split_ids
 from atropos.envs.tool_calls import validation_summary
 from atropos.slots import PoolConfigError, SlotPool, SlotPoolConfig
 
@@ -113,8 +113,7 @@ class _Plan:
         except PoolConfigError as exc:
             raise DemoError(str(exc)) from None
         try:
-            ids = [part.strip() for part in (args.task_ids or "").split(",") if part.strip()]
-            tasks = load_tasks(args.task_file, ids)
+            tasks = load_tasks(args.task_file, split_ids(args.task_ids))
         except TaskError as exc:
             raise DemoError(str(exc)) from None
         if not args.openai_base_url:
@@ -132,8 +131,8 @@ class _Plan:
             def reference(task: Task) -> ChatModel:
                 return ReferencePolicy(task, fmt)
 
-            return reference, None, ("reference policy: replays each task's reference solution through real tool "
-                                     "calls (no model); pass --openai-base-url and --model to use a model")
+            return reference, None, ("reference solutions replayed through real tool calls (no model; pass "
+                                     "--openai-base-url and --model to use one)")
         client = OpenAIChatModel(args.openai_base_url, args.model, args.api_key or os.environ.get("OPENAI_API_KEY"),
                                  temperature=args.temperature, max_tokens=args.max_tokens)
         return (lambda _task: client), client, (f"model {args.model} at {args.openai_base_url} "

@@ -25,7 +25,7 @@ from pydantic_cli.argparse import FailedExecutionException
 from atropos.envs.agent_loop import AgentSettings, Rollout, request_tools
 from atropos.envs.batch import run_batch, summarize
 from atropos.envs.chat import AssistantReply, Message, reply_from_completion
-from atropos.envs.task_set import Task, TaskError, load_tasks
+from atropos.envs.task_set import Task, TaskError, load_tasks, split_ids
 from atropos.envs.tokens import tokens_and_masks
 from atropos.envs.tool_calls import validation_summary
 from atropos.slots import InfrastructureError, PoolConfigError, SlotPool, SlotPoolConfig
@@ -79,9 +79,6 @@ class AgentEnvConfig(BaseEnvConfig):  # type: ignore[misc]
         return AgentSettings(max_turns=self.max_turns, tool_call_format=self.tool_call_format,
                              tool_timeout=self.tool_timeout, max_tool_output=self.max_tool_output)
 
-    def selected_task_ids(self) -> list[str]:
-        return [part.strip() for part in (self.task_ids or "").split(",") if part.strip()]
-
 
 class ServerChatModel:
     """The policy being trained, behind atroposlib's server manager (load balancing, retries)."""
@@ -128,7 +125,7 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def setup(self) -> None:
-        self.tasks = load_tasks(self.config.task_file, self.config.selected_task_ids())
+        self.tasks = load_tasks(self.config.task_file, split_ids(self.config.task_ids))
         pool = SlotPool(self.config.pool_config(), progress=_progress)
         await pool.start()
         self.pool = pool

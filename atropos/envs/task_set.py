@@ -109,6 +109,11 @@ def builtin_tasks() -> list[Task]:
     return parse_tasks(text.splitlines(), f"atropos/envs/tasks/{BUILTIN_RESOURCE}")
 
 
+def split_ids(text: str | None) -> list[str]:
+    """Task ids from a comma-separated list, as the command lines take them."""
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
 def load_tasks(task_file: str | Path | None = None, ids: Sequence[str] | None = None) -> list[Task]:
     """The built-in tasks, or those of `task_file`; only `ids` (in that order) when given."""
     tasks = builtin_tasks() if task_file is None else load_task_file(task_file)
