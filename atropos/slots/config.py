@@ -58,7 +58,11 @@ class SlotPoolConfig(BaseModel):
     cpu: int = Field(default=2000, ge=100, description="MHz per container")
     memory: int = Field(default=4096, ge=128, description="MB per container")
     container_port: int = Field(default=8080, ge=1, le=65535, description="server port inside a docker container")
-    static_port_base: int = Field(default=28080, ge=1024, le=65000, description="first static port (singularity)")
+    static_port_base: int = Field(
+        default=19000, ge=1024, le=65000,
+        description="static host port of container 0 for singularity/process jobs (container i: base + i); "
+        "below Nomad's dynamic range 20000-32000",
+    )
     purge_on_exit: bool = True
 
     @model_validator(mode="after")
