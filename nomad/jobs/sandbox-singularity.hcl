@@ -45,7 +45,7 @@ job "atropos-sandbox" {
       driver = "raw_exec"
       config {
         command = "/bin/sh"
-        args = ["-c", "exec apptainer exec --containall --bind \"${NOMAD_ALLOC_DIR}/data:/data\" /shared/images/atropos-sandbox.sif atropos-sandbox server --host \"${NOMAD_IP_http}\" --port \"${NOMAD_PORT_http}\" --data-dir /data --slots 8 --isolation auto --network allow"]
+        args = ["-c", "exec apptainer exec --containall --bind \"${NOMAD_ALLOC_DIR}/data:/data\" --bind /dev/full /shared/images/atropos-sandbox.sif atropos-sandbox server --host \"${NOMAD_IP_http}\" --port \"${NOMAD_PORT_http}\" --data-dir /data --slots 8 --isolation auto --network allow"]
       }
       env {
         APPTAINERENV_ATROPOS_SANDBOX_TOKEN = "REPLACE-WITH-A-SECRET-TOKEN"
@@ -88,7 +88,7 @@ job "atropos-sandbox" {
       driver = "raw_exec"
       config {
         command = "/bin/sh"
-        args = ["-c", "exec apptainer exec --containall --bind \"${NOMAD_ALLOC_DIR}/data:/data\" /shared/images/atropos-sandbox.sif atropos-sandbox server --host \"${NOMAD_IP_http}\" --port \"${NOMAD_PORT_http}\" --data-dir /data --slots 8 --isolation auto --network allow"]
+        args = ["-c", "exec apptainer exec --containall --bind \"${NOMAD_ALLOC_DIR}/data:/data\" --bind /dev/full /shared/images/atropos-sandbox.sif atropos-sandbox server --host \"${NOMAD_IP_http}\" --port \"${NOMAD_PORT_http}\" --data-dir /data --slots 8 --isolation auto --network allow"]
       }
       env {
         APPTAINERENV_ATROPOS_SANDBOX_TOKEN = "REPLACE-WITH-A-SECRET-TOKEN"
