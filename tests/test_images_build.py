@@ -135,3 +135,23 @@ def test_cli_image_without_action_shows_usage(capsys: pytest.CaptureFixture[str]
 def test_dispatcher_exposes_image_commands(standin: StandIn, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["image", "runtime"]) == 0
     assert "1.3.99-standin" in capsys.readouterr().out
+
+
+def test_cli_build_passes_build_args_and_fakeroot(standin: StandIn, tmp_path: Path) -> None:
+    definition = write_def(tmp_path)
+    out = tmp_path / "box.sif"
+    argv = [
+        "build",
+        str(definition),
+        "-o",
+        str(out),
+        "-q",
+        "--fakeroot",
+        "--build-arg",
+        "IMAGE=x:1",
+        "--build-arg",
+        "A=b",
+    ]
+    assert run_image_cli(*argv) == 0
+    assert standin.calls()[0][5] == "IMAGE=x:1,A=b"
+    assert run_image_cli("build", str(definition), "-o", str(out), "--build-arg", "novalue") == 1

@@ -34,6 +34,14 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     build = actions.add_parser("build", help="build a SIF from a definition file; prints the SIF path")
     build.add_argument("def_file", metavar="DEF", help="Apptainer definition file")
     build.add_argument("-o", "--output", metavar="OUT", help="SIF to write (default: ./<DEF stem>.sif)")
+    build.add_argument(
+        "--build-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="value for a {{ KEY }} of the definition (repeatable), e.g. IMAGE=ghcr.io/org/atropos-sandbox:1",
+    )
+    build.add_argument("--fakeroot", action="store_true", help="build with --fakeroot (unprivileged builds)")
     _add_common(build, cache=False)
     build.set_defaults(handler=_build)
 
@@ -103,7 +111,12 @@ def _pull(args: argparse.Namespace) -> int:
 @_guarded
 def _build(args: argparse.Namespace) -> int:
     out = args.output or default_build_output(args.def_file)
-    path = build_image(args.def_file, out, args.runtime, None if args.quiet else _progress)
+    flags = ["--fakeroot"] if args.fakeroot else []
+    for pair in args.build_arg:
+        if "=" not in pair:
+            raise ImageError(f"--build-arg needs KEY=VALUE, not {pair!r}")
+        flags += ["--build-arg", pair]
+    path = build_image(args.def_file, out, args.runtime, None if args.quiet else _progress, build_args=flags)
     print(path)
     return 0
 
