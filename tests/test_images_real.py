@@ -32,6 +32,7 @@ from atropos.images.apptainer import (
 )
 from atropos.images.process import format_size
 from atropos.images.staging import is_sif
+from tests.server_process import wait_ready
 
 if TYPE_CHECKING:
     from atropos.images.runtime import ApptainerRuntime
@@ -70,19 +71,6 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_ready(proc: subprocess.Popen[str]) -> str:
-    """The URL from the server's READY line (the deadline only bounds a hung start)."""
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if line.startswith("ATROPOS_SANDBOX_READY "):
-            return line.split()[1]
-        if not line and proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}")
-    raise AssertionError("the server in the SIF did not become ready")
-
-
 @pytest.fixture
 def sif_server(
     real_runtime: ApptainerRuntime, airgapped_sif: Path, tmp_path: Path, figures: list[str]
@@ -102,23 +90,19 @@ def sif_server(
     env = {**os.environ, **apptainer_secret_env(real_runtime.binary, {TOKEN_ENV: token})}
     env.pop(TOKEN_ENV, None)
     started = time.monotonic()
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
-    try:
-        url = wait_ready(proc)
-        figures.append(f"server in the SIF ready in {time.monotonic() - started:.1f} s at {url}")
-        yield url, token, proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+    pipe = subprocess.PIPE
+    with subprocess.Popen(argv, env=env, stdout=pipe, stderr=pipe, text=True, start_new_session=True) as proc:
+        try:
+            url = wait_ready(proc, "the server in the SIF", timeout=300)
+            figures.append(f"server in the SIF ready in {time.monotonic() - started:.1f} s at {url}")
+            yield url, token, proc
+        finally:
+            # apptainer forwards SIGTERM; its PID-namespace init then ends everything inside
+            proc.terminate()
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
 
 
 def test_real_runtime_reports_a_version(real_runtime: ApptainerRuntime) -> None:
