@@ -207,6 +207,21 @@ def _start_agent() -> RealAgent:
     raise RuntimeError(f"nomad agent did not become ready; see {workdir}/agent.log")
 
 
+def _drain(address: str) -> None:
+    """Stop every job and wait for its tasks to end: a Nomad client that stops leaves running tasks
+    (and their executor processes) behind, to reattach to them when it comes back."""
+    try:
+        for job in httpx.get(address + "/v1/jobs", timeout=5.0).json():
+            httpx.delete(f"{address}/v1/job/{job['ID']}", params={"purge": "true"}, timeout=5.0)
+        for _ in range(300):
+            allocations = httpx.get(address + "/v1/allocations", timeout=5.0).json()
+            if not any(a["ClientStatus"] in ("pending", "running") for a in allocations):
+                return
+            time.sleep(0.1)
+    except (httpx.HTTPError, ValueError):
+        return
+
+
 def _raw_exec_ready(address: str) -> bool:
     try:
         nodes = httpx.get(address + "/v1/nodes", timeout=2.0).json()
@@ -230,6 +245,7 @@ def real_agent() -> Iterator[RealAgent]:
         yield agent
     finally:
         assert agent.process is not None
+        _drain(agent.address)
         agent.process.send_signal(signal.SIGINT)
         try:
             agent.process.wait(timeout=20)
