@@ -86,7 +86,9 @@ class LocalBackend(SandboxBackend):
             )
             return argv, {**env, **apptainer_secret_env(self._apptainer, {TOKEN_ENV: token})}
         assert self.config.image is not None
-        argv = ["docker", "run", "--rm", "--name", name, "--init", "-p", f"127.0.0.1::{self.config.container_port}",
+        # as our own uid, so the server can write the bind-mounted data dir (the image defaults to 1000)
+        argv = ["docker", "run", "--rm", "--name", name, "--user", f"{os.getuid()}:{os.getgid()}",
+                "-p", f"127.0.0.1::{self.config.container_port}",
                 "-v", f"{data_dir}:{CONTAINER_DATA_DIR}", "-e", TOKEN_ENV, self.config.image,
                 "atropos-sandbox", "server",
                 *self._server_options("0.0.0.0", self.config.container_port, CONTAINER_DATA_DIR)]

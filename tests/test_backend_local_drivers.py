@@ -1,0 +1,63 @@
+"""The local backend's command lines for each driver, and the singularity driver end to end
+through the apptainer stand-in (tests/bin/apptainer runs the image's command under bubblewrap)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from atropos.backends.local import LocalBackend
+from atropos.slots import SlotPool, SlotPoolConfig
+from tests.nomad_fixtures import TESTS_BIN, agent_env, write_standin_image
+
+
+def test_process_command_keeps_token_out_of_argv(tmpdir_path: str) -> None:
+    backend = LocalBackend(SlotPoolConfig(slots_per_container=3), workdir=tmpdir_path)
+    argv, env = backend.command("n", "/d", "secret-token")
+    assert "secret-token" not in " ".join(argv)
+    assert env["ATROPOS_SANDBOX_TOKEN"] == "secret-token"
+    assert argv[argv.index("--slots") + 1] == "3" and argv[argv.index("--port") + 1] == "0"
+
+
+def test_docker_command(tmpdir_path: str) -> None:
+    cfg = SlotPoolConfig(driver="docker", image="atropos-sandbox:latest", container_port=8080)
+    argv, env = LocalBackend(cfg, workdir=tmpdir_path).command("box", "/srv/d", "tok")
+    assert argv[:2] == ["docker", "run"]
+    assert "127.0.0.1::8080" in argv and "/srv/d:/data" in argv
+    assert argv[argv.index("-e") + 1] == "ATROPOS_SANDBOX_TOKEN" and env["ATROPOS_SANDBOX_TOKEN"] == "tok"
+    assert "tok" not in argv
+    assert argv[argv.index("--user") + 1] == f"{os.getuid()}:{os.getgid()}"
+
+
+def test_singularity_command(tmpdir_path: str) -> None:
+    sif = write_standin_image(os.path.join(tmpdir_path, "x.sif"))
+    backend = LocalBackend(SlotPoolConfig(driver="singularity", singularity_image=sif), workdir=tmpdir_path)
+    backend._sif, backend._apptainer = sif, "apptainer"
+    argv, env = backend.command("n", "/host/data", "tok")
+    assert argv[:3] == ["apptainer", "exec", "--containall"]
+    assert "/host/data:/data" in argv and "--net" not in argv
+    assert argv[argv.index(sif) + 1:][:2] == ["atropos-sandbox", "server"]
+    assert env["APPTAINERENV_ATROPOS_SANDBOX_TOKEN"] == "tok" and "tok" not in argv
+
+
+async def test_singularity_driver_end_to_end(tmpdir_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in agent_env().items():  # the stand-in apptainer and this interpreter on PATH
+        monkeypatch.setenv(key, value)
+    sif = write_standin_image(os.path.join(tmpdir_path, "sandbox.sif"))
+    cfg = SlotPoolConfig(driver="singularity", singularity_image=sif, slots_per_container=2,
+                         apptainer_binary=os.path.join(TESTS_BIN, "apptainer"))
+    async with SlotPool(cfg) as pool:
+        backend = pool.backend
+        assert isinstance(backend, LocalBackend) and backend._apptainer == os.path.join(TESTS_BIN, "apptainer")
+        server = next(iter(backend._servers.values()))
+        with open(f"/proc/{server.proc.pid}/cmdline", "rb") as fh:
+            assert b"exec\0--containall" in fh.read()  # the server runs under (stand-in) apptainer exec
+        async with pool.slot("s") as slot:
+            res = await pool.execute(slot, "bash", {"command": "pwd; echo hi > f; cat f"})
+            assert res.ok and res.stdout == "/workspace\nhi\n", res
+        a, b = await pool.acquire("a"), await pool.acquire("b")
+        await pool.execute(a, "write_file", {"path": "mine", "content": "a"})
+        assert (await pool.execute(b, "bash", {"command": "ls"})).stdout == ""
+        pool.release(a)
+        pool.release(b)
