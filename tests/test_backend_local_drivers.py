@@ -61,3 +61,29 @@ async def test_singularity_driver_end_to_end(tmpdir_path: str, monkeypatch: pyte
         assert (await pool.execute(b, "bash", {"command": "ls"})).stdout == ""
         pool.release(a)
         pool.release(b)
+
+
+@pytest.mark.apptainer
+async def test_real_apptainer_local_driver() -> None:
+    """The single-machine Apptainer deployment with a real apptainer and a real SIF
+    (ATROPOS_TEST_SIF, e.g. built by `scripts/build-sif.sh`)."""
+    from tests.images_fixtures import real_apptainer
+
+    runtime = real_apptainer()
+    sif = os.environ.get("ATROPOS_TEST_SIF")
+    if runtime is None or not sif or not os.path.exists(sif):
+        pytest.skip("needs a real apptainer on PATH and ATROPOS_TEST_SIF naming a built atropos-sandbox SIF")
+    cfg = SlotPoolConfig(driver="singularity", singularity_image=sif, apptainer_binary=runtime.binary,
+                         slots_per_container=2, min_containers=2, max_containers=2)
+    async with SlotPool(cfg) as pool:
+        slots = [await pool.acquire(f"t{i}") for i in range(4)]
+        assert len({s.server_id for s in slots}) == 2
+        for i, s in enumerate(slots):
+            await pool.execute(s, "write_file", {"path": "id", "content": str(i)})
+        outs = [(await pool.execute(s, "bash", {"command": "cat id; echo; grep -c . /etc/os-release"})).stdout
+                for s in slots]
+        assert [o.split()[0] for o in outs] == ["0", "1", "2", "3"]
+        health = await pool.server_health(slots[0])
+        assert health["slots"] == 2 and health["isolation"] in ("bwrap", "none")
+        for s in slots:
+            pool.release(s)
