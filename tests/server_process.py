@@ -103,3 +103,11 @@ def wait_until_gone(marker: str, timeout: float = 10.0) -> list[int]:
             return []
         time.sleep(0.05)
     return pids_with_arg(marker)
+
+
+def wait_for_pids(marker: str, count: int, timeout: float = 10.0) -> int:
+    """Wait until `count` processes match `marker` (they may still be forking); return how many do."""
+    deadline = time.monotonic() + timeout
+    while len(pids_with_arg(marker)) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return len(pids_with_arg(marker))

@@ -9,12 +9,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 import httpx
 import pytest
 
-from tests.server_process import RunningServer, pids_with_arg, run_server, wait_until_gone
+from tests.server_process import RunningServer, run_server, wait_for_pids, wait_until_gone
 
 
 def test_slot_cannot_see_or_touch_another_slot(bwrap_server: RunningServer) -> None:
@@ -88,10 +87,7 @@ def test_sandbox_dies_with_server(tmpdir_path: str) -> None:
     with run_server(tmpdir_path, "--slots", "2", "--isolation", "bwrap") as srv:
         srv.execute(0, "bash", command=f"sleep {tag} >/dev/null 2>&1 &")
         srv.execute(1, "bash_session", command=f"sleep {tag} &")
-        deadline = time.monotonic() + 10
-        while len(pids_with_arg(f"sleep {tag}")) < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert len(pids_with_arg(f"sleep {tag}")) == 2
+        assert wait_for_pids(f"sleep {tag}", 2) == 2
         srv.proc.send_signal(signal.SIGKILL)
         srv.proc.wait()
     assert wait_until_gone(f"sleep {tag}") == []

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import base64
 import threading
-import time
 
-from tests.server_process import RunningServer, pids_with_arg, wait_until_gone
+from tests.server_process import RunningServer, pids_with_arg, wait_for_pids, wait_until_gone
 
 
 def test_health_reports_mode_without_auth(server: RunningServer) -> None:
@@ -128,10 +127,7 @@ def test_reset_kills_background_and_empties(server: RunningServer) -> None:
     tag = f"5{server.proc.pid % 1000:03d}3"
     server.execute(2, "bash", command=f"nohup sleep {tag} >/dev/null 2>&1 & setsid sleep {tag} & echo x > f")
     server.execute(2, "bash_session", command=f"sleep {tag} &")
-    deadline = time.monotonic() + 10
-    while len(pids_with_arg(f"sleep {tag}")) < 3 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert len(pids_with_arg(f"sleep {tag}")) == 3
+    assert wait_for_pids(f"sleep {tag}", 3) == 3
     with server.client() as c:
         r = c.post("/reset", json={"slot": 2})
     assert r.status_code == 200, r.text

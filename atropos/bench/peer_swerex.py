@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from atropos.bench.measure import Row, Summary, judged, sample_async
-from atropos.bench.scenarios import Sizes, ms, pool_config
+from atropos.bench.scenarios import Sizes, ms, pool_config, single_calls
 from atropos.slots import SlotPool
 
 
@@ -101,21 +101,8 @@ async def swerex_rows(sizes: Sizes, say: Callable[[str], None]) -> list[Row]:
 
     async with SlotPool(pool_config(slots_per_container=8)) as pool:
         slots = [await pool.acquire(f"p{i}") for i in range(8)]
-        slot = slots[0]
-
-        async def our_exec() -> None:
-            await pool.execute(slot, "bash", {"command": "true"})
-
-        async def our_session() -> None:
-            await pool.execute(slot, "bash_session", {"command": "true"})
-
-        async def our_files() -> None:
-            await pool.execute(slot, "write_file", {"path": "f.txt", "content": "x" * 1024})
-            await pool.execute(slot, "read_file", {"path": "f.txt"})
-
-        ours = {"one-shot": Summary.of(await sample_async(our_exec, n)),
-                "session": Summary.of(await sample_async(our_session, n)),
-                "files": Summary.of(await sample_async(our_files, n))}
+        calls = single_calls(pool, slots[0])
+        ours = {key: Summary.of(await sample_async(calls[key], n)) for key in ("one-shot", "session", "files")}
         await asyncio.gather(*(pool.execute(s, "bash_session", {"command": "true"}) for s in slots))
         t0 = time.perf_counter()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from atropos.bench.measure import (
@@ -17,7 +17,7 @@ from atropos.bench.measure import (
     subprocess_floor_concurrent,
     tree_rss_mb,
 )
-from atropos.slots import SlotPool, SlotPoolConfig
+from atropos.slots import Slot, SlotPool, SlotPoolConfig
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,22 @@ def ms(seconds: float) -> float:
     return seconds * 1000.0
 
 
+def single_calls(pool: SlotPool, slot: Slot) -> dict[str, Callable[[], Awaitable[object]]]:
+    """The one-call operations the latency scenarios (and the SWE-ReX comparison) time."""
+
+    async def files() -> None:
+        await pool.execute(slot, "write_file", {"path": "f.txt", "content": "x" * 1024})
+        await pool.execute(slot, "read_file", {"path": "f.txt"})
+
+    return {
+        "one-shot": lambda: pool.execute(slot, "bash", {"command": "true"}),
+        "session": lambda: pool.execute(slot, "bash_session", {"command": "true"}),
+        "session-cd": lambda: pool.execute(slot, "bash_session", {"command": "mkdir -p d && cd d && echo hi && cd .."}),
+        "files": files,
+        "health": lambda: pool.server_health(slot),
+    }
+
+
 async def latency_rows(sizes: Sizes, say: Callable[[str], None]) -> list[Row]:
     """Scenarios 1-3: one call at a time, isolation on and off, against their floors."""
     rows: list[Row] = []
@@ -56,36 +72,20 @@ async def latency_rows(sizes: Sizes, say: Callable[[str], None]) -> list[Row]:
         async with SlotPool(pool_config(isolation=isolation)) as pool:
             async with pool.slot("bench") as slot:
                 n = sizes.latency_n
-
-                async def oneshot() -> None:
-                    await pool.execute(slot, "bash", {"command": "true"})
-
-                async def session_true() -> None:
-                    await pool.execute(slot, "bash_session", {"command": "true"})
-
-                async def session_cd() -> None:
-                    await pool.execute(slot, "bash_session", {"command": "mkdir -p d && cd d && echo hi && cd .."})
-
-                async def write_read() -> None:
-                    await pool.execute(slot, "write_file", {"path": "f.txt", "content": "x" * 1024})
-                    await pool.execute(slot, "read_file", {"path": "f.txt"})
-
-                async def health() -> None:
-                    await pool.server_health(slot)
-
-                one = Summary.of(await sample_async(oneshot, n))
+                calls = single_calls(pool, slot)
+                one = Summary.of(await sample_async(calls["one-shot"], n))
                 floor_again = Summary.of(subprocess_floor(n))  # the floor moves with the machine's load
                 base = min(floor.p50, floor_again.p50)
                 rows.append(judged(Row("1 one-shot", f"bash true p50 ({isolation})", ms(one.p50), "ms",
                                        "subprocess bash -c true", ms(base), "<= 2.0x",
                                        extra={"p99_ms": ms(one.p99)}), 2.0))
-                for name, fn in (("true", session_true), ("cd/echo", session_cd)):
-                    s = Summary.of(await sample_async(fn, n))
+                for name, key in (("true", "session"), ("cd/echo", "session-cd")):
+                    s = Summary.of(await sample_async(calls[key], n))
                     rows.append(judged(Row("2 session", f"bash_session {name} p50 ({isolation})", ms(s.p50), "ms",
                                            "subprocess bash -c true", ms(base), "<= 1.0x",
                                            extra={"p99_ms": ms(s.p99)}), 1.0))
-                wr = Summary.of(await sample_async(write_read, n))
-                hp = Summary.of(await sample_async(health, n))
+                wr = Summary.of(await sample_async(calls["files"], n))
+                hp = Summary.of(await sample_async(calls["health"], n))
                 rows.append(judged(Row("3 files", f"1 KB write+read p50 ({isolation})", ms(wr.p50), "ms",
                                        "GET /health same connection", ms(hp.p50), "<= 2.0x",
                                        extra={"p99_ms": ms(wr.p99), "health_p99_ms": ms(hp.p99)}), 2.0))
