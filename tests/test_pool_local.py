@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from atropos.backends.local import LocalBackend
 from atropos.slots import (
     AcquireTimeout,
     LeaseError,
@@ -134,7 +135,8 @@ async def test_heartbeat_and_long_calls_keep_lease() -> None:
 
 def _server_pid(pool: SlotPool, server_id: str) -> int:
     backend = pool.backend
-    return backend._servers[server_id].proc.pid  # type: ignore[attr-defined]
+    assert isinstance(backend, LocalBackend)
+    return backend.pid(server_id)
 
 
 @pytest.mark.parametrize("how", ["kill", "stop"])

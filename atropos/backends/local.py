@@ -192,6 +192,10 @@ class LocalBackend(SandboxBackend):
         if not server.exited.done():
             server.exited.set_result(None)
 
+    def pid(self, server_id: str) -> int:
+        """The server's process (apptainer's or docker's client process for those drivers)."""
+        return self._servers[server_id].proc.pid
+
     def exited(self, server_id: str) -> asyncio.Future[None] | None:
         server = self._servers.get(server_id)
         return server.exited if server is not None else None

@@ -14,7 +14,7 @@ from typing import Any
 from atropos.bench import scenarios
 from atropos.bench.measure import Row, machine
 
-_ALL = ("latency", "concurrency", "leasing", "startup", "swerex")
+_ALL = ("latency", "concurrency", "leasing", "startup", "recovery", "swerex")
 
 
 def _say(message: str) -> None:
@@ -32,6 +32,8 @@ async def run(selected: list[str], quick: bool) -> list[Row]:
         rows += await scenarios.acquire_rows(sizes, _say)
     if "startup" in selected:
         rows += await scenarios.startup_rows(_say)
+    if "recovery" in selected:
+        rows += await scenarios.recovery_rows(_say)
     if "swerex" in selected:
         from atropos.bench import peer_swerex
 

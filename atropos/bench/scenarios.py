@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+import httpx
 
 from atropos.bench.measure import (
     Row,
@@ -62,6 +65,16 @@ def single_calls(pool: SlotPool, slot: Slot) -> dict[str, Callable[[], Awaitable
     }
 
 
+def direct_call(client: httpx.AsyncClient) -> Callable[[], Awaitable[object]]:
+    """`bash: true` sent straight to the server with a plain pooled httpx client (no pool)."""
+    body = {"slot": 0, "tool": "bash", "args": {"command": "true"}, "timeout": 60}
+
+    async def call() -> object:
+        return (await client.post("/execute", json=body)).json()
+
+    return call
+
+
 async def latency_rows(sizes: Sizes, say: Callable[[str], None]) -> list[Row]:
     """Scenarios 1-3: one call at a time, isolation on and off, against their floors."""
     rows: list[Row] = []
@@ -84,6 +97,13 @@ async def latency_rows(sizes: Sizes, say: Callable[[str], None]) -> list[Row]:
                     rows.append(judged(Row("2 session", f"bash_session {name} p50 ({isolation})", ms(s.p50), "ms",
                                            "subprocess bash -c true", ms(base), "<= 1.0x",
                                            extra={"p99_ms": ms(s.p99)}), 1.0))
+                info = pool.server_of(slot)
+                async with httpx.AsyncClient(base_url=info.url,
+                                             headers={"Authorization": f"Bearer {info.token}"}) as client:
+                    direct = Summary.of(await sample_async(direct_call(client), n))
+                rows.append(Row("1 one-shot", f"pool overhead: direct POST /execute p50 ({isolation})",
+                                ms(direct.p50), "ms", "through the pool", ms(one.p50),
+                                ratio=one.p50 / direct.p50, note="ratio: pool / direct"))
                 wr = Summary.of(await sample_async(calls["files"], n))
                 hp = Summary.of(await sample_async(calls["health"], n))
                 rows.append(judged(Row("3 files", f"1 KB write+read p50 ({isolation})", ms(wr.p50), "ms",
@@ -179,4 +199,46 @@ async def startup_rows(say: Callable[[str], None]) -> list[Row]:
                                extra={"tree_rss_mb": everything}), 150))
         for s in slots:
             pool.release(s)
+    return rows
+
+
+async def recovery_rows(say: Callable[[str], None]) -> list[Row]:
+    """A server killed (SIGKILL) or hung (SIGSTOP) with calls in flight: time until those calls fail
+    with SlotLost, and until the pool has its capacity back."""
+    import os
+    import signal
+
+    from atropos.backends.local import LocalBackend
+    from atropos.slots import SlotLost
+
+    rows: list[Row] = []
+    for how, sig in (("killed", signal.SIGKILL), ("hung", signal.SIGSTOP)):
+        say(f"recovery: a server {how} with calls in flight")
+        config = pool_config(slots_per_container=4, min_containers=2, max_containers=2, health_interval=0.25)
+        async with SlotPool(config) as pool:
+            backend = pool.backend
+            assert isinstance(backend, LocalBackend)
+            slots = [await pool.acquire(f"r{i}") for i in range(8)]
+            victim = slots[0].server_id
+            doomed = [s for s in slots if s.server_id == victim]
+            calls = [asyncio.ensure_future(pool.execute(s, "bash", {"command": "sleep 30"}, timeout=60))
+                     for s in doomed]
+            await asyncio.sleep(0.3)
+            pid = backend.pid(victim)
+            t0 = time.perf_counter()
+            os.kill(pid, sig)
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            failed = time.perf_counter() - t0
+            lost = sum(isinstance(r, SlotLost) for r in results)
+            while pool.stats().servers < 2 and time.perf_counter() - t0 < 120:  # noqa: ASYNC110 (we time it)
+                await asyncio.sleep(0.01)
+            back = time.perf_counter() - t0
+            if sig == signal.SIGSTOP:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+            rows.append(judged(Row("8 recovery", f"server {how}: in-flight calls fail (SlotLost {lost}/{len(doomed)})",
+                                   failed, "s", target="<= ~2 s"), 2.5))
+            rows.append(Row("8 recovery", f"server {how}: capacity back (replacement ready)", back, "s"))
+            for s in slots:
+                pool.release(s)
     return rows

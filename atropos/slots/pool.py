@@ -19,8 +19,6 @@ from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
 from atropos.backends.base import Progress, SandboxBackend, ServerInfo, no_progress
 from atropos.sandbox.models import ExecuteResult
 from atropos.slots.config import SlotPoolConfig
@@ -32,7 +30,7 @@ from atropos.slots.errors import (
     SlotLost,
     SlotPoolError,
 )
-from atropos.slots.executor import ServerClient
+from atropos.slots.executor import ServerClient, ServerRefused
 from atropos.slots.leasing import LeaseBook, Slot, SlotState, SlotStatus
 from atropos.slots.stats import PoolStats, StatsRecorder, summarize
 
@@ -233,6 +231,13 @@ class SlotPool:
 
     # -- tool calls ----------------------------------------------------------------------------
 
+    def server_of(self, slot: Slot) -> ServerInfo:
+        """Where the slot's server listens (and its token): for debugging and direct calls."""
+        return self._servers[self._book.check(slot).server_id].info
+
+    def server_ids(self) -> list[str]:
+        return list(self._servers)
+
     async def server_health(self, slot: Slot) -> dict[str, Any]:
         """/health of the slot's server, through the same pooled connection its calls use."""
         st = self._book.check(slot)
@@ -315,7 +320,7 @@ class SlotPool:
         try:
             await server.client.health(timeout=deadline)
             server.last_ok = time.monotonic()
-        except httpx.ConnectError as exc:  # nothing listens any more: the server is gone
+        except ServerRefused as exc:  # nothing listens any more: the server is gone
             self._lose(server.info.server_id, f"connection refused ({exc!r})")
         except Exception as exc:
             if time.monotonic() - server.last_ok >= deadline:
