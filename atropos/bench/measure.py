@@ -74,17 +74,18 @@ def subprocess_floor(n: int, command: str = "true") -> list[float]:
     return out[5:]
 
 
-async def subprocess_floor_concurrent(workers: int, per_worker: int) -> float:
-    """Calls per second of plain `bash -c true` with `workers` concurrent loops (asyncio subprocesses)."""
+async def subprocess_floor_concurrent(workers: int, per_worker: int, command: str = "true") -> float:
+    """Wall seconds of `workers` concurrent loops each running plain `bash -c COMMAND` `per_worker`
+    times (asyncio subprocesses from the benchmark process: no HTTP, no sandbox)."""
     async def worker() -> None:
         for _ in range(per_worker):
-            proc = await asyncio.create_subprocess_exec("bash", "-c", "true", stdout=asyncio.subprocess.PIPE,
+            proc = await asyncio.create_subprocess_exec("bash", "-c", command, stdout=asyncio.subprocess.PIPE,
                                                         stderr=asyncio.subprocess.PIPE)
             await proc.communicate()
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(workers)))
-    return workers * per_worker / (time.perf_counter() - t0)
+    return time.perf_counter() - t0
 
 
 def rss_mb(pid: int) -> float:

@@ -8,7 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 
 from atropos.bench.measure import (
     Row,
@@ -59,18 +59,19 @@ def single_calls(pool: SlotPool, slot: Slot) -> dict[str, Callable[[], Awaitable
     return {
         "one-shot": lambda: pool.execute(slot, "bash", {"command": "true"}),
         "session": lambda: pool.execute(slot, "bash_session", {"command": "true"}),
-        "session-cd": lambda: pool.execute(slot, "bash_session", {"command": "mkdir -p d && cd d && echo hi && cd .."}),
+        "session-cd": lambda: pool.execute(slot, "bash_session", {"command": "cd /tmp && echo hi && cd - >/dev/null"}),
         "files": files,
         "health": lambda: pool.server_health(slot),
     }
 
 
-def direct_call(client: httpx.AsyncClient) -> Callable[[], Awaitable[object]]:
-    """`bash: true` sent straight to the server with a plain pooled httpx client (no pool)."""
+def direct_call(client: aiohttp.ClientSession) -> Callable[[], Awaitable[object]]:
+    """`bash: true` sent straight to the server with the same HTTP client library, no pool."""
     body = {"slot": 0, "tool": "bash", "args": {"command": "true"}, "timeout": 60}
 
     async def call() -> object:
-        return (await client.post("/execute", json=body)).json()
+        async with client.post("/execute", json=body) as response:
+            return await response.json()
 
     return call
 
@@ -98,8 +99,8 @@ async def latency_rows(sizes: Sizes, say: Callable[[str], None]) -> list[Row]:
                                            "subprocess bash -c true", ms(base), "<= 1.0x",
                                            extra={"p99_ms": ms(s.p99)}), 1.0))
                 info = pool.server_of(slot)
-                async with httpx.AsyncClient(base_url=info.url,
-                                             headers={"Authorization": f"Bearer {info.token}"}) as client:
+                async with aiohttp.ClientSession(base_url=info.url,
+                                                 headers={"Authorization": f"Bearer {info.token}"}) as client:
                     direct = Summary.of(await sample_async(direct_call(client), n))
                 rows.append(Row("1 one-shot", f"pool overhead: direct POST /execute p50 ({isolation})",
                                 ms(direct.p50), "ms", "through the pool", ms(one.p50),
@@ -134,10 +135,13 @@ async def concurrency_rows(sizes: Sizes, say: Callable[[str], None]) -> list[Row
         ideal = sizes.sleep_calls * 0.05
         rows.append(judged(Row("4 concurrency", f"64 slots x {sizes.sleep_calls} x sleep 0.05 wall", sleep_wall, "s",
                                "ideal (no overhead)", ideal, "<= 1.3x ideal"), 1.3))
+        floor_wall = await subprocess_floor_concurrent(64, sizes.sleep_calls, "sleep 0.05")
+        rows.append(Row("4 concurrency", "same, plain subprocess from one process (64 concurrent)", floor_wall, "s",
+                        "ours", sleep_wall, ratio=sleep_wall / floor_wall, note="ratio: ours / plain subprocess"))
         say(f"concurrency: 64 x {sizes.true_calls} x true")
         true_wall = await wall("true", sizes.true_calls)
         ours = 64 * sizes.true_calls / true_wall
-        floor = await subprocess_floor_concurrent(64, sizes.true_calls)
+        floor = 64 * sizes.true_calls / await subprocess_floor_concurrent(64, sizes.true_calls)
         rows.append(judged(Row("4 concurrency", f"64 slots x {sizes.true_calls} x true", ours, "calls/s",
                                "subprocess, 64 concurrent", floor, ">= 0.6x"), 0.6, higher_is_better=True))
         for s in slots:
@@ -230,7 +234,7 @@ async def recovery_rows(say: Callable[[str], None]) -> list[Row]:
             results = await asyncio.gather(*calls, return_exceptions=True)
             failed = time.perf_counter() - t0
             lost = sum(isinstance(r, SlotLost) for r in results)
-            while pool.stats().servers < 2 and time.perf_counter() - t0 < 120:  # noqa: ASYNC110 (we time it)
+            while (pool.stats().servers_lost < 1 or pool.stats().servers < 2) and time.perf_counter() - t0 < 120:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
             back = time.perf_counter() - t0
             if sig == signal.SIGSTOP:

@@ -136,7 +136,7 @@ class SandboxApp:
     async def execute(self, request: web.Request) -> web.Response:
         call = await self._body(request, ExecuteRequest)
         slot, op, timeout = self._prepare(call)
-        return _json(ExecuteResult.model_validate(await slot.execute(op, timeout)))
+        return _json(ExecuteResult.model_construct(**await slot.execute(op, timeout)))
 
     async def batch(self, request: web.Request) -> web.Response:
         body: BatchRequest = await self._body(request, BatchRequest)
@@ -150,7 +150,7 @@ class SandboxApp:
             for i in indices:  # same slot: in order; different slots: concurrently
                 slot, op, timeout = prepared[i]
                 try:
-                    results[i] = ExecuteResult.model_validate(await slot.execute(op, timeout))
+                    results[i] = ExecuteResult.model_construct(**await slot.execute(op, timeout))
                 except SlotFailure as exc:
                     results[i] = ExecuteResult(ok=False, infra_error=str(exc))
 

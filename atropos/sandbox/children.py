@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -22,7 +21,6 @@ def exit_code_of(status: int) -> int:
 @dataclass
 class Child:
     pid: int
-    popen: subprocess.Popen[bytes]
     stdout_fd: int
     stderr_fd: int
     exited: asyncio.Future[int]
@@ -67,35 +65,43 @@ class PipeReader:
 
 
 class Children:
-    def __init__(self, loop: asyncio.AbstractEventLoop, env: dict[str, str], cwd: str) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, env: dict[str, str]) -> None:
         self.loop = loop
         self.env = env
-        self.cwd = cwd
-        self._waiting: dict[int, tuple[asyncio.Future[int], subprocess.Popen[bytes]]] = {}
+        self._waiting: dict[int, asyncio.Future[int]] = {}
         loop.add_signal_handler(signal.SIGCHLD, self.reap)
 
     def spawn(self, argv: Sequence[str], *, pass_fds: Sequence[int] = ()) -> Child:
-        popen = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=self.cwd,
-            env=self.env,
-            start_new_session=True,  # own session: the tree of a command is findable by sid
-            pass_fds=tuple(pass_fds),
-        )
-        assert popen.stdout is not None and popen.stderr is not None
-        # take the raw fds; the file objects must not close them behind our back
-        out_fd, err_fd = os.dup(popen.stdout.fileno()), os.dup(popen.stderr.fileno())
-        popen.stdout.close()
-        popen.stderr.close()
+        """Start `argv` in its own session (its tree is findable by sid), stdin from /dev/null.
+
+        posix_spawn (vfork + exec in libc) costs the runner a fraction of subprocess.Popen's CPU;
+        the runner already sits in the workspace, so the child inherits the right cwd. Every fd we
+        own is close-on-exec (PEP 446) except `pass_fds`, which the caller made inheritable.
+        """
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        actions = [
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, out_w, 1),
+            (os.POSIX_SPAWN_DUP2, err_w, 2),
+        ]
+        try:
+            pid = os.posix_spawnp(argv[0], list(argv), self.env, file_actions=actions, setsid=True)
+        except OSError:
+            for fd in (out_r, out_w, err_r, err_w):
+                os.close(fd)
+            raise
+        finally:
+            for fd in pass_fds:
+                os.set_inheritable(fd, False)
+        os.close(out_w)
+        os.close(err_w)
         exited: asyncio.Future[int] = self.loop.create_future()
-        self._waiting[popen.pid] = (exited, popen)
+        self._waiting[pid] = exited
         # SIGCHLD handlers run from the loop, so a child that already exited is still reaped
         # after this registration; reap now anyway in case its signal was coalesced.
         self.loop.call_soon(self.reap)
-        return Child(popen.pid, popen, out_fd, err_fd, exited)
+        return Child(pid, out_r, err_r, exited)
 
     def reap(self) -> None:
         while True:
@@ -105,11 +111,8 @@ class Children:
                 return
             if pid == 0:
                 return
-            entry = self._waiting.pop(pid, None)
-            if entry is None:
+            fut = self._waiting.pop(pid, None)
+            if fut is None:
                 continue  # an orphan reparented to us
-            fut, popen = entry
-            code = exit_code_of(status)
-            popen.returncode = code  # so Popen never tries to reap it itself
             if not fut.done():
-                fut.set_result(code)
+                fut.set_result(exit_code_of(status))

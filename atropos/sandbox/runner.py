@@ -35,7 +35,7 @@ class Runner:
         self.cap = cap
         self.file_limit = file_limit
         self.loop = asyncio.get_running_loop()
-        self.children = Children(self.loop, dict(os.environ), root)
+        self.children = Children(self.loop, dict(os.environ))  # children inherit our cwd: the workspace
         self.session = BashSession(self.children)
         self._session_lock = asyncio.Lock()
         self._out = sys.stdout.buffer
