@@ -64,14 +64,30 @@ async def sample_async(fn: Callable[[], Awaitable[object]], n: int, warmup: int 
     return out
 
 
-def subprocess_floor(n: int, command: str = "true") -> list[float]:
+def subprocess_floor(n: int, command: str = "true", warmup: int = 5) -> list[float]:
     """The floor: a plain `bash -c` run from the benchmark process itself."""
     out = []
-    for _ in range(n + 5):
+    for _ in range(n + warmup):
         t0 = time.perf_counter()
         subprocess.run(["bash", "-c", command], stdin=subprocess.DEVNULL, capture_output=True, check=False)
         out.append(time.perf_counter() - t0)
-    return out[5:]
+    return out[warmup:]
+
+
+async def sample_interleaved(ops: dict[str, Callable[[], Awaitable[object]]], n: int,
+                             chunk: int = 10) -> dict[str, list[float]]:
+    """`n` timings of each operation, taken in rounds of `chunk` per operation in turn."""
+    for fn in ops.values():
+        for _ in range(3):
+            await fn()
+    out: dict[str, list[float]] = {name: [] for name in ops}
+    while len(next(iter(out.values()))) < n:
+        for name, fn in ops.items():
+            for _ in range(chunk):
+                t0 = time.perf_counter()
+                await fn()
+                out[name].append(time.perf_counter() - t0)
+    return out
 
 
 async def subprocess_floor_concurrent(workers: int, per_worker: int, command: str = "true") -> float:
