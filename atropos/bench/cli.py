@@ -71,11 +71,12 @@ def plot(rows: list[Row], path: str) -> None:
     import matplotlib.pyplot as plt
 
     ratios = [r for r in rows if r.ratio is not None]
-    fig, ax = plt.subplots(figsize=(10, 0.45 * len(ratios) + 1.5))
+    fig, ax = plt.subplots(figsize=(11, 0.45 * len(ratios) + 1.5))
     colors = ["tab:green" if r.met else "tab:red" if r.met is False else "tab:gray" for r in ratios]
     ax.barh([r.metric for r in ratios], [r.ratio or 0.0 for r in ratios], color=colors)
     ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_xlabel("ratio to the baseline measured in the same run (green: target met)")
+    ax.set_xscale("log")
+    ax.set_xlabel("ratio to the baseline measured in the same run (log scale); green: target met, red: missed")
     ax.invert_yaxis()
     ax.set_title("atropos-sandbox bench")
     fig.tight_layout()

@@ -117,11 +117,11 @@ async def swerex_rows(sizes: Sizes, say: Callable[[str], None]) -> list[Row]:
     for key, label in (("one-shot", "one-shot `true`"), ("session", "session `true`"), ("files", "1 KB write+read")):
         speedup = theirs[key].p50 / ours[key].p50
         # ratio = ours / swe-rex; a speed-up of S means a ratio of 1/S
-        rows.append(judged(Row("7 vs swe-rex", f"{label} p50 (ours)", ms(ours[key].p50), "ms",
+        rows.append(judged(Row("7 vs swe-rex", f"vs swe-rex: {label} p50 (ours)", ms(ours[key].p50), "ms",
                                "swe-rex p50", ms(theirs[key].p50), f"speed-up >= {speedups[key]:g}x",
                                note=f"speed-up {speedup:.1f}x",
                                extra={"speedup": speedup, "swerex_p99_ms": ms(theirs[key].p99)}),
                            1.0 / speedups[key]))
-    rows.append(Row("7 vs swe-rex", "8 sessions x 25 x sleep 0.05 wall (ours)", our_wall, "s", "swe-rex wall",
+    rows.append(Row("7 vs swe-rex", "vs swe-rex: 8 sessions x 25 x sleep 0.05 wall (ours)", our_wall, "s", "swe-rex wall",
                     rex_wall, "ideal 1.25 s", ratio=our_wall / rex_wall))
     return rows
