@@ -122,6 +122,6 @@ async def swerex_rows(sizes: Sizes, say: Callable[[str], None]) -> list[Row]:
                                note=f"speed-up {speedup:.1f}x",
                                extra={"speedup": speedup, "swerex_p99_ms": ms(theirs[key].p99)}),
                            1.0 / speedups[key]))
-    rows.append(Row("7 vs swe-rex", "vs swe-rex: 8 sessions x 25 x sleep 0.05 wall (ours)", our_wall, "s", "swe-rex wall",
-                    rex_wall, "ideal 1.25 s", ratio=our_wall / rex_wall))
+    rows.append(Row("7 vs swe-rex", "vs swe-rex: 8 sessions x 25 x sleep 0.05 wall (ours)", our_wall, "s",
+                    "swe-rex wall", rex_wall, "ideal 1.25 s", ratio=our_wall / rex_wall))
     return rows
