@@ -230,3 +230,24 @@ def test_config_validation_messages(tmp_path: object) -> None:
     assert SlotPoolConfig(driver="singularity", singularity_image="docker://python:3.11").singularity_image
     with pytest.raises(ValidationError, match="min_containers"):
         SlotPoolConfig(min_containers=5, max_containers=2)
+
+
+async def test_slot_that_cannot_be_reset_is_retired(monkeypatch: pytest.MonkeyPatch) -> None:
+    from atropos.slots import SlotFailed
+    from atropos.slots.executor import ServerClient
+
+    async def broken_reset(self: ServerClient, slot: int, timeout: float = 60.0) -> dict[str, object]:
+        raise SlotFailed("reset refused (test)")
+
+    async with SlotPool(cfg(slots_per_container=2)) as pool:
+        dirty = await pool.acquire("dirty")
+        await pool.execute(dirty, "write_file", {"path": "secret", "content": "x"})
+        monkeypatch.setattr(ServerClient, "reset", broken_reset)
+        pool.release(dirty)
+        deadline = time.monotonic() + 10
+        while pool.stats().slots == 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert pool.stats().slots == 1  # the uncleanable slot left the pool
+        other = await pool.acquire("next", timeout=5)
+        assert other.slot_id != dirty.slot_id
+        assert (await pool.execute(other, "bash", {"command": "ls -A"})).stdout == ""

@@ -77,6 +77,11 @@ class LeaseBook:
             del self.slots[st.key]
         return gone
 
+    def retire(self, st: SlotState) -> None:
+        """Take one slot out of circulation for good (it could not be cleaned)."""
+        st.status = SlotStatus.LOST
+        self.slots.pop(st.key, None)
+
     # -- free list and waiters ----------------------------------------------------------------
 
     @property

@@ -205,17 +205,24 @@ class SlotPool:
         self._spawn(self._reset(st))
 
     async def _reset(self, st: SlotState) -> None:
-        server = self._servers.get(st.server_id)
-        if server is None:
+        """Reset, then free the slot; a slot that cannot be reset is never handed out again."""
+        for attempt in (1, 2):
+            server = self._servers.get(st.server_id)
+            if server is None:
+                return  # lost meanwhile: the health loop handles it
+            try:
+                await server.client.reset(st.index, _RESET_TIMEOUT)
+            except SlotLost:
+                return
+            except SlotPoolError as exc:
+                self._stats.error(exc)
+                log.warning("event=reset_failed slot=%s/%d attempt=%d error=%s", st.server_id, st.index,
+                            attempt, exc)
+                continue
+            self._book.make_free(st)
             return
-        try:
-            await server.client.reset(st.index, _RESET_TIMEOUT)
-        except SlotPoolError as exc:
-            self._stats.error(exc)
-            log.warning("event=reset_failed slot=%s/%d error=%s", st.server_id, st.index, exc)
-            if isinstance(exc, SlotLost):
-                return  # the server's loss is handled by the health loop
-        self._book.make_free(st)
+        self._book.retire(st)
+        log.error("event=slot_retired slot=%s/%d reason=reset failed twice", st.server_id, st.index)
 
     @contextlib.asynccontextmanager
     async def slot(self, trajectory_id: str | None = None, timeout: float | None = None) -> AsyncIterator[Slot]:
