@@ -126,3 +126,37 @@ async def _job_status_standin(nomad: NomadStandIn, job_id: str) -> str | None:
     async with client_for(nomad.address) as client:
         jobs = await client.list_jobs(job_id)
     return next((j.status for j in jobs if j.id == job_id), None)
+
+
+@pytest.mark.parametrize("sig", ["SIGSTOP", "SIGKILL"])
+async def test_lost_server_is_replaced_by_nomad(nomad_target: NomadTarget, sig: str) -> None:  # noqa: F811
+    import signal
+    from urllib.parse import urlparse
+
+    from atropos.slots import SlotLost
+    from tests.server_process import pids_with_arg
+
+    config = pool_config(min_containers=2, max_containers=2)
+    backend = NomadBackend(config, client=nomad_target.client)
+    async with SlotPool(config, backend=backend) as pool:
+        slots = [await pool.acquire(f"t{i}") for i in range(4)]
+        victim = slots[0].server_id
+        port = urlparse(pool.server_of(slots[0]).url).port
+        pids = pids_with_arg(f"--port {port} ")
+        assert pids, f"no server process for port {port}"
+        doomed = [s for s in slots if s.server_id == victim]
+        calls = [asyncio.ensure_future(pool.execute(s, "bash", {"command": "sleep 30"}, timeout=60)) for s in doomed]
+        await asyncio.sleep(0.3)
+        for pid in pids:
+            os.kill(pid, getattr(signal, sig))
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(isinstance(r, SlotLost) for r in results), results
+        deadline = time.monotonic() + 90
+        while (pool.stats().servers_lost < 1 or pool.stats().servers < 2) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert pool.stats().servers == 2, pool.stats()
+        assert victim not in pool.server_ids()
+        fresh = await pool.acquire("after", timeout=30)
+        assert (await pool.execute(fresh, "bash", {"command": "echo back"})).stdout == "back\n"
+        for s in slots:
+            pool.release(s)

@@ -127,13 +127,17 @@ class NomadBackend(SandboxBackend):
                 log.error("event=nomad_scale_down_failed job=%s error=%s", self.job_id, exc)
 
     async def replace_server(self, server_id: str, progress: Progress = no_progress) -> list[ServerInfo]:
-        """Nomad restarts or reschedules a failed allocation by itself: wait for the job to have
-        its full count of healthy servers again and return the new ones."""
+        """Stop the lost allocation (a hung server still counts as running to Nomad), let Nomad
+        place its replacement, and return the new servers once they answer."""
         async with self._lock:
             self._known.pop(server_id, None)
             if self._spec is None:
                 return []
-            progress(f"waiting for nomad to replace allocation {server_id[:8]}")
+            progress(f"stopping lost allocation {server_id[:8]}; waiting for nomad to replace it")
+            try:
+                await self.client.stop_allocation(server_id)
+            except NomadError as exc:  # already gone (died): Nomad reschedules it by itself
+                log.info("event=nomad_alloc_stop alloc=%s result=%s", server_id, exc)
             try:
                 endpoints = await self.client.wait_for_allocations(
                     self.job_id, self._spec.count, timeout=self.config.start_timeout,

@@ -145,6 +145,13 @@ class NomadClient:
         data = await self._sdk(f"GET /v1/allocation/{alloc_id}", lambda n: n.allocation.get_allocation(alloc_id))
         return Allocation.model_validate(data)
 
+    async def stop_allocation(self, alloc_id: str) -> str:
+        """Stop one allocation; Nomad places a replacement (`POST /v1/allocation/:id/stop`).
+        Returns the eval id. For a server that hangs while Nomad still counts it as running."""
+        data = await self._sdk(f"POST /v1/allocation/{alloc_id}/stop",
+                               lambda n: n.allocation.stop_allocation(alloc_id))
+        return str(cast(dict[str, Any], data).get("EvalID", ""))
+
     @staticmethod
     def allocation_address(alloc: Allocation) -> tuple[str, int]:
         """(host, port) of the allocation's `http` port (see `allocations.allocation_address`)."""

@@ -38,6 +38,7 @@ log = logging.getLogger("atropos.slots")
 
 _RESET_TIMEOUT = 60.0
 _SCALE_UP_RETRY = 5.0
+_REPLACE_ATTEMPTS = 3
 
 BatchCall = tuple[Slot, str, dict[str, Any], float | None]
 
@@ -351,12 +352,17 @@ class SlotPool:
 
     async def _replace(self, server: _Server) -> None:
         await server.client.aclose()
-        try:
-            infos = await self.backend.replace_server(server.info.server_id, self.progress)
-        except Exception as exc:
-            log.error("event=replace_failed server=%s error=%s", server.info.server_id, exc)
-            self.progress(f"could not replace server {server.info.server_id}: {exc}")
-            return
+        sid = server.info.server_id
+        for attempt in range(1, _REPLACE_ATTEMPTS + 1):
+            try:
+                infos = await self.backend.replace_server(sid, self.progress)
+                break
+            except Exception as exc:
+                log.error("event=replace_failed server=%s attempt=%d error=%s", sid, attempt, exc)
+                self.progress(f"could not replace server {sid} (attempt {attempt}/{_REPLACE_ATTEMPTS}): {exc}")
+                if attempt == _REPLACE_ATTEMPTS:
+                    return
+                await asyncio.sleep(_SCALE_UP_RETRY * attempt)
         if not self._closed:
             await self._register(infos)
             self.progress(f"capacity back: {len(self._book.slots)} slots on {len(self._servers)} server(s)")

@@ -22,7 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from tests.nomad_standin.cluster import NODE_NAME, Cluster
-from tests.nomad_standin.state import DATACENTER, NODE_IP, EvalRecord, rfc3339
+from tests.nomad_standin.state import DATACENTER, NODE_IP, EvalRecord, new_id, rfc3339
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -124,6 +124,8 @@ class NomadStandIn:
             ("GET", "/v1/job/{job_id}/allocations", self._job_allocations),
             ("GET", "/v1/job/{job_id}/evaluations", self._job_evaluations),
             ("GET", "/v1/allocation/{alloc_id}", self._read_allocation),
+            ("POST", "/v1/allocation/{alloc_id}/stop", self._stop_allocation),
+            ("PUT", "/v1/allocation/{alloc_id}/stop", self._stop_allocation),
             ("GET", "/v1/evaluation/{eval_id}", self._read_evaluation),
             ("GET", "/v1/nodes", self._list_nodes),
             ("GET", "/v1/node/{node_id}", self._read_node),
@@ -266,6 +268,31 @@ class NomadStandIn:
         if alloc is None:
             raise web.HTTPNotFound(text="alloc not found")
         return await self._blocking(request, lambda: alloc.modify_index, alloc.to_json)
+
+    async def _stop_allocation(self, request: web.Request) -> web.Response:
+        """Like Nomad: the allocation stops and its job is re-evaluated, which places a replacement."""
+        alloc = self.cluster.allocs.get(request.match_info["alloc_id"])
+        if alloc is None:
+            raise web.HTTPNotFound(text="alloc not found")
+        self.cluster.stop_alloc(alloc, "alloc was stopped by the API")
+        eval_id = new_id()
+        task = asyncio.get_running_loop().create_task(self._replace_after_stop(alloc, eval_id))
+        self.cluster._background.add(task)
+        task.add_done_callback(self.cluster._background.discard)
+        index = self.cluster.index.bump()
+        return _json({"EvalID": eval_id, "Index": index}, index=index)
+
+    async def _replace_after_stop(self, alloc: Any, eval_id: str) -> None:
+        # as on a real node, the replacement is placed once the stopped allocation's tasks are dead
+        # (its static port is free again), after up to KillTimeout for a task ignoring SIGTERM
+        while alloc.client_status in ("pending", "running"):
+            await asyncio.sleep(0.02)
+        job = self.cluster.jobs.get(alloc.job_id)
+        if job is not None:
+            evaluation = self.cluster.evaluate(job, "alloc-stop")
+            self.cluster.evals.pop(evaluation.id, None)  # keep the id this stop call answered with
+            evaluation.id = eval_id
+            self.cluster.evals[eval_id] = evaluation
 
     async def _read_evaluation(self, request: web.Request) -> web.Response:
         evaluation = self.cluster.evals.get(request.match_info["eval_id"])
