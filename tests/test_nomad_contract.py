@@ -76,6 +76,7 @@ async def test_every_stand_in_answer_matches_the_spec(standin: NomadStandIn) -> 
         await client.read_node(node.node_id)
         await client.list_nodes()
         await client.agent_health()
+        await client.stop_allocation(endpoints[0].alloc_id)
         with pytest.raises(NomadPlacementFailed):
             await deploy_sandbox_job(client, SandboxJobSpec(job_id="contract-docker", driver="docker", token=TOKEN),
                                      timeout=60)
@@ -103,5 +104,5 @@ async def test_every_stand_in_answer_matches_the_spec(standin: NomadStandIn) -> 
         ("POST", "/v1/job/{job_id}"), ("GET", "/v1/job/{job_id}"), ("DELETE", "/v1/job/{job_id}"),
         ("POST", "/v1/job/{job_id}/scale"), ("GET", "/v1/jobs"), ("GET", "/v1/job/{job_id}/allocations"),
         ("GET", "/v1/job/{job_id}/evaluations"), ("GET", "/v1/allocation/{alloc_id}"),
-        ("GET", "/v1/node/{node_id}"), ("GET", "/v1/nodes"),
+        ("GET", "/v1/node/{node_id}"), ("GET", "/v1/nodes"), ("POST", "/v1/allocation/{alloc_id}/stop"),
     } <= checked
