@@ -30,12 +30,15 @@ class Sizes:
     true_calls: int
     acquire_n: int
     big_pool: int
+    session_sleeps: int  # per session, in the 8-session comparison with SWE-ReX (which runs them in series)
 
     @classmethod
     def for_mode(cls, quick: bool) -> Sizes:
         if quick:
-            return cls(latency_n=60, sleep_calls=20, true_calls=15, acquire_n=20_000, big_pool=10_000)
-        return cls(latency_n=400, sleep_calls=20, true_calls=200, acquire_n=200_000, big_pool=10_000)
+            return cls(latency_n=60, sleep_calls=20, true_calls=15, acquire_n=20_000, big_pool=10_000,
+                       session_sleeps=5)
+        return cls(latency_n=400, sleep_calls=20, true_calls=200, acquire_n=200_000, big_pool=10_000,
+                   session_sleeps=25)
 
 
 def pool_config(**kw: object) -> SlotPoolConfig:
