@@ -101,9 +101,9 @@ async def test_release_resets_without_waiting() -> None:
     async with SlotPool(cfg(slots_per_container=1)) as pool:
         slot = await pool.acquire("dirty")
         await pool.execute(slot, "bash", {"command": f"echo x > junk; nohup sleep {tag} >/dev/null 2>&1 &"})
-        t0 = time.perf_counter()
         pool.release(slot)
-        assert time.perf_counter() - t0 < 0.01  # release returns at once (reset runs in the background)
+        # release returned before the reset ran: the slot is still being reset in the background
+        assert pool.stats().slots_by_status["resetting"] == 1
         clean = await pool.acquire("clean", timeout=30)
         assert (await pool.execute(clean, "bash", {"command": "ls -A"})).stdout == ""
         assert wait_until_gone(f"sleep {tag}") == []
@@ -122,12 +122,12 @@ async def test_dead_trajectory_lease_is_reclaimed() -> None:
 
 
 async def test_heartbeat_and_long_calls_keep_lease() -> None:
-    async with SlotPool(cfg(slots_per_container=1, lease_ttl=0.5)) as pool:
+    async with SlotPool(cfg(slots_per_container=1, lease_ttl=1.0)) as pool:
         slot = await pool.acquire("alive")
-        res = await pool.execute(slot, "bash", {"command": "sleep 1.5; echo done"})  # in flight past the TTL
+        res = await pool.execute(slot, "bash", {"command": "sleep 2.5; echo done"})  # in flight past the TTL
         assert res.stdout == "done\n"
-        for _ in range(4):
-            await asyncio.sleep(0.3)
+        for _ in range(8):
+            await asyncio.sleep(0.2)
             pool.heartbeat(slot)
         assert (await pool.execute(slot, "bash", {"command": "echo ok"})).stdout == "ok\n"
         assert pool.stats().reclaimed == 0
@@ -160,6 +160,7 @@ async def test_server_failure_is_slot_lost_and_capacity_returns(how: str) -> Non
             results = await asyncio.gather(*in_flight, return_exceptions=True)
             detected = time.monotonic() - t0
             assert all(isinstance(r, SlotLost) for r in results), results
+            # the commands run for 20 s: failing well before that means the loss was detected
             assert detected < 10, f"in-flight calls took {detected:.1f}s to fail"
             assert [r.stdout for r in await asyncio.gather(*ok_calls)] == ["fine\n", "fine\n"]
             with pytest.raises(SlotLost):
