@@ -22,7 +22,6 @@ from atropos.nomad.lifecycle import (
     cleanup_dead_owner_jobs,
     deploy_sandbox_job,
     health_probe,
-    running_endpoints,
     scale_sandbox_job,
     stop_sandbox_job,
 )
@@ -146,9 +145,6 @@ class NomadBackend(SandboxBackend):
                 raise BackendError(f"nomad: {exc}") from None
             # the lost allocation may still count as running (hung, not dead): only new ones are news
             return self._infos([e for e in endpoints if e.alloc_id != server_id])
-
-    async def running(self) -> list[AllocationEndpoint]:
-        return await running_endpoints(self.client, self.job_id)
 
     async def close(self) -> None:
         try:

@@ -42,10 +42,6 @@ class ServerClient:
         self._lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.lost_reason = ""
 
-    @property
-    def is_lost(self) -> bool:
-        return self._lost.done()
-
     def mark_lost(self, reason: str) -> None:
         if not self._lost.done():
             self.lost_reason = reason
