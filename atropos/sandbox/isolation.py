@@ -53,7 +53,8 @@ def package_parent() -> str:
 
 def runner_command(root: str, max_output: int, max_file_bytes: int) -> list[str]:
     """The slot runner's command line; it finds the package even without PYTHONPATH or an install."""
-    bootstrap = (f"import sys; sys.path.insert(0, {package_parent()!r}); "
+    # the runner never speaks TLS: keeping asyncio from importing ssl saves ~4.5 MB in every slot
+    bootstrap = (f"import sys; sys.modules['ssl'] = None; sys.path.insert(0, {package_parent()!r}); "
                  "from atropos.sandbox.runner import main; sys.exit(main())")
     # -S -I: no site-packages scan and no PYTHON* variables; the runner needs only the stdlib
     return [sys.executable, "-S", "-I", "-c", bootstrap, "--root", root, "--max-output", str(max_output),
