@@ -100,3 +100,12 @@ except ImportError:
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[0] == "ok" and int(done.stdout.split()[1]) >= 10
+
+
+def test_demo_as_a_user_runs_it_prints_no_traceback(tmp_path: Path) -> None:
+    """The README's main command in a child process: a clean run leaves nothing on stderr but progress."""
+    done = subprocess.run([sys.executable, "-m", "atropos.cli", "demo", "--tasks", "6", "--out",
+                           str(tmp_path / "r.jsonl"), *SMALL_POOL], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "never retrieved" not in done.stderr, done.stderr
+    assert "reward mean       1.000" in done.stdout

@@ -67,10 +67,15 @@ class ServerClient:
         if self._lost.done():
             raise SlotLost(f"server {self.server_id} is lost: {self.lost_reason}")
         request = asyncio.ensure_future(self._send(path, body, timeout))
+        request.add_done_callback(_consume)
         racing: set[asyncio.Future[Any]] = {request, self._lost}
-        await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
-        if not request.done():
-            request.cancel()
+        try:
+            await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            abandoned = not request.done()
+            if abandoned:  # lost, or our caller was cancelled: drop the request too
+                request.cancel()
+        if abandoned:
             raise SlotLost(f"server {self.server_id} is lost: {self.lost_reason}")
         try:
             status, raw = request.result()
@@ -108,3 +113,9 @@ class ServerClient:
 
     async def reset(self, slot: int, timeout: float = 60.0) -> dict[str, Any]:
         return await self._post("/reset", {"slot": slot}, timeout)
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    """Mark an abandoned request's error as seen (its caller already got SlotLost or was cancelled)."""
+    if not task.cancelled():
+        task.exception()
