@@ -61,6 +61,7 @@ class LocalBackend(SandboxBackend):
         self._sif: str | None = None
         self._apptainer: str | None = None
         self._tasks: set[asyncio.Future[None]] = set()
+        self._drains: dict[int, asyncio.Future[None]] = {}  # server pid -> reader of its stdout
 
     # -- command lines -------------------------------------------------------------------------
 
@@ -162,10 +163,11 @@ class LocalBackend(SandboxBackend):
         progress(f"server {server_id} ready at {url} ({self.config.slots_per_container} slots)")
         return server.info
 
-    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _background(self, coro: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _read_ready(self, proc: asyncio.subprocess.Process) -> str:
         assert proc.stdout is not None
@@ -175,7 +177,7 @@ class LocalBackend(SandboxBackend):
                 await proc.wait()
                 raise BackendError(f"exited with code {proc.returncode} before it was ready")
             if line.startswith(READY_PREFIX):
-                self._background(_drain(proc.stdout))
+                self._drains[proc.pid] = self._background(_drain(proc.stdout))
                 return line.split()[1]
 
     async def _docker_url(self, name: str) -> str:
@@ -219,6 +221,12 @@ class LocalBackend(SandboxBackend):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         await proc.wait()
+        # the stdout pipe reaches EOF now that its writers are dead; reading it to the end lets
+        # asyncio close the process transport while the loop still runs
+        drain = self._drains.pop(proc.pid, None)
+        if drain is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(drain), _STOP_GRACE)
 
     async def remove_server(self, server_id: str) -> None:
         server = self._servers.pop(server_id, None)

@@ -128,6 +128,10 @@ class Slot:
     async def reset(self, timeout: float = 30.0) -> dict[str, Any]:
         """Kill everything the slot started and empty its workspace; cuts a running call short."""
         self.generation += 1
+        if self._proc is None or self._proc.returncode is not None:
+            # nothing runs in the slot: empty it without starting a sandbox just for that
+            await asyncio.to_thread(_empty, self.workspace)
+            return {"ok": True, "killed": 0, "duration_ms": 0.0}
         try:
             return await self.call({"op": "reset"}, timeout)
         except SlotFailure:
