@@ -4,13 +4,18 @@ set -euo pipefail
 
 usage() {
     cat <<'USAGE'
-Usage: scripts/build-image.sh [-t TAG] [--push] [-- DOCKER-BUILD-ARGS...]
+Usage: scripts/build-image.sh [-t TAG] [--ca-bundle FILE] [--push] [-- DOCKER-BUILD-ARGS...]
 
-Build the sandbox server image from images/Dockerfile with the repository as build context.
+Build the sandbox server image from images/Dockerfile. The build context is a temporary copy of
+the repository's files (tracked and untracked, without what .gitignore ignores), so a local .venv
+never reaches the daemon.
 
-  -t, --tag TAG   image tag (default: atropos-sandbox:latest, or $ATROPOS_IMAGE_TAG)
-  --push          docker push TAG after a successful build
-  -h, --help      this text
+  -t, --tag TAG       image tag (default: atropos-sandbox:latest, or $ATROPOS_IMAGE_TAG)
+  --ca-bundle FILE    CA certificates the build's pip must trust (a TLS-intercepting proxy); default:
+                      $PIP_CERT, else $SSL_CERT_FILE, when set. Used by the build stage only.
+  --no-ca-bundle      do not pass one even if those variables are set
+  --push              docker push TAG after a successful build
+  -h, --help          this text
   -- ARGS         passed to `docker build` as they are (e.g. --build-arg PYTHON_IMAGE=python:3.12-slim)
 
 Next: scripts/build-sif.sh --from daemon   (turn the image into a SIF for Apptainer)
@@ -23,6 +28,7 @@ die() {
 }
 
 tag="${ATROPOS_IMAGE_TAG:-atropos-sandbox:latest}"
+ca_bundle="${PIP_CERT:-${SSL_CERT_FILE:-}}"
 push=false
 extra=()
 while [ "$#" -gt 0 ]; do
@@ -31,6 +37,15 @@ while [ "$#" -gt 0 ]; do
             [ "$#" -ge 2 ] || die "$1 needs a value"
             tag="$2"
             shift 2
+            ;;
+        --ca-bundle)
+            [ "$#" -ge 2 ] || die "$1 needs a value"
+            ca_bundle="$2"
+            shift 2
+            ;;
+        --no-ca-bundle)
+            ca_bundle=""
+            shift
             ;;
         --push)
             push=true
@@ -59,8 +74,24 @@ docker info >/dev/null 2>&1 ||
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
-echo "build-image.sh: building $tag from images/Dockerfile" >&2
-docker build -f images/Dockerfile -t "$tag" ${extra[@]+"${extra[@]}"} . >&2
+context="$(mktemp -d "${TMPDIR:-/tmp}/atropos-image-context.XXXXXX")"
+trap 'rm -rf "$context"' EXIT
+if git rev-parse --git-dir >/dev/null 2>&1; then
+    git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' f; do
+        [ -e "$f" ] && printf '%s\0' "$f"
+    done | xargs -0 cp --parents -t "$context"
+else
+    tar -C "$repo" --exclude=.venv --exclude=.git -c . | tar -C "$context" -x
+fi
+build_args=()
+if [ -n "$ca_bundle" ]; then
+    [ -r "$ca_bundle" ] || die "--ca-bundle $ca_bundle: cannot read it"
+    cp "$ca_bundle" "$context/.build-ca-bundle.crt"
+    build_args=(--build-arg CA_BUNDLE=.build-ca-bundle.crt)
+fi
+echo "build-image.sh: building $tag from images/Dockerfile${ca_bundle:+ (CA bundle $ca_bundle for the build stage)}" >&2
+docker build -f "$context/images/Dockerfile" -t "$tag" ${build_args[@]+"${build_args[@]}"} \
+    ${extra[@]+"${extra[@]}"} "$context" >&2
 if "$push"; then
     docker push "$tag" >&2
 fi

@@ -31,6 +31,7 @@ from atropos.images.apptainer import (
     build_apptainer_exec_argv,
     sandbox_server_args,
 )
+from atropos.images.docker_security import docker_run_options
 from atropos.sandbox.procs import kill_tree
 from atropos.sandbox.server import READY_PREFIX
 from atropos.slots.config import SlotPoolConfig
@@ -91,12 +92,15 @@ class LocalBackend(SandboxBackend):
             )
             return argv, {**env, **apptainer_secret_env(self._apptainer, {TOKEN_ENV: token})}
         assert self.config.image is not None
-        # as our own uid, so the server can write the bind-mounted data dir (the image defaults to 1000)
-        argv = ["docker", "run", "--rm", "--name", name, "--user", f"{os.getuid()}:{os.getgid()}",
+        # root in the container only until the server has set up the slots' sandboxes and given root
+        # up (atropos.images.docker_security says what each option is for); then it runs as our uid, so the
+        # bind-mounted data dir stays ours, or as the image's unprivileged user when we are root
+        run_as = [] if os.getuid() == 0 else ["--run-as", f"{os.getuid()}:{os.getgid()}"]
+        argv = ["docker", "run", "--rm", "--pull", "never", "--name", name, *docker_run_options(),
                 "-p", f"127.0.0.1::{self.config.container_port}",
                 "-v", f"{data_dir}:{CONTAINER_DATA_DIR}", "-e", TOKEN_ENV, self.config.image,
                 "atropos-sandbox", "server",
-                *self._server_options("0.0.0.0", self.config.container_port, CONTAINER_DATA_DIR)]
+                *self._server_options("0.0.0.0", self.config.container_port, CONTAINER_DATA_DIR), *run_as]
         return argv, {**env, TOKEN_ENV: token}
 
     async def _prepare_driver(self, progress: Progress) -> None:

@@ -19,6 +19,7 @@ from atropos.sandbox.models import (
     TOOLS,
     BatchRequest,
     BatchResponse,
+    Enforcement,
     ErrorResponse,
     ExecuteRequest,
     ExecuteResult,
@@ -59,13 +60,12 @@ def _json(model: BaseModel, status: int = 200) -> web.Response:
 
 
 class SandboxApp:
-    def __init__(self, slots: list[Slot], *, token: str, default_timeout: float, isolation: str,
-                 network: str, max_body: int) -> None:
+    def __init__(self, slots: list[Slot], *, token: str, default_timeout: float, enforcement: Enforcement,
+                 max_body: int) -> None:
         self.slots = slots
         self.token = token.encode()
         self.default_timeout = default_timeout
-        self.isolation = isolation
-        self.network = network
+        self.enforcement = enforcement
         self.max_body = max_body
 
     def build(self) -> web.Application:
@@ -145,8 +145,7 @@ class SandboxApp:
     async def health(self, _request: web.Request) -> web.Response:
         busy = sum(1 for slot in self.slots if slot.busy)
         return _json(HealthResponse(version=__version__, slots=len(self.slots), busy=busy,
-                                    isolation=self.isolation,  # type: ignore[arg-type]
-                                    network=self.network))  # type: ignore[arg-type]
+                                    **self.enforcement.model_dump()))
 
     async def execute(self, request: web.Request) -> web.Response:
         call = await self._body(request, ExecuteRequest)

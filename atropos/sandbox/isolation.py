@@ -13,8 +13,9 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from atropos.sandbox.egress import Egress
 from atropos.sandbox.pathsafe import WORKSPACE_ALIAS
 
 # top-level entries never bound from the host: replaced by fresh mounts or by the workspace
@@ -62,7 +63,7 @@ def runner_command(root: str, max_output: int, max_file_bytes: int, extra: tuple
             "--max-file-bytes", str(max_file_bytes), *extra]
 
 
-def _runtime_paths() -> list[str]:
+def runtime_paths() -> list[str]:
     """Where this Python and its packages live: bound back if a mount above hid them."""
     paths = {sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable)),
              package_parent()}
@@ -85,16 +86,21 @@ class SandboxSpec:
     bwrap: str
     data_dir: str
     hidden_files: tuple[str, ...] = ()
-    network: str = "allow"
+    network: str = "allow"  # allow | deny | public (then `egress` is set)
     tmp_bytes: int | None = None  # size of the slot's /tmp (RAM); None: the kernel's default, half of RAM
     # a user namespace: needed without privileges; root with capabilities does without it
-    userns: bool = os.geteuid() != 0
+    userns: bool = field(default_factory=lambda: os.geteuid() != 0)
+    egress: Egress | None = None
 
     def argv(self, workspace: str, command: list[str]) -> list[str]:
         data_dir = os.path.realpath(self.data_dir)
         args = [self.bwrap, "--die-with-parent", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
                 "--unshare-cgroup-try", "--cap-drop", "ALL", "--hostname", "sandbox"]
-        if self.userns:
+        if self.egress is not None:
+            # inside pasta's namespaces we are its root: a nested user namespace shows the slot the
+            # server's own uid, as without pasta
+            args += ["--unshare-user", "--uid", str(os.getuid()), "--gid", str(os.getgid())]
+        elif self.userns:
             args.append("--unshare-user")
         if self.network == "deny":
             args.append("--unshare-net")
@@ -113,14 +119,17 @@ class SandboxSpec:
         hide_data = not _under(data_dir, "/tmp") and os.path.dirname(data_dir) != "/"
         if hide_data:
             args += ["--tmpfs", data_dir]
-        for path in _runtime_paths():
+        for path in runtime_paths():
             if _under(path, "/tmp") or _under(path, data_dir):
                 args += ["--ro-bind", path, path]
         for path in self.hidden_files:
             if os.path.exists(path) and not _under(path, "/tmp") and not _under(path, data_dir):
                 args += ["--ro-bind", "/dev/null", path]
+        if self.egress is not None and os.path.exists("/etc/resolv.conf"):
+            args += ["--ro-bind", self.egress.resolv_conf, "/etc/resolv.conf"]
         args += ["--dir", WORKSPACE_ALIAS, "--bind", workspace, WORKSPACE_ALIAS, "--chdir", WORKSPACE_ALIAS]
-        return [*args, "--", *command]
+        argv = [*args, "--", *command]
+        return self.egress.wrap(argv) if self.egress is not None else argv
 
 
 def probe(spec: SandboxSpec, scratch: str) -> str | None:

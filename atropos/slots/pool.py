@@ -21,6 +21,7 @@ from typing import Any
 
 from atropos.backends.base import Progress, SandboxBackend, ServerInfo, no_progress
 from atropos.sandbox.models import ExecuteResult
+from atropos.slots.admission import IsolationRefused, refusal
 from atropos.slots.config import SlotPoolConfig
 from atropos.slots.errors import (
     AcquireTimeout,
@@ -120,9 +121,24 @@ class SlotPool:
             self._spawn(self._lease_reaper())
 
     async def _register(self, infos: Sequence[ServerInfo]) -> None:
+        """Hand out the slots of these servers; a server with weaker isolation than configured is
+        stopped instead, and IsolationRefused raised once the others are in."""
+        clients = {info.server_id: ServerClient(info.server_id, info.url, info.token,
+                                                max_connections=info.slots + 4) for info in infos}
+        healths = await asyncio.gather(*(c.health(timeout=self.config.health_timeout) for c in clients.values()),
+                                       return_exceptions=True)
+        refused: dict[str, str] = {}
+        for info, health in zip(infos, healths, strict=True):
+            why = refusal(self.config, info.server_id, health) if isinstance(health, dict) else None
+            if why is not None:
+                refused[info.server_id] = why
+                log.error("event=server_refused server=%s reason=%s", info.server_id, why)
+                await clients[info.server_id].aclose()
+                await self.backend.remove_server(info.server_id)
+        infos = [info for info in infos if info.server_id not in refused]
         now = time.monotonic()
         for info in infos:
-            client = ServerClient(info.server_id, info.url, info.token, max_connections=info.slots + 4)
+            client = clients[info.server_id]
             server = _Server(info, client, now, now)
             self._servers[info.server_id] = server
             exited = self.backend.exited(info.server_id)
@@ -132,6 +148,8 @@ class SlotPool:
         per_server = [[SlotState(info.server_id, i) for i in range(info.slots)] for info in infos]
         width = max((len(p) for p in per_server), default=0)
         self._book.add([p[i] for i in range(width) for p in per_server if i < len(p)])
+        if refused:
+            raise IsolationRefused("; ".join(refused.values()))
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
