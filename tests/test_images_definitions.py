@@ -165,7 +165,11 @@ def test_dockerfile_installs_what_the_server_needs() -> None:
     assert re.search(r"ARG PYTHON_IMAGE=python:3\.\d+-slim", text)
     assert re.search(r"apt-get install [^\n]*bubblewrap[^\n]*git", text)
     assert "COPY . ." in text and "pip wheel" in text and "atropos-sandbox" in text
-    assert re.search(r"^USER 1000", text, re.MULTILINE)
+    # the container starts as root so the server can set up the slots' sandboxes; it then becomes
+    # the image's unprivileged user (atropos/sandbox/privileges.py)
+    assert not re.search(r"^USER ", text, re.MULTILINE)
+    assert "ATROPOS_SANDBOX_RUN_AS=sandbox" in text and "--uid 1000" in text
+    assert re.search(r"apt-get install [^\n]*passt[^\n]*iproute2", text)
     assert "chmod 1777 /data" in text
     entrypoint = next(line for line in instructions if line.startswith("ENTRYPOINT"))
     assert entrypoint == 'ENTRYPOINT ["tini", "--", "/usr/local/bin/atropos-sandbox-entrypoint"]'

@@ -87,9 +87,15 @@ def neighbours(srv: RunningServer, other_slot: int = 2) -> Iterator[Neighbours]:
                     seen.other_failures.append(repr(exc))
                 time.sleep(0.05)
 
+    # the neighbour's runner is started before the abuse, and each thread is running when it begins
+    # (a short abuse could otherwise end before a thread made its first call)
+    assert srv.execute(other_slot, "bash", command="echo hi")["output"] == "hi\n"
     threads = [threading.Thread(target=ping), threading.Thread(target=work)]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + 30
+    while not (seen.health_ms and seen.other_results) and time.monotonic() < deadline:
+        time.sleep(0.01)
     try:
         yield seen
     finally:

@@ -155,10 +155,8 @@ def _chown_tree(top: str, who: Identity) -> None:
 
 
 def _unreachable_ancestor(path: str, who: Identity) -> str | None:
-    """The highest directory on the way to `path` (itself included if a directory) that `who`
-    may not search (x bit), if any."""
-    path = os.path.realpath(path)
-    current = path if os.path.isdir(path) else os.path.dirname(path)
+    """The highest directory above `path` that `who` may not search (x bit), if any."""
+    current = os.path.dirname(os.path.realpath(path))
     found = None
     while True:
         st = os.stat(current)
@@ -180,6 +178,13 @@ def give_up_root(who: Identity, *, trees: Sequence[str], files: Sequence[str] = 
     """Steps 1-3 of the module docstring: `trees` are handed over whole, `files` one by one, and
     `trees` and `reach` (the interpreter and package the slots' runner starts from) made reachable.
     Raises PrivilegeError if any step fails."""
+    try:
+        for path in trees:
+            _chown_tree(path, who)
+        for path in files:
+            os.lchown(path, who.uid, who.gid)
+    except OSError as exc:
+        raise PrivilegeError(f"cannot hand {exc.filename} to {who.describe()}: {exc.strerror}") from None
     masked = proc_is_masked()
     hidden = [p for p in (*trees, *reach) if _unreachable_ancestor(p, who) is not None]
     if masked or hidden:
@@ -196,13 +201,6 @@ def give_up_root(who: Identity, *, trees: Sequence[str], files: Sequence[str] = 
                 f"{what}, and the server could not fix that in a mount namespace of its own ({exc}). "
                 "In a container, add --cap-add SYS_ADMIN (Nomad: cap_add = [\"sys_admin\"]); elsewhere pick "
                 "paths that user can reach, or --run-as another user") from None
-    try:
-        for path in trees:
-            _chown_tree(path, who)
-        for path in files:
-            os.lchown(path, who.uid, who.gid)
-    except OSError as exc:
-        raise PrivilegeError(f"cannot hand {exc.filename} to {who.describe()}: {exc.strerror}") from None
     parent, death_signal = os.getppid(), _death_signal()
     try:
         os.setgroups([])
