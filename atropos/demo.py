@@ -72,6 +72,12 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     pool.add_argument("--slots-per-container", type=int, default=8, metavar="N", help="default 8")
     pool.add_argument("--containers", type=int, default=2, metavar="N", help="servers started (default 2)")
     pool.add_argument("--max-containers", type=int, default=4, metavar="N", help="servers at most (default 4)")
+    pool.add_argument("--isolation", choices=("auto", "bwrap", "none"), default="auto",
+                      help="slot isolation: auto and bwrap need bubblewrap (a server without it is refused); none "
+                      "accepts slots that see each other (default auto)")
+    pool.add_argument("--network", choices=("auto", "public", "allow", "deny"), default="auto",
+                      help="slot network: public = own namespace, public addresses only; deny = none; allow = the "
+                      "node's network; auto = public where it works, else deny (default auto)")
     parser.set_defaults(handler=main)
 
 
@@ -105,6 +111,7 @@ class _Plan:
                 backend=args.backend, driver=args.driver, image=args.image, singularity_image=args.singularity_image,
                 nomad_address=args.nomad_address, slots_per_container=args.slots_per_container,
                 min_containers=args.containers, max_containers=args.max_containers, tool_timeout=args.tool_timeout,
+                isolation=args.isolation, network=args.network,
             )
             settings = AgentSettings(max_turns=args.max_turns, tool_call_format=args.tool_call_format,
                                      tool_timeout=args.tool_timeout)
@@ -149,6 +156,7 @@ class _Plan:
         try:
             async with SlotPool(c, progress=lambda message: print(f"  .. {message}", flush=True)) as pool:
                 ready = True
+                print(enforcement_line(pool.enforcement()), flush=True)
                 print(f"\n{table_header()}", flush=True)
                 started = time.monotonic()
                 rollouts = await run_batch(pool, self.tasks, model_for, self.settings, self.args.concurrency,
@@ -177,3 +185,18 @@ class _Plan:
             for rollout in rollouts:
                 handle.write(rollout.model_dump_json() + "\n")
         return out
+
+
+def enforcement_line(per_server: dict[str, dict[str, Any]]) -> str:
+    """`in force: isolation bwrap, network public, slots as uid 65534 (2 servers)`, one clause per
+    distinct setting, with the reason where a server's `auto` fell back."""
+    seen: dict[tuple[object, ...], list[str]] = {}
+    for sid, e in per_server.items():
+        seen.setdefault((e.get("isolation"), e.get("network"), e.get("uid"), e.get("network_reason")), []).append(sid)
+    parts = []
+    for (isolation, network, uid, why), ids in seen.items():
+        part = f"isolation {isolation}, network {network}, slots as uid {uid} ({len(ids)} server(s))"
+        if why:
+            part += f"; network fell back: {why}"
+        parts.append(part)
+    return "in force: " + "; ".join(parts)

@@ -20,6 +20,28 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+PTRACE_ATTACH = 16
+
+
+def attack_script(pid: int) -> str:
+    """Shell run in the attacking slot: each line prints ATTACK-<name>-OK only if the attack worked."""
+    ptrace = (f"import ctypes; libc = ctypes.CDLL(None, use_errno=True); "
+              f"print('ATTACK-ptrace-OK' if libc.ptrace({PTRACE_ATTACH}, {pid}, 0, 0) == 0 else 'ptrace refused')")
+    lines = [
+        f"kill -0 {pid} 2>/dev/null && echo ATTACK-signal0-OK",
+        f"kill -STOP {pid} 2>/dev/null && echo ATTACK-stop-OK",
+        f"head -c 64 /proc/{pid}/environ 2>/dev/null && echo ATTACK-environ-OK",
+        f"dd if=/proc/{pid}/mem bs=1 count=1 skip=$((0x400000)) 2>/dev/null | wc -c | grep -q 1 && echo ATTACK-mem-OK",
+        f"cat /proc/{pid}/cmdline 2>/dev/null | grep -q . && echo ATTACK-cmdline-OK",
+        f"ls /proc/{pid}/root/ >/dev/null 2>&1 && echo ATTACK-root-OK",
+        f"command -v python3 >/dev/null && python3 -c \"{ptrace}\"",
+        f"command -v strace >/dev/null && timeout 5 strace -p {pid} -e trace=none 2>&1 | head -3 | "
+        "grep -q 'attached' && echo ATTACK-strace-OK",
+        f"command -v gdb >/dev/null && timeout 10 gdb -batch -p {pid} -ex 'info proc' 2>&1 | "
+        "grep -q 'process {pid}' && echo ATTACK-gdb-OK",
+    ]
+    return "\n".join(lines) + "\ntrue"
+
 
 def leaks(output: str) -> list[str]:
     return [line.split(" ", 1)[1] for line in output.splitlines() if line.startswith("LEAK ")]
@@ -38,7 +60,8 @@ def token_probe(token: str) -> str:
     return "\n".join([
         f"env | grep -q -- {q} && echo LEAK env",
         f"for f in /proc/[0-9]*/environ; do tr '\\0' '\\n' < \"$f\" 2>/dev/null | grep -q -- {q} && echo LEAK $f; done",
-        f"for f in /data/token ../../token ../token /workspace/../../token; do grep -qs -- {q} \"$f\" && echo LEAK $f; done",
+        f"for f in /data/token ../../token ../token /workspace/../../token; do "
+        f"grep -qs -- {q} \"$f\" && echo LEAK $f; done",
         "true",
     ])
 

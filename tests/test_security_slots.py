@@ -14,10 +14,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.attacks import attack_script
 from tests.security_fixtures import temporary_server
 from tests.server_process import RunningServer, pids_with_arg, wait_for_pids
-
-PTRACE_ATTACH = 16
 
 
 def start_victim(srv: RunningServer, slot: int) -> tuple[str, int]:
@@ -34,26 +33,6 @@ def alive(pid: int) -> bool:
             return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except OSError:
         return False
-
-
-def attack_script(pid: int) -> str:
-    """Shell run in the attacking slot: each line prints ATTACK-<name>-OK only if the attack worked."""
-    ptrace = (f"import ctypes; libc = ctypes.CDLL(None, use_errno=True); "
-              f"print('ATTACK-ptrace-OK' if libc.ptrace({PTRACE_ATTACH}, {pid}, 0, 0) == 0 else 'ptrace refused')")
-    lines = [
-        f"kill -0 {pid} 2>/dev/null && echo ATTACK-signal0-OK",
-        f"kill -STOP {pid} 2>/dev/null && echo ATTACK-stop-OK",
-        f"head -c 64 /proc/{pid}/environ 2>/dev/null && echo ATTACK-environ-OK",
-        f"dd if=/proc/{pid}/mem bs=1 count=1 skip=$((0x400000)) 2>/dev/null | wc -c | grep -q 1 && echo ATTACK-mem-OK",
-        f"cat /proc/{pid}/cmdline 2>/dev/null | grep -q . && echo ATTACK-cmdline-OK",
-        f"ls /proc/{pid}/root/ >/dev/null 2>&1 && echo ATTACK-root-OK",
-        f"command -v python3 >/dev/null && python3 -c \"{ptrace}\"",
-        f"command -v strace >/dev/null && timeout 5 strace -p {pid} -e trace=none 2>&1 | head -3 | "
-        "grep -q 'attached' && echo ATTACK-strace-OK",
-        f"command -v gdb >/dev/null && timeout 10 gdb -batch -p {pid} -ex 'info proc' 2>&1 | "
-        "grep -q 'process {pid}' && echo ATTACK-gdb-OK",
-    ]
-    return "\n".join(lines) + "\ntrue"
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,7 @@ def _add_render_arguments(p: argparse.ArgumentParser) -> None:
                    help="singularity/process: one group with a Nomad-chosen host port instead")
     p.add_argument("--container-port", type=int, default=None, help="server port inside a docker container")
     p.add_argument("--isolation", choices=["auto", "bwrap", "none"], default="auto")
-    p.add_argument("--network", choices=["allow", "deny"], default="allow")
+    p.add_argument("--network", choices=["auto", "public", "allow", "deny"], default="auto")
     p.add_argument("--cpu", type=int, default=1000, help="MHz per container")
     p.add_argument("--memory", type=int, default=2048, help="MB per container")
     p.add_argument("--datacenter", action="append", default=[], help="repeatable")

@@ -66,7 +66,7 @@ class SandboxJobSpec(BaseModel):
 
     # server settings
     isolation: Literal["auto", "bwrap", "none"] = "auto"
-    network: Literal["allow", "deny"] = "allow"
+    network: Literal["auto", "public", "allow", "deny"] = "auto"
     command_timeout: float | None = Field(default=None, gt=0, description="server --timeout")
     max_output: int | None = Field(default=None, ge=1024, description="server --max-output")
     limits: SlotLimits | None = Field(default=None, description="server --limit-* (None: the server's defaults)")

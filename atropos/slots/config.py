@@ -32,7 +32,9 @@ class SlotPoolConfig(BaseModel):
     max_containers: int = Field(default=4, ge=1, le=1000)
 
     isolation: Literal["auto", "bwrap", "none"] = "auto"
-    network: Literal["allow", "deny"] = "allow"
+    # auto: each slot its own network namespace reaching public addresses only (public) where pasta
+    # works on the node, else no network (deny); allow: the node's network, loopback services included
+    network: Literal["auto", "public", "allow", "deny"] = "auto"
 
     tool_timeout: float = Field(default=120.0, gt=0, description="default timeout of one tool call, seconds")
     acquire_timeout: float = Field(default=600.0, gt=0, description="default wait for a free slot, seconds")

@@ -50,6 +50,7 @@ class _Server:
     client: ServerClient
     last_ok: float
     idle_since: float
+    health: dict[str, Any]  # /health when it joined: what it enforces
 
 
 def make_backend(config: SlotPoolConfig) -> SandboxBackend:
@@ -128,22 +129,23 @@ class SlotPool:
         healths = await asyncio.gather(*(c.health(timeout=self.config.health_timeout) for c in clients.values()),
                                        return_exceptions=True)
         refused: dict[str, str] = {}
-        for info, health in zip(infos, healths, strict=True):
-            why = refusal(self.config, info.server_id, health) if isinstance(health, dict) else None
+        admitted: list[ServerInfo] = []
+        now = time.monotonic()
+        for info, answer in zip(infos, healths, strict=True):
+            health = answer if isinstance(answer, dict) else {}  # unanswered: the health loop decides
+            why = refusal(self.config, info.server_id, health)
             if why is not None:
                 refused[info.server_id] = why
                 log.error("event=server_refused server=%s reason=%s", info.server_id, why)
                 await clients[info.server_id].aclose()
                 await self.backend.remove_server(info.server_id)
-        infos = [info for info in infos if info.server_id not in refused]
-        now = time.monotonic()
-        for info in infos:
-            client = clients[info.server_id]
-            server = _Server(info, client, now, now)
-            self._servers[info.server_id] = server
+                continue
+            admitted.append(info)
+            self._servers[info.server_id] = _Server(info, clients[info.server_id], now, now, health)
             exited = self.backend.exited(info.server_id)
             if exited is not None:
                 exited.add_done_callback(functools.partial(self._on_exit, info.server_id))
+        infos = admitted
         # interleave servers so consecutive acquires spread over containers
         per_server = [[SlotState(info.server_id, i) for i in range(info.slots)] for info in infos]
         width = max((len(p) for p in per_server), default=0)
@@ -264,6 +266,12 @@ class SlotPool:
 
     def server_ids(self) -> list[str]:
         return list(self._servers)
+
+    def enforcement(self) -> dict[str, dict[str, Any]]:
+        """Per server: what it said it enforces when it joined (isolation, network, the uid slots
+        run as, limits, cgroups, and why an `auto` mode fell back), from its /health."""
+        keys = ("isolation", "network", "uid", "limits", "cgroups", "isolation_reason", "network_reason")
+        return {sid: {k: s.health.get(k) for k in keys} for sid, s in self._servers.items()}
 
     async def server_health(self, slot: Slot) -> dict[str, Any]:
         """/health of the slot's server, through the same pooled connection its calls use."""

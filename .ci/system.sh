@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Debian packages and daemons the tests need, installed and started from nothing (CI runs as root
+# on a fresh machine). Idempotent: what is already there is left as it is.
+#   - docker.io: a real Docker engine for the docker-driver tests, and debootstrap for a base image
+#     made without any registry (the engine never pulls);
+#   - passt (pasta): network mode `public`, per-slot network namespaces; /dev/net/tun opened to
+#     unprivileged users as on most HPC nodes (pasta runs as the server's unprivileged user);
+#   - iproute2: `ip` for the slots' routes and the tests' network namespaces.
+set -euo pipefail
+
+BASE_IMAGE="${ATROPOS_CI_BASE_IMAGE:-atropos-ci-base:bookworm}"
+
+log() { echo "ci/system: $*" >&2; }
+
+if [ "$(id -u)" != 0 ]; then
+    log "not root: installing nothing (docker and network tests skip with their reasons)"
+    exit 0
+fi
+
+need=()
+for pkg in docker.io passt debootstrap iproute2 util-linux uidmap; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
+done
+if [ "${#need[@]}" -gt 0 ]; then
+    log "installing ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+[ -c /dev/net/tun ] && chmod 0666 /dev/net/tun
+
+if ! docker info >/dev/null 2>&1; then
+    log "starting dockerd"
+    mkdir -p /var/log
+    nohup dockerd >/var/log/atropos-ci-dockerd.log 2>&1 &
+    for _ in $(seq 60); do
+        docker info >/dev/null 2>&1 && break
+        sleep 1
+    done
+    docker info >/dev/null 2>&1 || { tail -20 /var/log/atropos-ci-dockerd.log >&2; log "dockerd did not start"; exit 1; }
+fi
+
+if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
+    log "making $BASE_IMAGE from a debootstrap rootfs (no registry)"
+    rootfs="$(mktemp -d /var/tmp/atropos-ci-rootfs.XXXXXX)"
+    trap 'rm -rf "$rootfs"' EXIT
+    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$rootfs" \
+        http://deb.debian.org/debian >/dev/null
+    tar -C "$rootfs" -c . | docker import - "$BASE_IMAGE" >/dev/null
+fi
+log "ready: $(docker version --format 'docker {{.Server.Version}}'), base image $BASE_IMAGE, $(pasta --version 2>/dev/null | head -1 || echo 'no pasta')"
