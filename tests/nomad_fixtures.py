@@ -9,6 +9,7 @@ with the apptainer stand-in (tests/bin) and this interpreter on PATH.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import random
 import shutil
@@ -25,6 +26,7 @@ import httpx
 import pytest
 
 from atropos.nomad import Constraint, NomadClient, NomadSettings, SandboxJobSpec
+from atropos.nomad.builder import TOKEN_KEY
 from tests.nomad_standin import NomadStandIn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,6 +39,26 @@ TOKEN = "test-token-0123456789"
 def server_command() -> list[str]:
     """The sandbox server, run by this interpreter (no install needed)."""
     return [sys.executable, "-m", "atropos.sandbox.server"]
+
+
+@functools.lru_cache(maxsize=1)
+def task_user() -> str | None:
+    """The jobs' default `nobody` where that user can run this interpreter and this checkout. A test
+    run as root whose Python lives in root's home (pyenv, conda) cannot: there the tasks keep the
+    agent's user (None) and the server gives root up itself (atropos.sandbox.privileges)."""
+    if os.geteuid() != 0:
+        return "nobody"  # the jobs' wrapper changes users only when the task starts as root
+    # through a shell, as the jobs' wrapper and bubblewrap exec it (setpriv resolves its own
+    # command before it changes users, so a direct `setpriv ... python` would pass where they fail)
+    probe = subprocess.run(["setpriv", "--reuid", "nobody", "--regid", "65534", "--clear-groups", "/bin/sh", "-c",
+                            'exec "$0" -c "import atropos.sandbox.server"', sys.executable],
+                           cwd="/", env={"PYTHONPATH": REPO}, capture_output=True, timeout=60, check=False)
+    return "nobody" if probe.returncode == 0 else None
+
+
+async def put_token(client: NomadClient, spec: SandboxJobSpec) -> None:
+    """What a pool does before it submits a job: the token Variable its tasks read."""
+    await client.put_variable(spec.token_variable, {TOKEN_KEY: spec.token.get_secret_value()})
 
 
 def find_bwrap() -> str | None:

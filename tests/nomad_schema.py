@@ -104,5 +104,7 @@ def response_schema(method: str, route: str, status: int = 200) -> dict[str, Any
         if operation is None:
             return None
         response, _ = _resolve(operation["responses"][str(status)])
+        if "content" not in response:  # described, without a body (DELETE /var/{path}): nothing to check
+            return {}
         return dict(response["content"]["application/json"]["schema"])
     return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 
 import pytest
@@ -50,8 +51,13 @@ def test_singularity_job_execs_apptainer_from_a_shell_on_one_static_port_per_con
     assert task["Driver"] == "raw_exec"
     assert task["Config"]["command"] == "/bin/sh"
     flag, script = task["Config"]["args"]
-    assert flag == "-c" and script.startswith("exec apptainer exec ")
-    words = shlex.split(script)
+    # started as root (a root agent), the task becomes nobody first; otherwise it runs as it is
+    as_root, _, as_is = script.partition("; fi; ")
+    assert flag == "-c" and as_is.startswith("exec apptainer exec ")
+    assert as_root.startswith('if [ "$(id -u)" = 0 ]; then ')
+    assert "exec setpriv --reuid nobody --regid \"$(id -g nobody)\" --clear-groups -- apptainer exec " in as_root
+    assert as_root.endswith(as_is.removeprefix("exec apptainer exec "))  # the same command either way
+    words = shlex.split(as_is)
     image = words.index("/shared/sandbox.sif")
     assert "--containall" in words[:image] and "--nv" in words[:image]
     assert not any(w.startswith(("--net", "--network")) for w in words[:image])  # host network, no CNI
@@ -66,26 +72,31 @@ def test_singularity_job_execs_apptainer_from_a_shell_on_one_static_port_per_con
     assert '"${NOMAD_ALLOC_DIR}/data:/data"' in script
 
 
-def test_the_token_travels_in_the_environment_never_in_arguments() -> None:
-    for driver, variable in (("process", "ATROPOS_SANDBOX_TOKEN"), ("docker", "ATROPOS_SANDBOX_TOKEN"),
-                             ("singularity", "APPTAINERENV_ATROPOS_SANDBOX_TOKEN")):
-        job = build(driver=driver, singularity_image="/i.sif")
+def test_the_token_is_in_no_part_of_the_job_and_reaches_the_server_as_a_secret_file() -> None:
+    for driver, token_file in (("process", "${NOMAD_SECRETS_DIR}/atropos-token"),
+                               ("docker", "/secrets/atropos-token"), ("singularity", "/secrets/atropos-token")):
+        job = build(driver=driver, singularity_image="/i.sif", job_id="j1")
+        assert TOKEN not in json.dumps(job)  # what `nomad job inspect`, the API and the UI show
         task = only_task(job)
-        assert task["Env"][variable] == TOKEN
-        assert TOKEN not in str(task["Config"])
-    singularity_binary = only_task(build(driver="singularity", singularity_image="/i.sif",
-                                         apptainer_binary="singularity", apptainer_cache_dir="/scratch/c"))
-    assert singularity_binary["Env"] == {"SINGULARITYENV_ATROPOS_SANDBOX_TOKEN": TOKEN,
-                                         "SINGULARITY_CACHEDIR": "/scratch/c"}
+        (template,) = task["Templates"]
+        assert template == {"EmbeddedTmpl": '{{ with nomadVar "nomad/jobs/j1" }}{{ .token }}{{ end }}',
+                            "DestPath": "secrets/atropos-token", "ChangeMode": "noop", "Perms": "0400"}
+        words = shlex.split(" ".join(task["Config"].get("args") or []))
+        assert words[words.index("--token-file") + 1] == token_file
+    singularity = only_task(build(driver="singularity", singularity_image="/i.sif", apptainer_binary="singularity",
+                                  apptainer_cache_dir="/scratch/c"))
+    assert singularity["Env"] == {"SINGULARITY_CACHEDIR": "/scratch/c"}
+    assert '"${NOMAD_SECRETS_DIR}:/secrets"' in singularity["Config"]["args"][1]
 
 
 def test_process_job_runs_the_server_command_directly() -> None:
     job = build(driver="process", server_command=["/opt/venv/bin/atropos-sandbox", "server"],
                 isolation="bwrap", network="deny", command_timeout=30, max_output=4096)
     config = only_task(job)["Config"]
-    assert config["command"] == "/opt/venv/bin/atropos-sandbox"
-    args = config["args"]
-    assert args[0] == "server"
+    assert config["command"] == "/bin/sh" and config["args"][0] == "-c"
+    as_is = config["args"][1].partition("; fi; ")[2]
+    args = shlex.split(as_is)
+    assert args[:3] == ["exec", "/opt/venv/bin/atropos-sandbox", "server"]
     for flag, value in (("--isolation", "bwrap"), ("--network", "deny"), ("--timeout", "30.0"),
                         ("--max-output", "4096"), ("--data-dir", "${NOMAD_ALLOC_DIR}/data")):
         assert args[args.index(flag) + 1] == value

@@ -26,8 +26,10 @@ from tests.nomad_fixtures import (  # noqa: F401 - fixtures
     agent_env,
     client_for,
     free_port_block,
+    put_token,
     server_command,
     standin,
+    task_user,
 )
 from tests.nomad_standin import NomadStandIn
 
@@ -35,7 +37,7 @@ from tests.nomad_standin import NomadStandIn
 def spec(job_id: str, **values: object) -> SandboxJobSpec:
     base: dict[str, object] = {"job_id": job_id, "token": TOKEN, "server_command": server_command(),
                                "slots_per_container": 1, "base_port": free_port_block(2),
-                               "restart": RestartPolicy(attempts=0)}
+                               "restart": RestartPolicy(attempts=0), "task_user": task_user()}
     return SandboxJobSpec(**{**base, **values})  # type: ignore[arg-type]
 
 
@@ -64,7 +66,9 @@ async def test_4xx_is_never_retried(standin: NomadStandIn) -> None:  # noqa: F81
     async with client_for(standin.address) as client:
         with pytest.raises(NomadNotFound, match="GET /v1/job/absent: job not found"):
             await client.read_job("absent")
-        await client.register_job(create_sandbox_job(spec("static", count=0)))
+        submitted = spec("static", count=0)
+        await put_token(client, submitted)
+        await client.register_job(create_sandbox_job(submitted))
         with pytest.raises(NomadRequestError, match="does not exist in job"):
             await client.scale_job("static", "no-such-group", 1)
     assert calls(standin, "GET", "/v1/job/absent") == 1
@@ -75,7 +79,9 @@ async def test_a_hanging_nomad_is_retried_then_reported(standin: NomadStandIn) -
     standin.faults.hang("GET", r"^/v1/job/slow$", times=1)
     standin.faults.hang("GET", r"^/v1/job/stuck$", times=None)
     async with client_for(standin.address, timeout=0.3, attempts=2) as client:
-        await client.register_job(create_sandbox_job(spec("slow", count=0)))
+        submitted = spec("slow", count=0)
+        await put_token(client, submitted)
+        await client.register_job(create_sandbox_job(submitted))
         assert (await client.read_job("slow"))["ID"] == "slow"
         with pytest.raises(NomadConnectionError, match=r"GET /v1/job/stuck: Nomad at http://.* did not answer"):
             await client.read_job("stuck")
@@ -116,7 +122,9 @@ async def test_a_server_that_never_answers_times_out_with_what_was_seen(standin:
         return False
 
     async with client_for(standin.address) as client:
-        await client.register_job(create_sandbox_job(spec("mute")))
+        submitted = spec("mute")
+        await put_token(client, submitted)
+        await client.register_job(create_sandbox_job(submitted))
         with pytest.raises(NomadWaitTimeout) as failure:
             await client.wait_for_allocations("mute", 1, timeout=0.5, probe=never)
     assert "job mute: 1/1 allocations running (0 ready)" in str(failure.value)
@@ -124,13 +132,17 @@ async def test_a_server_that_never_answers_times_out_with_what_was_seen(standin:
 
 async def test_blocking_queries_wake_on_change_without_polling(standin: NomadStandIn) -> None:  # noqa: F811
     async with client_for(standin.address) as client:
-        await client.register_job(create_sandbox_job(spec("watched", count=0)))
+        submitted = spec("watched", count=0)
+        await put_token(client, submitted)
+        await client.register_job(create_sandbox_job(submitted))
         index, allocations = await client.watch_job_allocations("watched", index=0, wait=1)
         assert allocations == []
         watcher = asyncio.ensure_future(client.watch_job_allocations("watched", index=index, wait=60))
         await asyncio.sleep(0)
         assert not watcher.done()
-        await client.register_job(create_sandbox_job(spec("watched", count=1)))
+        submitted = spec("watched", count=1)
+        await put_token(client, submitted)
+        await client.register_job(create_sandbox_job(submitted))
         new_index, allocations = await watcher
     assert new_index > index and len(allocations) == 1
     assert any("index=" in path and "wait=60000ms" in path for _, path in standin.requests)
@@ -140,7 +152,9 @@ async def test_a_port_held_for_good_fails_the_wait_after_the_grace_period(standi
     async with client_for(standin.address) as client:
         holder = spec("holder")
         await deploy_sandbox_job(client, holder)
-        await client.register_job(create_sandbox_job(spec("late", base_port=holder.base_port)))
+        submitted = spec("late", base_port=holder.base_port)
+        await put_token(client, submitted)
+        await client.register_job(create_sandbox_job(submitted))
         with pytest.raises(NomadPlacementFailed) as failure:
             await client.wait_for_allocations("late", 1, timeout=600, placement_grace=0.2)
     assert str(failure.value) == (

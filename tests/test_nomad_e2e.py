@@ -40,8 +40,10 @@ from tests.nomad_fixtures import (  # noqa: F401 - fixtures
     execute,
     free_port_block,
     nomad_target,
+    put_token,
     real_agent,
     server_command,
+    task_user,
     wait_healthy,
     write_standin_image,
 )
@@ -68,6 +70,7 @@ def job_spec(driver: str = "process", **values: object) -> SandboxJobSpec:
         "cpu": 100,
         "memory": 256,
         "kill_timeout": 5,
+        "task_user": task_user(),
     }
     if "count" not in values:
         values["count"] = 1
@@ -174,9 +177,11 @@ async def test_dynamic_ports_scale_with_the_scale_endpoint(target: NomadTarget) 
 
 async def test_raw_exec_tasks_see_nomads_environment(target: NomadTarget) -> None:
     """What the stand-in gives a raw_exec task is what Nomad gives it (the same test runs on both)."""
-    script = 'env > "$NOMAD_ALLOC_DIR/data/env.txt"; echo "${NOMAD_PORT_http}" > "$NOMAD_ALLOC_DIR/data/args.txt"; ' \
+    script = 'env > "$NOMAD_ALLOC_DIR/data/env.txt"; cat "$NOMAD_SECRETS_DIR/atropos-token" > ' \
+             '"$NOMAD_ALLOC_DIR/data/token.txt"; echo "${NOMAD_PORT_http}" > "$NOMAD_ALLOC_DIR/data/args.txt"; ' \
              "exec sleep 600"
     spec = job_spec(count=2, server_command=["/bin/sh", "-c", script, "sh"], kill_timeout=1)
+    await put_token(target.client, spec)
     await target.client.register_job(create_sandbox_job(spec))
     endpoints = await target.client.wait_for_allocations(spec.job_id, 2, timeout=120)
     second = endpoints[1]
@@ -201,7 +206,9 @@ async def test_raw_exec_tasks_see_nomads_environment(target: NomadTarget) -> Non
     assert (env["NOMAD_JOB_NAME"], env["NOMAD_GROUP_NAME"], env["NOMAD_TASK_NAME"]) == (
         spec.job_id, "sandbox-1", "server")
     assert env["NOMAD_META_atropos_kind"] == "sandbox"
-    assert env["ATROPOS_SANDBOX_TOKEN"] == TOKEN
+    # the token is in no variable of the task: a template rendered it from the Nomad Variable
+    assert not any(TOKEN in value for value in env.values())
+    assert await read_alloc_file(target, second.alloc_id, "alloc/data/token.txt") == TOKEN
     assert "PYTHONPATH" in env  # raw_exec inherits the agent's environment
     assert await read_alloc_file(target, second.alloc_id, "alloc/data/args.txt") == port + "\n"
 
@@ -310,6 +317,7 @@ async def test_cleanup_stops_only_jobs_of_dead_owners(target: NomadTarget) -> No
     specs = {name: job_spec(count=0, owner=owner)
              for name, owner in (("dead", dead), ("alive", me), ("elsewhere", elsewhere), ("manual", None))}
     for spec in specs.values():
+        await put_token(client, spec)
         await client.register_job(create_sandbox_job(spec))
 
     stopped = await cleanup_dead_owner_jobs(client, PREFIX)

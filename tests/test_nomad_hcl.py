@@ -17,7 +17,6 @@ from atropos.nomad import SandboxJobSpec, create_sandbox_job
 from atropos.nomad.hcl import HclError, format_duration, parse_duration, parse_job_hcl, render_job_hcl
 from tests.nomad_fixtures import REPO, TOKEN, RealAgent, job_shapes, real_agent, shape_id  # noqa: F401
 
-EXAMPLE_TOKEN = "REPLACE-WITH-A-SECRET-TOKEN"
 EXAMPLES = {
     "sandbox-singularity": ["--driver", "singularity", "--sif", "/shared/images/atropos-sandbox.sif"],
     "sandbox-docker": ["--driver", "docker"],
@@ -66,7 +65,7 @@ def test_unknown_keys_cannot_be_rendered() -> None:
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 @pytest.mark.parametrize("fmt", ["hcl", "json"])
 def test_rendered_examples_are_in_sync(name: str, fmt: str, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["job", "render", *EXAMPLES[name], "--count", "2", "--token", EXAMPLE_TOKEN, "--format", fmt]
+    argv = ["job", "render", *EXAMPLES[name], "--count", "2", "--format", fmt]
     assert cli_main(argv) == 0
     path = os.path.join(REPO, "nomad", "jobs", f"{name}.{fmt}")
     with open(path, encoding="utf-8") as f:
@@ -75,7 +74,7 @@ def test_rendered_examples_are_in_sync(name: str, fmt: str, capsys: pytest.Captu
 
 
 def test_render_refuses_an_incomplete_spec(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli_main(["job", "render", "--driver", "singularity", "--token", TOKEN]) == 2
+    assert cli_main(["job", "render", "--driver", "singularity"]) == 2
     assert "needs singularity_image" in capsys.readouterr().err
 
 

@@ -16,6 +16,7 @@ from tests.nomad_fixtures import (  # noqa: F401  (fixtures)
     nomad_target,
     real_agent,
     standin,
+    task_user,
     write_standin_image,
 )
 from tests.nomad_standin import NomadStandIn
@@ -27,7 +28,7 @@ def pool_config(**kw: object) -> SlotPoolConfig:
         "backend": "nomad", "driver": "process", "slots_per_container": 2, "min_containers": 1,
         "max_containers": 2, "static_port_base": free_port_block(4), "scale_cooldown": 0.0,
         "idle_scale_down": 0.5, "health_interval": 0.25, "cpu": 100, "memory": 256, "start_timeout": 120,
-        "job_id": f"atropos-test-{os.getpid()}",
+        "job_id": f"atropos-test-{os.getpid()}", "nomad_task_user": task_user(),
     }
     base.update(kw)
     return SlotPoolConfig.model_validate(base)

@@ -24,8 +24,23 @@ their allocations, new groups start, removed groups stop. With `count = 0` the j
 host port (no `To`), scaled with `POST /v1/job/:id/scale`.
 
 Every server binds `${NOMAD_IP_http}` (raw_exec) or `0.0.0.0` inside its container (docker), takes its
-port from the `http` label, keeps its slots in the allocation's `data` dir, and reads its bearer
-token from the environment (never the command line).
+port from the `http` label and keeps its slots in the allocation's `data` dir.
+
+Isolation and secrets
+---------------------
+- The bearer token is in no part of the job (`nomad job inspect`, the API and the UI show jobs to
+  anyone with read-job): the pool writes it to the Nomad Variable `nomad/jobs/<job>` before it
+  submits the job (and deletes it after), and a `template` renders it into the task's secrets dir
+  (`secrets/atropos-token`, mode 0400); the server takes it with `--token-file`.
+- raw_exec tasks (singularity, process) that start as root (a root agent, as on real clusters)
+  become `task_user` (default `nobody`) first: `/bin/sh -c` hands it the token file and `exec`s
+  `setpriv --reuid ... --` apptainer or the server, so apptainer runs unprivileged, in a user
+  namespace, with the slots' bubblewrap sandboxes inside. (Nomad's own task `user` would make a
+  non-root agent fail every task; the shell works under either.) The allocation's `data` dir is
+  world-writable (Nomad makes it 0777), so that user can use it.
+- docker tasks start as root with the capabilities and seccomp profile the server needs to give
+  its slots bubblewrap sandboxes, and the server gives root up before any slot starts
+  (atropos.images.docker_security).
 """
 
 from __future__ import annotations
@@ -35,13 +50,13 @@ from datetime import timedelta
 from atropos import __version__
 from atropos.images.apptainer import (
     CONTAINER_DATA_DIR,
-    TOKEN_ENV,
     apptainer_secret_env,
     build_apptainer_exec_argv,
-    exec_shell_command,
     runtime_env_prefix,
     sandbox_server_args,
+    shell_quote_argv,
 )
+from atropos.images.docker_security import nomad_docker_config
 from atropos.nomad.models import (
     EphemeralDisk,
     Job,
@@ -53,6 +68,7 @@ from atropos.nomad.models import (
     ServiceCheck,
     Task,
     TaskGroup,
+    Template,
 )
 from atropos.nomad.spec import SandboxJobSpec
 
@@ -60,6 +76,7 @@ __all__ = [
     "GROUP_NAME",
     "PORT_LABEL",
     "TASK_NAME",
+    "TOKEN_KEY",
     "create_sandbox_job",
     "group_index",
     "group_names",
@@ -71,6 +88,11 @@ TASK_NAME = "server"
 PORT_LABEL = "http"
 
 _ALLOC_DATA = "${NOMAD_ALLOC_DIR}/data"
+_SECRETS = "${NOMAD_SECRETS_DIR}"
+_DOCKER_SECRETS = "/secrets"  # where the docker driver mounts the task's secrets dir
+CONTAINER_SECRETS_DIR = "/secrets"  # where the singularity job binds it inside the image
+TOKEN_FILE = "atropos-token"
+TOKEN_KEY = "token"  # the item of the token Variable
 _HOST_IP = "${NOMAD_IP_http}"
 _HOST_PORT = "${NOMAD_PORT_http}"
 _SERVICE_SHUTDOWN_DELAY = timedelta(seconds=2)
@@ -167,30 +189,35 @@ def _service(spec: SandboxJobSpec) -> Service:
 
 
 def _task(spec: SandboxJobSpec) -> Task:
-    token = spec.token.get_secret_value()
-    server_env = {TOKEN_ENV: token, **spec.server_env}
+    server_env = dict(spec.server_env)
     if spec.driver == "singularity":
         config, env = _singularity_config(spec), _singularity_env(spec, server_env)
     elif spec.driver == "docker":
         config, env = _docker_config(spec), server_env
     else:
         config, env = _process_config(spec), server_env
+    token_file = Template(
+        embedded_tmpl=f'{{{{ with nomadVar "{spec.token_variable}" }}}}{{{{ .{TOKEN_KEY} }}}}{{{{ end }}}}',
+        dest_path=f"secrets/{TOKEN_FILE}", change_mode="noop", perms="0400")
     return Task(
         name=TASK_NAME,
         driver="docker" if spec.driver == "docker" else "raw_exec",
         config=config,
-        env=env,
+        env=env or None,
+        templates=[token_file],
         resources=Resources(cpu=spec.cpu, memory_mb=spec.memory, memory_max_mb=spec.memory_max),
         kill_signal="SIGTERM",
         kill_timeout=spec.kill_timeout,
     )
 
 
-def _server_args(spec: SandboxJobSpec, *, host: str, port: int | str, data_dir: str) -> list[str]:
+def _server_args(spec: SandboxJobSpec, *, host: str, port: int | str, data_dir: str, secrets_dir: str
+                 ) -> list[str]:
     return sandbox_server_args(
         host=host,
         port=port,
         data_dir=data_dir,
+        token_file=f"{secrets_dir}/{TOKEN_FILE}",
         slots=spec.slots_per_container,
         isolation=spec.isolation,
         network=spec.network,
@@ -202,8 +229,10 @@ def _server_args(spec: SandboxJobSpec, *, host: str, port: int | str, data_dir: 
 
 def _docker_config(spec: SandboxJobSpec) -> dict[str, object]:
     # The docker driver mounts the allocation dir at /alloc (= NOMAD_ALLOC_DIR in the container).
-    args = _server_args(spec, host="0.0.0.0", port=spec.container_port, data_dir=_ALLOC_DATA)
+    args = _server_args(spec, host="0.0.0.0", port=spec.container_port, data_dir=_ALLOC_DATA,
+                        secrets_dir=_DOCKER_SECRETS)
     return {
+        **nomad_docker_config(spec.docker_seccomp_profile),
         **spec.docker_config,
         "image": spec.image,
         "ports": [PORT_LABEL],
@@ -213,8 +242,8 @@ def _docker_config(spec: SandboxJobSpec) -> dict[str, object]:
 
 
 def _process_config(spec: SandboxJobSpec) -> dict[str, object]:
-    args = _server_args(spec, host=_HOST_IP, port=_HOST_PORT, data_dir=_ALLOC_DATA)
-    return {"command": spec.server_command[0], "args": [*spec.server_command[1:], *args]}
+    args = _server_args(spec, host=_HOST_IP, port=_HOST_PORT, data_dir=_ALLOC_DATA, secrets_dir=_SECRETS)
+    return {"command": "/bin/sh", "args": ["-c", _as_task_user(spec, [*spec.server_command, *args])]}
 
 
 def _singularity_config(spec: SandboxJobSpec) -> dict[str, object]:
@@ -222,16 +251,30 @@ def _singularity_config(spec: SandboxJobSpec) -> dict[str, object]:
     argv = build_apptainer_exec_argv(
         spec.apptainer_binary,
         spec.singularity_image,
-        binds=[(_ALLOC_DATA, CONTAINER_DATA_DIR)],
+        binds=[(_ALLOC_DATA, CONTAINER_DATA_DIR), (_SECRETS, CONTAINER_SECRETS_DIR)],
         extra_args=spec.apptainer_args,
-        server_args=_server_args(spec, host=_HOST_IP, port=_HOST_PORT, data_dir=CONTAINER_DATA_DIR),
+        server_args=_server_args(spec, host=_HOST_IP, port=_HOST_PORT, data_dir=CONTAINER_DATA_DIR,
+                                 secrets_dir=CONTAINER_SECRETS_DIR),
         workdir=spec.apptainer_workdir,
         containall=spec.apptainer_containall,
         command=spec.server_command,
     )
     # The shell expands the ${NOMAD_*} references and is then replaced by apptainer (`exec`), so
     # Nomad's kill signal reaches apptainer, which forwards it to the server.
-    return {"command": "/bin/sh", "args": ["-c", exec_shell_command(argv)]}
+    return {"command": "/bin/sh", "args": ["-c", _as_task_user(spec, argv)]}
+
+
+def _as_task_user(spec: SandboxJobSpec, argv: list[str]) -> str:
+    """`exec argv`, as `spec.task_user` when the task started as root (see the module docstring)."""
+    command = shell_quote_argv(argv)
+    if spec.task_user is None:
+        return f"exec {command}"
+    user = spec.task_user
+    token = f'"${{NOMAD_SECRETS_DIR}}/{TOKEN_FILE}"'
+    missing = f"echo 'atropos-sandbox: the task runs as root and has no setpriv (util-linux) to become {user}' >&2"
+    return (f'if [ "$(id -u)" = 0 ]; then command -v setpriv >/dev/null || {{ {missing}; exit 1; }}; '
+            f'chown {user} {token} && exec setpriv --reuid {user} --regid "$(id -g {user})" --clear-groups -- '
+            f"{command}; fi; exec {command}")
 
 
 def _singularity_env(spec: SandboxJobSpec, server_env: dict[str, str]) -> dict[str, str]:

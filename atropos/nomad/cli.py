@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import secrets
 import shlex
 import sys
@@ -12,7 +11,6 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from atropos.images.apptainer import TOKEN_ENV
 from atropos.nomad.builder import create_sandbox_job
 from atropos.nomad.hcl import render_job_hcl
 from atropos.nomad.models import Constraint
@@ -39,7 +37,8 @@ def _add_render_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--job-id", default="atropos-sandbox")
     p.add_argument("--count", type=int, default=1, help="containers (allocations)")
     p.add_argument("--slots", type=int, default=8, help="slots per container")
-    p.add_argument("--token", help=f"the servers' bearer token (default ${TOKEN_ENV}, else a new random one)")
+    p.add_argument("--task-user", default="nobody",
+                   help="raw_exec: the user a task started as root becomes (default nobody; 'none': the agent's user)")
     p.add_argument("--image", default="atropos-sandbox:latest", help="docker image")
     p.add_argument("--sif", help="SIF image path on the nodes (driver singularity)")
     p.add_argument("--apptainer", default="apptainer", help="apptainer (or singularity) binary on the nodes")
@@ -66,11 +65,9 @@ def _add_render_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def spec_from_args(args: argparse.Namespace) -> SandboxJobSpec:
-    token = args.token or os.environ.get(TOKEN_ENV)
-    if not token:
-        token = secrets.token_urlsafe(32)
-        print(f"# no --token and no ${TOKEN_ENV}: generated one; clients must send "
-              f"'Authorization: Bearer {token}'", file=sys.stderr)
+    # the token is not part of the job (the tasks read it from a Nomad Variable): a random one
+    # satisfies the spec and is never shown
+    token = secrets.token_urlsafe(32)
     values: dict[str, Any] = {
         "job_id": args.job_id,
         "driver": args.driver,
@@ -94,6 +91,7 @@ def spec_from_args(args: argparse.Namespace) -> SandboxJobSpec:
         "node_pool": args.node_pool,
         "constraints": [Constraint(l_target=a, operand=o, r_target=v) for a, o, v in args.constraint],
         "service": args.service,
+        "task_user": None if args.task_user.lower() == "none" else args.task_user,
         "owner": None,  # a job rendered for a person has no owner process to outlive
     }
     if args.server_command:
@@ -111,6 +109,9 @@ def render_from_args(args: argparse.Namespace) -> int:
         print(f"atropos-sandbox job render: error: {problems}", file=sys.stderr)
         return 2
     job = create_sandbox_job(spec)
+    print(f"# the servers read their token from the Nomad Variable {spec.token_variable} (item token), which "
+          f"a pool writes before it submits the job; to run it by hand: nomad var put {spec.token_variable} "
+          "token=$(openssl rand -hex 32)", file=sys.stderr)
     if args.format == "json":
         sys.stdout.write(json.dumps(job.to_api(), indent=2) + "\n")
     else:

@@ -98,6 +98,21 @@ class NomadClient:
             log.warning("nomad accepted job %s with warnings: %s", job_id, response.warnings.strip())
         return response
 
+    async def put_variable(self, path: str, items: Mapping[str, str]) -> None:
+        """Create or replace a Nomad Variable: `PUT /v1/var/:path` (python-nomad has no call for it)."""
+        body = {"Path": path, "Items": dict(items)}
+        if self.settings.namespace:
+            body["Namespace"] = self.settings.namespace
+        await self._request("PUT", f"/v1/var/{path}", json=body)
+
+    async def delete_variable(self, path: str) -> bool:
+        """Delete a Nomad Variable (`DELETE /v1/var/:path`); False if there was none."""
+        try:
+            await self._request("DELETE", f"/v1/var/{path}")
+        except NomadNotFound:
+            return False
+        return True
+
     async def read_job(self, job_id: str) -> dict[str, Any]:
         """The job as Nomad stores it (`GET /v1/job/:id`); `NomadNotFound` if there is none."""
         data = await self._sdk(f"GET /v1/job/{job_id}", lambda n: n.job.get_job(job_id))

@@ -85,9 +85,16 @@ _SERVICE = (
 )
 _SCALING = (_Field("Enabled", "enabled"), _Field("Min", "min"), _Field("Max", "max"))
 _RESOURCES = (_Field("CPU", "cpu"), _Field("MemoryMB", "memory"), _Field("MemoryMaxMB", "memory_max"))
+_TEMPLATE = (
+    _Field("EmbeddedTmpl", "data"),
+    _Field("DestPath", "destination"),
+    _Field("ChangeMode", "change_mode"),
+    _Field("Perms", "perms"),
+)
 _TASK = (
     _Field("Driver", "driver"),
     _Field("Config", "config", "config"),
+    _Field("Templates", "template", "blocks", _TEMPLATE),
     _Field("Env", "env", "map"),
     _Field("Resources", "resources", "block", _RESOURCES),
     _Field("KillSignal", "kill_signal"),

@@ -9,12 +9,12 @@ import logging
 import httpx
 
 from atropos.nomad.allocations import by_index
-from atropos.nomad.builder import GROUP_NAME, create_sandbox_job
+from atropos.nomad.builder import GROUP_NAME, TOKEN_KEY, create_sandbox_job
 from atropos.nomad.client import NomadClient
 from atropos.nomad.errors import NomadNotFound, NomadRequestError
 from atropos.nomad.owner import owner_state
 from atropos.nomad.responses import AllocationEndpoint, JobStub
-from atropos.nomad.spec import SandboxJobSpec
+from atropos.nomad.spec import SandboxJobSpec, token_variable
 from atropos.nomad.waiting import Probe, ProgressCallback
 
 __all__ = [
@@ -53,8 +53,10 @@ async def deploy_sandbox_job(
     on_progress: ProgressCallback | None = None,
     probe: Probe | None = None,
 ) -> list[AllocationEndpoint]:
-    """Register the job and wait until its `spec.count` servers answer (`probe`, by default
-    `health_probe()`); a server that cannot start fails this with Nomad's diagnosis."""
+    """Write the token Variable, register the job and wait until its `spec.count` servers answer
+    (`probe`, by default `health_probe()`); a server that cannot start fails this with Nomad's
+    diagnosis."""
+    await client.put_variable(spec.token_variable, {TOKEN_KEY: spec.token.get_secret_value()})
     await client.register_job(create_sandbox_job(spec))
     return await client.wait_for_allocations(spec.job_id, spec.count, timeout=timeout, on_progress=on_progress,
                                              probe=probe or health_probe())
@@ -91,12 +93,16 @@ async def running_endpoints(client: NomadClient, job_id: str) -> list[Allocation
 
 
 async def stop_sandbox_job(client: NomadClient, job_id: str, *, purge: bool = True) -> bool:
-    """Stop (and by default purge) the job; False if there was no such job."""
+    """Stop (and by default purge) the job and delete its token Variable; False if there was no
+    such job. The Variable goes last: a task restarting meanwhile still finds its token."""
     try:
         await client.stop_job(job_id, purge=purge)
     except NomadNotFound:
-        return False
-    return True
+        found = False
+    else:
+        found = True
+    await client.delete_variable(token_variable(job_id))
+    return found
 
 
 async def find_dead_owner_jobs(client: NomadClient, prefix: str = "") -> list[JobStub]:

@@ -28,6 +28,7 @@ __all__ = [
     "ServiceCheck",
     "Task",
     "TaskGroup",
+    "Template",
     "UpdateStrategy",
     "nanoseconds",
     "wire_name",
@@ -158,11 +159,21 @@ class EphemeralDisk(NomadModel):
     size_mb: int
 
 
+class Template(NomadModel):
+    """A file Nomad renders into the task's directory before the task starts (`template` block)."""
+
+    embedded_tmpl: str
+    dest_path: str
+    change_mode: Literal["noop", "restart", "signal", "script"] | None = None
+    perms: str | None = None
+
+
 class Task(NomadModel):
     name: str
     driver: Literal["docker", "raw_exec"]
     config: dict[str, Any]
     env: dict[str, str] | None = None
+    templates: list[Template] | None = None
     resources: Resources
     kill_signal: str | None = None
     kill_timeout: Duration | None = None

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from atropos.images.apptainer import DEFAULT_CONTAINER_PORT, SERVER_COMMAND
+from atropos.images.docker_security import NODE_SECCOMP_PROFILE
 from atropos.nomad.models import Constraint, ReschedulePolicy, RestartPolicy, UpdateStrategy
 from atropos.nomad.owner import OwnerMeta
 from atropos.sandbox.slot_limits import SlotLimits
@@ -22,6 +23,12 @@ DEFAULT_BASE_PORT = 19000
 Nomad's dynamic port range (20000-32000) and the kernel's ephemeral range (32768-60999)."""
 
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
+_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}\Z")
+
+
+def token_variable(job_id: str) -> str:
+    """The Nomad Variable holding a job's token (see `SandboxJobSpec.token_variable`)."""
+    return f"nomad/jobs/{job_id}"
 
 
 class SandboxJobSpec(BaseModel):
@@ -33,7 +40,17 @@ class SandboxJobSpec(BaseModel):
     driver: Driver = "process"
     count: int = Field(default=1, ge=0, description="number of containers (allocations)")
     slots_per_container: int = Field(default=8, ge=1, le=4096)
-    token: SecretStr = Field(description="bearer token every request to the servers must carry")
+    token: SecretStr = Field(
+        description="bearer token every request to the servers must carry; it never goes into the job: the pool "
+        "writes it to the Nomad Variable `token_variable` and a template renders it into the task's secrets dir")
+    task_user: str | None = Field(
+        default="nobody",
+        description="raw_exec drivers (singularity, process): a task that starts as root (a root Nomad agent) "
+        "becomes this unprivileged user before apptainer or the server starts; None keeps the agent's user")
+    docker_seccomp_profile: str = Field(
+        default=NODE_SECCOMP_PROFILE,
+        description="docker driver: path on the client nodes of the seccomp profile the sandbox container needs "
+        "(`atropos-sandbox image seccomp-profile` prints it)")
 
     # where the server comes from
     image: str = Field(default="atropos-sandbox:latest", description="docker image (driver docker)")
@@ -52,7 +69,8 @@ class SandboxJobSpec(BaseModel):
     server_env: dict[str, str] = Field(default_factory=dict, description="extra environment of the server")
     docker_config: dict[str, Any] = Field(
         default_factory=dict,
-        description="extra docker driver options, e.g. {'cap_add': ['sys_admin']} for bubblewrap")
+        description="extra docker driver options, added to (and overriding) what the sandbox needs "
+        "(atropos.images.docker_security.nomad_docker_config)")
 
     # ports
     container_port: int = Field(default=DEFAULT_CONTAINER_PORT, ge=1, le=65535,
@@ -102,11 +120,19 @@ class SandboxJobSpec(BaseModel):
             raise ValueError("driver singularity needs singularity_image (a SIF path on the nodes)")
         if not self.server_command:
             raise ValueError("server_command must not be empty")
+        if self.task_user is not None and not _USER.match(self.task_user):
+            raise ValueError(f"task_user {self.task_user!r}: a user name or uid (letters, digits, '_', '.', '-')")
         if self.uses_static_ports and self.base_port + max(self.count, 1) - 1 > 65535:
             raise ValueError(f"base_port {self.base_port} + {self.count} containers exceeds port 65535")
         if not self.token.get_secret_value():
             raise ValueError("token must not be empty: the servers listen on a network port")
         return self
+
+    @property
+    def token_variable(self) -> str:
+        """The Nomad Variable holding the token: under `nomad/jobs/<job>`, which the job's tasks may
+        read by Nomad's default workload-identity policy and nothing else needs to."""
+        return token_variable(self.job_id)
 
     @property
     def uses_static_ports(self) -> bool:

@@ -68,6 +68,10 @@ class SlotPoolConfig(BaseModel):
         "below Nomad's dynamic range 20000-32000",
     )
     purge_on_exit: bool = True
+    nomad_task_user: str | None = Field(
+        default="nobody",
+        description="singularity/process jobs: the unprivileged user a task started as root (a root agent) becomes "
+        "before apptainer or the server runs; None keeps the agent's user")
 
     @model_validator(mode="after")
     def _check(self) -> SlotPoolConfig:

@@ -39,13 +39,20 @@ job "atropos-sandbox" {
     task "server" {
       driver = "docker"
       config {
+        cap_drop = ["all"]
+        cap_add = ["sys_admin", "chown", "dac_override", "fowner", "setuid", "setgid"]
+        security_opt = ["seccomp=/etc/atropos-sandbox/seccomp-sandbox.json", "apparmor=unconfined"]
+        devices = [{ host_path = "/dev/net/tun", container_path = "/dev/net/tun" }]
         image = "atropos-sandbox:latest"
         ports = ["http"]
         entrypoint = ["atropos-sandbox"]
-        args = ["server", "--host", "0.0.0.0", "--port", "8080", "--data-dir", "${NOMAD_ALLOC_DIR}/data", "--slots", "8", "--isolation", "auto", "--network", "allow"]
+        args = ["server", "--host", "0.0.0.0", "--port", "8080", "--data-dir", "${NOMAD_ALLOC_DIR}/data", "--slots", "8", "--token-file", "/secrets/atropos-token", "--isolation", "auto", "--network", "auto"]
       }
-      env {
-        ATROPOS_SANDBOX_TOKEN = "REPLACE-WITH-A-SECRET-TOKEN"
+      template {
+        data = "{{ with nomadVar \"nomad/jobs/atropos-sandbox\" }}{{ .token }}{{ end }}"
+        destination = "secrets/atropos-token"
+        change_mode = "noop"
+        perms = "0400"
       }
       resources {
         cpu = 1000

@@ -44,11 +44,14 @@ job "atropos-sandbox" {
     task "server" {
       driver = "raw_exec"
       config {
-        command = "atropos-sandbox"
-        args = ["server", "--host", "${NOMAD_IP_http}", "--port", "${NOMAD_PORT_http}", "--data-dir", "${NOMAD_ALLOC_DIR}/data", "--slots", "8", "--isolation", "auto", "--network", "allow"]
+        command = "/bin/sh"
+        args = ["-c", "if [ \"$(id -u)\" = 0 ]; then command -v setpriv >/dev/null || { echo 'atropos-sandbox: the task runs as root and has no setpriv (util-linux) to become nobody' >&2; exit 1; }; chown nobody \"${NOMAD_SECRETS_DIR}/atropos-token\" && exec setpriv --reuid nobody --regid \"$(id -g nobody)\" --clear-groups -- atropos-sandbox server --host \"${NOMAD_IP_http}\" --port \"${NOMAD_PORT_http}\" --data-dir \"${NOMAD_ALLOC_DIR}/data\" --slots 8 --token-file \"${NOMAD_SECRETS_DIR}/atropos-token\" --isolation auto --network auto; fi; exec atropos-sandbox server --host \"${NOMAD_IP_http}\" --port \"${NOMAD_PORT_http}\" --data-dir \"${NOMAD_ALLOC_DIR}/data\" --slots 8 --token-file \"${NOMAD_SECRETS_DIR}/atropos-token\" --isolation auto --network auto"]
       }
-      env {
-        ATROPOS_SANDBOX_TOKEN = "REPLACE-WITH-A-SECRET-TOKEN"
+      template {
+        data = "{{ with nomadVar \"nomad/jobs/atropos-sandbox\" }}{{ .token }}{{ end }}"
+        destination = "secrets/atropos-token"
+        change_mode = "noop"
+        perms = "0400"
       }
       resources {
         cpu = 1000
@@ -87,11 +90,14 @@ job "atropos-sandbox" {
     task "server" {
       driver = "raw_exec"
       config {
-        command = "atropos-sandbox"
-        args = ["server", "--host", "${NOMAD_IP_http}", "--port", "${NOMAD_PORT_http}", "--data-dir", "${NOMAD_ALLOC_DIR}/data", "--slots", "8", "--isolation", "auto", "--network", "allow"]
+        command = "/bin/sh"
+        args = ["-c", "if [ \"$(id -u)\" = 0 ]; then command -v setpriv >/dev/null || { echo 'atropos-sandbox: the task runs as root and has no setpriv (util-linux) to become nobody' >&2; exit 1; }; chown nobody \"${NOMAD_SECRETS_DIR}/atropos-token\" && exec setpriv --reuid nobody --regid \"$(id -g nobody)\" --clear-groups -- atropos-sandbox server --host \"${NOMAD_IP_http}\" --port \"${NOMAD_PORT_http}\" --data-dir \"${NOMAD_ALLOC_DIR}/data\" --slots 8 --token-file \"${NOMAD_SECRETS_DIR}/atropos-token\" --isolation auto --network auto; fi; exec atropos-sandbox server --host \"${NOMAD_IP_http}\" --port \"${NOMAD_PORT_http}\" --data-dir \"${NOMAD_ALLOC_DIR}/data\" --slots 8 --token-file \"${NOMAD_SECRETS_DIR}/atropos-token\" --isolation auto --network auto"]
       }
-      env {
-        ATROPOS_SANDBOX_TOKEN = "REPLACE-WITH-A-SECRET-TOKEN"
+      template {
+        data = "{{ with nomadVar \"nomad/jobs/atropos-sandbox\" }}{{ .token }}{{ end }}"
+        destination = "secrets/atropos-token"
+        change_mode = "noop"
+        perms = "0400"
       }
       resources {
         cpu = 1000

@@ -45,10 +45,13 @@ job "atropos-sandbox" {
       driver = "raw_exec"
       config {
         command = "/bin/sh"
-        args = ["-c", "exec apptainer exec --containall --bind \"${NOMAD_ALLOC_DIR}/data:/data\" --bind /dev/full /shared/images/atropos-sandbox.sif atropos-sandbox server --host \"${NOMAD_IP_http}\" --port \"${NOMAD_PORT_http}\" --data-dir /data --slots 8 --isolation auto --network allow"]
+        args = ["-c", "if [ \"$(id -u)\" = 0 ]; then command -v setpriv >/dev/null || { echo 'atropos-sandbox: the task runs as root and has no setpriv (util-linux) to become nobody' >&2; exit 1; }; chown nobody \"${NOMAD_SECRETS_DIR}/atropos-token\" && exec setpriv --reuid nobody --regid \"$(id -g nobody)\" --clear-groups -- apptainer exec --containall --bind \"${NOMAD_ALLOC_DIR}/data:/data\" --bind \"${NOMAD_SECRETS_DIR}:/secrets\" --bind /dev/full /shared/images/atropos-sandbox.sif atropos-sandbox server --host \"${NOMAD_IP_http}\" --port \"${NOMAD_PORT_http}\" --data-dir /data --slots 8 --token-file /secrets/atropos-token --isolation auto --network auto; fi; exec apptainer exec --containall --bind \"${NOMAD_ALLOC_DIR}/data:/data\" --bind \"${NOMAD_SECRETS_DIR}:/secrets\" --bind /dev/full /shared/images/atropos-sandbox.sif atropos-sandbox server --host \"${NOMAD_IP_http}\" --port \"${NOMAD_PORT_http}\" --data-dir /data --slots 8 --token-file /secrets/atropos-token --isolation auto --network auto"]
       }
-      env {
-        APPTAINERENV_ATROPOS_SANDBOX_TOKEN = "REPLACE-WITH-A-SECRET-TOKEN"
+      template {
+        data = "{{ with nomadVar \"nomad/jobs/atropos-sandbox\" }}{{ .token }}{{ end }}"
+        destination = "secrets/atropos-token"
+        change_mode = "noop"
+        perms = "0400"
       }
       resources {
         cpu = 1000
@@ -88,10 +91,13 @@ job "atropos-sandbox" {
       driver = "raw_exec"
       config {
         command = "/bin/sh"
-        args = ["-c", "exec apptainer exec --containall --bind \"${NOMAD_ALLOC_DIR}/data:/data\" --bind /dev/full /shared/images/atropos-sandbox.sif atropos-sandbox server --host \"${NOMAD_IP_http}\" --port \"${NOMAD_PORT_http}\" --data-dir /data --slots 8 --isolation auto --network allow"]
+        args = ["-c", "if [ \"$(id -u)\" = 0 ]; then command -v setpriv >/dev/null || { echo 'atropos-sandbox: the task runs as root and has no setpriv (util-linux) to become nobody' >&2; exit 1; }; chown nobody \"${NOMAD_SECRETS_DIR}/atropos-token\" && exec setpriv --reuid nobody --regid \"$(id -g nobody)\" --clear-groups -- apptainer exec --containall --bind \"${NOMAD_ALLOC_DIR}/data:/data\" --bind \"${NOMAD_SECRETS_DIR}:/secrets\" --bind /dev/full /shared/images/atropos-sandbox.sif atropos-sandbox server --host \"${NOMAD_IP_http}\" --port \"${NOMAD_PORT_http}\" --data-dir /data --slots 8 --token-file /secrets/atropos-token --isolation auto --network auto; fi; exec apptainer exec --containall --bind \"${NOMAD_ALLOC_DIR}/data:/data\" --bind \"${NOMAD_SECRETS_DIR}:/secrets\" --bind /dev/full /shared/images/atropos-sandbox.sif atropos-sandbox server --host \"${NOMAD_IP_http}\" --port \"${NOMAD_PORT_http}\" --data-dir /data --slots 8 --token-file /secrets/atropos-token --isolation auto --network auto"]
       }
-      env {
-        APPTAINERENV_ATROPOS_SANDBOX_TOKEN = "REPLACE-WITH-A-SECRET-TOKEN"
+      template {
+        data = "{{ with nomadVar \"nomad/jobs/atropos-sandbox\" }}{{ .token }}{{ end }}"
+        destination = "secrets/atropos-token"
+        change_mode = "noop"
+        perms = "0400"
       }
       resources {
         cpu = 1000

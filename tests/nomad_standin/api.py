@@ -103,6 +103,8 @@ class NomadStandIn:
                  docker: str = "missing") -> None:
         self._own_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="nomad-standin-")
+        os.makedirs(self.data_dir, exist_ok=True)
+        os.chmod(self.data_dir, 0o711)  # as Nomad's alloc dir root: tasks of any user can reach their own
         self.cluster = Cluster(self.data_dir, agent_env=agent_env if agent_env is not None else os.environ,
                                docker=docker)
         self.faults = Faults(cluster=self.cluster)
@@ -144,6 +146,9 @@ class NomadStandIn:
             ("GET", "/v1/node/{node_id}", self._read_node),
             ("GET", "/v1/client/fs/logs/{alloc_id}", self._logs),
             ("GET", "/v1/client/fs/cat/{alloc_id}", self._cat),
+            ("GET", "/v1/var/{path:.+}", self._read_variable),
+            ("PUT", "/v1/var/{path:.+}", self._put_variable),
+            ("DELETE", "/v1/var/{path:.+}", self._delete_variable),
         ]
         for method, path, handler in routes:
             app.router.add_route(method, path, handler)
@@ -373,6 +378,30 @@ class NomadStandIn:
                 return web.Response(body=f.read(), content_type="text/plain")
         except (FileNotFoundError, IsADirectoryError):
             raise web.HTTPNotFound(text=f"file {relative} not found") from None
+
+    def _variable_json(self, path: str) -> dict[str, Any]:
+        return {"Namespace": "default", "Path": path, "Items": self.cluster.variables[path],
+                "CreateIndex": self.cluster.index.value, "ModifyIndex": self.cluster.index.value}
+
+    async def _read_variable(self, request: web.Request) -> web.Response:
+        path = request.match_info["path"]
+        if path not in self.cluster.variables:
+            raise web.HTTPNotFound(text="variable not found")
+        return _json(self._variable_json(path), index=self.cluster.index.value)
+
+    async def _put_variable(self, request: web.Request) -> web.Response:
+        path = request.match_info["path"]
+        body = await request.json()
+        items = body.get("Items")
+        if body.get("Path", path) != path or not isinstance(items, dict) or not items:
+            raise web.HTTPBadRequest(text="variable missing required Items object")
+        self.cluster.variables[path] = {str(k): str(v) for k, v in items.items()}
+        index = self.cluster.index.bump()
+        return _json(self._variable_json(path), index=index)
+
+    async def _delete_variable(self, request: web.Request) -> web.Response:
+        self.cluster.variables.pop(request.match_info["path"], None)  # Nomad answers 200 either way
+        return _json(None, index=self.cluster.index.bump())
 
     def _job(self, request: web.Request) -> Any:
         job = self.cluster.jobs.get(request.match_info["job_id"])

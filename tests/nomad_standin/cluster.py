@@ -47,6 +47,7 @@ class Cluster:
         self.allocs: dict[str, AllocRecord] = {}
         self.evals: dict[str, EvalRecord] = {}
         self.runners: dict[str, list[TaskRunner]] = {}
+        self.variables: dict[str, dict[str, str]] = {}  # path -> items (Nomad Variables, one namespace)
         self.start_failures: list[tuple[str, str, str]] = []  # (job id, event type, message)
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -257,7 +258,8 @@ class Cluster:
         runners = []
         for task in alloc.group.get("Tasks") or []:
             runner = TaskRunner(alloc, task, agent_env=self.agent_env, node_attributes=self.interpolation_table(),
-                                changed=self.changed(alloc), start_failure=self._injected_failure)
+                                changed=self.changed(alloc), start_failure=self._injected_failure,
+                                variables=self.variables)
             runners.append(runner)
             runner.start()
         self.runners[alloc.id] = runners

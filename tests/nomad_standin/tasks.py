@@ -4,6 +4,9 @@
   `<alloc>/<task>/{local,secrets,tmp}` (`NOMAD_TASK_DIR` = `<alloc>/<task>/local`);
 - environment: the agent's own (raw_exec inherits it), the `NOMAD_*` runtime variables, then the
   task's `Env`; `${...}` references in `Config` and `Env` are interpolated, unknown ones left as is;
+- `template` blocks rendered into the task dir before the task starts (the one form the builder
+  uses: `{{ with nomadVar "PATH" }}{{ .KEY }}{{ end }}`, file mode from `Perms`); while the
+  Variable is missing the task waits, as Nomad's does ("Missing: nomad.var.block(...)");
 - stdout/stderr go to `alloc/logs/<task>.stdout.0` / `.stderr.0`;
 - restart policy (attempts within interval, delay, mode fail), then the allocation fails;
 - stop: the kill signal to the task's process, SIGKILL to its whole process group after
@@ -24,6 +27,7 @@ from tests.nomad_standin.state import DATACENTER, NODE_IP, REGION, AllocRecord, 
 
 _REFERENCE = re.compile(r"\$\{([^}]+)\}")
 _DEFAULT_KILL_TIMEOUT_NS = 5 * 10**9
+_NOMAD_VAR = re.compile(r'\{\{ with nomadVar "([^"]+)" \}\}\{\{ \.(\w+) \}\}\{\{ end \}\}')
 
 
 def interpolate(value: Any, env: Mapping[str, str], node: Mapping[str, str]) -> Any:
@@ -51,10 +55,14 @@ def alloc_layout(alloc: AllocRecord, task: str) -> dict[str, str]:
         "local": os.path.join(base, task, "local"),
         "secrets": os.path.join(base, task, "secrets"),
     }
-    for sub in ("data", "logs", "tmp"):
-        os.makedirs(os.path.join(paths["alloc"], sub), exist_ok=True)
-    for sub in ("local", "secrets", "tmp"):
-        os.makedirs(os.path.join(paths["task"], sub), exist_ok=True)
+    # modes as Nomad sets them: the shared alloc dir 0755, its data/logs/tmp and the task's dirs 0777
+    # (a task may run as another user than the agent)
+    os.makedirs(paths["alloc"], exist_ok=True)
+    os.chmod(paths["alloc"], 0o755)
+    for sub in [os.path.join(paths["alloc"], d) for d in ("data", "logs", "tmp")] + [
+            paths["task"], *(os.path.join(paths["task"], d) for d in ("local", "secrets", "tmp"))]:
+        os.makedirs(sub, exist_ok=True)
+        os.chmod(sub, 0o777)
     return paths
 
 
@@ -99,7 +107,8 @@ class TaskRunner:
 
     def __init__(self, alloc: AllocRecord, task: dict[str, Any], *, agent_env: Mapping[str, str],
                  node_attributes: Mapping[str, str], changed: Callable[[], None],
-                 start_failure: Callable[[AllocRecord], tuple[str, str] | None]) -> None:
+                 start_failure: Callable[[AllocRecord], tuple[str, str] | None],
+                 variables: Mapping[str, Mapping[str, str]]) -> None:
         self.alloc = alloc
         self.task = task
         self.name = str(task["Name"])
@@ -108,6 +117,7 @@ class TaskRunner:
         self._node = node_attributes
         self._changed = changed
         self._start_failure = start_failure
+        self._variables = variables
         self._process: asyncio.subprocess.Process | None = None
         self._stopping = asyncio.Event()
         self._done = asyncio.Event()
@@ -166,6 +176,8 @@ class TaskRunner:
                              SetupError=message if kind == "Setup Failure" else "", FailsTask=True)
             self._changed()
             return True
+        if not await self._render_templates(paths["task"]):
+            return True
         logs = os.path.join(paths["alloc"], "logs")
         argv = [str(config.get("command", "")), *[str(a) for a in config.get("args") or []]]
         with open(os.path.join(logs, f"{self.name}.stdout.0"), "ab") as out, \
@@ -196,6 +208,31 @@ class TaskRunner:
                          details={"exit_code": exit_code, "signal": signal_no, "oom_killed": "false"})
         self._changed()
         return False
+
+    async def _render_templates(self, task_dir: str) -> bool:
+        """Write each template's file; wait while a Variable it reads is missing. False if stopped."""
+        for template in self.task.get("Templates") or []:
+            source = str(template.get("EmbeddedTmpl", ""))
+            match = _NOMAD_VAR.fullmatch(source.strip())
+            if match is None:
+                raise AssertionError(f"stand-in renders only nomadVar templates, not {source!r}")
+            path, key = match.group(1), match.group(2)
+            announced = False
+            while path not in self._variables:
+                if not announced:
+                    self.state.event("Template", f"Missing: nomad.var.block({path}@default.global)")
+                    self._changed()
+                    announced = True
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), 0.2)
+                if self._stopping.is_set():
+                    return False
+            dest = os.path.join(task_dir, str(template["DestPath"]))
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, int(str(template.get("Perms") or "0644"), 8))
+            with os.fdopen(fd, "w") as fh:
+                fh.write(self._variables[path].get(key, "<no value>"))
+        return True
 
     def _finish(self, *, failed: bool) -> None:
         self.state.state = "dead"
