@@ -87,7 +87,7 @@ class LocalBackend(SandboxBackend):
         if driver == "singularity":
             assert self._sif is not None and self._apptainer is not None
             argv = build_apptainer_exec_argv(
-                self._apptainer, self._sif, binds=[(data_dir, CONTAINER_DATA_DIR)],
+                self._apptainer, self._sif, binds=[(data_dir, CONTAINER_DATA_DIR)], tun=os.path.exists("/dev/net/tun"),
                 server_args=self._server_options("127.0.0.1", 0, CONTAINER_DATA_DIR),
             )
             return argv, {**env, **apptainer_secret_env(self._apptainer, {TOKEN_ENV: token})}

@@ -18,6 +18,8 @@ Flags, chosen for rootless HPC nodes:
 - `--bind SRC:DST` for the writable data dir (`/data` inside the image);
 - `--bind /dev/full`: `--contain` gives the container a minimal `/dev` without `/dev/full`, and
   bubblewrap's `--dev` (the slots' sandbox) refuses to start when that node is missing;
+- `--bind /dev/net/tun` (`tun=True`): the same minimal `/dev` has no tun device, which network mode
+  `public` (pasta, one network namespace per slot) needs; without it the server falls back to `deny`;
 - `--env KEY=VALUE` for plain settings.
 
 Secrets (the server token) must never be on the command line, where `ps` shows them to every user of
@@ -57,6 +59,7 @@ TOKEN_ENV = "ATROPOS_SANDBOX_TOKEN"
 
 _NO_ENV: Mapping[str, str] = MappingProxyType({})
 _DEV_FULL = "/dev/full"  # absent from the minimal /dev of --contain; bubblewrap's --dev needs it
+_DEV_TUN = "/dev/net/tun"  # network mode `public` (pasta) needs it
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # `--env` is parsed as a comma-separated KEY=VALUE list by apptainer; these characters would be
 # split or mangled on the way in, so such values must travel through the process environment.
@@ -74,6 +77,7 @@ def build_apptainer_exec_argv(
     server_args: Sequence[str],
     workdir: str | None = None,
     containall: bool = True,
+    tun: bool = False,
     command: Sequence[str] = SERVER_COMMAND,
 ) -> list[str]:
     """Return `[binary, "exec", <flags>, sif, *command, *server_args]`.
@@ -95,6 +99,8 @@ def build_apptainer_exec_argv(
     for host, container in binds:
         argv += ["--bind", _bind_spec(host, container)]
     argv += ["--bind", _DEV_FULL]
+    if tun:
+        argv += ["--bind", _DEV_TUN]
     for name, value in env.items():
         argv += ["--env", _env_spec(name, value)]
     argv += list(extra_args)

@@ -257,6 +257,7 @@ def _singularity_config(spec: SandboxJobSpec) -> dict[str, object]:
                                  secrets_dir=CONTAINER_SECRETS_DIR),
         workdir=spec.apptainer_workdir,
         containall=spec.apptainer_containall,
+        tun=spec.apptainer_tun,
         command=spec.server_command,
     )
     # The shell expands the ${NOMAD_*} references and is then replaced by apptainer (`exec`), so

@@ -108,7 +108,7 @@ class NomadClient:
     async def delete_variable(self, path: str) -> bool:
         """Delete a Nomad Variable (`DELETE /v1/var/:path`); False if there was none."""
         try:
-            await self._request("DELETE", f"/v1/var/{path}")
+            await self._request("DELETE", f"/v1/var/{path}", as_text=True)  # Nomad answers with no body
         except NomadNotFound:
             return False
         return True

@@ -61,6 +61,8 @@ class SandboxJobSpec(BaseModel):
     apptainer_cache_dir: str | None = None
     apptainer_workdir: str | None = Field(
         default=None, description="host dir for the container's private /tmp and $HOME")
+    apptainer_tun: bool = Field(
+        default=True, description="bind the node's /dev/net/tun (network mode public); False for nodes without one")
     apptainer_containall: bool = Field(
         default=True, description="--containall; False uses --contain --cleanenv (no PID namespace)")
     server_command: list[str] = Field(

@@ -23,7 +23,8 @@ network namespace run by `pasta` (Debian's `passt`), a user-space NAT that needs
 - the slot's processes cannot change any of it: bubblewrap runs them without capabilities in a
   user namespace nested inside pasta's.
 
-Where pasta (or `ip`, or /dev/net/tun) is missing, `auto` falls back to `deny` and says why.
+Where pasta (or `ip`, or /dev/net/tun) is missing, or the server runs under no_new_privs (inside
+Apptainer, which always sets it), `auto` falls back to `deny` and says why.
 """
 
 from __future__ import annotations
@@ -52,6 +53,15 @@ BLOCKED_V4 = (
 # protocol-assignment address (RFC 6890): never a real host, and outside every blocked range.
 DNS_ADDRESS = "192.0.0.53"
 INTERFACE = "tap0"
+TUN_DEVICE = "/dev/net/tun"
+
+
+def _no_new_privs() -> bool:
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            return any(line.split() == ["NoNewPrivs:", "1"] for line in fh)
+    except OSError:
+        return False
 
 
 def find_pasta() -> str | None:
@@ -99,6 +109,15 @@ class Egress:
         for tool, package in (("ip", "iproute2"), ("unshare", "util-linux")):
             if shutil.which(tool) is None:
                 raise OSError(f"the `{tool}` command ({package}) is not installed")
+        if _no_new_privs():
+            # the slot's nested user namespace maps pasta's root, which needs CAP_SETFCAP there
+            # (Linux >= 5.12); under no_new_privs pasta's command never gets it back
+            raise OSError("this process runs with no_new_privs (Apptainer sets it), under which pasta's "
+                          "namespaces cannot hold a slot sandbox")
+        # without the device pasta waits forever instead of failing
+        if not os.access(TUN_DEVICE, os.R_OK | os.W_OK):
+            raise OSError(f"{TUN_DEVICE} is missing or not open to this user (pasta needs it; in a container pass "
+                          "--device /dev/net/tun, under apptainer --bind /dev/net/tun; on the host mode 0666)")
         lines = ["route flush table main", f"route add default dev {INTERFACE}"]
         lines += [f"route add prohibit {prefix}" for prefix in blocked_prefixes(node_prefixes())]
         routes = os.path.join(state_dir, "slot-routes")

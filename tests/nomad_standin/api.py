@@ -400,8 +400,9 @@ class NomadStandIn:
         return _json(self._variable_json(path), index=index)
 
     async def _delete_variable(self, request: web.Request) -> web.Response:
-        self.cluster.variables.pop(request.match_info["path"], None)  # Nomad answers 200 either way
-        return _json(None, index=self.cluster.index.bump())
+        self.cluster.variables.pop(request.match_info["path"], None)
+        # as Nomad 2.0.5: 200 with an empty body, whether or not the Variable existed
+        return web.Response(status=200, headers={"X-Nomad-Index": str(self.cluster.index.bump())})
 
     def _job(self, request: web.Request) -> Any:
         job = self.cluster.jobs.get(request.match_info["job_id"])
