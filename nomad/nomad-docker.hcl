@@ -11,7 +11,8 @@
 #   dynamic host port (the job's `DynamicPorts` entry `http` with `To`), so any number of containers
 #   share a node;
 # - the allocation directory is mounted at /alloc and the server keeps its slots in /alloc/data;
-# - the token the servers require travels in the task environment, never on a command line.
+# - the token the servers require is in no part of the job: the pool writes it to the Nomad Variable
+#   nomad/jobs/<job> before submitting, and a template renders it into the task's secrets dir.
 
 client {
   enabled = true
@@ -26,14 +27,24 @@ plugin "docker" {
       image_delay = "10m"
     }
 
-    # The sandbox server isolates each slot with bubblewrap, which needs to create namespaces inside
-    # the container. Where Docker's default seccomp profile forbids that, the server falls back to
-    # plain processes (isolation "auto") or refuses to start (isolation "bwrap"). To allow it, let
-    # jobs add the SYS_ADMIN capability (job option docker_config = {cap_add = ["sys_admin"],
-    # security_opt = ["seccomp=unconfined"]}) by listing it here:
-    # allow_caps = ["audit_write", "chown", "dac_override", "fowner", "fsetid", "kill", "mknod",
-    #               "net_bind_service", "setfcap", "setgid", "setpcap", "setuid", "sys_chroot",
-    #               "sys_admin"]
+    # The sandbox server isolates each slot with bubblewrap. Inside a container that needs (see
+    # atropos/images/docker_security.py for what each one opens and why it is still safe):
+    # - the sys_admin capability, once at start-up: Docker masks parts of /proc and the kernel then
+    #   refuses slots a fresh /proc; the server mounts an unmasked /proc in a mount namespace of its
+    #   own and gives root up (and every capability with it) before any slot starts. The job asks for
+    #   cap_drop = ["all"] and adds back only sys_admin, chown, dac_override, fowner, setuid, setgid;
+    #   Nomad lets a job add only what allow_caps lists, so sys_admin must be listed here;
+    # - a seccomp profile allowing pivot_root and the namespace calls of bubblewrap and pasta
+    #   (Docker's default forbids them). Nomad reads it from the client's disk: install it on every
+    #   client with
+    #       mkdir -p /etc/atropos-sandbox && atropos-sandbox image seccomp-profile > /etc/atropos-sandbox/seccomp-sandbox.json
+    #   (the job's docker_seccomp_profile names another path);
+    # - apparmor=unconfined (Docker's default AppArmor profile forbids mount(); no-op without AppArmor);
+    # - the device /dev/net/tun for network mode `public` (per-slot network namespaces behind pasta).
+    # Without them the server runs its slots without isolation and the pool refuses it, naming this file.
+    allow_caps = ["audit_write", "chown", "dac_override", "fowner", "fsetid", "kill", "mknod",
+                  "net_bind_service", "setfcap", "setgid", "setpcap", "setuid", "sys_chroot",
+                  "sys_admin"]
 
     # Sandboxes never need host volumes or privileged containers.
     volumes {

@@ -12,9 +12,15 @@
 # What the sandbox job relies on:
 # - raw_exec runs the task as the agent's user with the agent's environment, so `apptainer` (or
 #   `singularity`) and, for driver `process`, `atropos-sandbox` must be on the agent's PATH;
+# - a task that starts as root (an agent run as root, as Nomad clients are) becomes the job's
+#   task_user (default `nobody`, setpriv from util-linux) before apptainer or the server runs, so
+#   nothing of a slot runs as root on the node; that user must be able to read the SIF and run
+#   apptainer (and, for `process`, atropos-sandbox's Python) from where they are installed;
 # - Apptainer shares the host network: each server binds a static host port (job base_port + index,
 #   19000 by default), which must be free on the node and reachable from the machine running the pool;
-# - the token the servers require travels in the task environment, never on a command line.
+# - the token the servers require is in no part of the job: the pool writes it to the Nomad Variable
+#   nomad/jobs/<job> (its Nomad token needs variable write access there), and a template renders it
+#   into the task's secrets dir (mode 0400), read with --token-file.
 
 client {
   enabled = true

@@ -14,7 +14,7 @@ from typing import Any
 from atropos.bench import scenarios
 from atropos.bench.measure import Row, machine
 
-_ALL = ("latency", "concurrency", "leasing", "startup", "recovery", "abuse", "swerex")
+_ALL = ("latency", "concurrency", "leasing", "startup", "recovery", "abuse", "network", "swerex")
 
 
 def _say(message: str) -> None:
@@ -38,6 +38,10 @@ async def run(selected: list[str], quick: bool) -> list[Row]:
         from atropos.bench.abuse import abuse_rows
 
         rows += await abuse_rows(_say)
+    if "network" in selected:
+        from atropos.bench.network import network_rows
+
+        rows += await network_rows(sizes, _say)
     if "swerex" in selected:
         from atropos.bench import peer_swerex
 

@@ -53,6 +53,17 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     runtime.add_argument("--runtime", metavar="BIN", help="binary to probe (default: discovery)")
     runtime.set_defaults(handler=_runtime)
 
+    seccomp = actions.add_parser("seccomp-profile", help="print the Docker seccomp profile a sandbox container needs "
+                                 "(for Nomad docker clients: /etc/atropos-sandbox/seccomp-sandbox.json)")
+    seccomp.set_defaults(handler=_seccomp_profile)
+
+
+def _seccomp_profile(_args: argparse.Namespace) -> int:
+    from atropos.images.docker_security import seccomp_profile_text
+
+    sys.stdout.write(seccomp_profile_text())
+    return 0
+
 
 def _add_common(parser: argparse.ArgumentParser, *, cache: bool) -> None:
     if cache:

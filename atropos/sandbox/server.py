@@ -208,6 +208,15 @@ def _leave_root(cfg: ServerConfig, cgroups: list[SlotCgroup | None]) -> str | No
     return who.name
 
 
+def _check_runner_reachable() -> None:
+    """Each slot's runner is this Python, run by this user: refuse to start rather than fail every
+    slot's first call (a task run as nobody with the package in root's home, say)."""
+    python = os.path.realpath(sys.executable)
+    if not os.access(python, os.X_OK):
+        raise StartupError(f"uid {os.getuid()} cannot run {python} (the slots' runner): install atropos-sandbox "
+                           "where this user can reach it, or start the server as a user who can")
+
+
 def prepare(cfg: ServerConfig, token_file: str | None = None) -> tuple[ServerConfig, SandboxApp, str | None]:
     """Everything that must hold before the server listens: token, privileges, isolation, slots."""
     cfg = cfg.model_copy(update={"data_dir": os.path.realpath(cfg.data_dir)})
@@ -215,6 +224,7 @@ def prepare(cfg: ServerConfig, token_file: str | None = None) -> tuple[ServerCon
     token, generated = resolve_token(cfg, token_file)  # the token file may be root's alone
     cgroups = make_cgroups(cfg)
     _leave_root(cfg, cgroups)
+    _check_runner_reachable()
     hidden = tuple(os.path.realpath(p) for p in (token_file, generated) if p)
     choice = choose_isolation(cfg, hidden)
     enforced = Enforcement(
