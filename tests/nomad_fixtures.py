@@ -43,9 +43,10 @@ def server_command() -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def task_user() -> str | None:
-    """The jobs' default `nobody` where that user can run this interpreter and this checkout. A test
-    run as root whose Python lives in root's home (pyenv, conda) cannot: there the tasks keep the
-    agent's user (None) and the server gives root up itself (atropos.sandbox.privileges)."""
+    """The default `run_as` (`nobody`) where that user can run this interpreter and this checkout,
+    which stand-in images and the process driver need. A test run as root whose Python lives in
+    root's home (pyenv, conda) cannot: there the launcher keeps root (None) and the server gives it
+    up itself (atropos.sandbox.privileges). Real SIFs bring their own Python and keep the default."""
     if os.geteuid() != 0:
         return "nobody"  # the jobs' wrapper changes users only when the task starts as root
     # through a shell, as the jobs' wrapper and bubblewrap exec it (setpriv resolves its own
@@ -296,6 +297,7 @@ class NomadTarget:
 @pytest.fixture(params=["standin", pytest.param("real", marks=pytest.mark.nomad)])
 async def nomad_target(request: pytest.FixtureRequest) -> AsyncIterator[NomadTarget]:
     workdir = tempfile.mkdtemp(prefix="atropos-nomad-test-")
+    os.chmod(workdir, 0o711)  # holds the stand-in's alloc dirs: tasks as another user must reach theirs
     try:
         if request.param == "standin":
             async with NomadStandIn(os.path.join(workdir, "standin"), agent_env=agent_env()) as standin:

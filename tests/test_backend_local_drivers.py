@@ -9,7 +9,7 @@ import pytest
 
 from atropos.backends.local import LocalBackend
 from atropos.slots import SlotPool, SlotPoolConfig
-from tests.nomad_fixtures import TESTS_BIN, agent_env, write_standin_image
+from tests.nomad_fixtures import TESTS_BIN, agent_env, task_user, write_standin_image
 
 
 def test_process_command_keeps_token_out_of_argv(tmpdir_path: str) -> None:
@@ -27,7 +27,11 @@ def test_docker_command(tmpdir_path: str) -> None:
     assert "127.0.0.1::8080" in argv and "/srv/d:/data" in argv
     assert argv[argv.index("-e") + 1] == "ATROPOS_SANDBOX_TOKEN" and env["ATROPOS_SANDBOX_TOKEN"] == "tok"
     assert "tok" not in argv
-    assert argv[argv.index("--user") + 1] == f"{os.getuid()}:{os.getgid()}"
+    # root in the container until the server gives it up: then our uid (or the image's user for root)
+    assert argv[argv.index("--user") + 1] == "0:0" and "SYS_ADMIN" in argv
+    assert argv.count("--run-as") == (0 if os.getuid() == 0 else 1)
+    if os.getuid() != 0:
+        assert argv[argv.index("--run-as") + 1] == f"{os.getuid()}:{os.getgid()}"
 
 
 def test_singularity_command(tmpdir_path: str) -> None:
@@ -46,7 +50,7 @@ async def test_singularity_driver_end_to_end(tmpdir_path: str, monkeypatch: pyte
         monkeypatch.setenv(key, value)
     sif = write_standin_image(os.path.join(tmpdir_path, "sandbox.sif"))
     cfg = SlotPoolConfig(driver="singularity", singularity_image=sif, slots_per_container=2,
-                         apptainer_binary=os.path.join(TESTS_BIN, "apptainer"))
+                         apptainer_binary=os.path.join(TESTS_BIN, "apptainer"), run_as=task_user())
     async with SlotPool(cfg) as pool:
         backend = pool.backend
         assert isinstance(backend, LocalBackend) and backend._apptainer == os.path.join(TESTS_BIN, "apptainer")

@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,10 +76,19 @@ def free_port() -> int:
 def sif_server(
     real_runtime: ApptainerRuntime, airgapped_sif: Path, tmp_path: Path, figures: list[str]
 ) -> Iterator[tuple[str, str, subprocess.Popen[str]]]:
+    # as a user runs it: apptainer as root would make the server root in the container (with whatever
+    # capabilities apptainer.conf grants root); as root here, it runs as nobody, as the pool's launcher does
+    as_nobody = os.geteuid() == 0
+    if as_nobody:
+        tmp_path = Path(tempfile.mkdtemp(prefix="atropos-sif-test-"))
+        os.chmod(tmp_path, 0o711)
     data = tmp_path / "data"
     work = tmp_path / "work"
     data.mkdir()
     work.mkdir()
+    if as_nobody:
+        for d in (data, work):
+            os.chown(d, 65534, 65534)
     token = secrets.token_urlsafe(24)
     argv = build_apptainer_exec_argv(
         real_runtime.binary,
@@ -89,6 +99,8 @@ def sif_server(
     )
     env = {**os.environ, **apptainer_secret_env(real_runtime.binary, {TOKEN_ENV: token})}
     env.pop(TOKEN_ENV, None)
+    if as_nobody:
+        argv = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "--", *argv]
     started = time.monotonic()
     pipe = subprocess.PIPE
     with subprocess.Popen(argv, env=env, stdout=pipe, stderr=pipe, text=True, start_new_session=True) as proc:

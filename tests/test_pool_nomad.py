@@ -11,6 +11,7 @@ import pytest
 from atropos.backends.nomad import NomadBackend
 from atropos.slots import SlotPool, SlotPoolConfig
 from tests.nomad_fixtures import (  # noqa: F401  (fixtures)
+    TESTS_BIN,
     NomadTarget,
     free_port_block,
     nomad_target,
@@ -28,7 +29,7 @@ def pool_config(**kw: object) -> SlotPoolConfig:
         "backend": "nomad", "driver": "process", "slots_per_container": 2, "min_containers": 1,
         "max_containers": 2, "static_port_base": free_port_block(4), "scale_cooldown": 0.0,
         "idle_scale_down": 0.5, "health_interval": 0.25, "cpu": 100, "memory": 256, "start_timeout": 120,
-        "job_id": f"atropos-test-{os.getpid()}", "nomad_task_user": task_user(),
+        "job_id": f"atropos-test-{os.getpid()}", "run_as": task_user(),
     }
     base.update(kw)
     return SlotPoolConfig.model_validate(base)
@@ -44,6 +45,7 @@ async def test_pool_runs_scales_and_cleans_up(nomad_target: NomadTarget, driver:
     extra: dict[str, object] = {"driver": driver}
     if driver == "singularity":
         extra["singularity_image"] = write_standin_image(os.path.join(nomad_target.workdir, "sandbox.sif"))
+        extra["apptainer_binary"] = os.path.join(TESTS_BIN, "apptainer")  # whatever the agent's PATH holds
     config = pool_config(**extra)
     backend = NomadBackend(config, client=nomad_target.client)
     messages: list[str] = []

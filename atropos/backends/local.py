@@ -32,6 +32,7 @@ from atropos.images.apptainer import (
     sandbox_server_args,
 )
 from atropos.images.docker_security import docker_run_options
+from atropos.sandbox.privileges import PrivilegeError, resolve_identity
 from atropos.sandbox.procs import kill_tree
 from atropos.sandbox.server import READY_PREFIX
 from atropos.slots.config import SlotPoolConfig
@@ -80,28 +81,47 @@ class LocalBackend(SandboxBackend):
         """argv and environment of one server; the token travels in the environment, never in argv."""
         driver = self.config.driver
         env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+        run_as = self.config.run_as if os.geteuid() == 0 else None
         if driver == "process":
+            # started as root, the server gives root up itself (it also makes its Python reachable)
             argv = [sys.executable, "-m", "atropos.sandbox.server",
-                    *self._server_options("127.0.0.1", 0, data_dir)]
+                    *self._server_options("127.0.0.1", 0, data_dir), *(["--run-as", run_as] if run_as else [])]
             return argv, {**env, TOKEN_ENV: token}
         if driver == "singularity":
             assert self._sif is not None and self._apptainer is not None
             argv = build_apptainer_exec_argv(
-                self._apptainer, self._sif, binds=[(data_dir, CONTAINER_DATA_DIR)], tun=os.path.exists("/dev/net/tun"),
+                self._apptainer, self._sif, binds=[(data_dir, CONTAINER_DATA_DIR)],
+                tun=os.path.exists("/dev/net/tun"),
                 server_args=self._server_options("127.0.0.1", 0, CONTAINER_DATA_DIR),
             )
+            if run_as:  # apptainer as root would make the server root in the container: run it unprivileged
+                argv = self._unprivileged(run_as, data_dir) + argv
             return argv, {**env, **apptainer_secret_env(self._apptainer, {TOKEN_ENV: token})}
         assert self.config.image is not None
         # root in the container only until the server has set up the slots' sandboxes and given root
         # up (atropos.images.docker_security says what each option is for); then it runs as our uid, so the
         # bind-mounted data dir stays ours, or as the image's unprivileged user when we are root
-        run_as = [] if os.getuid() == 0 else ["--run-as", f"{os.getuid()}:{os.getgid()}"]
+        owner = [] if os.getuid() == 0 else ["--run-as", f"{os.getuid()}:{os.getgid()}"]
         argv = ["docker", "run", "--rm", "--pull", "never", "--name", name, *docker_run_options(),
                 "-p", f"127.0.0.1::{self.config.container_port}",
                 "-v", f"{data_dir}:{CONTAINER_DATA_DIR}", "-e", TOKEN_ENV, self.config.image,
                 "atropos-sandbox", "server",
-                *self._server_options("0.0.0.0", self.config.container_port, CONTAINER_DATA_DIR), *run_as]
+                *self._server_options("0.0.0.0", self.config.container_port, CONTAINER_DATA_DIR), *owner]
         return argv, {**env, TOKEN_ENV: token}
+
+    def _unprivileged(self, user: str, data_dir: str) -> list[str]:
+        """`setpriv` to `user` (who gets the data dir, and a way through the work dir); the parent-death
+        signal is set after the switch, which would clear it."""
+        try:
+            who = resolve_identity(user)
+        except PrivilegeError as exc:
+            raise BackendError(f"run_as: {exc}") from None
+        if shutil.which("setpriv") is None:
+            raise BackendError(f"running apptainer as {who.name} needs setpriv (util-linux); or set run_as=None")
+        os.chmod(self.workdir, 0o711)
+        os.chown(data_dir, who.uid, who.gid)
+        return ["setpriv", "--reuid", str(who.uid), "--regid", str(who.gid), "--clear-groups", "--pdeathsig", "KILL",
+                "--"]
 
     async def _prepare_driver(self, progress: Progress) -> None:
         if self.config.driver == "singularity" and self._sif is None:

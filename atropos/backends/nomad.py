@@ -69,7 +69,7 @@ class NomadBackend(SandboxBackend):
             base_port=c.static_port_base, isolation=c.isolation, network=c.network,
             command_timeout=c.tool_timeout, max_output=c.max_output, limits=c.limits, cpu=c.cpu, memory=c.memory,
             datacenters=[d for d in c.datacenters if d != "*"], namespace=c.nomad_namespace,
-            region=c.nomad_region, node_pool=c.node_pool, task_user=c.nomad_task_user,
+            region=c.nomad_region, node_pool=c.node_pool, task_user=c.run_as,
         )
 
     def _reporter(self, progress: Progress) -> object:

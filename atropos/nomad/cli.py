@@ -40,7 +40,8 @@ def _add_render_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task-user", default="nobody",
                    help="raw_exec: the user a task started as root becomes (default nobody; 'none': the agent's user)")
     p.add_argument("--image", default="atropos-sandbox:latest", help="docker image")
-    p.add_argument("--sif", help="SIF image path on the nodes (driver singularity)")
+    p.add_argument("--singularity-image", "--sif", dest="sif", metavar="SIF",
+                   help="SIF image path on the nodes (driver singularity)")
     p.add_argument("--apptainer", default="apptainer", help="apptainer (or singularity) binary on the nodes")
     p.add_argument("--apptainer-arg", action="append", default=[], metavar="ARG",
                    help="extra apptainer exec flag (repeatable), e.g. --apptainer-arg=--nv")

@@ -123,6 +123,9 @@ def _hint(text: str, exit_code: int | None) -> str | None:
         return "a command or file could not be used: permission denied on the node"
     if "pull" in lower or "manifest unknown" in lower or "repository does not exist" in lower:
         return "the docker image could not be pulled: check its name and the node's registry access"
+    if "image format not recognized" in lower:
+        return ("apptainer cannot open the image: the file is there but is not a SIF (or a format this "
+                "apptainer reads); rebuild it, e.g. scripts/build-sif.sh")
     if ".sif" in lower and ("no such file" in lower or "could not open" in lower or "not exist" in lower):
         return "the SIF image is missing on the node: it must exist at the same path on every node"
     if "address already in use" in lower:

@@ -26,6 +26,7 @@ another (the Docker image uses its `sandbox` user, the local docker driver the p
 from __future__ import annotations
 
 import ctypes
+import errno
 import grp
 import logging
 import os
@@ -184,7 +185,9 @@ def give_up_root(who: Identity, *, trees: Sequence[str], files: Sequence[str] = 
         for path in files:
             os.lchown(path, who.uid, who.gid)
     except OSError as exc:
-        raise PrivilegeError(f"cannot hand {exc.filename} to {who.describe()}: {exc.strerror}") from None
+        hint = (" (root without capabilities, e.g. apptainer run as root where apptainer.conf grants root none: "
+                "run apptainer as an unprivileged user)") if exc.errno == errno.EPERM else ""
+        raise PrivilegeError(f"cannot hand {exc.filename} to {who.describe()}: {exc.strerror}{hint}") from None
     masked = proc_is_masked()
     hidden = [p for p in (*trees, *reach) if _unreachable_ancestor(p, who) is not None]
     if masked or hidden:

@@ -49,6 +49,10 @@ class SlotPoolConfig(BaseModel):
     scale_cooldown: float = Field(default=30.0, ge=0, description="min seconds between scaling actions")
     idle_scale_down: float = Field(default=120.0, ge=0, description="scale down after slots idle this long")
     max_output: int = Field(default=1 << 20, ge=1024, description="bytes kept per stream per call")
+    run_as: str | None = Field(
+        default="nobody",
+        description="what starts as root (this pool's apptainer or server processes, a root Nomad agent's tasks) "
+        "becomes this unprivileged user first; None: the launcher keeps root and the server gives it up itself")
     limits: SlotLimits = Field(default_factory=SlotLimits, description="resource limits of every slot")
 
     # Nomad settings; unset values come from NOMAD_ADDR, NOMAD_NAMESPACE, ... (see atropos.nomad)
@@ -68,10 +72,6 @@ class SlotPoolConfig(BaseModel):
         "below Nomad's dynamic range 20000-32000",
     )
     purge_on_exit: bool = True
-    nomad_task_user: str | None = Field(
-        default="nobody",
-        description="singularity/process jobs: the unprivileged user a task started as root (a root agent) becomes "
-        "before apptainer or the server runs; None keeps the agent's user")
 
     @model_validator(mode="after")
     def _check(self) -> SlotPoolConfig:
