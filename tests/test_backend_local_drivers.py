@@ -39,6 +39,10 @@ def test_singularity_command(tmpdir_path: str) -> None:
     backend = LocalBackend(SlotPoolConfig(driver="singularity", singularity_image=sif), workdir=tmpdir_path)
     backend._sif, backend._apptainer = sif, "apptainer"
     argv, env = backend.command("n", "/host/data", "tok")
+    # started as root, apptainer runs as the unprivileged run_as user (setpriv) and never as root
+    launcher, argv = argv[:argv.index("apptainer")], argv[argv.index("apptainer"):]
+    assert launcher == ([] if os.geteuid() else ["setpriv", "--reuid", "65534", "--regid", "65534",
+                                                 "--clear-groups", "--pdeathsig", "KILL", "--"])
     assert argv[:3] == ["apptainer", "exec", "--containall"]
     assert "/host/data:/data" in argv and "--net" not in argv
     assert argv[argv.index(sif) + 1:][:2] == ["atropos-sandbox", "server"]

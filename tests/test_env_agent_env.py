@@ -17,7 +17,7 @@ from atropos.envs.task_set import load_tasks
 from tests.env_fixtures import build_tokenizer, failing_script, solving_script
 from tests.fake_openai import FakeOpenAI
 from tests.nomad_fixtures import agent_env as standin_env
-from tests.nomad_fixtures import write_standin_image
+from tests.nomad_fixtures import task_user, write_standin_image
 
 pytest.importorskip("atroposlib", reason="atroposlib comes with the `atropos` extra (CI installs it)")
 
@@ -84,6 +84,7 @@ async def test_process_writes_groups_whose_rewards_tell_solving_from_failing(
     sandbox = [f"--env.driver={driver}"]
     if driver == "singularity":
         sandbox.append(f"--env.singularity_image={write_standin_image(str(tmp_path / 'sandbox.sif'))}")
+        sandbox.append(f"--env.run_as={task_user() or 'none'}")  # a stand-in image is this host's Python
     async with FakeOpenAI([solving_script(), failing_script()]) as server:
         code, _, err = await run_env(
             "process", *sandbox, f"--openai.base_url={server.base_url}", "--openai.model_name=scripted-model",

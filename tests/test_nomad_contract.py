@@ -24,6 +24,7 @@ from tests.nomad_fixtures import (  # noqa: F401 - fixtures
     server_command,
     shape_id,
     standin,
+    task_user,
 )
 from tests.nomad_schema import UNDESCRIBED_ROUTES, response_schema, schema, schema_errors, unknown_keys
 from tests.nomad_standin import NomadStandIn
@@ -60,7 +61,7 @@ async def test_every_stand_in_answer_matches_the_spec(standin: NomadStandIn) -> 
     """Drive the stand-in through everything the client does, then check each JSON answer it gave."""
     async with client_for(standin.address) as client:
         base = {"token": TOKEN, "server_command": server_command(), "slots_per_container": 1,
-                "cpu": 100, "memory": 128}
+                "cpu": 100, "memory": 128, "task_user": task_user()}
         spec = SandboxJobSpec(job_id="contract-static", count=2, service=True,
                               base_port=free_port_block(4), **base)  # type: ignore[arg-type]
         await deploy_sandbox_job(client, spec, timeout=60)

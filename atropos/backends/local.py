@@ -32,7 +32,7 @@ from atropos.images.apptainer import (
     sandbox_server_args,
 )
 from atropos.images.docker_security import docker_run_options
-from atropos.sandbox.privileges import PrivilegeError, resolve_identity
+from atropos.sandbox.privileges import Identity, PrivilegeError, resolve_identity
 from atropos.sandbox.procs import kill_tree
 from atropos.sandbox.server import READY_PREFIX
 from atropos.slots.config import SlotPoolConfig
@@ -95,7 +95,7 @@ class LocalBackend(SandboxBackend):
                 server_args=self._server_options("127.0.0.1", 0, CONTAINER_DATA_DIR),
             )
             if run_as:  # apptainer as root would make the server root in the container: run it unprivileged
-                argv = self._unprivileged(run_as, data_dir) + argv
+                argv = self._unprivileged(run_as) + argv
             return argv, {**env, **apptainer_secret_env(self._apptainer, {TOKEN_ENV: token})}
         assert self.config.image is not None
         # root in the container only until the server has set up the slots' sandboxes and given root
@@ -109,19 +109,27 @@ class LocalBackend(SandboxBackend):
                 *self._server_options("0.0.0.0", self.config.container_port, CONTAINER_DATA_DIR), *owner]
         return argv, {**env, TOKEN_ENV: token}
 
-    def _unprivileged(self, user: str, data_dir: str) -> list[str]:
-        """`setpriv` to `user` (who gets the data dir, and a way through the work dir); the parent-death
-        signal is set after the switch, which would clear it."""
-        try:
-            who = resolve_identity(user)
-        except PrivilegeError as exc:
-            raise BackendError(f"run_as: {exc}") from None
+    def _unprivileged(self, user: str) -> list[str]:
+        """`setpriv` to `user`; the parent-death signal is set after the switch, which would clear it."""
+        who = self._identity(user)
         if shutil.which("setpriv") is None:
             raise BackendError(f"running apptainer as {who.name} needs setpriv (util-linux); or set run_as=None")
-        os.chmod(self.workdir, 0o711)
-        os.chown(data_dir, who.uid, who.gid)
         return ["setpriv", "--reuid", str(who.uid), "--regid", str(who.gid), "--clear-groups", "--pdeathsig", "KILL",
                 "--"]
+
+    @staticmethod
+    def _identity(user: str) -> Identity:
+        try:
+            return resolve_identity(user)
+        except PrivilegeError as exc:
+            raise BackendError(f"run_as: {exc}") from None
+
+    def _hand_over(self, data_dir: str) -> None:
+        """apptainer runs as `run_as` (we are root): it gets the data dir, and a way through the work dir."""
+        if self.config.driver == "singularity" and self.config.run_as and os.geteuid() == 0:
+            who = self._identity(self.config.run_as)
+            os.chmod(self.workdir, 0o711)
+            os.chown(data_dir, who.uid, who.gid)
 
     async def _prepare_driver(self, progress: Progress) -> None:
         if self.config.driver == "singularity" and self._sif is None:
@@ -164,6 +172,7 @@ class LocalBackend(SandboxBackend):
         name = f"atropos-{os.getpid()}-{server_id}"
         data_dir = os.path.join(self.workdir, server_id)
         os.makedirs(data_dir, exist_ok=True)
+        self._hand_over(data_dir)
         token = secrets.token_urlsafe(32)
         argv, env = self.command(name, data_dir, token)
         log_path = os.path.join(self.workdir, f"{server_id}.log")

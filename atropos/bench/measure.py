@@ -104,15 +104,25 @@ async def subprocess_floor_concurrent(workers: int, per_worker: int, command: st
     return time.perf_counter() - t0
 
 
-def rss_mb(pid: int) -> float:
+def _kb_field(path: str, key: str) -> float:
+    """`key: N kB` from a /proc file, in MB; 0 when the process or the line is gone."""
     try:
-        with open(f"/proc/{pid}/status") as fh:
+        with open(path, encoding="ascii") as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
+                if line.startswith(key):
                     return int(line.split()[1]) / 1024.0
     except OSError:
         pass
     return 0.0
+
+
+def rss_mb(pid: int) -> float:
+    return _kb_field(f"/proc/{pid}/status", "VmRSS:")
+
+
+def pss_mb(pid: int) -> float:
+    """Proportional set size: shared pages (Python, libc, bwrap) count once across processes."""
+    return _kb_field(f"/proc/{pid}/smaps_rollup", "Pss:")
 
 
 def tree_rss_mb(pid: int) -> float:

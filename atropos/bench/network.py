@@ -8,24 +8,12 @@ import time
 from collections.abc import Awaitable, Callable
 
 from atropos.backends.local import LocalBackend
-from atropos.bench.measure import Row, Summary, sample_interleaved
+from atropos.bench.measure import Row, Summary, pss_mb, sample_interleaved
 from atropos.bench.scenarios import Sizes, ms, pool_config
 from atropos.sandbox.procs import snapshot, tree_members
 from atropos.slots import Slot, SlotPool
 
 _SLOTS = 16
-
-
-def pss_mb(pid: int) -> float:
-    """Proportional set size: shared pages (Python, libc, bwrap) count once across the processes."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return 0.0
 
 
 def per_slot_pss(pool: SlotPool) -> float:

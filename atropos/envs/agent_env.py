@@ -54,6 +54,8 @@ class AgentEnvConfig(BaseEnvConfig):  # type: ignore[misc]
     max_containers: int = Field(default=4, ge=1, le=1000, description="Sandbox servers at most")
     max_turns: int = Field(default=8, ge=1, le=1000, description="Model turns per trajectory")
     tool_timeout: float = Field(default=60.0, gt=0, description="Seconds one tool call may run")
+    run_as: str = Field(default="nobody", description="Sandbox processes this run starts as root (apptainer, "
+                        "servers) become this user first; 'none': the server gives root up itself")
     tool_call_format: Literal["hermes", "openai"] = Field(
         default="hermes", description="hermes: <tool_call> JSON in the text; openai: the API's tool_calls"
     )
@@ -73,6 +75,7 @@ class AgentEnvConfig(BaseEnvConfig):  # type: ignore[misc]
             backend=self.backend, driver=self.driver, image=self.image, singularity_image=self.singularity_image,
             nomad_address=self.nomad_address, slots_per_container=self.slots_per_container,
             min_containers=self.min_containers, max_containers=self.max_containers, tool_timeout=self.tool_timeout,
+            run_as=self.run_as,
         )
 
     def agent_settings(self) -> AgentSettings:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from atropos.images.references import is_reference
 from atropos.sandbox.slot_limits import SlotLimits
@@ -72,6 +72,11 @@ class SlotPoolConfig(BaseModel):
         "below Nomad's dynamic range 20000-32000",
     )
     purge_on_exit: bool = True
+
+    @field_validator("run_as", mode="before")
+    @classmethod
+    def _no_user(cls, value: object) -> object:
+        return None if isinstance(value, str) and value.strip().lower() in ("", "none") else value
 
     @model_validator(mode="after")
     def _check(self) -> SlotPoolConfig:
