@@ -3,28 +3,32 @@
 `allow` shares the node's network namespace with the slots: the node's loopback services (a Nomad,
 Consul or Vault agent, other servers' ports), link-local metadata addresses and the cluster's
 private ranges are all one connect() away. `public` puts each slot's sandbox in a fresh user and
-network namespace run by `pasta` (Debian's `passt`), a user-space NAT that needs no privileges:
+network namespace, connected by `pasta` (Debian's `passt`), a user-space NAT that needs no
+privileges:
 
-    pasta [options] -- unshare --mount /bin/sh -c 'mount -t proc proc /proc && ip -batch ROUTES &&
-        exec "$@"' ROUTES bwrap ... runner
+    unshare --user --map-root-user --net -- /bin/sh -c SETUP ROUTES bwrap ... runner
+    pasta [options] --netns /proc/PID/ns/net --userns /proc/PID/ns/user      (started by the server)
 
+- SETUP, as root of the new user namespace (every capability in it, none outside): say
+  NETNS_READY on stdout, wait until pasta has put its tap device and default route in, apply
+  ROUTES, then `exec unshare --user --map-user=UID --map-group=GID` into a nested user namespace
+  where the server's own uid is itself again, and from there bubblewrap (unprivileged, as without
+  pasta). The slot's processes run without capabilities and cannot change any of it.
+- ROUTES: the main table flushed, a default route on the tap device (pasta answers ARP for any
+  address), and a `prohibit` route for every loopback, private, link-local, shared, multicast and
+  reserved range and for every subnet and address of the node's own interfaces. A connect() there
+  fails at once with EACCES inside the slot and never reaches pasta. The slot's own 127.0.0.1 is its
+  own namespace's loopback, with nothing of the node's on it.
 - pasta options: no port forwarding in either direction (`-t/-u/-T/-U none`: without this the
-  slot's 127.0.0.1:PORT would reach the host's PORT), the gateway not mapped to the host's loopback
+  slot's 127.0.0.1:PORT would reach the node's PORT), the gateway not mapped to the node's loopback
   (`--no-map-gw`), IPv4 only (`-4`), DNS answered only at one address (`--dns-forward`) and relayed
   to the node's resolver; the slot's /etc/resolv.conf names that address.
-- ROUTES (as root of pasta's user namespace, before bubblewrap drops every capability): the main
-  table flushed, a default route on the tap device (pasta answers ARP for any address), and a
-  `prohibit` route for every loopback, private, link-local, shared, multicast and reserved range
-  and for every subnet and address of the node's own interfaces. A connect() there fails at once
-  with EACCES inside the slot and never reaches pasta. The slot's own 127.0.0.1 is its own
-  namespace's loopback, with nothing of the node's on it.
-- pasta starts the command in a PID namespace of its own; bubblewrap reads its child's entries in
-  /proc, so a private mount namespace gets a /proc of that PID namespace first.
-- the slot's processes cannot change any of it: bubblewrap runs them without capabilities in a
-  user namespace nested inside pasta's.
+- pasta joins the namespaces from outside (it enters them with setns, keeping its capabilities there)
+  rather than starting the command itself: a command pasta starts gets its capabilities back
+  through exec, which no_new_privs forbids, and Apptainer always sets no_new_privs.
 
-Where pasta (or `ip`, or /dev/net/tun) is missing, or the server runs under no_new_privs (inside
-Apptainer, which always sets it), `auto` falls back to `deny` and says why.
+Where pasta (or `ip`, `unshare`, a usable /dev/net/tun) is missing, `auto` falls back to `deny` and
+says why.
 """
 
 from __future__ import annotations
@@ -53,15 +57,9 @@ BLOCKED_V4 = (
 # protocol-assignment address (RFC 6890): never a real host, and outside every blocked range.
 DNS_ADDRESS = "192.0.0.53"
 INTERFACE = "tap0"
+NETNS_READY = "ATROPOS-NETNS-READY"  # the wrapped command's first line: its namespaces exist
+_PASTA_WAIT_S = 10.0
 TUN_DEVICE = "/dev/net/tun"
-
-
-def _no_new_privs() -> bool:
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            return any(line.split() == ["NoNewPrivs:", "1"] for line in fh)
-    except OSError:
-        return False
 
 
 def find_pasta() -> str | None:
@@ -109,11 +107,6 @@ class Egress:
         for tool, package in (("ip", "iproute2"), ("unshare", "util-linux")):
             if shutil.which(tool) is None:
                 raise OSError(f"the `{tool}` command ({package}) is not installed")
-        if _no_new_privs():
-            # the slot's nested user namespace maps pasta's root, which needs CAP_SETFCAP there
-            # (Linux >= 5.12); under no_new_privs pasta's command never gets it back
-            raise OSError("this process runs with no_new_privs (Apptainer sets it), under which pasta's "
-                          "namespaces cannot hold a slot sandbox")
         # without the device pasta waits forever instead of failing
         if not os.access(TUN_DEVICE, os.R_OK | os.W_OK):
             raise OSError(f"{TUN_DEVICE} is missing or not open to this user (pasta needs it; in a container pass "
@@ -128,10 +121,33 @@ class Egress:
         return cls(pasta, routes, resolv)
 
     def wrap(self, argv: list[str]) -> list[str]:
-        options = ["--config-net", "--foreground", "--quiet", "--log-file", "/dev/null", "--ipv4-only",
-                   "--no-map-gw", "--tcp-ports", "none", "--udp-ports", "none", "--tcp-ns", "none",
-                   "--udp-ns", "none", "--ns-ifname", INTERFACE, "--dns-forward", DNS_ADDRESS,
-                   "--no-dhcp", "--no-ndp", "--no-dhcpv6", "--no-ra"]
-        setup = 'mount -t proc proc /proc && ip -batch "$0" >/dev/null && exec "$@"'
-        return [self.pasta, *options, "--", "unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
-                setup, self.routes_file, *argv]
+        """`argv` (bubblewrap's) started in a new user and network namespace (see the module docstring)."""
+        waits = int(_PASTA_WAIT_S / 0.01)
+        setup = (f"echo {NETNS_READY}; i=0; until ip -4 route show default | grep -q .; do i=$((i+1)); "
+                 f"[ $i -gt {waits} ] && {{ echo 'pasta did not set up the network' >&2; exit 1; }}; sleep 0.01; done; "
+                 f'ip -batch "$0" >/dev/null && exec unshare --user --map-user={os.getuid()} '
+                 f'--map-group={os.getgid()} -- "$@"')
+        return ["unshare", "--user", "--map-root-user", "--net", "--", "/bin/sh", "-c", setup, self.routes_file,
+                *argv]
+
+    def pasta_argv(self, pid: int) -> list[str]:
+        """pasta for the namespaces of `pid` (the wrapped command, once it said NETNS_READY)."""
+        return [self.pasta, "--config-net", "--foreground", "--quiet", "--ipv4-only", "--no-map-gw",
+                "--tcp-ports", "none", "--udp-ports", "none", "--tcp-ns", "none", "--udp-ns", "none",
+                "--ns-ifname", INTERFACE, "--dns-forward", DNS_ADDRESS, "--no-dhcp", "--no-ndp", "--no-dhcpv6",
+                "--no-ra", "--netns", f"/proc/{pid}/ns/net", "--userns", f"/proc/{pid}/ns/user"]
+
+    def run(self, argv: list[str], timeout: float) -> subprocess.CompletedProcess[bytes]:
+        """Run a wrapped command to its end with its pasta (the start-up probe)."""
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != NETNS_READY.encode():
+                out, err = proc.communicate(timeout=timeout)
+                return subprocess.CompletedProcess(argv, proc.wait(), out, err)
+            with subprocess.Popen(self.pasta_argv(proc.pid), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL) as pasta:
+                try:
+                    out, err = proc.communicate(timeout=timeout)
+                finally:
+                    pasta.kill()
+            return subprocess.CompletedProcess(argv, proc.returncode, out, err)

@@ -96,11 +96,7 @@ class SandboxSpec:
         data_dir = os.path.realpath(self.data_dir)
         args = [self.bwrap, "--die-with-parent", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
                 "--unshare-cgroup-try", "--cap-drop", "ALL", "--hostname", "sandbox"]
-        if self.egress is not None:
-            # inside pasta's namespaces we are its root: a nested user namespace shows the slot the
-            # server's own uid, as without pasta
-            args += ["--unshare-user", "--uid", str(os.getuid()), "--gid", str(os.getgid())]
-        elif self.userns:
+        if self.userns or self.egress is not None:
             args.append("--unshare-user")
         if self.network == "deny":
             args.append("--unshare-net")
@@ -135,9 +131,12 @@ class SandboxSpec:
 def probe(spec: SandboxSpec, scratch: str) -> str | None:
     """None when a sandbox starts here; otherwise bubblewrap's own explanation."""
     os.makedirs(scratch, exist_ok=True)
+    argv = spec.argv(scratch, ["/bin/sh", "-c", "true"])
     try:
-        proc = subprocess.run(spec.argv(scratch, ["/bin/sh", "-c", "true"]), capture_output=True,
-                              timeout=20, check=False)
+        if spec.egress is not None:
+            proc = spec.egress.run(argv, timeout=20)
+        else:
+            proc = subprocess.run(argv, capture_output=True, timeout=20, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return str(exc)
     if proc.returncode != 0:

@@ -13,11 +13,10 @@ Steps, in order, while still root:
    there (what `--security-opt systempaths=unconfined` would do, which Nomad cannot pass). Only
    the server's mount namespace changes; every slot then gets its own /proc of its own PID namespace.
 2. The data dir (and the slots' cgroups) are handed to the unprivileged user.
-3. Supplementary groups, gid and uid become that user's, which clears every capability. Neither
-   the bounding set nor no_new_privs is touched here: both would also strip the capabilities a
-   command started in a new user namespace gets, which pasta (network `public`) relies on to set
-   up a slot's routes. Slot commands get no_new_privs from bubblewrap, and run without any
-   capability; the server itself runs only its own code.
+3. Supplementary groups, gid and uid become that user's, which clears every capability, and
+   no_new_privs is set: nothing started later (a setuid binary, file capabilities) regains any.
+   (A user namespace the server's children create still gives them capabilities inside it, which
+   is all that bubblewrap and network `public` need.)
 
 The user defaults to `nobody` (a name that exists on every node and image); `--run-as` picks
 another (the Docker image uses its `sandbox` user, the local docker driver the pool's own uid).
@@ -40,7 +39,7 @@ DEFAULT_RUN_AS = "nobody"
 RUN_AS_ENV = "ATROPOS_SANDBOX_RUN_AS"  # the default of --run-as where set (the Docker image: sandbox)
 
 _CLONE_NEWNS = 0x00020000
-_PR_SET_PDEATHSIG, _PR_GET_PDEATHSIG = 1, 2
+_PR_SET_PDEATHSIG, _PR_GET_PDEATHSIG, _PR_SET_NO_NEW_PRIVS = 1, 2, 38
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_BIND, _MS_REC, _MS_PRIVATE = 2, 4, 8, 0x1000, 0x4000, 1 << 18
 
 
@@ -215,6 +214,8 @@ def give_up_root(who: Identity, *, trees: Sequence[str], files: Sequence[str] = 
                              "it as an unprivileged user instead)") from None
     if os.getuid() == 0 or os.geteuid() == 0:
         raise PrivilegeError("still root after switching users")
+    if _libc().prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise PrivilegeError("cannot set no_new_privs")
     # the kernel forgets a parent-death signal when the uid changes: a server that must die with
     # its pool (the local backend's) sets it again, and goes at once if the pool died meanwhile
     if death_signal:

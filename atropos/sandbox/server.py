@@ -188,7 +188,8 @@ def build_slots(cfg: ServerConfig, spec: SandboxSpec | None, cgroups: list[SlotC
             argv = spec.argv(workspace, runner) if spec is not None else runner
             return cgroup.wrap(argv) if cgroup is not None and cgroup.dirs else argv
 
-        slots.append(Slot(i, workspace, command, sandbox_env(cfg.data_dir, root), cgroup))
+        slots.append(Slot(i, workspace, command, sandbox_env(cfg.data_dir, root), cgroup,
+                          spec.egress if spec is not None else None))
     return slots
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from atropos.sandbox.cgroups import SlotCgroup
+from atropos.sandbox.egress import NETNS_READY, Egress
 from atropos.sandbox.files import empty_dir
 from atropos.sandbox.limits import describe_limit, prepend_error
 from atropos.sandbox.oneshot import add_note
@@ -39,13 +40,15 @@ class SlotReset(SlotFailure):
 
 class Slot:
     def __init__(self, index: int, workspace: str, command: Callable[[], list[str]], env: dict[str, str],
-                 cgroup: SlotCgroup | None = None) -> None:
+                 cgroup: SlotCgroup | None = None, egress: Egress | None = None) -> None:
         self.index = index
         self.cgroup = cgroup
         self.workspace = workspace
         self._command = command
         self._env = env
         self._proc: asyncio.subprocess.Process | None = None
+        self._egress = egress  # network `public`: this slot's pasta joins the runner's namespaces
+        self._pastas: dict[int, asyncio.subprocess.Process] = {}  # runner pid -> the pasta of its namespaces
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
@@ -68,9 +71,14 @@ class Slot:
             env=self._env, start_new_session=True, limit=256 * 1024 * 1024,
         )
         assert proc.stdout is not None
+        if self._egress is not None and (await proc.stdout.readline()).strip() == NETNS_READY.encode():
+            self._pastas[proc.pid] = await asyncio.create_subprocess_exec(
+                *self._egress.pasta_argv(proc.pid), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
         hello = await proc.stdout.readline()
         if not hello:
             await proc.wait()
+            await self._stop_pasta(proc)
             raise SlotFailure(f"slot {self.index}: the sandbox did not start (exit {proc.returncode})")
         self._proc = proc
         self._reader = asyncio.ensure_future(self._read_answers(proc))
@@ -91,6 +99,7 @@ class Slot:
             else:
                 fut.set_result(msg["result"])
         await proc.wait()
+        await self._stop_pasta(proc)
         if self._proc is proc:  # not stopped by kill_runner
             self._session_lost = True
         self._fail_pending(SlotFailure(f"slot {self.index}: the sandbox exited ({proc.returncode}); "
@@ -165,8 +174,15 @@ class Slot:
         except ProcessLookupError:
             pass
         await proc.wait()
+        await self._stop_pasta(proc)
         if self._reader is not None:
             await asyncio.gather(self._reader, return_exceptions=True)
+
+    async def _stop_pasta(self, runner: asyncio.subprocess.Process) -> None:
+        pasta = self._pastas.pop(runner.pid, None)
+        if pasta is not None and pasta.returncode is None:
+            pasta.kill()
+            await pasta.wait()
 
     async def close(self) -> None:
         await self.kill_runner()
