@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
+import time
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
@@ -151,3 +152,35 @@ def test_public_network_refuses_the_nodes_own_subnets() -> None:
         out = run(srv, 0, f"timeout 3 bash -c 'exec 3<>/dev/tcp/{inner}/{host.port}' 2>&1; echo rc=$?")
         assert "rc=0" not in out and "ermission denied" in out, out
 
+
+
+def test_a_killed_server_leaves_no_pasta_behind() -> None:
+    """pasta holds the slot's namespaces open and would outlive them: it dies with its server."""
+    if not REQUIRE_PUBLIC and os.system("command -v pasta >/dev/null") != 0:
+        pytest.skip("no pasta here (Debian package passt)")
+    with temporary_server("atropos-test-pasta-", "--slots", "2", "--network", "public") as srv:
+        for slot in (0, 1):
+            srv.execute(slot, "bash", command="true")
+        pastas = [p for p in pids_with_arg("--config-net") if _parent(p) == srv.proc.pid]
+        assert len(pastas) == 2
+        srv.proc.kill()
+        srv.proc.wait()
+        assert wait_gone(pastas) == []
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return int(fh.read().rsplit(b")", 1)[1].split()[1])
+    except OSError:
+        return -1
+
+
+def wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if os.path.exists(f"/proc/{p}") and _parent(p) != -1
+                 and open(f"/proc/{p}/stat", "rb").read().rsplit(b")", 1)[1].split()[0] != b"Z"]
+        time.sleep(0.05)
+    return alive

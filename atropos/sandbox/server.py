@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import ipaddress
 import logging
 import os
@@ -136,20 +135,17 @@ def choose_isolation(cfg: ServerConfig, hidden: tuple[str, ...]) -> Choice:
             except (OSError, subprocess.SubprocessError) as exc:
                 failures.setdefault(network, []).append(f"cannot prepare per-slot networking: {exc}")
                 continue
+            # never root here (prepare gave root up): the sandbox is always in a user namespace
             spec = SandboxSpec(bwrap=bwrap, data_dir=cfg.data_dir, hidden_files=hidden, network=network,
                                tmp_bytes=cfg.limits.tmp, egress=egress)
-            # root without capabilities (some containers) can still sandbox through a user namespace
-            candidates = [spec] if spec.userns else [spec, dataclasses.replace(spec, userns=True)]
-            for candidate in candidates:
-                failure = probe(candidate, os.path.join(cfg.data_dir, ".probe"))
-                if failure is None:
-                    why = None
-                    if network != networks[0] or why_not_public:
-                        why = why_not_public or "; ".join(failures.get(networks[0], []))
-                        log.warning("network %s (auto): per-slot public networking unavailable: %s",
-                                    network, why)
-                    return Choice(candidate, network, None, why)
-                failures.setdefault(network, []).append(failure)
+            failure = probe(spec, os.path.join(cfg.data_dir, ".probe"))
+            if failure is None:
+                why = None
+                if network != networks[0] or why_not_public:
+                    why = why_not_public or "; ".join(failures.get(networks[0], []))
+                    log.warning("network %s (auto): per-slot public networking unavailable: %s", network, why)
+                return Choice(spec, network, None, why)
+            failures.setdefault(network, []).append(failure)
         reason = f"{bwrap} cannot create a sandbox here: " + "; ".join(
             f"network {net}: {'; '.join(dict.fromkeys(msgs))}" for net, msgs in failures.items())
     if cfg.isolation == "bwrap" or cfg.network in ("deny", "public"):
@@ -193,10 +189,10 @@ def build_slots(cfg: ServerConfig, spec: SandboxSpec | None, cgroups: list[SlotC
     return slots
 
 
-def _leave_root(cfg: ServerConfig, cgroups: list[SlotCgroup | None]) -> str | None:
-    """Become `--run-as` when started as root (see atropos.sandbox.privileges); the user's name."""
+def _leave_root(cfg: ServerConfig, cgroups: list[SlotCgroup | None]) -> None:
+    """Become `--run-as` when started as root (see atropos.sandbox.privileges)."""
     if os.geteuid() != 0:
-        return None
+        return
     try:
         who = resolve_identity(cfg.run_as)
         group_dirs = [d for g in cgroups if g is not None for d in g.dirs]
@@ -206,7 +202,6 @@ def _leave_root(cfg: ServerConfig, cgroups: list[SlotCgroup | None]) -> str | No
     except PrivilegeError as exc:
         raise StartupError(str(exc)) from None
     log.info("started as root: running as %s from here on", who.describe())
-    return who.name
 
 
 def _check_runner_reachable() -> None:

@@ -16,7 +16,7 @@ from atropos.sandbox.egress import NETNS_READY, Egress
 from atropos.sandbox.files import empty_dir
 from atropos.sandbox.limits import describe_limit, prepend_error
 from atropos.sandbox.oneshot import add_note
-from atropos.sandbox.procs import kill_tree
+from atropos.sandbox.procs import die_with_parent, kill_tree
 from atropos.sandbox.session import SESSION_RESTARTED
 
 log = logging.getLogger("atropos.sandbox")
@@ -74,7 +74,8 @@ class Slot:
         if self._egress is not None and (await proc.stdout.readline()).strip() == NETNS_READY.encode():
             self._pastas[proc.pid] = await asyncio.create_subprocess_exec(
                 *self._egress.pasta_argv(proc.pid), stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
+                preexec_fn=_pasta_dies_with_server)  # it outlives the namespaces' processes otherwise
         hello = await proc.stdout.readline()
         if not hello:
             await proc.wait()
@@ -188,6 +189,10 @@ class Slot:
         await self.kill_runner()
         if self.cgroup is not None:
             self.cgroup.remove()
+
+
+def _pasta_dies_with_server() -> None:
+    die_with_parent(signal.SIGKILL)
 
 
 def _note_cgroup_limit(result: dict[str, Any], cgroup: SlotCgroup) -> None:
