@@ -8,6 +8,7 @@ __all__ = [
     "ImageError",
     "ImageNotFoundError",
     "ImagePullError",
+    "InvalidReference",
 ]
 
 
@@ -29,3 +30,7 @@ class ImagePullError(ImageError):
 
 class ImageBuildError(ImageError):
     """`apptainer build` failed or produced something that is not a SIF."""
+
+
+class InvalidReference(ImageError, ValueError):
+    """A string that is neither a SIF path nor a pullable reference (`docker://...`, `oras://...`)."""

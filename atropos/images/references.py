@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import re
 
+from atropos.images.errors import InvalidReference
+
 __all__ = [
     "BUILD_SCHEMES",
     "PULL_SCHEMES",
@@ -49,7 +51,7 @@ def normalize_reference(value: str) -> str:
     """`python:3.11` -> `docker://python:3.11`; `docker-daemon:x:1` -> `docker-daemon://x:1`."""
     value = value.strip()
     if not is_reference(value):
-        raise ValueError(f"{value!r} is not an image reference (e.g. docker://python:3.11)")
+        raise InvalidReference(f"{value!r} is not an image reference (e.g. docker://python:3.11)")
     scheme = reference_scheme(value) or "docker"
     rest = value if reference_scheme(value) is None else _strip_scheme(value)
     if scheme == "docker":

@@ -216,7 +216,11 @@ def _check_runner_reachable() -> None:
 def prepare(cfg: ServerConfig, token_file: str | None = None) -> tuple[ServerConfig, SandboxApp, str | None]:
     """Everything that must hold before the server listens: token, privileges, isolation, slots."""
     cfg = cfg.model_copy(update={"data_dir": os.path.realpath(cfg.data_dir)})
-    os.makedirs(cfg.data_dir, exist_ok=True)
+    try:
+        os.makedirs(cfg.data_dir, exist_ok=True)
+    except OSError as exc:
+        why = "it is a file, not a directory" if isinstance(exc, FileExistsError) else exc.strerror
+        raise StartupError(f"--data-dir {cfg.data_dir}: cannot use it as the data dir: {why}") from None
     token, generated = resolve_token(cfg, token_file)  # the token file may be root's alone
     cgroups = make_cgroups(cfg)
     _leave_root(cfg, cgroups)
