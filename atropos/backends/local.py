@@ -32,6 +32,7 @@ from atropos.images.apptainer import (
     sandbox_server_args,
 )
 from atropos.images.docker_security import docker_run_options
+from atropos.sandbox.egress import TUN_DEVICE
 from atropos.sandbox.privileges import Identity, PrivilegeError, resolve_identity
 from atropos.sandbox.procs import kill_tree
 from atropos.sandbox.server import READY_PREFIX
@@ -91,7 +92,7 @@ class LocalBackend(SandboxBackend):
             assert self._sif is not None and self._apptainer is not None
             argv = build_apptainer_exec_argv(
                 self._apptainer, self._sif, binds=[(data_dir, CONTAINER_DATA_DIR)],
-                tun=os.path.exists("/dev/net/tun"),
+                tun=os.path.exists(TUN_DEVICE),
                 server_args=self._server_options("127.0.0.1", 0, CONTAINER_DATA_DIR),
             )
             if run_as:  # apptainer as root would make the server root in the container: run it unprivileged

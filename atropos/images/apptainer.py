@@ -37,6 +37,7 @@ import shlex
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
+from atropos.sandbox.egress import TUN_DEVICE
 from atropos.sandbox.slot_limits import SlotLimits
 
 __all__ = [
@@ -59,7 +60,6 @@ TOKEN_ENV = "ATROPOS_SANDBOX_TOKEN"
 
 _NO_ENV: Mapping[str, str] = MappingProxyType({})
 _DEV_FULL = "/dev/full"  # absent from the minimal /dev of --contain; bubblewrap's --dev needs it
-_DEV_TUN = "/dev/net/tun"  # network mode `public` (pasta) needs it
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # `--env` is parsed as a comma-separated KEY=VALUE list by apptainer; these characters would be
 # split or mangled on the way in, so such values must travel through the process environment.
@@ -100,7 +100,7 @@ def build_apptainer_exec_argv(
         argv += ["--bind", _bind_spec(host, container)]
     argv += ["--bind", _DEV_FULL]
     if tun:
-        argv += ["--bind", _DEV_TUN]
+        argv += ["--bind", TUN_DEVICE]
     for name, value in env.items():
         argv += ["--env", _env_spec(name, value)]
     argv += list(extra_args)

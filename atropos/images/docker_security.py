@@ -27,8 +27,9 @@ import json
 import os
 from importlib import resources
 
+from atropos.sandbox.egress import TUN_DEVICE
+
 SECCOMP_PROFILE_NAME = "seccomp-sandbox.json"
-TUN_DEVICE = "/dev/net/tun"
 # the default path of the profile on Nomad docker clients (Nomad reads it from the client's disk)
 NODE_SECCOMP_PROFILE = "/etc/atropos-sandbox/seccomp-sandbox.json"
 
@@ -52,7 +53,7 @@ def docker_run_options(*, tun: bool | None = None) -> list[str]:
     for cap in CAPABILITIES:
         options += ["--cap-add", cap]
     options += ["--security-opt", f"seccomp={seccomp_profile_path()}", "--security-opt", "apparmor=unconfined"]
-    if tun if tun is not None else os.path.exists(TUN_DEVICE):
+    if os.path.exists(TUN_DEVICE) if tun is None else tun:
         options += ["--device", TUN_DEVICE]
     return options
 
