@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from atropos.images import cache, process, runtime
+from atropos.images import cache, commands, runtime
 from atropos.images.errors import ImageError
 from atropos.images.runtime import ApptainerRuntime, find_runtime
 
@@ -104,7 +104,7 @@ def standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[StandIn
     monkeypatch.setenv("STANDIN_STARTED", str(fake.started))
     for name in ("ATROPOS_APPTAINER", "ATROPOS_SIF_CACHE", "APPTAINER_CACHEDIR", "SINGULARITY_CACHEDIR"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(process, "HEARTBEAT_SECONDS", 3600.0)
+    monkeypatch.setattr(commands, "HEARTBEAT_SECONDS", 3600.0)
     monkeypatch.setattr(cache, "_pulled", set())  # what *this test* pulled
     runtime._probe_cached.cache_clear()
     yield fake

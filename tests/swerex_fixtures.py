@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from atropos.images import cache, process, runtime
+from atropos.images import cache, commands, runtime
 from tests.nomad_fixtures import TESTS_BIN, find_bwrap, write_standin_image
 
 
@@ -61,7 +61,7 @@ def apptainer_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ApptainerE
         monkeypatch.setenv("APPTAINER_STANDIN_BWRAP", bwrap)
     for name in ("ATROPOS_APPTAINER", "APPTAINER_CACHEDIR", "SINGULARITY_CACHEDIR"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(process, "HEARTBEAT_SECONDS", 3600.0)
+    monkeypatch.setattr(commands, "HEARTBEAT_SECONDS", 3600.0)
     monkeypatch.setattr(cache, "_pulled", set())  # what *this test* pulled
     runtime._probe_cached.cache_clear()
     return env

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import pytest
 from filelock import FileLock
 
-from atropos.images import process
+from atropos.images import commands
 from atropos.images.cache import (
     cached_image_path,
     default_cache_dir,
@@ -197,7 +197,7 @@ def test_progress_streams_runtime_output_line_by_line(standin: StandIn) -> None:
 
 
 def test_heartbeat_reports_a_long_wait(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(process, "HEARTBEAT_SECONDS", 0.01)
+    monkeypatch.setattr(commands, "HEARTBEAT_SECONDS", 0.01)
     beat = threading.Event()
     lines: list[str] = []
 
@@ -205,13 +205,13 @@ def test_heartbeat_reports_a_long_wait(monkeypatch: pytest.MonkeyPatch) -> None:
         lines.append(line)
         beat.set()
 
-    with process.heartbeat(progress, "pull x"):
+    with commands.heartbeat(progress, "pull x"):
         beat.wait()
     assert lines[0].startswith("pull x: still running after ")
 
 
 def test_waiting_for_another_pullers_lock_is_reported(standin: StandIn, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(process, "HEARTBEAT_SECONDS", 0.01)
+    monkeypatch.setattr(commands, "HEARTBEAT_SECONDS", 0.01)
     dest = cached_image_path(REF, standin.cache)
     standin.cache.mkdir(parents=True)
     holder = FileLock(str(lock_path(dest)))

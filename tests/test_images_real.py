@@ -31,8 +31,8 @@ from atropos.images.apptainer import (
     build_apptainer_exec_argv,
     sandbox_server_args,
 )
-from atropos.images.process import format_size
 from atropos.images.staging import is_sif
+from atropos.units import format_size
 from tests.server_process import wait_ready
 
 if TYPE_CHECKING:

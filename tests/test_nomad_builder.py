@@ -8,9 +8,9 @@ import shlex
 import pytest
 from pydantic import ValidationError
 
+from atropos.host import owner_state
 from atropos.nomad import OwnerMeta, SandboxJobSpec, create_sandbox_job, group_names, static_port
 from atropos.nomad.builder import group_index
-from atropos.nomad.owner import owner_state
 
 TOKEN = "s3cret-token-value"
 

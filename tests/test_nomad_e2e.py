@@ -15,6 +15,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -322,8 +323,8 @@ async def test_cleanup_stops_only_jobs_of_dead_owners(target: NomadTarget) -> No
     finished = subprocess.Popen(["true"])
     finished.wait()
     me = OwnerMeta.current()
-    dead = me.model_copy(update={"pid": finished.pid})
-    elsewhere = me.model_copy(update={"host": me.host + "-elsewhere", "pid": finished.pid})
+    dead = replace(me, pid=finished.pid)
+    elsewhere = replace(me, host=me.host + "-elsewhere", pid=finished.pid)
     specs = {name: job_spec(count=0, owner=owner)
              for name, owner in (("dead", dead), ("alive", me), ("elsewhere", elsewhere), ("manual", None))}
     for spec in specs.values():

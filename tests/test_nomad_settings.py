@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import ssl
 import subprocess
+from dataclasses import replace
 
 from atropos.nomad import NomadSettings, OwnerMeta, owner_state
 from atropos.nomad.client import _ssl_context
@@ -44,10 +45,10 @@ def test_owner_state_tells_dead_from_alive_from_unknown() -> None:
     assert owner_state(me.to_meta()) == "alive"
     finished = subprocess.Popen(["true"])
     finished.wait()
-    assert owner_state(me.model_copy(update={"pid": finished.pid}).to_meta()) == "dead"
-    assert owner_state(me.model_copy(update={"started": (me.started or 0) - 3600}).to_meta()) == "dead"  # pid reused
-    assert owner_state(me.model_copy(update={"boot_id": "another-boot"}).to_meta()) == "dead"
-    assert owner_state(me.model_copy(update={"host": "elsewhere"}).to_meta()) == "unknown"
+    assert owner_state(replace(me, pid=finished.pid).to_meta()) == "dead"
+    assert owner_state(replace(me, started=(me.started or 0) - 3600).to_meta()) == "dead"  # pid reused
+    assert owner_state(replace(me, boot_id="another-boot").to_meta()) == "dead"
+    assert owner_state(replace(me, host="elsewhere").to_meta()) == "unknown"
     assert owner_state({"atropos_kind": "sandbox"}) == "unknown"
-    assert OwnerMeta.from_meta(me.to_meta()) == me.model_copy(update={"started": round(me.started or 0, 2)})
+    assert OwnerMeta.from_meta(me.to_meta()) == replace(me, started=round(me.started or 0, 2))
     assert me.pid == os.getpid()

@@ -15,8 +15,9 @@ import httpx
 import pytest
 
 from atropos.sandbox.cgroups import SlotCgroups
-from atropos.sandbox.limits import count_tasks, format_size, parse_size
+from atropos.sandbox.limits import count_tasks
 from atropos.sandbox.slot_limits import SlotLimits
+from atropos.units import format_size, parse_size
 from tests.server_process import RunningServer, run_server
 
 LIMIT_ARGS = ("--slots", "3", "--limit-memory", "512M", "--limit-processes", "64", "--limit-cpu", "2",

@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Callable
 from dataclasses import dataclass
 
-Progress = Callable[[str], None]
-
-
-def no_progress(_message: str) -> None:
-    pass
+from atropos.progress import Progress, no_progress
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,9 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from atropos.backends.base import Progress, SandboxBackend, ServerInfo, no_progress
-from atropos.backends.local_records import ServerRecord, die_with_owner, reap_dead_owners
+from atropos.backends.base import SandboxBackend, ServerInfo
+from atropos.backends.local_records import ServerRecord, reap_dead_owners
+from atropos.host import die_with_owner, kill_tree
 from atropos.images.apptainer import (
     CONTAINER_DATA_DIR,
     TOKEN_ENV,
@@ -32,9 +33,9 @@ from atropos.images.apptainer import (
     sandbox_server_args,
 )
 from atropos.images.docker_security import docker_run_options
+from atropos.progress import Progress, no_progress
 from atropos.sandbox.egress import TUN_DEVICE
 from atropos.sandbox.privileges import Identity, PrivilegeError, resolve_identity
-from atropos.sandbox.procs import kill_tree
 from atropos.sandbox.server import READY_PREFIX
 from atropos.slots.config import SlotPoolConfig
 from atropos.slots.errors import BackendError

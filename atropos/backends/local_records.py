@@ -19,48 +19,20 @@ own (randomly named) data dir.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from atropos.nomad.owner import OwnerMeta, owner_state, process_start_time
-from atropos.sandbox.procs import snapshot, tree_members
+from atropos.host import OwnerMeta, kill_trees, owner_state, same_process, snapshot, start_time, tree_members
 
 log = logging.getLogger("atropos.backends.local")
 
 STATE_DIR_ENV = "ATROPOS_SANDBOX_STATE_DIR"
-
-_PR_SET_PDEATHSIG = 1
-_START_TOLERANCE_S = 1.0  # /proc start times of one process agree to the clock tick
-_FREEZE_ROUNDS = 50
-
-try:
-    _prctl: Callable[..., int] | None = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # not Linux
-    _prctl = None
-
-
-def die_with_owner() -> Callable[[], None]:
-    """A `preexec_fn` making the child die (SIGKILL) when this process dies. Resolved here, in
-    the parent: the child only makes one system call between fork and exec."""
-    owner = os.getpid()
-    prctl = _prctl
-
-    def arm() -> None:
-        if prctl is not None:
-            prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        if os.getppid() != owner:  # the owner died before the setting took effect
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return arm
 
 
 def state_dir() -> str:
@@ -88,7 +60,7 @@ class ServerRecord:
     @classmethod
     def for_process(cls, server_id: str, pid: int, *, data_dir: str, workdir: str, own_workdir: bool,
                     container: str | None) -> ServerRecord:
-        return cls(server_id, pid, process_start_time(pid), data_dir, workdir, own_workdir, container)
+        return cls(server_id, pid, start_time(pid), data_dir, workdir, own_workdir, container)
 
     def save(self) -> None:
         directory = state_dir()
@@ -155,7 +127,7 @@ def leftover_pids(record: ServerRecord) -> set[int]:
     procs = snapshot()
     found: set[int] = set()
     server = procs.get(record.pid)
-    same_server = server is not None and _same_start(record.pid, record.started)
+    same_server = server is not None and same_process(record.pid, record.started)
     if same_server:
         found |= tree_members(record.pid, procs, include_root=True)
     elif server is None:
@@ -170,11 +142,6 @@ def leftover_pids(record: ServerRecord) -> set[int]:
     return found
 
 
-def _same_start(pid: int, started: float | None) -> bool:
-    now = process_start_time(pid)
-    return started is None or now is None or abs(now - started) <= _START_TOLERANCE_S
-
-
 def _inside(pid: int, data_dir: str) -> bool:
     """The process names the data dir on its command line, or works inside it."""
     d = data_dir.encode()
@@ -187,31 +154,6 @@ def _inside(pid: int, data_dir: str) -> bool:
     except OSError:
         return False
     return cwd == data_dir or cwd.startswith(data_dir + "/")
-
-
-def kill_frozen(pids: set[int]) -> None:
-    """Freeze the processes and their descendants until no new one appears, then SIGKILL them all
-    (a stopped process cannot fork, so nothing escapes)."""
-    frozen: set[int] = set()
-    todo = set(pids)
-    for _ in range(_FREEZE_ROUNDS):
-        procs = snapshot()
-        members = {p for p in todo if p in procs}
-        for pid in list(members):
-            members |= tree_members(pid, procs, include_root=True)
-        new = members - frozen
-        if not new:
-            break
-        _send(new, signal.SIGSTOP)
-        frozen |= new
-        todo = frozen
-    _send(frozen, signal.SIGKILL)
-
-
-def _send(pids: set[int], sig: int) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
 
 
 def _remove_container(name: str) -> None:
@@ -232,7 +174,7 @@ def reap(record: ServerRecord, *, dry_run: bool = False) -> Reaped:
         return result
     if record.container:
         _remove_container(record.container)
-    kill_frozen(pids)
+    kill_trees(pids)
     for path in paths:
         shutil.rmtree(path, ignore_errors=True)
     record.delete()

@@ -15,7 +15,7 @@ import uuid
 
 from pydantic import SecretStr
 
-from atropos.backends.base import Progress, SandboxBackend, ServerInfo, no_progress
+from atropos.backends.base import SandboxBackend, ServerInfo
 from atropos.nomad.client import NomadClient
 from atropos.nomad.errors import NomadError
 from atropos.nomad.lifecycle import (
@@ -29,6 +29,7 @@ from atropos.nomad.responses import AllocationEndpoint
 from atropos.nomad.settings import NomadSettings
 from atropos.nomad.spec import SandboxJobSpec
 from atropos.nomad.waiting import WaitProgress
+from atropos.progress import Progress, no_progress
 from atropos.slots.config import SlotPoolConfig
 from atropos.slots.errors import BackendError
 

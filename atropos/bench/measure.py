@@ -127,7 +127,7 @@ def pss_mb(pid: int) -> float:
 
 def tree_rss_mb(pid: int) -> float:
     """RSS of a process and all its descendants (a server with its slot runners and shells)."""
-    from atropos.sandbox.procs import snapshot, tree_members
+    from atropos.host import snapshot, tree_members
 
     members = tree_members(pid, snapshot(), include_root=True)
     return sum(rss_mb(p) for p in members)

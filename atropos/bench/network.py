@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from atropos.backends.local import LocalBackend
 from atropos.bench.measure import Row, Summary, pss_mb, sample_interleaved
 from atropos.bench.scenarios import Sizes, ms, pool_config
-from atropos.sandbox.procs import snapshot, tree_members
+from atropos.host import snapshot, tree_members
 from atropos.slots import Slot, SlotPool
 
 _SLOTS = 16

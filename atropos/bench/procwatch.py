@@ -12,8 +12,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from atropos.nomad.owner import process_start_time
-from atropos.sandbox.procs import snapshot, tree_members
+from atropos.host import command_line, snapshot, start_time, tree_members
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -39,14 +38,6 @@ def rss_mb(pid: int) -> float:
         return 0.0
 
 
-def command_line(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
 @dataclass
 class ProcessWatch:
     markers: list[str] = field(default_factory=list)
@@ -64,7 +55,7 @@ class ProcessWatch:
         children = tree_members(me, snapshot(), include_root=False)
         for pid in children - self._before:
             if pid not in self.seen:
-                self.seen[pid] = process_start_time(pid)
+                self.seen[pid] = start_time(pid)
         taken = MemorySample(time.monotonic() - self._t0, rss_mb(me), sum(rss_mb(p) for p in children),
                              len(children))
         self.samples.append(taken)
@@ -75,7 +66,7 @@ class ProcessWatch:
         alive = snapshot()
         found: dict[int, str] = {}
         for pid, started in self.seen.items():
-            if pid in alive and started is not None and process_start_time(pid) == started:
+            if pid in alive and started is not None and start_time(pid) == started:
                 found[pid] = command_line(pid)
         for pid in alive:
             if pid != os.getpid() and pid not in found:

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import signal
 from collections import Counter
 
 from atropos.backends.local import LocalBackend
-from atropos.bench.procwatch import command_line
-from atropos.sandbox.procs import snapshot
+from atropos.host import command_line, signal_pids, snapshot
 from atropos.slots.pool import SlotPool
 
 FAULT_KINDS = ("kill_server", "stop_server", "kill_runner")
@@ -39,24 +37,24 @@ class LocalFaults:
     async def inject(self, kind: str) -> str | None:
         if kind == "kill_server":
             pid = self._server_pid()
-            if pid is None or not _signal(pid, signal.SIGKILL):
+            if pid is None or not signal_pids((pid,), signal.SIGKILL):
                 return None
             what = f"SIGKILL server pid {pid}"
         elif kind == "stop_server":
             pid = self._server_pid()
-            if pid is None or not _signal(pid, signal.SIGSTOP):
+            if pid is None or not signal_pids((pid,), signal.SIGSTOP):
                 return None
             pause = self.rng.uniform(0.5, 5.0)
             self._stopped.add(pid)
             try:
                 await asyncio.sleep(pause)
             finally:
-                _signal(pid, signal.SIGCONT)
+                signal_pids((pid,), signal.SIGCONT)
                 self._stopped.discard(pid)
             what = f"SIGSTOP server pid {pid} for {pause:.1f}s"
         elif kind == "kill_runner":
             pid = self._runner_pid()
-            if pid is None or not _signal(pid, signal.SIGKILL):
+            if pid is None or not signal_pids((pid,), signal.SIGKILL):
                 return None
             what = f"SIGKILL slot runner pid {pid}"
         else:
@@ -76,12 +74,5 @@ class LocalFaults:
     def resume_all(self) -> None:
         """SIGCONT every server this injector froze (when a run is cut short)."""
         for pid in list(self._stopped):
-            _signal(pid, signal.SIGCONT)
+            signal_pids((pid,), signal.SIGCONT)
 
-
-def _signal(pid: int, sig: int) -> bool:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        return False
-    return True

@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from atropos.images.cache import resolve_runtime
+from atropos.images.commands import run_checked
 from atropos.images.errors import ImageBuildError, ImageNotFoundError
-from atropos.images.process import Progress, run_checked
 from atropos.images.runtime import ApptainerRuntime
 from atropos.images.staging import locked, staged_file
+from atropos.progress import Progress
 
 __all__ = ["build_image", "default_build_output"]
 

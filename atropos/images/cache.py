@@ -8,11 +8,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal, get_args
 
+from atropos.images.commands import run_checked
 from atropos.images.errors import ImageNotFoundError, ImagePullError
-from atropos.images.process import Progress, run_checked
 from atropos.images.references import BUILD_SCHEMES, normalize_reference, reference_scheme, sif_name_for
 from atropos.images.runtime import ApptainerRuntime, find_runtime
 from atropos.images.staging import locked, staged_file
+from atropos.progress import Progress
 
 __all__ = [
     "CACHE_ENV",

@@ -10,8 +10,8 @@ from typing import Any, cast
 from atropos.images.build import build_image, default_build_output
 from atropos.images.cache import PULL_POLICIES, PullPolicy, default_cache_dir, list_images, pull_image
 from atropos.images.errors import ImageError
-from atropos.images.process import format_size
 from atropos.images.runtime import find_runtime
+from atropos.units import format_size
 
 __all__ = ["register"]
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from atropos.images import process
+from atropos.images import commands
 from atropos.images.errors import ImageError
-from atropos.images.process import Progress
+from atropos.progress import Progress
 
 __all__ = ["SIF_MAGIC", "check_sif", "is_sif", "locked", "staged_file"]
 
@@ -40,7 +40,7 @@ def locked(dest: Path, *, progress: Progress | None, label: str, timeout: float 
     lock = FileLock(str(lock_path(dest)))
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        wait = process.HEARTBEAT_SECONDS
+        wait = commands.HEARTBEAT_SECONDS
         if deadline is not None:
             wait = max(0.0, min(wait, deadline - time.monotonic()))
         try:

@@ -44,6 +44,7 @@ from swerex.runtime.remote import RemoteRuntime
 from swerex.utils.free_port import find_free_port
 from swerex.utils.log import get_logger
 
+from atropos.host import read_stat, signal_group, signal_pids, snapshot, tree_members
 from atropos.images.apptainer import apptainer_secret_env, build_apptainer_exec_argv
 from atropos.images.cache import (
     PullPolicy,
@@ -417,65 +418,17 @@ def _end_process_tree(proc: subprocess.Popen[bytes]) -> None:
     snapshot of descendants (SWE-ReX's shells call setsid but stay children of the server) are for
     the runtime's own processes outside that namespace.
     """
-    tree = _descendants(proc.pid)
-    _signal_group(proc.pid, signal.SIGTERM)
+    procs = snapshot()
+    tree = {pid: procs[pid].start_ticks for pid in tree_members(proc.pid, procs, include_root=False)}
+    signal_group(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=_STOP_GRACE_SECONDS)
     except subprocess.TimeoutExpired:
-        _signal_group(proc.pid, signal.SIGKILL)
+        signal_group(proc.pid, signal.SIGKILL)
         proc.wait()
-    _signal_group(proc.pid, signal.SIGKILL)  # members that outlived the leader
-    for pid, start in tree.items():
-        if _start_time(pid) == start:  # the same process, not a reused pid
-            _signal(pid, signal.SIGKILL)
-
-
-def _signal_group(pgid: int, signum: int) -> None:
-    try:
-        os.killpg(pgid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _signal(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _descendants(root: int) -> dict[int, str]:
-    """Every live descendant of `root` with its start time, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            stat = _stat_fields(int(entry))
-            if stat is not None:
-                children.setdefault(int(stat[1]), []).append(int(entry))
-    found: dict[int, str] = {}
-    pending = list(children.get(root, []))
-    while pending:
-        pid = pending.pop()
-        start = _start_time(pid)
-        if start is not None and pid not in found:
-            found[pid] = start
-            pending += children.get(pid, [])
-    return found
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name: state, ppid, ..., starttime at index 19."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
-            text = handle.read()
-    except OSError:
-        return None
-    return text[text.rfind(")") + 2 :].split()
-
-
-def _start_time(pid: int) -> str | None:
-    fields = _stat_fields(pid)
-    return fields[19] if fields is not None and len(fields) > 19 else None
+    signal_group(proc.pid, signal.SIGKILL)  # members that outlived the leader
+    survivors = {pid for pid, ticks in tree.items() if (now := read_stat(pid)) is not None and now.start_ticks == ticks}
+    signal_pids(survivors, signal.SIGKILL)  # the same processes, not reused pids
 
 
 def _read_tail(path: Path) -> str:

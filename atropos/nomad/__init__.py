@@ -1,6 +1,7 @@
 """Nomad: the sandbox job builder (docker | singularity | process), the API client, and the
 lifecycle a pool needs (deploy, scale, find servers, stop, clean up after dead owners)."""
 
+from atropos.host import OwnerMeta, owner_state
 from atropos.nomad.allocations import allocation_address, allocation_endpoint
 from atropos.nomad.builder import GROUP_NAME, PORT_LABEL, TASK_NAME, create_sandbox_job, group_names, static_port
 from atropos.nomad.client import NomadClient
@@ -24,7 +25,6 @@ from atropos.nomad.lifecycle import (
     stop_sandbox_job,
 )
 from atropos.nomad.models import Constraint, Job
-from atropos.nomad.owner import OwnerMeta, owner_state
 from atropos.nomad.responses import Allocation, AllocationEndpoint, AllocationStub
 from atropos.nomad.settings import NomadSettings
 from atropos.nomad.spec import DEFAULT_BASE_PORT, SandboxJobSpec

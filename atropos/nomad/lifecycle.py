@@ -8,11 +8,11 @@ import logging
 
 import httpx
 
+from atropos.host import owner_state
 from atropos.nomad.allocations import by_index
 from atropos.nomad.builder import GROUP_NAME, TOKEN_KEY, create_sandbox_job
 from atropos.nomad.client import NomadClient
 from atropos.nomad.errors import NomadNotFound, NomadRequestError
-from atropos.nomad.owner import owner_state
 from atropos.nomad.responses import AllocationEndpoint, JobStub
 from atropos.nomad.spec import SandboxJobSpec, token_variable
 from atropos.nomad.waiting import Probe, ProgressCallback

@@ -8,10 +8,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from atropos.host import OwnerMeta
 from atropos.images.apptainer import DEFAULT_CONTAINER_PORT, SERVER_COMMAND
 from atropos.images.docker_security import NODE_SECCOMP_PROFILE
 from atropos.nomad.models import Constraint, ReschedulePolicy, RestartPolicy, UpdateStrategy
-from atropos.nomad.owner import OwnerMeta
 from atropos.sandbox.slot_limits import SlotLimits
 
 __all__ = ["DEFAULT_BASE_PORT", "Driver", "SandboxJobSpec"]

@@ -17,30 +17,10 @@ Three layers, each used where it holds:
 from __future__ import annotations
 
 import os
-import re
 import resource
 from dataclasses import dataclass
 
-GiB = 1 << 30
-MiB = 1 << 20
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """Bytes from '512M', '2G', '2GiB' or a plain number; ValueError with the accepted forms."""
-    match = _SIZE.match(text)
-    if not match:
-        raise ValueError(f"{text!r} is not a size (use bytes or a number with K, M, G or T, e.g. 2G)")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-
-
-def format_size(n: int) -> str:
-    for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", 1 << 10)):
-        if n >= scale and n % scale == 0:
-            return f"{n // scale} {unit}"
-    return f"{n} bytes"
+from atropos.units import format_size
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from atropos.host import kill_tree
 from atropos.sandbox.capture import BoundedBuffer
 from atropos.sandbox.children import Children, PipeReader
-from atropos.sandbox.procs import kill_tree
 
 
 def combine_output(stdout: str, stderr: str) -> str:

@@ -33,13 +33,14 @@ import pwd
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from atropos.host.lifetime import die_with_parent, forbid_new_privileges, parent_death_signal
+
 log = logging.getLogger("atropos.sandbox")
 
 DEFAULT_RUN_AS = "nobody"
 RUN_AS_ENV = "ATROPOS_SANDBOX_RUN_AS"  # the default of --run-as where set (the Docker image: sandbox)
 
 _CLONE_NEWNS = 0x00020000
-_PR_SET_PDEATHSIG, _PR_GET_PDEATHSIG, _PR_SET_NO_NEW_PRIVS = 1, 2, 38
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_BIND, _MS_REC, _MS_PRIVATE = 2, 4, 8, 0x1000, 0x4000, 1 << 18
 
 
@@ -203,7 +204,7 @@ def give_up_root(who: Identity, *, trees: Sequence[str], files: Sequence[str] = 
                 f"{what}, and the server could not fix that in a mount namespace of its own ({exc}). "
                 "In a container, add --cap-add SYS_ADMIN (Nomad: cap_add = [\"sys_admin\"]); elsewhere pick "
                 "paths that user can reach, or --run-as another user") from None
-    parent, death_signal = os.getppid(), _death_signal()
+    parent, death_signal = os.getppid(), parent_death_signal()
     try:
         os.setgroups([])
         os.setresgid(who.gid, who.gid, who.gid)
@@ -214,18 +215,13 @@ def give_up_root(who: Identity, *, trees: Sequence[str], files: Sequence[str] = 
                              "it as an unprivileged user instead)") from None
     if os.getuid() == 0 or os.geteuid() == 0:
         raise PrivilegeError("still root after switching users")
-    if _libc().prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+    if not forbid_new_privileges():
         raise PrivilegeError("cannot set no_new_privs")
     # the kernel forgets a parent-death signal when the uid changes: a server that must die with
     # its pool (the local backend's) sets it again, and goes at once if the pool died meanwhile
     if death_signal:
-        _check(_libc().prctl(_PR_SET_PDEATHSIG, death_signal, 0, 0, 0), "PR_SET_PDEATHSIG")
+        if not die_with_parent(death_signal):
+            raise PrivilegeError("cannot set PR_SET_PDEATHSIG again after switching users")
         if os.getppid() != parent:
             os.kill(os.getpid(), death_signal)
 
-
-def _death_signal() -> int:
-    value = ctypes.c_int(0)
-    if _libc().prctl(_PR_GET_PDEATHSIG, ctypes.byref(value), 0, 0, 0) != 0:
-        return 0
-    return value.value

@@ -23,12 +23,12 @@ from atropos.sandbox.app import SandboxApp
 from atropos.sandbox.cgroups import SlotCgroup, SlotCgroups, remove_server_groups
 from atropos.sandbox.egress import Egress, find_pasta
 from atropos.sandbox.isolation import SandboxSpec, find_bwrap, probe, runner_command, runtime_paths, sandbox_env
-from atropos.sandbox.limits import format_size, parse_size
 from atropos.sandbox.models import Enforcement, NetworkMode
 from atropos.sandbox.pathsafe import WORKSPACE_ALIAS
 from atropos.sandbox.privileges import DEFAULT_RUN_AS, RUN_AS_ENV, PrivilegeError, give_up_root, resolve_identity
 from atropos.sandbox.slot import Slot
 from atropos.sandbox.slot_limits import LIMIT_FLAGS, SlotLimits
+from atropos.units import format_size, parse_size
 
 log = logging.getLogger("atropos.sandbox")
 

@@ -14,10 +14,10 @@ import time
 import uuid
 from typing import Any
 
+from atropos.host import kill_tree
 from atropos.sandbox.capture import BoundedBuffer
 from atropos.sandbox.children import Child, Children, PipeReader
 from atropos.sandbox.oneshot import add_note, result_dict
-from atropos.sandbox.procs import kill_tree
 
 _LOOP = (
     "while IFS= read -r -d '' -u {fd} __atropos_mark && IFS= read -r -d '' -u {fd} __atropos_cmd; do "

@@ -11,12 +11,12 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
+from atropos.host import die_with_parent, kill_tree
 from atropos.sandbox.cgroups import SlotCgroup
 from atropos.sandbox.egress import NETNS_READY, Egress
 from atropos.sandbox.files import empty_dir
 from atropos.sandbox.limits import describe_limit, prepend_error
 from atropos.sandbox.oneshot import add_note
-from atropos.sandbox.procs import die_with_parent, kill_tree
 from atropos.sandbox.session import SESSION_RESTARTED
 
 log = logging.getLogger("atropos.sandbox")
@@ -202,8 +202,10 @@ def _note_cgroup_limit(result: dict[str, Any], cgroup: SlotCgroup) -> None:
         return
     kind = hit[0]
     result["limit"] = kind
-    if not result.get("ok"):
-        limit = describe_limit(kind, cgroup.values.get(kind))
+    limit = describe_limit(kind, cgroup.values.get(kind))
+    if result.get("ok"):  # the command itself succeeded: what hit the limit ran in the background
+        add_note(result, f"processes of this slot were stopped: {limit} in the slot's processes together")
+    else:
         prepend_error(result, f"stopped: {limit} in the slot's processes together")
 
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from pydantic import BaseModel, Field
 
-from atropos.sandbox.limits import GiB, MiB, parse_size
+from atropos.units import GiB, MiB, parse_size
 
 # server option, SlotLimits field, how the option's text is read, help
 LIMIT_FLAGS: tuple[tuple[str, str, Callable[[str], int], str], ...] = (

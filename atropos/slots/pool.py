@@ -19,7 +19,8 @@ from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from atropos.backends.base import Progress, SandboxBackend, ServerInfo, no_progress
+from atropos.backends.base import SandboxBackend, ServerInfo
+from atropos.progress import Progress, no_progress
 from atropos.sandbox.models import ExecuteResult
 from atropos.slots.admission import IsolationRefused, refusal
 from atropos.slots.config import SlotPoolConfig

@@ -13,19 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from atropos.images.errors import ImageError
+from atropos.progress import Progress
+from atropos.units import format_size
 
 __all__ = [
     "HEARTBEAT_SECONDS",
-    "Progress",
     "RunResult",
-    "format_size",
     "heartbeat",
     "run_checked",
     "run_streaming",
 ]
-
-Progress = Callable[[str], None]
-"""Receives one human-readable line at a time; may be called from a helper thread."""
 
 HEARTBEAT_SECONDS = 15.0
 """How often a long wait reports that it is still going (module attribute: tests may lower it)."""
@@ -164,13 +161,3 @@ def _size_note(watch: Path | None) -> str:
     except OSError:
         return ""
     return f", {format_size(size)} written"
-
-
-def format_size(size: int) -> str:
-    """`1536` -> `1.5 KiB`."""
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
