@@ -107,7 +107,7 @@ class _Plan:
         if bool(args.openai_base_url) != bool(args.model):
             raise DemoError("--openai-base-url and --model go together (a model server needs a model name)")
         try:
-            pool_config = SlotPoolConfig(
+            pool_config = SlotPoolConfig.from_flags(
                 backend=args.backend, driver=args.driver, image=args.image, singularity_image=args.singularity_image,
                 nomad_address=args.nomad_address, slots_per_container=args.slots_per_container,
                 min_containers=args.containers, max_containers=args.max_containers, tool_timeout=args.tool_timeout,

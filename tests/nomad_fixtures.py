@@ -25,8 +25,10 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+from atropos.backends import NomadBackend, NomadBackendConfig
 from atropos.nomad import Constraint, NomadClient, NomadSettings, SandboxJobSpec
 from atropos.nomad.builder import TOKEN_KEY
+from atropos.slots import SlotPoolConfig
 from tests.nomad_standin import NomadStandIn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +48,7 @@ def task_user() -> str | None:
     """The default `run_as` (`nobody`) where that user can run this interpreter and this checkout,
     which stand-in images and the process driver need. A test run as root whose Python lives in
     root's home (pyenv, conda) cannot: there the launcher keeps root (None) and the server gives it
-    up itself (atropos.sandbox.privileges). Real SIFs bring their own Python and keep the default."""
+    up itself (atropos.sandbox.server.privileges). Real SIFs bring their own Python and keep the default."""
     if os.geteuid() != 0:
         return "nobody"  # the jobs' wrapper changes users only when the task starts as root
     # through a shell, as the jobs' wrapper and bubblewrap exec it (setpriv resolves its own
@@ -170,8 +172,8 @@ def job_shapes() -> list[SandboxJobSpec]:
 
 
 def shape_id(spec: SandboxJobSpec) -> str:
-    dynamic = "-dynamic" if not spec.uses_static_ports and spec.driver != "docker" else ""
-    return f"{spec.driver}-{spec.count}-{'full' if spec.service else 'bare'}{dynamic}"
+    dynamic = "-dynamic" if not spec.uses_static_ports and spec.driver.type != "docker" else ""
+    return f"{spec.driver.type}-{spec.count}-{'full' if spec.service else 'bare'}{dynamic}"
 
 
 # ------------------------------------------------------------------------------ a real Nomad agent
@@ -325,3 +327,9 @@ def _settings(address: str, **overrides: object) -> NomadSettings:
 
 def client_for(address: str, **overrides: object) -> NomadClient:
     return NomadClient(_settings(address, **overrides))
+
+
+def nomad_backend(config: SlotPoolConfig, client: NomadClient) -> NomadBackend:
+    """The backend of a nomad pool config, on a given client (a real agent's or the stand-in's)."""
+    assert isinstance(config.backend, NomadBackendConfig), config.backend
+    return NomadBackend(config.server_spec(), config.backend, client=client)

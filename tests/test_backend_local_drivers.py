@@ -7,13 +7,14 @@ import os
 
 import pytest
 
+from atropos.backends.launchers import ApptainerLauncher
 from atropos.backends.local import LocalBackend
 from atropos.slots import SlotPool, SlotPoolConfig
 from tests.nomad_fixtures import TESTS_BIN, agent_env, task_user, write_standin_image
 
 
 def test_process_command_keeps_token_out_of_argv(tmpdir_path: str) -> None:
-    backend = LocalBackend(SlotPoolConfig(slots_per_container=3), workdir=tmpdir_path)
+    backend = LocalBackend(SlotPoolConfig(slots_per_container=3).server_spec(), workdir=tmpdir_path)
     argv, env = backend.command("n", "/d", "secret-token")
     assert "secret-token" not in " ".join(argv)
     assert env["ATROPOS_SANDBOX_TOKEN"] == "secret-token"
@@ -21,8 +22,8 @@ def test_process_command_keeps_token_out_of_argv(tmpdir_path: str) -> None:
 
 
 def test_docker_command(tmpdir_path: str) -> None:
-    cfg = SlotPoolConfig(driver="docker", image="atropos-sandbox:latest", container_port=8080)
-    argv, env = LocalBackend(cfg, workdir=tmpdir_path).command("box", "/srv/d", "tok")
+    cfg = SlotPoolConfig(driver={"type": "docker", "image": "atropos-sandbox:latest", "container_port": 8080})
+    argv, env = LocalBackend(cfg.server_spec(), workdir=tmpdir_path).command("box", "/srv/d", "tok")
     assert argv[:2] == ["docker", "run"]
     assert "127.0.0.1::8080" in argv and "/srv/d:/data" in argv
     assert argv[argv.index("-e") + 1] == "ATROPOS_SANDBOX_TOKEN" and env["ATROPOS_SANDBOX_TOKEN"] == "tok"
@@ -36,8 +37,10 @@ def test_docker_command(tmpdir_path: str) -> None:
 
 def test_singularity_command(tmpdir_path: str) -> None:
     sif = write_standin_image(os.path.join(tmpdir_path, "x.sif"))
-    backend = LocalBackend(SlotPoolConfig(driver="singularity", singularity_image=sif), workdir=tmpdir_path)
-    backend._sif, backend._apptainer = sif, "apptainer"
+    config = SlotPoolConfig(driver={"type": "singularity", "image": sif})
+    backend = LocalBackend(config.server_spec(), workdir=tmpdir_path)
+    assert isinstance(backend.launcher, ApptainerLauncher)
+    backend.launcher.sif, backend.launcher.binary = sif, "apptainer"  # what prepare() finds
     argv, env = backend.command("n", "/host/data", "tok")
     # started as root, apptainer runs as the unprivileged run_as user (setpriv) and never as root
     launcher, argv = argv[:argv.index("apptainer")], argv[argv.index("apptainer"):]
@@ -53,11 +56,12 @@ async def test_singularity_driver_end_to_end(tmpdir_path: str, monkeypatch: pyte
     for key, value in agent_env().items():  # the stand-in apptainer and this interpreter on PATH
         monkeypatch.setenv(key, value)
     sif = write_standin_image(os.path.join(tmpdir_path, "sandbox.sif"))
-    cfg = SlotPoolConfig(driver="singularity", singularity_image=sif, slots_per_container=2,
-                         apptainer_binary=os.path.join(TESTS_BIN, "apptainer"), run_as=task_user())
+    driver = {"type": "singularity", "image": sif, "apptainer_binary": os.path.join(TESTS_BIN, "apptainer")}
+    cfg = SlotPoolConfig(driver=driver, slots_per_container=2, run_as=task_user())
     async with SlotPool(cfg) as pool:
         backend = pool.backend
-        assert isinstance(backend, LocalBackend) and backend._apptainer == os.path.join(TESTS_BIN, "apptainer")
+        assert isinstance(backend, LocalBackend) and isinstance(backend.launcher, ApptainerLauncher)
+        assert backend.launcher.binary == os.path.join(TESTS_BIN, "apptainer")
         server = next(iter(backend._servers.values()))
         with open(f"/proc/{server.proc.pid}/cmdline", "rb") as fh:
             assert b"exec\0--containall" in fh.read()  # the server runs under (stand-in) apptainer exec

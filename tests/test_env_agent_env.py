@@ -139,7 +139,7 @@ def test_config_maps_onto_the_pool(tmp_path: Path) -> None:
                             nomad_address="http://nomad:4646", slots_per_container=16, max_containers=8,
                             tool_timeout=30, tool_call_format="openai", max_turns=3)
     pool = config.pool_config()
-    assert (pool.driver, pool.singularity_image, pool.backend, pool.nomad_address) == (
+    assert (pool.driver.type, pool.driver.image, pool.backend.type, pool.backend.address) == (
         "singularity", str(sif), "nomad", "http://nomad:4646")
     assert (pool.slots_per_container, pool.max_containers, pool.tool_timeout) == (16, 8, 30)
     settings = config.agent_settings()

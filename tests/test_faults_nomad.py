@@ -10,11 +10,10 @@ from urllib.parse import urlparse
 
 import pytest
 
-from atropos.backends.nomad import NomadBackend
 from atropos.nomad.errors import NomadConnectionError
 from atropos.slots import SlotPool
 from tests.faults import assert_exactly_once, calls_during, signal_pids, wait_for
-from tests.nomad_fixtures import client_for, standin  # noqa: F401  (fixture)
+from tests.nomad_fixtures import client_for, nomad_backend, standin  # noqa: F401  (fixture)
 from tests.nomad_standin import NomadStandIn
 from tests.server_process import pids_with_arg
 from tests.test_pool_nomad import pool_config
@@ -39,7 +38,7 @@ async def test_client_rides_over_resets_then_fails_typed_then_recovers(standin: 
 async def test_pool_calls_exactly_once_while_nomad_resets_and_an_allocation_dies(
         standin: NomadStandIn) -> None:  # noqa: F811
     config = pool_config(min_containers=2, max_containers=2, slots_per_container=2)
-    backend = NomadBackend(config, client=client_for(standin.address))
+    backend = nomad_backend(config, client_for(standin.address))
     async with SlotPool(config, backend=backend) as pool:
 
         async def scenario() -> None:

@@ -9,14 +9,13 @@ import subprocess
 import pytest
 
 from atropos.images.apptainer import (
-    TOKEN_ENV,
     apptainer_secret_env,
     build_apptainer_exec_argv,
     exec_shell_command,
     runtime_env_prefix,
-    sandbox_server_args,
     shell_quote_argv,
 )
+from atropos.sandbox.settings import TOKEN_ENV, ServerSettings
 
 
 def test_local_backend_command_binds_data_and_runs_server_on_given_port() -> None:
@@ -25,7 +24,7 @@ def test_local_backend_command_binds_data_and_runs_server_on_given_port() -> Non
         "/images/atropos-sandbox.sif",
         binds=[("/scratch/run1/slots-0", "/data")],
         workdir="/scratch/run1/work-0",
-        server_args=sandbox_server_args(host="127.0.0.1", port=41234, slots=8),
+        server_args=ServerSettings(host="127.0.0.1", port=41234, slots=8, data_dir="/data").to_args(),
     )
     assert argv == [
         "/usr/bin/apptainer", "exec", "--containall",
@@ -38,7 +37,8 @@ def test_local_backend_command_binds_data_and_runs_server_on_given_port() -> Non
 
 
 def test_no_network_namespace_flags_for_rootless_hosts() -> None:
-    argv = build_apptainer_exec_argv("apptainer", "x.sif", server_args=sandbox_server_args())
+    container = ServerSettings(host="0.0.0.0", data_dir="/data")
+    argv = build_apptainer_exec_argv("apptainer", "x.sif", server_args=container.to_args())
     assert not any(arg.startswith(("--net", "--network")) for arg in argv)
     assert "--fakeroot" not in argv
 
@@ -50,16 +50,17 @@ def test_contain_without_pid_namespace_when_asked() -> None:
 
 
 def test_every_server_option_is_rendered() -> None:
-    args = sandbox_server_args(
+    args = ServerSettings(
         host="0.0.0.0",
         port="${NOMAD_PORT_http}",
+        data_dir="/data",
         slots=4,
         token_file="/secrets/token",
         isolation="bwrap",
         network="deny",
         timeout=300.0,
         max_output=65536,
-    )
+    ).to_args()
     assert args == [
         "--host", "0.0.0.0", "--port", "${NOMAD_PORT_http}", "--data-dir", "/data",
         "--slots", "4", "--token-file", "/secrets/token", "--isolation", "bwrap",
@@ -115,7 +116,8 @@ def test_image_that_looks_like_an_option_is_refused() -> None:
 def test_token_travels_in_process_env_never_in_argv() -> None:
     token = "s3cr3t-token-value"
     env = apptainer_secret_env("/usr/bin/apptainer", {TOKEN_ENV: token})
-    argv = build_apptainer_exec_argv("/usr/bin/apptainer", "img.sif", server_args=sandbox_server_args())
+    container = ServerSettings(host="0.0.0.0", data_dir="/data")
+    argv = build_apptainer_exec_argv("/usr/bin/apptainer", "img.sif", server_args=container.to_args())
     assert env == {"APPTAINERENV_ATROPOS_SANDBOX_TOKEN": token}
     assert not any(token in arg for arg in argv)
 
@@ -139,7 +141,7 @@ def test_nomad_job_shell_command_keeps_nomad_references_expandable() -> None:
         "/shared/images/atropos-sandbox.sif",
         binds=[("${NOMAD_ALLOC_DIR}/data", "/data")],
         workdir="${NOMAD_ALLOC_DIR}/tmp",
-        server_args=sandbox_server_args(port="${NOMAD_PORT_http}", slots=10),
+        server_args=ServerSettings(host="0.0.0.0", port="${NOMAD_PORT_http}", slots=10, data_dir="/data").to_args(),
     )
     assert exec_shell_command(argv) == (
         'exec apptainer exec --containall --workdir "${NOMAD_ALLOC_DIR}/tmp" '

@@ -26,12 +26,11 @@ import httpx
 import pytest
 
 from atropos.images.apptainer import (
-    TOKEN_ENV,
     apptainer_secret_env,
     build_apptainer_exec_argv,
-    sandbox_server_args,
 )
 from atropos.images.staging import is_sif
+from atropos.sandbox.settings import TOKEN_ENV, ServerSettings
 from atropos.units import format_size
 from tests.server_process import wait_ready
 
@@ -95,7 +94,7 @@ def sif_server(
         str(airgapped_sif),
         binds=[(str(data), "/data")],
         workdir=str(work),
-        server_args=sandbox_server_args(host="127.0.0.1", port=free_port(), slots=2),
+        server_args=ServerSettings(host="127.0.0.1", port=free_port(), slots=2, data_dir="/data").to_args(),
     )
     env = {**os.environ, **apptainer_secret_env(real_runtime.binary, {TOKEN_ENV: token})}
     env.pop(TOKEN_ENV, None)

@@ -61,7 +61,7 @@ def engine() -> None:
 
 @pytest.fixture
 async def pool(engine: None) -> AsyncIterator[SlotPool]:
-    config = SlotPoolConfig(driver="docker", image=IMAGE, slots_per_container=2, min_containers=1,
+    config = SlotPoolConfig(driver={"type": "docker", "image": IMAGE}, slots_per_container=2, min_containers=1,
                             max_containers=1, start_timeout=120)
     async with SlotPool(config) as p:
         yield p

@@ -228,7 +228,7 @@ def test_config_validation_messages(tmp_path: object) -> None:
         SlotPoolConfig(driver="singularity")
     with pytest.raises(ValidationError, match="does not exist"):
         SlotPoolConfig(driver="singularity", singularity_image="/nope/x.sif")
-    assert SlotPoolConfig(driver="singularity", singularity_image="docker://python:3.11").singularity_image
+    assert SlotPoolConfig(driver="singularity", singularity_image="docker://python:3.11").driver.image
     with pytest.raises(ValidationError, match="min_containers"):
         SlotPoolConfig(min_containers=5, max_containers=2)
 

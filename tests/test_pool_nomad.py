@@ -8,12 +8,12 @@ import time
 
 import pytest
 
-from atropos.backends.nomad import NomadBackend
 from atropos.slots import SlotPool, SlotPoolConfig
 from tests.nomad_fixtures import (  # noqa: F401  (fixtures)
     TESTS_BIN,
     NomadTarget,
     free_port_block,
+    nomad_backend,
     nomad_target,
     real_agent,
     standin,
@@ -25,12 +25,15 @@ from tests.server_process import wait_until_gone
 
 
 def pool_config(**kw: object) -> SlotPoolConfig:
+    backend = {"type": "nomad", "static_port_base": free_port_block(4), "cpu": 100, "memory": 256,
+               "job_id": f"atropos-test-{os.getpid()}"}
     base: dict[str, object] = {
-        "backend": "nomad", "driver": "process", "slots_per_container": 2, "min_containers": 1,
-        "max_containers": 2, "static_port_base": free_port_block(4), "scale_cooldown": 0.0,
-        "idle_scale_down": 0.5, "health_interval": 0.25, "cpu": 100, "memory": 256, "start_timeout": 120,
-        "job_id": f"atropos-test-{os.getpid()}", "run_as": task_user(),
+        "backend": backend, "driver": "process", "slots_per_container": 2, "min_containers": 1,
+        "max_containers": 2, "scale_cooldown": 0.0, "idle_scale_down": 0.5, "health_interval": 0.25,
+        "start_timeout": 120, "run_as": task_user(),
     }
+    for key in [k for k in kw if k in ("static_port_base", "job_id", "cpu", "memory", "nomad_address")]:
+        backend[key.removeprefix("nomad_")] = kw.pop(key)
     base.update(kw)
     return SlotPoolConfig.model_validate(base)
 
@@ -44,10 +47,11 @@ async def _job_status(target: NomadTarget, job_id: str) -> str | None:
 async def test_pool_runs_scales_and_cleans_up(nomad_target: NomadTarget, driver: str) -> None:  # noqa: F811
     extra: dict[str, object] = {"driver": driver}
     if driver == "singularity":
-        extra["singularity_image"] = write_standin_image(os.path.join(nomad_target.workdir, "sandbox.sif"))
-        extra["apptainer_binary"] = os.path.join(TESTS_BIN, "apptainer")  # whatever the agent's PATH holds
+        extra["driver"] = {"type": "singularity",
+                           "image": write_standin_image(os.path.join(nomad_target.workdir, "sandbox.sif")),
+                           "apptainer_binary": os.path.join(TESTS_BIN, "apptainer")}  # whatever the agent's PATH holds
     config = pool_config(**extra)
-    backend = NomadBackend(config, client=nomad_target.client)
+    backend = nomad_backend(config, nomad_target.client)
     messages: list[str] = []
     t0 = time.monotonic()
     async with SlotPool(config, backend=backend, progress=messages.append) as pool:
@@ -81,7 +85,7 @@ async def test_nomad_500_and_hangs_while_scaling(standin: NomadStandIn) -> None:
 
     config = pool_config(max_containers=3)
     client = client_for(standin.address)
-    backend = NomadBackend(config, client=client)
+    backend = nomad_backend(config, client)
     async with SlotPool(config, backend=backend) as pool:
         held = [await pool.acquire(f"h{i}") for i in range(2)]
         # the first scale-up request fails twice with 500 (retried), then hangs once (retried)
@@ -108,7 +112,7 @@ async def test_dead_owner_jobs_are_cleaned_up(standin: NomadStandIn) -> None:  #
     from tests.nomad_fixtures import client_for
 
     config = pool_config()
-    first = NomadBackend(config, client=client_for(standin.address))
+    first = nomad_backend(config, client_for(standin.address))
     pool = SlotPool(config, backend=first)
     await pool.start()
     orphan = first.job_id
@@ -116,7 +120,7 @@ async def test_dead_owner_jobs_are_cleaned_up(standin: NomadStandIn) -> None:  #
     job = await first.client.read_job(orphan)
     job["Meta"]["atropos_owner_pid"] = "999999999"
     await first.client.register_job(job)
-    second = NomadBackend(config, client=client_for(standin.address))
+    second = nomad_backend(config, client_for(standin.address))
     async with SlotPool(config, backend=second, progress=print):
         status = await _job_status_standin(standin, orphan)
         assert status in (None, "dead")
@@ -140,7 +144,7 @@ async def test_lost_server_is_replaced_by_nomad(nomad_target: NomadTarget, sig: 
     from tests.server_process import pids_with_arg
 
     config = pool_config(min_containers=2, max_containers=2)
-    backend = NomadBackend(config, client=nomad_target.client)
+    backend = nomad_backend(config, nomad_target.client)
     async with SlotPool(config, backend=backend) as pool:
         slots = [await pool.acquire(f"t{i}") for i in range(4)]
         victim = slots[0].server_id

@@ -19,7 +19,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from atropos.sandbox.openapi import openapi_document
+from atropos.sandbox.server.openapi import openapi_document
 from tests.security_fixtures import temporary_server
 from tests.server_process import RunningServer
 

@@ -29,8 +29,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from atropos.sandbox.files import empty_dir, read_file, write_file
-from atropos.sandbox.pathsafe import WORKSPACE_ALIAS
+from atropos.sandbox.runner.files import empty_dir, read_file, write_file
+from atropos.sandbox.runner.pathsafe import WORKSPACE_ALIAS
 
 EXAMPLES = int(os.environ.get("ATROPOS_FUZZ_EXAMPLES", "1500"))
 LIMIT = 1 << 16

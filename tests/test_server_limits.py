@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from atropos.sandbox.cgroups import SlotCgroups
-from atropos.sandbox.limits import count_tasks
-from atropos.sandbox.slot_limits import SlotLimits
+from atropos.sandbox.limits import SlotLimits
+from atropos.sandbox.runner.rlimits import count_tasks
+from atropos.sandbox.server.cgroups import SlotCgroups
 from atropos.units import format_size, parse_size
 from tests.server_process import RunningServer, run_server
 
@@ -30,7 +30,7 @@ def _cgroups_writable() -> bool:
     groups = SlotCgroups.create()
     if groups is None:
         return False
-    from atropos.sandbox.cgroups import remove_server_groups
+    from atropos.sandbox.server.cgroups import remove_server_groups
 
     remove_server_groups()
     return True

@@ -3,7 +3,7 @@ instead of silently answering from a fresh shell with another working directory.
 
 from __future__ import annotations
 
-from atropos.sandbox.session import SESSION_RESTARTED
+from atropos.sandbox.runner.session import SESSION_RESTARTED
 from tests.conftest import RunningServer
 
 

@@ -6,7 +6,25 @@ import abc
 import asyncio
 from dataclasses import dataclass
 
+from atropos.drivers import DriverConfig
 from atropos.progress import Progress, no_progress
+from atropos.sandbox.settings import ServerSettings
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """What every server of a pool is, whichever backend starts it: its driver, its settings (slots,
+    isolation, network, timeouts, limits; where it listens and keeps its data is the backend's
+    choice), the user that whatever starts as root becomes (None: stay), and how long it may take."""
+
+    driver: DriverConfig
+    settings: ServerSettings
+    run_as: str | None = "nobody"
+    start_timeout: float = 300.0
+
+    def server_args(self, *, host: str, port: int | str, data_dir: str, token_file: str | None = None) -> list[str]:
+        """The server's command-line options, listening on `host:port`, its data in `data_dir`."""
+        return self.settings.placed(host=host, port=port, data_dir=data_dir, token_file=token_file).to_args()
 
 
 @dataclass(frozen=True)

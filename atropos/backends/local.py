@@ -16,29 +16,20 @@ import os
 import secrets
 import shutil
 import signal
-import sys
 import tempfile
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from atropos.backends.base import SandboxBackend, ServerInfo
+from pydantic import BaseModel, ConfigDict, Field
+
+from atropos.backends.base import SandboxBackend, ServerInfo, ServerSpec
+from atropos.backends.launchers import launcher_for
 from atropos.backends.local_records import ServerRecord, reap_dead_owners
+from atropos.errors import BackendError
 from atropos.host import die_with_owner, kill_tree
-from atropos.images.apptainer import (
-    CONTAINER_DATA_DIR,
-    TOKEN_ENV,
-    apptainer_secret_env,
-    build_apptainer_exec_argv,
-    sandbox_server_args,
-)
-from atropos.images.docker_security import docker_run_options
 from atropos.progress import Progress, no_progress
-from atropos.sandbox.egress import TUN_DEVICE
-from atropos.sandbox.privileges import Identity, PrivilegeError, resolve_identity
-from atropos.sandbox.server import READY_PREFIX
-from atropos.slots.config import SlotPoolConfig
-from atropos.slots.errors import BackendError
+from atropos.sandbox.settings import READY_PREFIX
 
 log = logging.getLogger("atropos.backends.local")
 
@@ -55,101 +46,40 @@ class _LocalServer:
     exited: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
+class LocalBackendConfig(BaseModel):
+    """Servers as child processes of this one, on this machine."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["local"] = "local"
+    workdir: str | None = Field(default=None, description="where the servers' data dirs and logs go; "
+                                "None: a fresh temporary directory, removed when the pool closes")
+
+    def build(self, spec: ServerSpec) -> LocalBackend:
+        return LocalBackend(spec, self)
+
+
 class LocalBackend(SandboxBackend):
     name = "local"
 
-    def __init__(self, config: SlotPoolConfig, workdir: str | None = None) -> None:
-        self.config = config
+    def __init__(self, spec: ServerSpec, config: LocalBackendConfig | None = None, workdir: str | None = None
+                 ) -> None:
+        self.spec = spec
+        self.config = config or LocalBackendConfig()
+        self.launcher = launcher_for(spec)
+        workdir = workdir or self.config.workdir
         self._own_workdir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="atropos-pool-")
         self._servers: dict[str, _LocalServer] = {}
         self._ids = itertools.count()
-        self._sif: str | None = None
-        self._apptainer: str | None = None
         self._tasks: set[asyncio.Future[None]] = set()
         self._drains: dict[int, asyncio.Future[None]] = {}  # server pid -> reader of its stdout
         self._reaped = False
         self._stopping: set[asyncio.Future[None]] = set()
 
-    # -- command lines -------------------------------------------------------------------------
-
-    def _server_options(self, host: str, port: int, data_dir: str) -> list[str]:
-        c = self.config
-        return sandbox_server_args(host=host, port=port, data_dir=data_dir, slots=c.slots_per_container,
-                                   isolation=c.isolation, network=c.network, timeout=c.tool_timeout,
-                                   max_output=c.max_output, limits=c.limits)
-
     def command(self, name: str, data_dir: str, token: str) -> tuple[list[str], dict[str, str]]:
-        """argv and environment of one server; the token travels in the environment, never in argv."""
-        driver = self.config.driver
-        env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
-        run_as = self.config.run_as if os.geteuid() == 0 else None
-        if driver == "process":
-            # started as root, the server gives root up itself (it also makes its Python reachable)
-            argv = [sys.executable, "-m", "atropos.sandbox.server",
-                    *self._server_options("127.0.0.1", 0, data_dir), *(["--run-as", run_as] if run_as else [])]
-            return argv, {**env, TOKEN_ENV: token}
-        if driver == "singularity":
-            assert self._sif is not None and self._apptainer is not None
-            argv = build_apptainer_exec_argv(
-                self._apptainer, self._sif, binds=[(data_dir, CONTAINER_DATA_DIR)],
-                tun=os.path.exists(TUN_DEVICE),
-                server_args=self._server_options("127.0.0.1", 0, CONTAINER_DATA_DIR),
-            )
-            if run_as:  # apptainer as root would make the server root in the container: run it unprivileged
-                argv = self._unprivileged(run_as) + argv
-            return argv, {**env, **apptainer_secret_env(self._apptainer, {TOKEN_ENV: token})}
-        assert self.config.image is not None
-        # root in the container only until the server has set up the slots' sandboxes and given root
-        # up (atropos.images.docker_security says what each option is for); then it runs as our uid, so the
-        # bind-mounted data dir stays ours, or as the image's unprivileged user when we are root
-        owner = [] if os.getuid() == 0 else ["--run-as", f"{os.getuid()}:{os.getgid()}"]
-        argv = ["docker", "run", "--rm", "--pull", "never", "--name", name, *docker_run_options(),
-                "-p", f"127.0.0.1::{self.config.container_port}",
-                "-v", f"{data_dir}:{CONTAINER_DATA_DIR}", "-e", TOKEN_ENV, self.config.image,
-                "atropos-sandbox", "server",
-                *self._server_options("0.0.0.0", self.config.container_port, CONTAINER_DATA_DIR), *owner]
-        return argv, {**env, TOKEN_ENV: token}
-
-    def _unprivileged(self, user: str) -> list[str]:
-        """`setpriv` to `user`; the parent-death signal is set after the switch, which would clear it."""
-        who = self._identity(user)
-        if shutil.which("setpriv") is None:
-            raise BackendError(f"running apptainer as {who.name} needs setpriv (util-linux); or set run_as=None")
-        return ["setpriv", "--reuid", str(who.uid), "--regid", str(who.gid), "--clear-groups", "--pdeathsig", "KILL",
-                "--"]
-
-    @staticmethod
-    def _identity(user: str) -> Identity:
-        try:
-            return resolve_identity(user)
-        except PrivilegeError as exc:
-            raise BackendError(f"run_as: {exc}") from None
-
-    def _hand_over(self, data_dir: str) -> None:
-        """apptainer runs as `run_as` (we are root): it gets the data dir, and a way through the work dir."""
-        if self.config.driver == "singularity" and self.config.run_as and os.geteuid() == 0:
-            who = self._identity(self.config.run_as)
-            os.chmod(self.workdir, 0o711)
-            os.chown(data_dir, who.uid, who.gid)
-
-    async def _prepare_driver(self, progress: Progress) -> None:
-        if self.config.driver == "singularity" and self._sif is None:
-            from atropos.images.cache import resolve_singularity_image
-            from atropos.images.errors import ImageError
-            from atropos.images.runtime import find_runtime
-
-            assert self.config.singularity_image is not None
-            progress(f"image: resolving {self.config.singularity_image} (pull policy {self.config.pull_policy})")
-            try:
-                runtime = await asyncio.to_thread(find_runtime, self.config.apptainer_binary)
-                sif = await asyncio.to_thread(resolve_singularity_image, self.config.singularity_image,
-                                              self.config.pull_policy, runtime=runtime, progress=progress)
-            except ImageError as exc:
-                raise BackendError(str(exc)) from None
-            self._apptainer, self._sif = str(runtime.binary), str(sif)
-        elif self.config.driver == "docker" and shutil.which("docker") is None:
-            raise BackendError("driver 'docker' needs the docker CLI on PATH and a running Docker engine")
+        """argv and environment of one server (see atropos.backends.launchers)."""
+        return self.launcher.command(name, data_dir, token)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -158,7 +88,7 @@ class LocalBackend(SandboxBackend):
             self._reaped = True
             for reaped in await asyncio.to_thread(reap_dead_owners):
                 progress(f"cleaned up after a dead pool: {reaped.describe()}")
-        await self._prepare_driver(progress)
+        await self.launcher.prepare(progress)
         started = await asyncio.gather(*(self._start_one(progress) for _ in range(count)),
                                        return_exceptions=True)
         infos = [s for s in started if isinstance(s, ServerInfo)]
@@ -174,7 +104,7 @@ class LocalBackend(SandboxBackend):
         name = f"atropos-{os.getpid()}-{server_id}"
         data_dir = os.path.join(self.workdir, server_id)
         os.makedirs(data_dir, exist_ok=True)
-        self._hand_over(data_dir)
+        self.launcher.hand_over(self.workdir, data_dir)
         token = secrets.token_urlsafe(32)
         argv, env = self.command(name, data_dir, token)
         log_path = os.path.join(self.workdir, f"{server_id}.log")
@@ -188,29 +118,29 @@ class LocalBackend(SandboxBackend):
             raise BackendError(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
         finally:
             log_file.close()  # the child has its own copy of the descriptor
-        container = name if self.config.driver == "docker" else None
+        container = name if self.launcher.container_name else None
         record = ServerRecord.for_process(server_id, proc.pid, data_dir=data_dir, workdir=self.workdir,
                                           own_workdir=self._own_workdir, container=container)
         await asyncio.to_thread(record.save)
         try:
-            url = await asyncio.wait_for(self._read_ready(proc), self.config.start_timeout)
-            if container is not None:
-                url = await self._docker_url(container)
+            reported = await asyncio.wait_for(self._read_ready(proc), self.spec.start_timeout)
+            url = await self.launcher.url(name, reported)
         except (asyncio.TimeoutError, BackendError) as exc:
             await self._kill(proc, container)
             record.delete()
             tail = _tail(log_path)
             why = "did not report ready" if isinstance(exc, asyncio.TimeoutError) else str(exc)
-            raise BackendError(f"server {server_id} ({self.config.driver}) {why}; log {log_path}:\n{tail}") from None
+            raise BackendError(f"server {server_id} ({self.spec.driver.describe()}) {why}; log {log_path}:\n{tail}"
+                               ) from None
         except BaseException:  # cancelled (the pool closes while a server starts): leave nothing behind
             await asyncio.shield(self._kill(proc, container))
             record.delete()
             raise
-        server = _LocalServer(ServerInfo(server_id, url, token, self.config.slots_per_container), proc, data_dir,
+        server = _LocalServer(ServerInfo(server_id, url, token, self.spec.settings.slots), proc, data_dir,
                               record, container)
         self._servers[server_id] = server
         self._background(self._watch(server))
-        progress(f"server {server_id} ready at {url} ({self.config.slots_per_container} slots)")
+        progress(f"server {server_id} ready at {url} ({self.spec.settings.slots} slots)")
         return server.info
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
@@ -229,15 +159,6 @@ class LocalBackend(SandboxBackend):
             if line.startswith(READY_PREFIX):
                 self._drains[proc.pid] = self._background(_drain(proc.stdout))
                 return line.split()[1]
-
-    async def _docker_url(self, name: str) -> str:
-        proc = await asyncio.create_subprocess_exec(
-            "docker", "port", name, f"{self.config.container_port}/tcp",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        out, err = await proc.communicate()
-        if proc.returncode != 0 or not out.strip():
-            raise BackendError(f"docker port {name}: {err.decode(errors='replace').strip()}")
-        return "http://" + out.decode().splitlines()[0].strip()
 
     async def _watch(self, server: _LocalServer) -> None:
         await server.proc.wait()

@@ -12,10 +12,13 @@ import asyncio
 import logging
 import secrets
 import uuid
+from typing import Literal
 
-from pydantic import SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from atropos.backends.base import SandboxBackend, ServerInfo
+from atropos.backends.base import SandboxBackend, ServerInfo, ServerSpec
+from atropos.drivers import DriverConfig, SingularityDriver
+from atropos.errors import BackendError
 from atropos.nomad.client import NomadClient
 from atropos.nomad.errors import NomadError
 from atropos.nomad.lifecycle import (
@@ -27,53 +30,84 @@ from atropos.nomad.lifecycle import (
 )
 from atropos.nomad.responses import AllocationEndpoint
 from atropos.nomad.settings import NomadSettings
-from atropos.nomad.spec import SandboxJobSpec
-from atropos.nomad.waiting import WaitProgress
+from atropos.nomad.spec import DEFAULT_BASE_PORT, SandboxJobSpec
+from atropos.nomad.waiting import ProgressCallback, WaitProgress
 from atropos.progress import Progress, no_progress
-from atropos.slots.config import SlotPoolConfig
-from atropos.slots.errors import BackendError
 
 log = logging.getLogger("atropos.backends.nomad")
+
+
+class NomadBackendConfig(BaseModel):
+    """Servers as allocations of one Nomad job. Unset connection values come from NOMAD_ADDR,
+    NOMAD_TOKEN, NOMAD_NAMESPACE, NOMAD_REGION (see atropos.nomad.settings)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["nomad"] = "nomad"
+    address: str | None = None
+    token: str | None = None
+    namespace: str | None = None
+    region: str | None = None
+    job_id: str = Field(default="atropos-sandbox", description="prefix of the job id (`<job_id>-<8 hex>`)")
+    datacenters: list[str] = Field(default_factory=lambda: ["*"])
+    node_pool: str | None = None
+    cpu: int = Field(default=2000, ge=100, description="MHz per container")
+    memory: int = Field(default=4096, ge=128, description="MB per container")
+    static_port_base: int = Field(
+        default=DEFAULT_BASE_PORT, ge=1024, le=65000,
+        description="static host port of container 0 for singularity/process jobs (container i: base + i); "
+        "below Nomad's dynamic range 20000-32000")
+    purge_on_exit: bool = True
+
+    def build(self, spec: ServerSpec) -> NomadBackend:
+        return NomadBackend(spec, self)
+
+    def settings(self) -> NomadSettings:
+        return NomadSettings.from_env(address=self.address, token=self.token, namespace=self.namespace,
+                                      region=self.region)
 
 
 class NomadBackend(SandboxBackend):
     name = "nomad"
 
-    def __init__(self, config: SlotPoolConfig, client: NomadClient | None = None) -> None:
-        self.config = config
-        self.client = client or NomadClient(NomadSettings.from_env(
-            address=config.nomad_address, token=config.nomad_token, namespace=config.nomad_namespace,
-            region=config.nomad_region))
-        self.job_id = f"{config.job_id}-{uuid.uuid4().hex[:8]}"
+    def __init__(self, spec: ServerSpec, config: NomadBackendConfig | None = None,
+                 client: NomadClient | None = None) -> None:
+        self.spec = spec
+        self.config = config or NomadBackendConfig()
+        self.client = client or NomadClient(self.config.settings())
+        self.job_id = f"{self.config.job_id}-{uuid.uuid4().hex[:8]}"
         self._token = secrets.token_urlsafe(32)
         self._spec: SandboxJobSpec | None = None
         self._known: dict[str, AllocationEndpoint] = {}
         self._lock = asyncio.Lock()
 
+    async def _driver_on_nodes(self, progress: Progress) -> DriverConfig:
+        """The driver as the nodes see it: a singularity reference is pulled here first (per its
+        pull policy), so a missing image fails now and not on a node."""
+        driver = self.spec.driver
+        if not isinstance(driver, SingularityDriver):
+            return driver
+        from atropos.images.cache import resolve_singularity_image
+        from atropos.images.errors import ImageError
+
+        progress(f"image: resolving {driver.image} (pull policy {driver.pull_policy}) before submitting the job")
+        try:
+            sif = await asyncio.to_thread(resolve_singularity_image, driver.image, driver.pull_policy,
+                                          runtime=driver.apptainer_binary, progress=progress)
+        except ImageError as exc:
+            raise BackendError(str(exc)) from None
+        return driver.model_copy(update={"image": str(sif)})
+
     async def _base_spec(self, progress: Progress) -> SandboxJobSpec:
         c = self.config
-        sif = c.singularity_image
-        if c.driver == "singularity" and sif is not None:
-            from atropos.images.cache import resolve_singularity_image
-            from atropos.images.errors import ImageError
-
-            progress(f"image: resolving {sif} (pull policy {c.pull_policy}) before submitting the job")
-            try:
-                sif = str(await asyncio.to_thread(resolve_singularity_image, sif, c.pull_policy,
-                                                  runtime=c.apptainer_binary, progress=progress))
-            except ImageError as exc:
-                raise BackendError(str(exc)) from None
         return SandboxJobSpec(
-            job_id=self.job_id, driver=c.driver, count=0, slots_per_container=c.slots_per_container,
-            token=SecretStr(self._token), image=c.image or "atropos-sandbox:latest", singularity_image=sif,
-            apptainer_binary=c.apptainer_binary or "apptainer", container_port=c.container_port,
-            base_port=c.static_port_base, isolation=c.isolation, network=c.network,
-            command_timeout=c.tool_timeout, max_output=c.max_output, limits=c.limits, cpu=c.cpu, memory=c.memory,
-            datacenters=[d for d in c.datacenters if d != "*"], namespace=c.nomad_namespace,
-            region=c.nomad_region, node_pool=c.node_pool, task_user=c.run_as,
+            job_id=self.job_id, driver=await self._driver_on_nodes(progress), count=0,
+            server=self.spec.settings, token=SecretStr(self._token), task_user=self.spec.run_as,
+            base_port=c.static_port_base, cpu=c.cpu, memory=c.memory, datacenters=[d for d in c.datacenters if d != "*"],
+            namespace=c.namespace, region=c.region, node_pool=c.node_pool,
         )
 
-    def _reporter(self, progress: Progress) -> object:
+    def _reporter(self, progress: Progress) -> ProgressCallback:
         def report(p: WaitProgress) -> None:
             progress(f"nomad job {p.job_id}: {p.describe()}")
         return report
@@ -82,7 +116,7 @@ class NomadBackend(SandboxBackend):
         fresh = [e for e in endpoints if e.alloc_id not in self._known]
         for e in fresh:
             self._known[e.alloc_id] = e
-        return [ServerInfo(e.alloc_id, e.url, self._token, self.config.slots_per_container) for e in fresh]
+        return [ServerInfo(e.alloc_id, e.url, self._token, self.spec.settings.slots) for e in fresh]
 
     async def add_servers(self, count: int, progress: Progress = no_progress) -> list[ServerInfo]:
         async with self._lock:
@@ -92,17 +126,17 @@ class NomadBackend(SandboxBackend):
                     if stale:
                         progress(f"stopped {len(stale)} job(s) left by dead pools: {', '.join(stale)}")
                     spec = (await self._base_spec(progress)).with_count(count)
-                    progress(f"submitting nomad job {self.job_id} ({self.config.driver}, {count} container(s))")
-                    endpoints = await deploy_sandbox_job(self.client, spec, timeout=self.config.start_timeout,
-                                                         on_progress=self._reporter(progress))  # type: ignore[arg-type]
+                    progress(f"submitting nomad job {self.job_id} ({self.spec.driver.describe()}, {count} container(s))")
+                    endpoints = await deploy_sandbox_job(self.client, spec, timeout=self.spec.start_timeout,
+                                                         on_progress=self._reporter(progress))
                     self._spec = spec
                 else:
                     target = self._spec.count + count
                     progress(f"scaling nomad job {self.job_id}: {self._spec.count} -> {target} containers")
                     self._spec = await scale_sandbox_job(self.client, self._spec, target)
                     endpoints = await self.client.wait_for_allocations(
-                        self.job_id, target, timeout=self.config.start_timeout,
-                        on_progress=self._reporter(progress), probe=health_probe())  # type: ignore[arg-type]
+                        self.job_id, target, timeout=self.spec.start_timeout,
+                        on_progress=self._reporter(progress), probe=health_probe())
             except NomadError as exc:
                 raise BackendError(f"nomad: {exc}") from None
             return self._infos(endpoints)
@@ -143,8 +177,8 @@ class NomadBackend(SandboxBackend):
                 log.info("event=nomad_alloc_stop alloc=%s result=%s", server_id, exc)
             try:
                 endpoints = await self.client.wait_for_allocations(
-                    self.job_id, self._spec.count, timeout=self.config.start_timeout,
-                    on_progress=self._reporter(progress), probe=health_probe())  # type: ignore[arg-type]
+                    self.job_id, self._spec.count, timeout=self.spec.start_timeout,
+                    on_progress=self._reporter(progress), probe=health_probe())
             except NomadError as exc:
                 raise BackendError(f"nomad: {exc}") from None
             # the lost allocation may still count as running (hung, not dead): only new ones are news

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from atropos.bench.measure import Row, Summary
+from atropos.sandbox.limits import SlotLimits
 from atropos.sandbox.models import ExecuteResult
-from atropos.sandbox.slot_limits import SlotLimits
 from atropos.slots import Slot, SlotPool, SlotPoolConfig
 
 # each runs in slot 0 until its limit (or its timeout) stops it

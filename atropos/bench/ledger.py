@@ -20,8 +20,8 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from atropos.errors import InfrastructureError, SlotPoolError
 from atropos.sandbox.models import ExecuteResult
-from atropos.slots.errors import InfrastructureError, SlotPoolError
 from atropos.slots.leasing import Slot
 from atropos.slots.pool import BatchCall, SlotPool
 

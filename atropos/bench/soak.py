@@ -26,9 +26,9 @@ from typing import Any
 from atropos.bench.ledger import CallLedger
 from atropos.bench.procwatch import ProcessWatch
 from atropos.bench.soak_faults import FAULT_KINDS, LocalFaults
+from atropos.errors import SlotPoolError
 from atropos.sandbox.models import ExecuteResult
 from atropos.slots import SlotPool, SlotPoolConfig
-from atropos.slots.errors import SlotPoolError
 from atropos.slots.leasing import Slot
 
 # weights of the operations a trajectory picks from

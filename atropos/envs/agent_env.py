@@ -71,7 +71,7 @@ class AgentEnvConfig(BaseEnvConfig):  # type: ignore[misc]
         return self
 
     def pool_config(self) -> SlotPoolConfig:
-        return SlotPoolConfig(
+        return SlotPoolConfig.from_flags(
             backend=self.backend, driver=self.driver, image=self.image, singularity_image=self.singularity_image,
             nomad_address=self.nomad_address, slots_per_container=self.slots_per_container,
             min_containers=self.min_containers, max_containers=self.max_containers, tool_timeout=self.tool_timeout,

@@ -2,12 +2,9 @@
 
 from atropos.images.apptainer import (
     CONTAINER_DATA_DIR,
-    DEFAULT_CONTAINER_PORT,
-    TOKEN_ENV,
     apptainer_secret_env,
     build_apptainer_exec_argv,
     exec_shell_command,
-    sandbox_server_args,
     shell_quote_argv,
 )
 from atropos.images.build import build_image
@@ -34,9 +31,7 @@ from atropos.images.runtime import ApptainerRuntime, find_runtime
 
 __all__ = [
     "CONTAINER_DATA_DIR",
-    "DEFAULT_CONTAINER_PORT",
     "PULL_POLICIES",
-    "TOKEN_ENV",
     "ApptainerNotFoundError",
     "ApptainerRuntime",
     "ImageBuildError",
@@ -58,7 +53,6 @@ __all__ = [
     "pulled_images",
     "remove_images",
     "resolve_singularity_image",
-    "sandbox_server_args",
     "shell_quote_argv",
     "sif_name_for",
 ]

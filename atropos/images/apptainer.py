@@ -37,26 +37,20 @@ import shlex
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
-from atropos.sandbox.egress import TUN_DEVICE
-from atropos.sandbox.slot_limits import SlotLimits
+from atropos.sandbox.settings import TUN_DEVICE
 
 __all__ = [
     "CONTAINER_DATA_DIR",
-    "DEFAULT_CONTAINER_PORT",
     "SERVER_COMMAND",
-    "TOKEN_ENV",
     "apptainer_secret_env",
     "build_apptainer_exec_argv",
     "exec_shell_command",
     "runtime_env_prefix",
-    "sandbox_server_args",
     "shell_quote_argv",
 ]
 
 CONTAINER_DATA_DIR = "/data"
-DEFAULT_CONTAINER_PORT = 8080
 SERVER_COMMAND: tuple[str, ...] = ("atropos-sandbox", "server")
-TOKEN_ENV = "ATROPOS_SANDBOX_TOKEN"
 
 _NO_ENV: Mapping[str, str] = MappingProxyType({})
 _DEV_FULL = "/dev/full"  # absent from the minimal /dev of --contain; bubblewrap's --dev needs it
@@ -86,7 +80,7 @@ def build_apptainer_exec_argv(
     `${NOMAD_ALLOC_DIR}/data` when the result goes through `shell_quote_argv`. `env` holds plain,
     non-secret settings (they appear in the command line); put secrets in the process environment
     with `apptainer_secret_env`. `extra_args` are passed through before the image (e.g. `--nv`).
-    `server_args` are the options after `atropos-sandbox server` (see `sandbox_server_args`).
+    `server_args` are the options after `atropos-sandbox server` (`ServerSettings.to_args()`).
     """
     if not binary:
         raise ValueError("apptainer binary must not be empty")
@@ -108,35 +102,6 @@ def build_apptainer_exec_argv(
     argv += list(command)
     argv += list(server_args)
     return argv
-
-
-def sandbox_server_args(
-    *,
-    host: str = "0.0.0.0",
-    port: int | str = DEFAULT_CONTAINER_PORT,
-    data_dir: str = CONTAINER_DATA_DIR,
-    slots: int | None = None,
-    token_file: str | None = None,
-    isolation: str | None = None,
-    network: str | None = None,
-    timeout: float | None = None,
-    max_output: int | None = None,
-    limits: SlotLimits | None = None,
-) -> list[str]:
-    """Options for `atropos-sandbox server`; `port` may be a string such as `${NOMAD_PORT_http}`."""
-    args = ["--host", host, "--port", str(port), "--data-dir", data_dir]
-    optional: tuple[tuple[str, object], ...] = (
-        ("--slots", slots),
-        ("--token-file", token_file),
-        ("--isolation", isolation),
-        ("--network", network),
-        ("--timeout", timeout),
-        ("--max-output", max_output),
-    )
-    for flag, value in optional:
-        if value is not None:
-            args += [flag, str(value)]
-    return args + (limits.server_args() if limits is not None else [])
 
 
 def runtime_env_prefix(binary: str) -> str:

@@ -27,7 +27,7 @@ import json
 import os
 from importlib import resources
 
-from atropos.sandbox.egress import TUN_DEVICE
+from atropos.sandbox.settings import TUN_DEVICE
 
 SECCOMP_PROFILE_NAME = "seccomp-sandbox.json"
 # the default path of the profile on Nomad docker clients (Nomad reads it from the client's disk)

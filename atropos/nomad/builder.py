@@ -46,14 +46,15 @@ Isolation and secrets
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Literal
 
 from atropos import __version__
+from atropos.drivers import DockerDriver, SingularityDriver
 from atropos.images.apptainer import (
     CONTAINER_DATA_DIR,
     apptainer_secret_env,
     build_apptainer_exec_argv,
     runtime_env_prefix,
-    sandbox_server_args,
     shell_quote_argv,
 )
 from atropos.images.docker_security import nomad_docker_config
@@ -149,8 +150,8 @@ def static_port(spec: SandboxJobSpec, index: int) -> int:
 def _job_meta(spec: SandboxJobSpec) -> dict[str, str]:
     meta = {
         "atropos_kind": "sandbox",
-        "atropos_driver": spec.driver,
-        "atropos_slots": str(spec.slots_per_container),
+        "atropos_driver": spec.driver.type,
+        "atropos_slots": str(spec.server.slots),
         "atropos_version": __version__,
     }
     if spec.owner is not None:
@@ -178,7 +179,7 @@ def _group(spec: SandboxJobSpec, name: str, count: int, port: int | None) -> Tas
 def _network(spec: SandboxJobSpec, static: int | None) -> NetworkResource:
     if static is not None:
         return NetworkResource(reserved_ports=[Port(label=PORT_LABEL, value=static)])
-    to = spec.container_port if spec.driver == "docker" else None
+    to = spec.driver.container_port if isinstance(spec.driver, DockerDriver) else None
     return NetworkResource(dynamic_ports=[Port(label=PORT_LABEL, to=to)])
 
 
@@ -189,19 +190,13 @@ def _service(spec: SandboxJobSpec) -> Service:
 
 
 def _task(spec: SandboxJobSpec) -> Task:
-    server_env = dict(spec.server_env)
-    if spec.driver == "singularity":
-        config, env = _singularity_config(spec), _singularity_env(spec, server_env)
-    elif spec.driver == "docker":
-        config, env = _docker_config(spec), server_env
-    else:
-        config, env = _process_config(spec), server_env
+    nomad_driver, config, env = _task_config(spec)
     token_file = Template(
         embedded_tmpl=f'{{{{ with nomadVar "{spec.token_variable}" }}}}{{{{ .{TOKEN_KEY} }}}}{{{{ end }}}}',
         dest_path=f"secrets/{TOKEN_FILE}", change_mode="noop", perms="0400")
     return Task(
         name=TASK_NAME,
-        driver="docker" if spec.driver == "docker" else "raw_exec",
+        driver=nomad_driver,
         config=config,
         env=env or None,
         templates=[token_file],
@@ -211,30 +206,30 @@ def _task(spec: SandboxJobSpec) -> Task:
     )
 
 
+def _task_config(spec: SandboxJobSpec) -> tuple[Literal["docker", "raw_exec"], dict[str, object], dict[str, str]]:
+    """The task's Nomad driver, its config and its environment, for the spec's driver."""
+    driver, env = spec.driver, dict(spec.server_env)
+    if isinstance(driver, SingularityDriver):
+        return "raw_exec", _singularity_config(spec, driver), _singularity_env(spec, driver, env)
+    if isinstance(driver, DockerDriver):
+        return "docker", _docker_config(spec, driver), env
+    return "raw_exec", _process_config(spec), env
+
+
 def _server_args(spec: SandboxJobSpec, *, host: str, port: int | str, data_dir: str, secrets_dir: str
                  ) -> list[str]:
-    return sandbox_server_args(
-        host=host,
-        port=port,
-        data_dir=data_dir,
-        token_file=f"{secrets_dir}/{TOKEN_FILE}",
-        slots=spec.slots_per_container,
-        isolation=spec.isolation,
-        network=spec.network,
-        timeout=spec.command_timeout,
-        max_output=spec.max_output,
-        limits=spec.limits,
-    )
+    return spec.server.placed(host=host, port=port, data_dir=data_dir,
+                              token_file=f"{secrets_dir}/{TOKEN_FILE}").to_args()
 
 
-def _docker_config(spec: SandboxJobSpec) -> dict[str, object]:
+def _docker_config(spec: SandboxJobSpec, driver: DockerDriver) -> dict[str, object]:
     # The docker driver mounts the allocation dir at /alloc (= NOMAD_ALLOC_DIR in the container).
-    args = _server_args(spec, host="0.0.0.0", port=spec.container_port, data_dir=_ALLOC_DATA,
+    args = _server_args(spec, host="0.0.0.0", port=driver.container_port, data_dir=_ALLOC_DATA,
                         secrets_dir=_DOCKER_SECRETS)
     return {
         **nomad_docker_config(spec.docker_seccomp_profile),
         **spec.docker_config,
-        "image": spec.image,
+        "image": driver.image,
         "ports": [PORT_LABEL],
         "entrypoint": spec.server_command[:1],
         "args": [*spec.server_command[1:], *args],
@@ -246,11 +241,10 @@ def _process_config(spec: SandboxJobSpec) -> dict[str, object]:
     return {"command": "/bin/sh", "args": ["-c", _as_task_user(spec, [*spec.server_command, *args])]}
 
 
-def _singularity_config(spec: SandboxJobSpec) -> dict[str, object]:
-    assert spec.singularity_image is not None  # checked by SandboxJobSpec
+def _singularity_config(spec: SandboxJobSpec, driver: SingularityDriver) -> dict[str, object]:
     argv = build_apptainer_exec_argv(
-        spec.apptainer_binary,
-        spec.singularity_image,
+        _apptainer(driver),
+        driver.image,
         binds=[(_ALLOC_DATA, CONTAINER_DATA_DIR), (_SECRETS, CONTAINER_SECRETS_DIR)],
         extra_args=spec.apptainer_args,
         server_args=_server_args(spec, host=_HOST_IP, port=_HOST_PORT, data_dir=CONTAINER_DATA_DIR,
@@ -278,9 +272,13 @@ def _as_task_user(spec: SandboxJobSpec, argv: list[str]) -> str:
             f"{command}; fi; exec {command}")
 
 
-def _singularity_env(spec: SandboxJobSpec, server_env: dict[str, str]) -> dict[str, str]:
-    env = apptainer_secret_env(spec.apptainer_binary, server_env)
+def _apptainer(driver: SingularityDriver) -> str:
+    return driver.apptainer_binary or "apptainer"  # found on each node's PATH
+
+
+def _singularity_env(spec: SandboxJobSpec, driver: SingularityDriver, server_env: dict[str, str]) -> dict[str, str]:
+    env = apptainer_secret_env(_apptainer(driver), server_env)
     if spec.apptainer_cache_dir:
-        runtime = runtime_env_prefix(spec.apptainer_binary).removesuffix("ENV_")
+        runtime = runtime_env_prefix(_apptainer(driver)).removesuffix("ENV_")
         env[f"{runtime}_CACHEDIR"] = spec.apptainer_cache_dir
     return env

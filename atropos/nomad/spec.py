@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from atropos.drivers import DockerDriver, DriverConfig, ProcessDriver, nest_driver_keys
 from atropos.host import OwnerMeta
-from atropos.images.apptainer import DEFAULT_CONTAINER_PORT, SERVER_COMMAND
+from atropos.images.apptainer import SERVER_COMMAND
 from atropos.images.docker_security import NODE_SECCOMP_PROFILE
 from atropos.nomad.models import Constraint, ReschedulePolicy, RestartPolicy, UpdateStrategy
-from atropos.sandbox.slot_limits import SlotLimits
+from atropos.sandbox.settings import ServerSettings
 
-__all__ = ["DEFAULT_BASE_PORT", "Driver", "SandboxJobSpec"]
+__all__ = ["DEFAULT_BASE_PORT", "DEFAULT_DOCKER_IMAGE", "SandboxJobSpec"]
 
-Driver = Literal["docker", "singularity", "process"]
+DEFAULT_DOCKER_IMAGE = "atropos-sandbox:latest"
+# what a job's servers are told even where it is their default (jobs have always said so)
+_SERVER_DEFAULTS: dict[str, Any] = {"slots": 8, "isolation": "auto", "network": "auto"}
+# the flat shorthand of `server`: key -> ServerSettings field
+_MISSING_IMAGE = {"singularity": "driver singularity needs singularity_image (--singularity-image: a SIF path "
+                                  "on the nodes)"}
+_FLAT_SERVER_KEYS = {"slots_per_container": "slots", "isolation": "isolation", "network": "network",
+                     "command_timeout": "timeout", "max_output": "max_output", "limits": "limits"}
 
 DEFAULT_BASE_PORT = 19000
 """Static host port of the first container of a `singularity`/`process` job (see builder.py): below
@@ -37,9 +45,13 @@ class SandboxJobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     job_id: str = "atropos-sandbox"
-    driver: Driver = "process"
+    driver: DriverConfig = Field(default_factory=ProcessDriver, description="what each server runs in; a "
+                                 "singularity image is a SIF path on the nodes")
     count: int = Field(default=1, ge=0, description="number of containers (allocations)")
-    slots_per_container: int = Field(default=8, ge=1, le=4096)
+    server: ServerSettings = Field(
+        default_factory=lambda: ServerSettings(**_SERVER_DEFAULTS),
+        description="each server's settings (slots, isolation, network, timeouts, limits); where it listens "
+        "and keeps its data is the job's")
     token: SecretStr = Field(
         description="bearer token every request to the servers must carry; it never goes into the job: the pool "
         "writes it to the Nomad Variable `token_variable` and a template renders it into the task's secrets dir")
@@ -52,11 +64,7 @@ class SandboxJobSpec(BaseModel):
         description="docker driver: path on the client nodes of the seccomp profile the sandbox container needs "
         "(`atropos-sandbox image seccomp-profile` prints it)")
 
-    # where the server comes from
-    image: str = Field(default="atropos-sandbox:latest", description="docker image (driver docker)")
-    singularity_image: str | None = Field(
-        default=None, description="SIF path on the Nomad nodes (driver singularity)")
-    apptainer_binary: str = Field(default="apptainer", description="`apptainer` or `singularity`")
+    # where the server comes from (see also `driver`)
     apptainer_args: list[str] = Field(default_factory=list, description="extra flags, e.g. --nv")
     apptainer_cache_dir: str | None = None
     apptainer_workdir: str | None = Field(
@@ -74,22 +82,13 @@ class SandboxJobSpec(BaseModel):
         description="extra docker driver options, added to (and overriding) what the sandbox needs "
         "(atropos.images.docker_security.nomad_docker_config)")
 
-    # ports
-    container_port: int = Field(default=DEFAULT_CONTAINER_PORT, ge=1, le=65535,
-                                description="the server's port inside a docker container")
+    # ports (a docker server's port inside its container: `driver.container_port`)
     base_port: int = Field(default=DEFAULT_BASE_PORT, ge=1, le=65535,
                            description="static host port of container 0 (singularity, process)")
     static_ports: bool = Field(
         default=True,
         description="singularity/process: one task group per container with static port base_port+i; "
         "False: one group with a Nomad-chosen (dynamic) host port")
-
-    # server settings
-    isolation: Literal["auto", "bwrap", "none"] = "auto"
-    network: Literal["auto", "public", "allow", "deny"] = "auto"
-    command_timeout: float | None = Field(default=None, gt=0, description="server --timeout")
-    max_output: int | None = Field(default=None, ge=1024, description="server --max-output")
-    limits: SlotLimits | None = Field(default=None, description="server --limit-* (None: the server's defaults)")
 
     # placement and resources
     cpu: int = Field(default=1000, ge=1, description="MHz per container")
@@ -114,12 +113,29 @@ class SandboxJobSpec(BaseModel):
         default_factory=OwnerMeta.current,
         description="the process that owns the job (for cleanup); None for a job run by hand")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _nest(cls, values: Any) -> Any:
+        """Flat driver and server keys (`driver="singularity", singularity_image=..., slots_per_container=...`)
+        are a shorthand of the nested `driver` and `server` (what `job render`'s flags and most hand-written
+        specs use), so they map without a warning."""
+        if not isinstance(values, dict):
+            return values
+        values = nest_driver_keys(dict(values), owner="SandboxJobSpec", docker_image=DEFAULT_DOCKER_IMAGE,
+                                  missing_image=_MISSING_IMAGE, warn=False)
+        flat = {_FLAT_SERVER_KEYS[k]: values.pop(k) for k in list(values) if k in _FLAT_SERVER_KEYS}
+        flat = {k: v for k, v in flat.items() if v is not None}
+        if flat:
+            server = values.get("server")
+            current = (server.model_dump(exclude_unset=True) if isinstance(server, ServerSettings)
+                       else dict(server or {}))
+            values["server"] = {**_SERVER_DEFAULTS, **current, **flat}
+        return values
+
     @model_validator(mode="after")
     def _check(self) -> SandboxJobSpec:
         if not _JOB_ID.match(self.job_id):
             raise ValueError(f"job_id {self.job_id!r}: use letters, digits, '_', '.', '-' (max 128)")
-        if self.driver == "singularity" and not self.singularity_image:
-            raise ValueError("driver singularity needs singularity_image (a SIF path on the nodes)")
         if not self.server_command:
             raise ValueError("server_command must not be empty")
         if self.task_user is not None and not _USER.match(self.task_user):
@@ -139,8 +155,8 @@ class SandboxJobSpec(BaseModel):
     @property
     def uses_static_ports(self) -> bool:
         """True when each container is its own task group with a static port."""
-        return self.driver != "docker" and self.static_ports
+        return not isinstance(self.driver, DockerDriver) and self.static_ports
 
     def with_count(self, count: int) -> SandboxJobSpec:
-        return self.model_validate({**self.model_dump(), "count": count,
-                                    "token": self.token.get_secret_value()})
+        # the fields as they are (not dumped): the server settings keep which options were set
+        return self.model_validate({**dict(self), "count": count})

@@ -1,133 +1,57 @@
-"""Resource limits of a slot: how the runner enforces its share (stdlib only: the runner runs
-without site-packages). The configuration is `slot_limits.SlotLimits`.
-
-Three layers, each used where it holds:
-- rlimits, set as hard limits on the runner at start so every command inherits them and none can
-  raise them: memory (RLIMIT_DATA, per process), file size (RLIMIT_FSIZE), core dumps off, and the
-  process count (RLIMIT_NPROC, only inside the slot's own user namespace, where the kernel counts
-  the slot's processes alone; elsewhere it would count all of the user's processes on the host).
-  CPU time (RLIMIT_CPU) is set on each command after it starts, so the long-lived runner's own
-  CPU never counts against it.
-- cgroups (see cgroups.py), when the machine lets the server create them: memory and process
-  count for the slot as a whole. Root ignores RLIMIT_NPROC, so for root this is the hard bound.
-- a watch in the runner (LimitWatch), while calls run: the workspace's size (no kernel limit
-  exists for a directory) and the process count where neither of the above holds.
-"""
+"""Configured resource limits of a slot (`SlotLimits`): server options, pool and job settings."""
 
 from __future__ import annotations
 
-import os
-import resource
-from dataclasses import dataclass
+from collections.abc import Callable
 
-from atropos.units import format_size
+from pydantic import BaseModel, Field
 
+from atropos.units import GiB, MiB, parse_size
 
-@dataclass(frozen=True)
-class RunnerLimits:
-    """What the runner enforces itself (parsed from its command line)."""
-
-    memory: int | None = None
-    file_size: int | None = None
-    cpu_seconds: int | None = None
-    workspace: int | None = None
-    processes: int | None = None
-    nproc_rlimit: bool = False
-
-    def apply_to_self(self) -> None:
-        """Hard rlimits on the runner, inherited by every command and never raised by one."""
-        _set_hard(resource.RLIMIT_CORE, 0)
-        if self.memory is not None:
-            _set_hard(resource.RLIMIT_DATA, self.memory)
-        if self.file_size is not None:
-            _set_hard(resource.RLIMIT_FSIZE, self.file_size)
-        if self.nproc_rlimit and self.processes is not None:
-            _set_hard(resource.RLIMIT_NPROC, self.processes)
-
-    def apply_to_command(self, pid: int) -> None:
-        """CPU time of one command: SIGXCPU at the limit, SIGKILL a second later."""
-        if self.cpu_seconds is None:
-            return
-        try:
-            resource.prlimit(pid, resource.RLIMIT_CPU, (self.cpu_seconds, self.cpu_seconds + 1))
-        except (ProcessLookupError, PermissionError):
-            pass  # already gone
+# server option, SlotLimits field, how the option's text is read, help
+LIMIT_FLAGS: tuple[tuple[str, str, Callable[[str], int], str], ...] = (
+    ("--limit-memory", "memory", parse_size, "memory per process, per slot where cgroups work"),
+    ("--limit-processes", "processes", int, "processes in a slot"),
+    ("--limit-cpu", "cpu_seconds", int, "CPU seconds per process"),
+    ("--limit-file-size", "file_size", parse_size, "largest file a command may write"),
+    ("--limit-workspace", "workspace", parse_size, "bytes in a slot's workspace"),
+    ("--limit-tmp", "tmp", parse_size, "size of a slot's private /tmp, held in RAM"),
+)
 
 
-def _set_hard(which: int, value: int) -> None:
-    hard = resource.getrlimit(which)[1]
-    if hard != resource.RLIM_INFINITY and hard < value:
-        value = hard  # never above what we were given
-    resource.setrlimit(which, (value, value))
+class SlotLimits(BaseModel):
+    """Per-slot limits; None turns one off. Defaults fit a coding agent on a shared node."""
 
+    memory: int | None = Field(default=2 * GiB, ge=64 * MiB,
+                               description="bytes of memory per process (per slot with cgroups)")
+    processes: int | None = Field(default=256, ge=8, description="processes and threads in a slot")
+    cpu_seconds: int | None = Field(default=600, ge=1, description="CPU seconds per process")
+    file_size: int | None = Field(default=1 * GiB, ge=1 * MiB, description="largest file a command may write")
+    workspace: int | None = Field(default=4 * GiB, ge=1 * MiB, description="bytes in a slot's workspace")
+    tmp: int | None = Field(default=1 * GiB, ge=1 * MiB, description="size of a slot's private /tmp (in RAM)")
 
-# exit codes of commands killed by the rlimit signals, as shells report them
-_SIGNAL_LIMITS = {128 + 24: "cpu_time", 128 + 25: "file_size"}
+    def runner_args(self, *, nproc_rlimit: bool) -> tuple[str, ...]:
+        """Options telling the runner what to enforce itself.
 
+        `nproc_rlimit`: the slot has its own user namespace and is not root, so RLIMIT_NPROC counts
+        the slot's processes alone (elsewhere it would count all of the user's processes).
+        """
+        values = {"--limit-memory": self.memory, "--limit-file-size": self.file_size,
+                  "--limit-cpu": self.cpu_seconds, "--limit-workspace": self.workspace,
+                  "--limit-processes": self.processes}
+        args = [part for flag, value in values.items() if value is not None for part in (flag, str(value))]
+        if self.processes is not None and nproc_rlimit:
+            args.append("--nproc-rlimit")
+        return tuple(args)
 
-# what programs print when an allocation fails under RLIMIT_DATA (Python, C, C++, Go, Node, Rust)
-_NO_MEMORY = ("MemoryError", "Cannot allocate memory", "std::bad_alloc", "out of memory",
-              "JavaScript heap out of memory", "memory allocation of")
-
-
-def limit_of_result(result: dict[str, object]) -> str | None:
-    """The limit a failed command most likely ran into, judged by its exit and its last words."""
-    code = result.get("exit_code")
-    if isinstance(code, int) and code in _SIGNAL_LIMITS:
-        return _SIGNAL_LIMITS[code]
-    if result.get("ok") or code in (0, None):
-        return None
-    tail = str(result.get("stderr", ""))[-2048:]
-    return "memory" if any(text in tail for text in _NO_MEMORY) else None
-
-
-def describe_limit(kind: str, value: int | None) -> str:
-    """What a result says of the limit `kind` (set to `value`) that a command ran into."""
-    size = format_size(value) if value else "?"
-    texts = {
-        "cpu_time": f"CPU time limit reached ({value or '?'} s per process)",
-        "file_size": f"file size limit reached ({size})",
-        "processes": f"process limit reached ({value or '?'} per slot)",
-        "workspace": f"workspace size limit reached ({size}); delete files to continue",
-        "memory": f"memory limit reached ({size})",
-    }
-    return texts.get(kind, kind)
-
-
-def prepend_error(result: dict[str, object], text: str) -> None:
-    """`text` first in the result's error, before what the command's own failure said."""
-    result["error"] = text + (f"; {result['error']}" if result.get("error") else "")
-
-
-def workspace_bytes(root: str) -> int:
-    """Bytes allocated under `root` (st_blocks: sparse files count as what they use)."""
-    total = 0
-    stack = [root]
-    while stack:
-        top = stack.pop()
-        try:
-            with os.scandir(top) as it:
-                for entry in it:
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except OSError:
-                        continue
-                    total += st.st_blocks * 512
-                    if entry.is_dir(follow_symlinks=False):
-                        stack.append(entry.path)
-        except OSError:
-            continue
-    return total
-
-
-def count_tasks() -> int:
-    """Threads of all processes in our PID namespace: inside a slot's sandbox, what its pids cgroup
-    and RLIMIT_NPROC count (both count threads, not processes)."""
-    total = 0
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                total += len(os.listdir(f"/proc/{name}/task"))
-            except OSError:
-                continue  # exited meanwhile
-    return total
+    def server_args(self) -> list[str]:
+        """The `atropos-sandbox server` options for the limits that differ from the defaults ('none' for
+        one turned off). Defaults are left out, so a pool still starts servers of images built before
+        these options existed; asking such an image for other limits fails with its usage error."""
+        changed = self.model_dump(exclude_defaults=True)
+        args: list[str] = []
+        for flag, name, _, _ in LIMIT_FLAGS:
+            if name in changed:
+                value = changed[name]
+                args += [flag, "none" if value is None else str(value)]
+        return args

@@ -1,7 +1,6 @@
 """Slots, the SlotPool that leases them, and its configuration."""
 
-from atropos.slots.config import SlotPoolConfig
-from atropos.slots.errors import (
+from atropos.errors import (
     AcquireTimeout,
     BackendError,
     InfrastructureError,
@@ -13,6 +12,7 @@ from atropos.slots.errors import (
     SlotLost,
     SlotPoolError,
 )
+from atropos.slots.config import SlotPoolConfig
 from atropos.slots.leasing import Slot
 from atropos.slots.pool import SlotPool
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from atropos.errors import BackendError
 from atropos.slots.config import SlotPoolConfig
-from atropos.slots.errors import BackendError
 
 
 class IsolationRefused(BackendError):
@@ -34,6 +34,6 @@ def refusal(config: SlotPoolConfig, server_id: str, health: dict[str, Any]) -> s
     if health.get("isolation") != "none" or config.isolation == "none":
         return None
     reason = health.get("isolation_reason") or "the server did not say why (an older server version)"
-    return (f"server {server_id} ({config.driver} driver) runs its slots without isolation: {reason}. "
-            f"To fix: {_FIXES[config.driver]}; or set isolation='none' (--isolation none) to accept slots "
+    return (f"server {server_id} ({config.driver.type} driver) runs its slots without isolation: {reason}. "
+            f"To fix: {_FIXES[config.driver.type]}; or set isolation='none' (--isolation none) to accept slots "
             "that can see each other's files and processes")

@@ -1,31 +1,37 @@
-"""SlotPoolConfig: everything that decides how sandbox servers come to exist and how slots are leased."""
+"""SlotPoolConfig: everything that decides how sandbox servers come to exist and how slots are leased.
+
+`backend` and `driver` are models of their own, one per kind (`type` tells them apart):
+`SlotPoolConfig(backend={"type": "nomad", "address": ...}, driver={"type": "singularity",
+"image": "x.sif"})`. The flat keys written before that (`backend="nomad", nomad_address=...,
+driver="singularity", singularity_image=...`) still work, with a DeprecationWarning.
+"""
 
 from __future__ import annotations
 
-import os
-from typing import Literal
+import warnings
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from atropos.images.references import is_reference
-from atropos.sandbox.slot_limits import SlotLimits
-from atropos.slots.errors import PoolConfigError
+from atropos.backends import BackendConfig, LocalBackendConfig, ServerSpec
+from atropos.drivers import DriverConfig, ProcessDriver, nest_driver_keys
+from atropos.errors import PoolConfigError
+from atropos.sandbox.limits import SlotLimits
+from atropos.sandbox.settings import ServerSettings
 
-Driver = Literal["process", "docker", "singularity"]
-Backend = Literal["local", "nomad"]
+# flat key -> field of NomadBackendConfig
+_FLAT_NOMAD_KEYS = {
+    "nomad_address": "address", "nomad_token": "token", "nomad_namespace": "namespace",
+    "nomad_region": "region", "job_id": "job_id", "datacenters": "datacenters", "node_pool": "node_pool",
+    "cpu": "cpu", "memory": "memory", "static_port_base": "static_port_base", "purge_on_exit": "purge_on_exit",
+}
 
 
 class SlotPoolConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    backend: Backend = "local"
-    driver: Driver = "process"
-    image: str | None = Field(default=None, description="Docker image (driver docker)")
-    singularity_image: str | None = Field(
-        default=None, description="SIF path, or a reference pulled per `pull_policy` (driver singularity)"
-    )
-    pull_policy: Literal["never", "always", "missing"] = "missing"
-    apptainer_binary: str | None = Field(default=None, description="apptainer/singularity binary; found if unset")
+    backend: BackendConfig = Field(default_factory=LocalBackendConfig, description="where servers run")
+    driver: DriverConfig = Field(default_factory=ProcessDriver, description="what each server runs in")
 
     slots_per_container: int = Field(default=8, ge=1, le=4096)
     min_containers: int = Field(default=1, ge=0, le=1000)
@@ -55,23 +61,36 @@ class SlotPoolConfig(BaseModel):
         "becomes this unprivileged user first; None: the launcher keeps root and the server gives it up itself")
     limits: SlotLimits = Field(default_factory=SlotLimits, description="resource limits of every slot")
 
-    # Nomad settings; unset values come from NOMAD_ADDR, NOMAD_NAMESPACE, ... (see atropos.nomad)
-    nomad_address: str | None = None
-    nomad_token: str | None = None
-    nomad_namespace: str | None = None
-    nomad_region: str | None = None
-    job_id: str = "atropos-sandbox"
-    datacenters: list[str] = Field(default_factory=lambda: ["*"])
-    node_pool: str | None = None
-    cpu: int = Field(default=2000, ge=100, description="MHz per container")
-    memory: int = Field(default=4096, ge=128, description="MB per container")
-    container_port: int = Field(default=8080, ge=1, le=65535, description="server port inside a docker container")
-    static_port_base: int = Field(
-        default=19000, ge=1024, le=65000,
-        description="static host port of container 0 for singularity/process jobs (container i: base + i); "
-        "below Nomad's dynamic range 20000-32000",
-    )
-    purge_on_exit: bool = True
+    @classmethod
+    def from_flags(cls, **values: Any) -> SlotPoolConfig:
+        """From flat command-line settings (`demo`, the Atropos environment's `--env.*`): the flat
+        keys are those flags' names, so they map without a deprecation warning."""
+        return cls.model_validate(values, context={"flags": True})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest(cls, values: Any, info: ValidationInfo) -> Any:
+        if not isinstance(values, dict):
+            return values
+        warn = not (info.context or {}).get("flags")
+        values = nest_driver_keys(dict(values), owner="SlotPoolConfig", warn=warn)
+        flat = {_FLAT_NOMAD_KEYS[k]: values.pop(k) for k in list(values) if k in _FLAT_NOMAD_KEYS}
+        backend = values.get("backend", "local")
+        if isinstance(backend, str):
+            backend = {"type": backend}
+        elif isinstance(backend, BaseModel):
+            backend = backend.model_dump()
+        flat = {k: v for k, v in flat.items() if v is not None}
+        if flat and isinstance(backend, dict):
+            if backend.get("type") != "nomad":
+                raise PoolConfigError(f"{', '.join(sorted(flat))}: settings of backend 'nomad', not of "
+                                      f"{backend.get('type')!r}")
+        if flat and isinstance(backend, dict) and warn:
+            warnings.warn(f"SlotPoolConfig: flat nomad keys are deprecated; write backend={{'type': 'nomad', "
+                          f"{', '.join(repr(k) + ': ...' for k in sorted(flat))}}}", DeprecationWarning, stacklevel=3)
+        if flat and isinstance(backend, dict):
+            backend = {**flat, **backend}
+        return {**values, "backend": backend}
 
     @field_validator("run_as", mode="before")
     @classmethod
@@ -84,19 +103,16 @@ class SlotPoolConfig(BaseModel):
             raise PoolConfigError(
                 f"min_containers ({self.min_containers}) is above max_containers ({self.max_containers})"
             )
-        if self.driver == "docker" and not self.image:
-            raise PoolConfigError("driver 'docker' needs `image` (e.g. image='atropos-sandbox:latest')")
-        if self.driver == "singularity":
-            sif = self.singularity_image
-            if not sif:
-                raise PoolConfigError(
-                    "driver 'singularity' needs `singularity_image`: a .sif path or a reference such as "
-                    "docker://ghcr.io/org/atropos-sandbox:latest"
-                )
-            if not is_reference(sif) and not os.path.exists(os.path.expanduser(sif)):
-                raise PoolConfigError(f"singularity_image {sif!r} does not exist and is not a pullable reference")
+        self.driver.check_here()
         return self
 
     @property
     def initial_containers(self) -> int:
         return max(self.min_containers, 1)
+
+    def server_spec(self) -> ServerSpec:
+        """What every server of this pool is, for its backend."""
+        settings = ServerSettings(slots=self.slots_per_container, isolation=self.isolation, network=self.network,
+                                  timeout=self.tool_timeout, max_output=self.max_output, limits=self.limits)
+        return ServerSpec(driver=self.driver, settings=settings, run_as=self.run_as,
+                          start_timeout=self.start_timeout)

@@ -17,8 +17,8 @@ from typing import Any
 
 import aiohttp
 
+from atropos.errors import InfrastructureError, InvalidToolCall, SlotFailed, SlotLost
 from atropos.sandbox.models import ExecuteResult
-from atropos.slots.errors import InfrastructureError, InvalidToolCall, SlotFailed, SlotLost
 
 # the server enforces a call's timeout, then gives the slot's runner 10 s more; past this margin
 # on top of the call's own timeout the server itself is considered gone

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from atropos.slots.errors import LeaseError, SlotLost
+from atropos.errors import LeaseError, SlotLost
 
 
 class SlotStatus(enum.Enum):

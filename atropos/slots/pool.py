@@ -20,11 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from atropos.backends.base import SandboxBackend, ServerInfo
-from atropos.progress import Progress, no_progress
-from atropos.sandbox.models import ExecuteResult
-from atropos.slots.admission import IsolationRefused, refusal
-from atropos.slots.config import SlotPoolConfig
-from atropos.slots.errors import (
+from atropos.errors import (
     AcquireTimeout,
     BackendError,
     InfrastructureError,
@@ -32,6 +28,10 @@ from atropos.slots.errors import (
     SlotLost,
     SlotPoolError,
 )
+from atropos.progress import Progress, no_progress
+from atropos.sandbox.models import ExecuteResult
+from atropos.slots.admission import IsolationRefused, refusal
+from atropos.slots.config import SlotPoolConfig
 from atropos.slots.executor import ServerClient, ServerRefused
 from atropos.slots.leasing import LeaseBook, Slot, SlotState, SlotStatus
 from atropos.slots.stats import PoolStats, StatsRecorder, summarize
@@ -55,14 +55,7 @@ class _Server:
 
 
 def make_backend(config: SlotPoolConfig) -> SandboxBackend:
-    if config.backend == "nomad":
-        from atropos.backends.nomad import NomadBackend
-
-        backend: SandboxBackend = NomadBackend(config)
-        return backend
-    from atropos.backends.local import LocalBackend
-
-    return LocalBackend(config)
+    return config.backend.build(config.server_spec())
 
 
 class SlotPool:
@@ -101,7 +94,7 @@ class SlotPool:
             return
         self._started = True
         count = self.config.initial_containers
-        self.progress(f"starting {count} {self.config.driver} server(s) on the {self.backend.name} backend "
+        self.progress(f"starting {count} {self.config.driver.type} server(s) on the {self.backend.name} backend "
                       f"({self.config.slots_per_container} slots each)")
         started = time.monotonic()
         try:

@@ -37,8 +37,6 @@ from atropos.host.lifetime import die_with_parent, forbid_new_privileges, parent
 
 log = logging.getLogger("atropos.sandbox")
 
-DEFAULT_RUN_AS = "nobody"
-RUN_AS_ENV = "ATROPOS_SANDBOX_RUN_AS"  # the default of --run-as where set (the Docker image: sandbox)
 
 _CLONE_NEWNS = 0x00020000
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_BIND, _MS_REC, _MS_PRIVATE = 2, 4, 8, 0x1000, 0x4000, 1 << 18

@@ -15,9 +15,9 @@ import uuid
 from typing import Any
 
 from atropos.host import kill_tree
-from atropos.sandbox.capture import BoundedBuffer
-from atropos.sandbox.children import Child, Children, PipeReader
-from atropos.sandbox.oneshot import add_note, result_dict
+from atropos.sandbox.runner.capture import BoundedBuffer
+from atropos.sandbox.runner.children import Child, Children, PipeReader
+from atropos.sandbox.runner.oneshot import add_note, result_dict
 
 _LOOP = (
     "while IFS= read -r -d '' -u {fd} __atropos_mark && IFS= read -r -d '' -u {fd} __atropos_cmd; do "

@@ -6,8 +6,8 @@ import time
 from typing import Any
 
 from atropos.host import kill_tree
-from atropos.sandbox.capture import BoundedBuffer
-from atropos.sandbox.children import Children, PipeReader
+from atropos.sandbox.runner.capture import BoundedBuffer
+from atropos.sandbox.runner.children import Children, PipeReader
 
 
 def combine_output(stdout: str, stderr: str) -> str:

@@ -27,8 +27,8 @@ from atropos.sandbox.models import (
     ResetRequest,
     ResetResponse,
 )
-from atropos.sandbox.openapi import openapi_document
-from atropos.sandbox.slot import Slot, SlotFailure, SlotReset
+from atropos.sandbox.server.openapi import openapi_document
+from atropos.sandbox.server.slot_runner import SlotFailure, SlotReset, SlotRunner
 
 log = logging.getLogger("atropos.sandbox")
 
@@ -60,7 +60,7 @@ def _json(model: BaseModel, status: int = 200) -> web.Response:
 
 
 class SandboxApp:
-    def __init__(self, slots: list[Slot], *, token: str, default_timeout: float, enforcement: Enforcement,
+    def __init__(self, slots: list[SlotRunner], *, token: str, default_timeout: float, enforcement: Enforcement,
                  max_body: int) -> None:
         self.slots = slots
         self.token = token.encode()
@@ -125,7 +125,7 @@ class SandboxApp:
         except ValidationError as exc:
             raise ApiError(422, "invalid request", _errors_of(exc)) from None
 
-    def _prepare(self, call: ExecuteRequest) -> tuple[Slot, dict[str, Any], float]:
+    def _prepare(self, call: ExecuteRequest) -> tuple[SlotRunner, dict[str, Any], float]:
         if call.slot >= len(self.slots):
             raise ApiError(404, f"unknown slot {call.slot}: this server has slots 0..{len(self.slots) - 1}")
         args_model = TOOL_ARGS.get(call.tool)

@@ -39,6 +39,8 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
+from atropos.sandbox.settings import TUN_DEVICE
+
 # destinations a slot never reaches, besides the node's own subnets (RFC 6890 special-purpose ranges)
 BLOCKED_V4 = (
     "0.0.0.0/8",        # "this network"
@@ -59,7 +61,6 @@ DNS_ADDRESS = "192.0.0.53"
 INTERFACE = "tap0"
 NETNS_READY = "ATROPOS-NETNS-READY"  # the wrapped command's first line: its namespaces exist
 _PASTA_WAIT_S = 10.0
-TUN_DEVICE = "/dev/net/tun"
 
 
 def find_pasta() -> str | None:

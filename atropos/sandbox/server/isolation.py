@@ -15,8 +15,8 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from atropos.sandbox.egress import Egress
-from atropos.sandbox.pathsafe import WORKSPACE_ALIAS
+from atropos.sandbox.runner.pathsafe import WORKSPACE_ALIAS
+from atropos.sandbox.server.egress import Egress
 
 # top-level entries never bound from the host: replaced by fresh mounts or by the workspace
 _NOT_BOUND = {"proc", "dev", "tmp", WORKSPACE_ALIAS.strip("/")}
@@ -57,7 +57,7 @@ def runner_command(root: str, max_output: int, max_file_bytes: int, extra: tuple
     """The slot runner's command line; it finds the package even without PYTHONPATH or an install."""
     # the runner never speaks TLS: keeping asyncio from importing ssl saves ~4.5 MB in every slot
     bootstrap = (f"import sys; sys.modules['ssl'] = None; sys.path.insert(0, {package_parent()!r}); "
-                 "from atropos.sandbox.runner import main; sys.exit(main())")
+                 "from atropos.sandbox.runner.main import main; sys.exit(main())")
     # -S -I: no site-packages scan and no PYTHON* variables; the runner needs only the stdlib
     return [sys.executable, "-S", "-I", "-c", bootstrap, "--root", root, "--max-output", str(max_output),
             "--max-file-bytes", str(max_file_bytes), *extra]

@@ -20,12 +20,12 @@ import time
 from typing import Any
 
 from atropos.host import become_subreaper, die_with_parent, kill_tree
-from atropos.sandbox.children import Children
-from atropos.sandbox.files import empty_dir, read_file, write_file
-from atropos.sandbox.limit_watch import LimitWatch
-from atropos.sandbox.limits import RunnerLimits, describe_limit, limit_of_result, prepend_error
-from atropos.sandbox.oneshot import add_note, run_oneshot
-from atropos.sandbox.session import BashSession
+from atropos.sandbox.runner.children import Children
+from atropos.sandbox.runner.files import empty_dir, read_file, write_file
+from atropos.sandbox.runner.oneshot import add_note, run_oneshot
+from atropos.sandbox.runner.rlimits import RunnerLimits, describe_limit, limit_of_result, prepend_error
+from atropos.sandbox.runner.session import BashSession
+from atropos.sandbox.runner.watch import LimitWatch
 
 _MAX_REQUEST = 256 * 1024 * 1024
 _NICENESS = 5

@@ -12,46 +12,22 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 from aiohttp import web
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import ValidationError
 
-from atropos.sandbox.app import SandboxApp
-from atropos.sandbox.cgroups import SlotCgroup, SlotCgroups, remove_server_groups
-from atropos.sandbox.egress import Egress, find_pasta
-from atropos.sandbox.isolation import SandboxSpec, find_bwrap, probe, runner_command, runtime_paths, sandbox_env
 from atropos.sandbox.models import Enforcement, NetworkMode
-from atropos.sandbox.pathsafe import WORKSPACE_ALIAS
-from atropos.sandbox.privileges import DEFAULT_RUN_AS, RUN_AS_ENV, PrivilegeError, give_up_root, resolve_identity
-from atropos.sandbox.slot import Slot
-from atropos.sandbox.slot_limits import LIMIT_FLAGS, SlotLimits
-from atropos.units import format_size, parse_size
+from atropos.sandbox.runner.pathsafe import WORKSPACE_ALIAS
+from atropos.sandbox.server.app import SandboxApp
+from atropos.sandbox.server.cgroups import SlotCgroup, SlotCgroups, remove_server_groups
+from atropos.sandbox.server.egress import Egress, find_pasta
+from atropos.sandbox.server.isolation import SandboxSpec, find_bwrap, probe, runner_command, runtime_paths, sandbox_env
+from atropos.sandbox.server.privileges import PrivilegeError, give_up_root, resolve_identity
+from atropos.sandbox.server.slot_runner import SlotRunner
+from atropos.sandbox.settings import READY_PREFIX, TOKEN_ENV, ServerSettings, add_arguments, flag_of
 
 log = logging.getLogger("atropos.sandbox")
-
-READY_PREFIX = "ATROPOS_SANDBOX_READY"
-TOKEN_ENV = "ATROPOS_SANDBOX_TOKEN"
-
-
-class ServerConfig(BaseModel):
-    host: str = "127.0.0.1"
-    port: int = Field(default=8080, ge=0, le=65535)
-    slots: int = Field(default=4, ge=1, le=4096)
-    data_dir: str = "./sandbox-data"
-    token: str | None = None
-    isolation: Literal["auto", "bwrap", "none"] = "auto"
-    network: Literal["auto", "public", "allow", "deny"] = "auto"
-    run_as: str = Field(default_factory=lambda: os.environ.get(RUN_AS_ENV) or DEFAULT_RUN_AS,
-                        description="the user a server started as root becomes")
-    timeout: float = Field(default=120.0, gt=0, description="default per-call timeout, seconds")
-    max_output: int = Field(default=1 << 20, ge=1024, description="bytes kept per stream per call")
-    max_file_bytes: int = Field(default=16 << 20, ge=1, description="read_file/write_file size limit")
-    max_body: int = Field(default=64 << 20, ge=1024, description="request body limit, bytes")
-    limits: SlotLimits = Field(default_factory=SlotLimits)
-
 
 class StartupError(RuntimeError):
     pass
@@ -70,10 +46,9 @@ def is_loopback(host: str) -> bool:
             return False
 
 
-def resolve_token(cfg: ServerConfig, token_file: str | None) -> tuple[str, str | None]:
+def resolve_token(cfg: ServerSettings) -> tuple[str, str | None]:
     """The bearer token, and the file where a generated one was written (None otherwise)."""
-    if cfg.token:
-        return cfg.token, None
+    token_file = cfg.token_file
     if token_file:
         try:
             with open(token_file, encoding="utf-8") as fh:
@@ -97,7 +72,7 @@ def resolve_token(cfg: ServerConfig, token_file: str | None) -> tuple[str, str |
     return token, path
 
 
-def _network_choices(cfg: ServerConfig) -> tuple[list[NetworkMode], str | None]:
+def _network_choices(cfg: ServerSettings) -> tuple[list[NetworkMode], str | None]:
     """Network modes to try, best first, and why `public` is out when `auto` cannot have it."""
     if cfg.network == "auto":
         if find_pasta() is None:
@@ -117,7 +92,7 @@ class Choice:
     network_reason: str | None = None
 
 
-def choose_isolation(cfg: ServerConfig, hidden: tuple[str, ...]) -> Choice:
+def choose_isolation(cfg: ServerSettings, hidden: tuple[str, ...]) -> Choice:
     """Refuses what cannot hold; `auto` modes fall back to the safer choice and say why."""
     if cfg.isolation == "none":
         if cfg.network in ("deny", "public"):
@@ -154,7 +129,7 @@ def choose_isolation(cfg: ServerConfig, hidden: tuple[str, ...]) -> Choice:
     return Choice(None, "allow", reason)
 
 
-def make_cgroups(cfg: ServerConfig) -> list[SlotCgroup | None]:
+def make_cgroups(cfg: ServerSettings) -> list[SlotCgroup | None]:
     """Each slot's cgroups, made while the server may still write the hierarchies (as root)."""
     lim = cfg.limits
     if lim.memory is None and lim.processes is None:
@@ -165,7 +140,7 @@ def make_cgroups(cfg: ServerConfig) -> list[SlotCgroup | None]:
     return [groups.for_slot(i, memory=lim.memory, processes=lim.processes) for i in range(cfg.slots)]
 
 
-def build_slots(cfg: ServerConfig, spec: SandboxSpec | None, cgroups: list[SlotCgroup | None]) -> list[Slot]:
+def build_slots(cfg: ServerSettings, spec: SandboxSpec | None, cgroups: list[SlotCgroup | None]) -> list[SlotRunner]:
     lim = cfg.limits
     # RLIMIT_NPROC counts per user namespace, and never stops root
     nproc_rlimit = spec is not None and spec.userns and os.geteuid() != 0
@@ -184,13 +159,13 @@ def build_slots(cfg: ServerConfig, spec: SandboxSpec | None, cgroups: list[SlotC
             argv = spec.argv(workspace, runner) if spec is not None else runner
             return cgroup.wrap(argv) if cgroup is not None and cgroup.dirs else argv
 
-        slots.append(Slot(i, workspace, command, sandbox_env(cfg.data_dir, root), cgroup,
+        slots.append(SlotRunner(i, workspace, command, sandbox_env(cfg.data_dir, root), cgroup,
                           spec.egress if spec is not None else None))
     return slots
 
 
-def _leave_root(cfg: ServerConfig, cgroups: list[SlotCgroup | None]) -> None:
-    """Become `--run-as` when started as root (see atropos.sandbox.privileges)."""
+def _leave_root(cfg: ServerSettings, cgroups: list[SlotCgroup | None]) -> None:
+    """Become `--run-as` when started as root (see atropos.sandbox.server.privileges)."""
     if os.geteuid() != 0:
         return
     try:
@@ -213,19 +188,21 @@ def _check_runner_reachable() -> None:
                            "where this user can reach it, or start the server as a user who can")
 
 
-def prepare(cfg: ServerConfig, token_file: str | None = None) -> tuple[ServerConfig, SandboxApp, str | None]:
+def prepare(cfg: ServerSettings) -> tuple[ServerSettings, SandboxApp, str | None]:
     """Everything that must hold before the server listens: token, privileges, isolation, slots."""
+    if isinstance(cfg.port, str):
+        raise StartupError(f"--port {cfg.port}: a shell reference that no shell filled in (give a number)")
     cfg = cfg.model_copy(update={"data_dir": os.path.realpath(cfg.data_dir)})
     try:
         os.makedirs(cfg.data_dir, exist_ok=True)
     except OSError as exc:
         why = "it is a file, not a directory" if isinstance(exc, FileExistsError) else exc.strerror
         raise StartupError(f"--data-dir {cfg.data_dir}: cannot use it as the data dir: {why}") from None
-    token, generated = resolve_token(cfg, token_file)  # the token file may be root's alone
+    token, generated = resolve_token(cfg)  # the token file may be root's alone
     cgroups = make_cgroups(cfg)
     _leave_root(cfg, cgroups)
     _check_runner_reachable()
-    hidden = tuple(os.path.realpath(p) for p in (token_file, generated) if p)
+    hidden = tuple(os.path.realpath(p) for p in (cfg.token_file, generated) if p)
     choice = choose_isolation(cfg, hidden)
     enforced = Enforcement(
         isolation="bwrap" if choice.spec is not None else "none", network=choice.network, uid=os.getuid(),
@@ -249,11 +226,11 @@ def _use_pidfd_child_watcher() -> None:
         log.debug("pidfd child watcher unavailable: %s", exc)
 
 
-async def serve(cfg: ServerConfig, api: SandboxApp, generated: str | None = None) -> None:
+async def serve(cfg: ServerSettings, api: SandboxApp, generated: str | None = None) -> None:
     _use_pidfd_child_watcher()
     runner = web.AppRunner(api.build(), access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True)
+    site = web.TCPSite(runner, cfg.host, int(cfg.port), reuse_address=True)
     try:
         await site.start()
     except OSError as exc:
@@ -277,79 +254,14 @@ async def serve(cfg: ServerConfig, api: SandboxApp, generated: str | None = None
         remove_server_groups()
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = ServerConfig()
-    parser.add_argument("--host", default=d.host, help="address to listen on (default %(default)s)")
-    parser.add_argument("--port", type=int, default=d.port, help="port; 0 picks a free one (default %(default)s)")
-    parser.add_argument("--slots", type=int, default=d.slots, help="number of slots (default %(default)s)")
-    parser.add_argument("--data-dir", default=d.data_dir,
-                        help="slots live in DATA_DIR/slots/<n> (default %(default)s)")
-    parser.add_argument("--token-file", help=f"file holding the bearer token (or set {TOKEN_ENV})")
-    parser.add_argument("--isolation", choices=["auto", "bwrap", "none"], default=d.isolation,
-                        help="bwrap: refuse to start without bubblewrap; auto: fall back to plain "
-                        "processes when it cannot work here (default %(default)s)")
-    parser.add_argument("--network", choices=["auto", "public", "allow", "deny"], default=d.network,
-                        help="public: each slot has its own network namespace reaching public addresses only "
-                        "(needs pasta); deny: no network; allow: the node's network, its loopback and private "
-                        "services included; auto: public where it works, else deny (default %(default)s)")
-    parser.add_argument("--run-as", default=d.run_as,
-                        help="started as root, the server becomes this unprivileged user (NAME, UID, "
-                        f"NAME:GROUP or UID:GID) before any slot starts (default: ${RUN_AS_ENV}, "
-                        f"else {DEFAULT_RUN_AS})")
-    parser.add_argument("--timeout", type=float, default=d.timeout,
-                        help="default per-call timeout in seconds (default %(default)s)")
-    parser.add_argument("--max-output", type=int, default=d.max_output,
-                        help="bytes of stdout and of stderr kept per call (default %(default)s)")
-    parser.add_argument("--max-file-bytes", type=int, default=d.max_file_bytes,
-                        help="size limit of read_file/write_file (default %(default)s)")
-    parser.add_argument("--max-body", type=int, default=d.max_body,
-                        help="request body limit in bytes (default %(default)s)")
-    add_limit_arguments(parser, d.limits)
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-
-
-def _limit(parse: Callable[[str], int]) -> Callable[[str], int | None]:
-    def convert(text: str) -> int | None:
-        if text.strip().lower() in ("none", "off", "unlimited"):
-            return None
-        try:
-            return parse(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-    return convert
-
-
-def add_limit_arguments(parser: argparse.ArgumentParser, defaults: SlotLimits) -> None:
-    group = parser.add_argument_group("limits per slot", "sizes take K, M, G suffixes; 'none' turns a limit off")
-    for flag, field, parse, text in LIMIT_FLAGS:
-        value = getattr(defaults, field)
-        group.add_argument(flag, dest=f"limit_{field}", type=_limit(parse), default=value,
-                           help=f"{text} (default {format_size(value) if parse is parse_size and value else value})")
-
-
-def limits_from_args(args: argparse.Namespace) -> SlotLimits:
-    return SlotLimits(**{field: getattr(args, f"limit_{field}") for _, field, _, _ in LIMIT_FLAGS})
-
-
-def _flag_of(loc: tuple[int | str, ...]) -> str:
-    limit_flags = {field: flag for flag, field, _, _ in LIMIT_FLAGS}
-    if loc and loc[-1] in limit_flags and (len(loc) == 1 or loc[0] == "limits"):
-        return limit_flags[str(loc[-1])]
-    return "--" + "-".join(str(p) for p in loc).replace("_", "-")
-
-
 def run_from_args(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = ServerConfig(host=args.host, port=args.port, slots=args.slots, data_dir=args.data_dir,
-                           isolation=args.isolation, network=args.network, run_as=args.run_as,
-                           timeout=args.timeout,
-                           max_output=args.max_output, max_file_bytes=args.max_file_bytes,
-                           max_body=args.max_body, limits=limits_from_args(args))
-        asyncio.run(serve(*prepare(cfg, args.token_file)))
+        settings = ServerSettings.from_namespace(args)
+        logging.basicConfig(level=settings.log_level, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        asyncio.run(serve(*prepare(settings)))
     except ValidationError as exc:
-        problems = "; ".join(f"{_flag_of(e['loc'])}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(f"{flag_of(e['loc'])}: {e['msg']}" for e in exc.errors())
         print(f"atropos-sandbox server: error: {problems}", file=sys.stderr)
         return 2
     except StartupError as exc:
@@ -371,6 +283,3 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     return run_from_args(parser.parse_args(argv))
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from atropos.sandbox.limits import RunnerLimits, count_tasks, workspace_bytes
+from atropos.sandbox.runner.rlimits import RunnerLimits, count_tasks, workspace_bytes
 
 _TICK = 0.25
 # a workspace scan walks the tree: never spend more than ~5% of the time on it

@@ -12,12 +12,12 @@ from collections.abc import Callable
 from typing import Any
 
 from atropos.host import die_with_parent, kill_tree
-from atropos.sandbox.cgroups import SlotCgroup
-from atropos.sandbox.egress import NETNS_READY, Egress
-from atropos.sandbox.files import empty_dir
-from atropos.sandbox.limits import describe_limit, prepend_error
-from atropos.sandbox.oneshot import add_note
-from atropos.sandbox.session import SESSION_RESTARTED
+from atropos.sandbox.runner.files import empty_dir
+from atropos.sandbox.runner.oneshot import add_note
+from atropos.sandbox.runner.rlimits import describe_limit, prepend_error
+from atropos.sandbox.runner.session import SESSION_RESTARTED
+from atropos.sandbox.server.cgroups import SlotCgroup
+from atropos.sandbox.server.egress import NETNS_READY, Egress
 
 log = logging.getLogger("atropos.sandbox")
 
@@ -38,7 +38,7 @@ class SlotReset(SlotFailure):
     pass
 
 
-class Slot:
+class SlotRunner:
     def __init__(self, index: int, workspace: str, command: Callable[[], list[str]], env: dict[str, str],
                  cgroup: SlotCgroup | None = None, egress: Egress | None = None) -> None:
         self.index = index

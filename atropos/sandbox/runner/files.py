@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from atropos.sandbox.pathsafe import PathEscapeError, opened_in_workspace
+from atropos.sandbox.runner.pathsafe import PathEscapeError, opened_in_workspace
 
 # O_NONBLOCK: a FIFO planted in the workspace must not hang the runner; only regular files are used
 _READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK
