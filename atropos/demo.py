@@ -37,26 +37,35 @@ class DemoError(Exception):
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     parser = subparsers.add_parser(
-        "demo", help="run a batch of agent trajectories in sandbox slots and score them",
+        "demo",
+        help="run a batch of agent trajectories in sandbox slots and score them",
         description="Start a slot pool, run concurrent agent trajectories over the built-in tasks (or --task-file), "
         "score each with the task's hidden checks, write the rollouts as JSONL and print a table. Without "
         "--openai-base-url the policy replays each task's reference solution through real tool calls.",
     )
     work = parser.add_argument_group("work")
-    work.add_argument("--tasks", type=int, metavar="N", help="trajectories to run, cycling through the tasks "
-                      "(default: one per task)")
+    work.add_argument(
+        "--tasks", type=int, metavar="N", help="trajectories to run, cycling through the tasks (default: one per task)"
+    )
     work.add_argument("--task-ids", metavar="IDS", help="comma-separated task ids to use (default: all)")
     work.add_argument("--task-file", metavar="JSONL", help="tasks from this JSONL file instead of the built-in set")
     work.add_argument("--concurrency", type=int, default=16, metavar="N", help="trajectories at once (default 16)")
     work.add_argument("--max-turns", type=int, default=8, metavar="N", help="model turns per trajectory (default 8)")
     work.add_argument("--tool-timeout", type=float, default=60.0, metavar="S", help="seconds per tool call")
-    work.add_argument("--tool-call-format", choices=("openai", "hermes"), default="openai",
-                      help="openai: the API's tool_calls; hermes: <tool_call> JSON in the text (default openai)")
-    work.add_argument("--out", default="demo-rollouts.jsonl", metavar="PATH",
-                      help="rollouts JSONL (default ./demo-rollouts.jsonl)")
+    work.add_argument(
+        "--tool-call-format",
+        choices=("openai", "hermes"),
+        default="openai",
+        help="openai: the API's tool_calls; hermes: <tool_call> JSON in the text (default openai)",
+    )
+    work.add_argument(
+        "--out", default="demo-rollouts.jsonl", metavar="PATH", help="rollouts JSONL (default ./demo-rollouts.jsonl)"
+    )
 
     model = parser.add_argument_group("model (default: the reference policy)")
-    model.add_argument("--openai-base-url", metavar="URL", help="OpenAI-compatible server, e.g. http://localhost:8000/v1")
+    model.add_argument(
+        "--openai-base-url", metavar="URL", help="OpenAI-compatible server, e.g. http://localhost:8000/v1"
+    )
     model.add_argument("--model", metavar="NAME", help="model name sent to the server")
     model.add_argument("--api-key", metavar="KEY", help="bearer token (default: $OPENAI_API_KEY)")
     model.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
@@ -64,20 +73,29 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 
     pool = parser.add_argument_group("sandbox pool")
     pool.add_argument("--backend", choices=("local", "nomad"), default="local", help="default: local")
-    pool.add_argument("--driver", choices=("process", "docker", "singularity"), default="process",
-                      help="default: process")
+    pool.add_argument(
+        "--driver", choices=("process", "docker", "singularity"), default="process", help="default: process"
+    )
     pool.add_argument("--image", metavar="IMAGE", help="docker image (driver docker)")
     pool.add_argument("--singularity-image", metavar="SIF", help="SIF path or reference (driver singularity)")
     pool.add_argument("--nomad-address", metavar="URL", help="Nomad API (backend nomad; default $NOMAD_ADDR)")
     pool.add_argument("--slots-per-container", type=int, default=8, metavar="N", help="default 8")
     pool.add_argument("--containers", type=int, default=2, metavar="N", help="servers started (default 2)")
     pool.add_argument("--max-containers", type=int, default=4, metavar="N", help="servers at most (default 4)")
-    pool.add_argument("--isolation", choices=("auto", "bwrap", "none"), default="auto",
-                      help="slot isolation: auto and bwrap need bubblewrap (a server without it is refused); none "
-                      "accepts slots that see each other (default auto)")
-    pool.add_argument("--network", choices=("auto", "public", "allow", "deny"), default="auto",
-                      help="slot network: public = own namespace, public addresses only; deny = none; allow = the "
-                      "node's network; auto = public where it works, else deny (default auto)")
+    pool.add_argument(
+        "--isolation",
+        choices=("auto", "bwrap", "none"),
+        default="auto",
+        help="slot isolation: auto and bwrap need bubblewrap (a server without it is refused); none "
+        "accepts slots that see each other (default auto)",
+    )
+    pool.add_argument(
+        "--network",
+        choices=("auto", "public", "allow", "deny"),
+        default="auto",
+        help="slot network: public = own namespace, public addresses only; deny = none; allow = the "
+        "node's network; auto = public where it works, else deny (default auto)",
+    )
     parser.set_defaults(handler=main)
 
 
@@ -91,8 +109,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 class _Plan:
-    def __init__(self, args: argparse.Namespace, pool_config: SlotPoolConfig, settings: AgentSettings,
-                 tasks: list[Task]) -> None:
+    def __init__(
+        self, args: argparse.Namespace, pool_config: SlotPoolConfig, settings: AgentSettings, tasks: list[Task]
+    ) -> None:
         self.args = args
         self.pool_config = pool_config
         self.settings = settings
@@ -108,13 +127,21 @@ class _Plan:
             raise DemoError("--openai-base-url and --model go together (a model server needs a model name)")
         try:
             pool_config = SlotPoolConfig.from_flags(
-                backend=args.backend, driver=args.driver, image=args.image, singularity_image=args.singularity_image,
-                nomad_address=args.nomad_address, slots_per_container=args.slots_per_container,
-                min_containers=args.containers, max_containers=args.max_containers, tool_timeout=args.tool_timeout,
-                isolation=args.isolation, network=args.network,
+                backend=args.backend,
+                driver=args.driver,
+                image=args.image,
+                singularity_image=args.singularity_image,
+                nomad_address=args.nomad_address,
+                slots_per_container=args.slots_per_container,
+                min_containers=args.containers,
+                max_containers=args.max_containers,
+                tool_timeout=args.tool_timeout,
+                isolation=args.isolation,
+                network=args.network,
             )
-            settings = AgentSettings(max_turns=args.max_turns, tool_call_format=args.tool_call_format,
-                                     tool_timeout=args.tool_timeout)
+            settings = AgentSettings(
+                max_turns=args.max_turns, tool_call_format=args.tool_call_format, tool_timeout=args.tool_timeout
+            )
         except ValidationError as exc:
             raise DemoError(validation_summary(exc)) from None
         except PoolConfigError as exc:
@@ -138,20 +165,36 @@ class _Plan:
             def reference(task: Task) -> ChatModel:
                 return ReferencePolicy(task, fmt)
 
-            return reference, None, ("reference solutions replayed through real tool calls (no model; pass "
-                                     "--openai-base-url and --model to use one)")
-        client = OpenAIChatModel(args.openai_base_url, args.model, args.api_key or os.environ.get("OPENAI_API_KEY"),
-                                 temperature=args.temperature, max_tokens=args.max_tokens)
-        return (lambda _task: client), client, (f"model {args.model} at {args.openai_base_url} "
-                                                f"({self.settings.tool_call_format} tool calls)")
+            return (
+                reference,
+                None,
+                (
+                    "reference solutions replayed through real tool calls (no model; pass "
+                    "--openai-base-url and --model to use one)"
+                ),
+            )
+        client = OpenAIChatModel(
+            args.openai_base_url,
+            args.model,
+            args.api_key or os.environ.get("OPENAI_API_KEY"),
+            temperature=args.temperature,
+            max_tokens=args.max_tokens,
+        )
+        return (
+            (lambda _task: client),
+            client,
+            (f"model {args.model} at {args.openai_base_url} ({self.settings.tool_call_format} tool calls)"),
+        )
 
     async def run(self) -> int:
         model_for, client, description = self._policy()
         c = self.pool_config
         print(f"policy: {description}")
-        print(f"pool: {c.backend} backend, {c.driver} driver, {c.initial_containers}..{c.max_containers} server(s) "
-              f"x {c.slots_per_container} slots; {len(self.tasks)} trajectories, {self.args.concurrency} at once",
-              flush=True)
+        print(
+            f"pool: {c.backend} backend, {c.driver} driver, {c.initial_containers}..{c.max_containers} server(s) "
+            f"x {c.slots_per_container} slots; {len(self.tasks)} trajectories, {self.args.concurrency} at once",
+            flush=True,
+        )
         ready = False
         try:
             async with SlotPool(c, progress=lambda message: print(f"  .. {message}", flush=True)) as pool:
@@ -159,8 +202,14 @@ class _Plan:
                 print(enforcement_line(pool.enforcement()), flush=True)
                 print(f"\n{table_header()}", flush=True)
                 started = time.monotonic()
-                rollouts = await run_batch(pool, self.tasks, model_for, self.settings, self.args.concurrency,
-                                           on_rollout=lambda rollout: print(table_row(rollout), flush=True))
+                rollouts = await run_batch(
+                    pool,
+                    self.tasks,
+                    model_for,
+                    self.settings,
+                    self.args.concurrency,
+                    on_rollout=lambda rollout: print(table_row(rollout), flush=True),
+                )
                 wall = time.monotonic() - started
                 sandbox_calls = sum(call.count for call in pool.stats().calls.values())
         except Exception as exc:  # the pool could not start, or broke beyond single trajectories
@@ -173,8 +222,9 @@ class _Plan:
         out = self._write(rollouts)
         summary = summarize(rollouts, wall)
         print("\n" + "\n".join(summary_lines(summary)))
-        print(f"sandbox calls     {sandbox_calls} (tool calls + task setup + hidden checks), "
-              f"{sandbox_calls / wall:.1f}/s")
+        print(
+            f"sandbox calls     {sandbox_calls} (tool calls + task setup + hidden checks), {sandbox_calls / wall:.1f}/s"
+        )
         print(f"rollouts          {out}")
         return 0 if summary.errors == 0 and summary.infra_failures == 0 else 1
 

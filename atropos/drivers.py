@@ -83,12 +83,18 @@ _FLAT_KEYS: dict[str, tuple[str, str]] = {
 MISSING_IMAGE: dict[str, str] = {
     "docker": "driver 'docker' needs `image` (e.g. driver={'type': 'docker', 'image': 'atropos-sandbox:latest'})",
     "singularity": "driver 'singularity' needs `singularity_image` (--singularity-image): a .sif path or a "
-                   "reference such as docker://ghcr.io/org/atropos-sandbox:latest",
+    "reference such as docker://ghcr.io/org/atropos-sandbox:latest",
 }
 
 
-def nest_driver_keys(values: dict[str, Any], *, owner: str, docker_image: str | None = None,
-                     missing_image: Mapping[str, str] = MISSING_IMAGE, warn: bool = True) -> dict[str, Any]:
+def nest_driver_keys(
+    values: dict[str, Any],
+    *,
+    owner: str,
+    docker_image: str | None = None,
+    missing_image: Mapping[str, str] = MISSING_IMAGE,
+    warn: bool = True,
+) -> dict[str, Any]:
     """`driver="x"` plus the flat keys of that driver -> `driver={"type": "x", ...}`, with a
     DeprecationWarning naming the flat keys. Flat keys of another driver than the chosen one are
     dropped (they were ignored before drivers had models). `docker_image`: the image of a docker
@@ -107,8 +113,12 @@ def nest_driver_keys(values: dict[str, Any], *, owner: str, docker_image: str | 
     if docker_image is not None and kind == "docker":
         moved.setdefault("image", docker_image)
     if flat and warn:
-        warnings.warn(f"{owner}: flat driver keys {', '.join(sorted(flat))} are deprecated; write "
-                      f"driver={{'type': {kind!r}, ...}}", DeprecationWarning, stacklevel=4)
+        warnings.warn(
+            f"{owner}: flat driver keys {', '.join(sorted(flat))} are deprecated; write "
+            f"driver={{'type': {kind!r}, ...}}",
+            DeprecationWarning,
+            stacklevel=4,
+        )
     driver = {**moved, **driver}
     if isinstance(kind, str) and kind in missing_image and not driver.get("image"):
         raise PoolConfigError(missing_image[kind])

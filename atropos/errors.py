@@ -1,4 +1,7 @@
-"""Errors of the pool and its backends, in one place both import. Infrastructure failures are never a command's failure."""
+"""Errors of the pool and its backends, in one place both import.
+
+Infrastructure failures are never a command's failure.
+"""
 
 from __future__ import annotations
 

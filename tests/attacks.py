@@ -25,8 +25,10 @@ PTRACE_ATTACH = 16
 
 def attack_script(pid: int) -> str:
     """Shell run in the attacking slot: each line prints ATTACK-<name>-OK only if the attack worked."""
-    ptrace = (f"import ctypes; libc = ctypes.CDLL(None, use_errno=True); "
-              f"print('ATTACK-ptrace-OK' if libc.ptrace({PTRACE_ATTACH}, {pid}, 0, 0) == 0 else 'ptrace refused')")
+    ptrace = (
+        f"import ctypes; libc = ctypes.CDLL(None, use_errno=True); "
+        f"print('ATTACK-ptrace-OK' if libc.ptrace({PTRACE_ATTACH}, {pid}, 0, 0) == 0 else 'ptrace refused')"
+    )
     lines = [
         f"kill -0 {pid} 2>/dev/null && echo ATTACK-signal0-OK",
         f"kill -STOP {pid} 2>/dev/null && echo ATTACK-stop-OK",
@@ -34,7 +36,7 @@ def attack_script(pid: int) -> str:
         f"dd if=/proc/{pid}/mem bs=1 count=1 skip=$((0x400000)) 2>/dev/null | wc -c | grep -q 1 && echo ATTACK-mem-OK",
         f"cat /proc/{pid}/cmdline 2>/dev/null | grep -q . && echo ATTACK-cmdline-OK",
         f"ls /proc/{pid}/root/ >/dev/null 2>&1 && echo ATTACK-root-OK",
-        f"command -v python3 >/dev/null && python3 -c \"{ptrace}\"",
+        f'command -v python3 >/dev/null && python3 -c "{ptrace}"',
         f"command -v strace >/dev/null && timeout 5 strace -p {pid} -e trace=none 2>&1 | head -3 | "
         "grep -q 'attached' && echo ATTACK-strace-OK",
         f"command -v gdb >/dev/null && timeout 10 gdb -batch -p {pid} -ex 'info proc' 2>&1 | "
@@ -49,27 +51,31 @@ def leaks(output: str) -> list[str]:
 
 def file_probe(paths: list[str], needle: str) -> str:
     """Try to read each path (globs allowed); LEAK when `needle` shows up."""
-    lines = [f"for f in {p}; do grep -qs -- {shlex.quote(needle)} \"$f\" && echo LEAK file:\"$f\"; done"
-             for p in paths]
+    lines = [f'for f in {p}; do grep -qs -- {shlex.quote(needle)} "$f" && echo LEAK file:"$f"; done' for p in paths]
     return "\n".join(lines) + "\ntrue"
 
 
 def token_probe(token: str) -> str:
     """Environment of every visible process, the usual token files: LEAK when the token shows up."""
     q = shlex.quote(token)
-    return "\n".join([
-        f"env | grep -q -- {q} && echo LEAK env",
-        f"for f in /proc/[0-9]*/environ; do tr '\\0' '\\n' < \"$f\" 2>/dev/null | grep -q -- {q} && echo LEAK $f; done",
-        f"for f in /data/token ../../token ../token /workspace/../../token; do "
-        f"grep -qs -- {q} \"$f\" && echo LEAK $f; done",
-        "true",
-    ])
+    return "\n".join(
+        [
+            f"env | grep -q -- {q} && echo LEAK env",
+            f"for f in /proc/[0-9]*/environ; do tr '\\0' '\\n' < \"$f\" 2>/dev/null "
+            f"| grep -q -- {q} && echo LEAK $f; done",
+            f"for f in /data/token ../../token ../token /workspace/../../token; do "
+            f'grep -qs -- {q} "$f" && echo LEAK $f; done',
+            "true",
+        ]
+    )
 
 
 def connect_probe(targets: list[tuple[str, int]]) -> str:
     """A TCP connect to each (host, port) with a 3 s limit; LEAK host:port when it connected."""
-    lines = [f"timeout 3 bash -c 'exec 3<>/dev/tcp/{host}/{port}' 2>/dev/null && echo LEAK {host}:{port}"
-             for host, port in targets]
+    lines = [
+        f"timeout 3 bash -c 'exec 3<>/dev/tcp/{host}/{port}' 2>/dev/null && echo LEAK {host}:{port}"
+        for host, port in targets
+    ]
     return "\n".join(lines) + "\ntrue"
 
 
@@ -150,9 +156,11 @@ def egress_host() -> Iterator[EgressHost]:
         route = subprocess.run(["ip", "route", "get", address], capture_output=True, text=True, check=True).stdout
         assert f"dev {outer} " in route, route
         port = 20000 + secrets.randbelow(10000)
-        code = ("import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
-                f"s.bind(('{address}', {port})); s.listen(16)\n"
-                "while True:\n    c, _ = s.accept(); c.sendall(b'egress-ok'); c.close()")
+        code = (
+            "import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+            f"s.bind(('{address}', {port})); s.listen(16)\n"
+            "while True:\n    c, _ = s.accept(); c.sendall(b'egress-ok'); c.close()"
+        )
         server = subprocess.Popen(["ip", "netns", "exec", ns, "python3", "-c", code])
         yield EgressHost(address, port, outer)
     finally:
@@ -166,10 +174,13 @@ def egress_host() -> Iterator[EgressHost]:
 
 def egress_probe(host: EgressHost) -> str:
     """Prints EGRESS-OK when the slot reached the test host and read its greeting."""
-    return (f"timeout 5 bash -c 'exec 3<>/dev/tcp/{host.address}/{host.port}; head -c 9 <&3' 2>/dev/null | "
-            "grep -q egress-ok && echo EGRESS-OK; true")
+    return (
+        f"timeout 5 bash -c 'exec 3<>/dev/tcp/{host.address}/{host.port}; head -c 9 <&3' 2>/dev/null | "
+        "grep -q egress-ok && echo EGRESS-OK; true"
+    )
 
 
 def can_make_netns() -> bool:
-    return os.geteuid() == 0 and subprocess.run(["ip", "netns", "list"], capture_output=True,
-                                                check=False).returncode == 0
+    return (
+        os.geteuid() == 0 and subprocess.run(["ip", "netns", "list"], capture_output=True, check=False).returncode == 0
+    )

@@ -25,7 +25,7 @@ def say(text: str) -> Turn:
 
 def hermes(name: str, **arguments: Any) -> Turn:
     """A Hermes tool call in the text."""
-    return {"content": f'<tool_call>\n{json.dumps({"name": name, "arguments": arguments})}\n</tool_call>'}
+    return {"content": f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments})}\n</tool_call>"}
 
 
 def openai_call(name: str, arguments: dict[str, Any] | str) -> Turn:
@@ -111,12 +111,20 @@ class FakeOpenAI:
         calls = turn.get("tool_calls")
         if calls:
             message["tool_calls"] = [
-                {"id": f"call_{self.conversations}_{i}", "type": "function",
-                 "function": {"name": c["name"], "arguments": c["arguments"]}} for i, c in enumerate(calls)
+                {
+                    "id": f"call_{self.conversations}_{i}",
+                    "type": "function",
+                    "function": {"name": c["name"], "arguments": c["arguments"]},
+                }
+                for i, c in enumerate(calls)
             ]
         return {
-            "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": self.model,
-            "choices": [{"index": 0, "message": message, "logprobs": None,
-                         "finish_reason": "tool_calls" if calls else "stop"}],
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": 0,
+            "model": self.model,
+            "choices": [
+                {"index": 0, "message": message, "logprobs": None, "finish_reason": "tool_calls" if calls else "stop"}
+            ],
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
         }

@@ -15,15 +15,15 @@ from collections.abc import Awaitable
 
 from atropos.bench.ledger import CallLedger, LedgerReport
 from atropos.sandbox.models import ExecuteResult
-from atropos.slots import SlotPool, SlotPoolError
-from atropos.slots.leasing import Slot
+from atropos.slots import Slot, SlotPool, SlotPoolError
 
 # every outcome a call may have besides a result: the pool's typed errors
 EXPECTED_ERRORS = {"SlotLost", "SlotFailed", "AcquireTimeout", "LeaseError", "InfrastructureError"}
 
 
-async def calls_during(pool: SlotPool, scenario: Awaitable[None], *, trajectories: int,
-                       deadline: float = 150.0) -> tuple[LedgerReport, list[str]]:
+async def calls_during(
+    pool: SlotPool, scenario: Awaitable[None], *, trajectories: int, deadline: float = 150.0
+) -> tuple[LedgerReport, list[str]]:
     """Run trajectories (acquire, then calls of about a second each, re-acquiring after a loss)
     until `scenario` ends; returns the ledger's report and any result that was not the call's own."""
     ledger = CallLedger(deadline=deadline)

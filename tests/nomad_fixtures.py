@@ -53,9 +53,25 @@ def task_user() -> str | None:
         return "nobody"  # the jobs' wrapper changes users only when the task starts as root
     # through a shell, as the jobs' wrapper and bubblewrap exec it (setpriv resolves its own
     # command before it changes users, so a direct `setpriv ... python` would pass where they fail)
-    probe = subprocess.run(["setpriv", "--reuid", "nobody", "--regid", "65534", "--clear-groups", "/bin/sh", "-c",
-                            'exec "$0" -c "import atropos.sandbox.server"', sys.executable],
-                           cwd="/", env={"PYTHONPATH": REPO}, capture_output=True, timeout=60, check=False)
+    probe = subprocess.run(
+        [
+            "setpriv",
+            "--reuid",
+            "nobody",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "/bin/sh",
+            "-c",
+            'exec "$0" -c "import atropos.sandbox.server"',
+            sys.executable,
+        ],
+        cwd="/",
+        env={"PYTHONPATH": REPO},
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
     return "nobody" if probe.returncode == 0 else None
 
 
@@ -91,11 +107,18 @@ def agent_env(*, with_apptainer: bool = True) -> dict[str, str]:
 
 def write_standin_image(path: str) -> str:
     """A stand-in SIF: the host's Python and this repository make up the "image"."""
-    paths = sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, REPO,
-                                                   os.path.dirname(os.path.realpath(sys.executable)))})
-    lines = [STANDIN_IMAGE_HEADER, *(f"path {p}" for p in paths),
-             f"env PATH={os.path.dirname(sys.executable)}:/usr/local/bin:/usr/bin:/bin",
-             f"env PYTHONPATH={REPO}"]
+    paths = sorted(
+        {
+            os.path.realpath(p)
+            for p in (sys.prefix, sys.base_prefix, REPO, os.path.dirname(os.path.realpath(sys.executable)))
+        }
+    )
+    lines = [
+        STANDIN_IMAGE_HEADER,
+        *(f"path {p}" for p in paths),
+        f"env PATH={os.path.dirname(sys.executable)}:/usr/local/bin:/usr/bin:/bin",
+        f"env PYTHONPATH={REPO}",
+    ]
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     return path
@@ -135,8 +158,11 @@ async def wait_healthy(url: str, *, attempts: int = 300) -> dict[str, object]:
 
 async def execute(url: str, command: str, *, slot: int = 0, token: str = TOKEN) -> dict[str, object]:
     async with httpx.AsyncClient(timeout=30.0) as http:
-        response = await http.post(url + "/execute", headers={"Authorization": f"Bearer {token}"},
-                                   json={"slot": slot, "tool": "bash", "args": {"command": command}})
+        response = await http.post(
+            url + "/execute",
+            headers={"Authorization": f"Bearer {token}"},
+            json={"slot": slot, "tool": "bash", "args": {"command": command}},
+        )
         response.raise_for_status()
         return dict(response.json())
 
@@ -164,8 +190,16 @@ def job_shapes() -> list[SandboxJobSpec]:
     for driver in ("docker", "singularity", "process"):
         extra = {"singularity_image": "/images/sandbox.sif"} if driver == "singularity" else {}
         out.append(SandboxJobSpec(driver=driver, token=TOKEN, **extra))
-        out.append(SandboxJobSpec(driver=driver, **full, **extra, apptainer_cache_dir="/scratch/cache",
-                                  apptainer_args=["--nv"], docker_config={"cap_add": ["sys_admin"]}))
+        out.append(
+            SandboxJobSpec(
+                driver=driver,
+                **full,
+                **extra,
+                apptainer_cache_dir="/scratch/cache",
+                apptainer_args=["--nv"],
+                docker_config={"cap_add": ["sys_admin"]},
+            )
+        )
     out.append(SandboxJobSpec(driver="process", token=TOKEN, static_ports=False, count=2))
     out.append(SandboxJobSpec(driver="singularity", singularity_image="/i.sif", token=TOKEN, count=0))
     return out
@@ -213,15 +247,31 @@ def _start_agent() -> RealAgent:
     workdir = tempfile.mkdtemp(prefix="atropos-nomad-agent-")
     http, rpc, serf = (free_port_block(1, 24000, 24900) for _ in range(3))
     with open(os.path.join(workdir, "test.hcl"), "w", encoding="utf-8") as f:
-        f.write(f'ports {{\n  http = {http}\n  rpc = {rpc}\n  serf = {serf}\n}}\n'
-                # no cloud metadata services here: skip their fingerprinters
-                'client {\n  options = {\n    "fingerprint.denylist" = '
-                '"env_aws,env_gce,env_azure,env_digitalocean"\n  }\n}\n')
+        f.write(
+            f"ports {{\n  http = {http}\n  rpc = {rpc}\n  serf = {serf}\n}}\n"
+            # no cloud metadata services here: skip their fingerprinters
+            'client {\n  options = {\n    "fingerprint.denylist" = '
+            '"env_aws,env_gce,env_azure,env_digitalocean"\n  }\n}\n'
+        )
     with open(os.path.join(workdir, "agent.log"), "wb") as log:
         process = subprocess.Popen(
-            [binary, "agent", "-dev", "-bind", "127.0.0.1", "-config", SINGULARITY_AGENT_CONFIG,
-             "-config", os.path.join(workdir, "test.hcl")],
-            cwd=workdir, env=agent_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                binary,
+                "agent",
+                "-dev",
+                "-bind",
+                "127.0.0.1",
+                "-config",
+                SINGULARITY_AGENT_CONFIG,
+                "-config",
+                os.path.join(workdir, "test.hcl"),
+            ],
+            cwd=workdir,
+            env=agent_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     address = f"http://127.0.0.1:{http}"
     for _ in range(600):
         if process.poll() is not None:
@@ -252,8 +302,9 @@ def _raw_exec_ready(address: str) -> bool:
         nodes = httpx.get(address + "/v1/nodes", timeout=2.0).json()
     except (httpx.HTTPError, ValueError):
         return False
-    return any(n.get("Status") == "ready" and (n.get("Drivers") or {}).get("raw_exec", {}).get("Healthy")
-               for n in nodes)
+    return any(
+        n.get("Status") == "ready" and (n.get("Drivers") or {}).get("raw_exec", {}).get("Healthy") for n in nodes
+    )
 
 
 @pytest.fixture(scope="session")
@@ -314,7 +365,7 @@ async def nomad_target(request: pytest.FixtureRequest) -> AsyncIterator[NomadTar
 
 
 @pytest.fixture
-async def standin() -> AsyncIterator[NomadStandIn]:
+async def nomad_standin() -> AsyncIterator[NomadStandIn]:
     """The stand-in alone (fault tests)."""
     async with NomadStandIn(agent_env=agent_env()) as nomad:
         yield nomad

@@ -20,18 +20,21 @@ import yaml
 from tests.nomad_fixtures import REPO
 
 # (schema, key) pairs that exist in current Nomad but not in the spec.
-SPEC_GAPS = frozenset({
-    ("Job", "NodePool"),  # node pools: Nomad 1.6
-    ("Port", "IgnoreCollision"),  # Nomad 1.9
-    ("JobListStub", "Meta"),  # `GET /v1/jobs?meta=true`
-})
+SPEC_GAPS = frozenset(
+    {
+        ("Job", "NodePool"),  # node pools: Nomad 1.6
+        ("Port", "IgnoreCollision"),  # Nomad 1.9
+        ("JobListStub", "Meta"),  # `GET /v1/jobs?meta=true`
+    }
+)
 # Endpoints the client uses that the spec does not describe at all.
 UNDESCRIBED_ROUTES = frozenset({"/v1/agent/health", "/v1/client/fs/logs/{}", "/v1/client/fs/cat/{}"})
 
 
 def spec_path() -> str:
     return os.environ.get("ATROPOS_NOMAD_OPENAPI") or os.path.join(
-        os.path.dirname(REPO), "shared", "nomad", "openapi.yaml")
+        os.path.dirname(REPO), "shared", "nomad", "openapi.yaml"
+    )
 
 
 @functools.lru_cache(maxsize=1)

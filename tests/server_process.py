@@ -59,7 +59,11 @@ def run_server(data_dir: str, *extra: str, env: dict[str, str] | None = None) ->
     full_env = {**os.environ, "ATROPOS_SANDBOX_TOKEN": token, **(env or {})}
     proc = subprocess.Popen(
         [sys.executable, "-m", "atropos.sandbox.server", "--port", "0", "--data-dir", data_dir, *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=full_env,
+        start_new_session=True,
     )
     try:
         url = wait_ready(proc, "sandbox server")

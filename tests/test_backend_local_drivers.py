@@ -43,12 +43,15 @@ def test_singularity_command(tmpdir_path: str) -> None:
     backend.launcher.sif, backend.launcher.binary = sif, "apptainer"  # what prepare() finds
     argv, env = backend.command("n", "/host/data", "tok")
     # started as root, apptainer runs as the unprivileged run_as user (setpriv) and never as root
-    launcher, argv = argv[:argv.index("apptainer")], argv[argv.index("apptainer"):]
-    assert launcher == ([] if os.geteuid() else ["setpriv", "--reuid", "65534", "--regid", "65534",
-                                                 "--clear-groups", "--pdeathsig", "KILL", "--"])
+    launcher, argv = argv[: argv.index("apptainer")], argv[argv.index("apptainer") :]
+    assert launcher == (
+        []
+        if os.geteuid()
+        else ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "--pdeathsig", "KILL", "--"]
+    )
     assert argv[:3] == ["apptainer", "exec", "--containall"]
     assert "/host/data:/data" in argv and "--net" not in argv
-    assert argv[argv.index(sif) + 1:][:2] == ["atropos-sandbox", "server"]
+    assert argv[argv.index(sif) + 1 :][:2] == ["atropos-sandbox", "server"]
     assert env["APPTAINERENV_ATROPOS_SANDBOX_TOKEN"] == "tok" and "tok" not in argv
 
 
@@ -85,15 +88,23 @@ async def test_real_apptainer_local_driver() -> None:
     sif = os.environ.get("ATROPOS_TEST_SIF")
     if runtime is None or not sif or not os.path.exists(sif):
         pytest.skip("needs a real apptainer on PATH and ATROPOS_TEST_SIF naming a built atropos-sandbox SIF")
-    cfg = SlotPoolConfig(driver="singularity", singularity_image=sif, apptainer_binary=runtime.binary,
-                         slots_per_container=2, min_containers=2, max_containers=2)
+    cfg = SlotPoolConfig(
+        driver="singularity",
+        singularity_image=sif,
+        apptainer_binary=runtime.binary,
+        slots_per_container=2,
+        min_containers=2,
+        max_containers=2,
+    )
     async with SlotPool(cfg) as pool:
         slots = [await pool.acquire(f"t{i}") for i in range(4)]
         assert len({s.server_id for s in slots}) == 2
         for i, s in enumerate(slots):
             await pool.execute(s, "write_file", {"path": "id", "content": str(i)})
-        outs = [(await pool.execute(s, "bash", {"command": "cat id; echo; grep -c . /etc/os-release"})).stdout
-                for s in slots]
+        outs = [
+            (await pool.execute(s, "bash", {"command": "cat id; echo; grep -c . /etc/os-release"})).stdout
+            for s in slots
+        ]
         assert [o.split()[0] for o in outs] == ["0", "1", "2", "3"]
         health = await pool.server_health(slots[0])
         assert health["slots"] == 2 and health["isolation"] in ("bwrap", "none")

@@ -22,8 +22,12 @@ def test_judged_ratio_and_target() -> None:
 
 def test_bench_runs_and_writes_json(tmpdir_path: str) -> None:
     out = os.path.join(tmpdir_path, "bench.json")
-    proc = subprocess.run([sys.executable, "-m", "atropos.cli", "bench", "--quick", "--only", "startup",
-                           "--out", out], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "atropos.cli", "bench", "--quick", "--only", "startup", "--out", out],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(open(out).read())
     metrics = {r["metric"] for r in doc["rows"]}
@@ -33,8 +37,9 @@ def test_bench_runs_and_writes_json(tmpdir_path: str) -> None:
 
 
 def test_bench_rejects_unknown_scenario() -> None:
-    proc = subprocess.run([sys.executable, "-m", "atropos.cli", "bench", "--only", "nope"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "atropos.cli", "bench", "--only", "nope"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2 and "unknown scenario" in proc.stderr
 
 

@@ -10,14 +10,18 @@ import pytest
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "atropos.cli", *args], capture_output=True, text=True,
-                          timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "atropos.cli", *args], capture_output=True, text=True, timeout=120, check=False
+    )
 
 
-@pytest.mark.parametrize(("make", "expect"), [
-    ("file", "it is a file, not a directory"),
-    ("under-proc", "No such file or directory"),
-])
+@pytest.mark.parametrize(
+    ("make", "expect"),
+    [
+        ("file", "it is a file, not a directory"),
+        ("under-proc", "No such file or directory"),
+    ],
+)
 def test_server_data_dir_that_cannot_be_one(tmp_path: str, make: str, expect: str) -> None:
     if make == "file":
         path = os.path.join(str(tmp_path), "a-file")
@@ -28,11 +32,13 @@ def test_server_data_dir_that_cannot_be_one(tmp_path: str, make: str, expect: st
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"atropos-sandbox server: error: --data-dir {path}: cannot use it as the data dir: {expect}")
+        f"atropos-sandbox server: error: --data-dir {path}: cannot use it as the data dir: {expect}"
+    )
 
 
 def test_image_pull_of_something_that_is_no_reference() -> None:
     proc = run_cli("image", "pull", "not a ref!!")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert proc.stderr.strip() == ("atropos-sandbox image: error: 'not a ref!!' is not an image reference "
-                                   "(e.g. docker://python:3.11)")
+    assert proc.stderr.strip() == (
+        "atropos-sandbox image: error: 'not a ref!!' is not an image reference (e.g. docker://python:3.11)"
+    )

@@ -25,15 +25,22 @@ def rollouts(path: Path) -> list[dict[str, Any]]:
 
 def test_reference_policy_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "rollouts.jsonl"
-    code = cli.main(["demo", "--tasks", "8", "--concurrency", "6", "--tool-call-format", "hermes",
-                     "--out", str(out), *SMALL_POOL])
+    code = cli.main(
+        ["demo", "--tasks", "8", "--concurrency", "6", "--tool-call-format", "hermes", "--out", str(out), *SMALL_POOL]
+    )
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "policy: reference solutions replayed through real tool calls (no model" in printed
     assert "pool ready" in printed  # start-up progress
     assert "task                      turns  tool calls  reward   wall s  status" in printed
-    for line in ("trajectories      8 (8 scored, 8 solved)", "reward mean       1.000", "infra failures    0",
-                 "tool calls/s      ", "wall time         ", f"rollouts          {out}"):
+    for line in (
+        "trajectories      8 (8 scored, 8 solved)",
+        "reward mean       1.000",
+        "infra failures    0",
+        "tool calls/s      ",
+        "wall time         ",
+        f"rollouts          {out}",
+    ):
         assert line in printed
     records = rollouts(out)
     assert len(records) == 8 and all(r["reward"] == 1.0 and r["status"] == "ok" for r in records)
@@ -44,9 +51,23 @@ def test_reference_policy_runs_end_to_end(tmp_path: Path, capsys: pytest.Capture
 async def test_model_server_drives_the_trajectories(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "rollouts.jsonl"
     async with FakeOpenAI([solving_script(), failing_script()]) as server:
-        code = await asyncio.to_thread(cli.main, [
-            "demo", "--openai-base-url", server.base_url, "--model", "scripted-model", "--task-ids", "fizzbuzz",
-            "--tasks", "4", "--out", str(out), *SMALL_POOL])
+        code = await asyncio.to_thread(
+            cli.main,
+            [
+                "demo",
+                "--openai-base-url",
+                server.base_url,
+                "--model",
+                "scripted-model",
+                "--task-ids",
+                "fizzbuzz",
+                "--tasks",
+                "4",
+                "--out",
+                str(out),
+                *SMALL_POOL,
+            ],
+        )
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert f"policy: model scripted-model at {server.base_url} (openai tool calls)" in printed
@@ -58,23 +79,38 @@ async def test_model_server_drives_the_trajectories(tmp_path: Path, capsys: pyte
     assert "3 malformed call(s)" in printed
 
 
-@pytest.mark.parametrize(("flags", "message"), [
-    (["--concurrency", "0"], "--concurrency must be at least 1"),
-    (["--model", "m"], "--openai-base-url and --model go together"),
-    (["--driver", "singularity"], "driver 'singularity' needs `singularity_image`"),
-    (["--driver", "docker"], "driver 'docker' needs `image`"),
-    (["--task-ids", "fizzbuzz,nope"], "unknown task id(s): nope"),
-    (["--task-file", "/nowhere/tasks.jsonl"], "cannot read the task file '/nowhere/tasks.jsonl'"),
-])
-def test_bad_flags_exit_2_with_a_clear_message(flags: list[str], message: str,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--concurrency", "0"], "--concurrency must be at least 1"),
+        (["--model", "m"], "--openai-base-url and --model go together"),
+        (["--driver", "singularity"], "driver 'singularity' needs `singularity_image`"),
+        (["--driver", "docker"], "driver 'docker' needs `image`"),
+        (["--task-ids", "fizzbuzz,nope"], "unknown task id(s): nope"),
+        (["--task-file", "/nowhere/tasks.jsonl"], "cannot read the task file '/nowhere/tasks.jsonl'"),
+    ],
+)
+def test_bad_flags_exit_2_with_a_clear_message(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert cli.main(["demo", *flags]) == 2
     assert f"error: {message}" in capsys.readouterr().err
 
 
 def test_pool_that_cannot_start_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = cli.main(["demo", "--backend", "nomad", "--nomad-address", "http://127.0.0.1:1", "--tasks", "1",
-                     "--out", str(tmp_path / "r.jsonl")])
+    code = cli.main(
+        [
+            "demo",
+            "--backend",
+            "nomad",
+            "--nomad-address",
+            "http://127.0.0.1:1",
+            "--tasks",
+            "1",
+            "--out",
+            str(tmp_path / "r.jsonl"),
+        ]
+    )
     assert code == 1
     assert "error: the sandbox pool could not start: BackendError" in capsys.readouterr().err
     assert not (tmp_path / "r.jsonl").exists()
@@ -104,8 +140,12 @@ except ImportError:
 
 def test_demo_as_a_user_runs_it_prints_no_traceback(tmp_path: Path) -> None:
     """The README's main command in a child process: a clean run leaves nothing on stderr but progress."""
-    done = subprocess.run([sys.executable, "-m", "atropos.cli", "demo", "--tasks", "6", "--out",
-                           str(tmp_path / "r.jsonl"), *SMALL_POOL], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "atropos.cli", "demo", "--tasks", "6", "--out", str(tmp_path / "r.jsonl"), *SMALL_POOL],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr and "never retrieved" not in done.stderr, done.stderr
     assert "reward mean       1.000" in done.stdout

@@ -36,8 +36,15 @@ async def run_env(*args: str) -> tuple[int, str, str]:
     """`python -m atropos.envs.agent_env ...` as a child, without blocking the loop of the test's servers.
     The apptainer stand-in (tests/bin) is on its PATH for `--env.driver=singularity`."""
     env = {**standin_env(), **OFFLINE_VARS}
-    child = await asyncio.create_subprocess_exec(sys.executable, "-m", "atropos.envs.agent_env", *args, env=env,
-                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "atropos.envs.agent_env",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(child.communicate(), timeout=90)
     assert child.returncode is not None
     return child.returncode, out.decode(), err.decode()
@@ -53,24 +60,38 @@ def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 
 
 @pytest.mark.parametrize("command", ["serve", "process", "evaluate"])
-def test_help_lists_the_sandbox_flags(command: str, monkeypatch: pytest.MonkeyPatch,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_help_lists_the_sandbox_flags(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, _ = run_cli(monkeypatch, capsys, command, "--help")
     assert code == 0
-    for flag in ("--env.driver", "--env.singularity_image", "--env.backend", "--env.tool_call_format",
-                 "--env.max_turns", "--env.task_file", "--openai.base_url"):
+    for flag in (
+        "--env.driver",
+        "--env.singularity_image",
+        "--env.backend",
+        "--env.tool_call_format",
+        "--env.max_turns",
+        "--env.task_file",
+        "--openai.base_url",
+    ):
         assert flag in out, f"{flag} missing from `{command} --help`"
 
 
-@pytest.mark.parametrize(("flags", "message"), [
-    (["--env.driver=kubernetes"], "env.driver: Input should be 'process', 'docker' or 'singularity'"),
-    (["--env.driver=singularity"], "driver 'singularity' needs `singularity_image`"),
-    (["--env.driver=singularity", "--env.singularity_image=/nowhere/x.sif"],
-     "singularity_image '/nowhere/x.sif' does not exist"),
-    (["--env.max_turns=0"], "env.max_turns: Input should be greater than or equal to 1"),
-])
-def test_bad_values_fail_with_one_clear_line(flags: list[str], message: str, monkeypatch: pytest.MonkeyPatch,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--env.driver=kubernetes"], "env.driver: Input should be 'process', 'docker' or 'singularity'"),
+        (["--env.driver=singularity"], "driver 'singularity' needs `singularity_image`"),
+        (
+            ["--env.driver=singularity", "--env.singularity_image=/nowhere/x.sif"],
+            "singularity_image '/nowhere/x.sif' does not exist",
+        ),
+        (["--env.max_turns=0"], "env.max_turns: Input should be greater than or equal to 1"),
+    ],
+)
+def test_bad_values_fail_with_one_clear_line(
+    flags: list[str], message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, _, err = run_cli(monkeypatch, capsys, "process", "--env.use_wandb=false", *flags)
     assert code == 2
     assert f"error: invalid configuration: {message}" in err
@@ -79,7 +100,8 @@ def test_bad_values_fail_with_one_clear_line(flags: list[str], message: str, mon
 
 @pytest.mark.parametrize(("fmt", "driver"), [("hermes", "process"), ("openai", "singularity")])
 async def test_process_writes_groups_whose_rewards_tell_solving_from_failing(
-        fmt: str, driver: str, tokenizer_dir: str, tmp_path: Path) -> None:
+    fmt: str, driver: str, tokenizer_dir: str, tmp_path: Path
+) -> None:
     out = tmp_path / "groups.jsonl"
     sandbox = [f"--env.driver={driver}"]
     if driver == "singularity":
@@ -87,17 +109,28 @@ async def test_process_writes_groups_whose_rewards_tell_solving_from_failing(
         sandbox.append(f"--env.run_as={task_user() or 'none'}")  # a stand-in image is this host's Python
     async with FakeOpenAI([solving_script(), failing_script()]) as server:
         code, _, err = await run_env(
-            "process", *sandbox, f"--openai.base_url={server.base_url}", "--openai.model_name=scripted-model",
-            "--openai.api_key=x", f"--env.tokenizer_name={tokenizer_dir}", f"--env.tool_call_format={fmt}",
-            "--env.task_ids=fizzbuzz", "--env.group_size=2", "--env.total_steps=1", "--env.use_wandb=false",
-            f"--env.data_path_to_save_groups={out}", *POOL)
+            "process",
+            *sandbox,
+            f"--openai.base_url={server.base_url}",
+            "--openai.model_name=scripted-model",
+            "--openai.api_key=x",
+            f"--env.tokenizer_name={tokenizer_dir}",
+            f"--env.tool_call_format={fmt}",
+            "--env.task_ids=fizzbuzz",
+            "--env.group_size=2",
+            "--env.total_steps=1",
+            "--env.use_wandb=false",
+            f"--env.data_path_to_save_groups={out}",
+            *POOL,
+        )
     assert code == 0, err
     groups = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(groups) == 1
     group = groups[0]
     assert sorted(group["scores"]) == [0.0, 1.0]
-    for tokens, masks, messages, score in zip(group["tokens"], group["masks"], group["messages"], group["scores"],
-                                              strict=True):
+    for tokens, masks, messages, score in zip(
+        group["tokens"], group["masks"], group["messages"], group["scores"], strict=True
+    ):
         assert len(tokens) == len(masks) > 0
         trained = [t for t, m in zip(tokens, masks, strict=True) if m != -100]
         assert trained and all(m in (-100, t) for t, m in zip(tokens, masks, strict=True))
@@ -115,13 +148,24 @@ async def test_process_writes_groups_whose_rewards_tell_solving_from_failing(
 async def test_evaluate_runs_each_task_once(tokenizer_dir: str, tmp_path: Path) -> None:
     async with FakeOpenAI([solving_script()]) as server:
         code, _, err = await run_env(
-            "evaluate", f"--openai.base_url={server.base_url}", "--openai.model_name=scripted-model",
-            "--openai.api_key=x", f"--env.tokenizer_name={tokenizer_dir}", "--env.task_ids=fizzbuzz",
-            "--env.use_wandb=false", f"--env.data_dir_to_save_evals={tmp_path}", *POOL)
+            "evaluate",
+            f"--openai.base_url={server.base_url}",
+            "--openai.model_name=scripted-model",
+            "--openai.api_key=x",
+            f"--env.tokenizer_name={tokenizer_dir}",
+            "--env.task_ids=fizzbuzz",
+            "--env.use_wandb=false",
+            f"--env.data_dir_to_save_evals={tmp_path}",
+            *POOL,
+        )
     assert code == 0, err
     metrics = json.loads((tmp_path / "metrics.json").read_text())["results"]["all"]
-    assert metrics == {"eval/reward_mean": 1.0, "eval/solved_fraction": 1.0, "eval/infra_failures": 0.0,
-                       "eval/errors": 0.0}
+    assert metrics == {
+        "eval/reward_mean": 1.0,
+        "eval/solved_fraction": 1.0,
+        "eval/infra_failures": 0.0,
+        "eval/errors": 0.0,
+    }
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert [(s["task_id"], s["reward"]) for s in samples] == [("fizzbuzz", 1.0)]
 
@@ -135,12 +179,24 @@ def test_config_init_gives_server_configs_so_openai_flags_apply() -> None:
 def test_config_maps_onto_the_pool(tmp_path: Path) -> None:
     sif = tmp_path / "sandbox.sif"
     sif.write_bytes(b"SIF")
-    config = AgentEnvConfig(driver="singularity", singularity_image=str(sif), backend="nomad",
-                            nomad_address="http://nomad:4646", slots_per_container=16, max_containers=8,
-                            tool_timeout=30, tool_call_format="openai", max_turns=3)
+    config = AgentEnvConfig(
+        driver="singularity",
+        singularity_image=str(sif),
+        backend="nomad",
+        nomad_address="http://nomad:4646",
+        slots_per_container=16,
+        max_containers=8,
+        tool_timeout=30,
+        tool_call_format="openai",
+        max_turns=3,
+    )
     pool = config.pool_config()
     assert (pool.driver.type, pool.driver.image, pool.backend.type, pool.backend.address) == (
-        "singularity", str(sif), "nomad", "http://nomad:4646")
+        "singularity",
+        str(sif),
+        "nomad",
+        "http://nomad:4646",
+    )
     assert (pool.slots_per_container, pool.max_containers, pool.tool_timeout) == (16, 8, 30)
     settings = config.agent_settings()
     assert (settings.tool_call_format, settings.max_turns, settings.tool_timeout) == ("openai", 3, 30)
@@ -148,8 +204,15 @@ def test_config_maps_onto_the_pool(tmp_path: Path) -> None:
 
 def make_env(tokenizer_dir: str, **overrides: Any) -> AgentEnv:
     env_config, servers = AgentEnv.config_init()
-    config = env_config.model_copy(update={"tokenizer_name": tokenizer_dir, "use_wandb": False, "group_size": 2,
-                                           "include_messages": True, **overrides})
+    config = env_config.model_copy(
+        update={
+            "tokenizer_name": tokenizer_dir,
+            "use_wandb": False,
+            "group_size": 2,
+            "include_messages": True,
+            **overrides,
+        }
+    )
     return AgentEnv(config, servers)
 
 
@@ -158,9 +221,16 @@ def env_with_outcomes(tokenizer_dir: str, *outcomes: tuple[str, float | None]) -
     env = make_env(tokenizer_dir, group_size=len(outcomes))
 
     async def fake_rollouts(tasks: list[Any], split: str, temperature: float, concurrency: int) -> list[Rollout]:
-        return [Rollout(task_id=task.id, trajectory_id=f"t{i}", status=status, reward=reward,  # type: ignore[arg-type]
-                        error=None if status == "ok" else f"{status} happened")
-                for i, (task, (status, reward)) in enumerate(zip(tasks, outcomes, strict=True))]
+        return [
+            Rollout(
+                task_id=task.id,
+                trajectory_id=f"t{i}",
+                status=status,
+                reward=reward,  # type: ignore[arg-type]
+                error=None if status == "ok" else f"{status} happened",
+            )
+            for i, (task, (status, reward)) in enumerate(zip(tasks, outcomes, strict=True))
+        ]
 
     env.rollouts = fake_rollouts  # type: ignore[method-assign]
     return env

@@ -25,8 +25,9 @@ FIZZBUZZ = load_tasks(None, ["fizzbuzz"])[0]
 
 
 def small_pool(**overrides: Any) -> SlotPool:
-    return SlotPool(SlotPoolConfig.model_validate({"slots_per_container": 2, "min_containers": 1,
-                                                   "max_containers": 1, **overrides}))
+    return SlotPool(
+        SlotPoolConfig.model_validate({"slots_per_container": 2, "min_containers": 1, "max_containers": 1, **overrides})
+    )
 
 
 @pytest.mark.parametrize("fmt", ["hermes", "openai"])
@@ -34,8 +35,10 @@ async def test_scripted_model_solves_and_fails(fmt: ToolCallFormat) -> None:
     settings = AgentSettings(tool_call_format=fmt)
     async with FakeOpenAI([solving_script(), failing_script()]) as server, small_pool() as pool:
         model = OpenAIChatModel(server.base_url, "scripted-model")
-        solved, failed = await asyncio.gather(run_rollout(pool, FIZZBUZZ, model, settings, "solver"),
-                                              run_rollout(pool, FIZZBUZZ, model, settings, "failer"))
+        solved, failed = await asyncio.gather(
+            run_rollout(pool, FIZZBUZZ, model, settings, "solver"),
+            run_rollout(pool, FIZZBUZZ, model, settings, "failer"),
+        )
         await model.aclose()
         stats = pool.stats()
 
@@ -93,8 +96,9 @@ class BrokenPool:
         finally:
             self.released += 1
 
-    async def execute(self, slot: str, tool: str, args: dict[str, Any] | None = None,
-                      timeout: float | None = None) -> None:
+    async def execute(
+        self, slot: str, tool: str, args: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> None:
         raise SlotLost("server local-0 died")
 
 
@@ -135,8 +139,10 @@ class Slow(Scripted):
 async def test_a_slow_model_keeps_its_slot() -> None:
     # leases quiet for 0.6 s are reclaimed; the model thinks for 1.5 s per turn
     async with small_pool(lease_ttl=0.6) as pool:
-        model = Slow(AssistantReply('<tool_call>{"name": "bash", "arguments": {"command": "echo still mine"}}'
-                                    "</tool_call>"), AssistantReply("done"))
+        model = Slow(
+            AssistantReply('<tool_call>{"name": "bash", "arguments": {"command": "echo still mine"}}</tool_call>'),
+            AssistantReply("done"),
+        )
         rollout = await run_rollout(pool, FIZZBUZZ, model, AgentSettings())
         stats = pool.stats()
     assert rollout.status == "ok", rollout.error
@@ -146,8 +152,10 @@ async def test_a_slow_model_keeps_its_slot() -> None:
 
 async def test_model_failure_propagates_and_the_slot_goes_back() -> None:
     async with small_pool() as pool:
-        model = Scripted(AssistantReply('<tool_call>{"name": "bash", "arguments": {"command": "touch x"}}'
-                                        "</tool_call>"), ModelError("model server answered HTTP 500"))
+        model = Scripted(
+            AssistantReply('<tool_call>{"name": "bash", "arguments": {"command": "touch x"}}</tool_call>'),
+            ModelError("model server answered HTTP 500"),
+        )
         with pytest.raises(ModelError):
             await run_rollout(pool, FIZZBUZZ, model, AgentSettings())
         stats = pool.stats()
@@ -156,7 +164,9 @@ async def test_model_failure_propagates_and_the_slot_goes_back() -> None:
 
 async def test_unreachable_model_server_is_a_clear_model_error() -> None:
     model = OpenAIChatModel("http://127.0.0.1:9/v1", "m")
-    with pytest.raises(ModelError, match=re.escape("cannot reach the model server http://127.0.0.1:9/v1/chat/completions")):
+    with pytest.raises(
+        ModelError, match=re.escape("cannot reach the model server http://127.0.0.1:9/v1/chat/completions")
+    ):
         await model.complete(initial_messages(FIZZBUZZ, "openai"), None)
     await model.aclose()
 

@@ -17,8 +17,12 @@ from atropos.envs.reference_policy import ReferencePolicy
 from atropos.envs.task_set import TaskError, builtin_tasks, load_task_file, load_tasks
 from atropos.slots import SlotPool, SlotPoolConfig
 
-GOOD = {"id": "t1", "prompt": "make a.txt", "checks": [{"name": "exists", "command": "test -f a.txt"}],
-        "reference": [{"tool": "write_file", "args": {"path": "a.txt", "content": "x"}}]}
+GOOD = {
+    "id": "t1",
+    "prompt": "make a.txt",
+    "checks": [{"name": "exists", "command": "test -f a.txt"}],
+    "reference": [{"tool": "write_file", "args": {"path": "a.txt", "content": "x"}}],
+}
 
 
 class DoNothing:
@@ -49,14 +53,17 @@ def test_user_task_file(tmp_path: Path) -> None:
     assert [task.id for task in load_tasks(path, ["t2"])] == ["t2"]
 
 
-@pytest.mark.parametrize(("record", "message"), [
-    ({**GOOD, "checks": []}, "tasks.jsonl:1: invalid task: checks: List should have at least 1 item"),
-    ({**GOOD, "id": "bad id!"}, "id: String should match pattern"),
-    ({**GOOD, "hidden_files": {"../escape.py": ""}}, "must be relative to the workspace"),
-    ({**GOOD, "reference": [{"tool": "bash", "args": {"cmd": "ls"}}]}, "invalid arguments for 'bash'"),
-    ({**GOOD, "surprise": 1}, "surprise: Extra inputs are not permitted"),
-    ("{not json", "tasks.jsonl:1: invalid task: Invalid JSON"),
-])
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({**GOOD, "checks": []}, "tasks.jsonl:1: invalid task: checks: List should have at least 1 item"),
+        ({**GOOD, "id": "bad id!"}, "id: String should match pattern"),
+        ({**GOOD, "hidden_files": {"../escape.py": ""}}, "must be relative to the workspace"),
+        ({**GOOD, "reference": [{"tool": "bash", "args": {"cmd": "ls"}}]}, "invalid arguments for 'bash'"),
+        ({**GOOD, "surprise": 1}, "surprise: Extra inputs are not permitted"),
+        ("{not json", "tasks.jsonl:1: invalid task: Invalid JSON"),
+    ],
+)
 def test_invalid_tasks_name_the_line_and_field(tmp_path: Path, record: object, message: str) -> None:
     path = write_lines(tmp_path / "tasks.jsonl", record)
     with pytest.raises(TaskError, match=re.escape("tasks.jsonl:1")) as info:
@@ -81,7 +88,8 @@ async def test_every_builtin_reference_passes_and_doing_nothing_fails() -> None:
     config = SlotPoolConfig(slots_per_container=8, min_containers=2, max_containers=2)
     async with SlotPool(config) as pool:
         solved: list[Rollout] = await asyncio.gather(
-            *(run_rollout(pool, task, ReferencePolicy(task, "hermes"), settings) for task in tasks))
+            *(run_rollout(pool, task, ReferencePolicy(task, "hermes"), settings) for task in tasks)
+        )
         idle: list[Rollout] = await asyncio.gather(*(run_rollout(pool, task, DoNothing(), settings) for task in tasks))
     broken = {r.task_id: [c.model_dump() for c in r.checks if not c.passed] for r in solved if r.reward != 1.0}
     assert not broken, f"reference solutions that fail their checks: {broken}"

@@ -17,9 +17,17 @@ pytest.importorskip("tokenizers", reason="tokenizers comes with the `atropos` ex
 CONVERSATION: list[Message] = [
     {"role": "system", "content": "You are an engineer."},
     {"role": "user", "content": "Write a.txt"},
-    {"role": "assistant", "content": "", "tool_calls": [
-        {"id": "c1", "type": "function", "function": {"name": "write_file",
-                                                      "arguments": '{"path": "a.txt", "content": "hi"}'}}]},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "id": "c1",
+                "type": "function",
+                "function": {"name": "write_file", "arguments": '{"path": "a.txt", "content": "hi"}'},
+            }
+        ],
+    },
     {"role": "tool", "tool_call_id": "c1", "name": "write_file", "content": "wrote 2 bytes to a.txt"},
     {"role": "assistant", "content": '<tool_call>{"name": "bash", "arguments": {"command": "cat a.txt"}}</tool_call>'},
     {"role": "tool", "tool_call_id": "call_1_0", "name": "bash", "content": "hi\n[exit code 0]"},
@@ -35,17 +43,20 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 def test_tokens_are_the_chat_template_and_masks_keep_only_assistant_turns(tokenizer: Any) -> None:
     tokens, masks = tokens_and_masks(tokenizer, CONVERSATION, TOOL_SCHEMAS)
-    rendered = tokenizer.apply_chat_template(template_messages(CONVERSATION), tools=TOOL_SCHEMAS, tokenize=True,
-                                             return_dict=False)
+    rendered = tokenizer.apply_chat_template(
+        template_messages(CONVERSATION), tools=TOOL_SCHEMAS, tokenize=True, return_dict=False
+    )
     assert tokens == list(rendered)
     assert len(masks) == len(tokens)
     assert all(m in (IGNORE, t) for m, t in zip(masks, tokens, strict=True))
 
     trained = tokenizer.decode([t for t in masks if t != IGNORE])
-    assert trained == ('<tool_call>{"name": "write_file", "arguments": {"path": "a.txt", "content": "hi"}}'
-                       '</tool_call><|im_end|>\n'
-                       '<tool_call>{"name": "bash", "arguments": {"command": "cat a.txt"}}</tool_call><|im_end|>\n'
-                       'Done.<|im_end|>\n')
+    assert trained == (
+        '<tool_call>{"name": "write_file", "arguments": {"path": "a.txt", "content": "hi"}}'
+        "</tool_call><|im_end|>\n"
+        '<tool_call>{"name": "bash", "arguments": {"command": "cat a.txt"}}</tool_call><|im_end|>\n'
+        "Done.<|im_end|>\n"
+    )
     ignored = tokenizer.decode([t for t, m in zip(tokens, masks, strict=True) if m == IGNORE])
     for text in ("You are an engineer.", "Write a.txt", "wrote 2 bytes to a.txt", "hi\n[exit code 0]", "<tools>"):
         assert text in ignored

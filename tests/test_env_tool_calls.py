@@ -22,11 +22,17 @@ def hermes_text(*calls: object) -> str:
 
 
 def test_hermes_calls_in_order_with_text_around() -> None:
-    text = ("Let me look.\n" + hermes_text({"name": "bash", "arguments": {"command": "ls"}})
-            + " then " + hermes_text({"name": "read_file", "arguments": {"path": "a.txt"}}))
+    text = (
+        "Let me look.\n"
+        + hermes_text({"name": "bash", "arguments": {"command": "ls"}})
+        + " then "
+        + hermes_text({"name": "read_file", "arguments": {"path": "a.txt"}})
+    )
     calls = parse_reply(AssistantReply(text), turn=3)
-    assert calls == [ToolCall("call_3_0", "bash", {"command": "ls"}),
-                     ToolCall("call_3_1", "read_file", {"path": "a.txt"})]
+    assert calls == [
+        ToolCall("call_3_0", "bash", {"command": "ls"}),
+        ToolCall("call_3_1", "read_file", {"path": "a.txt"}),
+    ]
 
 
 def test_hermes_arguments_encoded_twice_are_accepted() -> None:
@@ -35,10 +41,16 @@ def test_hermes_arguments_encoded_twice_are_accepted() -> None:
 
 
 def test_malformed_hermes_calls_are_reported_not_dropped() -> None:
-    text = ('<tool_call>{"name": "bash", "arguments": {"command": </tool_call>'
-            + hermes_text({"arguments": {"command": "ls"}}, {"name": "rm_rf", "arguments": {}},
-                          {"name": "bash", "arguments": {"cmd": "ls"}}, {"name": "bash", "arguments": [1]})
-            + '<tool_call>{"name": "bash"')
+    text = (
+        '<tool_call>{"name": "bash", "arguments": {"command": </tool_call>'
+        + hermes_text(
+            {"arguments": {"command": "ls"}},
+            {"name": "rm_rf", "arguments": {}},
+            {"name": "bash", "arguments": {"cmd": "ls"}},
+            {"name": "bash", "arguments": [1]},
+        )
+        + '<tool_call>{"name": "bash"'
+    )
     calls = parse_reply(AssistantReply(text), 0)
     assert all(isinstance(call, MalformedCall) for call in calls)
     errors = [call.error for call in calls if isinstance(call, MalformedCall)]
@@ -53,12 +65,32 @@ def test_malformed_hermes_calls_are_reported_not_dropped() -> None:
 
 
 def test_openai_tool_calls_and_their_errors() -> None:
-    reply = reply_from_completion({"choices": [{"finish_reason": "tool_calls", "message": {
-        "role": "assistant", "content": None, "tool_calls": [
-            {"id": "a", "type": "function", "function": {"name": "bash", "arguments": '{"command": "pwd"}'}},
-            {"id": "b", "type": "function", "function": {"name": "bash", "arguments": '{"command": '}},
-            {"id": "c", "type": "function", "function": {"name": "write_file", "arguments": {"path": "p"}}},
-        ]}}]})
+    reply = reply_from_completion(
+        {
+            "choices": [
+                {
+                    "finish_reason": "tool_calls",
+                    "message": {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [
+                            {
+                                "id": "a",
+                                "type": "function",
+                                "function": {"name": "bash", "arguments": '{"command": "pwd"}'},
+                            },
+                            {"id": "b", "type": "function", "function": {"name": "bash", "arguments": '{"command": '}},
+                            {
+                                "id": "c",
+                                "type": "function",
+                                "function": {"name": "write_file", "arguments": {"path": "p"}},
+                            },
+                        ],
+                    },
+                }
+            ]
+        }
+    )
     assert reply.content == "" and reply.finish_reason == "tool_calls"
     calls = parse_reply(reply, 0)
     assert calls[0] == ToolCall("a", "bash", {"command": "pwd"})
@@ -78,8 +110,11 @@ def test_reply_without_choices_is_a_model_error() -> None:
 def test_history_and_template_shapes() -> None:
     reply = AssistantReply("", [RawToolCall("a", "bash", '{"command": "ls"}'), RawToolCall("b", "bash", "{bad")])
     message = assistant_message(reply)
-    assert message["tool_calls"][0] == {"id": "a", "type": "function",
-                                        "function": {"name": "bash", "arguments": '{"command": "ls"}'}}
+    assert message["tool_calls"][0] == {
+        "id": "a",
+        "type": "function",
+        "function": {"name": "bash", "arguments": '{"command": "ls"}'},
+    }
     rendered = template_messages([message])[0]["tool_calls"]
     assert rendered[0]["function"]["arguments"] == {"command": "ls"}  # objects for chat templates
     assert rendered[1]["function"]["arguments"] == "{bad"  # unreadable arguments stay text
@@ -87,7 +122,11 @@ def test_history_and_template_shapes() -> None:
 
 
 def test_tool_descriptions() -> None:
-    assert [schema["function"]["name"] for schema in TOOL_SCHEMAS] == ["bash", "bash_session", "read_file",
-                                                                       "write_file"]
+    assert [schema["function"]["name"] for schema in TOOL_SCHEMAS] == [
+        "bash",
+        "bash_session",
+        "read_file",
+        "write_file",
+    ]
     prompt = hermes_tools_prompt()
     assert "<tools>" in prompt and '"name": "write_file"' in prompt and "<tool_call>" in prompt

@@ -15,8 +15,14 @@ from tests.faults import assert_exactly_once, calls_during, wait_for
 
 
 def cfg() -> SlotPoolConfig:
-    return SlotPoolConfig(slots_per_container=3, min_containers=3, max_containers=3, health_interval=0.25,
-                          scale_cooldown=0.0, acquire_timeout=60)
+    return SlotPoolConfig(
+        slots_per_container=3,
+        min_containers=3,
+        max_containers=3,
+        health_interval=0.25,
+        scale_cooldown=0.0,
+        acquire_timeout=60,
+    )
 
 
 async def test_every_call_ends_once_while_servers_die_and_freeze() -> None:

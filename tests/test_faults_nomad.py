@@ -13,38 +13,37 @@ import pytest
 from atropos.nomad.errors import NomadConnectionError
 from atropos.slots import SlotPool
 from tests.faults import assert_exactly_once, calls_during, signal_pids, wait_for
-from tests.nomad_fixtures import client_for, nomad_backend, standin  # noqa: F401  (fixture)
+from tests.nomad_fixtures import client_for, nomad_backend
 from tests.nomad_standin import NomadStandIn
 from tests.server_process import pids_with_arg
 from tests.test_pool_nomad import pool_config
 
 
-async def test_client_rides_over_resets_then_fails_typed_then_recovers(standin: NomadStandIn) -> None:  # noqa: F811
-    async with client_for(standin.address) as client:  # 3 attempts per request
-        standin.faults.reset("GET", r"^/v1/jobs$", times=2)  # python-nomad (requests)
+async def test_client_rides_over_resets_then_fails_typed_then_recovers(nomad_standin: NomadStandIn) -> None:
+    async with client_for(nomad_standin.address) as client:  # 3 attempts per request
+        nomad_standin.faults.reset("GET", r"^/v1/jobs$", times=2)  # python-nomad (requests)
         assert await client.list_jobs() == []
-        standin.faults.reset("GET", r"^/v1/agent/health$", times=2)  # httpx
+        nomad_standin.faults.reset("GET", r"^/v1/agent/health$", times=2)  # httpx
         assert (await client.agent_health()).server.ok
-        assert standin.resets == 4
-        standin.faults.reset("*", r"^/v1/", times=None, for_seconds=3600)
+        assert nomad_standin.resets == 4
+        nomad_standin.faults.reset("*", r"^/v1/", times=None, for_seconds=3600)
         with pytest.raises(NomadConnectionError, match="cannot reach Nomad"):
             await client.list_jobs()
         with pytest.raises(NomadConnectionError, match="cannot reach Nomad"):
             await client.watch_job_allocations("nope", index=1, wait=1.0)
-        standin.faults.rules.clear()
+        nomad_standin.faults.rules.clear()
         assert await client.list_jobs() == []
 
 
-async def test_pool_calls_exactly_once_while_nomad_resets_and_an_allocation_dies(
-        standin: NomadStandIn) -> None:  # noqa: F811
+async def test_pool_calls_exactly_once_while_nomad_resets_and_an_allocation_dies(nomad_standin: NomadStandIn) -> None:
     config = pool_config(min_containers=2, max_containers=2, slots_per_container=2)
-    backend = nomad_backend(config, client_for(standin.address))
+    backend = nomad_backend(config, client_for(nomad_standin.address))
     async with SlotPool(config, backend=backend) as pool:
 
         async def scenario() -> None:
             await asyncio.sleep(1.0)
             # Nomad resets every connection for a while; meanwhile an allocation's server dies
-            standin.faults.reset("*", r"^/v1/", times=None, for_seconds=4.0)
+            nomad_standin.faults.reset("*", r"^/v1/", times=None, for_seconds=4.0)
             probe = await pool.acquire("probe", timeout=60)  # the one slot no trajectory holds
             port = urlparse(pool.server_of(probe).url).port
             pool.release(probe)
@@ -55,8 +54,8 @@ async def test_pool_calls_exactly_once_while_nomad_resets_and_an_allocation_dies
             await asyncio.sleep(1.0)  # calls on the replacement
 
         report, wrong = await calls_during(pool, scenario(), trajectories=3)
-        print(report, standin.resets)
-        assert standin.resets > 0
+        print(report, nomad_standin.resets)
+        assert nomad_standin.resets > 0
         assert_exactly_once(report, wrong)
         assert report.errors.get("SlotLost", 0) > 0
         slot = await pool.acquire("after", timeout=30)

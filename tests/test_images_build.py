@@ -17,7 +17,6 @@ from atropos.images.errors import ApptainerNotFoundError, ImageBuildError, Image
 if TYPE_CHECKING:
     from tests.images_fixtures import StandIn
 
-pytest_plugins = ["tests.images_fixtures"]
 
 DEFINITION = "Bootstrap: docker\nFrom: python:3.11-slim\n\n%post\n    true\n"
 

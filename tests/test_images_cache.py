@@ -31,7 +31,6 @@ from atropos.images.staging import lock_path
 if TYPE_CHECKING:
     from tests.images_fixtures import StandIn
 
-pytest_plugins = ["tests.images_fixtures"]
 
 REF = "docker://python:3.11"
 _PULLER = """

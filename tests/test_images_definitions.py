@@ -16,7 +16,6 @@ import pytest
 if TYPE_CHECKING:
     from tests.images_fixtures import StandIn
 
-pytest_plugins = ["tests.images_fixtures"]
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGES = REPO / "images"

@@ -37,7 +37,6 @@ from tests.server_process import wait_ready
 if TYPE_CHECKING:
     from atropos.images.runtime import ApptainerRuntime
 
-pytest_plugins = ["tests.images_fixtures"]
 pytestmark = [pytest.mark.apptainer, pytest.mark.timeout(3600)]
 
 REPO = Path(__file__).resolve().parent.parent

@@ -13,8 +13,6 @@ from atropos.images.runtime import ApptainerRuntime, find_runtime
 if TYPE_CHECKING:
     from tests.images_fixtures import StandIn
 
-pytest_plugins = ["tests.images_fixtures"]
-
 
 def test_apptainer_on_path_is_found_with_version(standin: StandIn) -> None:
     found = find_runtime()

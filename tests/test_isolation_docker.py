@@ -18,8 +18,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from atropos.slots import SlotPool, SlotPoolConfig
-from atropos.slots.leasing import Slot
+from atropos.slots import Slot, SlotPool, SlotPoolConfig
 from tests.attacks import (
     attack_script,
     can_make_netns,
@@ -44,8 +43,10 @@ def _missing() -> str | None:
         return "no docker CLI"
     if subprocess.run(["docker", "info"], capture_output=True, timeout=30, check=False).returncode != 0:
         return "no running Docker engine"
-    if subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True, timeout=30,
-                      check=False).returncode != 0:
+    if (
+        subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True, timeout=30, check=False).returncode
+        != 0
+    ):
         return f"no image {IMAGE} (scripts/build-image.sh -t {IMAGE})"
     return None
 
@@ -61,8 +62,13 @@ def engine() -> None:
 
 @pytest.fixture
 async def pool(engine: None) -> AsyncIterator[SlotPool]:
-    config = SlotPoolConfig(driver={"type": "docker", "image": IMAGE}, slots_per_container=2, min_containers=1,
-                            max_containers=1, start_timeout=120)
+    config = SlotPoolConfig(
+        driver={"type": "docker", "image": IMAGE},
+        slots_per_container=2,
+        min_containers=1,
+        max_containers=1,
+        start_timeout=120,
+    )
     async with SlotPool(config) as p:
         yield p
 
@@ -96,8 +102,13 @@ async def test_slot_runs_unprivileged_and_cannot_reach_its_neighbour(pool: SlotP
     victim = pids_with_arg(marker)[0]
     assert host_uid(victim) != 0  # as the node sees it
     assert (await run(pool, b, "id -u")).strip() != "0"
-    paths = [f"../{a.index}/secret.txt", f"/data/slots/{a.index}/secret.txt", "/data/slots/*/secret.txt",
-             "/proc/[0-9]*/cwd/secret.txt", "/proc/[0-9]*/root/workspace/secret.txt"]
+    paths = [
+        f"../{a.index}/secret.txt",
+        f"/data/slots/{a.index}/secret.txt",
+        "/data/slots/*/secret.txt",
+        "/proc/[0-9]*/cwd/secret.txt",
+        "/proc/[0-9]*/root/workspace/secret.txt",
+    ]
     assert leaks(await run(pool, b, file_probe(paths, needle))) == []
     out = await run(pool, b, attack_script(victim))
     assert "ATTACK-" not in out, out
@@ -112,9 +123,12 @@ async def test_slot_cannot_reach_the_servers_port_or_loopback(pool: SlotPool) ->
     _, b = await two_slots(pool)
     # the server listens on 0.0.0.0:8080 inside the container; a listener of the slot's own is
     # started first, so the probe is shown to connect where something listens
-    out = await run(pool, b, "python3 -c 'import socket,time; s=socket.socket(); s.bind((\"127.0.0.1\", 7777)); "
-                             "s.listen(); time.sleep(30)' & sleep 0.5\n"
-                             + connect_probe([("127.0.0.1", 8080), ("127.0.0.1", 7777)]))
+    out = await run(
+        pool,
+        b,
+        'python3 -c \'import socket,time; s=socket.socket(); s.bind(("127.0.0.1", 7777)); '
+        "s.listen(); time.sleep(30)' & sleep 0.5\n" + connect_probe([("127.0.0.1", 8080), ("127.0.0.1", 7777)]),
+    )
     assert leaks(out) == ["127.0.0.1:7777"], out
 
 

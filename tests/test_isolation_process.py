@@ -86,8 +86,13 @@ def test_slot_processes_never_run_as_root_on_the_node(default_server: RunningSer
 
 
 def _cross_slot_paths(srv: RunningServer) -> list[str]:
-    return [os.path.join(srv.data_dir, "slots", "0", "secret.txt"), "../0/secret.txt",
-            "/workspace/../0/secret.txt", "/proc/[0-9]*/cwd/secret.txt", "/proc/[0-9]*/root/workspace/secret.txt"]
+    return [
+        os.path.join(srv.data_dir, "slots", "0", "secret.txt"),
+        "../0/secret.txt",
+        "/workspace/../0/secret.txt",
+        "/proc/[0-9]*/cwd/secret.txt",
+        "/proc/[0-9]*/root/workspace/secret.txt",
+    ]
 
 
 def test_another_slots_files_are_invisible(default_server: RunningServer, open_server: RunningServer) -> None:
@@ -117,8 +122,10 @@ def test_default_network_reaches_no_loopback_service_of_the_node(default_server:
 
 def test_network_allow_reaches_the_nodes_loopback(tmpdir_path: str) -> None:
     """Where the probe must succeed: `allow` shares the node's network (why it is not the default)."""
-    with temporary_server("atropos-test-allow-", "--slots", "1", "--network", "allow") as srv, \
-            loopback_listener() as port:
+    with (
+        temporary_server("atropos-test-allow-", "--slots", "1", "--network", "allow") as srv,
+        loopback_listener() as port,
+    ):
         assert health(srv)["network"] == "allow"
         found = leaks(run(srv, 0, connect_probe([("127.0.0.1", port), ("127.0.0.1", server_port(srv))])))
         assert found == [f"127.0.0.1:{port}", f"127.0.0.1:{server_port(srv)}"]
@@ -129,9 +136,11 @@ def test_network_allow_reaches_the_nodes_loopback(tmpdir_path: str) -> None:
 def test_egress_to_a_host_outside_the_node(network: str) -> None:
     if network == "public" and not REQUIRE_PUBLIC and os.system("command -v pasta >/dev/null") != 0:
         pytest.skip("no pasta here (Debian package passt)")
-    with egress_host() as host, \
-            temporary_server(f"atropos-test-{network}-", "--slots", "1", "--network", network) as srv, \
-            loopback_listener() as port:
+    with (
+        egress_host() as host,
+        temporary_server(f"atropos-test-{network}-", "--slots", "1", "--network", network) as srv,
+        loopback_listener() as port,
+    ):
         assert health(srv)["network"] == network
         out = run(srv, 0, egress_probe(host) + "\n" + connect_probe([("127.0.0.1", port)]))
         assert ("EGRESS-OK" in out) == (network == "public"), out
@@ -143,15 +152,18 @@ def test_public_network_refuses_the_nodes_own_subnets() -> None:
     """An address on one of the node's interfaces' subnets (here: the test host's veth) is prohibited."""
     if not REQUIRE_PUBLIC and os.system("command -v pasta >/dev/null") != 0:
         pytest.skip("no pasta here (Debian package passt)")
-    with egress_host() as host, \
-            temporary_server("atropos-test-subnet-", "--slots", "1", "--network", "public") as srv:
-        link = subprocess.run(["ip", "-4", "-o", "addr", "show", "dev", host.interface], capture_output=True,
-                              text=True, check=True, timeout=10).stdout.split()[3]
+    with egress_host() as host, temporary_server("atropos-test-subnet-", "--slots", "1", "--network", "public") as srv:
+        link = subprocess.run(
+            ["ip", "-4", "-o", "addr", "show", "dev", host.interface],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.split()[3]
         peer = link.split("/")[0].rsplit(".", 1)
         inner = f"{peer[0]}.{int(peer[1]) + 1}"
         out = run(srv, 0, f"timeout 3 bash -c 'exec 3<>/dev/tcp/{inner}/{host.port}' 2>&1; echo rc=$?")
         assert "rc=0" not in out and "ermission denied" in out, out
-
 
 
 def test_a_killed_server_leaves_no_pasta_behind() -> None:
@@ -180,7 +192,12 @@ def wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
     deadline = time.monotonic() + timeout
     alive = pids
     while alive and time.monotonic() < deadline:
-        alive = [p for p in alive if os.path.exists(f"/proc/{p}") and _parent(p) != -1
-                 and open(f"/proc/{p}/stat", "rb").read().rsplit(b")", 1)[1].split()[0] != b"Z"]
+        alive = [
+            p
+            for p in alive
+            if os.path.exists(f"/proc/{p}")
+            and _parent(p) != -1
+            and open(f"/proc/{p}/stat", "rb").read().rsplit(b")", 1)[1].split()[0] != b"Z"
+        ]
         time.sleep(0.05)
     return alive

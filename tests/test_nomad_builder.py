@@ -40,8 +40,14 @@ def test_docker_job_maps_a_dynamic_host_port_to_the_container_port() -> None:
 
 
 def test_singularity_job_execs_apptainer_from_a_shell_on_one_static_port_per_container() -> None:
-    job = build(driver="singularity", singularity_image="/shared/sandbox.sif", count=3, base_port=21000,
-                apptainer_args=["--nv"], slots_per_container=16)
+    job = build(
+        driver="singularity",
+        singularity_image="/shared/sandbox.sif",
+        count=3,
+        base_port=21000,
+        apptainer_args=["--nv"],
+        slots_per_container=16,
+    )
     assert [g["Name"] for g in job["TaskGroups"]] == ["sandbox-0", "sandbox-1", "sandbox-2"]
     for i, group in enumerate(job["TaskGroups"]):
         assert group["Count"] == 1
@@ -55,14 +61,14 @@ def test_singularity_job_execs_apptainer_from_a_shell_on_one_static_port_per_con
     as_root, _, as_is = script.partition("; fi; ")
     assert flag == "-c" and as_is.startswith("exec apptainer exec ")
     assert as_root.startswith('if [ "$(id -u)" = 0 ]; then ')
-    assert "exec setpriv --reuid nobody --regid \"$(id -g nobody)\" --clear-groups -- apptainer exec " in as_root
+    assert 'exec setpriv --reuid nobody --regid "$(id -g nobody)" --clear-groups -- apptainer exec ' in as_root
     assert as_root.endswith(as_is.removeprefix("exec apptainer exec "))  # the same command either way
     words = shlex.split(as_is)
     image = words.index("/shared/sandbox.sif")
     assert "--containall" in words[:image] and "--nv" in words[:image]
     assert not any(w.startswith(("--net", "--network")) for w in words[:image])  # host network, no CNI
     assert words[words.index("--bind") + 1] == "${NOMAD_ALLOC_DIR}/data:/data"
-    server = words[image + 1:]
+    server = words[image + 1 :]
     assert server[:2] == ["atropos-sandbox", "server"]
     assert server[server.index("--port") + 1] == "${NOMAD_PORT_http}"
     assert server[server.index("--host") + 1] == "${NOMAD_IP_http}"
@@ -73,32 +79,56 @@ def test_singularity_job_execs_apptainer_from_a_shell_on_one_static_port_per_con
 
 
 def test_the_token_is_in_no_part_of_the_job_and_reaches_the_server_as_a_secret_file() -> None:
-    for driver, token_file in (("process", "${NOMAD_SECRETS_DIR}/atropos-token"),
-                               ("docker", "/secrets/atropos-token"), ("singularity", "/secrets/atropos-token")):
+    for driver, token_file in (
+        ("process", "${NOMAD_SECRETS_DIR}/atropos-token"),
+        ("docker", "/secrets/atropos-token"),
+        ("singularity", "/secrets/atropos-token"),
+    ):
         job = build(driver=driver, singularity_image="/i.sif", job_id="j1")
         assert TOKEN not in json.dumps(job)  # what `nomad job inspect`, the API and the UI show
         task = only_task(job)
         (template,) = task["Templates"]
-        assert template == {"EmbeddedTmpl": '{{ with nomadVar "nomad/jobs/j1" }}{{ .token }}{{ end }}',
-                            "DestPath": "secrets/atropos-token", "ChangeMode": "noop", "Perms": "0400"}
+        assert template == {
+            "EmbeddedTmpl": '{{ with nomadVar "nomad/jobs/j1" }}{{ .token }}{{ end }}',
+            "DestPath": "secrets/atropos-token",
+            "ChangeMode": "noop",
+            "Perms": "0400",
+        }
         words = shlex.split(" ".join(task["Config"].get("args") or []))
         assert words[words.index("--token-file") + 1] == token_file
-    singularity = only_task(build(driver="singularity", singularity_image="/i.sif", apptainer_binary="singularity",
-                                  apptainer_cache_dir="/scratch/c"))
+    singularity = only_task(
+        build(
+            driver="singularity",
+            singularity_image="/i.sif",
+            apptainer_binary="singularity",
+            apptainer_cache_dir="/scratch/c",
+        )
+    )
     assert singularity["Env"] == {"SINGULARITY_CACHEDIR": "/scratch/c"}
     assert '"${NOMAD_SECRETS_DIR}:/secrets"' in singularity["Config"]["args"][1]
 
 
 def test_process_job_runs_the_server_command_directly() -> None:
-    job = build(driver="process", server_command=["/opt/venv/bin/atropos-sandbox", "server"],
-                isolation="bwrap", network="deny", command_timeout=30, max_output=4096)
+    job = build(
+        driver="process",
+        server_command=["/opt/venv/bin/atropos-sandbox", "server"],
+        isolation="bwrap",
+        network="deny",
+        command_timeout=30,
+        max_output=4096,
+    )
     config = only_task(job)["Config"]
     assert config["command"] == "/bin/sh" and config["args"][0] == "-c"
     as_is = config["args"][1].partition("; fi; ")[2]
     args = shlex.split(as_is)
     assert args[:3] == ["exec", "/opt/venv/bin/atropos-sandbox", "server"]
-    for flag, value in (("--isolation", "bwrap"), ("--network", "deny"), ("--timeout", "30.0"),
-                        ("--max-output", "4096"), ("--data-dir", "${NOMAD_ALLOC_DIR}/data")):
+    for flag, value in (
+        ("--isolation", "bwrap"),
+        ("--network", "deny"),
+        ("--timeout", "30.0"),
+        ("--max-output", "4096"),
+        ("--data-dir", "${NOMAD_ALLOC_DIR}/data"),
+    ):
         assert args[args.index(flag) + 1] == value
 
 
@@ -117,10 +147,21 @@ def test_every_job_has_policies_that_do_not_wait_on_consul() -> None:
 
 
 def test_placement_settings_are_passed_through() -> None:
-    job = build(datacenters=["hpc-*"], namespace="rl", region="eu", node_pool="gpu", priority=80,
-                constraints=[{"l_target": "${attr.driver.raw_exec}", "r_target": "1"}])
+    job = build(
+        datacenters=["hpc-*"],
+        namespace="rl",
+        region="eu",
+        node_pool="gpu",
+        priority=80,
+        constraints=[{"l_target": "${attr.driver.raw_exec}", "r_target": "1"}],
+    )
     assert (job["Datacenters"], job["Namespace"], job["Region"], job["NodePool"], job["Priority"]) == (
-        ["hpc-*"], "rl", "eu", "gpu", 80)
+        ["hpc-*"],
+        "rl",
+        "eu",
+        "gpu",
+        80,
+    )
     assert job["Constraints"] == [{"LTarget": "${attr.driver.raw_exec}", "Operand": "=", "RTarget": "1"}]
     bare = build()
     assert not {"Datacenters", "Namespace", "Region", "NodePool", "Constraints"} & set(bare)
@@ -159,13 +200,16 @@ def test_dynamic_ports_for_raw_exec_use_one_group_without_to() -> None:
     assert group["Count"] == 5 and group["Networks"] == [{"DynamicPorts": [{"Label": "http"}]}]
 
 
-@pytest.mark.parametrize(("values", "message"), [
-    ({"driver": "singularity"}, "needs singularity_image"),
-    ({"count": 100, "base_port": 65500}, "exceeds port 65535"),
-    ({"job_id": "has space"}, "job_id"),
-    ({"token": ""}, "token must not be empty"),
-    ({"server_command": []}, "server_command"),
-])
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"driver": "singularity"}, "needs singularity_image"),
+        ({"count": 100, "base_port": 65500}, "exceeds port 65535"),
+        ({"job_id": "has space"}, "job_id"),
+        ({"token": ""}, "token must not be empty"),
+        ({"server_command": []}, "server_command"),
+    ],
+)
 def test_invalid_specs_are_refused_with_a_reason(values: dict, message: str) -> None:  # type: ignore[type-arg]
     with pytest.raises(ValidationError, match=message):
         SandboxJobSpec(**{"token": TOKEN, **values})

@@ -33,17 +33,16 @@ from atropos.nomad import (
     running_endpoints,
     scale_sandbox_job,
     stop_sandbox_job,
+    wait_for_allocations,
 )
 from atropos.nomad.models import RestartPolicy
-from tests.nomad_fixtures import (  # noqa: F401 - fixtures
+from tests.nomad_fixtures import (
     TESTS_BIN,
     TOKEN,
     NomadTarget,
     execute,
     free_port_block,
-    nomad_target,
     put_token,
-    real_agent,
     server_command,
     task_user,
     wait_healthy,
@@ -55,7 +54,7 @@ NO_RESTART = RestartPolicy(attempts=0)
 
 
 @pytest.fixture
-async def target(nomad_target: NomadTarget) -> AsyncIterator[NomadTarget]:  # noqa: F811
+async def target(nomad_target: NomadTarget) -> AsyncIterator[NomadTarget]:
     """The Nomad under test; every job a test left behind is purged afterwards."""
     yield nomad_target
     for stub in await nomad_target.client.list_jobs(PREFIX):
@@ -109,7 +108,9 @@ async def test_process_job_serves_commands_on_static_ports(target: NomadTarget) 
     print(f"[{target.kind}] submission -> first healthy server: {time.monotonic() - submitted:.2f}s")
 
     assert [(e.group, e.index, e.port) for e in endpoints] == [
-        ("sandbox-0", 0, spec.base_port), ("sandbox-1", 1, spec.base_port + 1)]
+        ("sandbox-0", 0, spec.base_port),
+        ("sandbox-1", 1, spec.base_port + 1),
+    ]
     assert first["slots"] == 2
     for endpoint in endpoints:
         await wait_healthy(endpoint.url)
@@ -124,8 +125,9 @@ async def test_server_rejects_requests_without_the_token(target: NomadTarget) ->
     (endpoint,) = await deploy_sandbox_job(target.client, spec, timeout=120)
     await wait_healthy(endpoint.url)
     async with httpx.AsyncClient() as http:
-        response = await http.post(endpoint.url + "/execute",
-                                   json={"slot": 0, "tool": "bash", "args": {"command": "id"}})
+        response = await http.post(
+            endpoint.url + "/execute", json={"slot": 0, "tool": "bash", "args": {"command": "id"}}
+        )
     assert response.status_code == 401
     assert_token_in_no_command_line()
 
@@ -136,7 +138,7 @@ async def test_scaling_static_groups_keeps_running_servers(target: NomadTarget) 
     (first,) = await deploy_sandbox_job(client, spec, timeout=120)
 
     spec = await scale_sandbox_job(client, spec, 3)
-    endpoints = await client.wait_for_allocations(spec.job_id, 3, timeout=120)
+    endpoints = await wait_for_allocations(client, spec.job_id, 3, timeout=120)
     assert [e.port for e in endpoints] == [spec.base_port, spec.base_port + 1, spec.base_port + 2]
     assert endpoints[0].alloc_id == first.alloc_id  # sandbox-0 was not restarted
     for endpoint in endpoints:
@@ -170,7 +172,7 @@ async def test_dynamic_ports_scale_with_the_scale_endpoint(target: NomadTarget) 
     spec = job_spec(count=1, static_ports=False)
     await deploy_sandbox_job(client, spec, timeout=120)
     spec = await scale_sandbox_job(client, spec, 2)
-    endpoints = await client.wait_for_allocations(spec.job_id, 2, timeout=120)
+    endpoints = await wait_for_allocations(client, spec.job_id, 2, timeout=120)
     assert {e.group for e in endpoints} == {"sandbox"}
     assert len({e.port for e in endpoints}) == 2
     for endpoint in endpoints:
@@ -179,13 +181,15 @@ async def test_dynamic_ports_scale_with_the_scale_endpoint(target: NomadTarget) 
 
 async def test_raw_exec_tasks_see_nomads_environment(target: NomadTarget) -> None:
     """What the stand-in gives a raw_exec task is what Nomad gives it (the same test runs on both)."""
-    script = 'env > "$NOMAD_ALLOC_DIR/data/env.txt"; cat "$NOMAD_SECRETS_DIR/atropos-token" > ' \
-             '"$NOMAD_ALLOC_DIR/data/token.txt"; echo "${NOMAD_PORT_http}" > "$NOMAD_ALLOC_DIR/data/args.txt"; ' \
-             "exec sleep 600"
+    script = (
+        'env > "$NOMAD_ALLOC_DIR/data/env.txt"; cat "$NOMAD_SECRETS_DIR/atropos-token" > '
+        '"$NOMAD_ALLOC_DIR/data/token.txt"; echo "${NOMAD_PORT_http}" > "$NOMAD_ALLOC_DIR/data/args.txt"; '
+        "exec sleep 600"
+    )
     spec = job_spec(count=2, server_command=["/bin/sh", "-c", script, "sh"], kill_timeout=1)
     await put_token(target.client, spec)
     await target.client.register_job(create_sandbox_job(spec))
-    endpoints = await target.client.wait_for_allocations(spec.job_id, 2, timeout=120)
+    endpoints = await wait_for_allocations(target.client, spec.job_id, 2, timeout=120)
     second = endpoints[1]
 
     async def written() -> bool:
@@ -195,8 +199,11 @@ async def test_raw_exec_tasks_see_nomads_environment(target: NomadTarget) -> Non
             return False
 
     await until(written)
-    env = dict(line.split("=", 1) for line in
-               (await read_alloc_file(target, second.alloc_id, "alloc/data/env.txt")).splitlines() if "=" in line)
+    env = dict(
+        line.split("=", 1)
+        for line in (await read_alloc_file(target, second.alloc_id, "alloc/data/env.txt")).splitlines()
+        if "=" in line
+    )
     port = str(spec.base_port + 1)
     assert env["NOMAD_PORT_http"] == env["NOMAD_HOST_PORT_http"] == port
     assert env["NOMAD_ADDR_http"] == f"{env['NOMAD_IP_http']}:{port}"
@@ -206,7 +213,10 @@ async def test_raw_exec_tasks_see_nomads_environment(target: NomadTarget) -> Non
     assert (env["NOMAD_ALLOC_ID"], env["NOMAD_ALLOC_INDEX"]) == (second.alloc_id, "0")
     assert env["NOMAD_ALLOC_NAME"] == f"{spec.job_id}.sandbox-1[0]"
     assert (env["NOMAD_JOB_NAME"], env["NOMAD_GROUP_NAME"], env["NOMAD_TASK_NAME"]) == (
-        spec.job_id, "sandbox-1", "server")
+        spec.job_id,
+        "sandbox-1",
+        "server",
+    )
     assert env["NOMAD_META_atropos_kind"] == "sandbox"
     # the token is in no variable of the task: a template rendered it from the Nomad Variable
     assert not any(TOKEN in value for value in env.values())
@@ -221,8 +231,9 @@ async def test_raw_exec_tasks_see_nomads_environment(target: NomadTarget) -> Non
 async def test_singularity_job_runs_the_server_in_the_container(target: NomadTarget) -> None:
     sif = write_standin_image(os.path.join(target.workdir, "sandbox.sif"))
     # the stand-in apptainer by its path, whatever the agent's PATH holds
-    spec = job_spec("singularity", singularity_image=sif, count=2,
-                    apptainer_binary=os.path.join(TESTS_BIN, "apptainer"))
+    spec = job_spec(
+        "singularity", singularity_image=sif, count=2, apptainer_binary=os.path.join(TESTS_BIN, "apptainer")
+    )
     submitted = time.monotonic()
     endpoints = await deploy_sandbox_job(target.client, spec, timeout=120)
     health = await wait_healthy(endpoints[0].url)
@@ -253,8 +264,9 @@ def assert_token_in_no_command_line() -> None:
 
 async def test_missing_apptainer_is_diagnosed(target: NomadTarget) -> None:
     sif = write_standin_image(os.path.join(target.workdir, "sandbox.sif"))
-    spec = job_spec("singularity", singularity_image=sif, apptainer_binary="apptainer-not-installed",
-                    restart=NO_RESTART)
+    spec = job_spec(
+        "singularity", singularity_image=sif, apptainer_binary="apptainer-not-installed", restart=NO_RESTART
+    )
     with pytest.raises(NomadAllocationFailed) as failure:
         await deploy_sandbox_job(target.client, spec, timeout=120)
     message = str(failure.value)
@@ -264,8 +276,7 @@ async def test_missing_apptainer_is_diagnosed(target: NomadTarget) -> None:
 
 
 async def test_missing_sif_is_diagnosed(target: NomadTarget) -> None:
-    spec = job_spec("singularity", singularity_image=os.path.join(target.workdir, "absent.sif"),
-                    restart=NO_RESTART)
+    spec = job_spec("singularity", singularity_image=os.path.join(target.workdir, "absent.sif"), restart=NO_RESTART)
     with pytest.raises(NomadAllocationFailed) as failure:
         await deploy_sandbox_job(target.client, spec, timeout=120)
     assert "absent.sif" in str(failure.value)
@@ -325,8 +336,10 @@ async def test_cleanup_stops_only_jobs_of_dead_owners(target: NomadTarget) -> No
     me = OwnerMeta.current()
     dead = replace(me, pid=finished.pid)
     elsewhere = replace(me, host=me.host + "-elsewhere", pid=finished.pid)
-    specs = {name: job_spec(count=0, owner=owner)
-             for name, owner in (("dead", dead), ("alive", me), ("elsewhere", elsewhere), ("manual", None))}
+    specs = {
+        name: job_spec(count=0, owner=owner)
+        for name, owner in (("dead", dead), ("alive", me), ("elsewhere", elsewhere), ("manual", None))
+    }
     for spec in specs.values():
         await put_token(client, spec)
         await client.register_job(create_sandbox_job(spec))
@@ -345,12 +358,18 @@ async def test_cleanup_stops_only_jobs_of_dead_owners(target: NomadTarget) -> No
 async def test_real_apptainer_singularity_job(target: NomadTarget) -> None:
     """With a real apptainer on the agent's PATH and a real image (ATROPOS_TEST_SIF)."""
     sif = os.environ.get("ATROPOS_TEST_SIF")
-    real = shutil.which("apptainer", path=os.environ.get("PATH", "").replace(
-        os.path.join(os.path.dirname(__file__), "bin"), ""))
+    real = shutil.which(
+        "apptainer", path=os.environ.get("PATH", "").replace(os.path.join(os.path.dirname(__file__), "bin"), "")
+    )
     if not real or not sif:
         pytest.skip("no real apptainer on PATH or no ATROPOS_TEST_SIF image to run")
-    spec = job_spec("singularity", singularity_image=sif, apptainer_binary=real,
-                    server_command=["atropos-sandbox", "server"], task_user="nobody")
+    spec = job_spec(
+        "singularity",
+        singularity_image=sif,
+        apptainer_binary=real,
+        server_command=["atropos-sandbox", "server"],
+        task_user="nobody",
+    )
     endpoints = await deploy_sandbox_job(target.client, spec, timeout=300)
     await wait_healthy(endpoints[0].url)
     assert (await execute(endpoints[0].url, "echo ok"))["output"] == "ok\n"

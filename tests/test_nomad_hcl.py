@@ -15,7 +15,7 @@ import pytest
 from atropos.cli import main as cli_main
 from atropos.nomad import SandboxJobSpec, create_sandbox_job
 from atropos.nomad.hcl import HclError, format_duration, parse_duration, parse_job_hcl, render_job_hcl
-from tests.nomad_fixtures import REPO, TOKEN, RealAgent, job_shapes, real_agent, shape_id  # noqa: F401
+from tests.nomad_fixtures import REPO, TOKEN, RealAgent, job_shapes, shape_id
 
 EXAMPLES = {
     "sandbox-singularity": ["--driver", "singularity", "--sif", "/shared/images/atropos-sandbox.sif"],
@@ -39,10 +39,18 @@ def test_strings_survive_hcl_quoting() -> None:
     assert parse_job_hcl(text) == job
 
 
-@pytest.mark.parametrize(("ns", "text"), [
-    (0, "0s"), (5 * 10**9, "5s"), (300 * 10**9, "5m"), (3600 * 10**9, "1h"), (250 * 10**6, "250ms"),
-    (1500, "1500ns"), (90 * 10**9, "90s"),
-])
+@pytest.mark.parametrize(
+    ("ns", "text"),
+    [
+        (0, "0s"),
+        (5 * 10**9, "5s"),
+        (300 * 10**9, "5m"),
+        (3600 * 10**9, "1h"),
+        (250 * 10**6, "250ms"),
+        (1500, "1500ns"),
+        (90 * 10**9, "90s"),
+    ],
+)
 def test_durations_render_in_their_largest_exact_unit(ns: int, text: str) -> None:
     assert format_duration(ns) == text
     assert parse_duration(text) == ns
@@ -70,7 +78,8 @@ def test_rendered_examples_are_in_sync(name: str, fmt: str, capsys: pytest.Captu
     path = os.path.join(REPO, "nomad", "jobs", f"{name}.{fmt}")
     with open(path, encoding="utf-8") as f:
         assert capsys.readouterr().out == f.read(), (
-            f"{path} is stale: regenerate with `atropos-sandbox {' '.join(argv)} > {path}`")
+            f"{path} is stale: regenerate with `atropos-sandbox {' '.join(argv)} > {path}`"
+        )
 
 
 def test_render_refuses_an_incomplete_spec(capsys: pytest.CaptureFixture[str]) -> None:
@@ -80,7 +89,7 @@ def test_render_refuses_an_incomplete_spec(capsys: pytest.CaptureFixture[str]) -
 
 @pytest.mark.nomad
 @pytest.mark.parametrize("spec", job_shapes(), ids=shape_id)
-def test_real_nomad_reads_the_hcl_as_the_same_job(spec: SandboxJobSpec, real_agent: RealAgent) -> None:  # noqa: F811
+def test_real_nomad_reads_the_hcl_as_the_same_job(spec: SandboxJobSpec, real_agent: RealAgent) -> None:
     job = create_sandbox_job(spec).to_json()
     response = httpx.post(real_agent.address + "/v1/jobs/parse", json={"JobHCL": render_job_hcl(job)})
     assert response.status_code == 200, response.text
@@ -89,7 +98,7 @@ def test_real_nomad_reads_the_hcl_as_the_same_job(spec: SandboxJobSpec, real_age
 
 @pytest.mark.nomad
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
-def test_real_nomad_validates_the_examples(name: str, real_agent: RealAgent) -> None:  # noqa: F811
+def test_real_nomad_validates_the_examples(name: str, real_agent: RealAgent) -> None:
     with open(os.path.join(REPO, "nomad", "jobs", f"{name}.json"), encoding="utf-8") as f:
         body = json.load(f)
     response = httpx.post(real_agent.address + "/v1/validate/job", json=body)
@@ -105,8 +114,12 @@ def test_real_nomad_accepts_the_agent_configs(config: str, tmp_path: Path) -> No
         pytest.skip("no `nomad` binary on PATH")
     extra = tmp_path / "data-dir.hcl"
     extra.write_text(f'data_dir = "{tmp_path / "data"}"\n')
-    result = subprocess.run([binary, "config", "validate", os.path.join(REPO, "nomad", config), str(extra)],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [binary, "config", "validate", os.path.join(REPO, "nomad", config), str(extra)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -115,8 +128,11 @@ def _differences(ours: object, theirs: object, path: str = "") -> list[str]:
     if isinstance(ours, dict):
         if not isinstance(theirs, dict):
             return [f"{path}: {theirs!r} is not an object"]
-        return [d for k, v in ours.items()
-                for d in (_differences(v, theirs[k], f"{path}.{k}") if k in theirs else [f"{path}.{k} missing"])]
+        return [
+            d
+            for k, v in ours.items()
+            for d in (_differences(v, theirs[k], f"{path}.{k}") if k in theirs else [f"{path}.{k} missing"])
+        ]
     if isinstance(ours, list):
         if not isinstance(theirs, list) or len(ours) != len(theirs):
             return [f"{path}: {theirs!r} instead of {ours!r}"]

@@ -12,11 +12,18 @@ from atropos.nomad.client import _ssl_context
 
 
 def test_settings_come_from_the_standard_variables() -> None:
-    settings = NomadSettings.from_env({
-        "NOMAD_ADDR": "https://nomad.example:4646", "NOMAD_TOKEN": "t0k", "NOMAD_NAMESPACE": "rl",
-        "NOMAD_REGION": "eu", "NOMAD_CACERT": "/etc/ca.pem", "NOMAD_CLIENT_CERT": "/etc/c.pem",
-        "NOMAD_CLIENT_KEY": "/etc/k.pem", "NOMAD_SKIP_VERIFY": "true",
-    })
+    settings = NomadSettings.from_env(
+        {
+            "NOMAD_ADDR": "https://nomad.example:4646",
+            "NOMAD_TOKEN": "t0k",
+            "NOMAD_NAMESPACE": "rl",
+            "NOMAD_REGION": "eu",
+            "NOMAD_CACERT": "/etc/ca.pem",
+            "NOMAD_CLIENT_CERT": "/etc/c.pem",
+            "NOMAD_CLIENT_KEY": "/etc/k.pem",
+            "NOMAD_SKIP_VERIFY": "true",
+        }
+    )
     assert settings.base_url == "https://nomad.example:4646"
     assert settings.headers() == {"X-Nomad-Token": "t0k"}
     assert settings.scope() == {"namespace": "rl", "region": "eu"}

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from atropos.backends.local_records import ServerRecord, load_records, reap_dead_owners
-from tests.nomad_fixtures import REPO, NomadTarget, client_for, nomad_target, real_agent  # noqa: F401  (fixtures)
+from tests.nomad_fixtures import REPO, NomadTarget, client_for
 from tests.server_process import run_server, wait_until_gone
 
 OWNER = """
@@ -46,8 +46,13 @@ def state_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 def _kill_owner(extra: dict[str, object], tag: str) -> tuple[str, str]:
     """Start an owner process with a pool, wait until it runs a call, SIGKILL it: (workdir, job id)."""
     code = OWNER.format(extra=repr(extra), tag=tag)
-    owner = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONPATH": REPO})
+    owner = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
     assert owner.stdout is not None
     line = owner.stdout.readline()
     assert line.startswith("READY"), line
@@ -59,8 +64,14 @@ def _kill_owner(extra: dict[str, object], tag: str) -> tuple[str, str]:
 
 
 def _cleanup(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "atropos.cli", "cleanup", *args], cwd=REPO, text=True,
-                          capture_output=True, check=True, env={**os.environ, "PYTHONPATH": REPO})
+    done = subprocess.run(
+        [sys.executable, "-m", "atropos.cli", "cleanup", *args],
+        cwd=REPO,
+        text=True,
+        capture_output=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
     return done.stdout
 
 
@@ -84,13 +95,15 @@ def test_reaping_kills_an_escaped_server_but_never_a_reused_pid(state_dir: str, 
     try:
         with run_server(data_dir, "--slots", "1") as server:
             # a server whose owner is dead (a pid that does not exist) and that is still running
-            escaped = ServerRecord.for_process("local-0", server.proc.pid, data_dir=data_dir, workdir=data_dir,
-                                               own_workdir=False, container=None)
+            escaped = ServerRecord.for_process(
+                "local-0", server.proc.pid, data_dir=data_dir, workdir=data_dir, own_workdir=False, container=None
+            )
             escaped.owner = {**escaped.owner, "atropos_owner_pid": "999999999"}
             escaped.save()
             # a record whose server pid now belongs to an unrelated process (other start time)
-            reused = ServerRecord("local-1", unrelated.pid, 1.0, tempfile.mkdtemp(prefix="atropos-gone-"),
-                                  "/nonexistent", False, None)
+            reused = ServerRecord(
+                "local-1", unrelated.pid, 1.0, tempfile.mkdtemp(prefix="atropos-gone-"), "/nonexistent", False, None
+            )
             reused.owner = {**reused.owner, "atropos_owner_pid": "999999999"}
             reused.save()
             reaped = {r.server_id: r for r in reap_dead_owners()}
@@ -104,12 +117,16 @@ def test_reaping_kills_an_escaped_server_but_never_a_reused_pid(state_dir: str, 
     assert load_records() == []
 
 
-async def test_dead_owner_nomad_job_is_removed_by_cleanup(nomad_target: NomadTarget,  # noqa: F811
-                                                          request: pytest.FixtureRequest) -> None:
+async def test_dead_owner_nomad_job_is_removed_by_cleanup(
+    nomad_target: NomadTarget, request: pytest.FixtureRequest
+) -> None:
     from tests.test_pool_nomad import pool_config
 
-    address = (nomad_target.standin.address if nomad_target.standin is not None
-               else request.getfixturevalue("real_agent").address)
+    address = (
+        nomad_target.standin.address
+        if nomad_target.standin is not None
+        else request.getfixturevalue("real_agent").address
+    )
     config = pool_config(nomad_address=address, min_containers=1, max_containers=1).model_dump()
     tag = f"9{os.getpid() % 100000:05d}"
     _, job_id = await asyncio.to_thread(_kill_owner, config, tag)  # the stand-in answers meanwhile

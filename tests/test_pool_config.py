@@ -13,8 +13,10 @@ from atropos.slots import SlotPoolConfig
 
 
 def test_nested_kinds_build_their_backend() -> None:
-    config = SlotPoolConfig(backend={"type": "nomad", "address": "http://127.0.0.1:4646", "cpu": 500},
-                            driver={"type": "docker", "image": "atropos-sandbox:ci", "container_port": 9000})
+    config = SlotPoolConfig(
+        backend={"type": "nomad", "address": "http://127.0.0.1:4646", "cpu": 500},
+        driver={"type": "docker", "image": "atropos-sandbox:ci", "container_port": 9000},
+    )
     assert isinstance(config.backend, NomadBackendConfig) and config.backend.cpu == 500
     assert config.driver == DockerDriver(image="atropos-sandbox:ci", container_port=9000)
     backend = config.backend.build(config.server_spec())
@@ -50,13 +52,16 @@ def test_a_nomad_setting_on_the_local_backend_is_refused() -> None:
         SlotPoolConfig(nomad_address="http://127.0.0.1:4646")
 
 
-@pytest.mark.parametrize(("values", "message"), [
-    ({"driver": {"type": "docker"}}, "needs `image`"),
-    ({"driver": {"type": "singularity", "image": "/nope/x.sif"}}, "does not exist"),
-    ({"driver": {"type": "podman"}}, "does not match any of the expected tags"),
-    ({"backend": {"type": "slurm"}}, "does not match any of the expected tags"),
-    ({"backend": {"type": "nomad", "adress": "x"}}, "adress"),
-])
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"driver": {"type": "docker"}}, "needs `image`"),
+        ({"driver": {"type": "singularity", "image": "/nope/x.sif"}}, "does not exist"),
+        ({"driver": {"type": "podman"}}, "does not match any of the expected tags"),
+        ({"backend": {"type": "slurm"}}, "does not match any of the expected tags"),
+        ({"backend": {"type": "nomad", "adress": "x"}}, "adress"),
+    ],
+)
 def test_bad_kinds_are_refused_with_a_reason(values: dict[str, object], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         SlotPoolConfig.model_validate(values)

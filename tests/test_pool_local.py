@@ -15,17 +15,22 @@ from atropos.slots import (
     AcquireTimeout,
     LeaseError,
     PoolClosed,
+    Slot,
     SlotLost,
     SlotPool,
     SlotPoolConfig,
 )
-from atropos.slots.leasing import Slot
 from tests.server_process import pids_with_arg, wait_until_gone
 
 
 def cfg(**kw: object) -> SlotPoolConfig:
-    base: dict[str, object] = {"slots_per_container": 4, "min_containers": 1, "max_containers": 1,
-                               "health_interval": 0.25, "scale_cooldown": 0.0}
+    base: dict[str, object] = {
+        "slots_per_container": 4,
+        "min_containers": 1,
+        "max_containers": 1,
+        "health_interval": 0.25,
+        "scale_cooldown": 0.0,
+    }
     base.update(kw)
     return SlotPoolConfig.model_validate(base)
 
@@ -148,10 +153,10 @@ async def test_server_failure_is_slot_lost_and_capacity_returns(how: str) -> Non
         doomed = [s for s in slots if s.server_id == victim_id]
         healthy = [s for s in slots if s.server_id != victim_id]
         assert len(doomed) == 2 and len(healthy) == 2
-        in_flight = [asyncio.ensure_future(pool.execute(s, "bash", {"command": "sleep 20"}, timeout=60))
-                     for s in doomed]
-        ok_calls = [asyncio.ensure_future(pool.execute(s, "bash", {"command": "sleep 1; echo fine"}))
-                    for s in healthy]
+        in_flight = [
+            asyncio.ensure_future(pool.execute(s, "bash", {"command": "sleep 20"}, timeout=60)) for s in doomed
+        ]
+        ok_calls = [asyncio.ensure_future(pool.execute(s, "bash", {"command": "sleep 1; echo fine"})) for s in healthy]
         await asyncio.sleep(0.3)
         pid = _server_pid(pool, victim_id)
         t0 = time.monotonic()
@@ -235,7 +240,7 @@ def test_config_validation_messages(tmp_path: object) -> None:
 
 async def test_slot_that_cannot_be_reset_is_retired(monkeypatch: pytest.MonkeyPatch) -> None:
     from atropos.slots import SlotFailed
-    from atropos.slots.executor import ServerClient
+    from atropos.slots.server_client import ServerClient
 
     async def broken_reset(self: ServerClient, slot: int, timeout: float = 60.0) -> dict[str, object]:
         raise SlotFailed("reset refused (test)")

@@ -9,14 +9,11 @@ import time
 import pytest
 
 from atropos.slots import SlotPool, SlotPoolConfig
-from tests.nomad_fixtures import (  # noqa: F401  (fixtures)
+from tests.nomad_fixtures import (
     TESTS_BIN,
     NomadTarget,
     free_port_block,
     nomad_backend,
-    nomad_target,
-    real_agent,
-    standin,
     task_user,
     write_standin_image,
 )
@@ -25,12 +22,24 @@ from tests.server_process import wait_until_gone
 
 
 def pool_config(**kw: object) -> SlotPoolConfig:
-    backend = {"type": "nomad", "static_port_base": free_port_block(4), "cpu": 100, "memory": 256,
-               "job_id": f"atropos-test-{os.getpid()}"}
+    backend = {
+        "type": "nomad",
+        "static_port_base": free_port_block(4),
+        "cpu": 100,
+        "memory": 256,
+        "job_id": f"atropos-test-{os.getpid()}",
+    }
     base: dict[str, object] = {
-        "backend": backend, "driver": "process", "slots_per_container": 2, "min_containers": 1,
-        "max_containers": 2, "scale_cooldown": 0.0, "idle_scale_down": 0.5, "health_interval": 0.25,
-        "start_timeout": 120, "run_as": task_user(),
+        "backend": backend,
+        "driver": "process",
+        "slots_per_container": 2,
+        "min_containers": 1,
+        "max_containers": 2,
+        "scale_cooldown": 0.0,
+        "idle_scale_down": 0.5,
+        "health_interval": 0.25,
+        "start_timeout": 120,
+        "run_as": task_user(),
     }
     for key in [k for k in kw if k in ("static_port_base", "job_id", "cpu", "memory", "nomad_address")]:
         backend[key.removeprefix("nomad_")] = kw.pop(key)
@@ -44,12 +53,14 @@ async def _job_status(target: NomadTarget, job_id: str) -> str | None:
 
 
 @pytest.mark.parametrize("driver", ["process", "singularity"])
-async def test_pool_runs_scales_and_cleans_up(nomad_target: NomadTarget, driver: str) -> None:  # noqa: F811
+async def test_pool_runs_scales_and_cleans_up(nomad_target: NomadTarget, driver: str) -> None:
     extra: dict[str, object] = {"driver": driver}
     if driver == "singularity":
-        extra["driver"] = {"type": "singularity",
-                           "image": write_standin_image(os.path.join(nomad_target.workdir, "sandbox.sif")),
-                           "apptainer_binary": os.path.join(TESTS_BIN, "apptainer")}  # whatever the agent's PATH holds
+        extra["driver"] = {
+            "type": "singularity",
+            "image": write_standin_image(os.path.join(nomad_target.workdir, "sandbox.sif")),
+            "apptainer_binary": os.path.join(TESTS_BIN, "apptainer"),
+        }  # whatever the agent's PATH holds
     config = pool_config(**extra)
     backend = nomad_backend(config, nomad_target.client)
     messages: list[str] = []
@@ -80,17 +91,17 @@ async def test_pool_runs_scales_and_cleans_up(nomad_target: NomadTarget, driver:
         assert wait_until_gone(job_id) == []
 
 
-async def test_nomad_500_and_hangs_while_scaling(standin: NomadStandIn) -> None:  # noqa: F811
+async def test_nomad_500_and_hangs_while_scaling(nomad_standin: NomadStandIn) -> None:
     from tests.nomad_fixtures import client_for
 
     config = pool_config(max_containers=3)
-    client = client_for(standin.address)
+    client = client_for(nomad_standin.address)
     backend = nomad_backend(config, client)
     async with SlotPool(config, backend=backend) as pool:
         held = [await pool.acquire(f"h{i}") for i in range(2)]
         # the first scale-up request fails twice with 500 (retried), then hangs once (retried)
-        standin.faults.fail("POST", r"^/v1/job/[^/]+$", status=500, times=2)
-        standin.faults.hang("POST", r"^/v1/job/[^/]+$", seconds=30, times=1)
+        nomad_standin.faults.fail("POST", r"^/v1/job/[^/]+$", status=500, times=2)
+        nomad_standin.faults.hang("POST", r"^/v1/job/[^/]+$", seconds=30, times=1)
         extra = await pool.acquire("extra", timeout=120)
         assert (await pool.execute(extra, "bash", {"command": "echo ok"})).stdout == "ok\n"
         # held slots never noticed
@@ -98,21 +109,21 @@ async def test_nomad_500_and_hangs_while_scaling(standin: NomadStandIn) -> None:
             assert (await pool.execute(s, "bash", {"command": "echo fine"})).ok
         fill = await pool.acquire("fill", timeout=5)  # the last free slot of the two servers
         # now Nomad answers 500 to everything for good: scale-up fails clearly, the pool goes on
-        standin.faults.fail("POST", r"^/v1/job/[^/]+$", status=500, times=None)
+        nomad_standin.faults.fail("POST", r"^/v1/job/[^/]+$", status=500, times=None)
         with pytest.raises(Exception, match="no slot became free"):
             await pool.acquire("never", timeout=3)
         assert any("Nomad" in k or "Backend" in k for k in pool.stats().errors), pool.stats().errors
-        standin.faults.rules.clear()
+        nomad_standin.faults.rules.clear()
         assert (await pool.execute(fill, "bash", {"command": "echo still"})).stdout == "still\n"
         for s in [*held, extra, fill]:
             pool.release(s)
 
 
-async def test_dead_owner_jobs_are_cleaned_up(standin: NomadStandIn) -> None:  # noqa: F811
+async def test_dead_owner_jobs_are_cleaned_up(nomad_standin: NomadStandIn) -> None:
     from tests.nomad_fixtures import client_for
 
     config = pool_config()
-    first = nomad_backend(config, client_for(standin.address))
+    first = nomad_backend(config, client_for(nomad_standin.address))
     pool = SlotPool(config, backend=first)
     await pool.start()
     orphan = first.job_id
@@ -120,9 +131,9 @@ async def test_dead_owner_jobs_are_cleaned_up(standin: NomadStandIn) -> None:  #
     job = await first.client.read_job(orphan)
     job["Meta"]["atropos_owner_pid"] = "999999999"
     await first.client.register_job(job)
-    second = nomad_backend(config, client_for(standin.address))
+    second = nomad_backend(config, client_for(nomad_standin.address))
     async with SlotPool(config, backend=second, progress=print):
-        status = await _job_status_standin(standin, orphan)
+        status = await _job_status_standin(nomad_standin, orphan)
         assert status in (None, "dead")
     await pool.close()
 
@@ -136,7 +147,7 @@ async def _job_status_standin(nomad: NomadStandIn, job_id: str) -> str | None:
 
 
 @pytest.mark.parametrize("sig", ["SIGSTOP", "SIGKILL"])
-async def test_lost_server_is_replaced_by_nomad(nomad_target: NomadTarget, sig: str) -> None:  # noqa: F811
+async def test_lost_server_is_replaced_by_nomad(nomad_target: NomadTarget, sig: str) -> None:
     import signal
     from urllib.parse import urlparse
 

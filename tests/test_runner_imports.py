@@ -20,16 +20,20 @@ def loaded_by_the_runner() -> list[str]:
     bootstrap = argv[argv.index("-c") + 1]
     assert bootstrap.endswith(_ENTRY), bootstrap
     probe = bootstrap.removesuffix(_ENTRY) + "import json; print(json.dumps(sorted(sys.modules)))"
-    out = subprocess.run([*argv[:argv.index("-c")], "-c", probe], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([*argv[: argv.index("-c")], "-c", probe], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return list(json.loads(out.stdout))
 
 
 def outside_the_rule(modules: list[str]) -> list[str]:
     stdlib = set(sys.stdlib_module_names)
-    return [m for m in modules
-            if m.split(".")[0] not in stdlib and m not in RUNNER_MODULES
-            and not m.startswith(tuple(p + "." for p in RUNNER_PACKAGES))]
+    return [
+        m
+        for m in modules
+        if m.split(".")[0] not in stdlib
+        and m not in RUNNER_MODULES
+        and not m.startswith(tuple(p + "." for p in RUNNER_PACKAGES))
+    ]
 
 
 def test_the_runner_loads_only_the_standard_library_and_itself() -> None:
@@ -42,7 +46,9 @@ def test_the_check_catches_what_the_rule_forbids() -> None:
     # what the runner would load if it imported the server's wire models (pydantic) or the server
     assert outside_the_rule(["atropos.sandbox.runner.main", "pydantic", "json"]) == ["pydantic"]
     assert outside_the_rule(["atropos.sandbox.models", "atropos.sandbox.server.app"]) == [
-        "atropos.sandbox.models", "atropos.sandbox.server.app"]
+        "atropos.sandbox.models",
+        "atropos.sandbox.server.app",
+    ]
 
 
 def test_the_runner_command_keeps_site_packages_out() -> None:

@@ -30,8 +30,21 @@ CASES: Counter[str] = Counter()
 @pytest.fixture(scope="module")
 def api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     try:
-        with temporary_server("atropos-test-openapi-", "--slots", "2", "--isolation", "bwrap", "--network", "deny",
-                              "--timeout", "3", "--max-body", "1048576", "--max-file-bytes", "65536") as srv:
+        with temporary_server(
+            "atropos-test-openapi-",
+            "--slots",
+            "2",
+            "--isolation",
+            "bwrap",
+            "--network",
+            "deny",
+            "--timeout",
+            "3",
+            "--max-body",
+            "1048576",
+            "--max-file-bytes",
+            "65536",
+        ) as srv:
             yield srv
     finally:
         out = tmp_path_factory.getbasetemp() / "security-openapi-report.json"
@@ -42,8 +55,7 @@ def api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServ
 # the document the server serves (a test below checks it is this one), loaded before any server runs
 schema = schemathesis.openapi.from_dict(openapi_document())
 
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
-                suppress_health_check=list(HealthCheck))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
 
 MAX_TIMEOUT = 3.0

@@ -39,9 +39,12 @@ FIGURES: Counter[str] = Counter()
 
 # a larger run (ATROPOS_FUZZ_EXAMPLES) gets the time it needs: ~15 ms per example on a busy 2-CPU box
 FUZZ_TIMEOUT = pytest.mark.timeout(max(120, EXAMPLES * 0.03))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                       HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+)
 
 
 @dataclass(frozen=True)
@@ -66,8 +69,15 @@ def make_arena(top: str) -> Arena:
     os.makedirs(arena.ws)
     os.makedirs(arena.ws + "foo")  # the `/workspacefoo` of the host path
     os.makedirs(os.path.join(arena.outside, "e"))  # mirrors the workspace's d/e: an escape would find files
-    for path in ("secret.txt", "outside/secret.txt", "outside/f.txt", "outside/a.txt", "outside/e/f.txt",
-                 "outside/sub/secret.txt", "wsfoo/f.txt"):
+    for path in (
+        "secret.txt",
+        "outside/secret.txt",
+        "outside/f.txt",
+        "outside/a.txt",
+        "outside/e/f.txt",
+        "outside/sub/secret.txt",
+        "wsfoo/f.txt",
+    ):
         Path(top, path).write_text(f"{MARKER} {path}")
     return arena
 
@@ -112,16 +122,63 @@ def arena(tmp_path: Path) -> Arena:
 
 # ---------------------------------------------------------------- generated paths and layouts
 
-NAMES = ["a.txt", "d", "e", "f.txt", "new", "L1", "L2", "L3", "loop", "workspace", "workspacefoo", "ws", "wsfoo",
-         "outside", "secret.txt", "sub", "..", ".", "", "...", " ", "~", "$HOME", "*", "\\", "%2e%2e"]
+NAMES = [
+    "a.txt",
+    "d",
+    "e",
+    "f.txt",
+    "new",
+    "L1",
+    "L2",
+    "L3",
+    "loop",
+    "workspace",
+    "workspacefoo",
+    "ws",
+    "wsfoo",
+    "outside",
+    "secret.txt",
+    "sub",
+    "..",
+    ".",
+    "",
+    "...",
+    " ",
+    "~",
+    "$HOME",
+    "*",
+    "\\",
+    "%2e%2e",
+]
 
 
 def path_prefixes(arena: Arena) -> list[str]:
     real = os.path.realpath(arena.ws)
-    return ["", "/", "//", "./", "../", "/workspace", "/workspace/", "/workspacefoo/", "/workspace/../",
-            "/workspace/./", "//workspace//", "/workspace/..", "/./workspace/", real + "/", real + "foo/", real,
-            real + "/../", os.path.realpath(arena.top) + "/", arena.outside + "/", "/etc/", "/proc/self/root/",
-            "/proc/self/cwd/", "/dev/fd/"]
+    return [
+        "",
+        "/",
+        "//",
+        "./",
+        "../",
+        "/workspace",
+        "/workspace/",
+        "/workspacefoo/",
+        "/workspace/../",
+        "/workspace/./",
+        "//workspace//",
+        "/workspace/..",
+        "/./workspace/",
+        real + "/",
+        real + "foo/",
+        real,
+        real + "/../",
+        os.path.realpath(arena.top) + "/",
+        arena.outside + "/",
+        "/etc/",
+        "/proc/self/root/",
+        "/proc/self/cwd/",
+        "/dev/fd/",
+    ]
 
 
 def components() -> st.SearchStrategy[str]:
@@ -131,7 +188,10 @@ def components() -> st.SearchStrategy[str]:
         st.text(min_size=1, max_size=12),
         st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=6),
         st.text(alphabet="x", min_size=250, max_size=300),  # at and past NAME_MAX
-        st.just("\x00"), st.just("a\x00b"), st.just("\ud800"), st.just("é" * 130),
+        st.just("\x00"),
+        st.just("a\x00b"),
+        st.just("\ud800"),
+        st.just("é" * 130),
     )
 
 
@@ -147,12 +207,42 @@ def tool_paths(draw: st.DrawFn, arena: Arena) -> str:
 
 @st.composite
 def link_targets(draw: st.DrawFn, arena: Arena) -> str:
-    fixed = [arena.outside, arena.outside + "/secret.txt", arena.top + "/secret.txt", arena.ws + "foo",
-             arena.ws + "/../outside", arena.ws + "/../secret.txt", arena.ws, arena.ws + "/d", arena.outside + "/nope",
-             arena.outside + "/newdir/x", "/workspace/d", "/workspace/../outside", "/workspace/d/e/f.txt",
-             "/workspacefoo", "../outside", "../secret.txt", "../../", "..", ".", "d", "d/e", "d/e/f.txt", "L1",
-             "L2", "L3", "loop", "nope", "new/dir", "/", "/etc", "/proc/self/root", "d/../..", "./L2/..",
-             "d/e/../../../outside/sub"]
+    fixed = [
+        arena.outside,
+        arena.outside + "/secret.txt",
+        arena.top + "/secret.txt",
+        arena.ws + "foo",
+        arena.ws + "/../outside",
+        arena.ws + "/../secret.txt",
+        arena.ws,
+        arena.ws + "/d",
+        arena.outside + "/nope",
+        arena.outside + "/newdir/x",
+        "/workspace/d",
+        "/workspace/../outside",
+        "/workspace/d/e/f.txt",
+        "/workspacefoo",
+        "../outside",
+        "../secret.txt",
+        "../../",
+        "..",
+        ".",
+        "d",
+        "d/e",
+        "d/e/f.txt",
+        "L1",
+        "L2",
+        "L3",
+        "loop",
+        "nope",
+        "new/dir",
+        "/",
+        "/etc",
+        "/proc/self/root",
+        "d/../..",
+        "./L2/..",
+        "d/e/../../../outside/sub",
+    ]
     return draw(st.one_of(st.sampled_from(fixed), tool_paths(arena)))
 
 
@@ -175,6 +265,7 @@ def plant_layout(arena: Arena, links: list[tuple[str, str]]) -> None:
 
 
 # ---------------------------------------------------------------- oracles
+
 
 def inside_contents(ws: str) -> set[str]:
     found = set()
@@ -228,14 +319,20 @@ def check_paths(arena: Arena, paths: list[str], encoding: str, mode: int | None)
 
 # ---------------------------------------------------------------- the fuzz tests
 
+
 @FUZZ_TIMEOUT
-def test_fuzz_generated_paths_and_symlink_layouts(tmp_path_factory: pytest.TempPathFactory,
-                                                  report: Counter[str]) -> None:
+def test_fuzz_generated_paths_and_symlink_layouts(
+    tmp_path_factory: pytest.TempPathFactory, report: Counter[str]
+) -> None:
     arena = make_arena(str(tmp_path_factory.mktemp("arena")))
 
     @FUZZ
-    @given(links=layouts(arena), paths=st.lists(tool_paths(arena), min_size=1, max_size=6),
-           encoding=st.sampled_from(["text", "base64"]), mode=st.sampled_from([None, 0o600, 0o755, 0o4777]))
+    @given(
+        links=layouts(arena),
+        paths=st.lists(tool_paths(arena), min_size=1, max_size=6),
+        encoding=st.sampled_from(["text", "base64"]),
+        mode=st.sampled_from([None, 0o600, 0o755, 0o4777]),
+    )
     def run(links: list[tuple[str, str]], paths: list[str], encoding: str, mode: int | None) -> None:
         plant_layout(arena, links)
         check_paths(arena, paths + [name for name, _ in links], encoding, mode)
@@ -246,13 +343,20 @@ def test_fuzz_generated_paths_and_symlink_layouts(tmp_path_factory: pytest.TempP
 
 
 @FUZZ_TIMEOUT
-def test_fuzz_paths_through_every_kind_of_link(tmp_path_factory: pytest.TempPathFactory,
-                                              report: Counter[str]) -> None:
+def test_fuzz_paths_through_every_kind_of_link(tmp_path_factory: pytest.TempPathFactory, report: Counter[str]) -> None:
     """One fixed layout holding each kind of link; generated paths walk through them."""
     arena = make_arena(str(tmp_path_factory.mktemp("arena")))
-    links = [("L1", "d/e"), ("L2", "L1"), ("L3", "/workspace/d/e"), ("loop", "loop"), ("d/L4", "../../outside"),
-             ("d/e/L5", arena.outside), ("new", arena.outside + "/newdir"), ("outside", "L4/../.."),
-             ("workspace", "d/L4/sub")]
+    links = [
+        ("L1", "d/e"),
+        ("L2", "L1"),
+        ("L3", "/workspace/d/e"),
+        ("loop", "loop"),
+        ("d/L4", "../../outside"),
+        ("d/e/L5", arena.outside),
+        ("new", arena.outside + "/newdir"),
+        ("outside", "L4/../.."),
+        ("workspace", "d/L4/sub"),
+    ]
 
     @FUZZ
     @given(paths=st.lists(tool_paths(arena), min_size=1, max_size=8), encoding=st.sampled_from(["text", "base64"]))
@@ -264,8 +368,7 @@ def test_fuzz_paths_through_every_kind_of_link(tmp_path_factory: pytest.TempPath
 
 
 @settings(max_examples=max(200, EXAMPLES // 4), deadline=None, database=None)
-@given(parts=st.lists(st.sampled_from(["d", "e", ".", "..", "L1", "L3"]), max_size=8),
-       alias=st.booleans())
+@given(parts=st.lists(st.sampled_from(["d", "e", ".", "..", "L1", "L3"]), max_size=8), alias=st.booleans())
 def test_paths_that_stay_inside_still_work(parts: list[str], alias: bool) -> None:
     """The walk is not a blanket refusal: inside paths (through inside links too) read the right file."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -295,13 +398,23 @@ def test_documented_refusals_name_the_reason(arena: Arena) -> None:
     os.symlink("hop2", os.path.join(arena.ws, "hop1"))
     os.symlink("out", os.path.join(arena.ws, "hop2"))
     os.symlink("loop", os.path.join(arena.ws, "loop"))
-    cases = {"out/secret.txt": "outside the workspace", "dangling": "outside the workspace",
-             "hop1/f.txt": "outside the workspace", "../secret.txt": "outside the workspace",
-             "/workspacefoo/f.txt": "outside the workspace", "a\x00b": "NUL", "x" * 256: "too long",
-             "y/" * 2100: "too long", "loop": "too many levels of symbolic links", "d": "is a directory"}
+    cases = {
+        "out/secret.txt": "outside the workspace",
+        "dangling": "outside the workspace",
+        "hop1/f.txt": "outside the workspace",
+        "../secret.txt": "outside the workspace",
+        "/workspacefoo/f.txt": "outside the workspace",
+        "a\x00b": "NUL",
+        "x" * 256: "too long",
+        "y/" * 2100: "too long",
+        "loop": "too many levels of symbolic links",
+        "d": "is a directory",
+    }
     for path, needle in cases.items():
-        for res in (read_file(arena.ws, {"path": path}, LIMIT),
-                    write_file(arena.ws, {"path": path, "content": "x"}, LIMIT)):
+        for res in (
+            read_file(arena.ws, {"path": path}, LIMIT),
+            write_file(arena.ws, {"path": path, "content": "x"}, LIMIT),
+        ):
             assert res["ok"] is False and needle in str(res["error"]), (path, res)
 
 
@@ -397,9 +510,11 @@ def run_race(arena: Arena) -> Counter[str]:
     assert swapper.stdout is not None and swapper.stdout.readline() == "ready\n"
     outcomes: Counter[str] = Counter()
     try:
-        while outcomes["rounds"] < RACE_MAX_ROUNDS and min(
-                outcomes["read_ok"], outcomes["read_refused"], outcomes["write_ok"],
-                outcomes["write_refused"]) < RACE_MIN_OUTCOMES:
+        while (
+            outcomes["rounds"] < RACE_MAX_ROUNDS
+            and min(outcomes["read_ok"], outcomes["read_refused"], outcomes["write_ok"], outcomes["write_refused"])
+            < RACE_MIN_OUTCOMES
+        ):
             race_round(arena, outcomes)
             assert swapper.poll() is None, "the swapper died"
     finally:

@@ -48,8 +48,9 @@ def plain_server() -> Iterator[RunningServer]:
 
 
 @pytest.mark.parametrize("target", ["other slot", "server"])
-def test_slot_cannot_signal_trace_or_read_another_slots_process_or_the_server(iso_server: RunningServer,
-                                                                               target: str) -> None:
+def test_slot_cannot_signal_trace_or_read_another_slots_process_or_the_server(
+    iso_server: RunningServer, target: str
+) -> None:
     marker, victim = start_victim(iso_server, 0)
     pid = victim if target == "other slot" else iso_server.proc.pid
     res = iso_server.execute(1, "bash", command=attack_script(pid), timeout=60)
@@ -80,12 +81,14 @@ def test_kill_all_from_a_slot_reaches_only_that_slot(iso_server: RunningServer) 
     iso_server.execute(0, "bash", command=f"pkill -f 'sleep {marker}'")
 
 
-def test_with_isolation_none_file_tools_stay_confined_and_commands_get_no_token(plain_server: RunningServer
-                                                                               ) -> None:
+def test_with_isolation_none_file_tools_stay_confined_and_commands_get_no_token(plain_server: RunningServer) -> None:
     """What holds without bubblewrap: path confinement of the file tools, and no token in commands' env."""
     srv = plain_server
-    for path in (f"/proc/{srv.proc.pid}/environ", os.path.join(srv.data_dir, "slots", "0", "..", "1", "x"),
-                 "/etc/hostname"):
+    for path in (
+        f"/proc/{srv.proc.pid}/environ",
+        os.path.join(srv.data_dir, "slots", "0", "..", "1", "x"),
+        "/etc/hostname",
+    ):
         res = srv.execute(1, "read_file", path=path)
         assert res["ok"] is False and "outside the workspace" in str(res["error"]), (path, res)
     res = srv.execute(1, "bash", command="env; cat /proc/self/environ")
@@ -102,8 +105,11 @@ def test_with_isolation_none_slots_are_not_separated(plain_server: RunningServer
     srv = plain_server
     marker, victim = start_victim(srv, 0)
     environ = f"/proc/{srv.proc.pid}/environ"
-    res = srv.execute(1, "bash", command=f"kill -0 {victim} && echo SIGNAL-OK; "
-                                         f"tr '\\0' '\\n' < {environ} | grep -c ATROPOS_SANDBOX_TOKEN")
+    res = srv.execute(
+        1,
+        "bash",
+        command=f"kill -0 {victim} && echo SIGNAL-OK; tr '\\0' '\\n' < {environ} | grep -c ATROPOS_SANDBOX_TOKEN",
+    )
     gave_up_root = os.geteuid() == 0
     assert "SIGNAL-OK" in str(res["stdout"]), res
     assert str(res["stdout"]).split()[-1] == ("0" if gave_up_root else "1"), res

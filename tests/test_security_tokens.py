@@ -26,9 +26,19 @@ def token_server() -> Iterator[RunningServer]:
 
 
 def wrong_authorizations(token: str) -> list[str]:
-    return ["", "Bearer", f"Bearer {token[:-1]}", f"Bearer {token}x", f"Bearer {token[1:]}",
-            f"Basic {token}", token, f"Bearer  {token[:8]}", f"Bearer {token.upper()}x",
-            "Bearer " + "A" * 8000, f"Token {token}"]
+    return [
+        "",
+        "Bearer",
+        f"Bearer {token[:-1]}",
+        f"Bearer {token}x",
+        f"Bearer {token[1:]}",
+        f"Basic {token}",
+        token,
+        f"Bearer  {token[:8]}",
+        f"Bearer {token.upper()}x",
+        "Bearer " + "A" * 8000,
+        f"Token {token}",
+    ]
 
 
 def raw_request(url: str, header_line: bytes) -> bytes:
@@ -36,8 +46,14 @@ def raw_request(url: str, header_line: bytes) -> bytes:
     empty if the server closed the connection without one (it may, before reading a 1 MB header)."""
     parts = urlsplit(url)
     body = b'{"slot": 0, "tool": "bash", "args": {"command": "echo pwned"}}'
-    request = (b"POST /execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + header_line +
-               b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+    request = (
+        b"POST /execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + header_line
+        + b"\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\nConnection: close\r\n\r\n"
+        + body
+    )
     chunks = []
     with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 80), timeout=30) as sock:
         try:
@@ -57,22 +73,29 @@ def status_of(reply: bytes) -> int:
 def test_wrong_tokens_are_refused_with_401_and_never_echoed(token_server: RunningServer) -> None:
     srv = token_server
     for value in wrong_authorizations(srv.token):
-        r = httpx.post(srv.url + "/execute", headers={"Authorization": value},
-                       json={"slot": 0, "tool": "bash", "args": {"command": "echo pwned"}}, timeout=30)
+        r = httpx.post(
+            srv.url + "/execute",
+            headers={"Authorization": value},
+            json={"slot": 0, "tool": "bash", "args": {"command": "echo pwned"}},
+            timeout=30,
+        )
         assert r.status_code == 401, (value[:40], r.status_code, r.text)
         assert srv.token not in r.text and "pwned" not in r.text
 
 
-@pytest.mark.parametrize("header_line", [
-    b"Authorization: Bearer \xff\xfe\x80",  # not UTF-8
-    b"Authorization: Bearer " + b"B" * (1 << 20),  # 1 MB
-    b"Authorization: Bearer a\x00b",
-    b"Authorization: Bearer ",
-    b"Authorization: Bearer " + "é".encode() * 40,
-    b"Authorization: Bearer " + b"\t" * 100,
-    b"Authorization : Bearer x",
-    b"Authorization: Bearer x\r\nAuthorization: Bearer y",
-])
+@pytest.mark.parametrize(
+    "header_line",
+    [
+        b"Authorization: Bearer \xff\xfe\x80",  # not UTF-8
+        b"Authorization: Bearer " + b"B" * (1 << 20),  # 1 MB
+        b"Authorization: Bearer a\x00b",
+        b"Authorization: Bearer ",
+        b"Authorization: Bearer " + "é".encode() * 40,
+        b"Authorization: Bearer " + b"\t" * 100,
+        b"Authorization : Bearer x",
+        b"Authorization: Bearer x\r\nAuthorization: Bearer y",
+    ],
+)
 def test_malformed_or_huge_authorization_is_a_4xx(token_server: RunningServer, header_line: bytes) -> None:
     reply = raw_request(token_server.url, header_line)
     assert 400 <= status_of(reply) < 500, reply[:300]
@@ -84,14 +107,16 @@ def test_malformed_or_huge_authorization_is_a_4xx(token_server: RunningServer, h
 def test_health_and_error_bodies_never_hold_the_token(token_server: RunningServer) -> None:
     srv = token_server
     with srv.client() as client:
-        bodies = [client.get("/health").text,
-                  client.post("/execute", content=b"{not json").text,
-                  client.post("/execute", json={"slot": 9, "tool": "bash", "args": {"command": "x"}}).text,
-                  client.post("/execute", json={"slot": 0, "tool": "nope"}).text,
-                  client.post("/execute", json={"slot": 0, "tool": "bash", "args": {"x": srv.token}}).text,
-                  client.post("/reset", json={"slot": "zero"}).text,
-                  client.get("/nowhere").text,
-                  client.put("/execute").text]
+        bodies = [
+            client.get("/health").text,
+            client.post("/execute", content=b"{not json").text,
+            client.post("/execute", json={"slot": 9, "tool": "bash", "args": {"command": "x"}}).text,
+            client.post("/execute", json={"slot": 0, "tool": "nope"}).text,
+            client.post("/execute", json={"slot": 0, "tool": "bash", "args": {"x": srv.token}}).text,
+            client.post("/reset", json={"slot": "zero"}).text,
+            client.get("/nowhere").text,
+            client.put("/execute").text,
+        ]
     assert httpx.get(srv.url + "/health").json().keys() >= {"status", "isolation"}
     for body in bodies[:4] + bodies[5:]:
         assert srv.token not in body, body
@@ -100,9 +125,13 @@ def test_health_and_error_bodies_never_hold_the_token(token_server: RunningServe
 
 def test_commands_in_a_slot_cannot_find_the_token(token_server: RunningServer) -> None:
     srv = token_server
-    res = srv.execute(0, "bash", command="env; cat /proc/1/environ /proc/self/environ 2>/dev/null; "
-                                         "grep -rs ATROPOS_SANDBOX_TOKEN /proc/*/environ; ls -a ~; cat ~/token",
-                      timeout=60)
+    res = srv.execute(
+        0,
+        "bash",
+        command="env; cat /proc/1/environ /proc/self/environ 2>/dev/null; "
+        "grep -rs ATROPOS_SANDBOX_TOKEN /proc/*/environ; ls -a ~; cat ~/token",
+        timeout=60,
+    )
     assert srv.token not in str(res["output"])
 
 

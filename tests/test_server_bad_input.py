@@ -8,8 +8,9 @@ import pytest
 from tests.server_process import RunningServer
 
 
-def post(server: RunningServer, path: str, content: bytes | None = None, json: object = None,
-         token: str | None = "valid") -> httpx.Response:
+def post(
+    server: RunningServer, path: str, content: bytes | None = None, json: object = None, token: str | None = "valid"
+) -> httpx.Response:
     headers = {} if token is None else {"Authorization": f"Bearer {server.token if token == 'valid' else token}"}
     return httpx.post(server.url + path, content=content, json=json, headers=headers, timeout=30)
 
@@ -59,8 +60,9 @@ def test_bad_execute_bodies(server: RunningServer, body: bytes, status: int, nee
 
 
 def test_oversized_body(server: RunningServer) -> None:
-    r = post(server, "/execute", json={"slot": 0, "tool": "write_file",
-                                        "args": {"path": "big", "content": "x" * 5_000_000}})
+    r = post(
+        server, "/execute", json={"slot": 0, "tool": "write_file", "args": {"path": "big", "content": "x" * 5_000_000}}
+    )
     assert r.status_code == 413 and "too large" in r.json()["error"]
 
 
@@ -75,8 +77,10 @@ def test_bad_base64_refused(server: RunningServer) -> None:
 
 
 def test_batch_validates_everything_first(server: RunningServer) -> None:
-    calls = [{"slot": 0, "tool": "write_file", "args": {"path": "batch-first", "content": "1"}},
-             {"slot": 0, "tool": "nope", "args": {}}]
+    calls = [
+        {"slot": 0, "tool": "write_file", "args": {"path": "batch-first", "content": "1"}},
+        {"slot": 0, "tool": "nope", "args": {}},
+    ]
     r = post(server, "/batch", json={"calls": calls})
     assert r.status_code == 400
     assert server.execute(0, "bash", command="test -e batch-first || echo absent")["stdout"] == "absent\n"

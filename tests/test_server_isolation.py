@@ -94,25 +94,39 @@ def test_sandbox_dies_with_server(tmpdir_path: str) -> None:
 
 
 def _start_fails(args: list[str], env: dict[str, str]) -> str:
-    proc = subprocess.run([sys.executable, "-m", "atropos.sandbox.server", "--port", "0", *args],
-                          capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+    proc = subprocess.run(
+        [sys.executable, "-m", "atropos.sandbox.server", "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+    )
     assert proc.returncode == 2, proc.stderr
     return proc.stderr
 
 
 def test_refuses_public_address_without_token(tmpdir_path: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "ATROPOS_SANDBOX_TOKEN"}
-    proc = subprocess.run([sys.executable, "-m", "atropos.sandbox.server", "--host", "0.0.0.0", "--port", "0",
-                           "--data-dir", tmpdir_path], capture_output=True, text=True, timeout=60, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "atropos.sandbox.server", "--host", "0.0.0.0", "--port", "0", "--data-dir", tmpdir_path],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert proc.returncode == 2
     assert "without a token" in proc.stderr
 
 
 def test_loopback_without_token_generates_one(tmpdir_path: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "ATROPOS_SANDBOX_TOKEN"}
-    proc = subprocess.Popen([sys.executable, "-m", "atropos.sandbox.server", "--port", "0", "--slots", "1",
-                             "--data-dir", tmpdir_path], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "atropos.sandbox.server", "--port", "0", "--slots", "1", "--data-dir", tmpdir_path],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         from tests.server_process import wait_ready
 
@@ -120,10 +134,15 @@ def test_loopback_without_token_generates_one(tmpdir_path: str) -> None:
         token_file = os.path.join(tmpdir_path, "token")
         assert oct(os.stat(token_file).st_mode & 0o777) == "0o600"
         token = open(token_file).read().strip()
-        assert httpx.post(url + "/execute", json={"slot": 0, "tool": "bash", "args": {"command": "true"}}
-                          ).status_code == 401
-        r = httpx.post(url + "/execute", json={"slot": 0, "tool": "bash", "args": {"command": "true"}},
-                       headers={"Authorization": f"Bearer {token}"})
+        assert (
+            httpx.post(url + "/execute", json={"slot": 0, "tool": "bash", "args": {"command": "true"}}).status_code
+            == 401
+        )
+        r = httpx.post(
+            url + "/execute",
+            json={"slot": 0, "tool": "bash", "args": {"command": "true"}},
+            headers={"Authorization": f"Bearer {token}"},
+        )
         assert r.status_code == 200 and r.json()["ok"]
     finally:
         proc.terminate()
@@ -131,8 +150,7 @@ def test_loopback_without_token_generates_one(tmpdir_path: str) -> None:
 
 
 def test_bwrap_mode_refuses_without_bwrap(tmpdir_path: str) -> None:
-    err = _start_fails(["--data-dir", tmpdir_path, "--isolation", "bwrap"],
-                       {"ATROPOS_BWRAP": "/nonexistent/bwrap"})
+    err = _start_fails(["--data-dir", tmpdir_path, "--isolation", "bwrap"], {"ATROPOS_BWRAP": "/nonexistent/bwrap"})
     assert "isolation unavailable" in err
 
 
@@ -149,6 +167,10 @@ def test_auto_falls_back_and_says_so(tmpdir_path: str) -> None:
 
 @pytest.mark.parametrize("slots", ["0", "abc"])
 def test_bad_option_values(tmpdir_path: str, slots: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "atropos.sandbox.server", "--slots", slots,
-                           "--data-dir", tmpdir_path], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "atropos.sandbox.server", "--slots", slots, "--data-dir", tmpdir_path],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "slots" in proc.stderr and "Traceback" not in proc.stderr

@@ -20,8 +20,22 @@ from atropos.sandbox.server.cgroups import SlotCgroups
 from atropos.units import format_size, parse_size
 from tests.server_process import RunningServer, run_server
 
-LIMIT_ARGS = ("--slots", "3", "--limit-memory", "512M", "--limit-processes", "64", "--limit-cpu", "2",
-              "--limit-file-size", "64M", "--limit-workspace", "200M", "--limit-tmp", "100M")
+LIMIT_ARGS = (
+    "--slots",
+    "3",
+    "--limit-memory",
+    "512M",
+    "--limit-processes",
+    "64",
+    "--limit-cpu",
+    "2",
+    "--limit-file-size",
+    "64M",
+    "--limit-workspace",
+    "200M",
+    "--limit-tmp",
+    "100M",
+)
 # the pool declares a server lost when /health takes longer than this
 HEALTH_DEADLINE = 2.0
 
@@ -104,8 +118,10 @@ def neighbours(srv: RunningServer, other_slot: int = 2) -> Iterator[Neighbours]:
         for t in threads:
             t.join()
     p99 = statistics.quantiles(seen.health_ms, n=100)[98] if len(seen.health_ms) >= 2 else float("nan")
-    print(f"\n/health during abuse: {len(seen.health_ms)} pings, p50 "
-          f"{statistics.median(seen.health_ms) if seen.health_ms else float('nan'):.1f} ms, p99 {p99:.1f} ms")
+    print(
+        f"\n/health during abuse: {len(seen.health_ms)} pings, p50 "
+        f"{statistics.median(seen.health_ms) if seen.health_ms else float('nan'):.1f} ms, p99 {p99:.1f} ms"
+    )
     assert not seen.health_failures, seen.health_failures[:3]
     assert seen.health_ms, "no /health answer at all during the abuse"
     assert not seen.other_failures, seen.other_failures[:3]
@@ -200,8 +216,10 @@ def test_private_tmp_is_bounded(limited_bwrap: RunningServer) -> None:
     assert limited_bwrap.execute(0, "bash", command="rm /tmp/a /tmp/b")["ok"]
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not _cgroups_writable(),
-                    reason="per-slot cgroups need write access to the v1 memory and pids hierarchies (root)")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not _cgroups_writable(),
+    reason="per-slot cgroups need write access to the v1 memory and pids hierarchies (root)",
+)
 def test_slot_memory_cgroup_kills_processes_that_together_exceed_it(limited_bwrap: RunningServer) -> None:
     each = "python3 -c 'import time; b = bytearray(300 * 1024**2); time.sleep(3)'"
     with neighbours(limited_bwrap):
@@ -210,8 +228,19 @@ def test_slot_memory_cgroup_kills_processes_that_together_exceed_it(limited_bwra
 
 
 def test_limits_off_with_none(tmp_path: str) -> None:
-    with run_server(str(tmp_path), "--isolation", "bwrap", "--slots", "1", "--limit-memory", "none",
-                    "--limit-file-size", "none", "--limit-cpu", "none") as srv:
+    with run_server(
+        str(tmp_path),
+        "--isolation",
+        "bwrap",
+        "--slots",
+        "1",
+        "--limit-memory",
+        "none",
+        "--limit-file-size",
+        "none",
+        "--limit-cpu",
+        "none",
+    ) as srv:
         r = srv.execute(0, "bash", command="ulimit -d; ulimit -f; ulimit -t")
     assert r["output"].split() == ["unlimited"] * 3, r
 
@@ -237,8 +266,12 @@ def test_bad_limit_option_is_one_clear_line(tmp_path: str) -> None:
     import sys
 
     for bad, expect in ((["--limit-memory", "lots"], "not a size"), (["--limit-processes", "2"], "--limit-processes")):
-        proc = subprocess.run([sys.executable, "-m", "atropos.sandbox.server", "--data-dir", str(tmp_path), *bad],
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [sys.executable, "-m", "atropos.sandbox.server", "--data-dir", str(tmp_path), *bad],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 2 and expect in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
 
@@ -251,8 +284,7 @@ async def test_pool_limits_reach_every_slot() -> None:
     from atropos.slots import SlotPool, SlotPoolConfig
 
     limits = SlotLimits(file_size=2 * 1024 * 1024, cpu_seconds=7, memory=None)
-    config = SlotPoolConfig(driver="process", slots_per_container=1, min_containers=1, max_containers=1,
-                            limits=limits)
+    config = SlotPoolConfig(driver="process", slots_per_container=1, min_containers=1, max_containers=1, limits=limits)
     async with SlotPool(config) as pool, pool.slot(trajectory_id="limits") as slot:
         r = await pool.execute(slot, "bash", {"command": "ulimit -f; ulimit -t; ulimit -d"})
         assert r.stdout.split() == ["2048", "7", "unlimited"], r

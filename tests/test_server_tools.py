@@ -17,8 +17,19 @@ def test_health_reports_mode_without_auth(server: RunningServer) -> None:
     assert body["status"] == "ok"
     assert body["slots"] == 4
     assert body["isolation"] in ("bwrap", "none")
-    assert set(body) == {"status", "version", "slots", "busy", "isolation", "network", "uid", "limits", "cgroups",
-                         "isolation_reason", "network_reason"}
+    assert set(body) == {
+        "status",
+        "version",
+        "slots",
+        "busy",
+        "isolation",
+        "network",
+        "uid",
+        "limits",
+        "cgroups",
+        "isolation_reason",
+        "network_reason",
+    }
     assert body["network"] in ("public", "deny", "allow") and body["uid"] != 0
 
 

@@ -8,8 +8,7 @@ from atropos.bench.soak import Soak, SoakOptions
 
 
 async def test_short_soak_loses_nothing_and_leaks_nothing() -> None:
-    options = SoakOptions(duration=20.0, slots=3, servers=2, seed=11, fault_every=2.5, report_every=5.0,
-                          think=0.05)
+    options = SoakOptions(duration=20.0, slots=3, servers=2, seed=11, fault_every=2.5, report_every=5.0, think=0.05)
     report = await Soak(options).run()
     print(report.to_json())
     assert report.ledger["calls"] > 100, report.ledger

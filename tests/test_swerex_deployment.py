@@ -59,7 +59,6 @@ if TYPE_CHECKING:
     from atropos.images.runtime import ApptainerRuntime
     from tests.swerex_fixtures import ApptainerEnv
 
-pytest_plugins = ["tests.swerex_fixtures", "tests.images_fixtures"]
 
 TESTS_DIR = str(Path(__file__).resolve().parent)
 
@@ -489,11 +488,14 @@ def test_bootstrap_hands_any_token_to_swerex_server(token: str) -> None:
     # token_urlsafe gives a leading '-' one time in 64: argparse must still read it as the token
     from atropos.integrations import swerex as ours
 
-    probe = ("import uvicorn, swerex.server as s; "
-             "uvicorn.run = lambda app, **kw: print('TOKEN=' + s.AUTH_TOKEN, 'PORT=' + str(kw['port'])); "
-             f"exec({ours._BOOTSTRAP!r})")
+    probe = (
+        "import uvicorn, swerex.server as s; "
+        "uvicorn.run = lambda app, **kw: print('TOKEN=' + s.AUTH_TOKEN, 'PORT=' + str(kw['port'])); "
+        f"exec({ours._BOOTSTRAP!r})"
+    )
     env = {**os.environ, ours.TOKEN_VAR: token}
-    done = subprocess.run([sys.executable, "-c", probe, "--port", "4321"], env=env, capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", probe, "--port", "4321"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [f"TOKEN={token}", "PORT=4321"]

@@ -19,10 +19,13 @@ __all__ = ["register"]
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("cleanup", help="remove servers and Nomad jobs left by pools whose process died",
-                       description="Remove the local servers and Nomad jobs of pools whose owner process "
-                       "died without stopping them. Without --local or --nomad: local, and Nomad too "
-                       "when NOMAD_ADDR is set.")
+    p = sub.add_parser(
+        "cleanup",
+        help="remove servers and Nomad jobs left by pools whose process died",
+        description="Remove the local servers and Nomad jobs of pools whose owner process "
+        "died without stopping them. Without --local or --nomad: local, and Nomad too "
+        "when NOMAD_ADDR is set.",
+    )
     p.add_argument("--local", action="store_true", help="local-backend servers of dead pools")
     p.add_argument("--nomad", action="store_true", help="sandbox jobs of dead pools on this host")
     p.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")

@@ -57,9 +57,13 @@ class Launcher:
 class ProcessLauncher(Launcher):
     def command(self, name: str, data_dir: str, token: str) -> Command:
         # started as root, the server gives root up itself (it also makes its Python reachable)
-        argv = [sys.executable, "-m", "atropos.sandbox.server",
-                *self.spec.server_args(host="127.0.0.1", port=0, data_dir=data_dir),
-                *(["--run-as", self.run_as] if self.run_as else [])]
+        argv = [
+            sys.executable,
+            "-m",
+            "atropos.sandbox.server",
+            *self.spec.server_args(host="127.0.0.1", port=0, data_dir=data_dir),
+            *(["--run-as", self.run_as] if self.run_as else []),
+        ]
         return argv, self.environment(token)
 
 
@@ -81,8 +85,9 @@ class ApptainerLauncher(Launcher):
         progress(f"image: resolving {d.image} (pull policy {d.pull_policy})")
         try:
             runtime = await asyncio.to_thread(find_runtime, d.apptainer_binary)
-            sif = await asyncio.to_thread(resolve_singularity_image, d.image, d.pull_policy, runtime=runtime,
-                                          progress=progress)
+            sif = await asyncio.to_thread(
+                resolve_singularity_image, d.image, d.pull_policy, runtime=runtime, progress=progress
+            )
         except ImageError as exc:
             raise BackendError(str(exc)) from None
         self.binary, self.sif = str(runtime.binary), str(sif)
@@ -97,7 +102,10 @@ class ApptainerLauncher(Launcher):
     def command(self, name: str, data_dir: str, token: str) -> Command:
         assert self.sif is not None and self.binary is not None, "prepare() first"
         argv = build_apptainer_exec_argv(
-            self.binary, self.sif, binds=[(data_dir, CONTAINER_DATA_DIR)], tun=os.path.exists(TUN_DEVICE),
+            self.binary,
+            self.sif,
+            binds=[(data_dir, CONTAINER_DATA_DIR)],
+            tun=os.path.exists(TUN_DEVICE),
             server_args=self.spec.server_args(host="127.0.0.1", port=0, data_dir=CONTAINER_DATA_DIR),
         )
         if self.run_as:  # apptainer as root would make the server root in the container: run it unprivileged
@@ -122,17 +130,39 @@ class DockerLauncher(Launcher):
         # the bind-mounted data dir stays ours, or as the image's unprivileged user when we are root
         owner = [] if os.getuid() == 0 else ["--run-as", f"{os.getuid()}:{os.getgid()}"]
         port = self.driver.container_port
-        argv = ["docker", "run", "--rm", "--pull", "never", "--name", name, *docker_run_options(),
-                "-p", f"127.0.0.1::{port}", "-v", f"{data_dir}:{CONTAINER_DATA_DIR}", "-e", TOKEN_ENV,
-                self.driver.image, "atropos-sandbox", "server",
-                *self.spec.server_args(host="0.0.0.0", port=port, data_dir=CONTAINER_DATA_DIR), *owner]
+        argv = [
+            "docker",
+            "run",
+            "--rm",
+            "--pull",
+            "never",
+            "--name",
+            name,
+            *docker_run_options(),
+            "-p",
+            f"127.0.0.1::{port}",
+            "-v",
+            f"{data_dir}:{CONTAINER_DATA_DIR}",
+            "-e",
+            TOKEN_ENV,
+            self.driver.image,
+            "atropos-sandbox",
+            "server",
+            *self.spec.server_args(host="0.0.0.0", port=port, data_dir=CONTAINER_DATA_DIR),
+            *owner,
+        ]
         return argv, self.environment(token)
 
     async def url(self, name: str, reported: str) -> str:
         """The container's port as published on loopback (what the server reported is inside)."""
         proc = await asyncio.create_subprocess_exec(
-            "docker", "port", name, f"{self.driver.container_port}/tcp",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            "docker",
+            "port",
+            name,
+            f"{self.driver.container_port}/tcp",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         out, err = await proc.communicate()
         if proc.returncode != 0 or not out.strip():
             raise BackendError(f"docker port {name}: {err.decode(errors='replace').strip()}")
@@ -154,8 +184,7 @@ def _unprivileged(user: str) -> list[str]:
     who = _identity(user)
     if shutil.which("setpriv") is None:
         raise BackendError(f"running apptainer as {who.name} needs setpriv (util-linux); or set run_as=None")
-    return ["setpriv", "--reuid", str(who.uid), "--regid", str(who.gid), "--clear-groups", "--pdeathsig", "KILL",
-            "--"]
+    return ["setpriv", "--reuid", str(who.uid), "--regid", str(who.gid), "--clear-groups", "--pdeathsig", "KILL", "--"]
 
 
 def _identity(user: str) -> Identity:

@@ -52,8 +52,11 @@ class LocalBackendConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     type: Literal["local"] = "local"
-    workdir: str | None = Field(default=None, description="where the servers' data dirs and logs go; "
-                                "None: a fresh temporary directory, removed when the pool closes")
+    workdir: str | None = Field(
+        default=None,
+        description="where the servers' data dirs and logs go; "
+        "None: a fresh temporary directory, removed when the pool closes",
+    )
 
     def build(self, spec: ServerSpec) -> LocalBackend:
         return LocalBackend(spec, self)
@@ -62,8 +65,7 @@ class LocalBackendConfig(BaseModel):
 class LocalBackend(SandboxBackend):
     name = "local"
 
-    def __init__(self, spec: ServerSpec, config: LocalBackendConfig | None = None, workdir: str | None = None
-                 ) -> None:
+    def __init__(self, spec: ServerSpec, config: LocalBackendConfig | None = None, workdir: str | None = None) -> None:
         self.spec = spec
         self.config = config or LocalBackendConfig()
         self.launcher = launcher_for(spec)
@@ -89,8 +91,7 @@ class LocalBackend(SandboxBackend):
             for reaped in await asyncio.to_thread(reap_dead_owners):
                 progress(f"cleaned up after a dead pool: {reaped.describe()}")
         await self.launcher.prepare(progress)
-        started = await asyncio.gather(*(self._start_one(progress) for _ in range(count)),
-                                       return_exceptions=True)
+        started = await asyncio.gather(*(self._start_one(progress) for _ in range(count)), return_exceptions=True)
         infos = [s for s in started if isinstance(s, ServerInfo)]
         errors = [s for s in started if isinstance(s, BaseException)]
         if errors and not infos:
@@ -112,15 +113,26 @@ class LocalBackend(SandboxBackend):
         try:
             # the server dies with this process, however it ends (see local_records)
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdout=asyncio.subprocess.PIPE, stderr=log_file, env=env, start_new_session=True,
-                preexec_fn=die_with_owner())
+                *argv,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log_file,
+                env=env,
+                start_new_session=True,
+                preexec_fn=die_with_owner(),
+            )
         except OSError as exc:
             raise BackendError(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
         finally:
             log_file.close()  # the child has its own copy of the descriptor
         container = name if self.launcher.container_name else None
-        record = ServerRecord.for_process(server_id, proc.pid, data_dir=data_dir, workdir=self.workdir,
-                                          own_workdir=self._own_workdir, container=container)
+        record = ServerRecord.for_process(
+            server_id,
+            proc.pid,
+            data_dir=data_dir,
+            workdir=self.workdir,
+            own_workdir=self._own_workdir,
+            container=container,
+        )
         await asyncio.to_thread(record.save)
         try:
             reported = await asyncio.wait_for(self._read_ready(proc), self.spec.start_timeout)
@@ -130,14 +142,16 @@ class LocalBackend(SandboxBackend):
             record.delete()
             tail = _tail(log_path)
             why = "did not report ready" if isinstance(exc, asyncio.TimeoutError) else str(exc)
-            raise BackendError(f"server {server_id} ({self.spec.driver.describe()}) {why}; log {log_path}:\n{tail}"
-                               ) from None
+            raise BackendError(
+                f"server {server_id} ({self.spec.driver.describe()}) {why}; log {log_path}:\n{tail}"
+            ) from None
         except BaseException:  # cancelled (the pool closes while a server starts): leave nothing behind
             await asyncio.shield(self._kill(proc, container))
             record.delete()
             raise
-        server = _LocalServer(ServerInfo(server_id, url, token, self.spec.settings.slots), proc, data_dir,
-                              record, container)
+        server = _LocalServer(
+            ServerInfo(server_id, url, token, self.spec.settings.slots), proc, data_dir, record, container
+        )
         self._servers[server_id] = server
         self._background(self._watch(server))
         progress(f"server {server_id} ready at {url} ({self.spec.settings.slots} slots)")
@@ -175,9 +189,15 @@ class LocalBackend(SandboxBackend):
 
     async def _kill(self, proc: asyncio.subprocess.Process, container: str | None = None) -> None:
         if container is not None:
-            stop = await asyncio.create_subprocess_exec("docker", "stop", "-t", "5", container,
-                                                        stdout=asyncio.subprocess.DEVNULL,
-                                                        stderr=asyncio.subprocess.DEVNULL)
+            stop = await asyncio.create_subprocess_exec(
+                "docker",
+                "stop",
+                "-t",
+                "5",
+                container,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
             await stop.wait()
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):

@@ -58,8 +58,9 @@ class ServerRecord:
     path: str = ""
 
     @classmethod
-    def for_process(cls, server_id: str, pid: int, *, data_dir: str, workdir: str, own_workdir: bool,
-                    container: str | None) -> ServerRecord:
+    def for_process(
+        cls, server_id: str, pid: int, *, data_dir: str, workdir: str, own_workdir: bool, container: str | None
+    ) -> ServerRecord:
         return cls(server_id, pid, start_time(pid), data_dir, workdir, own_workdir, container)
 
     def save(self) -> None:
@@ -160,16 +161,16 @@ def _remove_container(name: str) -> None:
     if shutil.which("docker") is None:
         return
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        subprocess.run(["docker", "rm", "-f", name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       timeout=30, check=False)
+        subprocess.run(
+            ["docker", "rm", "-f", name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30, check=False
+        )
 
 
 def reap(record: ServerRecord, *, dry_run: bool = False) -> Reaped:
     """Kill what is left of a dead owner's server and delete its files and record."""
     pids = leftover_pids(record)
     paths = [p for p in (record.data_dir,) if os.path.exists(p)]
-    result = Reaped(record.server_id, record.owner.get("atropos_owner_pid", "?"), sorted(pids),
-                    record.container, paths)
+    result = Reaped(record.server_id, record.owner.get("atropos_owner_pid", "?"), sorted(pids), record.container, paths)
     if dry_run:
         return result
     if record.container:

@@ -31,7 +31,7 @@ from atropos.nomad.lifecycle import (
 from atropos.nomad.responses import AllocationEndpoint
 from atropos.nomad.settings import NomadSettings
 from atropos.nomad.spec import DEFAULT_BASE_PORT, SandboxJobSpec
-from atropos.nomad.waiting import ProgressCallback, WaitProgress
+from atropos.nomad.waiting import ProgressCallback, WaitProgress, wait_for_allocations
 from atropos.progress import Progress, no_progress
 
 log = logging.getLogger("atropos.backends.nomad")
@@ -54,24 +54,29 @@ class NomadBackendConfig(BaseModel):
     cpu: int = Field(default=2000, ge=100, description="MHz per container")
     memory: int = Field(default=4096, ge=128, description="MB per container")
     static_port_base: int = Field(
-        default=DEFAULT_BASE_PORT, ge=1024, le=65000,
+        default=DEFAULT_BASE_PORT,
+        ge=1024,
+        le=65000,
         description="static host port of container 0 for singularity/process jobs (container i: base + i); "
-        "below Nomad's dynamic range 20000-32000")
+        "below Nomad's dynamic range 20000-32000",
+    )
     purge_on_exit: bool = True
 
     def build(self, spec: ServerSpec) -> NomadBackend:
         return NomadBackend(spec, self)
 
     def settings(self) -> NomadSettings:
-        return NomadSettings.from_env(address=self.address, token=self.token, namespace=self.namespace,
-                                      region=self.region)
+        return NomadSettings.from_env(
+            address=self.address, token=self.token, namespace=self.namespace, region=self.region
+        )
 
 
 class NomadBackend(SandboxBackend):
     name = "nomad"
 
-    def __init__(self, spec: ServerSpec, config: NomadBackendConfig | None = None,
-                 client: NomadClient | None = None) -> None:
+    def __init__(
+        self, spec: ServerSpec, config: NomadBackendConfig | None = None, client: NomadClient | None = None
+    ) -> None:
         self.spec = spec
         self.config = config or NomadBackendConfig()
         self.client = client or NomadClient(self.config.settings())
@@ -92,8 +97,13 @@ class NomadBackend(SandboxBackend):
 
         progress(f"image: resolving {driver.image} (pull policy {driver.pull_policy}) before submitting the job")
         try:
-            sif = await asyncio.to_thread(resolve_singularity_image, driver.image, driver.pull_policy,
-                                          runtime=driver.apptainer_binary, progress=progress)
+            sif = await asyncio.to_thread(
+                resolve_singularity_image,
+                driver.image,
+                driver.pull_policy,
+                runtime=driver.apptainer_binary,
+                progress=progress,
+            )
         except ImageError as exc:
             raise BackendError(str(exc)) from None
         return driver.model_copy(update={"image": str(sif)})
@@ -101,15 +111,25 @@ class NomadBackend(SandboxBackend):
     async def _base_spec(self, progress: Progress) -> SandboxJobSpec:
         c = self.config
         return SandboxJobSpec(
-            job_id=self.job_id, driver=await self._driver_on_nodes(progress), count=0,
-            server=self.spec.settings, token=SecretStr(self._token), task_user=self.spec.run_as,
-            base_port=c.static_port_base, cpu=c.cpu, memory=c.memory, datacenters=[d for d in c.datacenters if d != "*"],
-            namespace=c.namespace, region=c.region, node_pool=c.node_pool,
+            job_id=self.job_id,
+            driver=await self._driver_on_nodes(progress),
+            count=0,
+            server=self.spec.settings,
+            token=SecretStr(self._token),
+            task_user=self.spec.run_as,
+            base_port=c.static_port_base,
+            cpu=c.cpu,
+            memory=c.memory,
+            datacenters=[d for d in c.datacenters if d != "*"],
+            namespace=c.namespace,
+            region=c.region,
+            node_pool=c.node_pool,
         )
 
     def _reporter(self, progress: Progress) -> ProgressCallback:
         def report(p: WaitProgress) -> None:
             progress(f"nomad job {p.job_id}: {p.describe()}")
+
         return report
 
     def _infos(self, endpoints: list[AllocationEndpoint]) -> list[ServerInfo]:
@@ -126,17 +146,25 @@ class NomadBackend(SandboxBackend):
                     if stale:
                         progress(f"stopped {len(stale)} job(s) left by dead pools: {', '.join(stale)}")
                     spec = (await self._base_spec(progress)).with_count(count)
-                    progress(f"submitting nomad job {self.job_id} ({self.spec.driver.describe()}, {count} container(s))")
-                    endpoints = await deploy_sandbox_job(self.client, spec, timeout=self.spec.start_timeout,
-                                                         on_progress=self._reporter(progress))
+                    progress(
+                        f"submitting nomad job {self.job_id} ({self.spec.driver.describe()}, {count} container(s))"
+                    )
+                    endpoints = await deploy_sandbox_job(
+                        self.client, spec, timeout=self.spec.start_timeout, on_progress=self._reporter(progress)
+                    )
                     self._spec = spec
                 else:
                     target = self._spec.count + count
                     progress(f"scaling nomad job {self.job_id}: {self._spec.count} -> {target} containers")
                     self._spec = await scale_sandbox_job(self.client, self._spec, target)
-                    endpoints = await self.client.wait_for_allocations(
-                        self.job_id, target, timeout=self.spec.start_timeout,
-                        on_progress=self._reporter(progress), probe=health_probe())
+                    endpoints = await wait_for_allocations(
+                        self.client,
+                        self.job_id,
+                        target,
+                        timeout=self.spec.start_timeout,
+                        on_progress=self._reporter(progress),
+                        probe=health_probe(),
+                    )
             except NomadError as exc:
                 raise BackendError(f"nomad: {exc}") from None
             return self._infos(endpoints)
@@ -146,7 +174,7 @@ class NomadBackend(SandboxBackend):
         static ports, the highest allocation index otherwise): only that one may be drained."""
         if not self._known:
             return None
-        top = max(self._known.values(), key=lambda e: (e.index if e.index is not None else -1))
+        top = max(self._known.values(), key=lambda e: e.index if e.index is not None else -1)
         return top.alloc_id if top.alloc_id in idle else None
 
     async def remove_server(self, server_id: str) -> None:
@@ -176,9 +204,14 @@ class NomadBackend(SandboxBackend):
                 # already gone (died): Nomad reschedules it by itself
                 log.info("event=nomad_alloc_stop alloc=%s result=%s", server_id, exc)
             try:
-                endpoints = await self.client.wait_for_allocations(
-                    self.job_id, self._spec.count, timeout=self.spec.start_timeout,
-                    on_progress=self._reporter(progress), probe=health_probe())
+                endpoints = await wait_for_allocations(
+                    self.client,
+                    self.job_id,
+                    self._spec.count,
+                    timeout=self.spec.start_timeout,
+                    on_progress=self._reporter(progress),
+                    probe=health_probe(),
+                )
             except NomadError as exc:
                 raise BackendError(f"nomad: {exc}") from None
             # the lost allocation may still count as running (hung, not dead): only new ones are news
@@ -188,8 +221,9 @@ class NomadBackend(SandboxBackend):
         try:
             if self._spec is not None:
                 stopped = await stop_sandbox_job(self.client, self.job_id, purge=self.config.purge_on_exit)
-                log.info("event=nomad_job_stopped job=%s found=%s purge=%s", self.job_id, stopped,
-                         self.config.purge_on_exit)
+                log.info(
+                    "event=nomad_job_stopped job=%s found=%s purge=%s", self.job_id, stopped, self.config.purge_on_exit
+                )
         except NomadError as exc:
             log.error("event=nomad_stop_failed job=%s error=%s", self.job_id, exc)
         finally:

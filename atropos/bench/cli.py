@@ -62,9 +62,20 @@ def _fmt(value: float | None) -> str:
 
 def format_table(rows: list[Row]) -> str:
     header = ("scenario", "metric", "value", "unit", "baseline", "baseline value", "ratio", "target", "met")
-    body = [(r.scenario, r.metric, _fmt(r.value), r.unit, r.baseline, _fmt(r.baseline_value),
-             f"{r.ratio:.2f}x" if r.ratio is not None else "", r.target,
-             {True: "yes", False: "NO", None: ""}[r.met]) for r in rows]
+    body = [
+        (
+            r.scenario,
+            r.metric,
+            _fmt(r.value),
+            r.unit,
+            r.baseline,
+            _fmt(r.baseline_value),
+            f"{r.ratio:.2f}x" if r.ratio is not None else "",
+            r.target,
+            {True: "yes", False: "NO", None: ""}[r.met],
+        )
+        for r in rows
+    ]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=True)]
     lines = [" | ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)) for line in [header, *body]]
     lines.insert(1, "-+-".join("-" * w for w in widths))
@@ -104,11 +115,17 @@ def main_from_args(args: argparse.Namespace) -> int:
     rows = asyncio.run(run(selected, args.quick))
     elapsed = time.perf_counter() - started
     print(format_table(rows))
-    print(f"\n{'quick' if args.quick else 'full'} run in {elapsed:.0f} s on {info['cpus']} CPUs "
-          f"(load {info['load_avg_1m']} at start)")
+    print(
+        f"\n{'quick' if args.quick else 'full'} run in {elapsed:.0f} s on {info['cpus']} CPUs "
+        f"(load {info['load_avg_1m']} at start)"
+    )
     if args.out:
-        doc: dict[str, Any] = {"machine": info, "quick": args.quick, "seconds": elapsed,
-                               "rows": [asdict(r) for r in rows]}
+        doc: dict[str, Any] = {
+            "machine": info,
+            "quick": args.quick,
+            "seconds": elapsed,
+            "rows": [asdict(r) for r in rows],
+        }
         with open(args.out, "w") as fh:
             json.dump(doc, fh, indent=2)
         print(f"wrote {args.out}")
@@ -123,8 +140,11 @@ def main_from_args(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("bench", help="measure latency, concurrency, leasing and startup against baselines",
-                       description="Benchmarks; every figure is shown next to a baseline measured in the same run.")
+    p = sub.add_parser(
+        "bench",
+        help="measure latency, concurrency, leasing and startup against baselines",
+        description="Benchmarks; every figure is shown next to a baseline measured in the same run.",
+    )
     p.add_argument("--quick", action="store_true", help="a run under a minute (fewer repetitions)")
     p.add_argument("--only", help=f"comma-separated subset of: {', '.join(_ALL)}")
     p.add_argument("--out", help="write the results as JSON here")

@@ -20,10 +20,8 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from atropos.errors import InfrastructureError, SlotPoolError
 from atropos.sandbox.models import ExecuteResult
-from atropos.slots.leasing import Slot
-from atropos.slots.pool import BatchCall, SlotPool
+from atropos.slots import BatchCall, InfrastructureError, Slot, SlotPool, SlotPoolError
 
 T = TypeVar("T")
 
@@ -51,8 +49,15 @@ class LedgerReport:
         return self.lost == 0 and self.duplicated == 0 and not self.untyped
 
     def to_json(self) -> dict[str, Any]:
-        return {"calls": self.calls, "ok": self.ok, "errors": dict(self.errors), "untyped": dict(self.untyped),
-                "hung": self.hung, "lost": self.lost, "duplicated": self.duplicated}
+        return {
+            "calls": self.calls,
+            "ok": self.ok,
+            "errors": dict(self.errors),
+            "untyped": dict(self.untyped),
+            "hung": self.hung,
+            "lost": self.lost,
+            "duplicated": self.duplicated,
+        }
 
 
 @dataclass
@@ -97,13 +102,15 @@ class CallLedger:
         self.settle(call_id, OK)
         return value
 
-    async def execute(self, pool: SlotPool, slot: Slot, tool: str, args: dict[str, Any],
-                      timeout: float | None = None) -> ExecuteResult | None:
+    async def execute(
+        self, pool: SlotPool, slot: Slot, tool: str, args: dict[str, Any], timeout: float | None = None
+    ) -> ExecuteResult | None:
         """`pool.execute`, accounted."""
         return await self.call(pool.execute(slot, tool, args, timeout))
 
-    async def execute_batch(self, pool: SlotPool, calls: Sequence[BatchCall]
-                            ) -> list[ExecuteResult | InfrastructureError | None]:
+    async def execute_batch(
+        self, pool: SlotPool, calls: Sequence[BatchCall]
+    ) -> list[ExecuteResult | InfrastructureError | None]:
         """`pool.execute_batch`, each call accounted on its own. A result or the call's error in
         order; None where the whole batch raised (or a call got no outcome)."""
         ids = [self.issue() for _ in calls]
@@ -124,7 +131,7 @@ class CallLedger:
             else:
                 self.settle_error(call_id, outcome)
         self._invented += max(len(outcomes) - len(ids), 0)
-        padded: list[ExecuteResult | InfrastructureError | None] = list(outcomes[:len(ids)])
+        padded: list[ExecuteResult | InfrastructureError | None] = list(outcomes[: len(ids)])
         return padded + [None] * (len(ids) - len(padded))
 
     def report(self) -> LedgerReport:
@@ -147,5 +154,12 @@ class CallLedger:
                 untyped[outcome.removeprefix("untyped:")] += 1
             else:
                 errors[outcome] += 1
-        return LedgerReport(calls=len(self._outcomes), ok=ok, errors=dict(errors), untyped=dict(untyped),
-                            hung=hung, lost=lost, duplicated=duplicated)
+        return LedgerReport(
+            calls=len(self._outcomes),
+            ok=ok,
+            errors=dict(errors),
+            untyped=dict(untyped),
+            hung=hung,
+            lost=lost,
+            duplicated=duplicated,
+        )

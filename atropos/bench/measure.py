@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from atropos.slots.stats import percentile
+from atropos.slots import percentile
 
 
 @dataclass
@@ -24,8 +24,13 @@ class Summary:
     @classmethod
     def of(cls, samples: list[float]) -> Summary:
         values = sorted(samples)
-        return cls(len(values), percentile(values, 0.5), percentile(values, 0.99), statistics.fmean(values),
-                   statistics.pstdev(values) if len(values) > 1 else 0.0)
+        return cls(
+            len(values),
+            percentile(values, 0.5),
+            percentile(values, 0.99),
+            statistics.fmean(values),
+            statistics.pstdev(values) if len(values) > 1 else 0.0,
+        )
 
 
 @dataclass
@@ -74,8 +79,9 @@ def subprocess_floor(n: int, command: str = "true", warmup: int = 5) -> list[flo
     return out[warmup:]
 
 
-async def sample_interleaved(ops: dict[str, Callable[[], Awaitable[object]]], n: int,
-                             chunk: int = 10) -> dict[str, list[float]]:
+async def sample_interleaved(
+    ops: dict[str, Callable[[], Awaitable[object]]], n: int, chunk: int = 10
+) -> dict[str, list[float]]:
     """`n` timings of each operation, taken in rounds of `chunk` per operation in turn."""
     for fn in ops.values():
         for _ in range(3):
@@ -93,10 +99,12 @@ async def sample_interleaved(ops: dict[str, Callable[[], Awaitable[object]]], n:
 async def subprocess_floor_concurrent(workers: int, per_worker: int, command: str = "true") -> float:
     """Wall seconds of `workers` concurrent loops each running plain `bash -c COMMAND` `per_worker`
     times (asyncio subprocesses from the benchmark process: no HTTP, no sandbox)."""
+
     async def worker() -> None:
         for _ in range(per_worker):
-            proc = await asyncio.create_subprocess_exec("bash", "-c", command, stdout=asyncio.subprocess.PIPE,
-                                                        stderr=asyncio.subprocess.PIPE)
+            proc = await asyncio.create_subprocess_exec(
+                "bash", "-c", command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            )
             await proc.communicate()
 
     t0 = time.perf_counter()
@@ -137,5 +145,9 @@ def machine() -> dict[str, str]:
     import platform
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
-    return {"cpus": str(os.cpu_count()), "python": platform.python_version(), "kernel": platform.release(),
-            "load_avg_1m": f"{load[0]:.2f}"}
+    return {
+        "cpus": str(os.cpu_count()),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "load_avg_1m": f"{load[0]:.2f}",
+    }

@@ -56,16 +56,43 @@ async def network_rows(sizes: Sizes, say: Callable[[str], None]) -> list[Row]:
         memory = {mode: per_slot_pss(pool) for mode, pool in pools.items()}
         for label, key in (("bash true", "oneshot"), ("bash_session true", "session")):
             allow, public = t[f"allow-{key}"], t[f"public-{key}"]
-            rows.append(Row("10 network", f"{label} p50 (public)", ms(public.p50), "ms", f"{label} p50 (allow)",
-                            ms(allow.p50), ratio=public.p50 / allow.p50,
-                            extra={"p99_ms": ms(public.p99), "allow_p99_ms": ms(allow.p99)}))
-        rows.append(Row("10 network", "slot start: first call p50 (public)", ms(first["public"].p50), "ms",
-                        "first call p50 (allow)", ms(first["allow"].p50),
-                        ratio=first["public"].p50 / first["allow"].p50, note="the slot's sandbox (and pasta) start",
-                        extra={"p99_ms": ms(first["public"].p99), "allow_p99_ms": ms(first["allow"].p99)}))
-        rows.append(Row("10 network", "PSS per slot, open session (public)", memory["public"], "MB",
-                        "PSS per slot (allow)", memory["allow"], ratio=memory["public"] / memory["allow"],
-                        note="pasta + bubblewrap + runner + shell, shared pages counted once"))
+            rows.append(
+                Row(
+                    "10 network",
+                    f"{label} p50 (public)",
+                    ms(public.p50),
+                    "ms",
+                    f"{label} p50 (allow)",
+                    ms(allow.p50),
+                    ratio=public.p50 / allow.p50,
+                    extra={"p99_ms": ms(public.p99), "allow_p99_ms": ms(allow.p99)},
+                )
+            )
+        rows.append(
+            Row(
+                "10 network",
+                "slot start: first call p50 (public)",
+                ms(first["public"].p50),
+                "ms",
+                "first call p50 (allow)",
+                ms(first["allow"].p50),
+                ratio=first["public"].p50 / first["allow"].p50,
+                note="the slot's sandbox (and pasta) start",
+                extra={"p99_ms": ms(first["public"].p99), "allow_p99_ms": ms(first["allow"].p99)},
+            )
+        )
+        rows.append(
+            Row(
+                "10 network",
+                "PSS per slot, open session (public)",
+                memory["public"],
+                "MB",
+                "PSS per slot (allow)",
+                memory["allow"],
+                ratio=memory["public"] / memory["allow"],
+                note="pasta + bubblewrap + runner + shell, shared pages counted once",
+            )
+        )
         for mode, pool in pools.items():
             for slot in slots[mode]:
                 pool.release(slot)

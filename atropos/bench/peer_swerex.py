@@ -42,8 +42,20 @@ async def swerex_runtime() -> AsyncIterator[Any]:
     port, token = _free_port(), secrets.token_hex(16)
     workdir = tempfile.mkdtemp(prefix="swerex-bench-")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "swerex.server", "--host", "127.0.0.1", "--port", str(port), "--auth-token", token,
-        cwd=workdir, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+        sys.executable,
+        "-m",
+        "swerex.server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--auth-token",
+        token,
+        cwd=workdir,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+        start_new_session=True,
+    )
     runtime = RemoteRuntime(host="http://127.0.0.1", port=port, auth_token=token, timeout=60)
     try:
         await runtime.wait_until_alive(timeout=60)
@@ -84,9 +96,11 @@ async def swerex_rows(sizes: Sizes, say: Callable[[str], None]) -> list[Row]:
             await rex.write_file(WriteFileRequest(path=path, content="x" * 1024))
             await rex.read_file(ReadFileRequest(path=path))
 
-        theirs = {"one-shot": Summary.of(await sample_async(rex_exec, n)),
-                  "session": Summary.of(await sample_async(rex_session, n)),
-                  "files": Summary.of(await sample_async(rex_files, n))}
+        theirs = {
+            "one-shot": Summary.of(await sample_async(rex_exec, n)),
+            "session": Summary.of(await sample_async(rex_session, n)),
+            "files": Summary.of(await sample_async(rex_files, n)),
+        }
         for i in range(8):
             await rex.create_session(CreateBashSessionRequest(session=f"s{i}"))
         t0 = time.perf_counter()
@@ -117,11 +131,22 @@ async def swerex_rows(sizes: Sizes, say: Callable[[str], None]) -> list[Row]:
     for key, label in (("one-shot", "one-shot `true`"), ("session", "session `true`"), ("files", "1 KB write+read")):
         speedup = theirs[key].p50 / ours[key].p50
         # ratio = ours / swe-rex; a speed-up of S means a ratio of 1/S
-        rows.append(judged(Row("7 vs swe-rex", f"vs swe-rex: {label} p50 (ours)", ms(ours[key].p50), "ms",
-                               "swe-rex p50", ms(theirs[key].p50), f"speed-up >= {speedups[key]:g}x",
-                               note=f"speed-up {speedup:.1f}x",
-                               extra={"speedup": speedup, "swerex_p99_ms": ms(theirs[key].p99)}),
-                           1.0 / speedups[key]))
+        rows.append(
+            judged(
+                Row(
+                    "7 vs swe-rex",
+                    f"vs swe-rex: {label} p50 (ours)",
+                    ms(ours[key].p50),
+                    "ms",
+                    "swe-rex p50",
+                    ms(theirs[key].p50),
+                    f"speed-up >= {speedups[key]:g}x",
+                    note=f"speed-up {speedup:.1f}x",
+                    extra={"speedup": speedup, "swerex_p99_ms": ms(theirs[key].p99)},
+                ),
+                1.0 / speedups[key],
+            )
+        )
     label = f"vs swe-rex: 8 sessions x {sizes.session_sleeps} x sleep 0.05 wall (ours)"
     ideal = f"ideal {sizes.session_sleeps * 0.05:.2f} s"
     rows.append(Row("7 vs swe-rex", label, our_wall, "s", "swe-rex wall", rex_wall, ideal, ratio=our_wall / rex_wall))

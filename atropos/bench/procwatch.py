@@ -26,8 +26,12 @@ class MemorySample:
     children: int
 
     def to_json(self) -> dict[str, float]:
-        return {"t": round(self.t, 1), "owner_mb": round(self.owner_mb, 1),
-                "children_mb": round(self.children_mb, 1), "children": self.children}
+        return {
+            "t": round(self.t, 1),
+            "owner_mb": round(self.owner_mb, 1),
+            "children_mb": round(self.children_mb, 1),
+            "children": self.children,
+        }
 
 
 def rss_mb(pid: int) -> float:
@@ -56,8 +60,7 @@ class ProcessWatch:
         for pid in children - self._before:
             if pid not in self.seen:
                 self.seen[pid] = start_time(pid)
-        taken = MemorySample(time.monotonic() - self._t0, rss_mb(me), sum(rss_mb(p) for p in children),
-                             len(children))
+        taken = MemorySample(time.monotonic() - self._t0, rss_mb(me), sum(rss_mb(p) for p in children), len(children))
         self.samples.append(taken)
         return taken
 

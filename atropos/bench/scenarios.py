@@ -35,15 +35,18 @@ class Sizes:
     @classmethod
     def for_mode(cls, quick: bool) -> Sizes:
         if quick:
-            return cls(latency_n=60, sleep_calls=20, true_calls=15, acquire_n=20_000, big_pool=10_000,
-                       session_sleeps=5)
-        return cls(latency_n=400, sleep_calls=20, true_calls=200, acquire_n=200_000, big_pool=10_000,
-                   session_sleeps=25)
+            return cls(latency_n=60, sleep_calls=20, true_calls=15, acquire_n=20_000, big_pool=10_000, session_sleeps=5)
+        return cls(latency_n=400, sleep_calls=20, true_calls=200, acquire_n=200_000, big_pool=10_000, session_sleeps=25)
 
 
 def pool_config(**kw: object) -> SlotPoolConfig:
-    base: dict[str, object] = {"slots_per_container": 1, "min_containers": 1, "max_containers": 1,
-                               "lease_ttl": None, "scale_cooldown": 3600.0}
+    base: dict[str, object] = {
+        "slots_per_container": 1,
+        "min_containers": 1,
+        "max_containers": 1,
+        "lease_ttl": None,
+        "scale_cooldown": 3600.0,
+    }
     base.update(kw)
     return SlotPoolConfig.model_validate(base)
 
@@ -93,28 +96,80 @@ async def latency_rows(sizes: Sizes, say: Callable[[str], None]) -> list[Row]:
         async with SlotPool(pool_config(isolation=isolation)) as pool:
             async with pool.slot("bench") as slot:
                 info = pool.server_of(slot)
-                async with aiohttp.ClientSession(base_url=info.url,
-                                                 headers={"Authorization": f"Bearer {info.token}"}) as client:
+                async with aiohttp.ClientSession(
+                    base_url=info.url, headers={"Authorization": f"Bearer {info.token}"}
+                ) as client:
                     ops = {**single_calls(pool, slot), "direct": direct_call(client), "floor": floor_call}
                     t = {k: Summary.of(v) for k, v in (await sample_interleaved(ops, sizes.latency_n)).items()}
                 floor = t["floor"]
-                rows.append(Row("1 one-shot", f"subprocess floor p50 ({isolation} run)", ms(floor.p50), "ms",
-                                extra={"p99_ms": ms(floor.p99)}))
-                rows.append(judged(Row("1 one-shot", f"bash true p50 ({isolation})", ms(t["one-shot"].p50), "ms",
-                                       "subprocess bash -c true", ms(floor.p50), "<= 2.0x",
-                                       extra={"p99_ms": ms(t["one-shot"].p99)}), 2.0))
-                rows.append(Row("1 one-shot", f"pool overhead: direct POST /execute p50 ({isolation})",
-                                ms(t["direct"].p50), "ms", "through the pool", ms(t["one-shot"].p50),
-                                ratio=t["one-shot"].p50 / t["direct"].p50, note="ratio: pool / direct"))
+                rows.append(
+                    Row(
+                        "1 one-shot",
+                        f"subprocess floor p50 ({isolation} run)",
+                        ms(floor.p50),
+                        "ms",
+                        extra={"p99_ms": ms(floor.p99)},
+                    )
+                )
+                rows.append(
+                    judged(
+                        Row(
+                            "1 one-shot",
+                            f"bash true p50 ({isolation})",
+                            ms(t["one-shot"].p50),
+                            "ms",
+                            "subprocess bash -c true",
+                            ms(floor.p50),
+                            "<= 2.0x",
+                            extra={"p99_ms": ms(t["one-shot"].p99)},
+                        ),
+                        2.0,
+                    )
+                )
+                rows.append(
+                    Row(
+                        "1 one-shot",
+                        f"pool overhead: direct POST /execute p50 ({isolation})",
+                        ms(t["direct"].p50),
+                        "ms",
+                        "through the pool",
+                        ms(t["one-shot"].p50),
+                        ratio=t["one-shot"].p50 / t["direct"].p50,
+                        note="ratio: pool / direct",
+                    )
+                )
                 for name, key in (("true", "session"), ("cd/echo", "session-cd")):
-                    rows.append(judged(Row("2 session", f"bash_session {name} p50 ({isolation})", ms(t[key].p50),
-                                           "ms", "subprocess bash -c true", ms(floor.p50), "<= 1.0x",
-                                           extra={"p99_ms": ms(t[key].p99)}), 1.0))
-                rows.append(judged(Row("3 files", f"1 KB write+read p50 ({isolation})", ms(t["files"].p50), "ms",
-                                       "GET /health same connection", ms(t["health"].p50), "<= 2.0x",
-                                       note="two round trips against one",
-                                       extra={"p99_ms": ms(t["files"].p99), "health_p99_ms": ms(t["health"].p99)}),
-                                   2.0))
+                    rows.append(
+                        judged(
+                            Row(
+                                "2 session",
+                                f"bash_session {name} p50 ({isolation})",
+                                ms(t[key].p50),
+                                "ms",
+                                "subprocess bash -c true",
+                                ms(floor.p50),
+                                "<= 1.0x",
+                                extra={"p99_ms": ms(t[key].p99)},
+                            ),
+                            1.0,
+                        )
+                    )
+                rows.append(
+                    judged(
+                        Row(
+                            "3 files",
+                            f"1 KB write+read p50 ({isolation})",
+                            ms(t["files"].p50),
+                            "ms",
+                            "GET /health same connection",
+                            ms(t["health"].p50),
+                            "<= 2.0x",
+                            note="two round trips against one",
+                            extra={"p99_ms": ms(t["files"].p99), "health_p99_ms": ms(t["health"].p99)},
+                        ),
+                        2.0,
+                    )
+                )
     return rows
 
 
@@ -138,17 +193,52 @@ async def concurrency_rows(sizes: Sizes, say: Callable[[str], None]) -> list[Row
         say("concurrency: 64 x 20 x sleep 0.05")
         sleep_wall = await wall("sleep 0.05", sizes.sleep_calls)
         ideal = sizes.sleep_calls * 0.05
-        rows.append(judged(Row("4 concurrency", f"64 slots x {sizes.sleep_calls} x sleep 0.05 wall", sleep_wall, "s",
-                               "ideal (no overhead)", ideal, "<= 1.3x ideal"), 1.3))
+        rows.append(
+            judged(
+                Row(
+                    "4 concurrency",
+                    f"64 slots x {sizes.sleep_calls} x sleep 0.05 wall",
+                    sleep_wall,
+                    "s",
+                    "ideal (no overhead)",
+                    ideal,
+                    "<= 1.3x ideal",
+                ),
+                1.3,
+            )
+        )
         floor_wall = await subprocess_floor_concurrent(64, sizes.sleep_calls, "sleep 0.05")
-        rows.append(Row("4 concurrency", "same, plain subprocess from one process (64 concurrent)", floor_wall, "s",
-                        "ours", sleep_wall, ratio=sleep_wall / floor_wall, note="ratio: ours / plain subprocess"))
+        rows.append(
+            Row(
+                "4 concurrency",
+                "same, plain subprocess from one process (64 concurrent)",
+                floor_wall,
+                "s",
+                "ours",
+                sleep_wall,
+                ratio=sleep_wall / floor_wall,
+                note="ratio: ours / plain subprocess",
+            )
+        )
         say(f"concurrency: 64 x {sizes.true_calls} x true")
         true_wall = await wall("true", sizes.true_calls)
         ours = 64 * sizes.true_calls / true_wall
         floor = 64 * sizes.true_calls / await subprocess_floor_concurrent(64, sizes.true_calls)
-        rows.append(judged(Row("4 concurrency", f"64 slots x {sizes.true_calls} x true", ours, "calls/s",
-                               "subprocess, 64 concurrent", floor, ">= 0.6x"), 0.6, higher_is_better=True))
+        rows.append(
+            judged(
+                Row(
+                    "4 concurrency",
+                    f"64 slots x {sizes.true_calls} x true",
+                    ours,
+                    "calls/s",
+                    "subprocess, 64 concurrent",
+                    floor,
+                    ">= 0.6x",
+                ),
+                0.6,
+                higher_is_better=True,
+            )
+        )
         for s in slots:
             pool.release(s)
     return rows
@@ -164,12 +254,18 @@ async def acquire_rows(sizes: Sizes, say: Callable[[str], None]) -> list[Row]:
         for _ in range(n):
             pool.release(await pool.acquire("a"))
         rate = n / (time.perf_counter() - t0)
-        rows.append(judged(Row("5 leasing", "acquire+release (no tool call)", rate, "per s", target=">= 50,000/s"),
-                           50_000, higher_is_better=True))
+        rows.append(
+            judged(
+                Row("5 leasing", "acquire+release (no tool call)", rate, "per s", target=">= 50,000/s"),
+                50_000,
+                higher_is_better=True,
+            )
+        )
     per = sizes.big_pool // 4
     say(f"acquire p99: 4 servers x {per} slots")
-    async with SlotPool(pool_config(slots_per_container=per, min_containers=4, max_containers=4,
-                                    start_timeout=600)) as pool:
+    async with SlotPool(
+        pool_config(slots_per_container=per, min_containers=4, max_containers=4, start_timeout=600)
+    ) as pool:
         held = []
         samples = []
         for i in range(sizes.big_pool):
@@ -177,8 +273,19 @@ async def acquire_rows(sizes: Sizes, say: Callable[[str], None]) -> list[Row]:
             held.append(await pool.acquire(f"t{i}"))
             samples.append(time.perf_counter() - t0)
         s = Summary.of(samples)
-        rows.append(judged(Row("5 leasing", f"acquire p99 with {sizes.big_pool} slots", s.p99 * 1e6, "us",
-                               target="<= 100 us", extra={"p50_us": s.p50 * 1e6}), 100))
+        rows.append(
+            judged(
+                Row(
+                    "5 leasing",
+                    f"acquire p99 with {sizes.big_pool} slots",
+                    s.p99 * 1e6,
+                    "us",
+                    target="<= 100 us",
+                    extra={"p50_us": s.p50 * 1e6},
+                ),
+                100,
+            )
+        )
         for slot in held:
             pool.release(slot)
     return rows
@@ -203,9 +310,20 @@ async def startup_rows(say: Callable[[str], None]) -> list[Row]:
         await asyncio.gather(*(pool.execute(s, "bash_session", {"command": "true"}) for s in slots))
         busy = rss_mb(pid)
         everything = tree_rss_mb(pid)
-        rows.append(judged(Row("6 startup", "server RSS, 64 open sessions", busy, "MB", target="<= 150 MB",
-                               note=f"with slot runners and shells: {everything:.0f} MB",
-                               extra={"tree_rss_mb": everything}), 150))
+        rows.append(
+            judged(
+                Row(
+                    "6 startup",
+                    "server RSS, 64 open sessions",
+                    busy,
+                    "MB",
+                    target="<= 150 MB",
+                    note=f"with slot runners and shells: {everything:.0f} MB",
+                    extra={"tree_rss_mb": everything},
+                ),
+                150,
+            )
+        )
         for s in slots:
             pool.release(s)
     return rows
@@ -230,8 +348,9 @@ async def recovery_rows(say: Callable[[str], None]) -> list[Row]:
             slots = [await pool.acquire(f"r{i}") for i in range(8)]
             victim = slots[0].server_id
             doomed = [s for s in slots if s.server_id == victim]
-            calls = [asyncio.ensure_future(pool.execute(s, "bash", {"command": "sleep 30"}, timeout=60))
-                     for s in doomed]
+            calls = [
+                asyncio.ensure_future(pool.execute(s, "bash", {"command": "sleep 30"}, timeout=60)) for s in doomed
+            ]
             await asyncio.sleep(0.3)
             pid = backend.pid(victim)
             t0 = time.perf_counter()
@@ -245,8 +364,18 @@ async def recovery_rows(say: Callable[[str], None]) -> list[Row]:
             if sig == signal.SIGSTOP:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
-            rows.append(judged(Row("8 recovery", f"server {how}: in-flight calls fail (SlotLost {lost}/{len(doomed)})",
-                                   failed, "s", target="<= ~2 s"), 2.5))
+            rows.append(
+                judged(
+                    Row(
+                        "8 recovery",
+                        f"server {how}: in-flight calls fail (SlotLost {lost}/{len(doomed)})",
+                        failed,
+                        "s",
+                        target="<= ~2 s",
+                    ),
+                    2.5,
+                )
+            )
             rows.append(Row("8 recovery", f"server {how}: capacity back (replacement ready)", back, "s"))
             for s in slots:
                 pool.release(s)

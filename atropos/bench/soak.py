@@ -26,14 +26,21 @@ from typing import Any
 from atropos.bench.ledger import CallLedger
 from atropos.bench.procwatch import ProcessWatch
 from atropos.bench.soak_faults import FAULT_KINDS, LocalFaults
-from atropos.errors import SlotPoolError
 from atropos.sandbox.models import ExecuteResult
-from atropos.slots import SlotPool, SlotPoolConfig
-from atropos.slots.leasing import Slot
+from atropos.slots import Slot, SlotPool, SlotPoolConfig, SlotPoolError
 
 # weights of the operations a trajectory picks from
-OPERATIONS: dict[str, int] = {"bash": 30, "session": 20, "files": 20, "batch": 12, "timeout": 4,
-                              "flood": 3, "term_ignorer": 4, "background": 4, "bad_call": 2}
+OPERATIONS: dict[str, int] = {
+    "bash": 30,
+    "session": 20,
+    "files": 20,
+    "batch": 12,
+    "timeout": 4,
+    "flood": 3,
+    "term_ignorer": 4,
+    "background": 4,
+    "bad_call": 2,
+}
 
 
 @dataclass
@@ -73,8 +80,13 @@ class SoakReport:
 
     @property
     def passed(self) -> bool:
-        return (self.ledger["lost"] == 0 and self.ledger["duplicated"] == 0 and not self.ledger["untyped"]
-                and not self.wrong and not self.leaked)
+        return (
+            self.ledger["lost"] == 0
+            and self.ledger["duplicated"] == 0
+            and not self.ledger["untyped"]
+            and not self.wrong
+            and not self.leaked
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {**self.__dict__, "leaked": {str(k): v for k, v in self.leaked.items()}, "passed": self.passed}
@@ -95,10 +107,19 @@ class Soak:
 
     def config(self) -> SlotPoolConfig:
         o = self.options
-        return SlotPoolConfig.model_validate({
-            "slots_per_container": o.slots, "min_containers": o.servers, "max_containers": o.servers,
-            "isolation": o.isolation, "health_interval": 0.25, "acquire_timeout": 60.0, "tool_timeout": 30.0,
-            "lease_ttl": 120.0, "max_output": 1 << 20})
+        return SlotPoolConfig.model_validate(
+            {
+                "slots_per_container": o.slots,
+                "min_containers": o.servers,
+                "max_containers": o.servers,
+                "isolation": o.isolation,
+                "health_interval": 0.25,
+                "acquire_timeout": 60.0,
+                "tool_timeout": 30.0,
+                "lease_ttl": 120.0,
+                "max_output": 1 << 20,
+            }
+        )
 
     async def run(self) -> SoakReport:
         started = time.monotonic()
@@ -124,11 +145,18 @@ class Soak:
         self.watch.sample()
         leaked = await self._leaked()
         report = SoakReport(
-            seconds=round(time.monotonic() - started, 1), options=dict(self.options.__dict__),
-            ledger=self.ledger.report().to_json(), wrong=self.wrong[:50], state_lost=dict(self.state_lost),
+            seconds=round(time.monotonic() - started, 1),
+            options=dict(self.options.__dict__),
+            ledger=self.ledger.report().to_json(),
+            wrong=self.wrong[:50],
+            state_lost=dict(self.state_lost),
             faults=dict(faults.injected),
-            servers_lost=stats.servers_lost, leaked=leaked, memory=[s.to_json() for s in self.watch.samples],
-            pool_errors=dict(stats.errors), untyped_examples=self.ledger.untyped_examples)
+            servers_lost=stats.servers_lost,
+            leaked=leaked,
+            memory=[s.to_json() for s in self.watch.samples],
+            pool_errors=dict(stats.errors),
+            untyped_examples=self.ledger.untyped_examples,
+        )
         self.progress(self._line(report.seconds, pool_servers=stats.servers, final=True))
         return report
 
@@ -199,8 +227,9 @@ class Soak:
         path = f"d/{self._next()}.txt"
         written = await self.ledger.execute(pool, slot, "write_file", {"path": path, "content": token})
         if written is not None and written.ok:
-            self._expect("read_file", await self.ledger.execute(pool, slot, "read_file", {"path": path}),
-                         token, "output")
+            self._expect(
+                "read_file", await self.ledger.execute(pool, slot, "read_file", {"path": path}), token, "output"
+            )
 
     async def _op_batch(self, pool: SlotPool, slot: Slot) -> None:
         tokens = [f"x{self._next()}" for _ in range(self.rng.randint(2, 4))]
@@ -210,8 +239,9 @@ class Soak:
                 self._expect("batch", outcome, f"{token}\n")
 
     async def _op_timeout(self, pool: SlotPool, slot: Slot) -> None:
-        result = await self.ledger.execute(pool, slot, "bash", {"command": f"echo started; sleep {self.tag}1"},
-                                           timeout=0.5)
+        result = await self.ledger.execute(
+            pool, slot, "bash", {"command": f"echo started; sleep {self.tag}1"}, timeout=0.5
+        )
         if result is not None and not result.timed_out:
             self.wrong.append(f"timeout: a 0.5 s call ran to its end: {result.exit_code}")
 
@@ -253,11 +283,16 @@ class Soak:
     def _line(self, elapsed: float, *, pool_servers: int, final: bool = False) -> str:
         r = self.ledger.report()
         memory = self.watch.samples[-1] if self.watch.samples else None
-        mem = f"owner {memory.owner_mb:.0f} MB, children {memory.children_mb:.0f} MB ({memory.children})" \
-            if memory else "-"
+        mem = (
+            f"owner {memory.owner_mb:.0f} MB, children {memory.children_mb:.0f} MB ({memory.children})"
+            if memory
+            else "-"
+        )
         pending = "lost" if final else "in flight"
-        return (f"[{elapsed:6.0f}s] calls={r.calls} ok={r.ok} errors={r.errors} untyped={r.untyped} "
-                f"{pending}={r.lost} wrong={len(self.wrong)} servers={pool_servers} rss: {mem}")
+        return (
+            f"[{elapsed:6.0f}s] calls={r.calls} ok={r.ok} errors={r.errors} untyped={r.untyped} "
+            f"{pending}={r.lost} wrong={len(self.wrong)} servers={pool_servers} rss: {mem}"
+        )
 
 
 def _still_leased(pool: SlotPool, slot: Slot) -> bool:
@@ -281,9 +316,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--think", type=float, default=0.02, help="mean seconds between a trajectory's calls")
     p.add_argument("--json", dest="json_out", help="write the report here")
     args = p.parse_args(argv)
-    options = SoakOptions(duration=args.duration, slots=args.slots, servers=args.servers,
-                          trajectories=args.trajectories, seed=args.seed, fault_every=args.fault_every,
-                          report_every=args.report_every, isolation=args.isolation, think=args.think)
+    options = SoakOptions(
+        duration=args.duration,
+        slots=args.slots,
+        servers=args.servers,
+        trajectories=args.trajectories,
+        seed=args.seed,
+        fault_every=args.fault_every,
+        report_every=args.report_every,
+        isolation=args.isolation,
+        think=args.think,
+    )
     report = asyncio.run(Soak(options, progress=lambda m: print(m, flush=True)).run())
     print(json.dumps({k: v for k, v in report.to_json().items() if k != "memory"}, indent=2))
     print(_memory_trend(report.memory))
@@ -299,7 +342,8 @@ def _memory_trend(samples: list[dict[str, float]]) -> str:
         return "rss: no samples"
     picks = [samples[round(i * (len(samples) - 1) / 5)] for i in range(6)]
     return "rss over time: " + ", ".join(
-        f"{s['t']:.0f}s owner {s['owner_mb']:.0f} MB / children {s['children_mb']:.0f} MB" for s in picks)
+        f"{s['t']:.0f}s owner {s['owner_mb']:.0f} MB / children {s['children_mb']:.0f} MB" for s in picks
+    )
 
 
 if __name__ == "__main__":

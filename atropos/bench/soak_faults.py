@@ -12,7 +12,7 @@ from collections import Counter
 
 from atropos.backends.local import LocalBackend
 from atropos.host import command_line, signal_pids, snapshot
-from atropos.slots.pool import SlotPool
+from atropos.slots import SlotPool
 
 FAULT_KINDS = ("kill_server", "stop_server", "kill_runner")
 
@@ -67,12 +67,14 @@ class LocalFaults:
         for sid in self.pool.server_ids():
             with contextlib.suppress(KeyError):
                 servers.add(self.backend.pid(sid))
-        runners = [p.pid for p in snapshot().values() if p.ppid in servers
-                   and any(k in command_line(p.pid) for k in ("atropos.sandbox.runner", "bwrap"))]
+        runners = [
+            p.pid
+            for p in snapshot().values()
+            if p.ppid in servers and any(k in command_line(p.pid) for k in ("atropos.sandbox.runner", "bwrap"))
+        ]
         return self.rng.choice(runners) if runners else None
 
     def resume_all(self) -> None:
         """SIGCONT every server this injector froze (when a run is cut short)."""
         for pid in list(self._stopped):
             signal_pids((pid,), signal.SIGCONT)
-

@@ -54,8 +54,11 @@ class AgentEnvConfig(BaseEnvConfig):  # type: ignore[misc]
     max_containers: int = Field(default=4, ge=1, le=1000, description="Sandbox servers at most")
     max_turns: int = Field(default=8, ge=1, le=1000, description="Model turns per trajectory")
     tool_timeout: float = Field(default=60.0, gt=0, description="Seconds one tool call may run")
-    run_as: str = Field(default="nobody", description="Sandbox processes this run starts as root (apptainer, "
-                        "servers) become this user first; 'none': the server gives root up itself")
+    run_as: str = Field(
+        default="nobody",
+        description="Sandbox processes this run starts as root (apptainer, "
+        "servers) become this user first; 'none': the server gives root up itself",
+    )
     tool_call_format: Literal["hermes", "openai"] = Field(
         default="hermes", description="hermes: <tool_call> JSON in the text; openai: the API's tool_calls"
     )
@@ -72,15 +75,25 @@ class AgentEnvConfig(BaseEnvConfig):  # type: ignore[misc]
 
     def pool_config(self) -> SlotPoolConfig:
         return SlotPoolConfig.from_flags(
-            backend=self.backend, driver=self.driver, image=self.image, singularity_image=self.singularity_image,
-            nomad_address=self.nomad_address, slots_per_container=self.slots_per_container,
-            min_containers=self.min_containers, max_containers=self.max_containers, tool_timeout=self.tool_timeout,
+            backend=self.backend,
+            driver=self.driver,
+            image=self.image,
+            singularity_image=self.singularity_image,
+            nomad_address=self.nomad_address,
+            slots_per_container=self.slots_per_container,
+            min_containers=self.min_containers,
+            max_containers=self.max_containers,
+            tool_timeout=self.tool_timeout,
             run_as=self.run_as,
         )
 
     def agent_settings(self) -> AgentSettings:
-        return AgentSettings(max_turns=self.max_turns, tool_call_format=self.tool_call_format,
-                             tool_timeout=self.tool_timeout, max_tool_output=self.max_tool_output)
+        return AgentSettings(
+            max_turns=self.max_turns,
+            tool_call_format=self.tool_call_format,
+            tool_timeout=self.tool_timeout,
+            max_tool_output=self.max_tool_output,
+        )
 
 
 class ServerChatModel:
@@ -93,8 +106,13 @@ class ServerChatModel:
         self.temperature = temperature
 
     async def complete(self, messages: Sequence[Message], tools: Sequence[Message] | None) -> AssistantReply:
-        kwargs: dict[str, Any] = {"messages": list(messages), "n": 1, "max_tokens": self.max_tokens,
-                                  "temperature": self.temperature, "split": self.split}
+        kwargs: dict[str, Any] = {
+            "messages": list(messages),
+            "n": 1,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "split": self.split,
+        }
         if tools:
             kwargs["tools"] = list(tools)
         completion = await self.server.chat_completion(**kwargs)
@@ -105,8 +123,7 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]
     name = "atropos_sandbox_agent"
     env_config_cls = AgentEnvConfig
 
-    def __init__(self, config: AgentEnvConfig, server_configs: Any, slurm: bool = False,
-                 testing: bool = False) -> None:
+    def __init__(self, config: AgentEnvConfig, server_configs: Any, slurm: bool = False, testing: bool = False) -> None:
         super().__init__(config, server_configs, slurm=slurm, testing=testing)
         self.config: AgentEnvConfig = config
         self.pool: SlotPool | None = None
@@ -119,10 +136,17 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]
 
     @classmethod
     def config_init(cls) -> tuple[AgentEnvConfig, list[APIServerConfig]]:
-        env_config = AgentEnvConfig(tokenizer_name=DEFAULT_MODEL, group_size=4, max_token_length=8192,
-                                    total_steps=1000, steps_per_eval=100, wandb_name=cls.name)
-        server = APIServerConfig(model_name=DEFAULT_MODEL, base_url="http://localhost:9001/v1", api_key="x",
-                                 num_requests_for_eval=64)
+        env_config = AgentEnvConfig(
+            tokenizer_name=DEFAULT_MODEL,
+            group_size=4,
+            max_token_length=8192,
+            total_steps=1000,
+            steps_per_eval=100,
+            wandb_name=cls.name,
+        )
+        server = APIServerConfig(
+            model_name=DEFAULT_MODEL, base_url="http://localhost:9001/v1", api_key="x", num_requests_for_eval=64
+        )
         return env_config, [server]
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -166,8 +190,9 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]
         """One trajectory per task; a failing model or task makes a rollout of status "error"."""
         if self.pool is None:
             raise RuntimeError("AgentEnv.setup() has not run: no slot pool")
-        model = ServerChatModel(self.server, split=split, max_tokens=self.config.max_tokens_per_turn,
-                                temperature=temperature)
+        model = ServerChatModel(
+            self.server, split=split, max_tokens=self.config.max_tokens_per_turn, temperature=temperature
+        )
         return await run_batch(self.pool, tasks, lambda _task: model, self.config.agent_settings(), concurrency)
 
     async def collect_trajectories(self, item: Task) -> tuple[ScoredDataGroup | None, list[Task]]:
@@ -181,11 +206,13 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]
             # a group with sandbox failures is not trained on: its scores say nothing about the model
             self._infra_failures += len(lost)
             self._infra_groups_in_a_row += 1
-            logger.warning("event=group_dropped task=%s infra_failures=%d first_error=%s", item.id, len(lost),
-                           lost[0].error)
+            logger.warning(
+                "event=group_dropped task=%s infra_failures=%d first_error=%s", item.id, len(lost), lost[0].error
+            )
             if self._infra_groups_in_a_row >= _MAX_INFRA_GROUPS:
-                raise InfrastructureError(f"{_MAX_INFRA_GROUPS} groups in a row lost to sandbox failures; "
-                                          f"last: {lost[0].error}")
+                raise InfrastructureError(
+                    f"{_MAX_INFRA_GROUPS} groups in a row lost to sandbox failures; last: {lost[0].error}"
+                )
             return None, [item]
         self._infra_groups_in_a_row = 0
         self._rewards.extend(r.reward for r in rollouts if r.reward is not None)
@@ -239,8 +266,11 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]
             "process": cls.get_cli_process_config_cls(),
             "evaluate": cls.get_cli_evaluate_config_cls(),
         }
-        run_and_exit(subcommands, description=f"CLI for {cls.__name__}: agent rollouts in sandbox slots",
-                     exception_handler=cli_error)
+        run_and_exit(
+            subcommands,
+            description=f"CLI for {cls.__name__}: agent rollouts in sandbox slots",
+            exception_handler=cli_error,
+        )
 
 
 def _progress(message: str) -> None:

@@ -70,12 +70,18 @@ def request_tools(fmt: ToolCallFormat) -> list[Message] | None:
     return TOOL_SCHEMAS if fmt == "openai" else None
 
 
-async def run_rollout(pool: SlotPool, task: Task, model: ChatModel, settings: AgentSettings,
-                      trajectory_id: str | None = None) -> Rollout:
+async def run_rollout(
+    pool: SlotPool, task: Task, model: ChatModel, settings: AgentSettings, trajectory_id: str | None = None
+) -> Rollout:
     """Run one trajectory of `task`. Errors of the model propagate; sandbox failures do not."""
     started = time.monotonic()
-    rollout = Rollout(task_id=task.id, trajectory_id=trajectory_id or f"{task.id}-{uuid.uuid4().hex[:8]}",
-                      status="ok", reward=None, messages=initial_messages(task, settings.tool_call_format))
+    rollout = Rollout(
+        task_id=task.id,
+        trajectory_id=trajectory_id or f"{task.id}-{uuid.uuid4().hex[:8]}",
+        status="ok",
+        reward=None,
+        messages=initial_messages(task, settings.tool_call_format),
+    )
     try:
         async with pool.slot(rollout.trajectory_id, timeout=settings.acquire_timeout) as slot:
             await write_files(pool, slot, task.setup_files, settings.tool_timeout, what=f"task {task.id} setup")
@@ -89,8 +95,7 @@ async def run_rollout(pool: SlotPool, task: Task, model: ChatModel, settings: Ag
     return rollout
 
 
-async def _agent_turns(pool: SlotPool, slot: Slot, model: ChatModel, settings: AgentSettings,
-                       rollout: Rollout) -> None:
+async def _agent_turns(pool: SlotPool, slot: Slot, model: ChatModel, settings: AgentSettings, rollout: Rollout) -> None:
     tools = request_tools(settings.tool_call_format)
     rollout.finished = "max_turns"
     for turn in range(settings.max_turns):
@@ -110,8 +115,9 @@ async def _agent_turns(pool: SlotPool, slot: Slot, model: ChatModel, settings: A
             rollout.messages.append(tool_message(call.id, call.name, content))
 
 
-async def _model_turn(pool: SlotPool, slot: Slot, model: ChatModel, messages: list[Message],
-                      tools: list[Message] | None) -> AssistantReply:
+async def _model_turn(
+    pool: SlotPool, slot: Slot, model: ChatModel, messages: list[Message], tools: list[Message] | None
+) -> AssistantReply:
     """The model's next turn, with the lease kept alive meanwhile: a slow model must not lose its slot
     to the pool's reclaiming of leases whose holder went quiet."""
     keeper = asyncio.ensure_future(_keep_lease(pool, slot))
@@ -162,4 +168,3 @@ def clip(text: str, limit: int) -> str:
     head = limit * 2 // 3
     tail = limit - head
     return f"{text[:head]}\n[... {len(text) - limit} characters cut ...]\n{text[-tail:]}"
-

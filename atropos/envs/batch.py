@@ -33,8 +33,14 @@ class BatchSummary(BaseModel):
     reward_mean: float | None
 
 
-async def run_batch(pool: SlotPool, tasks: Sequence[Task], model_for: ModelFactory, settings: AgentSettings,
-                    concurrency: int, on_rollout: RolloutCallback | None = None) -> list[Rollout]:
+async def run_batch(
+    pool: SlotPool,
+    tasks: Sequence[Task],
+    model_for: ModelFactory,
+    settings: AgentSettings,
+    concurrency: int,
+    on_rollout: RolloutCallback | None = None,
+) -> list[Rollout]:
     """One trajectory per task (repeat a task in `tasks` for more), results in the order of `tasks`.
     A trajectory whose model or task fails is recorded with status "error" instead of stopping the batch."""
     gate = asyncio.Semaphore(concurrency)
@@ -46,9 +52,14 @@ async def run_batch(pool: SlotPool, tasks: Sequence[Task], model_for: ModelFacto
             try:
                 rollout = await run_rollout(pool, task, model_for(task), settings, trajectory_id)
             except Exception as exc:
-                rollout = Rollout(task_id=task.id, trajectory_id=trajectory_id, status="error", reward=None,
-                                  wall_time_s=round(time.monotonic() - started, 4),
-                                  error=f"{type(exc).__name__}: {exc}")
+                rollout = Rollout(
+                    task_id=task.id,
+                    trajectory_id=trajectory_id,
+                    status="error",
+                    reward=None,
+                    wall_time_s=round(time.monotonic() - started, 4),
+                    error=f"{type(exc).__name__}: {exc}",
+                )
         if on_rollout is not None:
             on_rollout(rollout)
         return rollout

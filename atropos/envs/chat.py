@@ -53,13 +53,16 @@ def reply_from_completion(data: Mapping[str, Any]) -> AssistantReply:
     for number, raw in enumerate(message.get("tool_calls") or []):
         function = raw.get("function") or {}
         arguments = function.get("arguments")
-        calls.append(RawToolCall(
-            id=str(raw.get("id") or f"call_{number}"),
-            name=str(function.get("name") or ""),
-            arguments=arguments if isinstance(arguments, str) else json.dumps(arguments or {}),
-        ))
-    return AssistantReply(content=_text(message.get("content")), tool_calls=calls,
-                          finish_reason=choice.get("finish_reason"))
+        calls.append(
+            RawToolCall(
+                id=str(raw.get("id") or f"call_{number}"),
+                name=str(function.get("name") or ""),
+                arguments=arguments if isinstance(arguments, str) else json.dumps(arguments or {}),
+            )
+        )
+    return AssistantReply(
+        content=_text(message.get("content")), tool_calls=calls, finish_reason=choice.get("finish_reason")
+    )
 
 
 def _text(content: object) -> str:

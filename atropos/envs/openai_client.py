@@ -17,13 +17,22 @@ _ATTEMPTS = 3
 def _transient(exc: BaseException) -> bool:
     if isinstance(exc, httpx.TransportError):
         return True
-    return isinstance(exc, httpx.HTTPStatusError) and (exc.response.status_code == 429
-                                                       or exc.response.status_code >= 500)
+    return isinstance(exc, httpx.HTTPStatusError) and (
+        exc.response.status_code == 429 or exc.response.status_code >= 500
+    )
 
 
 class OpenAIChatModel:
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, *, temperature: float = 0.7,
-                 max_tokens: int = 1024, timeout: float = 300.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        *,
+        temperature: float = 0.7,
+        max_tokens: int = 1024,
+        timeout: float = 300.0,
+    ) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.temperature = temperature
@@ -35,19 +44,28 @@ class OpenAIChatModel:
         await self._client.aclose()
 
     async def complete(self, messages: Sequence[Message], tools: Sequence[Message] | None) -> AssistantReply:
-        body: dict[str, Any] = {"model": self.model, "messages": list(messages), "temperature": self.temperature,
-                                "max_tokens": self.max_tokens}
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": list(messages),
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+        }
         if tools:
             body["tools"] = list(tools)
         try:
-            async for attempt in AsyncRetrying(stop=stop_after_attempt(_ATTEMPTS), retry=retry_if_exception(_transient),
-                                               wait=wait_exponential(multiplier=0.5, max=8), reraise=True):
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(_ATTEMPTS),
+                retry=retry_if_exception(_transient),
+                wait=wait_exponential(multiplier=0.5, max=8),
+                reraise=True,
+            ):
                 with attempt:
                     response = await self._client.post(self.url, json=body)
                     response.raise_for_status()
         except httpx.HTTPStatusError as exc:
-            raise ModelError(f"model server {self.url} answered HTTP {exc.response.status_code}: "
-                             f"{exc.response.text[:500]}") from None
+            raise ModelError(
+                f"model server {self.url} answered HTTP {exc.response.status_code}: {exc.response.text[:500]}"
+            ) from None
         except httpx.HTTPError as exc:
             raise ModelError(f"cannot reach the model server {self.url}: {type(exc).__name__}: {exc}") from None
         try:

@@ -5,8 +5,14 @@ from __future__ import annotations
 from atropos.envs.agent_loop import Rollout
 from atropos.envs.batch import BatchSummary
 
-_COLUMNS = (("task", 24, "<"), ("turns", 5, ">"), ("tool calls", 10, ">"), ("reward", 6, ">"),
-            ("wall s", 7, ">"), ("status", 0, "<"))
+_COLUMNS = (
+    ("task", 24, "<"),
+    ("turns", 5, ">"),
+    ("tool calls", 10, ">"),
+    ("reward", 6, ">"),
+    ("wall s", 7, ">"),
+    ("status", 0, "<"),
+)
 
 
 def _line(cells: list[str]) -> str:

@@ -39,7 +39,13 @@ async def score_task(pool: SlotPool, slot: Slot, task: Task) -> list[CheckResult
     results = []
     for check in task.checks:
         result = await pool.execute(slot, "bash", {"command": check.command}, timeout=check.timeout)
-        results.append(CheckResult(name=check.name, passed=result.exit_code == 0 and not result.timed_out,
-                                   exit_code=result.exit_code, timed_out=result.timed_out,
-                                   output=(result.output or result.error or "")[-_OUTPUT_KEPT:]))
+        results.append(
+            CheckResult(
+                name=check.name,
+                passed=result.exit_code == 0 and not result.timed_out,
+                exit_code=result.exit_code,
+                timed_out=result.timed_out,
+                output=(result.output or result.error or "")[-_OUTPUT_KEPT:],
+            )
+        )
     return results

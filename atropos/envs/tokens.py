@@ -23,14 +23,19 @@ class TemplateError(ValueError):
     """The chat template does not render a conversation as an extension of its prefixes."""
 
 
-def tokens_and_masks(tokenizer: ChatTokenizer, messages: Sequence[Message],
-                     tools: Sequence[Message] | None = None) -> tuple[list[int], list[int]]:
+def tokens_and_masks(
+    tokenizer: ChatTokenizer, messages: Sequence[Message], tools: Sequence[Message] | None = None
+) -> tuple[list[int], list[int]]:
     conversation = template_messages(messages)
 
     def ids(upto: int, generation_prompt: bool = False) -> list[int]:
-        result = tokenizer.apply_chat_template(conversation[:upto], tools=list(tools) if tools else None,
-                                               add_generation_prompt=generation_prompt, tokenize=True,
-                                               return_dict=False)
+        result = tokenizer.apply_chat_template(
+            conversation[:upto],
+            tools=list(tools) if tools else None,
+            add_generation_prompt=generation_prompt,
+            tokenize=True,
+            return_dict=False,
+        )
         return [int(token) for token in result]
 
     tokens = ids(len(conversation))
@@ -40,10 +45,10 @@ def tokens_and_masks(tokenizer: ChatTokenizer, messages: Sequence[Message],
             continue
         start = len(ids(index, generation_prompt=True))
         through = ids(index + 1)
-        if tokens[:len(through)] != through:
+        if tokens[: len(through)] != through:
             raise TemplateError(
                 f"the chat template renders message {index} differently once later messages follow it, so "
                 "the assistant tokens cannot be located; use a template that keeps earlier turns unchanged"
             )
-        masks[start:len(through)] = through[start:]
+        masks[start : len(through)] = through[start:]
     return tokens, masks

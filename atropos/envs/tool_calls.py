@@ -26,20 +26,35 @@ _COMMAND = {"type": "string", "description": "The shell command."}
 
 
 def _function(name: str, description: str, **properties: dict[str, str]) -> dict[str, Any]:
-    return {"type": "function", "function": {
-        "name": name, "description": description,
-        "parameters": {"type": "object", "properties": properties, "required": list(properties)},
-    }}
+    return {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": description,
+            "parameters": {"type": "object", "properties": properties, "required": list(properties)},
+        },
+    }
 
 
 TOOL_SCHEMAS: list[dict[str, Any]] = [
-    _function("bash", "Run a shell command with `bash -c` in a fresh shell in the workspace; returns its output "
-              "and exit code.", command=_COMMAND),
-    _function("bash_session", "Run a command in your persistent bash session: the working directory and "
-              "environment variables survive between calls.", command=_COMMAND),
+    _function(
+        "bash",
+        "Run a shell command with `bash -c` in a fresh shell in the workspace; returns its output and exit code.",
+        command=_COMMAND,
+    ),
+    _function(
+        "bash_session",
+        "Run a command in your persistent bash session: the working directory and "
+        "environment variables survive between calls.",
+        command=_COMMAND,
+    ),
     _function("read_file", "Read a text file of the workspace.", path=_PATH),
-    _function("write_file", "Create or overwrite a file of the workspace with the given text; parent directories "
-              "are created.", path=_PATH, content={"type": "string", "description": "The whole file."}),
+    _function(
+        "write_file",
+        "Create or overwrite a file of the workspace with the given text; parent directories are created.",
+        path=_PATH,
+        content={"type": "string", "description": "The whole file."},
+    ),
 ]
 
 _HERMES_INSTRUCTIONS = (
@@ -94,8 +109,11 @@ def parse_hermes(text: str, id_prefix: str = "call_") -> list[ParsedCall]:
         calls.append(_from_hermes_block(f"{id_prefix}{number}", match.group(1)))
     rest = _TOOL_CALL_BLOCK.sub("", text)
     if "<tool_call>" in rest:
-        calls.append(MalformedCall(f"{id_prefix}{len(calls)}", None,
-                                   "a <tool_call> tag is not closed by </tool_call>; " + _CALL_SHAPE))
+        calls.append(
+            MalformedCall(
+                f"{id_prefix}{len(calls)}", None, "a <tool_call> tag is not closed by </tool_call>; " + _CALL_SHAPE
+            )
+        )
     return calls
 
 

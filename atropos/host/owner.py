@@ -40,8 +40,7 @@ class OwnerMeta:
     @classmethod
     def current(cls) -> OwnerMeta:
         pid = os.getpid()
-        return cls(host=socket.gethostname(), pid=pid, started=start_time(pid),
-                   boot_id=boot_id())
+        return cls(host=socket.gethostname(), pid=pid, started=start_time(pid), boot_id=boot_id())
 
     def to_meta(self) -> dict[str, str]:
         meta = {_HOST: self.host, _PID: str(self.pid)}

@@ -53,8 +53,11 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     runtime.add_argument("--runtime", metavar="BIN", help="binary to probe (default: discovery)")
     runtime.set_defaults(handler=_runtime)
 
-    seccomp = actions.add_parser("seccomp-profile", help="print the Docker seccomp profile a sandbox container needs "
-                                 "(for Nomad docker clients: /etc/atropos-sandbox/seccomp-sandbox.json)")
+    seccomp = actions.add_parser(
+        "seccomp-profile",
+        help="print the Docker seccomp profile a sandbox container needs "
+        "(for Nomad docker clients: /etc/atropos-sandbox/seccomp-sandbox.json)",
+    )
     seccomp.set_defaults(handler=_seccomp_profile)
 
 

@@ -28,7 +28,7 @@ from atropos.nomad.models import Constraint, Job
 from atropos.nomad.responses import Allocation, AllocationEndpoint, AllocationStub
 from atropos.nomad.settings import NomadSettings
 from atropos.nomad.spec import DEFAULT_BASE_PORT, SandboxJobSpec
-from atropos.nomad.waiting import WaitProgress
+from atropos.nomad.waiting import WaitProgress, wait_for_allocations
 
 __all__ = [
     "DEFAULT_BASE_PORT",
@@ -66,4 +66,5 @@ __all__ = [
     "scale_sandbox_job",
     "static_port",
     "stop_sandbox_job",
+    "wait_for_allocations",
 ]

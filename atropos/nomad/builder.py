@@ -137,8 +137,8 @@ def group_names(spec: SandboxJobSpec) -> list[str]:
 def group_index(group: str) -> int | None:
     """The container index of a static-port group name (`sandbox-3` -> 3), else None."""
     prefix = GROUP_NAME + "-"
-    if group.startswith(prefix) and group[len(prefix):].isdigit():
-        return int(group[len(prefix):])
+    if group.startswith(prefix) and group[len(prefix) :].isdigit():
+        return int(group[len(prefix) :])
     return None
 
 
@@ -185,15 +185,17 @@ def _network(spec: SandboxJobSpec, static: int | None) -> NetworkResource:
 
 def _service(spec: SandboxJobSpec) -> Service:
     check = ServiceCheck(name="health", type="http", path="/health")
-    return Service(name=spec.job_id.replace("_", "-").replace(".", "-"), port_label=PORT_LABEL,
-                   checks=[check])
+    return Service(name=spec.job_id.replace("_", "-").replace(".", "-"), port_label=PORT_LABEL, checks=[check])
 
 
 def _task(spec: SandboxJobSpec) -> Task:
     nomad_driver, config, env = _task_config(spec)
     token_file = Template(
         embedded_tmpl=f'{{{{ with nomadVar "{spec.token_variable}" }}}}{{{{ .{TOKEN_KEY} }}}}{{{{ end }}}}',
-        dest_path=f"secrets/{TOKEN_FILE}", change_mode="noop", perms="0400")
+        dest_path=f"secrets/{TOKEN_FILE}",
+        change_mode="noop",
+        perms="0400",
+    )
     return Task(
         name=TASK_NAME,
         driver=nomad_driver,
@@ -216,16 +218,17 @@ def _task_config(spec: SandboxJobSpec) -> tuple[Literal["docker", "raw_exec"], d
     return "raw_exec", _process_config(spec), env
 
 
-def _server_args(spec: SandboxJobSpec, *, host: str, port: int | str, data_dir: str, secrets_dir: str
-                 ) -> list[str]:
-    return spec.server.placed(host=host, port=port, data_dir=data_dir,
-                              token_file=f"{secrets_dir}/{TOKEN_FILE}").to_args()
+def _server_args(spec: SandboxJobSpec, *, host: str, port: int | str, data_dir: str, secrets_dir: str) -> list[str]:
+    return spec.server.placed(
+        host=host, port=port, data_dir=data_dir, token_file=f"{secrets_dir}/{TOKEN_FILE}"
+    ).to_args()
 
 
 def _docker_config(spec: SandboxJobSpec, driver: DockerDriver) -> dict[str, object]:
     # The docker driver mounts the allocation dir at /alloc (= NOMAD_ALLOC_DIR in the container).
-    args = _server_args(spec, host="0.0.0.0", port=driver.container_port, data_dir=_ALLOC_DATA,
-                        secrets_dir=_DOCKER_SECRETS)
+    args = _server_args(
+        spec, host="0.0.0.0", port=driver.container_port, data_dir=_ALLOC_DATA, secrets_dir=_DOCKER_SECRETS
+    )
     return {
         **nomad_docker_config(spec.docker_seccomp_profile),
         **spec.docker_config,
@@ -247,8 +250,9 @@ def _singularity_config(spec: SandboxJobSpec, driver: SingularityDriver) -> dict
         driver.image,
         binds=[(_ALLOC_DATA, CONTAINER_DATA_DIR), (_SECRETS, CONTAINER_SECRETS_DIR)],
         extra_args=spec.apptainer_args,
-        server_args=_server_args(spec, host=_HOST_IP, port=_HOST_PORT, data_dir=CONTAINER_DATA_DIR,
-                                 secrets_dir=CONTAINER_SECRETS_DIR),
+        server_args=_server_args(
+            spec, host=_HOST_IP, port=_HOST_PORT, data_dir=CONTAINER_DATA_DIR, secrets_dir=CONTAINER_SECRETS_DIR
+        ),
         workdir=spec.apptainer_workdir,
         containall=spec.apptainer_containall,
         tun=spec.apptainer_tun,
@@ -267,9 +271,11 @@ def _as_task_user(spec: SandboxJobSpec, argv: list[str]) -> str:
     user = spec.task_user
     token = f'"${{NOMAD_SECRETS_DIR}}/{TOKEN_FILE}"'
     missing = f"echo 'atropos-sandbox: the task runs as root and has no setpriv (util-linux) to become {user}' >&2"
-    return (f'if [ "$(id -u)" = 0 ]; then command -v setpriv >/dev/null || {{ {missing}; exit 1; }}; '
-            f'chown {user} {token} && exec setpriv --reuid {user} --regid "$(id -g {user})" --clear-groups -- '
-            f"{command}; fi; exec {command}")
+    return (
+        f'if [ "$(id -u)" = 0 ]; then command -v setpriv >/dev/null || {{ {missing}; exit 1; }}; '
+        f'chown {user} {token} && exec setpriv --reuid {user} --regid "$(id -g {user})" --clear-groups -- '
+        f"{command}; fi; exec {command}"
+    )
 
 
 def _apptainer(driver: SingularityDriver) -> str:

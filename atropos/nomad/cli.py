@@ -20,13 +20,14 @@ __all__ = ["register", "render_from_args", "spec_from_args"]
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    job = sub.add_parser("job", help="Nomad jobs for sandbox servers",
-                         description="Nomad jobs for sandbox servers.")
+    job = sub.add_parser("job", help="Nomad jobs for sandbox servers", description="Nomad jobs for sandbox servers.")
     actions = job.add_subparsers(dest="job_command", metavar="ACTION", required=True)
     render = actions.add_parser(
-        "render", help="print the job for a driver (JSON for `nomad job run -json`, or HCL2)",
+        "render",
+        help="print the job for a driver (JSON for `nomad job run -json`, or HCL2)",
         description="Print the Nomad job that runs sandbox servers. JSON is the body of "
-        "POST /v1/jobs (also `nomad job run -json FILE`); HCL2 is a jobspec for `nomad job run FILE`.")
+        "POST /v1/jobs (also `nomad job run -json FILE`); HCL2 is a jobspec for `nomad job run FILE`.",
+    )
     _add_render_arguments(render)
     render.set_defaults(handler=render_from_args)
 
@@ -37,20 +38,40 @@ def _add_render_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--job-id", default="atropos-sandbox")
     p.add_argument("--count", type=int, default=1, help="containers (allocations)")
     p.add_argument("--slots", type=int, default=8, help="slots per container")
-    p.add_argument("--task-user", default="nobody",
-                   help="raw_exec: the user a task started as root becomes (default nobody; 'none': the agent's user)")
+    p.add_argument(
+        "--task-user",
+        default="nobody",
+        help="raw_exec: the user a task started as root becomes (default nobody; 'none': the agent's user)",
+    )
     p.add_argument("--image", default="atropos-sandbox:latest", help="docker image")
-    p.add_argument("--singularity-image", "--sif", dest="sif", metavar="SIF",
-                   help="SIF image path on the nodes (driver singularity)")
+    p.add_argument(
+        "--singularity-image",
+        "--sif",
+        dest="sif",
+        metavar="SIF",
+        help="SIF image path on the nodes (driver singularity)",
+    )
     p.add_argument("--apptainer", default="apptainer", help="apptainer (or singularity) binary on the nodes")
-    p.add_argument("--apptainer-arg", action="append", default=[], metavar="ARG",
-                   help="extra apptainer exec flag (repeatable), e.g. --apptainer-arg=--nv")
+    p.add_argument(
+        "--apptainer-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra apptainer exec flag (repeatable), e.g. --apptainer-arg=--nv",
+    )
     p.add_argument("--apptainer-cache-dir", help="APPTAINER_CACHEDIR of the task")
     p.add_argument("--server-command", help="the server command, default 'atropos-sandbox server'")
-    p.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT,
-                   help="static host port of container 0, container i gets base+i (singularity, process)")
-    p.add_argument("--dynamic-ports", action="store_true",
-                   help="singularity/process: one group with a Nomad-chosen host port instead")
+    p.add_argument(
+        "--base-port",
+        type=int,
+        default=DEFAULT_BASE_PORT,
+        help="static host port of container 0, container i gets base+i (singularity, process)",
+    )
+    p.add_argument(
+        "--dynamic-ports",
+        action="store_true",
+        help="singularity/process: one group with a Nomad-chosen host port instead",
+    )
     p.add_argument("--container-port", type=int, default=None, help="server port inside a docker container")
     p.add_argument("--isolation", choices=["auto", "bwrap", "none"], default="auto")
     p.add_argument("--network", choices=["auto", "public", "allow", "deny"], default="auto")
@@ -60,8 +81,14 @@ def _add_render_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--namespace")
     p.add_argument("--region")
     p.add_argument("--node-pool")
-    p.add_argument("--constraint", action="append", default=[], nargs=3, metavar=("ATTRIBUTE", "OPERATOR", "VALUE"),
-                   help="e.g. --constraint '${attr.kernel.name}' = linux (repeatable)")
+    p.add_argument(
+        "--constraint",
+        action="append",
+        default=[],
+        nargs=3,
+        metavar=("ATTRIBUTE", "OPERATOR", "VALUE"),
+        help="e.g. --constraint '${attr.kernel.name}' = linux (repeatable)",
+    )
     p.add_argument("--service", action="store_true", help="register a Nomad service with a health check")
 
 
@@ -110,9 +137,12 @@ def render_from_args(args: argparse.Namespace) -> int:
         print(f"atropos-sandbox job render: error: {problems}", file=sys.stderr)
         return 2
     job = create_sandbox_job(spec)
-    print(f"# the servers read their token from the Nomad Variable {spec.token_variable} (item token), which "
-          f"a pool writes before it submits the job; to run it by hand: nomad var put {spec.token_variable} "
-          "token=$(openssl rand -hex 32)", file=sys.stderr)
+    print(
+        f"# the servers read their token from the Nomad Variable {spec.token_variable} (item token), which "
+        f"a pool writes before it submits the job; to run it by hand: nomad var put {spec.token_variable} "
+        "token=$(openssl rand -hex 32)",
+        file=sys.stderr,
+    )
     if args.format == "json":
         sys.stdout.write(json.dumps(job.to_api(), indent=2) + "\n")
     else:

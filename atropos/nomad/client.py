@@ -21,7 +21,7 @@ import httpx
 import requests
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential
 
-from atropos.nomad.allocations import allocation_address, allocation_endpoint
+from atropos.nomad.allocations import allocation_endpoint
 from atropos.nomad.errors import (
     NomadConnectionError,
     NomadError,
@@ -37,11 +37,9 @@ from atropos.nomad.responses import (
     AllocationStub,
     Evaluation,
     JobStub,
-    NodeInfo,
     RegisterResponse,
 )
 from atropos.nomad.settings import NomadSettings
-from atropos.nomad.waiting import Probe, ProgressCallback, wait_for_allocations
 
 __all__ = ["NomadClient"]
 
@@ -65,7 +63,8 @@ class NomadClient:
         self.settings = settings or NomadSettings.from_env()
         s = self.settings
         self._http = httpx.AsyncClient(
-            base_url=s.base_url, headers=s.headers(), verify=_ssl_context(s), timeout=s.timeout)
+            base_url=s.base_url, headers=s.headers(), verify=_ssl_context(s), timeout=s.timeout
+        )
         self._sdk_client = _python_nomad.Nomad(
             address=s.base_url,
             token=s.token.get_secret_value() if s.token else None,
@@ -79,8 +78,9 @@ class NomadClient:
     async def __aenter__(self) -> NomadClient:
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
@@ -126,8 +126,7 @@ class NomadClient:
 
     async def stop_job(self, job_id: str, *, purge: bool = False) -> str:
         """Stop a job (and with `purge`, forget it at once): `DELETE /v1/job/:id`. Returns the eval id."""
-        data = await self._sdk(f"DELETE /v1/job/{job_id}",
-                               lambda n: n.job.deregister_job(job_id, purge=purge or None))
+        data = await self._sdk(f"DELETE /v1/job/{job_id}", lambda n: n.job.deregister_job(job_id, purge=purge or None))
         return str(cast(dict[str, Any], data).get("EvalID", ""))
 
     async def list_jobs(self, prefix: str | None = None) -> list[JobStub]:
@@ -138,10 +137,6 @@ class NomadClient:
     async def job_allocations(self, job_id: str) -> list[AllocationStub]:
         data = await self._sdk(f"GET /v1/job/{job_id}/allocations", lambda n: n.job.get_allocations(job_id))
         return [AllocationStub.model_validate(item) for item in data or []]
-
-    async def job_evaluations(self, job_id: str) -> list[Evaluation]:
-        data = await self._sdk(f"GET /v1/job/{job_id}/evaluations", lambda n: n.job.get_evaluations(job_id))
-        return [Evaluation.model_validate(item) for item in data or []]
 
     async def watch_job_allocations(self, job_id: str, *, index: int, wait: float) -> tuple[int, list[AllocationStub]]:
         """Blocking query: returns once the job's allocations change after `index`, or after `wait`
@@ -163,39 +158,19 @@ class NomadClient:
     async def stop_allocation(self, alloc_id: str) -> str:
         """Stop one allocation; Nomad places a replacement (`POST /v1/allocation/:id/stop`).
         Returns the eval id. For a server that hangs while Nomad still counts it as running."""
-        data = await self._sdk(f"POST /v1/allocation/{alloc_id}/stop",
-                               lambda n: n.allocation.stop_allocation(alloc_id))
+        data = await self._sdk(f"POST /v1/allocation/{alloc_id}/stop", lambda n: n.allocation.stop_allocation(alloc_id))
         return str(cast(dict[str, Any], data).get("EvalID", ""))
-
-    @staticmethod
-    def allocation_address(alloc: Allocation) -> tuple[str, int]:
-        """(host, port) of the allocation's `http` port (see `allocations.allocation_address`)."""
-        return allocation_address(alloc)
 
     async def allocation_endpoint(self, alloc_id: str) -> AllocationEndpoint:
         return allocation_endpoint(await self.read_allocation(alloc_id))
 
-    async def task_log_tail(self, alloc_id: str, task: str, *, stream: Literal["stdout", "stderr"] = "stderr",
-                            max_bytes: int = 2048) -> str:
+    async def task_log_tail(
+        self, alloc_id: str, task: str, *, stream: Literal["stdout", "stderr"] = "stderr", max_bytes: int = 2048
+    ) -> str:
         """The last `max_bytes` a task wrote to `stream` (`GET /v1/client/fs/logs/:alloc_id`)."""
         params = {"task": task, "type": stream, "origin": "end", "offset": str(max_bytes), "plain": "true"}
         text, _ = await self._request("GET", f"/v1/client/fs/logs/{alloc_id}", params=params, as_text=True)
         return cast(str, text)
-
-    async def wait_for_allocations(
-        self,
-        job_id: str,
-        count: int,
-        *,
-        timeout: float,
-        on_progress: ProgressCallback | None = None,
-        probe: Probe | None = None,
-        placement_grace: float = 30.0,
-    ) -> list[AllocationEndpoint]:
-        """Wait until `count` allocations of the job run (and pass `probe`), failing fast with a
-        diagnosis when they cannot (see `atropos.nomad.waiting`)."""
-        return await wait_for_allocations(self, job_id, count, timeout=timeout, on_progress=on_progress,
-                                          probe=probe, placement_grace=placement_grace)
 
     # ------------------------------------------------------------------------------ agent, nodes
 
@@ -203,14 +178,6 @@ class NomadClient:
         """`GET /v1/agent/health` (Nomad answers 500 with the same body when unhealthy)."""
         data, _ = await self._request("GET", "/v1/agent/health", unhealthy_ok=True)
         return AgentHealth.model_validate(data)
-
-    async def read_node(self, node_id: str) -> NodeInfo:
-        data = await self._sdk(f"GET /v1/node/{node_id}", lambda n: n.node.get_node(node_id))
-        return NodeInfo.model_validate(data)
-
-    async def list_nodes(self) -> list[NodeInfo]:
-        data = await self._sdk("GET /v1/nodes", lambda n: n.nodes.get_nodes())
-        return [NodeInfo.model_validate(item) for item in data or []]
 
     # --------------------------------------------------------------------------------- plumbing
 

@@ -21,16 +21,18 @@ from atropos.nomad.responses import AllocationMetric, AllocationStub, Evaluation
 __all__ = ["AllocationFailure", "PlacementProblem", "allocation_failure", "placement_problems"]
 
 # Task event types after which the task is not (or no longer) running.
-_FATAL_EVENTS = frozenset({
-    "Setup Failure",
-    "Driver Failure",
-    "Failed Validation",
-    "Failed Artifact Download",
-    "Task hook failed",
-    "Terminated",
-    "Not Restarting",
-    "Sibling Task Failed",
-})
+_FATAL_EVENTS = frozenset(
+    {
+        "Setup Failure",
+        "Driver Failure",
+        "Failed Validation",
+        "Failed Artifact Download",
+        "Task hook failed",
+        "Terminated",
+        "Not Restarting",
+        "Sibling Task Failed",
+    }
+)
 
 
 class AllocationFailure(BaseModel):
@@ -93,9 +95,14 @@ def allocation_failure(alloc: AllocationStub) -> AllocationFailure | None:
             hint=_hint(reason, fatal.exit_code if fatal is not None else None),
         )
     if alloc.client_status == "failed":
-        return AllocationFailure(alloc_id=alloc.id, alloc_name=alloc.name, group=alloc.task_group,
-                                 node_name=alloc.node_name, task="", reason=alloc.client_description
-                                 or "allocation failed")
+        return AllocationFailure(
+            alloc_id=alloc.id,
+            alloc_name=alloc.name,
+            group=alloc.task_group,
+            node_name=alloc.node_name,
+            task="",
+            reason=alloc.client_description or "allocation failed",
+        )
     return None
 
 
@@ -107,25 +114,39 @@ def _event_text(event: TaskEvent) -> str:
         if event.details.get("oom_killed") == "true":
             text += ", killed for exceeding its memory limit"
         return text
-    detail = (event.driver_error or event.setup_error or event.validation_error or event.download_error
-              or event.display_message or event.message)
+    detail = (
+        event.driver_error
+        or event.setup_error
+        or event.validation_error
+        or event.download_error
+        or event.display_message
+        or event.message
+    )
     return f"{event.type}: {detail}" if detail else event.type
 
 
 def _hint(text: str, exit_code: int | None) -> str | None:
     lower = text.lower()
-    if exit_code == 127 or "executable file not found" in lower or "command not found" in lower \
-            or ": not found" in lower:
-        return ("a command was not found on the node: check that it is installed and on the PATH the "
-                "Nomad client gives its tasks (apptainer for driver singularity, the server command "
-                "for driver process)")
+    if (
+        exit_code == 127
+        or "executable file not found" in lower
+        or "command not found" in lower
+        or ": not found" in lower
+    ):
+        return (
+            "a command was not found on the node: check that it is installed and on the PATH the "
+            "Nomad client gives its tasks (apptainer for driver singularity, the server command "
+            "for driver process)"
+        )
     if exit_code == 126 or "permission denied" in lower:
         return "a command or file could not be used: permission denied on the node"
     if "pull" in lower or "manifest unknown" in lower or "repository does not exist" in lower:
         return "the docker image could not be pulled: check its name and the node's registry access"
     if "image format not recognized" in lower:
-        return ("apptainer cannot open the image: the file is there but is not a SIF (or a format this "
-                "apptainer reads); rebuild it, e.g. scripts/build-sif.sh")
+        return (
+            "apptainer cannot open the image: the file is there but is not a SIF (or a format this "
+            "apptainer reads); rebuild it, e.g. scripts/build-sif.sh"
+        )
     if ".sif" in lower and ("no such file" in lower or "could not open" in lower or "not exist" in lower):
         return "the SIF image is missing on the node: it must exist at the same path on every node"
     if "address already in use" in lower:
@@ -147,8 +168,10 @@ def placement_problems(evaluations: Iterable[Evaluation]) -> list[PlacementProbl
 def _describe_metric(group: str, metric: AllocationMetric) -> PlacementProblem:
     parts: list[str] = []
     if metric.nodes_evaluated == 0:
-        parts.append("no node is in the job's datacenters and node pool"
-                     + _counts(" (nodes per datacenter: ", metric.nodes_available, ")"))
+        parts.append(
+            "no node is in the job's datacenters and node pool"
+            + _counts(" (nodes per datacenter: ", metric.nodes_available, ")")
+        )
     filters = _merge(metric.constraint_filtered, metric.class_filtered)
     parts += [f"{reason}: {count} node(s) filtered out" for reason, count in sorted(filters.items())]
     parts += [f"{dim}: exhausted on {count} node(s)" for dim, count in sorted(metric.dimension_exhausted.items())]
@@ -162,8 +185,10 @@ def _describe_metric(group: str, metric: AllocationMetric) -> PlacementProblem:
 
 def _placement_hint(filters: Mapping[str, int], exhausted: Mapping[str, int]) -> str:
     if any("missing drivers" in reason for reason in filters):
-        return (" -- enable the task's driver on the clients (raw_exec for singularity/process, see "
-                "nomad/nomad-singularity.hcl; a Docker engine for docker)")
+        return (
+            " -- enable the task's driver on the clients (raw_exec for singularity/process, see "
+            "nomad/nomad-singularity.hcl; a Docker engine for docker)"
+        )
     if any("port collision" in dim for dim in exhausted):
         return " -- another allocation holds that port on every eligible node: free it or change base_port"
     return ""

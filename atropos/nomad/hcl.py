@@ -132,7 +132,12 @@ _JOB = (
 # ---------------------------------------------------------------------------------------- durations
 
 _UNITS: tuple[tuple[str, int], ...] = (
-    ("h", 3600 * 10**9), ("m", 60 * 10**9), ("s", 10**9), ("ms", 10**6), ("us", 10**3), ("ns", 1),
+    ("h", 3600 * 10**9),
+    ("m", 60 * 10**9),
+    ("s", 10**9),
+    ("ms", 10**6),
+    ("us", 10**3),
+    ("ns", 1),
 )
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 
@@ -163,6 +168,7 @@ def parse_duration(text: str) -> int:
         raise HclError(f"invalid duration {text!r}")
     return round(total)
 
+
 # ------------------------------------------------------------------------------------------ render
 
 
@@ -174,8 +180,9 @@ def render_job_hcl(job: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _render_body(lines: list[str], obj: Mapping[str, Any], shape: tuple[_Field, ...], depth: int,
-                 known: set[str] | None = None) -> None:
+def _render_body(
+    lines: list[str], obj: Mapping[str, Any], shape: tuple[_Field, ...], depth: int, known: set[str] | None = None
+) -> None:
     fields = {f.json for f in shape} | (known or set())
     unknown = sorted(set(obj) - fields)
     if unknown:
@@ -201,8 +208,15 @@ def _render_body(lines: list[str], obj: Mapping[str, Any], shape: tuple[_Field, 
                 _render_block(lines, field.hcl, item[field.label], item, field.shape, depth, {field.label})
 
 
-def _render_block(lines: list[str], name: str, label: str | None, obj: Mapping[str, Any],
-                  shape: tuple[_Field, ...], depth: int, known: set[str] | None = None) -> None:
+def _render_block(
+    lines: list[str],
+    name: str,
+    label: str | None,
+    obj: Mapping[str, Any],
+    shape: tuple[_Field, ...],
+    depth: int,
+    known: set[str] | None = None,
+) -> None:
     pad = "  " * depth
     head = f"{name} {_string(label)}" if label is not None else name
     lines.append(f"{pad}{head} {{")
@@ -245,6 +259,7 @@ _ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 def _string(text: str) -> str:
     body = "".join(_ESCAPES.get(ch, ch) for ch in text).replace("%{", "%%{")
     return f'"{body}"'
+
 
 # -------------------------------------------------------------------------------------------- read
 
@@ -299,8 +314,11 @@ def _read_value(field: _Field, value: Any) -> Any:
         return _read_body(_single(value), field.shape)
     if field.kind == "blocks":
         return [_read_body(item, field.shape) for item in value]
-    return [{field.label: _unescape(label), **_read_body(item, field.shape)}
-            for entry in value for label, item in entry.items()]
+    return [
+        {field.label: _unescape(label), **_read_body(item, field.shape)}
+        for entry in value
+        for label, item in entry.items()
+    ]
 
 
 def _read_ports(out: dict[str, Any], value: list[Mapping[str, Any]], fields: list[_Field]) -> None:

@@ -15,7 +15,7 @@ from atropos.nomad.client import NomadClient
 from atropos.nomad.errors import NomadNotFound, NomadRequestError
 from atropos.nomad.responses import AllocationEndpoint, JobStub
 from atropos.nomad.spec import SandboxJobSpec, token_variable
-from atropos.nomad.waiting import Probe, ProgressCallback
+from atropos.nomad.waiting import Probe, ProgressCallback, wait_for_allocations
 
 __all__ = [
     "cleanup_dead_owner_jobs",
@@ -58,8 +58,9 @@ async def deploy_sandbox_job(
     diagnosis."""
     await client.put_variable(spec.token_variable, {TOKEN_KEY: spec.token.get_secret_value()})
     await client.register_job(create_sandbox_job(spec))
-    return await client.wait_for_allocations(spec.job_id, spec.count, timeout=timeout, on_progress=on_progress,
-                                             probe=probe or health_probe())
+    return await wait_for_allocations(
+        client, spec.job_id, spec.count, timeout=timeout, on_progress=on_progress, probe=probe or health_probe()
+    )
 
 
 async def scale_sandbox_job(client: NomadClient, spec: SandboxJobSpec, count: int) -> SandboxJobSpec:
@@ -70,15 +71,16 @@ async def scale_sandbox_job(client: NomadClient, spec: SandboxJobSpec, count: in
     restarts. Otherwise (docker, or `static_ports=False`): `POST /v1/job/:id/scale` on group
     `sandbox`; Nomad refuses that while the job's deployment is still running ("job scaling blocked
     due to active deployment"), and then the job is re-registered with the new count instead, which
-    Nomad always accepts. Follow with `client.wait_for_allocations(spec.job_id, count, ...)`.
+    Nomad always accepts. Follow with `wait_for_allocations(client, spec.job_id, count, ...)`.
     """
     scaled = spec.with_count(count)
     if scaled.uses_static_ports:
         await client.register_job(create_sandbox_job(scaled))
         return scaled
     try:
-        await client.scale_job(spec.job_id, GROUP_NAME, count,
-                               message=f"atropos-sandbox: {spec.count} -> {count} containers")
+        await client.scale_job(
+            spec.job_id, GROUP_NAME, count, message=f"atropos-sandbox: {spec.count} -> {count} containers"
+        )
     except NomadRequestError as exc:
         if "active deployment" not in exc.message:
             raise

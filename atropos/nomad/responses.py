@@ -141,8 +141,11 @@ class AllocationStub(ApiModel):
 
     @property
     def is_running(self) -> bool:
-        return (self.client_status == "running" and bool(self.task_states)
-                and all(s.state == "running" for s in self.task_states.values()))
+        return (
+            self.client_status == "running"
+            and bool(self.task_states)
+            and all(s.state == "running" for s in self.task_states.values())
+        )
 
 
 class LegacyResources(ApiModel):

@@ -21,10 +21,17 @@ DEFAULT_DOCKER_IMAGE = "atropos-sandbox:latest"
 # what a job's servers are told even where it is their default (jobs have always said so)
 _SERVER_DEFAULTS: dict[str, Any] = {"slots": 8, "isolation": "auto", "network": "auto"}
 # the flat shorthand of `server`: key -> ServerSettings field
-_MISSING_IMAGE = {"singularity": "driver singularity needs singularity_image (--singularity-image: a SIF path "
-                                  "on the nodes)"}
-_FLAT_SERVER_KEYS = {"slots_per_container": "slots", "isolation": "isolation", "network": "network",
-                     "command_timeout": "timeout", "max_output": "max_output", "limits": "limits"}
+_MISSING_IMAGE = {
+    "singularity": "driver singularity needs singularity_image (--singularity-image: a SIF path on the nodes)"
+}
+_FLAT_SERVER_KEYS = {
+    "slots_per_container": "slots",
+    "isolation": "isolation",
+    "network": "network",
+    "command_timeout": "timeout",
+    "max_output": "max_output",
+    "limits": "limits",
+}
 
 DEFAULT_BASE_PORT = 19000
 """Static host port of the first container of a `singularity`/`process` job (see builder.py): below
@@ -45,50 +52,63 @@ class SandboxJobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     job_id: str = "atropos-sandbox"
-    driver: DriverConfig = Field(default_factory=ProcessDriver, description="what each server runs in; a "
-                                 "singularity image is a SIF path on the nodes")
+    driver: DriverConfig = Field(
+        default_factory=ProcessDriver,
+        description="what each server runs in; a singularity image is a SIF path on the nodes",
+    )
     count: int = Field(default=1, ge=0, description="number of containers (allocations)")
     server: ServerSettings = Field(
         default_factory=lambda: ServerSettings(**_SERVER_DEFAULTS),
         description="each server's settings (slots, isolation, network, timeouts, limits); where it listens "
-        "and keeps its data is the job's")
+        "and keeps its data is the job's",
+    )
     token: SecretStr = Field(
         description="bearer token every request to the servers must carry; it never goes into the job: the pool "
-        "writes it to the Nomad Variable `token_variable` and a template renders it into the task's secrets dir")
+        "writes it to the Nomad Variable `token_variable` and a template renders it into the task's secrets dir"
+    )
     task_user: str | None = Field(
         default="nobody",
         description="raw_exec drivers (singularity, process): a task that starts as root (a root Nomad agent) "
-        "becomes this unprivileged user before apptainer or the server starts; None keeps the agent's user")
+        "becomes this unprivileged user before apptainer or the server starts; None keeps the agent's user",
+    )
     docker_seccomp_profile: str = Field(
         default=NODE_SECCOMP_PROFILE,
         description="docker driver: path on the client nodes of the seccomp profile the sandbox container needs "
-        "(`atropos-sandbox image seccomp-profile` prints it)")
+        "(`atropos-sandbox image seccomp-profile` prints it)",
+    )
 
     # where the server comes from (see also `driver`)
     apptainer_args: list[str] = Field(default_factory=list, description="extra flags, e.g. --nv")
     apptainer_cache_dir: str | None = None
     apptainer_workdir: str | None = Field(
-        default=None, description="host dir for the container's private /tmp and $HOME")
+        default=None, description="host dir for the container's private /tmp and $HOME"
+    )
     apptainer_tun: bool = Field(
-        default=True, description="bind the node's /dev/net/tun (network mode public); False for nodes without one")
+        default=True, description="bind the node's /dev/net/tun (network mode public); False for nodes without one"
+    )
     apptainer_containall: bool = Field(
-        default=True, description="--containall; False uses --contain --cleanenv (no PID namespace)")
+        default=True, description="--containall; False uses --contain --cleanenv (no PID namespace)"
+    )
     server_command: list[str] = Field(
         default_factory=lambda: list(SERVER_COMMAND),
-        description="the server command: on the node (process) or inside the image (docker, singularity)")
+        description="the server command: on the node (process) or inside the image (docker, singularity)",
+    )
     server_env: dict[str, str] = Field(default_factory=dict, description="extra environment of the server")
     docker_config: dict[str, Any] = Field(
         default_factory=dict,
         description="extra docker driver options, added to (and overriding) what the sandbox needs "
-        "(atropos.images.docker_security.nomad_docker_config)")
+        "(atropos.images.docker_security.nomad_docker_config)",
+    )
 
     # ports (a docker server's port inside its container: `driver.container_port`)
-    base_port: int = Field(default=DEFAULT_BASE_PORT, ge=1, le=65535,
-                           description="static host port of container 0 (singularity, process)")
+    base_port: int = Field(
+        default=DEFAULT_BASE_PORT, ge=1, le=65535, description="static host port of container 0 (singularity, process)"
+    )
     static_ports: bool = Field(
         default=True,
         description="singularity/process: one task group per container with static port base_port+i; "
-        "False: one group with a Nomad-chosen (dynamic) host port")
+        "False: one group with a Nomad-chosen (dynamic) host port",
+    )
 
     # placement and resources
     cpu: int = Field(default=1000, ge=1, description="MHz per container")
@@ -111,7 +131,8 @@ class SandboxJobSpec(BaseModel):
     meta: dict[str, str] = Field(default_factory=dict)
     owner: OwnerMeta | None = Field(
         default_factory=OwnerMeta.current,
-        description="the process that owns the job (for cleanup); None for a job run by hand")
+        description="the process that owns the job (for cleanup); None for a job run by hand",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -121,14 +142,20 @@ class SandboxJobSpec(BaseModel):
         specs use), so they map without a warning."""
         if not isinstance(values, dict):
             return values
-        values = nest_driver_keys(dict(values), owner="SandboxJobSpec", docker_image=DEFAULT_DOCKER_IMAGE,
-                                  missing_image=_MISSING_IMAGE, warn=False)
+        values = nest_driver_keys(
+            dict(values),
+            owner="SandboxJobSpec",
+            docker_image=DEFAULT_DOCKER_IMAGE,
+            missing_image=_MISSING_IMAGE,
+            warn=False,
+        )
         flat = {_FLAT_SERVER_KEYS[k]: values.pop(k) for k in list(values) if k in _FLAT_SERVER_KEYS}
         flat = {k: v for k, v in flat.items() if v is not None}
         if flat:
             server = values.get("server")
-            current = (server.model_dump(exclude_unset=True) if isinstance(server, ServerSettings)
-                       else dict(server or {}))
+            current = (
+                server.model_dump(exclude_unset=True) if isinstance(server, ServerSettings) else dict(server or {})
+            )
             values["server"] = {**_SERVER_DEFAULTS, **current, **flat}
         return values
 

@@ -54,8 +54,10 @@ class WaitProgress(BaseModel):
     problems: tuple[str, ...] = ()
 
     def describe(self) -> str:
-        text = (f"job {self.job_id}: {self.running}/{self.wanted} allocations running "
-                f"({self.ready} ready), {self.starting} starting")
+        text = (
+            f"job {self.job_id}: {self.running}/{self.wanted} allocations running "
+            f"({self.ready} ready), {self.starting} starting"
+        )
         return text + "".join(f"; {p}" for p in self.problems)
 
 
@@ -90,7 +92,8 @@ async def wait_for_allocations(
             await _fail_fast(client, job_id, watch, baseline)
             problems = placement_problems(e for e in watch.evaluations if e.create_index >= baseline)
             stuck = [p.describe() for p in problems if p.permanent] or [
-                f"{p.describe()} (unchanged for {placement_grace:g}s)" for p in lasting.expired(problems, loop.time())]
+                f"{p.describe()} (unchanged for {placement_grace:g}s)" for p in lasting.expired(problems, loop.time())
+            ]
             if stuck:
                 raise NomadPlacementFailed(f"GET /v1/job/{job_id}/evaluations", "; ".join(stuck))
             running = [a for a in watch.allocations if a.wanted and a.is_running]
@@ -113,16 +116,20 @@ async def wait_for_allocations(
                 raise NomadWaitTimeout(endpoint, f"gave up after {timeout:g}s: {progress.describe()}")
             # servers still starting are probed again soon; otherwise only a change wakes us
             wake = _PROBE_INTERVAL_S if len(ready) < len(running) else _MAX_BLOCK_S
-            await watch.next_change(min(remaining, _MAX_BLOCK_S),
-                                    timeout=min(remaining, wake, lasting.time_left(loop.time())))
+            await watch.next_change(
+                min(remaining, _MAX_BLOCK_S), timeout=min(remaining, wake, lasting.time_left(loop.time()))
+            )
     finally:
         await watch.close()
 
 
 async def _fail_fast(client: NomadClient, job_id: str, watch: _Watch, baseline: int) -> None:
     """Raise `NomadAllocationFailed` for wanted allocations that failed since `baseline`."""
-    failures = [f for a in watch.allocations if a.wanted and a.modify_index >= baseline
-                and (f := allocation_failure(a)) is not None]
+    failures = [
+        f
+        for a in watch.allocations
+        if a.wanted and a.modify_index >= baseline and (f := allocation_failure(a)) is not None
+    ]
     if failures:
         described = await _with_stderr(client, failures)
         raise NomadAllocationFailed(f"GET /v1/job/{job_id}/allocations", "\n".join(f.describe() for f in described))
@@ -145,11 +152,13 @@ class _Watch:
         """Return when either query answers (each blocks up to `wait` in Nomad), or after `timeout`
         (queries still pending carry on into the next call)."""
         if self._alloc_task is None:
-            self._alloc_task = _start(self._client.watch_job_allocations(
-                self._job_id, index=self._alloc_index, wait=wait))
+            self._alloc_task = _start(
+                self._client.watch_job_allocations(self._job_id, index=self._alloc_index, wait=wait)
+            )
         if self._eval_task is None:
-            self._eval_task = _start(self._client.watch_job_evaluations(
-                self._job_id, index=self._eval_index, wait=wait))
+            self._eval_task = _start(
+                self._client.watch_job_evaluations(self._job_id, index=self._eval_index, wait=wait)
+            )
         tasks: list[asyncio.Task[Any]] = [self._alloc_task, self._eval_task]
         done, _ = await asyncio.wait(tasks, timeout=max(timeout, 0.0), return_when=asyncio.FIRST_COMPLETED)
         if self._alloc_task in done:
@@ -224,8 +233,9 @@ async def _with_stderr(client: NomadClient, failures: list[AllocationFailure]) -
         if not failure.task:
             return failure
         try:
-            tail = await asyncio.wait_for(client.task_log_tail(failure.alloc_id, failure.task, max_bytes=1024),
-                                          _LOG_TAIL_TIMEOUT_S)
+            tail = await asyncio.wait_for(
+                client.task_log_tail(failure.alloc_id, failure.task, max_bytes=1024), _LOG_TAIL_TIMEOUT_S
+            )
         except (NomadError, asyncio.TimeoutError):
             return failure
         return failure.with_stderr(tail) if tail.strip() else failure

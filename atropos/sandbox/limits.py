@@ -22,8 +22,9 @@ LIMIT_FLAGS: tuple[tuple[str, str, Callable[[str], int], str], ...] = (
 class SlotLimits(BaseModel):
     """Per-slot limits; None turns one off. Defaults fit a coding agent on a shared node."""
 
-    memory: int | None = Field(default=2 * GiB, ge=64 * MiB,
-                               description="bytes of memory per process (per slot with cgroups)")
+    memory: int | None = Field(
+        default=2 * GiB, ge=64 * MiB, description="bytes of memory per process (per slot with cgroups)"
+    )
     processes: int | None = Field(default=256, ge=8, description="processes and threads in a slot")
     cpu_seconds: int | None = Field(default=600, ge=1, description="CPU seconds per process")
     file_size: int | None = Field(default=1 * GiB, ge=1 * MiB, description="largest file a command may write")
@@ -36,9 +37,13 @@ class SlotLimits(BaseModel):
         `nproc_rlimit`: the slot has its own user namespace and is not root, so RLIMIT_NPROC counts
         the slot's processes alone (elsewhere it would count all of the user's processes).
         """
-        values = {"--limit-memory": self.memory, "--limit-file-size": self.file_size,
-                  "--limit-cpu": self.cpu_seconds, "--limit-workspace": self.workspace,
-                  "--limit-processes": self.processes}
+        values = {
+            "--limit-memory": self.memory,
+            "--limit-file-size": self.file_size,
+            "--limit-cpu": self.cpu_seconds,
+            "--limit-workspace": self.workspace,
+            "--limit-processes": self.processes,
+        }
         args = [part for flag, value in values.items() if value is not None for part in (flag, str(value))]
         if self.processes is not None and nproc_rlimit:
             args.append("--nproc-rlimit")

@@ -38,13 +38,15 @@ _NO_NUL = r"^[^\x00]*$"
 
 
 class BashArgs(_Strict):
-    command: str = Field(min_length=1, pattern=_NO_NUL,
-                         description="Shell command run by `bash -c` in the workspace (no NUL byte).")
+    command: str = Field(
+        min_length=1, pattern=_NO_NUL, description="Shell command run by `bash -c` in the workspace (no NUL byte)."
+    )
 
 
 class SessionArgs(_Strict):
-    command: str = Field(min_length=1, pattern=_NO_NUL,
-                         description="Command run in the slot's persistent bash session (no NUL byte).")
+    command: str = Field(
+        min_length=1, pattern=_NO_NUL, description="Command run in the slot's persistent bash session (no NUL byte)."
+    )
 
 
 class ReadFileArgs(_Strict):
@@ -166,8 +168,9 @@ class Enforcement(BaseModel):
 
     def describe(self) -> str:
         groups = ",".join(self.cgroups) or "none"
-        return (f"isolation={self.isolation} network={self.network} slot_uid={self.uid} cgroups={groups} "
-                + " ".join(f"limit_{k}={v}" for k, v in self.limits.items()))
+        return f"isolation={self.isolation} network={self.network} slot_uid={self.uid} cgroups={groups} " + " ".join(
+            f"limit_{k}={v}" for k, v in self.limits.items()
+        )
 
 
 class HealthResponse(Enforcement):

@@ -36,15 +36,20 @@ class ServerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     host: str = "127.0.0.1"
-    port: int | str = Field(default=DEFAULT_PORT, description="0 picks a free one; a launcher may write a "
-                            "shell reference such as ${NOMAD_PORT_http} that its shell fills in")
+    port: int | str = Field(
+        default=DEFAULT_PORT,
+        description="0 picks a free one; a launcher may write a "
+        "shell reference such as ${NOMAD_PORT_http} that its shell fills in",
+    )
     slots: int = Field(default=4, ge=1, le=4096)
     data_dir: str = "./sandbox-data"
     token_file: str | None = None
     isolation: Isolation = "auto"
     network: Network = "auto"
-    run_as: str = Field(default_factory=lambda: os.environ.get(RUN_AS_ENV) or DEFAULT_RUN_AS,
-                        description="the user a server started as root becomes")
+    run_as: str = Field(
+        default_factory=lambda: os.environ.get(RUN_AS_ENV) or DEFAULT_RUN_AS,
+        description="the user a server started as root becomes",
+    )
     timeout: float = Field(default=120.0, gt=0, description="default per-call timeout, seconds")
     max_output: int = Field(default=1 << 20, ge=1024, description="bytes kept per stream per call")
     max_file_bytes: int = Field(default=16 << 20, ge=1, description="read_file/write_file size limit")
@@ -62,8 +67,7 @@ class ServerSettings(BaseModel):
             raise ValueError(f"{value} is not a port (0-65535)")
         return value
 
-    def placed(self, *, host: str, port: int | str, data_dir: str, token_file: str | None = None
-               ) -> ServerSettings:
+    def placed(self, *, host: str, port: int | str, data_dir: str, token_file: str | None = None) -> ServerSettings:
         """These settings for a server listening on `host:port` with its data in `data_dir`: where a
         server listens and keeps its data is its launcher's choice, the rest the pool's."""
         placed: dict[str, object] = {"host": host, "port": port, "data_dir": data_dir}
@@ -86,8 +90,9 @@ class ServerSettings(BaseModel):
     def from_namespace(cls, args: argparse.Namespace) -> ServerSettings:
         """From what `add_arguments` parsed: only the options given, the rest take their defaults."""
         given = {o.field: getattr(args, o.field) for o in _OPTIONS if hasattr(args, o.field)}
-        limits = {field: getattr(args, f"limit_{field}") for _, field, _, _ in LIMIT_FLAGS
-                  if hasattr(args, f"limit_{field}")}
+        limits = {
+            field: getattr(args, f"limit_{field}") for _, field, _, _ in LIMIT_FLAGS if hasattr(args, f"limit_{field}")
+        }
         return cls(**given, limits=SlotLimits(**limits))
 
     @classmethod
@@ -98,8 +103,9 @@ class ServerSettings(BaseModel):
 
 
 class _Option:
-    def __init__(self, flag: str, help: str, *, type: Callable[[str], Any] = str,
-                 choices: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, flag: str, help: str, *, type: Callable[[str], Any] = str, choices: Sequence[str] | None = None
+    ) -> None:
         self.flag, self.help, self.type, self.choices = flag, help, type, choices
         self.field = flag[2:].replace("-", "_")
 
@@ -114,13 +120,23 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("--slots", "number of slots", type=int),
     _Option("--data-dir", "slots live in DATA_DIR/slots/<n>"),
     _Option("--token-file", f"file holding the bearer token (or set {TOKEN_ENV})"),
-    _Option("--isolation", "bwrap: refuse to start without bubblewrap; auto: fall back to plain processes "
-            "when it cannot work here", choices=["auto", "bwrap", "none"]),
-    _Option("--network", "public: each slot has its own network namespace reaching public addresses only "
-            "(needs pasta); deny: no network; allow: the node's network, its loopback and private services "
-            "included; auto: public where it works, else deny", choices=["auto", "public", "allow", "deny"]),
-    _Option("--run-as", "started as root, the server becomes this unprivileged user (NAME, UID, NAME:GROUP or "
-            f"UID:GID) before any slot starts (default: ${RUN_AS_ENV}, else {DEFAULT_RUN_AS})"),
+    _Option(
+        "--isolation",
+        "bwrap: refuse to start without bubblewrap; auto: fall back to plain processes when it cannot work here",
+        choices=["auto", "bwrap", "none"],
+    ),
+    _Option(
+        "--network",
+        "public: each slot has its own network namespace reaching public addresses only "
+        "(needs pasta); deny: no network; allow: the node's network, its loopback and private services "
+        "included; auto: public where it works, else deny",
+        choices=["auto", "public", "allow", "deny"],
+    ),
+    _Option(
+        "--run-as",
+        "started as root, the server becomes this unprivileged user (NAME, UID, NAME:GROUP or "
+        f"UID:GID) before any slot starts (default: ${RUN_AS_ENV}, else {DEFAULT_RUN_AS})",
+    ),
     _Option("--timeout", "default per-call timeout in seconds", type=float),
     _Option("--max-output", "bytes of stdout and of stderr kept per call", type=int),
     _Option("--max-file-bytes", "size limit of read_file/write_file", type=int),
@@ -136,14 +152,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for option in _OPTIONS:
         default = getattr(defaults, option.field)
         shown = "" if option.field in ("run_as", "token_file") else f" (default {default})"
-        parser.add_argument(option.flag, dest=option.field, type=option.type, choices=option.choices,
-                            default=argparse.SUPPRESS, help=option.help + shown)
+        parser.add_argument(
+            option.flag,
+            dest=option.field,
+            type=option.type,
+            choices=option.choices,
+            default=argparse.SUPPRESS,
+            help=option.help + shown,
+        )
     group = parser.add_argument_group("limits per slot", "sizes take K, M, G suffixes; 'none' turns a limit off")
     for flag, field, parse, text in LIMIT_FLAGS:
         value = getattr(defaults.limits, field)
         shown = format_size(value) if parse is parse_size and value else value
-        group.add_argument(flag, dest=f"limit_{field}", type=_limit(parse), default=argparse.SUPPRESS,
-                           help=f"{text} (default {shown})")
+        group.add_argument(
+            flag, dest=f"limit_{field}", type=_limit(parse), default=argparse.SUPPRESS, help=f"{text} (default {shown})"
+        )
 
 
 def _limit(parse: Callable[[str], int]) -> Callable[[str], int | None]:
@@ -154,6 +177,7 @@ def _limit(parse: Callable[[str], int]) -> Callable[[str], int | None]:
             return parse(text)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
+
     return convert
 
 

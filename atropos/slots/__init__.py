@@ -1,4 +1,4 @@
-"""Slots, the SlotPool that leases them, and its configuration."""
+"""Slots, the SlotPool that leases them, its configuration and its errors: what a pool's user imports."""
 
 from atropos.errors import (
     AcquireTimeout,
@@ -12,22 +12,28 @@ from atropos.errors import (
     SlotLost,
     SlotPoolError,
 )
+from atropos.sandbox.models import ExecuteResult
 from atropos.slots.config import SlotPoolConfig
 from atropos.slots.leasing import Slot
-from atropos.slots.pool import SlotPool
+from atropos.slots.pool import BatchCall, SlotPool
+from atropos.slots.stats import PoolStats, percentile
 
 __all__ = [
     "AcquireTimeout",
     "BackendError",
+    "BatchCall",
+    "ExecuteResult",
     "InfrastructureError",
     "InvalidToolCall",
     "LeaseError",
     "PoolClosed",
     "PoolConfigError",
+    "PoolStats",
     "Slot",
     "SlotFailed",
     "SlotLost",
     "SlotPool",
     "SlotPoolConfig",
     "SlotPoolError",
+    "percentile",
 ]

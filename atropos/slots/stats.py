@@ -25,8 +25,12 @@ class LatencySummary(BaseModel):
 
 def summarize(samples: deque[float], count: int) -> LatencySummary:
     values = sorted(samples)
-    return LatencySummary(count=count, p50_ms=percentile(values, 0.5) * 1000,
-                          p99_ms=percentile(values, 0.99) * 1000, max_ms=(values[-1] if values else 0.0) * 1000)
+    return LatencySummary(
+        count=count,
+        p50_ms=percentile(values, 0.5) * 1000,
+        p99_ms=percentile(values, 0.99) * 1000,
+        max_ms=(values[-1] if values else 0.0) * 1000,
+    )
 
 
 class PoolStats(BaseModel):

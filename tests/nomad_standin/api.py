@@ -61,11 +61,19 @@ class Faults:
     rules: list[_Rule] = field(default_factory=list)
     cluster: Cluster | None = None
 
-    def fail(self, method: str, path: str, *, status: int = 500, message: str = "rpc error: stand-in fault",
-             times: int | None = 1) -> None:
+    def fail(
+        self,
+        method: str,
+        path: str,
+        *,
+        status: int = 500,
+        message: str = "rpc error: stand-in fault",
+        times: int | None = 1,
+    ) -> None:
         """Answer `status` with `message` to requests whose path matches the regex `path`."""
-        self.rules.append(_Rule(method.upper(), re.compile(path), "status", status=status, message=message,
-                                times=times))
+        self.rules.append(
+            _Rule(method.upper(), re.compile(path), "status", status=status, message=message, times=times)
+        )
 
     def hang(self, method: str, path: str, *, seconds: float | None = None, times: int | None = 1) -> None:
         """Do not answer (for `seconds`, or until the client gives up)."""
@@ -77,8 +85,14 @@ class Faults:
         until = None if for_seconds is None else time.monotonic() + for_seconds
         self.rules.append(_Rule(method.upper(), re.compile(path), "reset", times=times, until=until))
 
-    def fail_task_start(self, job_id: str, *, kind: str = "Driver Failure",
-                        message: str = "failed to start task: stand-in fault", times: int = 1) -> None:
+    def fail_task_start(
+        self,
+        job_id: str,
+        *,
+        kind: str = "Driver Failure",
+        message: str = "failed to start task: stand-in fault",
+        times: int = 1,
+    ) -> None:
         """The next `times` task starts of `job_id` fail with a task event of type `kind`."""
         assert self.cluster is not None
         self.cluster.start_failures.extend([(job_id, kind, message)] * times)
@@ -99,14 +113,16 @@ class Faults:
 class NomadStandIn:
     """A Nomad agent stand-in on 127.0.0.1. `async with NomadStandIn() as nomad: nomad.address`."""
 
-    def __init__(self, data_dir: str | None = None, *, agent_env: Mapping[str, str] | None = None,
-                 docker: str = "missing") -> None:
+    def __init__(
+        self, data_dir: str | None = None, *, agent_env: Mapping[str, str] | None = None, docker: str = "missing"
+    ) -> None:
         self._own_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="nomad-standin-")
         os.makedirs(self.data_dir, exist_ok=True)
         os.chmod(self.data_dir, 0o711)  # as Nomad's alloc dir root: tasks of any user can reach their own
-        self.cluster = Cluster(self.data_dir, agent_env=agent_env if agent_env is not None else os.environ,
-                               docker=docker)
+        self.cluster = Cluster(
+            self.data_dir, agent_env=agent_env if agent_env is not None else os.environ, docker=docker
+        )
         self.faults = Faults(cluster=self.cluster)
         self.served: list[Served] = []
         self.requests: list[tuple[str, str]] = []
@@ -193,8 +209,9 @@ class NomadStandIn:
             self.served.append(Served(request.method, route, response.status, json.loads(response.text or "null")))
         return response
 
-    async def _blocking(self, request: web.Request, current: Callable[[], int],
-                        body: Callable[[], Any]) -> web.Response:
+    async def _blocking(
+        self, request: web.Request, current: Callable[[], int], body: Callable[[], Any]
+    ) -> web.Response:
         index = int(request.query.get("index", "0") or 0)
         if index > 0:
             await self.cluster.index.wait_beyond(index, _parse_wait(request.query.get("wait")), current)
@@ -230,8 +247,11 @@ class NomadStandIn:
 
         def body() -> list[dict[str, Any]]:
             allocs = list(self.cluster.allocs.values())
-            return [job.to_stub(allocs, meta=meta) for job_id, job in sorted(self.cluster.jobs.items())
-                    if job_id.startswith(prefix)]
+            return [
+                job.to_stub(allocs, meta=meta)
+                for job_id, job in sorted(self.cluster.jobs.items())
+                if job_id.startswith(prefix)
+            ]
 
         return await self._blocking(request, lambda: self.cluster.index.value, body)
 
@@ -239,8 +259,14 @@ class NomadStandIn:
         job = self._job(request)
         purge = request.query.get("purge", "").lower() == "true"
         evaluation = self.cluster.deregister(job.id, purge=purge)
-        return _json({"EvalID": evaluation.id, "EvalCreateIndex": evaluation.create_index,
-                      "JobModifyIndex": job.job_modify_index}, index=self.cluster.index.value)
+        return _json(
+            {
+                "EvalID": evaluation.id,
+                "EvalCreateIndex": evaluation.create_index,
+                "JobModifyIndex": job.job_modify_index,
+            },
+            index=self.cluster.index.value,
+        )
 
     async def _scale(self, request: web.Request) -> web.Response:
         job = self._job(request)
@@ -254,10 +280,12 @@ class NomadStandIn:
         if count is not None and scaling is not None:
             if count < scaling.get("Min", 0):
                 raise web.HTTPBadRequest(
-                    text=f"group count was less than scaling policy minimum: {count} < {scaling.get('Min', 0)}")
+                    text=f"group count was less than scaling policy minimum: {count} < {scaling.get('Min', 0)}"
+                )
             if count > scaling["Max"]:
                 raise web.HTTPBadRequest(
-                    text=f"group count was greater than scaling policy maximum: {count} > {scaling['Max']}")
+                    text=f"group count was greater than scaling policy maximum: {count} > {scaling['Max']}"
+                )
         if self.cluster.deployment_active(job):  # checked after the policy bounds, as Nomad does
             raise web.HTTPBadRequest(text="job scaling blocked due to active deployment")
         evaluation = self.cluster.scale(job.id, group, int(count))
@@ -269,8 +297,14 @@ class NomadStandIn:
     async def _job_evaluations(self, request: web.Request) -> web.Response:
         return await self._job_records(request, self.cluster.evals, lambda e: e.to_json(), newest_first=True)
 
-    async def _job_records(self, request: web.Request, records: Mapping[str, Any],
-                           render: Callable[[Any], dict[str, Any]], *, newest_first: bool) -> web.Response:
+    async def _job_records(
+        self,
+        request: web.Request,
+        records: Mapping[str, Any],
+        render: Callable[[Any], dict[str, Any]],
+        *,
+        newest_first: bool,
+    ) -> web.Response:
         """A job's allocations or evaluations, as a blocking query on their latest change."""
         job_id = request.match_info["job_id"]
 
@@ -325,10 +359,21 @@ class NomadStandIn:
     def _node(self) -> dict[str, Any]:
         drivers = {name: {**info, "UpdateTime": rfc3339(1)} for name, info in self.cluster.drivers.items()}
         return {
-            "ID": self.cluster.node_id, "Name": NODE_NAME, "Datacenter": DATACENTER, "Status": "ready",
-            "StatusDescription": "", "HTTPAddr": self.address.removeprefix("http://"), "TLSEnabled": False,
-            "Drivers": drivers, "Attributes": self.cluster.attributes, "Meta": {}, "NodeClass": "",
-            "Drain": False, "SchedulingEligibility": "eligible", "CreateIndex": 1, "ModifyIndex": 1,
+            "ID": self.cluster.node_id,
+            "Name": NODE_NAME,
+            "Datacenter": DATACENTER,
+            "Status": "ready",
+            "StatusDescription": "",
+            "HTTPAddr": self.address.removeprefix("http://"),
+            "TLSEnabled": False,
+            "Drivers": drivers,
+            "Attributes": self.cluster.attributes,
+            "Meta": {},
+            "NodeClass": "",
+            "Drain": False,
+            "SchedulingEligibility": "eligible",
+            "CreateIndex": 1,
+            "ModifyIndex": 1,
         }
 
     async def _read_node(self, request: web.Request) -> web.Response:
@@ -338,8 +383,22 @@ class NomadStandIn:
 
     async def _list_nodes(self, request: web.Request) -> web.Response:
         node = self._node()
-        stub = {k: node[k] for k in ("ID", "Name", "Datacenter", "Status", "StatusDescription", "Drivers",
-                                     "NodeClass", "Drain", "SchedulingEligibility", "CreateIndex", "ModifyIndex")}
+        stub = {
+            k: node[k]
+            for k in (
+                "ID",
+                "Name",
+                "Datacenter",
+                "Status",
+                "StatusDescription",
+                "Drivers",
+                "NodeClass",
+                "Drain",
+                "SchedulingEligibility",
+                "CreateIndex",
+                "ModifyIndex",
+            )
+        }
         stub.update(Address=NODE_IP, Version="standin")
         return _json([stub], index=1)
 
@@ -363,7 +422,7 @@ class NomadStandIn:
         except FileNotFoundError:
             raise web.HTTPNotFound(text=f"no {stream} log for task {task}") from None
         if request.query.get("origin") == "end":
-            data = data[-int(request.query.get("offset", "0") or 0):] if request.query.get("offset") else b""
+            data = data[-int(request.query.get("offset", "0") or 0) :] if request.query.get("offset") else b""
         return web.Response(body=data, content_type="text/plain")
 
     async def _cat(self, request: web.Request) -> web.Response:
@@ -380,8 +439,13 @@ class NomadStandIn:
             raise web.HTTPNotFound(text=f"file {relative} not found") from None
 
     def _variable_json(self, path: str) -> dict[str, Any]:
-        return {"Namespace": "default", "Path": path, "Items": self.cluster.variables[path],
-                "CreateIndex": self.cluster.index.value, "ModifyIndex": self.cluster.index.value}
+        return {
+            "Namespace": "default",
+            "Path": path,
+            "Items": self.cluster.variables[path],
+            "CreateIndex": self.cluster.index.value,
+            "ModifyIndex": self.cluster.index.value,
+        }
 
     async def _read_variable(self, request: web.Request) -> web.Response:
         path = request.match_info["path"]
@@ -423,9 +487,17 @@ def _abort(request: web.Request) -> None:
 
 
 def _register_answer(evaluation: EvalRecord, index: int) -> web.Response:
-    return _json({"EvalID": evaluation.id, "EvalCreateIndex": evaluation.create_index,
-                  "JobModifyIndex": evaluation.job_modify_index, "Warnings": "", "KnownLeader": True,
-                  "LastIndex": index}, index=index)
+    return _json(
+        {
+            "EvalID": evaluation.id,
+            "EvalCreateIndex": evaluation.create_index,
+            "JobModifyIndex": evaluation.job_modify_index,
+            "Warnings": "",
+            "KnownLeader": True,
+            "LastIndex": index,
+        },
+        index=index,
+    )
 
 
 def _json(body: Any, *, index: int | None) -> web.Response:
@@ -455,8 +527,10 @@ def _validate(spec: Mapping[str, Any]) -> str | None:
             return f"Task group {group.get('Name')} validation failed: Missing tasks for task group"
         scaling = group.get("Scaling")
         if scaling is not None and int(group.get("Count", 1)) > int(scaling.get("Max", -1)):
-            return ("Task group scaling policy validation failed: Scaling policy invalid: task group count "
-                    "must not be greater than maximum count in scaling policy")
+            return (
+                "Task group scaling policy validation failed: Scaling policy invalid: task group count "
+                "must not be greater than maximum count in scaling policy"
+            )
         for task in group["Tasks"]:
             driver = task.get("Driver")
             config = task.get("Config") or {}

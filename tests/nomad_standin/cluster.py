@@ -57,12 +57,19 @@ class Cluster:
     def drivers(self) -> dict[str, dict[str, Any]]:
         docker_ok = self.docker != "missing"
         return {
-            "raw_exec": {"Detected": True, "Healthy": True, "HealthDescription": "Healthy",
-                         "Attributes": {"driver.raw_exec": "true"}},
+            "raw_exec": {
+                "Detected": True,
+                "Healthy": True,
+                "HealthDescription": "Healthy",
+                "Attributes": {"driver.raw_exec": "true"},
+            },
             "exec": {"Detected": False, "Healthy": False, "HealthDescription": "", "Attributes": {}},
-            "docker": {"Detected": docker_ok, "Healthy": docker_ok,
-                       "HealthDescription": "Healthy" if docker_ok else "Failed to connect to docker daemon",
-                       "Attributes": {"driver.docker": "true"} if docker_ok else {}},
+            "docker": {
+                "Detected": docker_ok,
+                "Healthy": docker_ok,
+                "HealthDescription": "Healthy" if docker_ok else "Failed to connect to docker daemon",
+                "Attributes": {"driver.docker": "true"} if docker_ok else {},
+            },
         }
 
     @property
@@ -82,8 +89,14 @@ class Cluster:
 
     def interpolation_table(self) -> dict[str, str]:
         table = {f"attr.{k}": v for k, v in self.attributes.items()}
-        table.update({"node.unique.id": self.node_id, "node.unique.name": NODE_NAME,
-                      "node.datacenter": DATACENTER, "node.region": "global"})
+        table.update(
+            {
+                "node.unique.id": self.node_id,
+                "node.unique.name": NODE_NAME,
+                "node.datacenter": DATACENTER,
+                "node.region": "global",
+            }
+        )
         return table
 
     # ------------------------------------------------------------------------------ job changes
@@ -93,11 +106,23 @@ class Cluster:
         old = self.jobs.get(job_id)
         index = self.index.bump()
         if old is None:
-            job = JobRecord(spec=spec, version=0, create_index=index, modify_index=index,
-                            job_modify_index=index, submit_time=now_ns())
+            job = JobRecord(
+                spec=spec,
+                version=0,
+                create_index=index,
+                modify_index=index,
+                job_modify_index=index,
+                submit_time=now_ns(),
+            )
         else:
-            job = JobRecord(spec=spec, version=old.version + 1, create_index=old.create_index,
-                            modify_index=index, job_modify_index=index, submit_time=now_ns())
+            job = JobRecord(
+                spec=spec,
+                version=old.version + 1,
+                create_index=old.create_index,
+                modify_index=index,
+                job_modify_index=index,
+                submit_time=now_ns(),
+            )
         self.jobs[job_id] = job
         return self.evaluate(job, "job-register")
 
@@ -145,15 +170,23 @@ class Cluster:
                 old.status = "canceled"
                 old.modify_index = self.index.bump()
         index = self.index.bump()
-        evaluation = EvalRecord(id=new_id(), job_id=job.id, namespace=job.namespace, triggered_by=trigger,
-                                job_modify_index=job.job_modify_index, create_index=index, modify_index=index)
+        evaluation = EvalRecord(
+            id=new_id(),
+            job_id=job.id,
+            namespace=job.namespace,
+            triggered_by=trigger,
+            job_modify_index=job.job_modify_index,
+            create_index=index,
+            modify_index=index,
+        )
         self.evals[evaluation.id] = evaluation
         wanted = {tg["Name"]: tg for tg in job.groups()} if not job.stop else {}
         for alloc in self._live(job.id):
             group = wanted.get(alloc.group_name)
             if group is None:
-                self.stop_alloc(alloc, "alloc not needed as job is stopped" if job.stop
-                                else "alloc not needed due to job update")
+                self.stop_alloc(
+                    alloc, "alloc not needed as job is stopped" if job.stop else "alloc not needed due to job update"
+                )
             elif not _same_definition(alloc, group, job):
                 self.stop_alloc(alloc, "alloc is being updated due to job update")
             else:
@@ -174,11 +207,18 @@ class Cluster:
                     evaluation.queued[name] = evaluation.queued.get(name, 0) + 1
                     break
         if evaluation.failed_tg_allocs:
-            blocked = EvalRecord(id=new_id(), job_id=job.id, namespace=job.namespace,
-                                 triggered_by="queued-allocs", job_modify_index=job.job_modify_index,
-                                 create_index=evaluation.create_index, modify_index=evaluation.modify_index,
-                                 status="blocked", failed_tg_allocs=copy.deepcopy(evaluation.failed_tg_allocs),
-                                 previous_eval=evaluation.id)
+            blocked = EvalRecord(
+                id=new_id(),
+                job_id=job.id,
+                namespace=job.namespace,
+                triggered_by="queued-allocs",
+                job_modify_index=job.job_modify_index,
+                create_index=evaluation.create_index,
+                modify_index=evaluation.modify_index,
+                status="blocked",
+                failed_tg_allocs=copy.deepcopy(evaluation.failed_tg_allocs),
+                previous_eval=evaluation.id,
+            )
             self.evals[blocked.id] = blocked
             evaluation.blocked_eval = blocked.id
         evaluation.modify_index = self.index.bump()
@@ -187,13 +227,23 @@ class Cluster:
     def _live(self, job_id: str) -> list[AllocRecord]:
         return [a for a in self.allocs.values() if a.job_id == job_id and a.desired_status == "run"]
 
-    def _place(self, job: JobRecord, group: dict[str, Any], alloc_index: int,
-               evaluation: EvalRecord) -> dict[str, Any] | None:
+    def _place(
+        self, job: JobRecord, group: dict[str, Any], alloc_index: int, evaluation: EvalRecord
+    ) -> dict[str, Any] | None:
         """Place one allocation, or return the AllocationMetric explaining why not."""
-        metric: dict[str, Any] = {"NodesEvaluated": 1, "NodesFiltered": 0, "NodesExhausted": 0,
-                                  "NodesAvailable": {DATACENTER: 1}, "ConstraintFiltered": {},
-                                  "ClassFiltered": {}, "DimensionExhausted": {}, "ClassExhausted": {},
-                                  "QuotaExhausted": [], "CoalescedFailures": 0, "AllocationTime": 1000}
+        metric: dict[str, Any] = {
+            "NodesEvaluated": 1,
+            "NodesFiltered": 0,
+            "NodesExhausted": 0,
+            "NodesAvailable": {DATACENTER: 1},
+            "ConstraintFiltered": {},
+            "ClassFiltered": {},
+            "DimensionExhausted": {},
+            "ClassExhausted": {},
+            "QuotaExhausted": [],
+            "CoalescedFailures": 0,
+            "AllocationTime": 1000,
+        }
         datacenters = job.spec.get("Datacenters") or ["*"]
         if not any(fnmatch.fnmatchcase(DATACENTER, pattern) for pattern in datacenters):
             metric.update(NodesEvaluated=0, NodesAvailable={dc: 0 for dc in datacenters})
@@ -208,10 +258,23 @@ class Cluster:
             return metric
         index = self.index.bump()
         alloc = AllocRecord(
-            id=new_id(), eval_id=evaluation.id, job_id=job.id, namespace=job.namespace, job=job.to_json([]),
-            job_version=job.version, group=copy.deepcopy(group), index=alloc_index, node_id=self.node_id,
-            node_name=NODE_NAME, ports=ports, alloc_dir="", create_index=index, modify_index=index,
-            create_time=now_ns(), modify_time=now_ns())
+            id=new_id(),
+            eval_id=evaluation.id,
+            job_id=job.id,
+            namespace=job.namespace,
+            job=job.to_json([]),
+            job_version=job.version,
+            group=copy.deepcopy(group),
+            index=alloc_index,
+            node_id=self.node_id,
+            node_name=NODE_NAME,
+            ports=ports,
+            alloc_dir="",
+            create_index=index,
+            modify_index=index,
+            create_time=now_ns(),
+            modify_time=now_ns(),
+        )
         alloc.alloc_dir = os.path.join(self.data_dir, "alloc", alloc.id)
         self.allocs[alloc.id] = alloc
         self._start(alloc)
@@ -252,14 +315,21 @@ class Cluster:
         def note() -> None:
             alloc.modify_index = self.index.bump()
             alloc.modify_time = now_ns()
+
         return note
 
     def _start(self, alloc: AllocRecord) -> None:
         runners = []
         for task in alloc.group.get("Tasks") or []:
-            runner = TaskRunner(alloc, task, agent_env=self.agent_env, node_attributes=self.interpolation_table(),
-                                changed=self.changed(alloc), start_failure=self._injected_failure,
-                                variables=self.variables)
+            runner = TaskRunner(
+                alloc,
+                task,
+                agent_env=self.agent_env,
+                node_attributes=self.interpolation_table(),
+                changed=self.changed(alloc),
+                start_failure=self._injected_failure,
+                variables=self.variables,
+            )
             runners.append(runner)
             runner.start()
         self.runners[alloc.id] = runners
@@ -271,8 +341,11 @@ class Cluster:
                 return kind, message
         if self.docker == "broken" and any(t.get("Driver") == "docker" for t in alloc.group.get("Tasks") or []):
             image = next(t["Config"].get("image", "") for t in alloc.group["Tasks"] if t.get("Driver") == "docker")
-            return ("Driver Failure", f"Failed to pull `{image}`: Error response from daemon: pull access denied "
-                    f"for {image}, repository does not exist or may require 'docker login'")
+            return (
+                "Driver Failure",
+                f"Failed to pull `{image}`: Error response from daemon: pull access denied "
+                f"for {image}, repository does not exist or may require 'docker login'",
+            )
         return None
 
     def stop_alloc(self, alloc: AllocRecord, reason: str) -> None:
@@ -301,8 +374,7 @@ class Cluster:
         for alloc in list(self.allocs.values()):
             if alloc.desired_status == "run":
                 alloc.desired_status = "stop"
-        await asyncio.gather(*(r.stop() for runners in self.runners.values() for r in runners),
-                             return_exceptions=True)
+        await asyncio.gather(*(r.stop() for runners in self.runners.values() for r in runners), return_exceptions=True)
         await asyncio.gather(*self._background, return_exceptions=True)
 
 

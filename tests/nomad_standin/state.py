@@ -116,8 +116,13 @@ class JobRecord:
             counts = dict.fromkeys(("Queued", "Complete", "Failed", "Running", "Starting", "Lost", "Unknown"), 0)
             for alloc in allocs:
                 if alloc.job_id == self.id and alloc.group_name == group["Name"]:
-                    key = {"running": "Running", "pending": "Starting", "failed": "Failed",
-                           "complete": "Complete", "lost": "Lost"}.get(alloc.client_status, "Unknown")
+                    key = {
+                        "running": "Running",
+                        "pending": "Starting",
+                        "failed": "Failed",
+                        "complete": "Complete",
+                        "lost": "Lost",
+                    }.get(alloc.client_status, "Unknown")
                     counts[key] += 1
             summary[group["Name"]] = counts
         stub: dict[str, Any] = {
@@ -133,8 +138,13 @@ class JobRecord:
             "Stop": self.stop,
             "Status": self.status(allocs),
             "StatusDescription": "",
-            "JobSummary": {"JobID": self.id, "Namespace": self.namespace, "Summary": summary,
-                           "CreateIndex": self.create_index, "ModifyIndex": self.modify_index},
+            "JobSummary": {
+                "JobID": self.id,
+                "Namespace": self.namespace,
+                "Summary": summary,
+                "CreateIndex": self.create_index,
+                "ModifyIndex": self.modify_index,
+            },
             "CreateIndex": self.create_index,
             "ModifyIndex": self.modify_index,
             "JobModifyIndex": self.job_modify_index,
@@ -263,8 +273,11 @@ class AllocRecord:
             res = task.get("Resources") or {}
             cpu += int(res.get("CPU", 100))
             memory += int(res.get("MemoryMB", 300))
-            tasks[task["Name"]] = {"Cpu": {"CpuShares": int(res.get("CPU", 100))},
-                                   "Memory": {"MemoryMB": int(res.get("MemoryMB", 300))}, "Networks": []}
+            tasks[task["Name"]] = {
+                "Cpu": {"CpuShares": int(res.get("CPU", 100))},
+                "Memory": {"MemoryMB": int(res.get("MemoryMB", 300))},
+                "Networks": [],
+            }
         disk = int((self.group.get("EphemeralDisk") or {}).get("SizeMB", 300))
         full = {k: v for k, v in self.to_stub().items() if k not in ("JobType", "JobVersion")}
         full.update(
@@ -274,8 +287,14 @@ class AllocRecord:
             PreviousAllocation="",
             NextAllocation="",
             DeploymentID="",
-            Metrics={"NodesEvaluated": 1, "NodesFiltered": 0, "NodesAvailable": {DATACENTER: 1},
-                     "NodesExhausted": 0, "AllocationTime": 1000, "CoalescedFailures": 0},
+            Metrics={
+                "NodesEvaluated": 1,
+                "NodesFiltered": 0,
+                "NodesAvailable": {DATACENTER: 1},
+                "NodesExhausted": 0,
+                "AllocationTime": 1000,
+                "CoalescedFailures": 0,
+            },
             AllocatedResources={
                 "Shared": {
                     "DiskMB": disk,

@@ -33,6 +33,7 @@ _NOMAD_VAR = re.compile(r'\{\{ with nomadVar "([^"]+)" \}\}\{\{ \.(\w+) \}\}\{\{
 def interpolate(value: Any, env: Mapping[str, str], node: Mapping[str, str]) -> Any:
     """Nomad's runtime interpolation of `${NAME}` (env) and `${node.x}`/`${attr.x}` references."""
     if isinstance(value, str):
+
         def replace(match: re.Match[str]) -> str:
             name = match.group(1).strip()
             if name in env:
@@ -60,7 +61,9 @@ def alloc_layout(alloc: AllocRecord, task: str) -> dict[str, str]:
     os.makedirs(paths["alloc"], exist_ok=True)
     os.chmod(paths["alloc"], 0o755)
     for sub in [os.path.join(paths["alloc"], d) for d in ("data", "logs", "tmp")] + [
-            paths["task"], *(os.path.join(paths["task"], d) for d in ("local", "secrets", "tmp"))]:
+        paths["task"],
+        *(os.path.join(paths["task"], d) for d in ("local", "secrets", "tmp")),
+    ]:
         os.makedirs(sub, exist_ok=True)
         os.chmod(sub, 0o777)
     return paths
@@ -105,10 +108,17 @@ def runtime_env(alloc: AllocRecord, task: Mapping[str, Any], paths: Mapping[str,
 class TaskRunner:
     """One task of one allocation: start, watch, restart per policy, kill."""
 
-    def __init__(self, alloc: AllocRecord, task: dict[str, Any], *, agent_env: Mapping[str, str],
-                 node_attributes: Mapping[str, str], changed: Callable[[], None],
-                 start_failure: Callable[[AllocRecord], tuple[str, str] | None],
-                 variables: Mapping[str, Mapping[str, str]]) -> None:
+    def __init__(
+        self,
+        alloc: AllocRecord,
+        task: dict[str, Any],
+        *,
+        agent_env: Mapping[str, str],
+        node_attributes: Mapping[str, str],
+        changed: Callable[[], None],
+        start_failure: Callable[[AllocRecord], tuple[str, str] | None],
+        variables: Mapping[str, Mapping[str, str]],
+    ) -> None:
         self.alloc = alloc
         self.task = task
         self.name = str(task["Name"])
@@ -142,14 +152,21 @@ class TaskRunner:
                 now = now_ns()
                 restarts = [t for t in restarts if now - t < interval_ns]
                 if len(restarts) >= attempts:
-                    self.state.event("Not Restarting", f"Exceeded allowed attempts {attempts} in interval "
-                                     f"{interval_ns // 10**9}s and mode is \"fail\"", FailsTask=True)
+                    self.state.event(
+                        "Not Restarting",
+                        f'Exceeded allowed attempts {attempts} in interval {interval_ns // 10**9}s and mode is "fail"',
+                        FailsTask=True,
+                    )
                     self._finish(failed=True)
                     return
                 restarts.append(now)
                 reason = "Error was unrecoverable" if failure else "Restart within policy"
-                self.state.event("Restarting", f"Task restarting in {delay_s:g}s", RestartReason=reason,
-                                 StartDelay=int(delay_s * 1e9))
+                self.state.event(
+                    "Restarting",
+                    f"Task restarting in {delay_s:g}s",
+                    RestartReason=reason,
+                    StartDelay=int(delay_s * 1e9),
+                )
                 self._changed()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), delay_s)
@@ -172,24 +189,38 @@ class TaskRunner:
         injected = self._start_failure(self.alloc)
         if injected is not None:
             kind, message = injected
-            self.state.event(kind, message, DriverError=message if kind == "Driver Failure" else "",
-                             SetupError=message if kind == "Setup Failure" else "", FailsTask=True)
+            self.state.event(
+                kind,
+                message,
+                DriverError=message if kind == "Driver Failure" else "",
+                SetupError=message if kind == "Setup Failure" else "",
+                FailsTask=True,
+            )
             self._changed()
             return True
         if not await self._render_templates(paths["task"]):
             return True
         logs = os.path.join(paths["alloc"], "logs")
         argv = [str(config.get("command", "")), *[str(a) for a in config.get("args") or []]]
-        with open(os.path.join(logs, f"{self.name}.stdout.0"), "ab") as out, \
-                open(os.path.join(logs, f"{self.name}.stderr.0"), "ab") as err:
+        with (
+            open(os.path.join(logs, f"{self.name}.stdout.0"), "ab") as out,
+            open(os.path.join(logs, f"{self.name}.stderr.0"), "ab") as err,
+        ):
             try:
                 self._process = await asyncio.create_subprocess_exec(
-                    *argv, env=env, cwd=paths["task"], stdin=asyncio.subprocess.DEVNULL,
-                    stdout=out, stderr=err, start_new_session=True)
+                    *argv,
+                    env=env,
+                    cwd=paths["task"],
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    start_new_session=True,
+                )
             except OSError as exc:
                 why = "executable file not found in $PATH" if isinstance(exc, FileNotFoundError) else exc.strerror
-                message = (f"failed to launch command with executor: rpc error: code = Unknown desc = "
-                           f"exec: {argv[0]!r}: {why}")
+                message = (
+                    f"failed to launch command with executor: rpc error: code = Unknown desc = exec: {argv[0]!r}: {why}"
+                )
                 self.state.event("Driver Failure", message, DriverError=message)
                 self._changed()
                 return True
@@ -203,9 +234,13 @@ class TaskRunner:
         self._kill_group(signal.SIGKILL)  # nothing the task started outlives it
         signal_no = -code if code < 0 else 0
         exit_code = code if code >= 0 else 0
-        self.state.event("Terminated", f"Exit Code: {exit_code}" + (f", Signal: {signal_no}" if signal_no else ""),
-                         ExitCode=exit_code, Signal=signal_no,
-                         details={"exit_code": exit_code, "signal": signal_no, "oom_killed": "false"})
+        self.state.event(
+            "Terminated",
+            f"Exit Code: {exit_code}" + (f", Signal: {signal_no}" if signal_no else ""),
+            ExitCode=exit_code,
+            Signal=signal_no,
+            details={"exit_code": exit_code, "signal": signal_no, "oom_killed": "false"},
+        )
         self._changed()
         return False
 
@@ -256,8 +291,9 @@ class TaskRunner:
         if process is not None and process.returncode is None:
             sig = getattr(signal, str(self.task.get("KillSignal") or "SIGINT"), signal.SIGINT)
             timeout = int(self.task.get("KillTimeout") or _DEFAULT_KILL_TIMEOUT_NS) / 1e9
-            self.state.event("Killing", f"Sent interrupt. Waiting {timeout:g}s before force killing",
-                             KillTimeout=int(timeout * 1e9))
+            self.state.event(
+                "Killing", f"Sent interrupt. Waiting {timeout:g}s before force killing", KillTimeout=int(timeout * 1e9)
+            )
             self._changed()
             # like Nomad: the kill signal to the task's process, then (after the kill timeout, or
             # once it has exited) SIGKILL to everything it left behind

@@ -70,8 +70,9 @@ class PipeReader:
 
 
 class Children:
-    def __init__(self, loop: asyncio.AbstractEventLoop, env: dict[str, str],
-                 on_spawn: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, env: dict[str, str], on_spawn: Callable[[int], None] | None = None
+    ) -> None:
         self.loop = loop
         self.env = env
         self.on_spawn = on_spawn  # e.g. the CPU time limit, set on each command as it starts
@@ -93,8 +94,15 @@ class Children:
             (os.POSIX_SPAWN_DUP2, err_w, 2),
         ]
         try:
-            pid = os.posix_spawnp(argv[0], list(argv), self.env, file_actions=actions, setsid=True,
-                                  setsigdef=_PYTHON_IGNORED, setsigmask=())
+            pid = os.posix_spawnp(
+                argv[0],
+                list(argv),
+                self.env,
+                file_actions=actions,
+                setsid=True,
+                setsigdef=_PYTHON_IGNORED,
+                setsigmask=(),
+            )
         except OSError:
             for fd in (out_r, out_w, err_r, err_w):
                 os.close(fd)

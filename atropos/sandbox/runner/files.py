@@ -115,7 +115,7 @@ def _write_bytes(root: str, path: str, data: bytes, mode: int | None) -> None:
         os.ftruncate(fd, 0)
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         if mode is not None:
             os.fchmod(fd, mode)
 
@@ -145,6 +145,7 @@ def write_file(root: str, args: dict[str, Any], limit: int) -> dict[str, Any]:
 
 _MAX_REMOVAL_DEPTH = 64
 _MAX_REMOVAL_PASSES = 100_000  # each pass removes 64 levels of every deep chain
+
 
 def _open_dir_for_removal(parent: int, name: str) -> int:
     """A readable fd of directory `name` (made searchable if an agent locked it), never via a symlink."""

@@ -36,8 +36,9 @@ _FREEING_ATTEMPTS = 40
 
 
 class Runner:
-    def __init__(self, root: str, cap: int, file_limit: int, limits: RunnerLimits | None = None,
-                 own_pid_namespace: bool = False) -> None:
+    def __init__(
+        self, root: str, cap: int, file_limit: int, limits: RunnerLimits | None = None, own_pid_namespace: bool = False
+    ) -> None:
         self.root = root
         self.cap = cap
         self.file_limit = file_limit
@@ -46,8 +47,12 @@ class Runner:
         # children inherit our cwd (the workspace) and our hard rlimits; CPU time is set per command
         self.children = Children(self.loop, dict(os.environ), on_spawn=self.limits.apply_to_command)
         self.session = BashSession(self.children)
-        self.watch = LimitWatch(root, self.limits, own_pid_namespace=own_pid_namespace,
-                                kill_all=lambda: kill_tree(os.getpid(), include_root=False))
+        self.watch = LimitWatch(
+            root,
+            self.limits,
+            own_pid_namespace=own_pid_namespace,
+            kill_all=lambda: kill_tree(os.getpid(), include_root=False),
+        )
         self.watch.start()
         self._session_lock = asyncio.Lock()
         self._out = sys.stdout.buffer
@@ -73,9 +78,13 @@ class Runner:
         self.reply({"id": rid, "result": result})
 
     def describe(self, kind: str) -> str:
-        values = {"cpu_time": self.limits.cpu_seconds, "file_size": self.limits.file_size,
-                  "processes": self.limits.processes, "workspace": self.limits.workspace,
-                  "memory": self.limits.memory}
+        values = {
+            "cpu_time": self.limits.cpu_seconds,
+            "file_size": self.limits.file_size,
+            "processes": self.limits.processes,
+            "workspace": self.limits.workspace,
+            "memory": self.limits.memory,
+        }
         return describe_limit(kind, values.get(kind))
 
     def note_limit(self, result: dict[str, Any], kind: str | None) -> None:
@@ -122,8 +131,12 @@ class Runner:
                 return await self.command(req)
             except BlockingIOError:
                 await asyncio.sleep(0.05)
-        return {"ok": False, "error": "cannot start the command: the slot is at its process limit",
-                "limit": "processes", "duration_ms": 0.0}
+        return {
+            "ok": False,
+            "error": "cannot start the command: the slot is at its process limit",
+            "limit": "processes",
+            "duration_ms": 0.0,
+        }
 
     async def command(self, req: dict[str, Any]) -> dict[str, Any]:
         timeout = float(req.get("timeout") or 60.0)
@@ -176,8 +189,16 @@ async def serve(root: str, cap: int, file_limit: int, limits: RunnerLimits, own_
     runner.shutdown()
 
 
-_VALUE_OPTIONS = ("--root", "--max-output", "--max-file-bytes", "--limit-memory", "--limit-file-size",
-                  "--limit-cpu", "--limit-workspace", "--limit-processes")
+_VALUE_OPTIONS = (
+    "--root",
+    "--max-output",
+    "--max-file-bytes",
+    "--limit-memory",
+    "--limit-file-size",
+    "--limit-cpu",
+    "--limit-workspace",
+    "--limit-processes",
+)
 _FLAGS = ("--nproc-rlimit", "--pid-namespace")
 
 
@@ -202,9 +223,14 @@ def limits_from(opts: dict[str, str]) -> RunnerLimits:
     def num(flag: str) -> int | None:
         return int(opts[flag]) if opts.get(flag) else None
 
-    return RunnerLimits(memory=num("--limit-memory"), file_size=num("--limit-file-size"),
-                        cpu_seconds=num("--limit-cpu"), workspace=num("--limit-workspace"),
-                        processes=num("--limit-processes"), nproc_rlimit="--nproc-rlimit" in opts)
+    return RunnerLimits(
+        memory=num("--limit-memory"),
+        file_size=num("--limit-file-size"),
+        cpu_seconds=num("--limit-cpu"),
+        workspace=num("--limit-workspace"),
+        processes=num("--limit-processes"),
+        nproc_rlimit="--nproc-rlimit" in opts,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     os.nice(_NICENESS)
     root = opts["--root"]
     os.chdir(root)
-    asyncio.run(serve(root, int(opts["--max-output"]), int(opts["--max-file-bytes"]), limits,
-                      "--pid-namespace" in opts))
+    asyncio.run(
+        serve(root, int(opts["--max-output"]), int(opts["--max-file-bytes"]), limits, "--pid-namespace" in opts)
+    )
     return 0
 
 

@@ -54,8 +54,10 @@ async def run_oneshot(children: Children, command: str, *, timeout: float, cap: 
     started = time.monotonic()
     out, err = BoundedBuffer(cap), BoundedBuffer(cap)
     child = children.spawn(["bash", "-c", command])
-    readers = [PipeReader(children.loop, child.stdout_fd, out.write),
-               PipeReader(children.loop, child.stderr_fd, err.write)]
+    readers = [
+        PipeReader(children.loop, child.stdout_fd, out.write),
+        PipeReader(children.loop, child.stderr_fd, err.write),
+    ]
     timed_out = False
 
     def on_timeout() -> None:

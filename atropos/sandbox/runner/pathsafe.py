@@ -50,7 +50,7 @@ def _check_text(path: str) -> None:
 
 
 def _strip_prefix(parts: list[str], prefix: list[str]) -> list[str] | None:
-    return parts[len(prefix):] if parts[:len(prefix)] == prefix else None
+    return parts[len(prefix) :] if parts[: len(prefix)] == prefix else None
 
 
 def _inside_parts(root: str, absolute: str) -> list[str] | None:
@@ -124,8 +124,10 @@ class _Walk:
         if target.startswith("/"):
             inside = _inside_parts(self.root, target)
             if inside is None:
-                raise PathEscapeError(f"path {self.path!r}: symlink {name!r} -> {target!r} points outside "
-                                      f"the workspace ({WORKSPACE_ALIAS})")
+                raise PathEscapeError(
+                    f"path {self.path!r}: symlink {name!r} -> {target!r} points outside "
+                    f"the workspace ({WORKSPACE_ALIAS})"
+                )
             self.to_root()
             pending.extendleft(reversed(inside))
         else:
@@ -196,8 +198,9 @@ def open_in_workspace(root: str, path: str, flags: int, mode: int = 0o666, *, cr
 
 
 @contextmanager
-def opened_in_workspace(root: str, path: str, flags: int, mode: int = 0o666, *,
-                        create_parents: bool = False) -> Iterator[int]:
+def opened_in_workspace(
+    root: str, path: str, flags: int, mode: int = 0o666, *, create_parents: bool = False
+) -> Iterator[int]:
     fd = open_in_workspace(root, path, flags, mode, create_parents=create_parents)
     try:
         yield fd

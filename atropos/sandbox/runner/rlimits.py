@@ -66,8 +66,14 @@ _SIGNAL_LIMITS = {128 + 24: "cpu_time", 128 + 25: "file_size"}
 
 
 # what programs print when an allocation fails under RLIMIT_DATA (Python, C, C++, Go, Node, Rust)
-_NO_MEMORY = ("MemoryError", "Cannot allocate memory", "std::bad_alloc", "out of memory",
-              "JavaScript heap out of memory", "memory allocation of")
+_NO_MEMORY = (
+    "MemoryError",
+    "Cannot allocate memory",
+    "std::bad_alloc",
+    "out of memory",
+    "JavaScript heap out of memory",
+    "memory allocation of",
+)
 
 
 def limit_of_result(result: dict[str, object]) -> str | None:

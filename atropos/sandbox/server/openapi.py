@@ -18,8 +18,9 @@ def _content(model: type[BaseModel]) -> dict[str, Any]:
     return {"application/json": {"schema": {"$ref": _REF.format(model=model.__name__)}}}
 
 
-def _op(summary: str, request: type[BaseModel] | None, response: type[BaseModel], *,
-        auth: bool = True) -> dict[str, Any]:
+def _op(
+    summary: str, request: type[BaseModel] | None, response: type[BaseModel], *, auth: bool = True
+) -> dict[str, Any]:
     op: dict[str, Any] = {
         "summary": summary,
         "responses": {"200": {"description": "OK", "content": _content(response)}},
@@ -28,10 +29,15 @@ def _op(summary: str, request: type[BaseModel] | None, response: type[BaseModel]
         op["requestBody"] = {"required": True, "content": _content(request)}
     if auth:
         op["security"] = [{"bearer": []}]
-        for code, why in (("400", "malformed JSON or unknown tool"), ("401", "missing or wrong token"),
-                          ("404", "unknown slot"), ("413", "body too large"), ("422", "invalid request"),
-                          ("409", "the slot was reset during the call"),
-                          ("503", "the slot's sandbox failed; not the command's failure")):
+        for code, why in (
+            ("400", "malformed JSON or unknown tool"),
+            ("401", "missing or wrong token"),
+            ("404", "unknown slot"),
+            ("413", "body too large"),
+            ("422", "invalid request"),
+            ("409", "the slot was reset during the call"),
+            ("503", "the slot's sandbox failed; not the command's failure"),
+        ):
             op["responses"][code] = {"description": why, "content": _content(m.ErrorResponse)}
     return op
 
@@ -42,20 +48,31 @@ def _one_call_of_each_tool() -> dict[str, Any]:
     return {
         "description": "One tool call: `args` as the tool's model says. An unknown tool gets a 400.",
         "oneOf": [{"$ref": _REF.format(model=name)} for name in calls.values()],
-        "discriminator": {"propertyName": "tool",
-                          "mapping": {tool: _REF.format(model=name) for tool, name in calls.items()}},
+        "discriminator": {
+            "propertyName": "tool",
+            "mapping": {tool: _REF.format(model=name) for tool, name in calls.items()},
+        },
     }
 
 
 @lru_cache(maxsize=1)
 def openapi_document() -> dict[str, Any]:
     all_models: list[type[BaseModel]] = [
-        m.ExecuteRequest, m.ExecuteResult, m.BatchRequest, m.BatchResponse, m.ResetRequest,
-        m.ResetResponse, m.HealthResponse, m.ErrorResponse, m.BashArgs, m.SessionArgs,
-        m.ReadFileArgs, m.WriteFileArgs, *m.TOOL_CALLS,
+        m.ExecuteRequest,
+        m.ExecuteResult,
+        m.BatchRequest,
+        m.BatchResponse,
+        m.ResetRequest,
+        m.ResetResponse,
+        m.HealthResponse,
+        m.ErrorResponse,
+        m.BashArgs,
+        m.SessionArgs,
+        m.ReadFileArgs,
+        m.WriteFileArgs,
+        *m.TOOL_CALLS,
     ]
-    _, defs = models_json_schema([(model, "validation") for model in all_models],
-                                 ref_template=_REF)
+    _, defs = models_json_schema([(model, "validation") for model in all_models], ref_template=_REF)
     schemas = defs.get("$defs", {})
     schemas["ExecuteRequest"] = _one_call_of_each_tool()
     return {
@@ -66,12 +83,17 @@ def openapi_document() -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "paths": {
-            "/health": {"get": _op("Liveness, slot count, busy slots, isolation in force", None,
-                                   m.HealthResponse, auth=False)},
+            "/health": {
+                "get": _op("Liveness, slot count, busy slots, isolation in force", None, m.HealthResponse, auth=False)
+            },
             "/execute": {"post": _op("Run one tool call in a slot", m.ExecuteRequest, m.ExecuteResult)},
-            "/batch": {"post": _op("Run tool calls concurrently across slots, in order per slot",
-                                   m.BatchRequest, m.BatchResponse)},
-            "/reset": {"post": _op("Kill everything a slot started and empty its workspace",
-                                   m.ResetRequest, m.ResetResponse)},
+            "/batch": {
+                "post": _op(
+                    "Run tool calls concurrently across slots, in order per slot", m.BatchRequest, m.BatchResponse
+                )
+            },
+            "/reset": {
+                "post": _op("Kill everything a slot started and empty its workspace", m.ResetRequest, m.ResetResponse)
+            },
         },
     }

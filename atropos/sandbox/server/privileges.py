@@ -112,8 +112,10 @@ def _overmount(top: str, keep: list[str]) -> None:
     from the original. The rest of `top` disappears from this mount namespace."""
     fd = os.open(top, os.O_PATH | os.O_DIRECTORY)
     try:
-        _check(_libc().mount(b"tmpfs", top.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=0755,size=1m"),
-               f"mount tmpfs on {top}")
+        _check(
+            _libc().mount(b"tmpfs", top.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=0755,size=1m"),
+            f"mount tmpfs on {top}",
+        )
         for path in keep:
             rel = os.path.relpath(path, top)
             target = os.path.join(top, rel)
@@ -123,8 +125,7 @@ def _overmount(top: str, keep: list[str]) -> None:
             else:
                 os.makedirs(os.path.dirname(target), exist_ok=True)
                 open(target, "a").close()
-            _check(_libc().mount(source.encode(), target.encode(), None, _MS_BIND | _MS_REC, None),
-                   f"bind {path}")
+            _check(_libc().mount(source.encode(), target.encode(), None, _MS_BIND | _MS_REC, None), f"bind {path}")
     finally:
         os.close(fd)
 
@@ -172,8 +173,7 @@ def _unreachable_ancestor(path: str, who: Identity) -> str | None:
         current = os.path.dirname(current)
 
 
-def give_up_root(who: Identity, *, trees: Sequence[str], files: Sequence[str] = (),
-                 reach: Sequence[str] = ()) -> None:
+def give_up_root(who: Identity, *, trees: Sequence[str], files: Sequence[str] = (), reach: Sequence[str] = ()) -> None:
     """Steps 1-3 of the module docstring: `trees` are handed over whole, `files` one by one, and
     `trees` and `reach` (the interpreter and package the slots' runner starts from) made reachable.
     Raises PrivilegeError if any step fails."""
@@ -183,8 +183,14 @@ def give_up_root(who: Identity, *, trees: Sequence[str], files: Sequence[str] = 
         for path in files:
             os.lchown(path, who.uid, who.gid)
     except OSError as exc:
-        hint = (" (root without capabilities, e.g. apptainer run as root where apptainer.conf grants root none: "
-                "run apptainer as an unprivileged user)") if exc.errno == errno.EPERM else ""
+        hint = (
+            (
+                " (root without capabilities, e.g. apptainer run as root where apptainer.conf grants root none: "
+                "run apptainer as an unprivileged user)"
+            )
+            if exc.errno == errno.EPERM
+            else ""
+        )
         raise PrivilegeError(f"cannot hand {exc.filename} to {who.describe()}: {exc.strerror}{hint}") from None
     masked = proc_is_masked()
     hidden = [p for p in (*trees, *reach) if _unreachable_ancestor(p, who) is not None]
@@ -196,21 +202,27 @@ def give_up_root(who: Identity, *, trees: Sequence[str], files: Sequence[str] = 
                 log.info("mounted an unmasked /proc in the server's own mount namespace")
             expose(hidden, who)
         except OSError as exc:
-            what = ("/proc is masked (a container's masked paths), so slots could not get their own /proc"
-                    if masked else f"{', '.join(hidden)} cannot be reached by {who.describe()}")
+            what = (
+                "/proc is masked (a container's masked paths), so slots could not get their own /proc"
+                if masked
+                else f"{', '.join(hidden)} cannot be reached by {who.describe()}"
+            )
             raise PrivilegeError(
                 f"{what}, and the server could not fix that in a mount namespace of its own ({exc}). "
-                "In a container, add --cap-add SYS_ADMIN (Nomad: cap_add = [\"sys_admin\"]); elsewhere pick "
-                "paths that user can reach, or --run-as another user") from None
+                'In a container, add --cap-add SYS_ADMIN (Nomad: cap_add = ["sys_admin"]); elsewhere pick '
+                "paths that user can reach, or --run-as another user"
+            ) from None
     parent, death_signal = os.getppid(), parent_death_signal()
     try:
         os.setgroups([])
         os.setresgid(who.gid, who.gid, who.gid)
         os.setresuid(who.uid, who.uid, who.uid)
     except OSError as exc:
-        raise PrivilegeError(f"cannot switch to {who.describe()}: {exc.strerror} (root without "
-                             "CAP_SETUID/CAP_SETGID, e.g. apptainer as root with no capabilities: run "
-                             "it as an unprivileged user instead)") from None
+        raise PrivilegeError(
+            f"cannot switch to {who.describe()}: {exc.strerror} (root without "
+            "CAP_SETUID/CAP_SETGID, e.g. apptainer as root with no capabilities: run "
+            "it as an unprivileged user instead)"
+        ) from None
     if os.getuid() == 0 or os.geteuid() == 0:
         raise PrivilegeError("still root after switching users")
     if not forbid_new_privileges():
@@ -222,4 +234,3 @@ def give_up_root(who: Identity, *, trees: Sequence[str], files: Sequence[str] = 
             raise PrivilegeError("cannot set PR_SET_PDEATHSIG again after switching users")
         if os.getppid() != parent:
             os.kill(os.getpid(), death_signal)
-

@@ -39,8 +39,15 @@ class SlotReset(SlotFailure):
 
 
 class SlotRunner:
-    def __init__(self, index: int, workspace: str, command: Callable[[], list[str]], env: dict[str, str],
-                 cgroup: SlotCgroup | None = None, egress: Egress | None = None) -> None:
+    def __init__(
+        self,
+        index: int,
+        workspace: str,
+        command: Callable[[], list[str]],
+        env: dict[str, str],
+        cgroup: SlotCgroup | None = None,
+        egress: Egress | None = None,
+    ) -> None:
         self.index = index
         self.cgroup = cgroup
         self.workspace = workspace
@@ -67,15 +74,23 @@ class SlotRunner:
 
     async def _start_runner(self) -> asyncio.subprocess.Process:
         proc = await asyncio.create_subprocess_exec(
-            *self._command(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            env=self._env, start_new_session=True, limit=256 * 1024 * 1024,
+            *self._command(),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=self._env,
+            start_new_session=True,
+            limit=256 * 1024 * 1024,
         )
         assert proc.stdout is not None
         if self._egress is not None and (await proc.stdout.readline()).strip() == NETNS_READY.encode():
             self._pastas[proc.pid] = await asyncio.create_subprocess_exec(
-                *self._egress.pasta_argv(proc.pid), stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
-                preexec_fn=_pasta_dies_with_server)  # it outlives the namespaces' processes otherwise
+                *self._egress.pasta_argv(proc.pid),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_pasta_dies_with_server,
+            )  # it outlives the namespaces' processes otherwise
         hello = await proc.stdout.readline()
         if not hello:
             await proc.wait()
@@ -103,8 +118,9 @@ class SlotRunner:
         await self._stop_pasta(proc)
         if self._proc is proc:  # not stopped by kill_runner
             self._session_lost = True
-        self._fail_pending(SlotFailure(f"slot {self.index}: the sandbox exited ({proc.returncode}); "
-                                       "it restarts on the next call"))
+        self._fail_pending(
+            SlotFailure(f"slot {self.index}: the sandbox exited ({proc.returncode}); it restarts on the next call")
+        )
 
     def _fail_pending(self, exc: Exception) -> None:
         pending, self._pending = self._pending, {}
@@ -123,8 +139,7 @@ class SlotRunner:
             await proc.stdin.drain()
             return await asyncio.wait_for(asyncio.shield(fut), timeout + RUNNER_GRACE)
         except asyncio.TimeoutError:
-            log.error("slot %d: runner did not answer within %.0fs; replacing it", self.index,
-                      timeout + RUNNER_GRACE)
+            log.error("slot %d: runner did not answer within %.0fs; replacing it", self.index, timeout + RUNNER_GRACE)
             await self.kill_runner()
             raise SlotFailure(f"slot {self.index}: the sandbox stopped answering; it was restarted") from None
         except (BrokenPipeError, ConnectionResetError):
