@@ -222,6 +222,9 @@ async def test_shutdown_leaves_nothing_behind() -> None:
     assert not os.path.exists(workdir)
     with pytest.raises(PoolClosed):
         await pool.acquire("late")
+    for late_call in (pool.execute(slot, "bash", {"command": "true"}), pool.execute_batch([(slot, "bash", {}, None)])):
+        with pytest.raises(PoolClosed):  # a rollout still calling after close: the pool's error, not a KeyError
+            await late_call
 
 
 def test_config_validation_messages(tmp_path: object) -> None:

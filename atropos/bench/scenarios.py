@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from atropos.backends import LocalBackend
 from atropos.bench.measure import (
     Row,
     Summary,
@@ -301,8 +302,8 @@ async def startup_rows(say: Callable[[str], None]) -> list[Row]:
     rows.append(judged(Row("6 startup", "cold start 4 x 16 slots to all ready", cold, "s", target="<= 2 s"), 2.0))
     say("memory: 1 server x 64 slots")
     async with SlotPool(pool_config(slots_per_container=64)) as pool:
-        backend = pool.backend
-        pid = next(iter(backend._servers.values())).proc.pid  # type: ignore[attr-defined]
+        assert isinstance(pool.backend, LocalBackend)
+        pid = pool.backend.pid(pool.server_ids()[0])
         await asyncio.sleep(0.5)
         idle = rss_mb(pid)
         rows.append(judged(Row("6 startup", "server RSS idle, 64 slots", idle, "MB", target="<= 80 MB"), 80))

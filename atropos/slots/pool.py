@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
-import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from atropos.backends.base import SandboxBackend, ServerInfo
@@ -30,28 +27,18 @@ from atropos.errors import (
 )
 from atropos.progress import Progress, no_progress
 from atropos.sandbox.models import ExecuteResult
-from atropos.slots.admission import IsolationRefused, refusal
 from atropos.slots.config import SlotPoolConfig
+from atropos.slots.fleet import Background, Fleet, Member
+from atropos.slots.health import HealthWatch
 from atropos.slots.leasing import LeaseBook, Slot, SlotState, SlotStatus
-from atropos.slots.server_client import ServerClient, ServerRefused
+from atropos.slots.scaling import Scaler
 from atropos.slots.stats import PoolStats, StatsRecorder, summarize
 
 log = logging.getLogger("atropos.slots")
 
 _RESET_TIMEOUT = 60.0
-_SCALE_UP_RETRY = 5.0
-_REPLACE_ATTEMPTS = 3
 
 BatchCall = tuple[Slot, str, dict[str, Any], float | None]
-
-
-@dataclass(eq=False)
-class _Server:
-    info: ServerInfo
-    client: ServerClient
-    last_ok: float
-    idle_since: float
-    health: dict[str, Any]  # /health when it joined: what it enforces
 
 
 def make_backend(config: SlotPoolConfig) -> SandboxBackend:
@@ -70,16 +57,14 @@ class SlotPool:
         self.backend = backend or make_backend(self.config)
         self._progress = progress or no_progress
         self._book = LeaseBook()
-        self._servers: dict[str, _Server] = {}
         self._stats = StatsRecorder()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._background = Background()
+        # the pool is the facade: its servers, their health and their number live in these three
+        self._fleet = Fleet(self.config, self.backend, self._book, self._stats, self._background, self.progress)
+        self._health = HealthWatch(self._fleet)
+        self._scaler = Scaler(self._fleet)
         self._started = False
         self._closed = False
-        self._scaling = False
-        self._replacing = 0  # lost servers whose replacement is on its way
-        self._last_scale = 0.0
-        self._scale_up_failed = 0.0
-        self._scale_wakeup = asyncio.Event()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -108,75 +93,29 @@ class SlotPool:
             infos = await asyncio.wait_for(self.backend.add_servers(count, self.progress), self.config.start_timeout)
             if not infos:
                 raise BackendError("no sandbox server started")
-            await self._register(infos)
+            await self._fleet.admit(infos)
         except BaseException as exc:
             await self.close()
             if isinstance(exc, asyncio.TimeoutError):
                 raise BackendError(f"servers not ready within start_timeout={self.config.start_timeout}s") from None
             raise
         self.progress(
-            f"pool ready: {len(self._book.slots)} slots on {len(self._servers)} server(s) "
+            f"pool ready: {len(self._book.slots)} slots on {len(self._fleet.members)} server(s) "
             f"in {time.monotonic() - started:.2f}s"
         )
-        self._spawn(self._health_loop())
-        self._spawn(self._scale_loop())
+        self._background.spawn(self._health.run())
+        self._background.spawn(self._scaler.run())
         if self.config.lease_ttl is not None:
-            self._spawn(self._lease_reaper())
-
-    async def _register(self, infos: Sequence[ServerInfo]) -> None:
-        """Hand out the slots of these servers; a server with weaker isolation than configured is
-        stopped instead, and IsolationRefused raised once the others are in."""
-        clients = {
-            info.server_id: ServerClient(info.server_id, info.url, info.token, max_connections=info.slots + 4)
-            for info in infos
-        }
-        healths = await asyncio.gather(
-            *(c.health(timeout=self.config.health_timeout) for c in clients.values()), return_exceptions=True
-        )
-        refused: dict[str, str] = {}
-        admitted: list[ServerInfo] = []
-        now = time.monotonic()
-        for info, answer in zip(infos, healths, strict=True):
-            health = answer if isinstance(answer, dict) else {}  # unanswered: the health loop decides
-            why = refusal(self.config, info.server_id, health)
-            if why is not None:
-                refused[info.server_id] = why
-                log.error("event=server_refused server=%s reason=%s", info.server_id, why)
-                await clients[info.server_id].aclose()
-                await self.backend.remove_server(info.server_id)
-                continue
-            admitted.append(info)
-            self._servers[info.server_id] = _Server(info, clients[info.server_id], now, now, health)
-            exited = self.backend.exited(info.server_id)
-            if exited is not None:
-                exited.add_done_callback(functools.partial(self._on_exit, info.server_id))
-        infos = admitted
-        # interleave servers so consecutive acquires spread over containers
-        per_server = [[SlotState(info.server_id, i) for i in range(info.slots)] for info in infos]
-        width = max((len(p) for p in per_server), default=0)
-        self._book.add([p[i] for i in range(width) for p in per_server if i < len(p)])
-        if refused:
-            raise IsolationRefused("; ".join(refused.values()))
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+            self._background.spawn(self._lease_reaper())
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._book.fail_waiters(PoolClosed("the pool was closed while waiting for a slot"))
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for server in self._servers.values():
-            server.client.mark_lost("the pool is closed")
-            await server.client.aclose()
-        self._servers.clear()
-        await self.backend.close()
+        self._fleet.closed = True
+        await self._background.cancel()
+        await self._fleet.close()
         self.progress("pool closed")
 
     # -- leasing -------------------------------------------------------------------------------
@@ -192,7 +131,7 @@ class SlotPool:
             return self._book.lease(st, trajectory)
         waited = time.monotonic()
         fut = self._book.enqueue_waiter()
-        self._scale_wakeup.set()
+        self._scaler.wakeup.set()
         limit = self.config.acquire_timeout if timeout is None else timeout
         try:
             done, _ = await asyncio.wait({fut}, timeout=limit)
@@ -206,7 +145,7 @@ class SlotPool:
             raise AcquireTimeout(
                 f"no slot became free within {limit}s for trajectory {trajectory!r}: {len(self._book.slots)} slots "
                 f"({counts['leased']} leased, {counts['resetting']} resetting), {self._book.waiting} waiting, "
-                f"{len(self._servers)}/{self.config.max_containers} containers; release slots, or raise "
+                f"{len(self._fleet)}/{self.config.max_containers} containers; release slots, or raise "
                 "max_containers or slots_per_container"
             )
         st = fut.result()  # raises PoolClosed if the pool closed meanwhile
@@ -229,12 +168,12 @@ class SlotPool:
             self._book.make_free(st)  # nothing ran since the last reset: nothing to clean
             return
         st.status = SlotStatus.RESETTING
-        self._spawn(self._reset(st))
+        self._background.spawn(self._reset(st))
 
     async def _reset(self, st: SlotState) -> None:
         """Reset, then free the slot; a slot that cannot be reset is never handed out again."""
         for attempt in (1, 2):
-            server = self._servers.get(st.server_id)
+            server = self._fleet.members.get(st.server_id)
             if server is None:
                 return  # lost meanwhile: the health loop handles it
             try:
@@ -266,21 +205,30 @@ class SlotPool:
 
     def server_of(self, slot: Slot) -> ServerInfo:
         """Where the slot's server listens (and its token): for debugging and direct calls."""
-        return self._servers[self._book.check(slot).server_id].info
+        return self._member(self._book.check(slot)).info
 
     def server_ids(self) -> list[str]:
-        return list(self._servers)
+        return list(self._fleet.members)
 
     def enforcement(self) -> dict[str, dict[str, Any]]:
         """Per server: what it said it enforces when it joined (isolation, network, the uid slots
         run as, limits, cgroups, and why an `auto` mode fell back), from its /health."""
         keys = ("isolation", "network", "uid", "limits", "cgroups", "isolation_reason", "network_reason")
-        return {sid: {k: s.health.get(k) for k in keys} for sid, s in self._servers.items()}
+        return {sid: {k: s.health.get(k) for k in keys} for sid, s in self._fleet.members.items()}
 
     async def server_health(self, slot: Slot) -> dict[str, Any]:
         """/health of the slot's server, through the same pooled connection its calls use."""
         st = self._book.check(slot)
-        return await self._servers[st.server_id].client.health(timeout=self.config.health_timeout)
+        return await self._member(st).client.health(timeout=self.config.health_timeout)
+
+    def _member(self, st: SlotState) -> Member:
+        """The server of a leased slot; after close() every call says so (PoolClosed)."""
+        if self._closed:
+            raise PoolClosed("the pool is closed: no more calls")
+        member = self._fleet.members.get(st.server_id)
+        if member is None:
+            raise SlotLost(f"slot {st.server_id}/{st.index}: its server left the pool; acquire another slot")
+        return member
 
     async def execute(
         self, slot: Slot, tool: str, args: dict[str, Any] | None = None, timeout: float | None = None
@@ -288,7 +236,7 @@ class SlotPool:
         """Run one tool call in the leased slot. A command's failure is in the result; a failure of
         the sandbox raises InfrastructureError (SlotLost: acquire another slot)."""
         st = self._book.check(slot)
-        server = self._servers[st.server_id]
+        server = self._member(st)
         st.inflight += 1
         st.dirty = True
         started = time.monotonic()
@@ -297,7 +245,7 @@ class SlotPool:
         except SlotPoolError as exc:
             self._stats.error(exc)
             if isinstance(exc, SlotLost):
-                self._spawn(self._check_server(server))
+                self._background.spawn(self._health.check(server))
             raise
         finally:
             st.inflight -= 1
@@ -317,9 +265,9 @@ class SlotPool:
             groups.setdefault(st.server_id, []).append(i)
         # resolved now, while every checked slot's server is still in the pool: the requests
         # start only once this coroutine yields, and a server may be lost by then
-        servers = {sid: self._servers[sid] for sid in groups}
+        servers = {sid: self._member(states[indices[0]]) for sid, indices in groups.items()}
 
-        async def run_server(server: _Server, indices: list[int]) -> None:
+        async def run_server(server: Member, indices: list[int]) -> None:
             body = [
                 {
                     "slot": states[i].index,
@@ -338,7 +286,7 @@ class SlotPool:
             except InfrastructureError as exc:
                 self._stats.error(exc)
                 if isinstance(exc, SlotLost):
-                    self._spawn(self._check_server(server))
+                    self._background.spawn(self._health.check(server))
                 for i in indices:
                     out[i] = exc
                 return
@@ -366,66 +314,6 @@ class SlotPool:
             raise failures[0]
         return [r for r in out if r is not None]
 
-    # -- failure detection and replacement ------------------------------------------------------
-
-    async def _health_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.health_interval)
-            await asyncio.gather(*(self._check_server(s) for s in list(self._servers.values())))
-
-    async def _check_server(self, server: _Server) -> None:
-        if server.info.server_id not in self._servers:
-            return
-        deadline = self.config.health_timeout
-        try:
-            await server.client.health(timeout=deadline)
-            server.last_ok = time.monotonic()
-        except ServerRefused as exc:  # nothing listens any more: the server is gone
-            self._lose(server.info.server_id, f"connection refused ({exc!r})")
-        except Exception as exc:
-            if time.monotonic() - server.last_ok >= deadline:
-                self._lose(server.info.server_id, f"/health unanswered for {deadline}s ({exc!r})")
-
-    def _on_exit(self, server_id: str, _exited: object = None) -> None:
-        if not self._closed:
-            self._lose(server_id, "its process exited")
-
-    def _lose(self, server_id: str, reason: str) -> None:
-        server = self._servers.pop(server_id, None)
-        if server is None or self._closed:
-            return
-        server.client.mark_lost(reason)  # in-flight calls fail now, not at their timeout
-        slots = self._book.remove_server(server_id, SlotStatus.LOST)
-        leased = sum(1 for st in slots if st.lease_id)
-        self._stats.counters["servers_lost"] += 1
-        log.error("event=server_lost server=%s reason=%s slots=%d leased=%d", server_id, reason, len(slots), leased)
-        self.progress(f"server {server_id} lost ({reason}); {leased} leased slot(s) fail with SlotLost; replacing it")
-        self._replacing += 1
-        self._spawn(self._replace(server))
-
-    async def _replace(self, server: _Server) -> None:
-        try:
-            await self._replace_once(server)
-        finally:
-            self._replacing -= 1
-
-    async def _replace_once(self, server: _Server) -> None:
-        await server.client.aclose()
-        sid = server.info.server_id
-        for attempt in range(1, _REPLACE_ATTEMPTS + 1):
-            try:
-                infos = await self.backend.replace_server(sid, self.progress)
-                break
-            except Exception as exc:
-                log.error("event=replace_failed server=%s attempt=%d error=%s", sid, attempt, exc)
-                self.progress(f"could not replace server {sid} (attempt {attempt}/{_REPLACE_ATTEMPTS}): {exc}")
-                if attempt == _REPLACE_ATTEMPTS:
-                    return
-                await asyncio.sleep(_SCALE_UP_RETRY * attempt)
-        if not self._closed:
-            await self._register(infos)
-            self.progress(f"capacity back: {len(self._book.slots)} slots on {len(self._servers)} server(s)")
-
     # -- leases of dead trajectories ------------------------------------------------------------
 
     async def _lease_reaper(self) -> None:
@@ -447,68 +335,12 @@ class SlotPool:
                     st.dirty = True
                     self._recycle(st)
 
-    # -- scaling -------------------------------------------------------------------------------
-
-    async def _scale_loop(self) -> None:
-        while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._scale_wakeup.wait(), timeout=1.0)
-            self._scale_wakeup.clear()
-            try:
-                await self._scale_once()
-            except Exception as exc:  # a failed scaling step must not stop the loop
-                self._stats.error(exc)
-                log.error("event=scale_failed error=%s", exc)
-
-    async def _scale_once(self) -> None:
-        c = self.config
-        now = time.monotonic()
-        waiting = self._book.waiting
-        have = len(self._servers) + self._replacing  # a replacement under way counts: it is coming
-        if (
-            waiting
-            and self._book.free_count == 0
-            and have < c.max_containers
-            and now - self._scale_up_failed >= _SCALE_UP_RETRY
-        ):
-            want = min(math.ceil(waiting / c.slots_per_container), c.max_containers - have)
-            self.progress(f"scaling up by {want}: {waiting} trajectories wait for a slot")
-            self._stats.counters["scale_ups"] += 1
-            self._last_scale = now
-            try:
-                infos = await self.backend.add_servers(want, self.progress)
-            except Exception:
-                self._scale_up_failed = time.monotonic()
-                raise
-            await self._register(infos)
-            return
-        busy = {st.server_id for st in self._book.slots.values() if st.status is not SlotStatus.FREE}
-        for busy_id in busy:
-            if busy_id in self._servers:
-                self._servers[busy_id].idle_since = now
-        if waiting or len(self._servers) <= c.min_containers or now - self._last_scale < c.scale_cooldown:
-            return
-        idle = sorted(
-            (s for s in self._servers.values() if now - s.idle_since >= c.idle_scale_down), key=lambda s: s.idle_since
-        )
-        sid = self.backend.pick_removable([s.info.server_id for s in idle])
-        if sid is not None:
-            victim = self._servers[sid]
-            self._book.remove_server(sid, SlotStatus.DRAINING)
-            del self._servers[sid]
-            self._stats.counters["scale_downs"] += 1
-            self._last_scale = now
-            self.progress(f"scaling down: server {sid} idle for {now - victim.idle_since:.0f}s")
-            victim.client.mark_lost("removed by scale-down")
-            await victim.client.aclose()
-            await self.backend.remove_server(sid)
-
     # -- introspection -------------------------------------------------------------------------
 
     def stats(self) -> PoolStats:
         s = self._stats
         return PoolStats(
-            servers=len(self._servers),
+            servers=len(self._fleet.members),
             slots=len(self._book.slots),
             slots_by_status=self._book.counts(),
             waiting=self._book.waiting,

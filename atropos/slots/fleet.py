@@ -1,0 +1,169 @@
+"""The servers a pool has: admitting them (their slots go into the lease book), losing them
+(their slots fail with SlotLost) and replacing what was lost, through the backend.
+
+`Background` runs the pool's tasks (resets, replacements, loops) so that closing cancels them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from atropos.backends.base import SandboxBackend, ServerInfo
+from atropos.progress import Progress
+from atropos.slots.admission import IsolationRefused, refusal
+from atropos.slots.config import SlotPoolConfig
+from atropos.slots.leasing import LeaseBook, SlotState, SlotStatus
+from atropos.slots.server_client import ServerClient
+from atropos.slots.stats import StatsRecorder
+
+log = logging.getLogger("atropos.slots")
+
+_REPLACE_ATTEMPTS = 3
+_REPLACE_BACKOFF = 5.0
+
+
+class Background:
+    """Tasks that live as long as the pool: `spawn` them, `cancel` them all at close."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def cancel(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+@dataclass(eq=False)
+class Member:
+    """One server of the pool, with the pooled client its calls use."""
+
+    info: ServerInfo
+    client: ServerClient
+    last_ok: float
+    idle_since: float
+    health: dict[str, Any]  # /health when it joined: what it enforces
+
+
+class Fleet:
+    def __init__(
+        self,
+        config: SlotPoolConfig,
+        backend: SandboxBackend,
+        book: LeaseBook,
+        stats: StatsRecorder,
+        background: Background,
+        progress: Progress,
+    ) -> None:
+        self.config = config
+        self.backend = backend
+        self.book = book
+        self.stats = stats
+        self.background = background
+        self.progress = progress
+        self.members: dict[str, Member] = {}
+        self.replacing = 0  # lost servers whose replacement is on its way
+        self.closed = False
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    async def admit(self, infos: Sequence[ServerInfo]) -> None:
+        """Hand out the slots of these servers; a server with weaker isolation than configured is
+        stopped instead, and IsolationRefused raised once the others are in."""
+        clients = {
+            info.server_id: ServerClient(info.server_id, info.url, info.token, max_connections=info.slots + 4)
+            for info in infos
+        }
+        healths = await asyncio.gather(
+            *(c.health(timeout=self.config.health_timeout) for c in clients.values()), return_exceptions=True
+        )
+        refused: dict[str, str] = {}
+        admitted: list[ServerInfo] = []
+        now = time.monotonic()
+        for info, answer in zip(infos, healths, strict=True):
+            health = answer if isinstance(answer, dict) else {}  # unanswered: the health watch decides
+            why = refusal(self.config, info.server_id, health)
+            if why is not None:
+                refused[info.server_id] = why
+                log.error("event=server_refused server=%s reason=%s", info.server_id, why)
+                await clients[info.server_id].aclose()
+                await self.backend.remove_server(info.server_id)
+                continue
+            admitted.append(info)
+            self.members[info.server_id] = Member(info, clients[info.server_id], now, now, health)
+            exited = self.backend.exited(info.server_id)
+            if exited is not None:
+                exited.add_done_callback(functools.partial(self._on_exit, info.server_id))
+        # interleave servers so consecutive acquires spread over containers
+        per_server = [[SlotState(info.server_id, i) for i in range(info.slots)] for info in admitted]
+        width = max((len(p) for p in per_server), default=0)
+        self.book.add([p[i] for i in range(width) for p in per_server if i < len(p)])
+        if refused:
+            raise IsolationRefused("; ".join(refused.values()))
+
+    def _on_exit(self, server_id: str, _exited: object = None) -> None:
+        if not self.closed:
+            self.lose(server_id, "its process exited")
+
+    def lose(self, server_id: str, reason: str) -> None:
+        """The server is gone: its slots fail with SlotLost at once, and a replacement starts."""
+        member = self.members.pop(server_id, None)
+        if member is None or self.closed:
+            return
+        member.client.mark_lost(reason)  # in-flight calls fail now, not at their timeout
+        slots = self.book.remove_server(server_id, SlotStatus.LOST)
+        leased = sum(1 for st in slots if st.lease_id)
+        self.stats.counters["servers_lost"] += 1
+        log.error("event=server_lost server=%s reason=%s slots=%d leased=%d", server_id, reason, len(slots), leased)
+        self.progress(f"server {server_id} lost ({reason}); {leased} leased slot(s) fail with SlotLost; replacing it")
+        self.replacing += 1
+        self.background.spawn(self._replace(member))
+
+    async def _replace(self, member: Member) -> None:
+        try:
+            await member.client.aclose()
+            sid = member.info.server_id
+            for attempt in range(1, _REPLACE_ATTEMPTS + 1):
+                try:
+                    infos = await self.backend.replace_server(sid, self.progress)
+                    break
+                except Exception as exc:
+                    log.error("event=replace_failed server=%s attempt=%d error=%s", sid, attempt, exc)
+                    self.progress(f"could not replace server {sid} (attempt {attempt}/{_REPLACE_ATTEMPTS}): {exc}")
+                    if attempt == _REPLACE_ATTEMPTS:
+                        return
+                    await asyncio.sleep(_REPLACE_BACKOFF * attempt)
+            if not self.closed:
+                await self.admit(infos)
+                self.progress(f"capacity back: {len(self.book.slots)} slots on {len(self.members)} server(s)")
+        finally:
+            self.replacing -= 1
+
+    async def drain(self, server_id: str, why: str) -> None:
+        """Take the server out (its slots first, then the server itself): a scale-down."""
+        member = self.members.pop(server_id)
+        self.book.remove_server(server_id, SlotStatus.DRAINING)
+        member.client.mark_lost(why)
+        await member.client.aclose()
+        await self.backend.remove_server(server_id)
+
+    async def close(self) -> None:
+        self.closed = True
+        for member in self.members.values():
+            member.client.mark_lost("the pool is closed")
+            await member.client.aclose()
+        self.members.clear()
+        await self.backend.close()
