@@ -75,7 +75,7 @@ def test_unknown_keys_cannot_be_rendered() -> None:
 def test_rendered_examples_are_in_sync(name: str, fmt: str, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["job", "render", *EXAMPLES[name], "--count", "2", "--format", fmt]
     assert cli_main(argv) == 0
-    path = os.path.join(REPO, "nomad", "jobs", f"{name}.{fmt}")
+    path = os.path.join(REPO, "deploy", "nomad", "jobs", f"{name}.{fmt}")
     with open(path, encoding="utf-8") as f:
         assert capsys.readouterr().out == f.read(), (
             f"{path} is stale: regenerate with `atropos-sandbox {' '.join(argv)} > {path}`"
@@ -99,7 +99,7 @@ def test_real_nomad_reads_the_hcl_as_the_same_job(spec: SandboxJobSpec, real_age
 @pytest.mark.nomad
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_real_nomad_validates_the_examples(name: str, real_agent: RealAgent) -> None:
-    with open(os.path.join(REPO, "nomad", "jobs", f"{name}.json"), encoding="utf-8") as f:
+    with open(os.path.join(REPO, "deploy", "nomad", "jobs", f"{name}.json"), encoding="utf-8") as f:
         body = json.load(f)
     response = httpx.post(real_agent.address + "/v1/validate/job", json=body)
     assert response.status_code == 200, response.text
@@ -115,7 +115,7 @@ def test_real_nomad_accepts_the_agent_configs(config: str, tmp_path: Path) -> No
     extra = tmp_path / "data-dir.hcl"
     extra.write_text(f'data_dir = "{tmp_path / "data"}"\n')
     result = subprocess.run(
-        [binary, "config", "validate", os.path.join(REPO, "nomad", config), str(extra)],
+        [binary, "config", "validate", os.path.join(REPO, "deploy", "nomad", config), str(extra)],
         capture_output=True,
         text=True,
         check=False,

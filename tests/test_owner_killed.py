@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from atropos.backends.local_records import ServerRecord, load_records, reap_dead_owners
+from atropos.backends.reaping import ServerRecord, load_records, reap_dead_owners
 from tests.nomad_fixtures import REPO, NomadTarget, client_for
 from tests.server_process import run_server, wait_until_gone
 

@@ -242,8 +242,8 @@ def test_config_validation_messages(tmp_path: object) -> None:
 
 
 async def test_slot_that_cannot_be_reset_is_retired(monkeypatch: pytest.MonkeyPatch) -> None:
+    from atropos.sandbox.client import ServerClient
     from atropos.slots import SlotFailed
-    from atropos.slots.server_client import ServerClient
 
     async def broken_reset(self: ServerClient, slot: int, timeout: float = 60.0) -> dict[str, object]:
         raise SlotFailed("reset refused (test)")

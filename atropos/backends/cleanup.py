@@ -1,7 +1,7 @@
 """`atropos-sandbox cleanup`: remove what pools whose process died left behind.
 
 `--local`: servers started by the local backend (processes, docker containers, data dirs), found
-through their records (see `local_records`). `--nomad`: sandbox jobs whose owner process on this
+through their records (see `reaping`). `--nomad`: sandbox jobs whose owner process on this
 host is gone. Pools of live processes, and jobs owned by other hosts, are never touched. A new pool
 does the same when it starts; this command is for when no new pool will.
 """
@@ -13,7 +13,7 @@ import asyncio
 import os
 import sys
 
-from atropos.backends.local_records import reap_dead_owners
+from atropos.backends.reaping import reap_dead_owners
 
 __all__ = ["register"]
 

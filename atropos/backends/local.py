@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from atropos.backends.base import SandboxBackend, ServerInfo, ServerSpec
 from atropos.backends.launchers import launcher_for
-from atropos.backends.local_records import ServerRecord, reap_dead_owners
+from atropos.backends.reaping import ServerRecord, reap_dead_owners
 from atropos.errors import BackendError
 from atropos.host import die_with_owner, kill_tree
 from atropos.progress import Progress, no_progress
@@ -111,7 +111,7 @@ class LocalBackend(SandboxBackend):
         log_path = os.path.join(self.workdir, f"{server_id}.log")
         log_file = await asyncio.to_thread(open, log_path, "ab")
         try:
-            # the server dies with this process, however it ends (see local_records)
+            # the server dies with this process, however it ends (see reaping)
             proc = await asyncio.create_subprocess_exec(
                 *argv,
                 stdout=asyncio.subprocess.PIPE,

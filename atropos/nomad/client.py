@@ -10,7 +10,6 @@ names the endpoint and carries Nomad's message.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
@@ -18,6 +17,8 @@ from types import TracebackType
 from typing import Any, Literal, TypeVar, cast
 
 import httpx
+import nomad as python_nomad  # python-nomad (untyped)
+import nomad.api.exceptions as python_nomad_errors
 import requests
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential
 
@@ -47,11 +48,6 @@ log = logging.getLogger("atropos.nomad")
 
 T = TypeVar("T")
 
-# python-nomad. Imported by name because this repository's top-level `nomad/` directory (agent
-# configs) looks like a namespace package `nomad` to linters and type checkers; at run time the
-# installed regular package wins.
-_python_nomad: Any = importlib.import_module("nomad")
-_python_nomad_errors: Any = importlib.import_module("nomad.api.exceptions")
 
 _MAX_MESSAGE = 600
 
@@ -65,7 +61,7 @@ class NomadClient:
         self._http = httpx.AsyncClient(
             base_url=s.base_url, headers=s.headers(), verify=_ssl_context(s), timeout=s.timeout
         )
-        self._sdk_client = _python_nomad.Nomad(
+        self._sdk_client = python_nomad.Nomad(
             address=s.base_url,
             token=s.token.get_secret_value() if s.token else None,
             namespace=s.namespace,
@@ -201,7 +197,7 @@ class NomadClient:
         async def call() -> Any:
             try:
                 return await asyncio.to_thread(fn, self._sdk_client)
-            except _python_nomad_errors.BaseNomadException as exc:
+            except python_nomad_errors.BaseNomadException as exc:
                 response = exc.nomad_resp
                 if isinstance(response, requests.Response):
                     raise _status_error(endpoint, response.status_code, response.text) from None

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import httpx
-
 from atropos.host import owner_state
 from atropos.nomad.allocations import by_index
 from atropos.nomad.builder import GROUP_NAME, TOKEN_KEY, create_sandbox_job
@@ -16,6 +14,7 @@ from atropos.nomad.errors import NomadNotFound, NomadRequestError
 from atropos.nomad.responses import AllocationEndpoint, JobStub
 from atropos.nomad.spec import SandboxJobSpec, token_variable
 from atropos.nomad.waiting import Probe, ProgressCallback, wait_for_allocations
+from atropos.sandbox.client import ServerClient
 
 __all__ = [
     "cleanup_dead_owner_jobs",
@@ -36,11 +35,11 @@ def health_probe(timeout: float = 2.0) -> Probe:
     """A probe for `wait_for_allocations`: the server answers `GET /health` with 200."""
 
     async def probe(endpoint: AllocationEndpoint) -> bool:
+        client = ServerClient(endpoint.alloc_id, endpoint.url, None, max_connections=1)
         try:
-            async with httpx.AsyncClient(timeout=timeout) as http:
-                return (await http.get(endpoint.url + "/health")).status_code == 200
-        except httpx.HTTPError:
-            return False
+            return await client.answers(timeout)
+        finally:
+            await client.aclose()
 
     return probe
 

@@ -16,10 +16,10 @@ from typing import Any
 
 from atropos.backends.base import SandboxBackend, ServerInfo
 from atropos.progress import Progress
+from atropos.sandbox.client import ServerClient
 from atropos.slots.admission import IsolationRefused, refusal
 from atropos.slots.config import SlotPoolConfig
 from atropos.slots.leasing import LeaseBook, SlotState, SlotStatus
-from atropos.slots.server_client import ServerClient
 from atropos.slots.stats import StatsRecorder
 
 log = logging.getLogger("atropos.slots")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+from atropos.sandbox.client import ServerRefused
 from atropos.slots.fleet import Fleet, Member
-from atropos.slots.server_client import ServerRefused
 
 
 class HealthWatch:

@@ -1,4 +1,5 @@
-"""HTTP client of one sandbox server: one pooled HTTP/1.1 connection set, per-call timeouts.
+"""HTTP client of one sandbox server (the pool's, and Nomad's readiness probe): one pooled HTTP/1.1
+connection set, per-call timeouts.
 
 Nothing here is retried: a tool call that may have run is never sent twice. Transport failures
 and a server that stopped answering become `SlotLost`; the server's own slot failures become
@@ -30,12 +31,12 @@ class ServerRefused(ConnectionError):
 
 
 class ServerClient:
-    def __init__(self, server_id: str, url: str, token: str, max_connections: int) -> None:
+    def __init__(self, server_id: str, url: str, token: str | None, max_connections: int) -> None:
         self.server_id = server_id
         self.url = url.rstrip("/")
         self._http = aiohttp.ClientSession(
             base_url=self.url,
-            headers={"Authorization": f"Bearer {token}"},
+            headers={"Authorization": f"Bearer {token}"} if token else None,
             connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=max_connections),
             timeout=aiohttp.ClientTimeout(total=None, connect=5.0),
         )
@@ -49,6 +50,14 @@ class ServerClient:
 
     async def aclose(self) -> None:
         await self._http.close()
+
+    async def answers(self, timeout: float) -> bool:
+        """The server answers /health (its liveness; no token needed), within `timeout`."""
+        try:
+            await self.health(timeout)
+        except (ServerRefused, aiohttp.ClientError, asyncio.TimeoutError):
+            return False
+        return True
 
     async def health(self, timeout: float) -> dict[str, Any]:
         try:
