@@ -31,8 +31,36 @@ from hypothesis import strategies as st
 
 from atropos.sandbox.runner.files import empty_dir, read_file, write_file
 from atropos.sandbox.runner.pathsafe import WORKSPACE_ALIAS
+from atropos.sandbox.runner.protocol import Outcome, ReadFileOp, WriteFileOp
 
 EXAMPLES = int(os.environ.get("ATROPOS_FUZZ_EXAMPLES", "1500"))
+
+
+def read_(root: str, args: dict[str, object], limit: int) -> Outcome:
+    """read_file with the runner's request built from the tool's arguments (defaults filled in)."""
+    op = ReadFileOp(
+        op="read_file",
+        path=str(args["path"]),
+        encoding=args.get("encoding", "text"),
+        max_bytes=args.get("max_bytes"),
+        timeout=60.0,
+    )
+    return read_file(root, op, limit)
+
+
+def write_(root: str, args: dict[str, object], limit: int) -> Outcome:
+    """write_file with the runner's request built from the tool's arguments (defaults filled in)."""
+    op = WriteFileOp(
+        op="write_file",
+        path=str(args["path"]),
+        content=args.get("content", ""),
+        encoding=args.get("encoding", "text"),
+        mode=args.get("mode"),
+        timeout=60.0,
+    )
+    return write_file(root, op, limit)
+
+
 LIMIT = 1 << 16
 MARKER = "OUTSIDE-" + secrets.token_hex(8)
 FIGURES: Counter[str] = Counter()
@@ -278,7 +306,7 @@ def inside_contents(ws: str) -> set[str]:
 
 
 def check_read(arena: Arena, path: str, encoding: str) -> None:
-    res = read_file(arena.ws, {"path": path, "encoding": encoding}, LIMIT)
+    res = read_(arena.ws, {"path": path, "encoding": encoding}, LIMIT)
     FIGURES["paths_tried"] += 1
     FIGURES["reads_ok" if res["ok"] else "reads_refused"] += 1
     text = str(res.get("output", "")) + str(res.get("error", ""))
@@ -297,7 +325,7 @@ def check_write(arena: Arena, path: str, encoding: str, mode: int | None) -> Non
     args: dict[str, object] = {"path": path, "content": payload, "encoding": encoding}
     if mode is not None:
         args["mode"] = mode
-    res = write_file(arena.ws, args, LIMIT)
+    res = write_(arena.ws, args, LIMIT)
     FIGURES["paths_tried"] += 1
     FIGURES["writes_ok" if res["ok"] else "writes_refused"] += 1
     if res["ok"]:
@@ -377,7 +405,7 @@ def test_paths_that_stay_inside_still_work(parts: list[str], alias: bool) -> Non
         os.symlink("d/e", os.path.join(arena.ws, "L1"))
         os.symlink("/workspace/d/e", os.path.join(arena.ws, "L3"))
         rel = "/".join([*parts, "f.txt"])
-        res = read_file(arena.ws, {"path": ("/workspace/" if alias else "") + rel}, LIMIT)
+        res = read_(arena.ws, {"path": ("/workspace/" if alias else "") + rel}, LIMIT)
         FIGURES["paths_tried"] += 1
         expected = os.path.join(arena.ws, rel.replace("L3", "L1"))
         try:
@@ -412,8 +440,8 @@ def test_documented_refusals_name_the_reason(arena: Arena) -> None:
     }
     for path, needle in cases.items():
         for res in (
-            read_file(arena.ws, {"path": path}, LIMIT),
-            write_file(arena.ws, {"path": path, "content": "x"}, LIMIT),
+            read_(arena.ws, {"path": path}, LIMIT),
+            write_(arena.ws, {"path": path, "content": "x"}, LIMIT),
         ):
             assert res["ok"] is False and needle in str(res["error"]), (path, res)
 
@@ -423,22 +451,22 @@ def test_inside_semantics_are_kept(arena: Arena) -> None:
     os.symlink("/workspace/d", os.path.join(arena.ws, "abs"))
     os.symlink("d/e/new.txt", os.path.join(arena.ws, "dangling-in"))
     ws = arena.ws
-    assert write_file(ws, {"path": "/workspace/p/q/r.sh", "content": "#!/bin/sh\n", "mode": 0o755}, LIMIT)["ok"]
+    assert write_(ws, {"path": "/workspace/p/q/r.sh", "content": "#!/bin/sh\n", "mode": 0o755}, LIMIT)["ok"]
     assert stat.S_IMODE(os.stat(os.path.join(ws, "p/q/r.sh")).st_mode) == 0o755
-    assert write_file(ws, {"path": "dangling-in", "content": "via link"}, LIMIT)["ok"]
+    assert write_(ws, {"path": "dangling-in", "content": "via link"}, LIMIT)["ok"]
     assert Path(ws, "d/e/new.txt").read_text() == "via link"
-    assert read_file(ws, {"path": "abs/e/f.txt"}, LIMIT)["output"] == "INSIDE f"
-    assert read_file(ws, {"path": os.path.join(ws, "a.txt")}, LIMIT)["output"] == "INSIDE a"
+    assert read_(ws, {"path": "abs/e/f.txt"}, LIMIT)["output"] == "INSIDE f"
+    assert read_(ws, {"path": os.path.join(ws, "a.txt")}, LIMIT)["output"] == "INSIDE a"
     raw = base64.b64encode(b"\x00\xff").decode()
-    assert write_file(ws, {"path": "bin", "content": raw, "encoding": "base64"}, LIMIT)["ok"]
-    assert read_file(ws, {"path": "bin", "encoding": "base64"}, LIMIT)["output"] == raw
-    assert "not UTF-8" in str(read_file(ws, {"path": "bin"}, LIMIT)["error"])
+    assert write_(ws, {"path": "bin", "content": raw, "encoding": "base64"}, LIMIT)["ok"]
+    assert read_(ws, {"path": "bin", "encoding": "base64"}, LIMIT)["output"] == raw
+    assert "not UTF-8" in str(read_(ws, {"path": "bin"}, LIMIT)["error"])
 
 
 def test_fifo_is_refused_without_hanging(arena: Arena) -> None:
     os.mkfifo(os.path.join(arena.ws, "fifo"))
-    assert "not a regular file" in str(read_file(arena.ws, {"path": "fifo"}, LIMIT)["error"])
-    assert write_file(arena.ws, {"path": "fifo", "content": "x"}, LIMIT)["ok"] is False
+    assert "not a regular file" in str(read_(arena.ws, {"path": "fifo"}, LIMIT)["error"])
+    assert write_(arena.ws, {"path": "fifo", "content": "x"}, LIMIT)["ok"] is False
 
 
 def test_reset_does_not_follow_links_out_even_in_locked_dirs(arena: Arena) -> None:
@@ -494,11 +522,11 @@ def plant_race(arena: Arena) -> list[str]:
 
 def race_round(arena: Arena, outcomes: Counter[str]) -> None:
     for path in ("d/f.txt", "d/e/f.txt", "dswap/e/f.txt", "a.txt", "/workspace/d/e/f.txt"):
-        res = read_file(arena.ws, {"path": path}, LIMIT)
+        res = read_(arena.ws, {"path": path}, LIMIT)
         assert MARKER not in str(res.get("output", "")), (path, res)
         outcomes["read_ok" if res["ok"] else "read_refused"] += 1
     for path in ("d/new.txt", "d/e/f.txt", "d/made/deeper/x.txt", "a.txt"):
-        res = write_file(arena.ws, {"path": path, "content": "RACED"}, LIMIT)
+        res = write_(arena.ws, {"path": path, "content": "RACED"}, LIMIT)
         outcomes["write_ok" if res["ok"] else "write_refused"] += 1
     outcomes["rounds"] += 1
 

@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from atropos.sandbox.runner.protocol import BashOp, ReadFileOp, SessionOp, ToolOp, WriteFileOp
+
 ToolName = Literal["bash", "bash_session", "read_file", "write_file"]
 TOOLS: tuple[str, ...] = ("bash", "bash_session", "read_file", "write_file")
 
@@ -91,23 +93,57 @@ class BashCall(_Call):
     tool: Literal["bash"]
     args: BashArgs
 
+    def runner_op(self, timeout: float) -> ToolOp:
+        return BashOp(op="bash", command=self.args.command, timeout=timeout)
+
 
 class SessionCall(_Call):
     tool: Literal["bash_session"]
     args: SessionArgs
+
+    def runner_op(self, timeout: float) -> ToolOp:
+        return SessionOp(op="bash_session", command=self.args.command, timeout=timeout)
 
 
 class ReadFileCall(_Call):
     tool: Literal["read_file"]
     args: ReadFileArgs
 
+    def runner_op(self, timeout: float) -> ToolOp:
+        a = self.args
+        return ReadFileOp(op="read_file", path=a.path, encoding=a.encoding, max_bytes=a.max_bytes, timeout=timeout)
+
 
 class WriteFileCall(_Call):
     tool: Literal["write_file"]
     args: WriteFileArgs
 
+    def runner_op(self, timeout: float) -> ToolOp:
+        a = self.args
+        return WriteFileOp(
+            op="write_file", path=a.path, content=a.content, encoding=a.encoding, mode=a.mode, timeout=timeout
+        )
 
-TOOL_CALLS: tuple[type[_Call], ...] = (BashCall, SessionCall, ReadFileCall, WriteFileCall)
+
+ToolCall = BashCall | SessionCall | ReadFileCall | WriteFileCall
+TOOL_CALLS: tuple[type[ToolCall], ...] = (BashCall, SessionCall, ReadFileCall, WriteFileCall)
+
+
+def typed_call(call: ExecuteRequest) -> ToolCall:
+    """The typed call of a parsed request; KeyError for an unknown tool, ValidationError (located
+    in `args`) for arguments that do not fit the tool."""
+    kind = _CALL_OF_TOOL[call.tool]
+    args = TOOL_ARGS[call.tool].model_validate(call.args)
+    # the parts are validated: the call is put together without validating them twice
+    return kind.model_construct(slot=call.slot, timeout=call.timeout, tool=call.tool, args=args)
+
+
+_CALL_OF_TOOL: dict[str, type[ToolCall]] = {
+    "bash": BashCall,
+    "bash_session": SessionCall,
+    "read_file": ReadFileCall,
+    "write_file": WriteFileCall,
+}
 
 
 class ExecuteResult(BaseModel):

@@ -10,9 +10,9 @@ import stat
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
 from atropos.sandbox.runner.pathsafe import PathEscapeError, opened_in_workspace
+from atropos.sandbox.runner.protocol import Outcome, ReadFileOp, WriteFileOp
 
 # O_NONBLOCK: a FIFO planted in the workspace must not hang the runner; only regular files are used
 _READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK
@@ -23,11 +23,11 @@ def _elapsed_ms(started: float) -> float:
     return (time.monotonic() - started) * 1000.0
 
 
-def _refused(started: float, error: str) -> dict[str, Any]:
+def _refused(started: float, error: str) -> Outcome:
     return {"ok": False, "error": error, "duration_ms": _elapsed_ms(started)}
 
 
-def _done(started: float, text: str) -> dict[str, Any]:
+def _done(started: float, text: str) -> Outcome:
     return {"ok": True, "output": text, "stdout": text, "duration_ms": _elapsed_ms(started)}
 
 
@@ -84,10 +84,10 @@ def _encode_for_reply(path: str, data: bytes, encoding: str | None) -> tuple[str
         return None, f"{path}: not UTF-8 text; read it with encoding=base64"
 
 
-def read_file(root: str, args: dict[str, Any], limit: int) -> dict[str, Any]:
+def read_file(root: str, op: ReadFileOp, limit: int) -> Outcome:
     started = time.monotonic()
-    path = str(args["path"])
-    limit = min(limit, int(args.get("max_bytes") or limit))
+    path = op["path"]
+    limit = min(limit, op["max_bytes"] or limit)
     try:
         data = _read_bytes(root, path, limit)
     except PathEscapeError as exc:
@@ -96,15 +96,15 @@ def read_file(root: str, args: dict[str, Any], limit: int) -> dict[str, Any]:
         return _refused(started, _os_error_message(path, exc))
     if isinstance(data, str):
         return _refused(started, data)
-    content, why_not = _encode_for_reply(path, data, args.get("encoding"))
+    content, why_not = _encode_for_reply(path, data, op["encoding"])
     if content is None:
         return _refused(started, str(why_not))
     return _done(started, content)
 
 
-def _decode_content(args: dict[str, Any]) -> bytes:
-    content = str(args.get("content", ""))
-    if args.get("encoding") == "base64":
+def _decode_content(op: WriteFileOp) -> bytes:
+    content = op["content"]
+    if op["encoding"] == "base64":
         return base64.b64decode(content, validate=True)
     return content.encode("utf-8")
 
@@ -120,20 +120,19 @@ def _write_bytes(root: str, path: str, data: bytes, mode: int | None) -> None:
             os.fchmod(fd, mode)
 
 
-def write_file(root: str, args: dict[str, Any], limit: int) -> dict[str, Any]:
+def write_file(root: str, op: WriteFileOp, limit: int) -> Outcome:
     started = time.monotonic()
-    path = str(args["path"])
+    path = op["path"]
     try:
-        data = _decode_content(args)
+        data = _decode_content(op)
     except UnicodeEncodeError:
         return _refused(started, f"{path}: content is not valid text (lone surrogate); send it as base64")
     except (binascii.Error, ValueError) as exc:
         return _refused(started, f"{path}: content is not valid base64 ({exc})")
     if len(data) > limit:
         return _refused(started, f"{path}: {len(data)} bytes is over the write limit of {limit} bytes")
-    mode = args.get("mode")
     try:
-        _write_bytes(root, path, data, None if mode is None else int(mode))
+        _write_bytes(root, path, data, op["mode"])
     except PathEscapeError as exc:
         return _refused(started, str(exc))
     except OSError as exc:

@@ -5,8 +5,7 @@ requests as JSON lines on stdin; answers are JSON lines on stdout. Keeping the s
 and starting commands inside it is what makes an isolated command cost about as much as a plain
 subprocess. Requests run concurrently, so `reset` can cut a running command short.
 
-Protocol: {"id": N, "op": "bash"|"session"|"read_file"|"write_file"|"reset"|"ping", ...}
-  -> {"id": N, "result": {...}} or {"id": N, "error": "..."}
+Protocol: `atropos.sandbox.runner.protocol` (one typed request per tool, JSON lines both ways).
 """
 
 from __future__ import annotations
@@ -22,8 +21,23 @@ from typing import Any
 from atropos.host import become_subreaper, die_with_parent, kill_tree
 from atropos.sandbox.runner.children import Children
 from atropos.sandbox.runner.files import empty_dir, read_file, write_file
-from atropos.sandbox.runner.oneshot import add_note, run_oneshot
-from atropos.sandbox.runner.rlimits import RunnerLimits, describe_limit, limit_of_result, prepend_error
+from atropos.sandbox.runner.oneshot import run_oneshot
+from atropos.sandbox.runner.protocol import (
+    BashOp,
+    LimitKind,
+    Op,
+    Outcome,
+    PingOp,
+    PingOutcome,
+    ReadFileOp,
+    ResetOp,
+    ResetOutcome,
+    SessionOp,
+    WriteFileOp,
+    add_note,
+    stopped_by,
+)
+from atropos.sandbox.runner.rlimits import RunnerLimits, describe_limit, limit_of_result
 from atropos.sandbox.runner.session import BashSession
 from atropos.sandbox.runner.watch import LimitWatch
 
@@ -31,7 +45,6 @@ _MAX_REQUEST = 256 * 1024 * 1024
 _NICENESS = 5
 
 
-_COMMAND_OPS = ("bash", "session")
 _FREEING_ATTEMPTS = 40
 
 
@@ -61,21 +74,29 @@ class Runner:
         self._out.write(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
         self._out.flush()
 
-    async def handle(self, req: dict[str, Any]) -> None:
-        rid = req.get("id")
-        trips = self.watch.trips
-        self.watch.enter()
+    async def handle(self, req: Op, rid: int | None) -> None:
         try:
-            result = await self.dispatch(req)
+            result = await self.watched(req)
         except Exception as exc:  # a bug here must not take the slot down
             self.reply({"id": rid, "error": f"{type(exc).__name__}: {exc}"})
             return
+        self.reply({"id": rid, "result": result})
+
+    async def watched(self, req: Op) -> Outcome | ResetOutcome | PingOutcome:
+        """Run the request while the limit watch looks on; a command's outcome then says what
+        limit stopped it, or stopped its background processes since the last call."""
+        trips = self.watch.trips
+        self.watch.enter()
+        try:
+            if req["op"] == "bash" or req["op"] == "bash_session":
+                outcome = await self.command_or_free(req)
+            else:
+                return await self.dispatch(req)
         finally:
             self.watch.leave()
-        if req.get("op") in _COMMAND_OPS:
-            self.note_limit(result, self.watch.tripped_since(trips) or limit_of_result(result))
-            self.note_background_trip(result)
-        self.reply({"id": rid, "result": result})
+        self.note_limit(outcome, self.watch.tripped_since(trips) or limit_of_result(outcome))
+        self.note_background_trip(outcome)
+        return outcome
 
     def describe(self, kind: str) -> str:
         values = {
@@ -87,14 +108,12 @@ class Runner:
         }
         return describe_limit(kind, values.get(kind))
 
-    def note_limit(self, result: dict[str, Any], kind: str | None) -> None:
+    def note_limit(self, result: Outcome, kind: LimitKind | None) -> None:
         """A command stopped by a limit says which one, in words an agent can act on."""
-        if kind is None:
-            return
-        result.update(limit=kind, ok=False)
-        prepend_error(result, f"stopped: {self.describe(kind)}")
+        if kind is not None:
+            stopped_by(result, kind, self.describe(kind))
 
-    def note_background_trip(self, result: dict[str, Any]) -> None:
+    def note_background_trip(self, result: Outcome) -> None:
         """Background processes killed between calls: the agent learns it from its next command."""
         kind = self.watch.take_unreported()
         if kind is None:
@@ -103,24 +122,22 @@ class Runner:
         if result.get("limit") is None:
             result["limit"] = kind
 
-    async def dispatch(self, req: dict[str, Any]) -> dict[str, Any]:
-        op = req["op"]
-        if op in _COMMAND_OPS:
-            try:
-                return await self.command(req)
-            except BlockingIOError:
-                return await self.command_after_freeing_processes(req)
-        if op == "read_file":
-            return read_file(self.root, req["args"], self.file_limit)
-        if op == "write_file":
-            return write_file(self.root, req["args"], self.file_limit)
-        if op == "reset":
+    async def dispatch(self, req: ReadFileOp | WriteFileOp | ResetOp | PingOp) -> Outcome | ResetOutcome | PingOutcome:
+        if req["op"] == "read_file":
+            return read_file(self.root, req, self.file_limit)
+        if req["op"] == "write_file":
+            return write_file(self.root, req, self.file_limit)
+        if req["op"] == "reset":
             return await self.reset()
-        if op == "ping":
-            return {"ok": True, "pid": os.getpid()}
-        raise ValueError(f"unknown op {op!r}")
+        return {"ok": True, "pid": os.getpid()}
 
-    async def command_after_freeing_processes(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def command_or_free(self, req: BashOp | SessionOp) -> Outcome:
+        try:
+            return await self.command(req)
+        except BlockingIOError:
+            return await self.command_after_freeing_processes(req)
+
+    async def command_after_freeing_processes(self, req: BashOp | SessionOp) -> Outcome:
         """Fork refused: background processes fill the slot's process limit. They are killed (the
         result says so) and the command starts once their count has dropped."""
         self.watch.unreported = "processes"
@@ -138,14 +155,14 @@ class Runner:
             "duration_ms": 0.0,
         }
 
-    async def command(self, req: dict[str, Any]) -> dict[str, Any]:
-        timeout = float(req.get("timeout") or 60.0)
+    async def command(self, req: BashOp | SessionOp) -> Outcome:
+        timeout = float(req["timeout"] or 60.0)
         if req["op"] == "bash":
             return await run_oneshot(self.children, req["command"], timeout=timeout, cap=self.cap)
         async with self._session_lock:
             return await self.session.run(req["command"], timeout=timeout, cap=self.cap)
 
-    async def reset(self) -> dict[str, Any]:
+    async def reset(self) -> ResetOutcome:
         started = time.monotonic()
         killed = self.session.close()
         killed += kill_tree(os.getpid(), include_root=False)
@@ -183,7 +200,7 @@ async def serve(root: str, cap: int, file_limit: int, limits: RunnerLimits, own_
         except json.JSONDecodeError as exc:
             runner.reply({"id": None, "error": f"malformed request: {exc}"})
             continue
-        task = asyncio.ensure_future(runner.handle(req))
+        task = asyncio.ensure_future(runner.handle(req, req.pop("id", None)))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     runner.shutdown()

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from atropos.host import kill_tree
 from atropos.sandbox.runner.capture import BoundedBuffer
 from atropos.sandbox.runner.children import Children, PipeReader
+from atropos.sandbox.runner.protocol import Outcome
 
 
 def combine_output(stdout: str, stderr: str) -> str:
@@ -17,7 +17,7 @@ def combine_output(stdout: str, stderr: str) -> str:
     return stdout + ("" if stdout.endswith("\n") else "\n") + stderr
 
 
-def result_dict(
+def outcome_of(
     out: BoundedBuffer,
     err: BoundedBuffer,
     *,
@@ -25,7 +25,7 @@ def result_dict(
     timed_out: bool,
     started: float,
     error: str | None = None,
-) -> dict[str, Any]:
+) -> Outcome:
     stdout, stderr = out.text(), err.text()
     if timed_out and error is None:
         error = "command timed out; its processes were killed"
@@ -42,15 +42,7 @@ def result_dict(
     }
 
 
-def add_note(result: dict[str, Any], text: str) -> None:
-    """A line from the sandbox itself (not the command) at the end of what the agent reads."""
-    line = f"[sandbox] {text}\n"
-    output = str(result.get("output") or "")
-    result["output"] = output + ("\n" if output and not output.endswith("\n") else "") + line
-    result["stderr"] = str(result.get("stderr") or "") + line
-
-
-async def run_oneshot(children: Children, command: str, *, timeout: float, cap: int) -> dict[str, Any]:
+async def run_oneshot(children: Children, command: str, *, timeout: float, cap: int) -> Outcome:
     started = time.monotonic()
     out, err = BoundedBuffer(cap), BoundedBuffer(cap)
     child = children.spawn(["bash", "-c", command])
@@ -75,4 +67,4 @@ async def run_oneshot(children: Children, command: str, *, timeout: float, cap: 
         for reader in readers:
             reader.drain()
             reader.close()
-    return result_dict(out, err, exit_code=code, timed_out=timed_out, started=started)
+    return outcome_of(out, err, exit_code=code, timed_out=timed_out, started=started)

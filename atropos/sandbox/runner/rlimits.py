@@ -20,6 +20,7 @@ import os
 import resource
 from dataclasses import dataclass
 
+from atropos.sandbox.runner.protocol import LimitKind, Outcome
 from atropos.units import format_size
 
 
@@ -62,7 +63,7 @@ def _set_hard(which: int, value: int) -> None:
 
 
 # exit codes of commands killed by the rlimit signals, as shells report them
-_SIGNAL_LIMITS = {128 + 24: "cpu_time", 128 + 25: "file_size"}
+_SIGNAL_LIMITS: dict[int, LimitKind] = {128 + 24: "cpu_time", 128 + 25: "file_size"}
 
 
 # what programs print when an allocation fails under RLIMIT_DATA (Python, C, C++, Go, Node, Rust)
@@ -76,14 +77,14 @@ _NO_MEMORY = (
 )
 
 
-def limit_of_result(result: dict[str, object]) -> str | None:
+def limit_of_result(result: Outcome) -> LimitKind | None:
     """The limit a failed command most likely ran into, judged by its exit and its last words."""
     code = result.get("exit_code")
     if isinstance(code, int) and code in _SIGNAL_LIMITS:
         return _SIGNAL_LIMITS[code]
     if result.get("ok") or code in (0, None):
         return None
-    tail = str(result.get("stderr", ""))[-2048:]
+    tail = (result.get("stderr") or "")[-2048:]
     return "memory" if any(text in tail for text in _NO_MEMORY) else None
 
 
@@ -98,11 +99,6 @@ def describe_limit(kind: str, value: int | None) -> str:
         "memory": f"memory limit reached ({size})",
     }
     return texts.get(kind, kind)
-
-
-def prepend_error(result: dict[str, object], text: str) -> None:
-    """`text` first in the result's error, before what the command's own failure said."""
-    result["error"] = text + (f"; {result['error']}" if result.get("error") else "")
 
 
 def workspace_bytes(root: str) -> int:

@@ -17,7 +17,8 @@ from typing import Any
 from atropos.host import kill_tree
 from atropos.sandbox.runner.capture import BoundedBuffer
 from atropos.sandbox.runner.children import Child, Children, PipeReader
-from atropos.sandbox.runner.oneshot import add_note, result_dict
+from atropos.sandbox.runner.oneshot import outcome_of
+from atropos.sandbox.runner.protocol import Outcome, add_note
 
 _LOOP = (
     "while IFS= read -r -d '' -u {fd} __atropos_mark && IFS= read -r -d '' -u {fd} __atropos_cmd; do "
@@ -127,11 +128,11 @@ class BashSession:
         self.child = None
         return killed
 
-    async def run(self, command: str, *, timeout: float, cap: int) -> dict[str, Any]:
+    async def run(self, command: str, *, timeout: float, cap: int) -> Outcome:
         started = time.monotonic()
         out, err = BoundedBuffer(cap), BoundedBuffer(cap)
         if "\x00" in command:
-            return result_dict(
+            return outcome_of(
                 out, err, exit_code=None, timed_out=False, started=started, error="command contains a NUL byte"
             )
         lost = self.child is not None and not self.alive  # died since the last call (not closed by us)
@@ -172,7 +173,7 @@ class BashSession:
         finally:
             both.cancel()
             self._sinks = [None, None]
-        result = result_dict(out, err, exit_code=code, timed_out=timed_out, started=started, error=error)
+        result = outcome_of(out, err, exit_code=code, timed_out=timed_out, started=started, error=error)
         if lost:
             add_note(result, SESSION_RESTARTED)
         return result

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from atropos.sandbox.runner.protocol import LimitKind
 from atropos.sandbox.runner.rlimits import RunnerLimits, count_tasks, workspace_bytes
 
 _TICK = 0.25
@@ -41,8 +42,8 @@ class LimitWatch:
         self.count = own_pid_namespace and limits.processes is not None
         self.kill_all = kill_all
         self.trips = 0
-        self.last_kind: str | None = None
-        self.unreported: str | None = None  # a trip while no call ran
+        self.last_kind: LimitKind | None = None
+        self.unreported: LimitKind | None = None  # a trip while no call ran
         self._active = 0
         self._task: asyncio.Task[None] | None = None
         self._last_size = 0
@@ -61,10 +62,10 @@ class LimitWatch:
     def leave(self) -> None:
         self._active -= 1
 
-    def tripped_since(self, trips: int) -> str | None:
+    def tripped_since(self, trips: int) -> LimitKind | None:
         return self.last_kind if self.trips != trips else None
 
-    def take_unreported(self) -> str | None:
+    def take_unreported(self) -> LimitKind | None:
         kind, self.unreported = self.unreported, None
         return kind
 
@@ -82,7 +83,9 @@ class LimitWatch:
 
     async def _check(self) -> None:
         tasks = count_tasks() if self.count else 0
-        kind = "processes" if self.count and tasks >= _NEAR_FULL * (self.limits.processes or 0) else None
+        kind: LimitKind | None = (
+            "processes" if self.count and tasks >= _NEAR_FULL * (self.limits.processes or 0) else None
+        )
         busy = self._active > 0 or tasks > _RESIDENT
         if kind is None and busy:
             kind = await self._over_workspace()
@@ -90,13 +93,13 @@ class LimitWatch:
             self.record_trip(kind)
             self.kill_all()  # inline: at the process limit no helper thread can start
 
-    def record_trip(self, kind: str) -> None:
+    def record_trip(self, kind: LimitKind) -> None:
         self.trips += 1
         self.last_kind = kind
         if self._active == 0:
             self.unreported = kind
 
-    async def _over_workspace(self) -> str | None:
+    async def _over_workspace(self) -> LimitKind | None:
         limit = self.limits.workspace
         now = time.monotonic()
         if limit is None or now < self._next_scan:

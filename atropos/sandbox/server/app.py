@@ -15,7 +15,6 @@ from pydantic import BaseModel, ValidationError
 
 from atropos import __version__
 from atropos.sandbox.models import (
-    TOOL_ARGS,
     TOOLS,
     BatchRequest,
     BatchResponse,
@@ -26,14 +25,13 @@ from atropos.sandbox.models import (
     HealthResponse,
     ResetRequest,
     ResetResponse,
+    typed_call,
 )
+from atropos.sandbox.runner.protocol import ToolOp
 from atropos.sandbox.server.openapi import openapi_document
 from atropos.sandbox.server.slot_runner import SlotFailure, SlotReset, SlotRunner
 
 log = logging.getLogger("atropos.sandbox")
-
-# tool name -> runner op
-_OPS = {"bash": "bash", "bash_session": "session", "read_file": "read_file", "write_file": "write_file"}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -125,22 +123,17 @@ class SandboxApp:
         except ValidationError as exc:
             raise ApiError(422, "invalid request", _errors_of(exc)) from None
 
-    def _prepare(self, call: ExecuteRequest) -> tuple[SlotRunner, dict[str, Any], float]:
+    def _prepare(self, call: ExecuteRequest) -> tuple[SlotRunner, ToolOp]:
+        """The slot and the runner's request of one call; every refusal is an ApiError here."""
         if call.slot >= len(self.slots):
             raise ApiError(404, f"unknown slot {call.slot}: this server has slots 0..{len(self.slots) - 1}")
-        args_model = TOOL_ARGS.get(call.tool)
-        if args_model is None:
+        if call.tool not in TOOLS:
             raise ApiError(400, f"unknown tool {call.tool!r}; tools: {', '.join(TOOLS)}")
         try:
-            args = args_model.model_validate(call.args).model_dump()
+            typed = typed_call(call)
         except ValidationError as exc:
             raise ApiError(422, f"invalid args for {call.tool}", _errors_of(exc)) from None
-        op: dict[str, Any] = {"op": _OPS[call.tool]}
-        if call.tool in ("bash", "bash_session"):
-            op["command"] = args["command"]
-        else:
-            op["args"] = args
-        return self.slots[call.slot], op, call.timeout or self.default_timeout
+        return self.slots[call.slot], typed.runner_op(call.timeout or self.default_timeout)
 
     async def health(self, _request: web.Request) -> web.Response:
         busy = sum(1 for slot in self.slots if slot.busy)
@@ -149,23 +142,22 @@ class SandboxApp:
         )
 
     async def execute(self, request: web.Request) -> web.Response:
-        call = await self._body(request, ExecuteRequest)
-        slot, op, timeout = self._prepare(call)
-        return _json(ExecuteResult.model_construct(**await slot.execute(op, timeout)))
+        slot, op = self._prepare(await self._body(request, ExecuteRequest))
+        return _json(ExecuteResult.model_construct(**await slot.execute(op)))
 
     async def batch(self, request: web.Request) -> web.Response:
         body: BatchRequest = await self._body(request, BatchRequest)
         prepared = [self._prepare(call) for call in body.calls]  # all validated before any runs
         results: list[ExecuteResult | None] = [None] * len(prepared)
         by_slot: dict[int, list[int]] = {}
-        for i, (slot, _, _) in enumerate(prepared):
+        for i, (slot, _) in enumerate(prepared):
             by_slot.setdefault(slot.index, []).append(i)
 
         async def run_slot(indices: list[int]) -> None:
             for i in indices:  # same slot: in order; different slots: concurrently
-                slot, op, timeout = prepared[i]
+                slot, op = prepared[i]
                 try:
-                    results[i] = ExecuteResult.model_construct(**await slot.execute(op, timeout))
+                    results[i] = ExecuteResult.model_construct(**await slot.execute(op))
                 except SlotFailure as exc:
                     results[i] = ExecuteResult(ok=False, infra_error=str(exc))
 

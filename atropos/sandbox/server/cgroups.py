@@ -18,6 +18,8 @@ import os
 import shlex
 from dataclasses import dataclass, field
 
+from atropos.sandbox.runner.protocol import LimitKind
+
 log = logging.getLogger("atropos.sandbox")
 
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -93,7 +95,7 @@ class SlotCgroup:
     pids_dir: str | None = None
     dirs: list[str] = field(default_factory=list)
     values: dict[str, int] = field(default_factory=dict)  # limit kind -> its configured value
-    _seen: dict[str, int] = field(default_factory=dict)  # counters at the last look (a new group: 0)
+    _seen: dict[LimitKind, int] = field(default_factory=dict)  # counters at the last look (a new group: 0)
 
     def wrap(self, argv: list[str]) -> list[str]:
         """`argv` started from a shell that first joins the groups (children inherit them)."""
@@ -105,16 +107,16 @@ class SlotCgroup:
         for path in self.dirs:
             _remove_tree(path)
 
-    def new_events(self) -> list[str]:
+    def new_events(self) -> list[LimitKind]:
         """Limit kinds hit since the last look: one read of each counter per call."""
         now = self.counters()
         hit = [kind for kind, count in now.items() if count > self._seen.get(kind, 0)]
         self._seen = now
         return hit
 
-    def counters(self) -> dict[str, int]:
+    def counters(self) -> dict[LimitKind, int]:
         """Events that mean a limit was hit: OOM kills and refused forks."""
-        found = {}
+        found: dict[LimitKind, int] = {}
         if self.memory_dir:
             found["memory"] = _read_counter(os.path.join(self.memory_dir, "memory.oom_control"), "oom_kill")
         if self.pids_dir:

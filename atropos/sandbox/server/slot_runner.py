@@ -13,8 +13,17 @@ from typing import Any
 
 from atropos.host import die_with_parent, kill_tree
 from atropos.sandbox.runner.files import empty_dir
-from atropos.sandbox.runner.oneshot import add_note
-from atropos.sandbox.runner.rlimits import describe_limit, prepend_error
+from atropos.sandbox.runner.protocol import (
+    Op,
+    Outcome,
+    ResetOp,
+    ResetOutcome,
+    ToolOp,
+    add_note,
+    prepend_error,
+    request_line,
+)
+from atropos.sandbox.runner.rlimits import describe_limit
 from atropos.sandbox.runner.session import SESSION_RESTARTED
 from atropos.sandbox.server.cgroups import SlotCgroup
 from atropos.sandbox.server.egress import NETNS_READY, Egress
@@ -57,7 +66,7 @@ class SlotRunner:
         self._egress = egress  # network `public`: this slot's pasta joins the runner's namespaces
         self._pastas: dict[int, asyncio.subprocess.Process] = {}  # runner pid -> the pasta of its namespaces
         self._reader: asyncio.Task[None] | None = None
-        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._pending: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count(1)
         self._start_lock = asyncio.Lock()
         self.order = asyncio.Lock()  # a slot's calls run one after another, in arrival order
@@ -128,13 +137,15 @@ class SlotRunner:
             if not fut.done():
                 fut.set_exception(exc)
 
-    async def call(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def call(self, request: Op) -> Any:
+        """The runner's answer to `request` (an Outcome for a tool call; see runner.protocol)."""
+        timeout = request["timeout"]
         proc = await self._ensure_runner()
         assert proc.stdin is not None
         rid = next(self._ids)
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
-        proc.stdin.write(json.dumps({"id": rid, "timeout": timeout, **request}).encode() + b"\n")
+        proc.stdin.write(request_line(rid, request))
         try:
             await proc.stdin.drain()
             return await asyncio.wait_for(asyncio.shield(fut), timeout + RUNNER_GRACE)
@@ -147,24 +158,24 @@ class SlotRunner:
         finally:
             self._pending.pop(rid, None)
 
-    async def execute(self, op: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def execute(self, op: ToolOp) -> Outcome:
         self.busy += 1
         try:
             async with self.order:
                 generation = self.generation
-                result = await self.call(op, timeout)
+                result: Outcome = await self.call(op)
                 if generation != self.generation:
                     raise SlotReset(f"slot {self.index} was reset while the call ran")
                 if self.cgroup is not None and self.cgroup.dirs:
                     _note_cgroup_limit(result, self.cgroup)
-                if op.get("op") == "session" and self._session_lost:
+                if op["op"] == "bash_session" and self._session_lost:
                     self._session_lost = False
                     add_note(result, SESSION_RESTARTED)
                 return result
         finally:
             self.busy -= 1
 
-    async def reset(self, timeout: float = 30.0) -> dict[str, Any]:
+    async def reset(self, timeout: float = 30.0) -> ResetOutcome:
         """Kill everything the slot started and empty its workspace; cuts a running call short."""
         self.generation += 1
         self._session_lost = False
@@ -173,7 +184,8 @@ class SlotRunner:
             await asyncio.to_thread(_empty, self.workspace)
             return {"ok": True, "killed": 0, "duration_ms": 0.0}
         try:
-            return await self.call({"op": "reset"}, timeout)
+            answer: ResetOutcome = await self.call(ResetOp(op="reset", timeout=timeout))
+            return answer
         except SlotFailure:
             await self.kill_runner()  # a broken runner: the fresh one starts from an empty slot
             await asyncio.to_thread(_empty, self.workspace)
@@ -210,7 +222,7 @@ def _pasta_dies_with_server() -> None:
     die_with_parent(signal.SIGKILL)
 
 
-def _note_cgroup_limit(result: dict[str, Any], cgroup: SlotCgroup) -> None:
+def _note_cgroup_limit(result: Outcome, cgroup: SlotCgroup) -> None:
     """Say so in the result when the slot's cgroup killed a process or refused a fork since the last call."""
     hit = cgroup.new_events()
     if not hit or result.get("limit"):

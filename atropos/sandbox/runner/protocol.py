@@ -1,0 +1,118 @@
+"""The pipe between the server and a slot's runner: one typed request per tool, one result shape.
+
+Requests are JSON lines on the runner's stdin, `{"id": N, "op": ..., "timeout": s, ...}`; answers
+are JSON lines on its stdout, `{"id": N, "result": Outcome}` or `{"id": N, "error": "..."}`.
+The op of a tool call is the tool's own name (`bash`, `bash_session`, `read_file`, `write_file`);
+`reset` and `ping` are the server's. An `Outcome` carries the fields of the HTTP API's
+`ExecuteResult` (atropos.sandbox.models); everything that adds to one after the command ran (a
+limit it hit, a note from the sandbox) goes through the three functions at the end of this module.
+
+Standard library only (TypedDicts): the runner runs without site-packages.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal, TypedDict
+
+LimitKind = Literal["memory", "processes", "cpu_time", "file_size", "workspace"]
+COMMAND_OPS = ("bash", "bash_session")
+
+
+class BashOp(TypedDict):
+    op: Literal["bash"]
+    command: str
+    timeout: float
+
+
+class SessionOp(TypedDict):
+    op: Literal["bash_session"]
+    command: str
+    timeout: float
+
+
+class ReadFileOp(TypedDict):
+    op: Literal["read_file"]
+    path: str
+    encoding: Literal["text", "base64"]
+    max_bytes: int | None
+    timeout: float
+
+
+class WriteFileOp(TypedDict):
+    op: Literal["write_file"]
+    path: str
+    content: str
+    encoding: Literal["text", "base64"]
+    mode: int | None
+    timeout: float
+
+
+class ResetOp(TypedDict):
+    op: Literal["reset"]
+    timeout: float
+
+
+class PingOp(TypedDict):
+    op: Literal["ping"]
+    timeout: float
+
+
+ToolOp = BashOp | SessionOp | ReadFileOp | WriteFileOp
+Op = ToolOp | ResetOp | PingOp
+
+
+class _Ok(TypedDict):
+    ok: bool
+
+
+class Outcome(_Ok, total=False):
+    """What one tool call came to (the fields of `ExecuteResult`; absent ones take its defaults)."""
+
+    output: str
+    stdout: str
+    stderr: str
+    exit_code: int | None
+    timed_out: bool
+    truncated: bool
+    duration_ms: float
+    error: str | None
+    limit: LimitKind | None
+
+
+class ResetOutcome(TypedDict):
+    ok: bool
+    killed: int
+    duration_ms: float
+
+
+class PingOutcome(TypedDict):
+    ok: bool
+    pid: int
+
+
+def request_line(rid: int, op: Op) -> bytes:
+    return json.dumps({"id": rid, **op}, separators=(",", ":")).encode() + b"\n"
+
+
+# -- enriching an outcome: the only places that change one after its command ran ----------------
+
+
+def add_note(outcome: Outcome, text: str) -> None:
+    """A line from the sandbox itself (not the command) at the end of what the agent reads."""
+    line = f"[sandbox] {text}\n"
+    output = outcome.get("output") or ""
+    outcome["output"] = output + ("\n" if output and not output.endswith("\n") else "") + line
+    outcome["stderr"] = (outcome.get("stderr") or "") + line
+
+
+def prepend_error(outcome: Outcome, text: str) -> None:
+    """`text` first in the outcome's error, before what the command's own failure said."""
+    outcome["error"] = text + (f"; {outcome['error']}" if outcome.get("error") else "")
+
+
+def stopped_by(outcome: Outcome, kind: LimitKind, description: str) -> None:
+    """The command was stopped by a limit: it failed, and says which limit in words an agent can act on."""
+    outcome["limit"] = kind
+    outcome["ok"] = False
+    prepend_error(outcome, f"stopped: {description}")
