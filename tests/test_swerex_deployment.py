@@ -486,12 +486,12 @@ def _serving(directory: Path) -> Iterator[str]:
 @pytest.mark.parametrize("token", ["-starts-with-a-dash", "--looks-like-an-option", "plain_token"])
 def test_bootstrap_hands_any_token_to_swerex_server(token: str) -> None:
     # token_urlsafe gives a leading '-' one time in 64: argparse must still read it as the token
-    from atropos.integrations import swerex as ours
+    from atropos.integrations.swerex import server_process as ours
 
     probe = (
         "import uvicorn, swerex.server as s; "
         "uvicorn.run = lambda app, **kw: print('TOKEN=' + s.AUTH_TOKEN, 'PORT=' + str(kw['port'])); "
-        f"exec({ours._BOOTSTRAP!r})"
+        f"exec({ours.BOOTSTRAP!r})"
     )
     env = {**os.environ, ours.TOKEN_VAR: token}
     done = subprocess.run(

@@ -25,79 +25,50 @@ import logging
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 from swerex.deployment.abstract import AbstractDeployment
 from swerex.deployment.hooks.abstract import CombinedDeploymentHook, DeploymentHook
-from swerex.exceptions import DeploymentNotStartedError, DeploymentStartupError
+from swerex.exceptions import DeploymentNotStartedError
 from swerex.runtime.abstract import IsAliveResponse
 from swerex.runtime.config import RemoteRuntimeConfig
 from swerex.runtime.remote import RemoteRuntime
-from swerex.utils.free_port import find_free_port
 from swerex.utils.log import get_logger
 
-from atropos.host import read_stat, signal_group, signal_pids, snapshot, tree_members
 from atropos.images.apptainer import apptainer_secret_env, build_apptainer_exec_argv
 from atropos.images.cache import (
     PullPolicy,
     cached_image_path,
-    default_cache_dir,
     pull_image,
     resolve_singularity_image,
 )
-from atropos.images.references import is_reference, normalize_reference, reference_scheme
+from atropos.images.references import normalize_reference
 from atropos.images.runtime import ApptainerRuntime, find_runtime
-
-__all__ = [
-    "ApptainerDeployment",
-    "ApptainerDeploymentConfig",
-    "ApptainerDeploymentError",
-    "PortInUseError",
-    "StartupTimeoutError",
-]
-
-TOKEN_VAR = "SWEREX_AUTH_TOKEN"
-"""The variable that carries the token into the container (as `APPTAINERENV_SWEREX_AUTH_TOKEN`)."""
-
-# Runs `swerex-remote` (its `main`) with the token taken from the environment: sys.argv is changed in
-# memory only, so /proc/PID/cmdline never holds the token, and popping the variable keeps it out of
-# the shells SWE-ReX starts for the agent.
-_BOOTSTRAP = (
-    "import os, sys; "
-    f"token = os.environ.pop({TOKEN_VAR!r}); "
-    # `--auth-token=T`: a token_urlsafe token may start with '-', which argparse would take for an option
-    "sys.argv = ['swerex-remote', '--auth-token=' + token, *sys.argv[1:]]; "
-    "from swerex.server import main; main()"
+from atropos.integrations.swerex.errors import ApptainerDeploymentError, StartupTimeoutError
+from atropos.integrations.swerex.image import names_a_pull, platform_cache_dir, platform_pull_args, standalone_prefix
+from atropos.integrations.swerex.server_process import (
+    BOOTSTRAP,
+    HOST,
+    TOKEN_VAR,
+    claim_port,
+    diagnosis,
+    end_process_tree,
+    read_tail,
+    spawn,
 )
-_HOST = "127.0.0.1"
+
+__all__ = ["ApptainerDeployment", "ApptainerDeploymentConfig"]
+
 _PROBE_TIMEOUT = 2.0  # per /is_alive attempt while starting; a loaded node may answer slowly
 _RUNTIME_TIMEOUT = 10.0  # RemoteRuntime's default for later is_alive() calls
 _POLL_SECONDS = 0.2
 _PROGRESS_SECONDS = 15.0
 _CLOSE_TIMEOUT = 5.0
-_STOP_GRACE_SECONDS = 10.0
-_TAIL_BYTES = 4000
-_SIF_SUFFIXES = (".sif", ".simg", ".img")
-
-
-class ApptainerDeploymentError(DeploymentStartupError):
-    """The Apptainer deployment could not start (the message says why and what to do)."""
-
-
-class PortInUseError(ApptainerDeploymentError):
-    """The configured port is already taken on this host (Apptainer shares the host network)."""
-
-
-class StartupTimeoutError(ApptainerDeploymentError, TimeoutError):
-    """The server did not answer within `startup_timeout`."""
 
 
 class ApptainerDeploymentConfig(BaseModel):
@@ -136,7 +107,7 @@ class ApptainerDeploymentConfig(BaseModel):
     @field_validator("platform")
     @classmethod
     def _platform_is_docker_style(cls, value: str | None) -> str | None:
-        _platform_pull_args(value)  # raises ValueError with the expected shape
+        platform_pull_args(value)  # raises ValueError with the expected shape
         return value
 
     def get_deployment(self) -> ApptainerDeployment:
@@ -216,16 +187,16 @@ class ApptainerDeployment(AbstractDeployment):
         self._hooks.on_custom_step("Resolving Apptainer image")
         sif, self._pulled = await asyncio.to_thread(self._resolve_image, runtime)
         self._sif = sif
-        self._port = _claim_port(self._config.port)
+        self._port = claim_port(self._config.port)
         token = secrets.token_urlsafe(32)
         self._scratch = Path(tempfile.mkdtemp(prefix="swerex-apptainer-"))
         argv = self._exec_argv(runtime, sif, self._port, self._scratch)
         env = {**os.environ, **apptainer_secret_env(runtime.binary, {TOKEN_VAR: token})}
         self._hooks.on_custom_step("Starting runtime")
         self.logger.info(f"Starting SWE-ReX in {sif} with {runtime.describe()} on port {self._port}")
-        self._process = _spawn(argv, env, self._scratch / "server.log")
+        self._process = spawn(argv, env, self._scratch / "server.log")
         self._runtime = RemoteRuntime.from_config(
-            RemoteRuntimeConfig(host=f"http://{_HOST}", port=self._port, timeout=_RUNTIME_TIMEOUT, auth_token=token)
+            RemoteRuntimeConfig(host=f"http://{HOST}", port=self._port, timeout=_RUNTIME_TIMEOUT, auth_token=token)
         )
 
     async def stop(self) -> None:
@@ -234,7 +205,7 @@ class ApptainerDeployment(AbstractDeployment):
             await _close_quietly(self._runtime, self.logger)
             self._runtime = None
         if self._process is not None:
-            await asyncio.to_thread(_end_process_tree, self._process)
+            await asyncio.to_thread(end_process_tree, self._process)
             self._process = None
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
@@ -249,10 +220,10 @@ class ApptainerDeployment(AbstractDeployment):
     def _resolve_image(self, runtime: ApptainerRuntime) -> tuple[Path, Path | None]:
         """The SIF to run, and the same path again when this call pulled it (else None)."""
         image = self._config.image.strip()
-        if not _names_a_pull(image):
+        if not names_a_pull(image):
             return resolve_singularity_image(image, "never", runtime=runtime), None
         reference = normalize_reference(image)
-        cache_dir = _platform_cache_dir(self._config.platform)
+        cache_dir = platform_cache_dir(self._config.platform)
         policy = self._config.pull
         # `always` pulls every time, `missing` only what is absent, `never` nothing
         pulls = policy == "always" or not cached_image_path(reference, cache_dir).is_file()
@@ -264,7 +235,7 @@ class ApptainerDeployment(AbstractDeployment):
             cache_dir,
             runtime,
             progress=self.logger.info,
-            pull_args=_platform_pull_args(self._config.platform),
+            pull_args=platform_pull_args(self._config.platform),
         )
         return sif, (sif if pulls else None)
 
@@ -279,8 +250,8 @@ class ApptainerDeployment(AbstractDeployment):
             env=env,
             extra_args=[*extra, *python_args, *self._config.apptainer_args],
             workdir=str(work),
-            command=[python, "-c", _BOOTSTRAP],
-            server_args=["--host", _HOST, "--port", str(port)],
+            command=[python, "-c", BOOTSTRAP],
+            server_args=["--host", HOST, "--port", str(port)],
         )
 
     def _python_in_image(self) -> tuple[str, list[str], dict[str, str]]:
@@ -288,7 +259,7 @@ class ApptainerDeployment(AbstractDeployment):
         root = self._config.python_standalone_dir
         if root is None:
             return "python3", [], {}
-        prefix = _standalone_prefix(Path(root).expanduser().absolute())
+        prefix = standalone_prefix(Path(root).expanduser().absolute())
         # read-only (build_apptainer_exec_argv's binds are writable): the agent must not alter the
         # host's Python that the next server runs with
         bind = ["--bind", f"{prefix}:{prefix}:ro"]
@@ -311,7 +282,7 @@ class ApptainerDeployment(AbstractDeployment):
             now = time.monotonic()
             if now - started >= timeout:
                 raise StartupTimeoutError(
-                    f"SWE-ReX in {self._sif} did not answer on {_HOST}:{self._port} within {timeout:.0f} s "
+                    f"SWE-ReX in {self._sif} did not answer on {HOST}:{self._port} within {timeout:.0f} s "
                     f"(raise startup_timeout on a slow node); last probe: {response.message.strip()[-300:]}\n"
                     f"server output (tail):\n{self._output_tail()}"
                 )
@@ -324,82 +295,17 @@ class ApptainerDeployment(AbstractDeployment):
         tail = self._output_tail()
         return (
             f"apptainer running SWE-ReX from {self._sif} exited with status {code} "
-            f"(port {self._port}){_diagnosis(tail)}\nserver output (tail):\n{tail}"
+            f"(port {self._port}){diagnosis(tail)}\nserver output (tail):\n{tail}"
         )
 
     def _output_tail(self) -> str:
         if self._scratch is None:
             return "(no output)"
-        return _read_tail(self._scratch / "server.log") or "(no output)"
+        return read_tail(self._scratch / "server.log") or "(no output)"
 
 
 def _not_started() -> DeploymentNotStartedError:
     return DeploymentNotStartedError()  # type: ignore[no-untyped-call]  # swerex leaves it unannotated
-
-
-def _names_a_pull(image: str) -> bool:
-    """True when `image` is a reference to pull, not a file (a bare `x.sif` is a missing file)."""
-    if reference_scheme(image) is not None:
-        return True
-    if Path(image).expanduser().exists() or image.endswith(_SIF_SUFFIXES):
-        return False
-    return is_reference(image)
-
-
-def _platform_pull_args(platform: str | None) -> list[str]:
-    """`linux/arm/v7` -> `--arch arm --arch-variant 7`; Apptainer runs Linux images only."""
-    if platform is None:
-        return []
-    parts = platform.split("/")
-    if len(parts) not in (2, 3) or parts[0] != "linux" or not all(parts):
-        raise ValueError(f"platform must look like linux/amd64 or linux/arm/v7, not {platform!r}")
-    args = ["--arch", parts[1]]
-    if len(parts) == 3:
-        args += ["--arch-variant", parts[2].removeprefix("v")]
-    return args
-
-
-def _platform_cache_dir(platform: str | None) -> Path | None:
-    """A separate cache per platform: the cache names files by reference alone."""
-    if platform is None:
-        return None
-    return default_cache_dir() / ("platform-" + platform.replace("/", "_"))
-
-
-def _standalone_prefix(root: Path) -> Path:
-    if any(bad in str(root) for bad in (":", ",")):
-        raise ApptainerDeploymentError(f"python_standalone_dir {root} contains ':' or ',', which apptainer cannot bind")
-    for prefix in (root / "python3.11", root):
-        if (prefix / "bin" / "python3").is_file():
-            return prefix
-    raise ApptainerDeploymentError(
-        f"python_standalone_dir {root} holds no Python: expected {root}/python3.11/bin/python3 (the layout "
-        f"of SWE-ReX's Docker deployment) or {root}/bin/python3, with swe-rex installed"
-    )
-
-
-def _claim_port(port: int | None) -> int:
-    """`port` if nothing listens on it here (host network: a clash is a clash), else a free one."""
-    if port is None:
-        return find_free_port()
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-        try:
-            probe.bind((_HOST, port))
-        except OSError as exc:
-            raise PortInUseError(
-                f"port {port} is already in use on this host ({exc.strerror}); Apptainer shares the host "
-                "network, so pick another port or set port=None for a free one"
-            ) from None
-    return port
-
-
-def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """Start `argv` in its own process group, its output in `log` (a pipe nobody reads would fill up)."""
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
 
 
 async def _close_quietly(runtime: RemoteRuntime, logger: logging.Logger) -> None:
@@ -408,59 +314,3 @@ async def _close_quietly(runtime: RemoteRuntime, logger: logging.Logger) -> None
         await asyncio.wait_for(runtime.close(), _CLOSE_TIMEOUT)
     except Exception as exc:  # the process is ended next either way
         logger.debug(f"closing the SWE-ReX runtime failed: {exc!r}")
-
-
-def _end_process_tree(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group, SIGKILL it after a grace period, then any descendant that left it.
-
-    What really ends everything is Apptainer's PID namespace (`--containall`): when its init exits,
-    the kernel kills every process inside, even ones orphaned after `setsid`. The group signal and the
-    snapshot of descendants (SWE-ReX's shells call setsid but stay children of the server) are for
-    the runtime's own processes outside that namespace.
-    """
-    procs = snapshot()
-    tree = {pid: procs[pid].start_ticks for pid in tree_members(proc.pid, procs, include_root=False)}
-    signal_group(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=_STOP_GRACE_SECONDS)
-    except subprocess.TimeoutExpired:
-        signal_group(proc.pid, signal.SIGKILL)
-        proc.wait()
-    signal_group(proc.pid, signal.SIGKILL)  # members that outlived the leader
-    survivors = {pid for pid, ticks in tree.items() if (now := read_stat(pid)) is not None and now.start_ticks == ticks}
-    signal_pids(survivors, signal.SIGKILL)  # the same processes, not reused pids
-
-
-def _read_tail(path: Path) -> str:
-    try:
-        with path.open("rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, handle.tell() - _TAIL_BYTES))
-            data = handle.read()
-    except OSError:
-        return ""
-    return data.decode("utf-8", "replace").strip()
-
-
-_HINTS: tuple[tuple[Callable[[str], bool], str], ...] = (
-    (
-        lambda tail: "No module named 'swerex'" in tail,
-        "the image's python3 has no swe-rex: use an image with swe-rex installed (e.g. the project's "
-        "air-gapped SIF) or set python_standalone_dir to a standalone Python that has it",
-    ),
-    (
-        lambda tail: "executable file not found" in tail,
-        "the image has no usable python3: set python_standalone_dir to a standalone Python with swe-rex",
-    ),
-    (
-        lambda tail: "address already in use" in tail.lower(),
-        "the port was taken before the server bound it: start again (port=None picks another)",
-    ),
-)
-
-
-def _diagnosis(tail: str) -> str:
-    for matches, hint in _HINTS:
-        if matches(tail):
-            return f": {hint}"
-    return ""
