@@ -130,9 +130,20 @@ _NEWER_THAN_SPEC = {
     "VolumeEvalID": "deregister: the evaluation of the job's volume claims (Nomad 1.8+)",
     "VolumeEvalIndex": "deregister: the evaluation of the job's volume claims (Nomad 1.8+)",
 }
-_SMALL_ANSWERS = ("static_register", "dynamic_register", "docker_register", "static_scale", "dynamic_scale",
-                  "docker_scale", "allocation_stop", "job_stop", "job_purge", "error_stop_unknown_job",
-                  "variable_put", "error_job_allocations_unknown_job")
+_SMALL_ANSWERS = (
+    "static_register",
+    "dynamic_register",
+    "docker_register",
+    "static_scale",
+    "dynamic_scale",
+    "docker_scale",
+    "allocation_stop",
+    "job_stop",
+    "job_purge",
+    "error_stop_unknown_job",
+    "variable_put",
+    "error_job_allocations_unknown_job",
+)
 
 
 @pytest.mark.parametrize("name", [n for n in recorded_names() if n.startswith("shape_") or n.endswith("_register")])

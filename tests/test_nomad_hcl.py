@@ -14,7 +14,8 @@ import pytest
 
 from atropos.cli import main as cli_main
 from atropos.nomad import SandboxJobSpec, create_sandbox_job
-from atropos.nomad.hcl import HclError, format_duration, parse_duration, parse_job_hcl, render_job_hcl
+from atropos.nomad.hcl import HclError, format_duration, parse_duration, render_job_hcl
+from tests.hcl_reader import parse_job_hcl
 from tests.nomad_fixtures import REPO, TOKEN, RealAgent, job_shapes, shape_id
 
 EXAMPLES = {

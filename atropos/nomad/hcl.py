@@ -1,6 +1,6 @@
 """Render a job (Nomad's JSON form) as an HCL2 jobspec, and read such a jobspec back.
 
-One table (`_JOB`) states, for every JSON key the builder emits, its HCL name and how it is written:
+One table (`JOB_SHAPE`) states, for every JSON key the builder emits, its HCL name and how it is written:
 a plain attribute, a duration (`"10s"` in HCL, nanoseconds in JSON), a map block (`env`, `meta`), a
 free-form block (`config`), a nested block, a repeated block, a labelled block (`group "name"`), or
 a network port (`ReservedPorts` entries are `port "http" { static = N }`, `DynamicPorts` entries
@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["HclError", "format_duration", "job_from_hcl_tree", "parse_duration", "parse_job_hcl", "render_job_hcl"]
+__all__ = ["JOB_SHAPE", "Field", "HclError", "format_duration", "parse_duration", "render_job_hcl"]
 
 Kind = Literal["value", "duration", "map", "config", "block", "blocks", "labeled", "ports"]
 
@@ -29,104 +29,107 @@ class HclError(ValueError):
 
 
 @dataclass(frozen=True)
-class _Field:
+class Field:
+    """One key of a jobspec: its JSON name, its HCL name and how it is written (the shape tables
+    below are the jobspec's grammar, shared by `render_job_hcl` and the tests' reader)."""
+
     json: str
     hcl: str
     kind: Kind = "value"
-    shape: tuple[_Field, ...] = ()
+    shape: tuple[Field, ...] = ()
     label: str = "Name"  # for `labeled`: the JSON key that becomes the block label
 
 
-_CONSTRAINT = (_Field("LTarget", "attribute"), _Field("Operand", "operator"), _Field("RTarget", "value"))
+_CONSTRAINT = (Field("LTarget", "attribute"), Field("Operand", "operator"), Field("RTarget", "value"))
 _RESTART = (
-    _Field("Attempts", "attempts"),
-    _Field("Interval", "interval", "duration"),
-    _Field("Delay", "delay", "duration"),
-    _Field("Mode", "mode"),
+    Field("Attempts", "attempts"),
+    Field("Interval", "interval", "duration"),
+    Field("Delay", "delay", "duration"),
+    Field("Mode", "mode"),
 )
 _RESCHEDULE = (
-    _Field("Attempts", "attempts"),
-    _Field("Interval", "interval", "duration"),
-    _Field("Delay", "delay", "duration"),
-    _Field("DelayFunction", "delay_function"),
-    _Field("MaxDelay", "max_delay", "duration"),
-    _Field("Unlimited", "unlimited"),
+    Field("Attempts", "attempts"),
+    Field("Interval", "interval", "duration"),
+    Field("Delay", "delay", "duration"),
+    Field("DelayFunction", "delay_function"),
+    Field("MaxDelay", "max_delay", "duration"),
+    Field("Unlimited", "unlimited"),
 )
 _UPDATE = (
-    _Field("MaxParallel", "max_parallel"),
-    _Field("HealthCheck", "health_check"),
-    _Field("MinHealthyTime", "min_healthy_time", "duration"),
-    _Field("HealthyDeadline", "healthy_deadline", "duration"),
-    _Field("ProgressDeadline", "progress_deadline", "duration"),
-    _Field("AutoRevert", "auto_revert"),
-    _Field("AutoPromote", "auto_promote"),
-    _Field("Canary", "canary"),
-    _Field("Stagger", "stagger", "duration"),
+    Field("MaxParallel", "max_parallel"),
+    Field("HealthCheck", "health_check"),
+    Field("MinHealthyTime", "min_healthy_time", "duration"),
+    Field("HealthyDeadline", "healthy_deadline", "duration"),
+    Field("ProgressDeadline", "progress_deadline", "duration"),
+    Field("AutoRevert", "auto_revert"),
+    Field("AutoPromote", "auto_promote"),
+    Field("Canary", "canary"),
+    Field("Stagger", "stagger", "duration"),
 )
-_PORT = (_Field("Value", "static"), _Field("To", "to"), _Field("HostNetwork", "host_network"))
+_PORT = (Field("Value", "static"), Field("To", "to"), Field("HostNetwork", "host_network"))
 _NETWORK = (
-    _Field("Mode", "mode"),
-    _Field("ReservedPorts", "port", "ports", _PORT, label="Label"),
-    _Field("DynamicPorts", "port", "ports", _PORT, label="Label"),
+    Field("Mode", "mode"),
+    Field("ReservedPorts", "port", "ports", _PORT, label="Label"),
+    Field("DynamicPorts", "port", "ports", _PORT, label="Label"),
 )
 _CHECK = (
-    _Field("Name", "name"),
-    _Field("Type", "type"),
-    _Field("Path", "path"),
-    _Field("Interval", "interval", "duration"),
-    _Field("Timeout", "timeout", "duration"),
+    Field("Name", "name"),
+    Field("Type", "type"),
+    Field("Path", "path"),
+    Field("Interval", "interval", "duration"),
+    Field("Timeout", "timeout", "duration"),
 )
 _SERVICE = (
-    _Field("Name", "name"),
-    _Field("Provider", "provider"),
-    _Field("PortLabel", "port"),
-    _Field("Tags", "tags"),
-    _Field("Checks", "check", "blocks", _CHECK),
+    Field("Name", "name"),
+    Field("Provider", "provider"),
+    Field("PortLabel", "port"),
+    Field("Tags", "tags"),
+    Field("Checks", "check", "blocks", _CHECK),
 )
-_SCALING = (_Field("Enabled", "enabled"), _Field("Min", "min"), _Field("Max", "max"))
-_RESOURCES = (_Field("CPU", "cpu"), _Field("MemoryMB", "memory"), _Field("MemoryMaxMB", "memory_max"))
+_SCALING = (Field("Enabled", "enabled"), Field("Min", "min"), Field("Max", "max"))
+_RESOURCES = (Field("CPU", "cpu"), Field("MemoryMB", "memory"), Field("MemoryMaxMB", "memory_max"))
 _TEMPLATE = (
-    _Field("EmbeddedTmpl", "data"),
-    _Field("DestPath", "destination"),
-    _Field("ChangeMode", "change_mode"),
-    _Field("Perms", "perms"),
+    Field("EmbeddedTmpl", "data"),
+    Field("DestPath", "destination"),
+    Field("ChangeMode", "change_mode"),
+    Field("Perms", "perms"),
 )
 _TASK = (
-    _Field("Driver", "driver"),
-    _Field("Config", "config", "config"),
-    _Field("Templates", "template", "blocks", _TEMPLATE),
-    _Field("Env", "env", "map"),
-    _Field("Resources", "resources", "block", _RESOURCES),
-    _Field("KillSignal", "kill_signal"),
-    _Field("KillTimeout", "kill_timeout", "duration"),
-    _Field("Meta", "meta", "map"),
+    Field("Driver", "driver"),
+    Field("Config", "config", "config"),
+    Field("Templates", "template", "blocks", _TEMPLATE),
+    Field("Env", "env", "map"),
+    Field("Resources", "resources", "block", _RESOURCES),
+    Field("KillSignal", "kill_signal"),
+    Field("KillTimeout", "kill_timeout", "duration"),
+    Field("Meta", "meta", "map"),
 )
 _GROUP = (
-    _Field("Count", "count"),
-    _Field("Constraints", "constraint", "blocks", _CONSTRAINT),
-    _Field("Networks", "network", "blocks", _NETWORK),
-    _Field("Services", "service", "blocks", _SERVICE),
-    _Field("RestartPolicy", "restart", "block", _RESTART),
-    _Field("ReschedulePolicy", "reschedule", "block", _RESCHEDULE),
-    _Field("Update", "update", "block", _UPDATE),
-    _Field("Scaling", "scaling", "block", _SCALING),
-    _Field("EphemeralDisk", "ephemeral_disk", "block", (_Field("SizeMB", "size"),)),
-    _Field("ShutdownDelay", "shutdown_delay", "duration"),
-    _Field("Meta", "meta", "map"),
-    _Field("Tasks", "task", "labeled", _TASK),
+    Field("Count", "count"),
+    Field("Constraints", "constraint", "blocks", _CONSTRAINT),
+    Field("Networks", "network", "blocks", _NETWORK),
+    Field("Services", "service", "blocks", _SERVICE),
+    Field("RestartPolicy", "restart", "block", _RESTART),
+    Field("ReschedulePolicy", "reschedule", "block", _RESCHEDULE),
+    Field("Update", "update", "block", _UPDATE),
+    Field("Scaling", "scaling", "block", _SCALING),
+    Field("EphemeralDisk", "ephemeral_disk", "block", (Field("SizeMB", "size"),)),
+    Field("ShutdownDelay", "shutdown_delay", "duration"),
+    Field("Meta", "meta", "map"),
+    Field("Tasks", "task", "labeled", _TASK),
 )
-_JOB = (
-    _Field("Name", "name"),
-    _Field("Type", "type"),
-    _Field("Priority", "priority"),
-    _Field("Region", "region"),
-    _Field("Namespace", "namespace"),
-    _Field("NodePool", "node_pool"),
-    _Field("Datacenters", "datacenters"),
-    _Field("Constraints", "constraint", "blocks", _CONSTRAINT),
-    _Field("Update", "update", "block", _UPDATE),
-    _Field("Meta", "meta", "map"),
-    _Field("TaskGroups", "group", "labeled", _GROUP),
+JOB_SHAPE = (
+    Field("Name", "name"),
+    Field("Type", "type"),
+    Field("Priority", "priority"),
+    Field("Region", "region"),
+    Field("Namespace", "namespace"),
+    Field("NodePool", "node_pool"),
+    Field("Datacenters", "datacenters"),
+    Field("Constraints", "constraint", "blocks", _CONSTRAINT),
+    Field("Update", "update", "block", _UPDATE),
+    Field("Meta", "meta", "map"),
+    Field("TaskGroups", "group", "labeled", _GROUP),
 )
 
 # ---------------------------------------------------------------------------------------- durations
@@ -175,13 +178,13 @@ def parse_duration(text: str) -> int:
 def render_job_hcl(job: Mapping[str, Any]) -> str:
     """HCL2 jobspec text for a job in Nomad's JSON form (`Job.to_json()`)."""
     lines = [f"job {_string(job['ID'])} {{"]
-    _render_body(lines, job, _JOB, 1, known={"ID"})
+    _render_body(lines, job, JOB_SHAPE, 1, known={"ID"})
     lines.append("}")
     return "\n".join(lines) + "\n"
 
 
 def _render_body(
-    lines: list[str], obj: Mapping[str, Any], shape: tuple[_Field, ...], depth: int, known: set[str] | None = None
+    lines: list[str], obj: Mapping[str, Any], shape: tuple[Field, ...], depth: int, known: set[str] | None = None
 ) -> None:
     fields = {f.json for f in shape} | (known or set())
     unknown = sorted(set(obj) - fields)
@@ -213,7 +216,7 @@ def _render_block(
     name: str,
     label: str | None,
     obj: Mapping[str, Any],
-    shape: tuple[_Field, ...],
+    shape: tuple[Field, ...],
     depth: int,
     known: set[str] | None = None,
 ) -> None:
@@ -259,97 +262,3 @@ _ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 def _string(text: str) -> str:
     body = "".join(_ESCAPES.get(ch, ch) for ch in text).replace("%{", "%%{")
     return f'"{body}"'
-
-
-# -------------------------------------------------------------------------------------------- read
-
-
-def parse_job_hcl(text: str) -> dict[str, Any]:
-    """Read a jobspec written by `render_job_hcl` back into Nomad's JSON form (needs python-hcl2)."""
-    try:
-        import hcl2
-        from hcl2.utils import SerializationOptions
-    except ImportError as exc:  # pragma: no cover - dev extra
-        raise HclError("reading HCL needs python-hcl2 (pip install python-hcl2)") from exc
-    options = SerializationOptions(strip_string_quotes=True, with_comments=False)
-    tree = hcl2.loads(text, serialization_options=options)
-    return job_from_hcl_tree(tree)
-
-
-def job_from_hcl_tree(tree: Mapping[str, Any]) -> dict[str, Any]:
-    """Nomad's JSON form of a jobspec parsed by python-hcl2 (quotes stripped)."""
-    jobs = tree.get("job") or []
-    if len(jobs) != 1:
-        raise HclError(f"expected one job block, found {len(jobs)}")
-    ((job_id, body),) = jobs[0].items()
-    return {"ID": _unescape(job_id), **_read_body(body, _JOB)}
-
-
-def _read_body(body: Mapping[str, Any], shape: tuple[_Field, ...]) -> dict[str, Any]:
-    by_hcl: dict[str, list[_Field]] = {}
-    for field in shape:
-        by_hcl.setdefault(field.hcl, []).append(field)
-    out: dict[str, Any] = {}
-    for key, value in body.items():
-        if key.startswith("__"):
-            continue
-        fields = by_hcl.get(key)
-        if not fields:
-            raise HclError(f"unexpected HCL key {key!r}")
-        if fields[0].kind == "ports":
-            _read_ports(out, value, fields)
-        else:
-            out[fields[0].json] = _read_value(fields[0], value)
-    return out
-
-
-def _read_value(field: _Field, value: Any) -> Any:
-    if field.kind == "value":
-        return _plain(value)
-    if field.kind == "duration":
-        return parse_duration(value)
-    if field.kind in ("map", "config"):
-        return {k: _plain(v) for k, v in _single(value).items() if not k.startswith("__")}
-    if field.kind == "block":
-        return _read_body(_single(value), field.shape)
-    if field.kind == "blocks":
-        return [_read_body(item, field.shape) for item in value]
-    return [
-        {field.label: _unescape(label), **_read_body(item, field.shape)}
-        for entry in value
-        for label, item in entry.items()
-    ]
-
-
-def _read_ports(out: dict[str, Any], value: list[Mapping[str, Any]], fields: list[_Field]) -> None:
-    """`port "l" { static = N }` is a ReservedPorts entry, any other `port` block a DynamicPorts one."""
-    shape = fields[0].shape
-    for entry in value:
-        for label, item in entry.items():
-            port = {"Label": _unescape(label), **_read_body(item, shape)}
-            out.setdefault("ReservedPorts" if "Value" in port else "DynamicPorts", []).append(port)
-
-
-def _single(value: Any) -> Mapping[str, Any]:
-    if isinstance(value, list):
-        if len(value) != 1:
-            raise HclError(f"expected one block, found {len(value)}")
-        value = value[0]
-    if not isinstance(value, Mapping):
-        raise HclError(f"expected a block, found {value!r}")
-    return value
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, str):
-        return _unescape(value)
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, Mapping):
-        return {_unescape(k): _plain(v) for k, v in value.items() if not k.startswith("__")}
-    return value
-
-
-def _unescape(text: str) -> str:
-    """python-hcl2 decodes backslash escapes but leaves HCL's template escape `%%{` as written."""
-    return text.replace("%%{", "%{")
