@@ -45,15 +45,6 @@ class ApptainerRuntime:
         """Prefix of the runtime's own settings variables, e.g. `APPTAINER_` for `APPTAINER_CACHEDIR`."""
         return self.name.upper() + "_"
 
-    def version_tuple(self) -> tuple[int, ...]:
-        """Leading numeric components of the version, e.g. (1, 3, 4); () when unparseable."""
-        parts: list[int] = []
-        for piece in re.split(r"[.\-+]", self.version):
-            if not piece.isdigit():
-                break
-            parts.append(int(piece))
-        return tuple(parts)
-
     def describe(self) -> str:
         return f"{self.flavor} {self.version} ({self.binary})"
 
