@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import datetime
 import itertools
+import json
 import os
+import signal
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +34,9 @@ from atropos.envs.tool_calls import validation_summary
 from atropos.slots import PoolConfigError, SlotPool, SlotPoolConfig
 
 __all__ = ["register"]
+
+RUNS_DIR = "demo-runs"  # under the working directory; ignored by git
+_SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 class DemoError(Exception):
@@ -59,7 +67,10 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="openai: the API's tool_calls; hermes: <tool_call> JSON in the text (default openai)",
     )
     work.add_argument(
-        "--out", default="demo-rollouts.jsonl", metavar="PATH", help="rollouts JSONL (default ./demo-rollouts.jsonl)"
+        "--out",
+        metavar="PATH",
+        help="rollouts JSONL, written as each one finishes; refused if it exists (default: "
+        f"{RUNS_DIR}/<UTC time>-<id>/rollouts.jsonl, a new directory per run)",
     )
 
     model = parser.add_argument_group("model (default: the reference policy)")
@@ -155,7 +166,31 @@ class _Plan:
             if missing:
                 raise DemoError(f"the reference policy needs a reference solution; none for: {', '.join(missing)}")
         count = args.tasks or len(tasks)
+        if args.out and Path(args.out).exists():
+            raise DemoError(f"--out {args.out} exists: rollouts are never written over; give a new path")
         return cls(args, pool_config, settings, list(itertools.islice(itertools.cycle(tasks), count)))
+
+    def _output(self) -> Path:
+        """Where the rollouts go: --out, or a new run directory (never one that exists)."""
+        if self.args.out:
+            out = Path(self.args.out)
+        else:
+            stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            out = Path(RUNS_DIR) / f"{stamp}-{uuid.uuid4().hex[:6]}" / "rollouts.jsonl"
+        return out.absolute()
+
+    def _header(self, description: str, enforcement: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "run": {
+                "enforcement": enforcement,
+                "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "policy": description,
+                "model": self.args.model,
+                "tasks": len(self.tasks),
+                "concurrency": self.args.concurrency,
+                "pool": self.pool_config.model_dump(mode="json"),
+            }
+        }
 
     def _policy(self) -> tuple[ModelFactory, OpenAIChatModel | None, str]:
         args = self.args
@@ -187,54 +222,88 @@ class _Plan:
         )
 
     async def run(self) -> int:
+        """The batch; Ctrl-C or SIGTERM stops it, closes the pool (nothing is left running) and keeps
+        every rollout that finished (each is written, flushed, as it ends)."""
+        out = self._output()
+        kept = [0]
+        stopped_by: list[signal.Signals] = []
+        main = asyncio.current_task()
+        assert main is not None
+        loop = asyncio.get_running_loop()
+
+        def stop(sig: signal.Signals) -> None:
+            if not stopped_by:
+                stopped_by.append(sig)
+                print(f"\n{sig.name}: stopping; the pool closes and the finished rollouts are kept", flush=True)
+                main.cancel()
+
+        handled = []
+        for sig in _SIGNAL_EXIT:
+            try:
+                loop.add_signal_handler(sig, stop, sig)
+            except (ValueError, RuntimeError):  # not the main thread: whoever runs us owns the signals
+                continue
+            handled.append(sig)
+        try:
+            return await self._run(out, kept)
+        except asyncio.CancelledError:
+            if not stopped_by:
+                raise
+            where = f"kept in {out}" if kept[0] else "none finished"
+            print(f"interrupted: {kept[0]} finished rollout(s) {where}", file=sys.stderr, flush=True)
+            return _SIGNAL_EXIT[stopped_by[0]]
+        finally:
+            for sig in handled:
+                loop.remove_signal_handler(sig)
+
+    async def _run(self, out: Path, kept: list[int]) -> int:
         model_for, client, description = self._policy()
         c = self.pool_config
         print(f"policy: {description}")
+        at_once = min(self.args.concurrency, len(self.tasks))
         print(
-            f"pool: {c.backend} backend, {c.driver} driver, {c.initial_containers}..{c.max_containers} server(s) "
-            f"x {c.slots_per_container} slots; {len(self.tasks)} trajectories, {self.args.concurrency} at once",
+            f"pool: {c.backend.type} backend, {c.driver.describe()} driver, {c.initial_containers}..{c.max_containers} "
+            f"server(s) x {c.slots_per_container} slots; {len(self.tasks)} trajectories, {at_once} at once",
             flush=True,
         )
-        ready = False
-        try:
-            async with SlotPool(c, progress=lambda message: print(f"  .. {message}", flush=True)) as pool:
-                ready = True
-                print(enforcement_line(pool.enforcement()), flush=True)
-                print(f"\n{table_header()}", flush=True)
-                started = time.monotonic()
-                rollouts = await run_batch(
-                    pool,
-                    self.tasks,
-                    model_for,
-                    self.settings,
-                    self.args.concurrency,
-                    on_rollout=lambda rollout: print(table_row(rollout), flush=True),
-                )
-                wall = time.monotonic() - started
-                sandbox_calls = sum(call.count for call in pool.stats().calls.values())
-        except Exception as exc:  # the pool could not start, or broke beyond single trajectories
-            what = "failed" if ready else "could not start"
-            print(f"error: the sandbox pool {what}: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return 1
-        finally:
-            if client is not None:
-                await client.aclose()
-        out = self._write(rollouts)
-        summary = summarize(rollouts, wall)
-        print("\n" + "\n".join(summary_lines(summary)))
-        print(
-            f"sandbox calls     {sandbox_calls} (tool calls + task setup + hidden checks), {sandbox_calls / wall:.1f}/s"
-        )
-        print(f"rollouts          {out}")
-        return 0 if summary.errors == 0 and summary.infra_failures == 0 else 1
+        print(f"rollouts go to {out}", flush=True)
+        with contextlib.ExitStack() as files:
 
-    def _write(self, rollouts: list[Rollout]) -> Path:
-        out = Path(self.args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("w", encoding="utf-8") as handle:
-            for rollout in rollouts:
-                handle.write(rollout.model_dump_json() + "\n")
-        return out
+            def finished(rollout: Rollout) -> None:
+                sink.write(rollout.model_dump_json() + "\n")
+                sink.flush()
+                kept[0] += 1
+                print(table_row(rollout), flush=True)
+
+            ready = False
+            try:
+                async with SlotPool(c, progress=lambda message: print(f"  .. {message}", flush=True)) as pool:
+                    ready = True
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    sink = files.enter_context(out.open("x", encoding="utf-8"))  # only once the pool runs
+                    sink.write(json.dumps(self._header(description, pool.enforcement())) + "\n")
+                    sink.flush()
+                    print(enforcement_line(pool.enforcement()), flush=True)
+                    print(f"\n{table_header()}", flush=True)
+                    started = time.monotonic()
+                    rollouts = await run_batch(
+                        pool, self.tasks, model_for, self.settings, self.args.concurrency, on_rollout=finished
+                    )
+                    wall = time.monotonic() - started
+                    sandbox_calls = sum(call.count for call in pool.stats().calls.values())
+            except Exception as exc:  # the pool could not start, or broke beyond single trajectories
+                what = "failed" if ready else "could not start"
+                print(f"error: the sandbox pool {what}: {type(exc).__name__}: {exc}", file=sys.stderr)
+                return 1
+            finally:
+                if client is not None:
+                    await client.aclose()
+            summary = summarize(rollouts, wall)
+            print("\n" + "\n".join(summary_lines(summary)))
+            rate = sandbox_calls / wall
+            print(f"sandbox calls     {sandbox_calls} (tool calls + task setup + hidden checks), {rate:.1f}/s")
+            print(f"rollouts          {out}")
+            return 0 if summary.errors == 0 and summary.infra_failures == 0 else 1
 
 
 def enforcement_line(per_server: dict[str, dict[str, Any]]) -> str:

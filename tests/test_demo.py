@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +17,16 @@ import pytest
 from atropos import cli
 from tests.env_fixtures import failing_script, solving_script
 from tests.fake_openai import FakeOpenAI
+from tests.server_process import wait_until_gone
 
 SMALL_POOL = ["--containers", "1", "--max-containers", "2", "--slots-per-container", "4"]
 
 
 def rollouts(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """The rollouts of a run's JSONL (its first line is the run's header)."""
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert "run" in lines[0] and lines[0]["run"]["pool"]["driver"]["type"], lines[0]
+    return lines[1:]
 
 
 def test_reference_policy_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -149,3 +155,52 @@ def test_demo_as_a_user_runs_it_prints_no_traceback(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr and "never retrieved" not in done.stderr, done.stderr
     assert "reward mean       1.000" in done.stdout
+
+
+def _demo_child(tmp_path: Path, *flags: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "TMPDIR": str(tmp_path), "ATROPOS_SANDBOX_STATE_DIR": str(tmp_path / "state")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "atropos.cli", "demo", *flags, *SMALL_POOL],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stopped_demo_keeps_its_finished_rollouts_and_leaves_nothing(
+    tmp_path: Path, sig: signal.Signals, code: int
+) -> None:
+    child = _demo_child(tmp_path, "--tasks", "400", "--concurrency", "2")
+    assert child.stdout is not None
+    seen = []
+    for line in child.stdout:  # the table's rows: rollouts that finished
+        seen.append(line)
+        if line.rstrip().endswith("  ok"):
+            break
+    child.send_signal(sig)
+    out, err = child.communicate(timeout=120)
+    printed = "".join(seen) + out
+    assert child.returncode == code, err
+    assert "Traceback" not in err and "CancelledError" not in err, err
+    (run_dir,) = (tmp_path / "demo-runs").iterdir()  # the default output: a new run directory
+    assert f"rollouts go to {run_dir / 'rollouts.jsonl'}" in printed
+    kept = rollouts(run_dir / "rollouts.jsonl")
+    assert 1 <= len(kept) < 400 and all(r["status"] == "ok" for r in kept)
+    assert (
+        err.strip().splitlines()[-1]
+        == f"interrupted: {len(kept)} finished rollout(s) kept in {run_dir / 'rollouts.jsonl'}"
+    )
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("atropos-pool-")]  # the pool's work dir
+    assert not list((tmp_path / "state").glob("*.json"))  # its servers' records
+    assert wait_until_gone(str(tmp_path)) == []  # and its processes
+
+
+def test_an_existing_out_file_is_never_written_over(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "mine.jsonl"
+    out.write_text("precious\n")
+    assert cli.main(["demo", "--out", str(out)]) == 2
+    assert "exists: rollouts are never written over" in capsys.readouterr().err
+    assert out.read_text() == "precious\n"
