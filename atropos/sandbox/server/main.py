@@ -21,6 +21,7 @@ from atropos.sandbox.models import Enforcement, NetworkMode
 from atropos.sandbox.runner.pathsafe import WORKSPACE_ALIAS
 from atropos.sandbox.server.app import SandboxApp
 from atropos.sandbox.server.cgroups import SlotCgroup, SlotCgroups, remove_server_groups
+from atropos.sandbox.server.datadir import DataDirInUse, DataDirLock
 from atropos.sandbox.server.egress import Egress, find_pasta
 from atropos.sandbox.server.isolation import SandboxSpec, find_bwrap, probe, runner_command, runtime_paths, sandbox_env
 from atropos.sandbox.server.privileges import PrivilegeError, give_up_root, resolve_identity
@@ -207,7 +208,7 @@ def _check_runner_reachable() -> None:
         )
 
 
-def prepare(cfg: ServerSettings) -> tuple[ServerSettings, SandboxApp, str | None]:
+def prepare(cfg: ServerSettings) -> tuple[ServerSettings, SandboxApp, DataDirLock, str | None]:
     """Everything that must hold before the server listens: token, privileges, isolation, slots."""
     if isinstance(cfg.port, str):
         raise StartupError(f"--port {cfg.port}: a shell reference that no shell filled in (give a number)")
@@ -217,6 +218,12 @@ def prepare(cfg: ServerSettings) -> tuple[ServerSettings, SandboxApp, str | None
     except OSError as exc:
         why = "it is a file, not a directory" if isinstance(exc, FileExistsError) else exc.strerror
         raise StartupError(f"--data-dir {cfg.data_dir}: cannot use it as the data dir: {why}") from None
+    try:
+        lock = DataDirLock.claim(cfg.data_dir)
+    except DataDirInUse as exc:
+        raise StartupError(str(exc)) from None
+    except OSError as exc:
+        raise StartupError(f"--data-dir {cfg.data_dir}: cannot lock it: {exc.strerror}") from None
     token, generated = resolve_token(cfg)  # the token file may be root's alone
     cgroups = make_cgroups(cfg)
     _leave_root(cfg, cgroups)
@@ -239,7 +246,7 @@ def prepare(cfg: ServerSettings) -> tuple[ServerSettings, SandboxApp, str | None
         enforcement=enforced,
         max_body=cfg.max_body,
     )
-    return cfg, api, generated
+    return cfg, api, lock, generated
 
 
 def _use_pidfd_child_watcher() -> None:
@@ -255,7 +262,7 @@ def _use_pidfd_child_watcher() -> None:
         log.debug("pidfd child watcher unavailable: %s", exc)
 
 
-async def serve(cfg: ServerSettings, api: SandboxApp, generated: str | None = None) -> None:
+async def serve(cfg: ServerSettings, api: SandboxApp, lock: DataDirLock, generated: str | None = None) -> None:
     _use_pidfd_child_watcher()
     runner = web.AppRunner(api.build(), access_log=None, handle_signals=False)
     await runner.setup()
@@ -270,6 +277,7 @@ async def serve(cfg: ServerSettings, api: SandboxApp, generated: str | None = No
     log.info("%d slots in %s, %s", cfg.slots, cfg.data_dir, api.enforcement.describe())
     if generated:
         log.info("no token given: generated one in %s", generated)
+    lock.announce(int(port))
     print(f"{READY_PREFIX} http://{host}:{port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
