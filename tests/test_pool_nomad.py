@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from atropos.errors import BackendError
 from atropos.slots import SlotPool, SlotPoolConfig
 from tests.nomad_fixtures import (
     TESTS_BIN,
@@ -178,3 +179,18 @@ async def test_lost_server_is_replaced_by_nomad(nomad_target: NomadTarget, sig: 
         assert (await pool.execute(fresh, "bash", {"command": "echo back"})).stdout == "back\n"
         for s in slots:
             pool.release(s)
+
+
+async def test_a_pool_whose_start_fails_leaves_no_job_behind(nomad_standin: NomadStandIn) -> None:
+    """Nothing here can run a docker job, so placement fails: the pool removes what it submitted
+    (the job and its token Variable) before it raises, and says so."""
+    from tests.nomad_fixtures import client_for
+
+    config = pool_config(driver={"type": "docker", "image": "atropos-sandbox:none"}, start_timeout=30)
+    backend = nomad_backend(config, client_for(nomad_standin.address))
+    said: list[str] = []
+    with pytest.raises(BackendError):
+        await SlotPool(config, backend=backend, progress=said.append).start()
+    assert await _job_status_standin(nomad_standin, backend.job_id) is None
+    assert not [p for p in nomad_standin.cluster.variables if backend.job_id in p]
+    assert any("removing what it started" in line for line in said), said

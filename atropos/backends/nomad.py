@@ -149,10 +149,11 @@ class NomadBackend(SandboxBackend):
                     progress(
                         f"submitting nomad job {self.job_id} ({self.spec.driver.describe()}, {count} container(s))"
                     )
+                    # the job is ours from here, placed or not: close() removes it (and its token)
+                    self._spec = spec
                     endpoints = await deploy_sandbox_job(
                         self.client, spec, timeout=self.spec.start_timeout, on_progress=self._reporter(progress)
                     )
-                    self._spec = spec
                 else:
                     target = self._spec.count + count
                     progress(f"scaling nomad job {self.job_id}: {self._spec.count} -> {target} containers")

@@ -95,6 +95,7 @@ class SlotPool:
                 raise BackendError("no sandbox server started")
             await self._fleet.admit(infos)
         except BaseException as exc:
+            self.progress(f"the pool could not start ({type(exc).__name__}): removing what it started")
             await self.close()
             if isinstance(exc, asyncio.TimeoutError):
                 raise BackendError(f"servers not ready within start_timeout={self.config.start_timeout}s") from None
