@@ -42,3 +42,24 @@ def test_image_pull_of_something_that_is_no_reference() -> None:
     assert proc.stderr.strip() == (
         "atropos-sandbox image: error: 'not a ref!!' is not an image reference (e.g. docker://python:3.11)"
     )
+
+
+def test_cleanup_of_nomad_without_an_agent_is_one_line() -> None:
+    import socket
+
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = run_cli("cleanup", "--nomad", "--nomad-address", f"http://127.0.0.1:{port}")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        f"atropos-sandbox cleanup: error: no Nomad agent answers at http://127.0.0.1:{port} (--nomad-address)"
+    )
+
+
+def test_cleanup_dry_run_says_would_be_removed(tmp_path: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "atropos.cli", "cleanup", "--local", "--dry-run"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "ATROPOS_SANDBOX_STATE_DIR": str(tmp_path)},
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "local: 0 server(s) of dead pools would be removed"

@@ -84,6 +84,7 @@ def test_local_servers_die_with_their_owner_and_cleanup_removes_the_rest(state_d
     assert len(load_records()) == 2
     dry = _cleanup("--local", "--dry-run")
     assert "would remove" in dry and workdir in dry and os.path.isdir(workdir)
+    assert "2 server(s) of dead pools would be removed" in dry, dry
     out = _cleanup("--local")
     assert "2 server(s) of dead pools removed" in out, out
     assert not os.path.exists(workdir) and load_records() == []

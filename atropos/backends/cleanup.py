@@ -39,25 +39,40 @@ def cleanup_from_args(args: argparse.Namespace) -> int:
     local, nomad = args.local, args.nomad
     if not local and not nomad:
         local, nomad = True, bool(args.nomad_address or os.environ.get("NOMAD_ADDR"))
-    verb = "would remove" if args.dry_run else "removed"
+    verb, done = ("would remove", "would be removed") if args.dry_run else ("removed", "removed")
     status = 0
     if local:
         reaped = reap_dead_owners(dry_run=args.dry_run)
         for item in reaped:
             print(f"local: {verb} {item.describe()}")
-        print(f"local: {len(reaped)} server(s) of dead pools {verb}")
+        print(f"local: {len(reaped)} server(s) of dead pools {done}")
     if nomad:
-        status = asyncio.run(_cleanup_nomad(args, verb))
+        status = asyncio.run(_cleanup_nomad(args, verb, done))
     return status
 
 
-async def _cleanup_nomad(args: argparse.Namespace, verb: str) -> int:
+async def _cleanup_nomad(args: argparse.Namespace, verb: str, done: str) -> int:
     from atropos.nomad.client import NomadClient
-    from atropos.nomad.errors import NomadError
+    from atropos.nomad.errors import NomadConnectionError, NomadError
     from atropos.nomad.lifecycle import find_dead_owner_jobs, stop_sandbox_job
     from atropos.nomad.settings import NomadSettings
 
     settings = NomadSettings.from_env(address=args.nomad_address)
+    async with NomadClient(settings.model_copy(update={"attempts": 1})) as probe:
+        try:  # one look first: an agent that is not there is one line, not four rounds of retries
+            await probe.agent_health()
+        except NomadConnectionError:
+            if args.nomad_address:
+                source = "--nomad-address"
+            elif os.environ.get("NOMAD_ADDR"):
+                source = "NOMAD_ADDR"
+            else:
+                source = "the default; set NOMAD_ADDR or --nomad-address"
+            print(f"atropos-sandbox cleanup: error: no Nomad agent answers at {settings.base_url} ({source})",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        except NomadError:
+            pass  # it answers: the calls below say what is wrong
     async with NomadClient(settings) as client:
         try:
             jobs = await find_dead_owner_jobs(client, args.prefix)
@@ -69,5 +84,5 @@ async def _cleanup_nomad(args: argparse.Namespace, verb: str) -> int:
         except NomadError as exc:
             print(f"atropos-sandbox cleanup: error: nomad at {settings.base_url}: {exc}", file=sys.stderr)
             return 1
-    print(f"nomad: {len(removed)} job(s) of dead pools {verb}")
+    print(f"nomad: {len(removed)} job(s) of dead pools {done}")
     return 0

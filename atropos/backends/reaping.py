@@ -195,5 +195,8 @@ def reap_dead_owners(*, dry_run: bool = False) -> list[Reaped]:
             if not dry_run:
                 shutil.rmtree(workdir, ignore_errors=True)
     for item in reaped:
-        log.warning("event=reaped_dead_owner_server %s", item.describe())
+        if dry_run:
+            log.info("event=dead_owner_server_found %s", item.describe())
+        else:
+            log.warning("event=reaped_dead_owner_server %s", item.describe())
     return reaped
