@@ -63,3 +63,19 @@ def test_cleanup_dry_run_says_would_be_removed(tmp_path: str) -> None:
         capture_output=True, text=True, timeout=60, env={**os.environ, "ATROPOS_SANDBOX_STATE_DIR": str(tmp_path)},
     )  # fmt: skip
     assert done.returncode == 0 and done.stdout.strip() == "local: 0 server(s) of dead pools would be removed"
+
+
+@pytest.mark.parametrize(
+    ("flags", "expect"),
+    [
+        (["--slots", "-3"], "--slots: Input should be greater than or equal to 1"),
+        (["--count", "0"], "--count 0: a rendered job needs at least one container"),
+        (["--driver", "singularity", "--singularity-image", "images/x.sif"], "images/x.sif: a relative path"),
+        (["--driver", "singularity"], "needs singularity_image (--singularity-image"),
+    ],
+)
+def test_job_render_names_the_flag_that_is_wrong(flags: list[str], expect: str) -> None:
+    base = [] if "--driver" in flags else ["--driver", "process"]
+    proc = run_cli("job", "render", *base, *flags)
+    assert proc.returncode == 2 and expect in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stdout == ""

@@ -106,7 +106,8 @@ class NomadBackend(SandboxBackend):
             )
         except ImageError as exc:
             raise BackendError(str(exc)) from None
-        return driver.model_copy(update={"image": str(sif)})
+        # absolute: the nodes run it from their own working directory (a shared file system holds it)
+        return driver.model_copy(update={"image": str(sif.absolute())})
 
     async def _base_spec(self, progress: Progress) -> SandboxJobSpec:
         c = self.config

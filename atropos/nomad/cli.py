@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import shlex
 import sys
@@ -129,12 +130,44 @@ def spec_from_args(args: argparse.Namespace) -> SandboxJobSpec:
     return SandboxJobSpec(**values)
 
 
+# where a spec field comes from on this command line (the error names what the user typed)
+_FLAG_OF = {
+    "count": "--count", "slots": "--slots", "slots_per_container": "--slots", "job_id": "--job-id",
+    "task_user": "--task-user", "base_port": "--base-port", "cpu": "--cpu", "memory": "--memory",
+    "container_port": "--container-port", "image": "--image", "server_command": "--server-command",
+}  # fmt: skip
+
+
+def _problem(error: Any) -> str:
+    text = str(error["msg"]).removeprefix("Value error, ")
+    flag = next((_FLAG_OF[str(part)] for part in reversed(error["loc"]) if str(part) in _FLAG_OF), None)
+    return f"{flag}: {text}" if flag and not text.startswith(flag) else text
+
+
+def _refusal(args: argparse.Namespace) -> str | None:
+    """What the spec would accept but makes no job a person can run."""
+    if args.count < 1:
+        return f"--count {args.count}: a rendered job needs at least one container"
+    if args.sif and "://" not in args.sif and not os.path.isabs(args.sif):  # apptainer exec takes docker://...
+        return (
+            f"--singularity-image {args.sif}: a relative path, which a node cannot resolve; "
+            "give its absolute path on the nodes"
+        )
+    return None
+
+
 def render_from_args(args: argparse.Namespace) -> int:
     try:
+        refused = _refusal(args)
+        if refused is not None:
+            raise ValueError(refused)
         spec = spec_from_args(args)
     except ValidationError as exc:
-        problems = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+        problems = "; ".join(_problem(e) for e in exc.errors())
         print(f"atropos-sandbox job render: error: {problems}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"atropos-sandbox job render: error: {exc}", file=sys.stderr)
         return 2
     job = create_sandbox_job(spec)
     print(
