@@ -171,6 +171,7 @@ class SlotRunner:
                 if op["op"] == "bash_session" and self._session_lost:
                     self._session_lost = False
                     add_note(result, SESSION_RESTARTED)
+                _log_call(self.index, op, result)
                 return result
         finally:
             self.busy -= 1
@@ -216,6 +217,20 @@ class SlotRunner:
         await self.kill_runner()
         if self.cgroup is not None:
             self.cgroup.remove()
+
+
+def _log_call(slot: int, op: ToolOp, result: Outcome) -> None:
+    """One line per call: what it came to, never its input at INFO (commands and files may hold
+    secrets); the command text at DEBUG. `--log-level WARNING` turns these off."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    log.info(
+        "event=call slot=%d tool=%s ok=%s exit=%s duration_ms=%.1f truncated=%s timed_out=%s limit=%s",
+        slot, op["op"], result.get("ok"), result.get("exit_code"), result.get("duration_ms", 0.0),
+        result.get("truncated", False), result.get("timed_out", False), result.get("limit"),
+    )  # fmt: skip
+    if log.isEnabledFor(logging.DEBUG) and (op["op"] == "bash" or op["op"] == "bash_session"):
+        log.debug("event=call_command slot=%d command=%r", slot, op["command"][:200])
 
 
 def _pasta_dies_with_server() -> None:
