@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,6 +42,7 @@ def state_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.setenv("ATROPOS_SANDBOX_STATE_DIR", path)
     yield path
     reap_dead_owners()
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _kill_owner(extra: dict[str, object], tag: str) -> tuple[str, str]:
