@@ -11,6 +11,7 @@ from collections.abc import Sequence
 # subsystem (e.g. the Atropos environment without atroposlib) never breaks the others.
 _SUBCOMMANDS: tuple[str, ...] = (
     "atropos.sandbox.server",
+    "atropos.sandbox.status",
     "atropos.nomad.cli",
     "atropos.images.cli",
     "atropos.demo",

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 
 from atropos.errors import InfrastructureError, InvalidToolCall, SlotFailed, SlotLost
-from atropos.sandbox.models import ExecuteResult
+from atropos.sandbox.models import ExecuteResult, StatusResponse
 
 # the server enforces a call's timeout, then gives the slot's runner 10 s more; past this margin
 # on top of the call's own timeout the server itself is considered gone
@@ -64,6 +64,14 @@ class ServerClient:
             async with self._http.get("/health", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 r.raise_for_status()
                 return dict(await r.json())
+        except aiohttp.ClientConnectorError as exc:
+            raise ServerRefused(f"server {self.server_id} at {self.url}: {exc}") from None
+
+    async def status(self, timeout: float) -> StatusResponse:
+        """`GET /status`: what each slot runs now (needs the token)."""
+        try:
+            async with self._http.get("/status", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                return StatusResponse.model_validate(self._decode("/status", r.status, await r.read()))
         except aiohttp.ClientConnectorError as exc:
             raise ServerRefused(f"server {self.server_id} at {self.url}: {exc}") from None
 

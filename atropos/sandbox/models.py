@@ -216,6 +216,21 @@ class HealthResponse(Enforcement):
     busy: int
 
 
+class SlotActivity(BaseModel):
+    """What one slot is doing now, as its server sees it (leases are the pool's: see `SlotPool.stats`)."""
+
+    slot: int
+    state: Literal["idle", "running"]
+    tool: str | None = Field(default=None, description="The call that runs now.")
+    running_s: float | None = Field(default=None, description="Seconds the running call has run.")
+    queued: int = Field(description="Calls waiting behind it (a slot runs its calls one after another).")
+    calls: int = Field(description="Calls this slot has finished since the server started.")
+
+
+class StatusResponse(HealthResponse):
+    slot_activity: list[SlotActivity]
+
+
 class ErrorResponse(BaseModel):
     error: str
     detail: Any = None

@@ -25,6 +25,8 @@ from atropos.sandbox.models import (
     HealthResponse,
     ResetRequest,
     ResetResponse,
+    SlotActivity,
+    StatusResponse,
     typed_call,
 )
 from atropos.sandbox.runner.protocol import ToolOp
@@ -73,6 +75,7 @@ class SandboxApp:
         app.router.add_post("/execute", self.execute)
         app.router.add_post("/batch", self.batch)
         app.router.add_post("/reset", self.reset)
+        app.router.add_get("/status", self.status)
         app.router.add_get("/openapi.json", self.openapi)
         app.on_shutdown.append(self._close_slots)
         return app
@@ -140,6 +143,24 @@ class SandboxApp:
         return _json(
             HealthResponse(version=__version__, slots=len(self.slots), busy=busy, **self.enforcement.model_dump())
         )
+
+    async def status(self, _request: web.Request) -> web.Response:
+        now = time.monotonic()
+        activity = []
+        for slot in self.slots:
+            tool, since = slot.running if slot.running is not None else (None, None)
+            activity.append(SlotActivity(
+                slot=slot.index, state="running" if tool else "idle", tool=tool,
+                running_s=round(now - since, 3) if since is not None else None,
+                queued=max(slot.busy - (1 if tool else 0), 0), calls=slot.finished,
+            ))  # fmt: skip
+        busy = sum(1 for slot in self.slots if slot.busy)
+        return _json(
+            StatusResponse(
+                version=__version__, slots=len(self.slots), busy=busy, slot_activity=activity,
+                **self.enforcement.model_dump(),
+            )
+        )  # fmt: skip
 
     async def execute(self, request: web.Request) -> web.Response:
         slot, op = self._prepare(await self._body(request, ExecuteRequest))

@@ -65,6 +65,8 @@ def openapi_document() -> dict[str, Any]:
         m.ResetRequest,
         m.ResetResponse,
         m.HealthResponse,
+        m.StatusResponse,
+        m.SlotActivity,
         m.ErrorResponse,
         m.BashArgs,
         m.SessionArgs,
@@ -86,6 +88,7 @@ def openapi_document() -> dict[str, Any]:
             "/health": {
                 "get": _op("Liveness, slot count, busy slots, isolation in force", None, m.HealthResponse, auth=False)
             },
+            "/status": {"get": _op("What each slot runs now, and what the server enforces", None, m.StatusResponse)},
             "/execute": {"post": _op("Run one tool call in a slot", m.ExecuteRequest, m.ExecuteResult)},
             "/batch": {
                 "post": _op(

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -72,6 +73,8 @@ class SlotRunner:
         self.order = asyncio.Lock()  # a slot's calls run one after another, in arrival order
         self.generation = 0
         self.busy = 0
+        self.running: tuple[str, float] | None = None  # (tool, monotonic start) of the call that runs now
+        self.finished = 0
         self._session_lost = False  # the runner died on its own: the next session call says so
 
     async def _ensure_runner(self) -> asyncio.subprocess.Process:
@@ -163,7 +166,12 @@ class SlotRunner:
         try:
             async with self.order:
                 generation = self.generation
-                result: Outcome = await self.call(op)
+                self.running = (op["op"], time.monotonic())
+                try:
+                    result: Outcome = await self.call(op)
+                finally:
+                    self.running = None
+                    self.finished += 1
                 if generation != self.generation:
                     raise SlotReset(f"slot {self.index} was reset while the call ran")
                 if self.cgroup is not None and self.cgroup.dirs:
