@@ -290,6 +290,7 @@ class _Plan:
                         pool, self.tasks, model_for, self.settings, self.args.concurrency, on_rollout=finished
                     )
                     wall = time.monotonic() - started
+                    enforced = pool.enforcement()
                     sandbox_calls = sum(call.count for call in pool.stats().calls.values())
             except Exception as exc:  # the pool could not start, or broke beyond single trajectories
                 what = "failed" if ready else "could not start"
@@ -300,6 +301,7 @@ class _Plan:
                     await client.aclose()
             summary = summarize(rollouts, wall)
             print("\n" + "\n".join(summary_lines(summary)))
+            print(f"sandbox           {enforcement_line(enforced).removeprefix('in force: ')}")
             rate = sandbox_calls / wall
             print(f"sandbox calls     {sandbox_calls} (tool calls + task setup + hidden checks), {rate:.1f}/s")
             print(f"rollouts          {out}")

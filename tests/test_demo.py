@@ -43,6 +43,7 @@ def test_reference_policy_runs_end_to_end(tmp_path: Path, capsys: pytest.Capture
         "trajectories      8 (8 scored, 8 solved)",
         "reward mean       1.000",
         "infra failures    0",
+        "sandbox           isolation ",  # what was in force, in the summary too
         "tool calls/s      ",
         "wall time         ",
         f"rollouts          {out}",
