@@ -499,3 +499,29 @@ def test_bootstrap_hands_any_token_to_swerex_server(token: str) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [f"TOKEN={token}", "PORT=4321"]
+
+
+async def test_the_callers_terminal_does_not_reach_the_agents_shells(
+    apptainer_env: ApptainerEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # started from a login node's terminal: apptainer would pass TERM through --containall
+    monkeypatch.setenv("TERM", "xterm-256color")
+    async with deployed(ApptainerDeploymentConfig(image=str(apptainer_env.image))) as deployment:
+        runtime = deployment.runtime
+        await runtime.create_session(CreateBashSessionRequest(session="term"))
+        seen = await runtime.run_in_session(BashAction(session="term", command="echo term=${TERM:-unset}"))
+    # what SWE-ReX's Docker deployment gives: its own default, never the caller's terminal
+    assert seen.output.strip() in ("term=unset", "term=dumb"), repr(seen.output)
+
+
+async def test_start_failures_are_swerex_startup_errors(
+    apptainer_env: ApptainerEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = ApptainerDeploymentConfig(image=str(apptainer_env.tmp / "nowhere.sif"))
+    uncached = ApptainerDeploymentConfig(image=REFERENCE, pull="never", **PULLED_IMAGE_ARGS)
+    for config in (missing, uncached):
+        with pytest.raises(DeploymentStartupError):
+            await config.get_deployment().start()
+    monkeypatch.setenv("PATH", str(apptainer_env.tmp / "empty"))
+    with pytest.raises(DeploymentStartupError, match="neither apptainer nor singularity"):
+        await missing.get_deployment().start()

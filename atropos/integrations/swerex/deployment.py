@@ -47,9 +47,10 @@ from atropos.images.cache import (
     pull_image,
     resolve_singularity_image,
 )
+from atropos.images.errors import ImageError
 from atropos.images.references import normalize_reference
 from atropos.images.runtime import ApptainerRuntime, find_runtime
-from atropos.integrations.swerex.errors import ApptainerDeploymentError, StartupTimeoutError
+from atropos.integrations.swerex.errors import ApptainerDeploymentError, StartupTimeoutError, as_startup_error
 from atropos.integrations.swerex.image import names_a_pull, platform_cache_dir, platform_pull_args, standalone_prefix
 from atropos.integrations.swerex.server_process import (
     BOOTSTRAP,
@@ -64,6 +65,7 @@ from atropos.integrations.swerex.server_process import (
 
 __all__ = ["ApptainerDeployment", "ApptainerDeploymentConfig"]
 
+_CALLER_TERMINAL = ("TERM", "COLUMNS", "LINES", "TERMCAP")
 _PROBE_TIMEOUT = 2.0  # per /is_alive attempt while starting; a loaded node may answer slowly
 _RUNTIME_TIMEOUT = 10.0  # RemoteRuntime's default for later is_alive() calls
 _POLL_SECONDS = 0.2
@@ -172,13 +174,19 @@ class ApptainerDeployment(AbstractDeployment):
         """Resolve the image, start the server and wait until it answers."""
         if self._process is not None:
             raise RuntimeError("this deployment is already started; stop() it first")
-        runtime = await asyncio.to_thread(find_runtime)
+        try:
+            runtime = await asyncio.to_thread(find_runtime)
+        except ImageError as exc:
+            raise as_startup_error(exc) from None
         started = time.monotonic()
         try:
             await self._launch(runtime)
             await self._wait_until_alive(self._config.startup_timeout)
-        except BaseException:
+        except ImageError as exc:
             await self.stop()  # nothing half-started stays behind (process, scratch dir, pulled SIF)
+            raise as_startup_error(exc) from None
+        except BaseException:
+            await self.stop()
             raise
         self.logger.info(f"Runtime started in {time.monotonic() - started:.2f}s")
 
@@ -191,7 +199,11 @@ class ApptainerDeployment(AbstractDeployment):
         token = secrets.token_urlsafe(32)
         self._scratch = Path(tempfile.mkdtemp(prefix="swerex-apptainer-"))
         argv = self._exec_argv(runtime, sif, self._port, self._scratch)
-        env = {**os.environ, **apptainer_secret_env(runtime.binary, {TOKEN_VAR: token})}
+        # apptainer passes the caller's TERM into the container even under --containall: a login
+        # shell's xterm-256color makes SWE-ReX's sessions answer with terminal escapes ('\r\nhi\n\r\n');
+        # SWE-ReX's Docker deployment has none, so neither has this one
+        env = {k: v for k, v in os.environ.items() if k not in _CALLER_TERMINAL}
+        env.update(apptainer_secret_env(runtime.binary, {TOKEN_VAR: token}))
         self._hooks.on_custom_step("Starting runtime")
         self.logger.info(f"Starting SWE-ReX in {sif} with {runtime.describe()} on port {self._port}")
         self._process = spawn(argv, env, self._scratch / "server.log")
