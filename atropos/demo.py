@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from atropos.envs.agent_loop import AgentSettings, Rollout
 from atropos.envs.batch import ModelFactory, run_batch, summarize
-from atropos.envs.chat import ChatModel
+from atropos.envs.chat import ChatModel, ModelError
 from atropos.envs.openai_client import OpenAIChatModel
 from atropos.envs.reference_policy import ReferencePolicy
 from atropos.envs.report import summary_lines, table_header, table_row
@@ -267,6 +267,13 @@ class _Plan:
             flush=True,
         )
         print(f"rollouts go to {out}", flush=True)
+        if client is not None:
+            try:
+                await client.check()
+            except ModelError as exc:
+                await client.aclose()
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
         with contextlib.ExitStack() as files:
 
             def finished(rollout: Rollout) -> None:

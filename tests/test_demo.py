@@ -205,3 +205,18 @@ def test_an_existing_out_file_is_never_written_over(tmp_path: Path, capsys: pyte
     assert cli.main(["demo", "--out", str(out)]) == 2
     assert "exists: rollouts are never written over" in capsys.readouterr().err
     assert out.read_text() == "precious\n"
+
+
+def test_a_model_server_that_is_not_there_is_said_before_any_slot_is_leased(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code = cli.main(["demo", "--openai-base-url", f"http://127.0.0.1:{port}/v1", "--model", "m",
+                     "--out", str(tmp_path / "r.jsonl"), *SMALL_POOL])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 1 and f"the model server http://127.0.0.1:{port}/v1 does not answer" in captured.err
+    assert "pool ready" not in captured.out  # checked before the pool started, not after 30 s of silence

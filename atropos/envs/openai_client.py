@@ -33,12 +33,24 @@ class OpenAIChatModel:
         max_tokens: int = 1024,
         timeout: float = 300.0,
     ) -> None:
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + "/chat/completions"
         self.model = model
         self.temperature = temperature
         self.max_tokens = max_tokens
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(headers=headers, timeout=timeout)
+
+    async def check(self, timeout: float = 5.0) -> None:
+        """The server answers at all (any HTTP status of `GET /models` will do): checked before
+        trajectories lease slots, so a server that is not there costs seconds, not every slot."""
+        try:
+            await self._client.get(self.base_url + "/models", timeout=timeout)
+        except httpx.HTTPError as exc:
+            raise ModelError(
+                f"the model server {self.base_url} does not answer ({type(exc).__name__}: {exc or 'no answer'} "
+                f"within {timeout:.0f} s); check --openai-base-url and that the server runs"
+            ) from None
 
     async def aclose(self) -> None:
         await self._client.aclose()
