@@ -248,3 +248,36 @@ async def test_a_group_whose_model_failed_raises(tokenizer_dir: str) -> None:
     env = env_with_outcomes(tokenizer_dir, ("ok", 1.0), ("error", None))
     with pytest.raises(RuntimeError, match="1 of 2 rollouts of task fizzbuzz failed; first: error happened"):
         await env.collect_trajectories(load_tasks(None, ["fizzbuzz"])[0])
+
+
+async def test_per_rollout_facts_reach_the_metrics_and_the_log(
+    tokenizer_dir: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from atroposlib.envs.base import BaseEnv
+
+    env = make_env(tokenizer_dir, group_size=2)
+    facts = [
+        {"turns": 3, "tool_calls": 2, "malformed_calls": 1, "finished": "answer", "sandbox_time_s": 0.5},
+        {"turns": 8, "tool_calls": 7, "malformed_calls": 0, "finished": "max_turns", "sandbox_time_s": 1.5},
+    ]
+
+    async def fake_rollouts(tasks: list[Any], split: str, temperature: float, concurrency: int) -> list[Rollout]:
+        return [Rollout(task_id=t.id, trajectory_id=f"t{i}", status="ok", reward=1.0, **f)
+                for i, (t, f) in enumerate(zip(tasks, facts, strict=True))]  # fmt: skip
+
+    env.rollouts = fake_rollouts  # type: ignore[method-assign]
+    env.scored_group = lambda rollouts: {"scores": [1.0] * len(rollouts)}  # type: ignore[method-assign,assignment,return-value]
+    logged: dict[str, Any] = {}
+
+    async def capture(self: Any, wandb_metrics: dict[str, Any] | None = None) -> None:
+        logged.update(wandb_metrics or {})
+
+    monkeypatch.setattr(BaseEnv, "wandb_log", capture)
+    with caplog.at_level("INFO", logger="atropos.envs"):
+        await env.collect_trajectories(load_tasks(None, ["fizzbuzz"])[0])
+    await env.wandb_log({})
+    assert logged["train/turns_mean"] == 5.5 and logged["train/tool_calls_mean"] == 4.5
+    assert logged["train/malformed_calls_mean"] == 0.5 and logged["train/finished_with_answer"] == 0.5
+    assert logged["train/sandbox_time_s_mean"] == 1.0 and logged["train/infra_failure_fraction"] == 0.0
+    assert any("event=group task=fizzbuzz rollouts=2 turns=11 tool_calls=9 malformed_calls=1" in r.message
+               for r in caplog.records), caplog.text  # fmt: skip

@@ -119,6 +119,54 @@ class ServerChatModel:
         return reply_from_completion(completion.model_dump())
 
 
+class RolloutFacts:
+    """What the trainer's metrics and the logs say of a run's rollouts besides their rewards."""
+
+    def __init__(self) -> None:
+        self.rollouts = 0
+        self.turns = self.tool_calls = self.malformed_calls = 0
+        self.answered = self.infra_failures = self.errors = 0
+        self.sandbox_time_s = 0.0
+
+    @classmethod
+    def of(cls, rollouts: list[Rollout]) -> RolloutFacts:
+        facts = cls()
+        facts.add(rollouts)
+        return facts
+
+    def add(self, rollouts: list[Rollout]) -> None:
+        for r in rollouts:
+            self.rollouts += 1
+            self.turns += r.turns
+            self.tool_calls += r.tool_calls
+            self.malformed_calls += r.malformed_calls
+            self.answered += r.finished == "answer"
+            self.infra_failures += r.status == "infra_error"
+            self.errors += r.status == "error"
+            self.sandbox_time_s += r.sandbox_time_s
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        if not self.rollouts:
+            return {}
+        n = self.rollouts
+        return {
+            f"{prefix}turns_mean": self.turns / n,
+            f"{prefix}tool_calls_mean": self.tool_calls / n,
+            f"{prefix}malformed_calls_mean": self.malformed_calls / n,
+            f"{prefix}finished_with_answer": self.answered / n,
+            f"{prefix}infra_failure_fraction": self.infra_failures / n,
+            f"{prefix}error_fraction": self.errors / n,
+            f"{prefix}sandbox_time_s_mean": self.sandbox_time_s / n,
+        }
+
+    def describe(self) -> str:
+        return (
+            f"rollouts={self.rollouts} turns={self.turns} tool_calls={self.tool_calls} "
+            f"malformed_calls={self.malformed_calls} answered={self.answered} infra_failures={self.infra_failures} "
+            f"errors={self.errors} sandbox_s={self.sandbox_time_s:.2f}"
+        )
+
+
 class AgentEnv(BaseEnv):  # type: ignore[misc]
     name = "atropos_sandbox_agent"
     env_config_cls = AgentEnvConfig
@@ -130,6 +178,7 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]
         self.tasks: list[Task] = []
         self._cursor = 0
         self._rewards: list[float] = []
+        self._facts = RolloutFacts()
         self._infra_failures = 0
         self._infra_groups_in_a_row = 0
         self._eval_metrics: dict[str, float] = {}
@@ -198,6 +247,8 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]
     async def collect_trajectories(self, item: Task) -> tuple[ScoredDataGroup | None, list[Task]]:
         size = self.config.group_size
         rollouts = await self.rollouts([item] * size, "train", self.config.temperature, size)
+        self._facts.add(rollouts)
+        logger.info("event=group task=%s %s", item.id, RolloutFacts.of(rollouts).describe())
         failed = [r for r in rollouts if r.status == "error"]
         if failed:
             raise RuntimeError(f"{len(failed)} of {size} rollouts of task {item.id} failed; first: {failed[0].error}")
@@ -252,6 +303,8 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]
             metrics["train/reward_mean"] = sum(self._rewards) / len(self._rewards)
             self._rewards = []
         metrics["train/infra_failures_total"] = self._infra_failures
+        metrics.update(self._facts.metrics("train/"))
+        self._facts = RolloutFacts()
         metrics.update(self._eval_metrics)
         self._eval_metrics = {}
         await super().wandb_log(metrics)

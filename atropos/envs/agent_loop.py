@@ -55,6 +55,7 @@ class Rollout(BaseModel):
     malformed_calls: int = Field(default=0, description="calls answered with an error instead of running")
     finished: Literal["answer", "max_turns"] | None = None
     wall_time_s: float = 0.0
+    sandbox_time_s: float = Field(default=0.0, description="time spent waiting for the model's tool calls to run")
     error: str | None = None
     messages: list[Message] = Field(default_factory=list)
 
@@ -107,7 +108,9 @@ async def _agent_turns(pool: SlotPool, slot: Slot, model: ChatModel, settings: A
             rollout.finished = "answer"
             return
         for call in calls:
+            began = time.monotonic()
             content = await _answer(pool, slot, call, settings)
+            rollout.sandbox_time_s = round(rollout.sandbox_time_s + time.monotonic() - began, 4)
             if isinstance(call, ToolCall):
                 rollout.tool_calls += 1
             else:
