@@ -220,5 +220,5 @@ def test_concurrent_execute_on_different_slots_overlap(server: RunningServer) ->
 def test_openapi_document(server: RunningServer) -> None:
     with server.client() as c:
         doc = c.get("/openapi.json").json()
-    assert set(doc["paths"]) == {"/health", "/execute", "/batch", "/reset"}
+    assert set(doc["paths"]) == {"/health", "/status", "/execute", "/batch", "/reset"}
     assert "ExecuteResult" in doc["components"]["schemas"]
