@@ -14,6 +14,7 @@ import pytest
 
 from atropos.envs.agent_loop import Rollout
 from atropos.envs.task_set import load_tasks
+from atropos.errors import InfrastructureError
 from tests.env_fixtures import build_tokenizer, failing_script, solving_script
 from tests.fake_openai import FakeOpenAI
 from tests.nomad_fixtures import agent_env as standin_env
@@ -281,3 +282,36 @@ async def test_per_rollout_facts_reach_the_metrics_and_the_log(
     assert logged["train/sandbox_time_s_mean"] == 1.0 and logged["train/infra_failure_fraction"] == 0.0
     assert any("event=group task=fizzbuzz rollouts=2 turns=11 tool_calls=9 malformed_calls=1" in r.message
                for r in caplog.records), caplog.text  # fmt: skip
+
+
+async def test_serve_stops_on_a_dead_sandbox_backend_and_requeues_the_item(
+    tokenizer_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from atroposlib.envs.base import BaseEnv
+
+    env = env_with_outcomes(tokenizer_dir, ("infra_error", None), ("infra_error", None))
+    task = load_tasks(None, ["fizzbuzz"])[0]
+    attempts = []
+    groups = []
+    run_group = env.rollouts
+
+    async def counted(*args: Any) -> list[Rollout]:
+        groups.append(1)
+        return await run_group(*args)
+
+    env.rollouts = counted  # type: ignore[method-assign]
+
+    async def atroposlib_loop(self: Any) -> None:
+        # what atroposlib's serve loop does with a group: any error is logged and the next one starts
+        while True:
+            attempts.append(1)
+            try:
+                await self.collect_trajectories(task)
+            except Exception:
+                pass
+            await asyncio.sleep(0)
+
+    monkeypatch.setattr(BaseEnv, "env_manager", atroposlib_loop)
+    with pytest.raises(InfrastructureError, match="groups in a row lost to sandbox failures"):
+        await asyncio.wait_for(env.env_manager(), 30)
+    assert len(groups) == 5 and len(attempts) >= 5 and env.backlog[-1] is task  # no group after the 5th

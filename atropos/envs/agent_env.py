@@ -11,6 +11,7 @@ runs every task once. This is the one module of the package that needs atroposli
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
@@ -182,6 +183,9 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]
         self._infra_failures = 0
         self._infra_groups_in_a_row = 0
         self._eval_metrics: dict[str, float] = {}
+        # the sandbox backend is gone (too many groups in a row lost): serve stops on it, as process does
+        self._sandbox_down: InfrastructureError | None = None
+        self._sandbox_down_event: asyncio.Event | None = None
 
     @classmethod
     def config_init(cls) -> tuple[AgentEnvConfig, list[APIServerConfig]]:
@@ -223,7 +227,24 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]
         await self._closing_pool(super().process_manager())
 
     async def env_manager(self) -> None:
-        await self._closing_pool(super().env_manager())
+        """`serve`: atroposlib's loop catches every error of a group, so a dead sandbox backend would
+        fail group after group forever; the loop is stopped here once the guard trips, with the same
+        one line and exit status as `process`."""
+        self._sandbox_down_event = asyncio.Event()
+        manager = asyncio.ensure_future(super().env_manager())
+        tripped = asyncio.ensure_future(self._sandbox_down_event.wait())
+        try:
+            await asyncio.wait({manager, tripped}, return_when=asyncio.FIRST_COMPLETED)
+            if manager.done():
+                manager.result()
+                return
+            manager.cancel()
+            await asyncio.gather(manager, return_exceptions=True)
+            assert self._sandbox_down is not None
+            raise self._sandbox_down
+        finally:
+            tripped.cancel()
+            await self.close_pool()
 
     async def _run_evaluate(self) -> None:
         await self._closing_pool(super()._run_evaluate())
@@ -245,6 +266,9 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]
         return await run_batch(self.pool, tasks, lambda _task: model, self.config.agent_settings(), concurrency)
 
     async def collect_trajectories(self, item: Task) -> tuple[ScoredDataGroup | None, list[Task]]:
+        if self._sandbox_down is not None:  # stopping: no more groups on a dead backend
+            self.backlog.append(item)
+            raise self._sandbox_down
         size = self.config.group_size
         rollouts = await self.rollouts([item] * size, "train", self.config.temperature, size)
         self._facts.add(rollouts)
@@ -261,9 +285,13 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]
                 "event=group_dropped task=%s infra_failures=%d first_error=%s", item.id, len(lost), lost[0].error
             )
             if self._infra_groups_in_a_row >= _MAX_INFRA_GROUPS:
-                raise InfrastructureError(
+                self.backlog.append(item)  # requeued: whoever runs again gets it
+                self._sandbox_down = InfrastructureError(
                     f"{_MAX_INFRA_GROUPS} groups in a row lost to sandbox failures; last: {lost[0].error}"
                 )
+                if self._sandbox_down_event is not None:
+                    self._sandbox_down_event.set()
+                raise self._sandbox_down
             return None, [item]
         self._infra_groups_in_a_row = 0
         self._rewards.extend(r.reward for r in rollouts if r.reward is not None)
