@@ -315,3 +315,25 @@ async def test_serve_stops_on_a_dead_sandbox_backend_and_requeues_the_item(
     with pytest.raises(InfrastructureError, match="groups in a row lost to sandbox failures"):
         await asyncio.wait_for(env.env_manager(), 30)
     assert len(groups) == 5 and len(attempts) >= 5 and env.backlog[-1] is task  # no group after the 5th
+
+
+async def test_a_model_server_that_does_not_answer_is_said_before_any_slot_is_leased(tokenizer_dir: str) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code, _, err = await run_env(
+        "process",
+        f"--openai.base_url=http://127.0.0.1:{port}/v1",
+        "--openai.model_name=m",
+        "--openai.api_key=x",
+        f"--env.tokenizer_name={tokenizer_dir}",
+        "--env.use_wandb=false",
+        "--env.total_steps=1",
+        "--env.model_wait=2",
+        *POOL,
+    )
+    assert code == 1, err
+    assert f"error: no model server answers (http://127.0.0.1:{port}/v1: ConnectError" in err, err
+    assert "waiting for a model server" in err and "pool ready" not in err

@@ -25,7 +25,8 @@ from pydantic_cli.argparse import FailedExecutionException
 
 from atropos.envs.agent_loop import AgentSettings, Rollout, request_tools
 from atropos.envs.batch import run_batch, summarize
-from atropos.envs.chat import AssistantReply, Message, reply_from_completion
+from atropos.envs.chat import AssistantReply, Message, ModelError, reply_from_completion
+from atropos.envs.openai_client import model_server_silence
 from atropos.envs.task_set import Task, TaskError, load_tasks, split_ids
 from atropos.envs.tokens import tokens_and_masks
 from atropos.envs.tool_calls import validation_summary
@@ -68,6 +69,9 @@ class AgentEnvConfig(BaseEnvConfig):  # type: ignore[misc]
     max_tokens_per_turn: int = Field(default=1024, ge=1, description="max_tokens of each model turn")
     temperature: float = Field(default=1.0, ge=0, description="Sampling temperature of training rollouts")
     max_tool_output: int = Field(default=4000, ge=100, description="Characters of a tool result shown to the model")
+    model_wait: float = Field(
+        default=120.0, ge=0, description="Seconds to wait at start for a model server to answer before failing"
+    )
 
     @model_validator(mode="after")
     def _pool_config_fits(self) -> AgentEnvConfig:
@@ -206,10 +210,33 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]
 
     async def setup(self) -> None:
         self.tasks = load_tasks(self.config.task_file, split_ids(self.config.task_ids))
+        await self._wait_for_model_servers()
         pool = SlotPool(self.config.pool_config(), progress=_progress)
         await pool.start()
         self.pool = pool
         logger.info("event=env_ready tasks=%d", len(self.tasks))
+
+    async def _wait_for_model_servers(self) -> None:
+        """Before any slot is leased: some model server answers, or the run stops with one line
+        naming them (after `model_wait` seconds, saying every few seconds that it waits)."""
+        urls = sorted({str(s.config.base_url) for s in getattr(self.server, "servers", [])
+                       if getattr(getattr(s, "config", None), "base_url", None)})  # fmt: skip
+        if not urls:
+            return  # atroposlib's test harness: no server to ask
+        deadline = time.monotonic() + self.config.model_wait
+        while True:
+            silent = {url: why for url in urls if (why := await model_server_silence(url)) is not None}
+            if len(silent) < len(urls):
+                for url, why in silent.items():
+                    logger.warning("event=model_server_silent url=%s reason=%s", url, why)
+                return
+            if time.monotonic() >= deadline:
+                raise ModelError(
+                    f"no model server answers ({'; '.join(f'{u}: {w}' for u, w in silent.items())}) after "
+                    f"{self.config.model_wait:.0f} s; start it, or check the server's base_url (--openai.base_url)"
+                )
+            _progress(f"waiting for a model server ({', '.join(urls)}) before leasing any slot")
+            await asyncio.sleep(min(5.0, max(deadline - time.monotonic(), 0.1)))
 
     async def close_pool(self) -> None:
         if self.pool is not None:
@@ -370,6 +397,8 @@ def cli_error(exc: BaseException) -> int:
         message, code = str(exc), 2
     elif isinstance(exc, InfrastructureError):
         message, code = f"the sandbox pool failed: {exc}", 1
+    elif isinstance(exc, ModelError):
+        message, code = str(exc), 1
     else:
         raise exc
     print(f"error: {message}", file=sys.stderr)

@@ -22,6 +22,16 @@ def _transient(exc: BaseException) -> bool:
     )
 
 
+async def model_server_silence(base_url: str, timeout: float = 5.0) -> str | None:
+    """None when the server at `base_url` answers `GET /models` with any HTTP status, else why not."""
+    try:
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            await client.get(base_url.rstrip("/") + "/models")
+    except httpx.HTTPError as exc:
+        return f"{type(exc).__name__}: {exc or 'no answer'} within {timeout:.0f} s"
+    return None
+
+
 class OpenAIChatModel:
     def __init__(
         self,
@@ -44,13 +54,12 @@ class OpenAIChatModel:
     async def check(self, timeout: float = 5.0) -> None:
         """The server answers at all (any HTTP status of `GET /models` will do): checked before
         trajectories lease slots, so a server that is not there costs seconds, not every slot."""
-        try:
-            await self._client.get(self.base_url + "/models", timeout=timeout)
-        except httpx.HTTPError as exc:
+        why = await model_server_silence(self.base_url, timeout)
+        if why is not None:
             raise ModelError(
-                f"the model server {self.base_url} does not answer ({type(exc).__name__}: {exc or 'no answer'} "
-                f"within {timeout:.0f} s); check --openai-base-url and that the server runs"
-            ) from None
+                f"the model server {self.base_url} does not answer ({why}); check --openai-base-url and that "
+                "the server runs"
+            )
 
     async def aclose(self) -> None:
         await self._client.aclose()
