@@ -9,7 +9,7 @@ import pytest
 from tests.server_process import RunningServer, run_server
 
 # the fixtures shared by several test modules, loaded once here (the only way fixtures are loaded)
-pytest_plugins = ["tests.nomad_fixtures", "tests.images_fixtures", "tests.swerex_fixtures"]
+pytest_plugins = ["tests.nomad_fixtures", "tests.images_fixtures", "tests.swerex_fixtures", "tests.env_fixtures"]
 
 
 @pytest.fixture(scope="module", params=["bwrap", "none"])

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.fake_openai import Turn, hermes, openai_call, raw, say
 
 CHAT_TEMPLATE = (
@@ -78,3 +80,12 @@ def solving_script() -> list[Turn]:
 def failing_script() -> list[Turn]:
     """Writes a wrong `fizzbuzz` and stops."""
     return [hermes("write_file", path="fizzbuzz.py", content=WRONG_FIZZBUZZ), say("Done.")]
+
+
+OFFLINE_VARS = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TRANSFORMERS_VERBOSITY": "error"}
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small tokenizer with a chat template, built offline (no hub)."""
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))

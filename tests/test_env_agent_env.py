@@ -15,7 +15,7 @@ import pytest
 from atropos.envs.agent_loop import Rollout
 from atropos.envs.task_set import load_tasks
 from atropos.errors import InfrastructureError
-from tests.env_fixtures import build_tokenizer, failing_script, solving_script
+from tests.env_fixtures import OFFLINE_VARS, failing_script, solving_script
 from tests.fake_openai import FakeOpenAI
 from tests.nomad_fixtures import agent_env as standin_env
 from tests.nomad_fixtures import task_user, write_standin_image
@@ -24,13 +24,7 @@ pytest.importorskip("atroposlib", reason="atroposlib comes with the `atropos` ex
 
 from atropos.envs.agent_env import AgentEnv, AgentEnvConfig
 
-OFFLINE_VARS = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TRANSFORMERS_VERBOSITY": "error"}
 POOL = ["--env.slots_per_container=2", "--env.max_containers=1"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 async def run_env(*args: str) -> tuple[int, str, str]:

@@ -374,11 +374,15 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]
             "process": cls.get_cli_process_config_cls(),
             "evaluate": cls.get_cli_evaluate_config_cls(),
         }
-        run_and_exit(
-            subcommands,
-            description=f"CLI for {cls.__name__}: agent rollouts in sandbox slots",
-            exception_handler=cli_error,
-        )
+        try:
+            run_and_exit(
+                subcommands,
+                description=f"CLI for {cls.__name__}: agent rollouts in sandbox slots",
+                exception_handler=cli_error,
+            )
+        except KeyboardInterrupt:  # Ctrl-C: the pool closed on the way out (see env_manager); no traceback
+            print("interrupted: the sandbox pool is closed", file=sys.stderr)
+            sys.exit(130)
 
 
 def _progress(message: str) -> None:
