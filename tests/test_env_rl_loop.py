@@ -96,7 +96,7 @@ async def test_serve_feeds_a_trainer_and_a_killed_sandbox_costs_no_false_zero(
                     "--env.batch_size=4", "--env.total_steps=100", "--env.use_wandb=false",
                     "--env.include_messages=true", "--env.max_num_workers=2", *POOL,
                     env=env, stdout=asyncio.subprocess.DEVNULL, stderr=serve_log,
-                    start_new_session=True,
+                    start_new_session=True, cwd=tmp_path,  # atroposlib writes data/ where it runs
                 )  # fmt: skip
 
                 async def a_batch() -> list[dict[str, Any]] | None:
