@@ -190,6 +190,7 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]
         # the sandbox backend is gone (too many groups in a row lost): serve stops on it, as process does
         self._sandbox_down: InfrastructureError | None = None
         self._sandbox_down_event: asyncio.Event | None = None
+        self._shutting_down = False
 
     @classmethod
     def config_init(cls) -> tuple[AgentEnvConfig, list[APIServerConfig]]:
@@ -239,6 +240,7 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]
             await asyncio.sleep(min(5.0, max(deadline - time.monotonic(), 0.1)))
 
     async def close_pool(self) -> None:
+        self._shutting_down = True
         if self.pool is not None:
             pool, self.pool = self.pool, None
             await pool.close()
@@ -293,6 +295,8 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]
         return await run_batch(self.pool, tasks, lambda _task: model, self.config.agent_settings(), concurrency)
 
     async def collect_trajectories(self, item: Task) -> tuple[ScoredDataGroup | None, list[Task]]:
+        if self._shutting_down:  # atroposlib's workers outlive the pool on the way out: requeue, quietly
+            return None, [item]
         if self._sandbox_down is not None:  # stopping: no more groups on a dead backend
             self.backlog.append(item)
             raise self._sandbox_down
