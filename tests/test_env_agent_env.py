@@ -27,6 +27,12 @@ from atropos.envs.agent_env import AgentEnv, AgentEnvConfig
 POOL = ["--env.slots_per_container=2", "--env.max_containers=1"]
 
 
+@pytest.fixture(autouse=True)
+def _in_a_scratch_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """atroposlib makes data/<env>.jsonl where an environment is built: never in the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 async def run_env(*args: str) -> tuple[int, str, str]:
     """`python -m atropos.envs.agent_env ...` as a child, without blocking the loop of the test's servers.
     The apptainer stand-in (tests/bin) is on its PATH for `--env.driver=singularity`."""
@@ -138,6 +144,8 @@ async def test_process_writes_groups_whose_rewards_tell_solving_from_failing(
     assert any(content.startswith("error: the tool call is not valid JSON") for content in answered)
     assert "[atropos-sandbox] pool ready" in err and "[atropos-sandbox] pool closed" in err
     assert f"starting 1 {driver} server(s)" in err
+    # an OpenAI-compatible server says no sampled ids: the chat template's tokens, and the log says so
+    assert group.get("inference_logprobs") is None
 
 
 async def test_evaluate_runs_each_task_once(tokenizer_dir: str, tmp_path: Path) -> None:
@@ -331,3 +339,42 @@ async def test_a_model_server_that_does_not_answer_is_said_before_any_slot_is_le
     assert code == 1, err
     assert f"error: no model server answers (http://127.0.0.1:{port}/v1: ConnectError" in err, err
     assert "waiting for a model server" in err and "pool ready" not in err
+
+
+async def test_training_tokens_are_the_ids_and_logprobs_the_server_sampled(
+    tokenizer_dir: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from atroposlib.envs.base import APIServerConfig
+    from transformers import AutoTokenizer
+
+    from tests.env_fixtures import FIZZBUZZ
+    from tests.fake_openai import hermes
+    from tests.fake_vllm import FakeVLLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    turns = [str(hermes("write_file", path="fizzbuzz.py", content=FIZZBUZZ)["content"]), "Done."]
+    async with FakeVLLM(tokenizer, turns) as vllm:
+        env_config, _ = AgentEnv.config_init()
+        config = env_config.model_copy(update={
+            "tokenizer_name": tokenizer_dir, "use_wandb": False, "group_size": 2, "include_messages": True,
+            "tool_call_format": "hermes", "task_ids": "fizzbuzz", "slots_per_container": 2, "max_containers": 1,
+        })  # fmt: skip
+        server = APIServerConfig(server_type="vllm", base_url=vllm.base_url, model_name="m", api_key="x",
+                                 tokenizer_name=tokenizer_dir)  # fmt: skip
+        env = AgentEnv(config, [server])
+        with caplog.at_level("INFO", logger="atropos.envs"):
+            await env.setup()
+            try:
+                group, backlog = await env.collect_trajectories(env.tasks[0])
+            finally:
+                await env.close_pool()
+    assert group is not None and backlog == [] and group["scores"] == [1.0, 1.0]
+    assert "event=tokens source=server" in caplog.text
+    trained = []
+    for tokens, masks, logprobs in zip(group["tokens"], group["masks"], group["inference_logprobs"], strict=True):
+        assert len(tokens) == len(masks) == len(logprobs) and masks[0] == -100
+        trained += [(t, lp) for t, m, lp in zip(tokens, masks, logprobs, strict=True) if m != -100]
+        assert all(m in (-100, t) for t, m in zip(tokens, masks, strict=True))
+    assert len(vllm.sampled) == 4 and len(trained) == sum(len(ids) for ids, _ in vllm.sampled)  # 2 x 2 turns
+    # exactly what the server sampled (ids and logprobs), nothing re-tokenized, nothing else trained
+    assert sorted(trained) == sorted((t, lp) for ids, lps in vllm.sampled for t, lp in zip(ids, lps, strict=True))

@@ -25,8 +25,9 @@ from pydantic_cli.argparse import FailedExecutionException
 
 from atropos.envs.agent_loop import AgentSettings, Rollout, request_tools
 from atropos.envs.batch import run_batch, summarize
-from atropos.envs.chat import AssistantReply, Message, ModelError, reply_from_completion
+from atropos.envs.chat import AssistantReply, ChatModel, Message, ModelError, reply_from_completion
 from atropos.envs.openai_client import model_server_silence
+from atropos.envs.sampling import ManagedChatModel, server_samples
 from atropos.envs.task_set import Task, TaskError, load_tasks, split_ids
 from atropos.envs.tokens import tokens_and_masks
 from atropos.envs.tool_calls import validation_summary
@@ -191,6 +192,8 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]
         self._sandbox_down: InfrastructureError | None = None
         self._sandbox_down_event: asyncio.Event | None = None
         self._shutting_down = False
+        self._samples = False  # the model servers say what they sampled (set in setup)
+        self._token_source: str | None = None
 
     @classmethod
     def config_init(cls) -> tuple[AgentEnvConfig, list[APIServerConfig]]:
@@ -211,6 +214,7 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]
 
     async def setup(self) -> None:
         self.tasks = load_tasks(self.config.task_file, split_ids(self.config.task_ids))
+        self._samples = server_samples(self.server)
         await self._wait_for_model_servers()
         pool = SlotPool(self.config.pool_config(), progress=_progress)
         await pool.start()
@@ -289,10 +293,21 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]
         """One trajectory per task; a failing model or task makes a rollout of status "error"."""
         if self.pool is None:
             raise RuntimeError("AgentEnv.setup() has not run: no slot pool")
-        model = ServerChatModel(
-            self.server, split=split, max_tokens=self.config.max_tokens_per_turn, temperature=temperature
-        )
-        return await run_batch(self.pool, tasks, lambda _task: model, self.config.agent_settings(), concurrency)
+        if split == "train" and self._samples:
+            # one tracked model per trajectory: the ids the server sampled become the training tokens
+            def model_for(_task: Task) -> ChatModel:
+                return ManagedChatModel(
+                    self.server, self.tokenizer, max_tokens=self.config.max_tokens_per_turn, temperature=temperature
+                )
+        else:
+            shared = ServerChatModel(
+                self.server, split=split, max_tokens=self.config.max_tokens_per_turn, temperature=temperature
+            )
+
+            def model_for(_task: Task) -> ChatModel:
+                return shared
+
+        return await run_batch(self.pool, tasks, model_for, self.config.agent_settings(), concurrency)
 
     async def collect_trajectories(self, item: Task) -> tuple[ScoredDataGroup | None, list[Task]]:
         if self._shutting_down:  # atroposlib's workers outlive the pool on the way out: requeue, quietly
@@ -331,12 +346,24 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]
     def scored_group(self, rollouts: list[Rollout]) -> ScoredDataGroup:
         tools = request_tools(self.config.tool_call_format)
         group = ScoredDataGroup(tokens=[], masks=[], scores=[], messages=[])
-        for rollout in rollouts:
-            tokens, masks = tokens_and_masks(self.tokenizer, rollout.messages, tools)
+        sampled = [r.sampled for r in rollouts]
+        on_policy = all(s is not None for s in sampled)
+        source = "server" if on_policy else "retokenized"
+        if source != self._token_source:  # said when it changes, not per group
+            why = "the ids and logprobs the model server sampled" if on_policy else "the chat template on the text"
+            logger.info("event=tokens source=%s (%s)", source, why)
+            self._token_source = source
+        for rollout, sample in zip(rollouts, sampled, strict=True):
+            if on_policy and sample is not None:
+                tokens, masks = sample.tokens, sample.masks
+            else:
+                tokens, masks = tokens_and_masks(self.tokenizer, rollout.messages, tools)
             group["tokens"].append(tokens)
             group["masks"].append(masks)
             group["scores"].append(float(rollout.reward or 0.0))
             group["messages"].append(rollout.messages)
+        if on_policy:
+            group["inference_logprobs"] = [s.logprobs for s in sampled if s is not None]
         if not self.config.include_messages:
             group["messages"] = None
         return group

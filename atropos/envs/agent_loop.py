@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from atropos.envs.chat import AssistantReply, ChatModel, Message, assistant_message, tool_message
+from atropos.envs.sampling import SampledModel, SampledTokens
 from atropos.envs.scoring import CheckResult, score_task, write_files
 from atropos.envs.task_set import Task
 from atropos.envs.tool_calls import TOOL_SCHEMAS, ParsedCall, ToolCall, ToolCallFormat, hermes_tools_prompt, parse_reply
@@ -58,6 +59,9 @@ class Rollout(BaseModel):
     sandbox_time_s: float = Field(default=0.0, description="time spent waiting for the model's tool calls to run")
     error: str | None = None
     messages: list[Message] = Field(default_factory=list)
+    sampled: SampledTokens | None = Field(
+        default=None, exclude=True, description="the ids and logprobs the server sampled, where it says"
+    )
 
 
 def initial_messages(task: Task, fmt: ToolCallFormat) -> list[Message]:
@@ -86,7 +90,11 @@ async def run_rollout(
     try:
         async with pool.slot(rollout.trajectory_id, timeout=settings.acquire_timeout) as slot:
             await write_files(pool, slot, task.setup_files, settings.tool_timeout, what=f"task {task.id} setup")
-            await _agent_turns(pool, slot, model, settings, rollout)
+            try:
+                await _agent_turns(pool, slot, model, settings, rollout)
+            finally:
+                if isinstance(model, SampledModel):  # also ends the model's use of the server
+                    rollout.sampled = await model.sampled()
             rollout.checks = await score_task(pool, slot, task)
     except (InfrastructureError, AcquireTimeout, LeaseError) as exc:  # the sandbox failed, not the model
         rollout.status, rollout.error = "infra_error", f"{type(exc).__name__}: {exc}"
