@@ -286,7 +286,9 @@ async def test_pool_limits_reach_every_slot() -> None:
     limits = SlotLimits(file_size=2 * 1024 * 1024, cpu_seconds=7, memory=None)
     config = SlotPoolConfig(driver="process", slots_per_container=1, min_containers=1, max_containers=1, limits=limits)
     async with SlotPool(config) as pool, pool.slot(trajectory_id="limits") as slot:
-        r = await pool.execute(slot, "bash", {"command": "ulimit -f; ulimit -t; ulimit -d"})
+        # the CPU limit is set on each command just after it starts (the runner's own CPU must not
+        # count): read it a moment later, as a command that ran into it would
+        r = await pool.execute(slot, "bash", {"command": "sleep 0.2; ulimit -f; ulimit -t; ulimit -d"})
         assert r.stdout.split() == ["2048", "7", "unlimited"], r
         r = await pool.execute(slot, "bash", {"command": "head -c 3M /dev/zero > big"})
         assert r.limit == "file_size" and not r.ok, r
