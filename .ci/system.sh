@@ -5,7 +5,9 @@
 #     made without any registry (the engine never pulls);
 #   - passt (pasta): network mode `public`, per-slot network namespaces; /dev/net/tun opened to
 #     unprivileged users as on most HPC nodes (pasta runs as the server's unprivileged user);
-#   - iproute2: `ip` for the slots' routes and the tests' network namespaces.
+#   - iproute2: `ip` for the slots' routes and the tests' network namespaces;
+#   - slurm-wlm and munge: a real one-node SLURM cluster (slurmctld + slurmd here, proctrack/linuxproc,
+#     task/none) for the slurm backend's tests.
 set -euo pipefail
 
 BASE_IMAGE="${ATROPOS_CI_BASE_IMAGE:-atropos-ci-base:bookworm}"
@@ -18,7 +20,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 need=()
-for pkg in docker.io passt debootstrap iproute2 util-linux uidmap; do
+for pkg in docker.io passt debootstrap iproute2 util-linux uidmap slurm-wlm munge; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ "${#need[@]}" -gt 0 ]; then
@@ -48,4 +50,42 @@ if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
         http://deb.debian.org/debian >/dev/null
     tar -C "$rootfs" -c . | docker import - "$BASE_IMAGE" >/dev/null
 fi
-log "ready: $(docker version --format 'docker {{.Server.Version}}'), base image $BASE_IMAGE, $(pasta --version 2>/dev/null | head -1 || echo 'no pasta')"
+# munge (as its own user) and a one-node SLURM: this machine is controller and node
+mkdir -p /run/munge && chown munge:munge /run/munge && chmod 0755 /run/munge
+pgrep -x munged >/dev/null || su -s /bin/sh munge -c /usr/sbin/munged
+node="$(hostname)"
+mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
+chown slurm:slurm /var/spool/slurmctld /var/log/slurm
+if [ ! -f /etc/slurm/slurm.conf ]; then
+    cat >/etc/slurm/slurm.conf <<CONF
+ClusterName=atropos-ci
+SlurmctldHost=$node
+SlurmUser=slurm
+AuthType=auth/munge
+StateSaveLocation=/var/spool/slurmctld
+SlurmdSpoolDir=/var/spool/slurmd
+SlurmctldPidFile=/run/slurmctld.pid
+SlurmdPidFile=/run/slurmd.pid
+SlurmctldLogFile=/var/log/slurm/slurmctld.log
+SlurmdLogFile=/var/log/slurm/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+MpiDefault=none
+JobCompType=jobcomp/none
+AccountingStorageType=accounting_storage/none
+NodeName=$node CPUs=$(nproc) RealMemory=4096 State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:8
+CONF
+fi
+pgrep -x slurmctld >/dev/null || slurmctld
+pgrep -x slurmd >/dev/null || slurmd
+for _ in $(seq 30); do
+    sinfo -h -o %T 2>/dev/null | grep -q -E "idle|mixed|alloc" && break
+    sleep 1
+done
+sinfo -h -o %T | grep -q -E "idle|mixed|alloc" || { tail -20 /var/log/slurm/slurmctld.log >&2; log "SLURM did not start"; exit 1; }
+
+log "ready: $(docker version --format 'docker {{.Server.Version}}'), base image $BASE_IMAGE, $(pasta --version 2>/dev/null | head -1 || echo 'no pasta'), SLURM $(sinfo -V)"

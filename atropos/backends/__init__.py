@@ -1,4 +1,4 @@
-"""Backends: how a pool's sandbox servers come to exist and go away. One config model per kind,
+"""Backends (local, nomad, slurm): how a pool's sandbox servers come to exist and go away. One config model per kind,
 told apart by `type`, each building its backend (`config.build(spec)`)."""
 
 from typing import Annotated
@@ -8,8 +8,9 @@ from pydantic import Field
 from atropos.backends.base import SandboxBackend, ServerInfo, ServerSpec
 from atropos.backends.local import LocalBackend, LocalBackendConfig
 from atropos.backends.nomad import NomadBackend, NomadBackendConfig
+from atropos.backends.slurm import SlurmBackend, SlurmBackendConfig
 
-BackendConfig = Annotated[LocalBackendConfig | NomadBackendConfig, Field(discriminator="type")]
+BackendConfig = Annotated[LocalBackendConfig | NomadBackendConfig | SlurmBackendConfig, Field(discriminator="type")]
 
 __all__ = [
     "BackendConfig",
@@ -20,4 +21,6 @@ __all__ = [
     "SandboxBackend",
     "ServerInfo",
     "ServerSpec",
+    "SlurmBackend",
+    "SlurmBackendConfig",
 ]

@@ -1,0 +1,292 @@
+"""SLURM backend: each sandbox server is one SLURM job (`sbatch`), run directly or under `apptainer exec`.
+
+Discovery without a secret on any command line: the pool makes a directory per server under
+`pool_dir` (which the nodes must see: a shared file system), writes the server's token there (mode
+0600), and the job's server reads it (`--token-file`) and prints its READY line into the job's
+output file in the same directory, from which the pool learns the port. The node's address comes
+from `scontrol show node` (NodeAddr), or is `host` where the pool runs on the node itself.
+
+Lifecycle: jobs carry their owner (host, pid, start time) in their comment, so a pool whose process
+died leaves jobs that the next pool cancels; a job that leaves the queue (failed, cancelled,
+preempted, out of time) is a lost server, which the pool replaces; close() cancels every job.
+The command line (`sbatch --parsable`, `squeue --format`, `scancel`) is SLURM's stable interface;
+each call runs as a subprocess of the event loop, so nothing blocks it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shlex
+import shutil
+import sys
+import uuid
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from atropos.backends.base import SandboxBackend, ServerInfo, ServerSpec
+from atropos.drivers import DockerDriver, SingularityDriver
+from atropos.errors import BackendError, PoolConfigError
+from atropos.host import OwnerMeta, owner_state
+from atropos.images.apptainer import CONTAINER_DATA_DIR, build_apptainer_exec_argv, shell_quote_argv
+from atropos.progress import Progress, no_progress
+from atropos.sandbox.settings import READY_PREFIX, TUN_DEVICE
+
+log = logging.getLogger("atropos.backends.slurm")
+
+_POLL = 0.5  # seconds between looks at the queue while servers start, and at running jobs
+_GONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL")
+
+
+class SlurmBackendConfig(BaseModel):
+    """Servers as SLURM jobs; unset options take SLURM's own defaults (and `SBATCH_*`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["slurm"] = "slurm"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time_limit: str | None = Field(default=None, description="sbatch --time, e.g. 4:00:00")
+    cpus_per_server: int = Field(default=1, ge=1)
+    memory_per_server: str | None = Field(default=None, description="sbatch --mem, e.g. 8G")
+    constraint: str | None = None
+    sbatch_args: list[str] = Field(default_factory=list, description="extra sbatch options")
+    pool_dir: str | None = Field(
+        default=None,
+        description="a directory the pool and the nodes both see (tokens, addresses, job output); default "
+        "~/.cache/atropos-sandbox/slurm",
+    )
+    host: str | None = Field(
+        default=None,
+        description="the address servers listen on and the pool connects to when the pool runs on the node "
+        "itself (e.g. 127.0.0.1); None: servers listen on all addresses, reached at the node's NodeAddr",
+    )
+    job_name: str = "atropos-sandbox"
+
+    def build(self, spec: ServerSpec) -> SlurmBackend:
+        return SlurmBackend(spec, self)
+
+
+async def _run(*argv: str, timeout: float = 60.0) -> str:
+    """One SLURM command's stdout; BackendError with its stderr when it fails."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+    except FileNotFoundError:
+        raise BackendError(f"backend slurm needs `{argv[0]}` on PATH (the SLURM client commands)") from None
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise BackendError(f"{argv[0]} did not answer within {timeout:.0f} s") from None
+    if proc.returncode != 0:
+        raise BackendError(f"{shlex.join(argv)}: {err.decode(errors='replace').strip() or proc.returncode}")
+    return out.decode(errors="replace")
+
+
+async def queue(job_ids: list[str] | None = None) -> dict[str, tuple[str, str, str, str]]:
+    """Jobs in the queue: id -> (state, reason, node, comment)."""
+    argv = ["squeue", "-h", "-o", "%i|%T|%r|%N|%k"]
+    argv += ["-j", ",".join(job_ids)] if job_ids else ["--me"]
+    try:
+        text = await _run(*argv)
+    except BackendError as exc:
+        if job_ids and "Invalid job id" in str(exc):  # all of them are gone
+            return {}
+        raise
+    jobs = {}
+    for line in text.splitlines():
+        parts = line.split("|", 4)
+        if len(parts) == 5:
+            jobs[parts[0]] = (parts[1], parts[2], parts[3], parts[4])
+    return jobs
+
+
+class _Job:
+    def __init__(self, server_id: str, job_id: str, directory: Path, token: str) -> None:
+        self.server_id, self.job_id, self.directory, self.token = server_id, job_id, directory, token
+        self.exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+
+class SlurmBackend(SandboxBackend):
+    name = "slurm"
+
+    def __init__(self, spec: ServerSpec, config: SlurmBackendConfig | None = None) -> None:
+        if isinstance(spec.driver, DockerDriver):
+            raise PoolConfigError("backend slurm runs drivers process and singularity (no Docker on SLURM nodes)")
+        self.spec = spec
+        self.config = config or SlurmBackendConfig()
+        base = Path(self.config.pool_dir or Path.home() / ".cache" / "atropos-sandbox" / "slurm").expanduser()
+        self.pool_dir = base.absolute() / f"pool-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._jobs: dict[str, _Job] = {}
+        self._ids = 0
+        self._owner = json.dumps(OwnerMeta.current().to_meta(), separators=(",", ":"))
+        self._watcher: asyncio.Task[None] | None = None
+        self._cleaned = False
+
+    # -- the job ----------------------------------------------------------------------------------
+
+    def _server_argv(self, directory: Path) -> list[str]:
+        host = self.config.host or "0.0.0.0"
+        driver = self.spec.driver
+        if isinstance(driver, SingularityDriver):
+            return build_apptainer_exec_argv(
+                driver.apptainer_binary or "apptainer", driver.image,
+                binds=[(str(directory / "data"), CONTAINER_DATA_DIR), (str(directory), "/run/atropos")],
+                tun=os.path.exists(TUN_DEVICE),
+                server_args=self.spec.server_args(host=host, port=0, data_dir=CONTAINER_DATA_DIR,
+                                                  token_file="/run/atropos/token"),
+            )  # fmt: skip
+        # this Python, which the nodes must see (a shared file system or the same image), as the
+        # local backend runs it
+        return [sys.executable, "-m", "atropos.sandbox.server", *self.spec.server_args(
+            host=host, port=0, data_dir=str(directory / "data"), token_file=str(directory / "token"))]  # fmt: skip
+
+    def _sbatch_argv(self, directory: Path) -> list[str]:
+        c = self.config
+        argv = [
+            "sbatch", "--parsable", f"--job-name={c.job_name}", f"--comment={self._owner}",
+            f"--output={directory / 'server.out'}", f"--chdir={directory}", f"--cpus-per-task={c.cpus_per_server}",
+        ]  # fmt: skip
+        options = {
+            "--partition": c.partition, "--account": c.account, "--qos": c.qos, "--time": c.time_limit,
+            "--mem": c.memory_per_server, "--constraint": c.constraint,
+        }  # fmt: skip
+        for flag, value in options.items():
+            if value:
+                argv.append(f"{flag}={value}")
+        return [*argv, *c.sbatch_args, str(directory / "job.sh")]
+
+    async def _submit(self) -> _Job:
+        self._ids += 1
+        server_id = f"slurm-{self._ids}"
+        directory = self.pool_dir / server_id
+        (directory / "data").mkdir(parents=True, mode=0o700)
+        token = secrets.token_urlsafe(32)
+        token_file = directory / "token"
+        token_file.touch(mode=0o600)
+        token_file.write_text(token + "\n")
+        # exec: SLURM's signals (scancel, the time limit) reach the server itself
+        (directory / "job.sh").write_text(f"#!/bin/sh\nexec {shell_quote_argv(self._server_argv(directory))}\n")
+        job_id = (await _run(*self._sbatch_argv(directory))).strip().split(";")[0]
+        job = _Job(server_id, job_id, directory, token)
+        self._jobs[server_id] = job
+        return job
+
+    async def _ready(self, job: _Job, progress: Progress) -> ServerInfo:
+        """Wait for the job's READY line; say why it waits (SLURM's pending reason) meanwhile."""
+        said = ""
+        deadline = asyncio.get_running_loop().time() + self.spec.start_timeout
+        while True:
+            out = job.directory / "server.out"
+            text = out.read_text(errors="replace") if out.exists() else ""
+            for line in text.splitlines():
+                if line.startswith(READY_PREFIX):
+                    port = line.split()[1].rsplit(":", 1)[1]
+                    host = self.config.host or await self._node_address(job)
+                    return ServerInfo(job.server_id, f"http://{host}:{port}", job.token, self.spec.settings.slots)
+            state = (await queue([job.job_id])).get(job.job_id)
+            if state is None:
+                tail = "\n".join(text.splitlines()[-15:])
+                raise BackendError(
+                    f"slurm job {job.job_id} ({job.server_id}) ended before its server was ready:\n{tail}"
+                )
+            news = f"slurm job {job.job_id}: {state[0].lower()}" + (
+                f" ({state[1]})" if state[1] not in ("None", "") else ""
+            )
+            if news != said:
+                progress(news)
+                said = news
+            if asyncio.get_running_loop().time() > deadline:
+                raise BackendError(f"{news}: not ready within start_timeout={self.spec.start_timeout:.0f}s")
+            await asyncio.sleep(_POLL)
+
+    async def _node_address(self, job: _Job) -> str:
+        node = (await queue([job.job_id])).get(job.job_id, ("", "", "", ""))[2]
+        for field in (await _run("scontrol", "show", "node", node)).split():
+            if field.startswith("NodeAddr="):
+                return field.split("=", 1)[1]
+        return node
+
+    # -- the backend's contract ---------------------------------------------------------------------
+
+    async def add_servers(self, count: int, progress: Progress = no_progress) -> list[ServerInfo]:
+        if not self._cleaned:
+            self._cleaned = True
+            stale = await cancel_dead_owner_jobs(self.config.job_name)
+            if stale:
+                progress(f"cancelled {len(stale)} slurm job(s) left by dead pools: {', '.join(stale)}")
+        jobs = [await self._submit() for _ in range(count)]
+        progress(f"submitted {count} slurm job(s): {', '.join(j.job_id for j in jobs)}")
+        started = await asyncio.gather(*(self._ready(j, progress) for j in jobs), return_exceptions=True)
+        infos = [s for s in started if isinstance(s, ServerInfo)]
+        for job, outcome in zip(jobs, started, strict=True):
+            if not isinstance(outcome, ServerInfo):
+                await self.remove_server(job.server_id)
+        errors = [s for s in started if isinstance(s, BaseException)]
+        if errors and not infos:
+            raise errors[0]
+        if self._watcher is None:
+            self._watcher = asyncio.ensure_future(self._watch())
+        return infos
+
+    async def _watch(self) -> None:
+        """A job that left the queue is a server that is gone (the pool replaces it)."""
+        while True:
+            await asyncio.sleep(_POLL)
+            running = [j for j in self._jobs.values() if not j.exited.done()]
+            if not running:
+                continue
+            with contextlib.suppress(BackendError):  # a slow controller: look again
+                present = await queue([j.job_id for j in running])
+                for job in running:
+                    if job.job_id not in present or present[job.job_id][0] in _GONE:
+                        job.exited.set_result(None)
+
+    def exited(self, server_id: str) -> asyncio.Future[None] | None:
+        job = self._jobs.get(server_id)
+        return job.exited if job is not None else None
+
+    async def remove_server(self, server_id: str) -> None:
+        job = self._jobs.pop(server_id, None)
+        if job is None:
+            return
+        with contextlib.suppress(BackendError):
+            await _run("scancel", job.job_id)
+        shutil.rmtree(job.directory, ignore_errors=True)
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+        for server_id in list(self._jobs):
+            await self.remove_server(server_id)
+        shutil.rmtree(self.pool_dir, ignore_errors=True)
+
+
+async def cancel_dead_owner_jobs(job_name: str, *, dry_run: bool = False) -> list[str]:
+    """This user's jobs named `job_name` whose owner process (on this host) is dead: cancelled."""
+    stale = []
+    for job_id, (_state, _reason, _node, comment) in (await queue()).items():
+        try:
+            meta = json.loads(comment)
+        except ValueError:
+            continue
+        if isinstance(meta, dict) and owner_state(meta) == "dead":
+            stale.append(job_id)
+    stale_named = []
+    if stale:
+        names = await _run("squeue", "-h", "-o", "%i|%j", "-j", ",".join(stale))
+        stale_named = [line.split("|")[0] for line in names.splitlines() if line.split("|")[-1] == job_name]
+    if stale_named and not dry_run:
+        await _run("scancel", *stale_named)
+    return stale_named

@@ -1,0 +1,80 @@
+"""The pool on a real SLURM (marker `slurm`; `.ci/run` starts a one-node cluster): servers are SLURM
+jobs found through a shared pool directory, a cancelled job is a lost server that is replaced, and
+closing the pool cancels every job."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from atropos.backends.slurm import queue
+from atropos.errors import InfrastructureError
+from atropos.slots import SlotPool, SlotPoolConfig
+
+
+def _slurm_reason() -> str | None:
+    if shutil.which("sbatch") is None or shutil.which("squeue") is None:
+        return "no SLURM client commands (sbatch, squeue) on PATH"
+    done = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30, check=False)
+    if done.returncode != 0 or not done.stdout.strip():
+        return f"no SLURM controller answers: {done.stderr.strip()[:200]}"
+    return None
+
+
+REASON = _slurm_reason()
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.skipif(REASON is not None and not os.environ.get("ATROPOS_REQUIRE_SLURM"), reason=str(REASON)),
+]
+
+
+def slurm_config(tmp_path: Path, **kw: object) -> SlotPoolConfig:
+    backend = {"type": "slurm", "pool_dir": str(tmp_path), "host": "127.0.0.1", "job_name": f"atropos-t{os.getpid()}"}
+    base: dict[str, object] = {"backend": backend, "slots_per_container": 2, "min_containers": 1,
+                               "max_containers": 2, "health_interval": 0.25, "start_timeout": 120}  # fmt: skip
+    return SlotPoolConfig.model_validate({**base, **kw})
+
+
+async def _jobs_of(name: str) -> list[str]:
+    done = subprocess.run(
+        ["squeue", "-h", "--me", "-t", "pending,running", "-n", name, "-o", "%i"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return done.stdout.split()
+
+
+async def test_the_pool_runs_on_slurm_replaces_a_cancelled_job_and_cancels_all_at_close(tmp_path: Path) -> None:
+    assert REASON is None, REASON
+    config = slurm_config(tmp_path)
+    said: list[str] = []
+    async with SlotPool(config, progress=said.append) as pool:
+        assert any("submitted 1 slurm job(s)" in line for line in said), said
+        async with pool.slot("t1") as slot:
+            r = await pool.execute(slot, "bash", {"command": "echo hi from $SLURM_JOB_ID; id -u"})
+            assert r.ok and r.stdout.startswith("hi from"), r
+        name = config.backend.job_name  # type: ignore[union-attr]
+        (job,) = await _jobs_of(name)
+        async with pool.slot("t2") as slot:
+            subprocess.run(["scancel", job], check=True)
+            # SLURM signals every process of the job: the call ends as a sandbox failure, never a result
+            with pytest.raises(InfrastructureError):
+                await pool.execute(slot, "bash", {"command": "sleep 30"}, timeout=60)
+        for _ in range(600):  # the pool sees the job leave the queue, and a replacement job start
+            if pool.stats().servers_lost == 1 and pool.server_ids() == ["slurm-2"]:
+                break
+            await asyncio.sleep(0.1)
+        assert pool.server_ids() == ["slurm-2"], (pool.stats(), said[-5:])
+        async with pool.slot("t3", timeout=120) as slot:  # the replacement job
+            r = await pool.execute(slot, "bash", {"command": "echo back"})
+            assert r.ok and r.stdout == "back\n", r
+        jobs = await _jobs_of(name)
+        assert len(jobs) == 1 and jobs[0] != job
+    assert await _jobs_of(name) == [] and not list(tmp_path.iterdir())  # nothing left: no job, no directory
+    assert all(state not in ("RUNNING", "PENDING") for state, *_ in (await queue([job])).values())
