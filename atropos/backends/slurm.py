@@ -41,7 +41,18 @@ from atropos.sandbox.settings import READY_PREFIX, TUN_DEVICE
 log = logging.getLogger("atropos.backends.slurm")
 
 _POLL = 0.5  # seconds between looks at the queue while servers start, and at running jobs
-_GONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL")
+# a job in any of these is no server any more (COMPLETING: SLURM is ending it, its calls will not finish)
+_GONE = (
+    "COMPLETING",
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+)
 
 
 class SlurmBackendConfig(BaseModel):
