@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from atropos.backends.slurm import queue
+from atropos.backends.slurm import SlurmBackendConfig, queue
 from atropos.errors import InfrastructureError
 from atropos.slots import SlotPool, SlotPoolConfig
 
@@ -59,7 +59,8 @@ async def test_the_pool_runs_on_slurm_replaces_a_cancelled_job_and_cancels_all_a
         async with pool.slot("t1") as slot:
             r = await pool.execute(slot, "bash", {"command": "echo hi from $SLURM_JOB_ID; id -u"})
             assert r.ok and r.stdout.startswith("hi from"), r
-        name = config.backend.job_name  # type: ignore[union-attr]
+        assert isinstance(config.backend, SlurmBackendConfig)
+        name = config.backend.job_name
         (job,) = await _jobs_of(name)
         async with pool.slot("t2") as slot:
             subprocess.run(["scancel", job], check=True)
