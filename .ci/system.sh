@@ -50,7 +50,7 @@ if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
         http://deb.debian.org/debian >/dev/null
     tar -C "$rootfs" -c . | docker import - "$BASE_IMAGE" >/dev/null
 fi
-# munge (as its own user) and a one-node SLURM: this machine is controller and node
+# munge (as its own user) and a one-node SLURM: this machine is controller and node, on loopback only
 mkdir -p /run/munge && chown munge:munge /run/munge && chmod 0755 /run/munge
 pgrep -x munged >/dev/null || su -s /bin/sh munge -c /usr/sbin/munged
 node="$(hostname)"
@@ -59,7 +59,7 @@ chown slurm:slurm /var/spool/slurmctld /var/log/slurm
 if [ ! -f /etc/slurm/slurm.conf ]; then
     cat >/etc/slurm/slurm.conf <<CONF
 ClusterName=atropos-ci
-SlurmctldHost=$node
+SlurmctldHost=$node(127.0.0.1)
 SlurmUser=slurm
 AuthType=auth/munge
 StateSaveLocation=/var/spool/slurmctld
@@ -76,7 +76,7 @@ ReturnToService=2
 MpiDefault=none
 JobCompType=jobcomp/none
 AccountingStorageType=accounting_storage/none
-NodeName=$node CPUs=$(nproc) RealMemory=4096 State=UNKNOWN
+NodeName=$node NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=4096 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:8
 CONF
 fi

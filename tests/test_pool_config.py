@@ -58,7 +58,7 @@ def test_a_nomad_setting_on_the_local_backend_is_refused() -> None:
         ({"driver": {"type": "docker"}}, "needs `image`"),
         ({"driver": {"type": "singularity", "image": "/nope/x.sif"}}, "does not exist"),
         ({"driver": {"type": "podman"}}, "does not match any of the expected tags"),
-        ({"backend": {"type": "slurm"}}, "does not match any of the expected tags"),
+        ({"backend": {"type": "kubernetes"}}, "does not match any of the expected tags"),
         ({"backend": {"type": "nomad", "adress": "x"}}, "adress"),
     ],
 )
