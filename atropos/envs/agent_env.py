@@ -317,6 +317,8 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]
             raise self._sandbox_down
         size = self.config.group_size
         rollouts = await self.rollouts([item] * size, "train", self.config.temperature, size)
+        if self._shutting_down:  # the pool closed under this group (PoolClosed): requeue, quietly
+            return None, [item]
         self._facts.add(rollouts)
         logger.info("event=group task=%s %s", item.id, RolloutFacts.of(rollouts).describe())
         failed = [r for r in rollouts if r.status == "error"]
