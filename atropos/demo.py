@@ -83,7 +83,11 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     model.add_argument("--max-tokens", type=int, default=1024, metavar="N", help="max tokens per turn")
 
     pool = parser.add_argument_group("sandbox pool")
-    pool.add_argument("--backend", choices=("local", "nomad"), default="local", help="default: local")
+    pool.add_argument(
+        "--backend", choices=("local", "nomad", "slurm"), default="local",
+        help="default: local; slurm: servers as sbatch jobs (pool dir ~/.cache/atropos-sandbox/slurm, which the "
+        "nodes must see)",
+    )  # fmt: skip
     pool.add_argument(
         "--driver", choices=("process", "docker", "singularity"), default="process", help="default: process"
     )

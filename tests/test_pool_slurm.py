@@ -8,6 +8,7 @@ import asyncio
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,62 @@ async def test_the_pool_runs_on_slurm_replaces_a_cancelled_job_and_cancels_all_a
         assert len(jobs) == 1 and jobs[0] != job
     assert await _jobs_of(name) == [] and not list(tmp_path.iterdir())  # nothing left: no job, no directory
     assert all(state not in ("RUNNING", "PENDING") for state, *_ in (await queue([job])).values())
+
+
+def test_the_demo_runs_on_slurm(tmp_path: Path) -> None:
+    """The main job, its servers SLURM jobs (reached at the node's NodeAddr)."""
+    assert REASON is None, REASON
+    env = {**os.environ, "HOME": str(tmp_path)}  # the default pool dir: ~/.cache/atropos-sandbox/slurm
+    done = subprocess.run(
+        [sys.executable, "-m", "atropos.cli", "demo", "--backend", "slurm", "--tasks", "4", "--containers", "1",
+         "--max-containers", "1", "--slots-per-container", "2", "--out", str(tmp_path / "r.jsonl")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "slurm backend" in done.stdout and "reward mean       1.000" in done.stdout, done.stdout
+    assert not list((tmp_path / ".cache" / "atropos-sandbox" / "slurm").iterdir())  # closed: nothing left
+
+
+def test_cleanup_cancels_the_jobs_of_a_dead_pool(tmp_path: Path) -> None:
+    assert REASON is None, REASON
+    name = f"atropos-dead{os.getpid()}"
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER.format(pool_dir=str(tmp_path), name=name)], stdout=subprocess.PIPE, text=True
+    )
+    assert owner.stdout is not None and owner.stdout.readline().strip() == "ready"
+    owner.kill()  # dies without closing its pool
+    owner.wait()
+    (job,) = _running(name)
+    dry = _cleanup("--slurm", "--slurm-job-name", name, "--dry-run")
+    assert f"would cancel job {job}" in dry and _running(name) == [job], dry
+    done = _cleanup("--slurm", "--slurm-job-name", name)
+    assert f"cancelled job {job}" in done and "1 job(s) of dead pools cancelled" in done, done
+    assert _running(name) == []
+
+
+OWNER = """
+import asyncio
+from atropos.slots import SlotPool, SlotPoolConfig
+async def main():
+    config = SlotPoolConfig.model_validate({{"backend": {{"type": "slurm", "pool_dir": {pool_dir!r},
+        "host": "127.0.0.1", "job_name": {name!r}}}, "slots_per_container": 1, "min_containers": 1,
+        "max_containers": 1}})
+    pool = SlotPool(config)
+    await pool.start()
+    print("ready", flush=True)
+    await asyncio.sleep(600)
+asyncio.run(main())
+"""
+
+
+def _running(name: str) -> list[str]:
+    done = subprocess.run(["squeue", "-h", "--me", "-t", "pending,running", "-n", name, "-o", "%i"],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    return done.stdout.split()
+
+
+def _cleanup(*args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "atropos.cli", "cleanup", *args], capture_output=True, text=True,
+                          timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout

@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--local", action="store_true", help="local-backend servers of dead pools")
     p.add_argument("--nomad", action="store_true", help="sandbox jobs of dead pools on this host")
+    p.add_argument("--slurm", action="store_true", help="this user's SLURM jobs of dead pools on this host")
+    p.add_argument("--slurm-job-name", default="atropos-sandbox", help="the pools' job name (default %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")
     p.add_argument("--prefix", default="", help="only Nomad jobs whose id starts with this")
     p.add_argument("--nomad-address", help="default $NOMAD_ADDR (token, namespace... from NOMAD_*)")
@@ -37,6 +39,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def cleanup_from_args(args: argparse.Namespace) -> int:
     local, nomad = args.local, args.nomad
+    if args.slurm and not local and not nomad:
+        return asyncio.run(_cleanup_slurm(args))
     if not local and not nomad:
         local, nomad = True, bool(args.nomad_address or os.environ.get("NOMAD_ADDR"))
     verb, done = ("would remove", "would be removed") if args.dry_run else ("removed", "removed")
@@ -49,6 +53,21 @@ def cleanup_from_args(args: argparse.Namespace) -> int:
     if nomad:
         status = asyncio.run(_cleanup_nomad(args, verb, done))
     return status
+
+
+async def _cleanup_slurm(args: argparse.Namespace) -> int:
+    from atropos.backends.slurm import cancel_dead_owner_jobs
+    from atropos.errors import BackendError
+
+    try:
+        jobs = await cancel_dead_owner_jobs(args.slurm_job_name, dry_run=args.dry_run)
+    except BackendError as exc:
+        print(f"atropos-sandbox cleanup: error: slurm: {exc}", file=sys.stderr)
+        return 1
+    for job in jobs:
+        print(f"slurm: {'would cancel' if args.dry_run else 'cancelled'} job {job}")
+    print(f"slurm: {len(jobs)} job(s) of dead pools {'would be cancelled' if args.dry_run else 'cancelled'}")
+    return 0
 
 
 async def _cleanup_nomad(args: argparse.Namespace, verb: str, done: str) -> int:

@@ -41,8 +41,9 @@ _MAX_INFRA_GROUPS = 5
 
 
 class AgentEnvConfig(BaseEnvConfig):  # type: ignore[misc]
-    backend: Literal["local", "nomad"] = Field(
-        default="local", description="How sandbox servers come to exist: local (this machine) or nomad (a cluster)"
+    backend: Literal["local", "nomad", "slurm"] = Field(
+        default="local",
+        description="How sandbox servers come to exist: local (this machine), nomad or slurm (a cluster)",
     )
     driver: Literal["process", "docker", "singularity"] = Field(
         default="process", description="What runs a sandbox server: process, docker or singularity (apptainer)"
