@@ -177,17 +177,21 @@ class SlurmBackend(SandboxBackend):
                 argv.append(f"{flag}={value}")
         return [*argv, *c.sbatch_args, str(directory / "job.sh")]
 
-    async def _submit(self) -> _Job:
-        self._ids += 1
-        server_id = f"slurm-{self._ids}"
-        directory = self.pool_dir / server_id
+    def _write_server_dir(self, directory: Path, token: str) -> None:
         (directory / "data").mkdir(parents=True, mode=0o700)
-        token = secrets.token_urlsafe(32)
         token_file = directory / "token"
         token_file.touch(mode=0o600)
         token_file.write_text(token + "\n")
         # exec: SLURM's signals (scancel, the time limit) reach the server itself
         (directory / "job.sh").write_text(f"#!/bin/sh\nexec {shell_quote_argv(self._server_argv(directory))}\n")
+
+    async def _submit(self) -> _Job:
+        self._ids += 1
+        server_id = f"slurm-{self._ids}"
+        directory = self.pool_dir / server_id
+        token = secrets.token_urlsafe(32)
+        # a shared file system may be slow: its I/O never runs on the event loop
+        await asyncio.to_thread(self._write_server_dir, directory, token)
         job_id = (await _run(*self._sbatch_argv(directory))).strip().split(";")[0]
         job = _Job(server_id, job_id, directory, token)
         self._jobs[server_id] = job
@@ -198,8 +202,7 @@ class SlurmBackend(SandboxBackend):
         said = ""
         deadline = asyncio.get_running_loop().time() + self.spec.start_timeout
         while True:
-            out = job.directory / "server.out"
-            text = out.read_text(errors="replace") if out.exists() else ""
+            text = await asyncio.to_thread(_read_if_there, job.directory / "server.out")
             for line in text.splitlines():
                 if line.startswith(READY_PREFIX):
                     port = line.split()[1].rsplit(":", 1)[1]
@@ -273,7 +276,7 @@ class SlurmBackend(SandboxBackend):
             return
         with contextlib.suppress(BackendError):
             await _run("scancel", job.job_id)
-        shutil.rmtree(job.directory, ignore_errors=True)
+        await asyncio.to_thread(shutil.rmtree, job.directory, True)
 
     async def close(self) -> None:
         if self._watcher is not None:
@@ -281,7 +284,14 @@ class SlurmBackend(SandboxBackend):
             await asyncio.gather(self._watcher, return_exceptions=True)
         for server_id in list(self._jobs):
             await self.remove_server(server_id)
-        shutil.rmtree(self.pool_dir, ignore_errors=True)
+        await asyncio.to_thread(shutil.rmtree, self.pool_dir, True)
+
+
+def _read_if_there(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
 
 
 async def cancel_dead_owner_jobs(job_name: str, *, dry_run: bool = False) -> list[str]:
