@@ -26,7 +26,7 @@ import shutil
 import sys
 import uuid
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -104,9 +104,17 @@ async def _run(*argv: str, timeout: float = 60.0) -> str:
     return out.decode(errors="replace")
 
 
-async def queue(job_ids: list[str] | None = None) -> dict[str, tuple[str, str, str, str]]:
-    """Jobs in the queue: id -> (state, reason, node, comment)."""
-    argv = ["squeue", "-h", "-o", "%i|%T|%r|%N|%k"]
+class QueuedJob(NamedTuple):
+    state: str
+    reason: str
+    node: str
+    name: str
+    comment: str
+
+
+async def queue(job_ids: list[str] | None = None) -> dict[str, QueuedJob]:
+    """Jobs in the queue (these, or all of this user's), by id. The comment comes last: it is free text."""
+    argv = ["squeue", "-h", "-o", "%i|%T|%r|%N|%j|%k"]
     argv += ["-j", ",".join(job_ids)] if job_ids else ["--me"]
     try:
         text = await _run(*argv)
@@ -116,9 +124,9 @@ async def queue(job_ids: list[str] | None = None) -> dict[str, tuple[str, str, s
         raise
     jobs = {}
     for line in text.splitlines():
-        parts = line.split("|", 4)
-        if len(parts) == 5:
-            jobs[parts[0]] = (parts[1], parts[2], parts[3], parts[4])
+        parts = line.split("|", 5)
+        if len(parts) == 6:
+            jobs[parts[0]] = QueuedJob(*parts[1:])
     return jobs
 
 
@@ -214,8 +222,8 @@ class SlurmBackend(SandboxBackend):
                 raise BackendError(
                     f"slurm job {job.job_id} ({job.server_id}) ended before its server was ready:\n{tail}"
                 )
-            news = f"slurm job {job.job_id}: {state[0].lower()}" + (
-                f" ({state[1]})" if state[1] not in ("None", "") else ""
+            news = f"slurm job {job.job_id}: {state.state.lower()}" + (
+                f" ({state.reason})" if state.reason not in ("None", "") else ""
             )
             if news != said:
                 progress(news)
@@ -225,7 +233,8 @@ class SlurmBackend(SandboxBackend):
             await asyncio.sleep(_POLL)
 
     async def _node_address(self, job: _Job) -> str:
-        node = (await queue([job.job_id])).get(job.job_id, ("", "", "", ""))[2]
+        found = (await queue([job.job_id])).get(job.job_id)
+        node = found.node if found is not None else ""
         for field in (await _run("scontrol", "show", "node", node)).split():
             if field.startswith("NodeAddr="):
                 return field.split("=", 1)[1]
@@ -263,7 +272,7 @@ class SlurmBackend(SandboxBackend):
             with contextlib.suppress(BackendError):  # a slow controller: look again
                 present = await queue([j.job_id for j in running])
                 for job in running:
-                    if job.job_id not in present or present[job.job_id][0] in _GONE:
+                    if job.job_id not in present or present[job.job_id].state in _GONE:
                         job.exited.set_result(None)
 
     def exited(self, server_id: str) -> asyncio.Future[None] | None:
@@ -297,17 +306,13 @@ def _read_if_there(path: Path) -> str:
 async def cancel_dead_owner_jobs(job_name: str, *, dry_run: bool = False) -> list[str]:
     """This user's jobs named `job_name` whose owner process (on this host) is dead: cancelled."""
     stale = []
-    for job_id, (_state, _reason, _node, comment) in (await queue()).items():
+    for job_id, job in (await queue()).items():
         try:
-            meta = json.loads(comment)
+            meta = json.loads(job.comment)
         except ValueError:
             continue
-        if isinstance(meta, dict) and owner_state(meta) == "dead":
+        if job.name == job_name and isinstance(meta, dict) and owner_state(meta) == "dead":
             stale.append(job_id)
-    stale_named = []
-    if stale:
-        names = await _run("squeue", "-h", "-o", "%i|%j", "-j", ",".join(stale))
-        stale_named = [line.split("|")[0] for line in names.splitlines() if line.split("|")[-1] == job_name]
-    if stale_named and not dry_run:
-        await _run("scancel", *stale_named)
-    return stale_named
+    if stale and not dry_run:
+        await _run("scancel", *stale)
+    return stale
