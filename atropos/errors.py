@@ -38,6 +38,12 @@ class SlotLost(InfrastructureError):
     """The slot's server died or stopped answering; the slot left the pool. Acquire another one."""
 
 
+class SlotDraining(SlotLost):
+    """The slot's server is about to be stopped by its backend (a SLURM job's time limit) and the call
+    would not end before that: it did not run. The slot's files are still there for calls that fit
+    (`pool.time_left(slot)`); acquire another slot to go on."""
+
+
 class SlotFailed(InfrastructureError):
     """The slot's sandbox failed during the call (it restarts itself); the lease stays valid."""
 

@@ -11,18 +11,18 @@ import asyncio
 import itertools
 import os
 import signal
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 from atropos.bench.ledger import CallLedger, LedgerReport
 from atropos.sandbox.models import ExecuteResult
 from atropos.slots import Slot, SlotPool, SlotPoolError
 
 # every outcome a call may have besides a result: the pool's typed errors
-EXPECTED_ERRORS = {"SlotLost", "SlotFailed", "AcquireTimeout", "LeaseError", "InfrastructureError"}
+EXPECTED_ERRORS = {"SlotLost", "SlotDraining", "SlotFailed", "AcquireTimeout", "LeaseError", "InfrastructureError"}
 
 
 async def calls_during(
-    pool: SlotPool, scenario: Awaitable[None], *, trajectories: int, deadline: float = 150.0
+    pool: SlotPool, scenario: Awaitable[None], *, trajectories: int, deadline: float = 150.0, call_timeout: float = 30.0
 ) -> tuple[LedgerReport, list[str]]:
     """Run trajectories (acquire, then calls of about a second each, re-acquiring after a loss)
     until `scenario` ends; returns the ledger's report and any result that was not the call's own."""
@@ -39,7 +39,7 @@ async def calls_during(
                 continue
             try:
                 while not done.is_set() and _leased(pool, slot):
-                    await _one_round(pool, ledger, slot, next(tokens), wrong)
+                    await _one_round(pool, ledger, slot, next(tokens), wrong, call_timeout)
             finally:
                 pool.release(slot)
 
@@ -55,10 +55,12 @@ async def calls_during(
     return ledger.report(), wrong
 
 
-async def _one_round(pool: SlotPool, ledger: CallLedger, slot: Slot, token: int, wrong: list[str]) -> None:
-    single = await ledger.execute(pool, slot, "bash", {"command": f"sleep 0.3; echo one-{token}"}, timeout=30)
+async def _one_round(
+    pool: SlotPool, ledger: CallLedger, slot: Slot, token: int, wrong: list[str], timeout: float
+) -> None:
+    single = await ledger.execute(pool, slot, "bash", {"command": f"sleep 0.3; echo one-{token}"}, timeout=timeout)
     _check(single, f"one-{token}\n", wrong)
-    calls = [(slot, "bash", {"command": f"sleep 0.2; echo b{i}-{token}"}, 30.0) for i in range(2)]
+    calls = [(slot, "bash", {"command": f"sleep 0.2; echo b{i}-{token}"}, timeout) for i in range(2)]
     for i, outcome in enumerate(await ledger.execute_batch(pool, calls)):
         if isinstance(outcome, ExecuteResult):
             _check(outcome, f"b{i}-{token}\n", wrong)
@@ -70,11 +72,12 @@ def _check(result: ExecuteResult | None, expected: str, wrong: list[str]) -> Non
 
 
 def _leased(pool: SlotPool, slot: Slot) -> bool:
+    """Still ours, and its server not retiring (a trajectory told so ends its episode there)."""
     try:
         pool.heartbeat(slot)
+        return not pool.draining(slot)
     except SlotPoolError:
         return False
-    return True
 
 
 def assert_exactly_once(report: LedgerReport, wrong: list[str]) -> None:
@@ -94,10 +97,10 @@ def signal_pids(pids: list[int], sig: int) -> None:
             pass
 
 
-async def wait_for(predicate: object, *, attempts: int = 900, every: float = 0.1) -> bool:
+async def wait_for(predicate: Callable[[], object], *, attempts: int = 900, every: float = 0.1) -> bool:
     """Poll `predicate()` until true (readiness, not a timing assertion)."""
     for _ in range(attempts):
-        if predicate():  # type: ignore[operator]
+        if predicate():
             return True
         await asyncio.sleep(every)
     return False

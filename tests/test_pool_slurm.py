@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from atropos.backends.slurm import SlurmBackendConfig, queue
+from atropos.backends.slurm import SlurmBackendConfig
 from atropos.errors import InfrastructureError
 from atropos.slots import SlotPool, SlotPoolConfig
+from atropos.slurm import queue
 
 
 def _slurm_reason() -> str | None:

@@ -62,6 +62,11 @@ class SandboxBackend(abc.ABC):
         """A future done when the server's process ends, where the backend can see it (local)."""
         return None
 
+    def ends_in(self, server_id: str) -> float | None:
+        """Seconds until the backend stops this server whatever it runs (a SLURM job's time limit),
+        where there is such an end and it is known; None otherwise. Read on every call: no I/O."""
+        return None
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Stop every server this backend started, leaving no process, container or job behind."""

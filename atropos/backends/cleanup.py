@@ -56,8 +56,8 @@ def cleanup_from_args(args: argparse.Namespace) -> int:
 
 
 async def _cleanup_slurm(args: argparse.Namespace) -> int:
-    from atropos.backends.slurm import cancel_dead_owner_jobs
     from atropos.errors import BackendError
+    from atropos.slurm import cancel_dead_owner_jobs
 
     try:
         jobs = await cancel_dead_owner_jobs(args.slurm_job_name, dry_run=args.dry_run)

@@ -9,8 +9,9 @@ from `scontrol show node` (NodeAddr), or is `host` where the pool runs on the no
 Lifecycle: jobs carry their owner (host, pid, start time) in their comment, so a pool whose process
 died leaves jobs that the next pool cancels; a job that leaves the queue (failed, cancelled,
 preempted, out of time) is a lost server, which the pool replaces; close() cancels every job.
-The command line (`sbatch --parsable`, `squeue --format`, `scancel`) is SLURM's stable interface;
-each call runs as a subprocess of the event loop, so nothing blocks it.
+A job with a time limit tells the pool its time left (squeue), so that the pool retires it ahead
+of the limit (`SlotPoolConfig.retire_before`). A job pending for a reason that waiting never
+clears (it asks for more than any node has, it is held) fails at once with that reason.
 """
 
 from __future__ import annotations
@@ -21,22 +22,24 @@ import json
 import logging
 import os
 import secrets
-import shlex
 import shutil
 import sys
+import time
 import uuid
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from atropos.backends.base import SandboxBackend, ServerInfo, ServerSpec
 from atropos.drivers import DockerDriver, SingularityDriver
 from atropos.errors import BackendError, PoolConfigError
-from atropos.host import OwnerMeta, owner_state
-from atropos.images.apptainer import CONTAINER_DATA_DIR, build_apptainer_exec_argv, shell_quote_argv
+from atropos.host import OwnerMeta
+from atropos.images.apptainer import CONTAINER_DATA_DIR, build_apptainer_exec_argv
 from atropos.progress import Progress, no_progress
 from atropos.sandbox.settings import READY_PREFIX, TUN_DEVICE
+from atropos.slurm import BatchJob, cancel_dead_owner_jobs, hopeless, queue, run, seconds_of
+from atropos.slurm.batch import OUTPUT, SCRIPT
 
 log = logging.getLogger("atropos.backends.slurm")
 
@@ -65,7 +68,9 @@ class SlurmBackendConfig(BaseModel):
     account: str | None = None
     qos: str | None = None
     time_limit: str | None = Field(default=None, description="sbatch --time, e.g. 4:00:00")
-    cpus_per_server: int = Field(default=1, ge=1)
+    cpus_per_server: int | None = Field(
+        default=None, ge=1, description="sbatch --cpus-per-task; None: SLURM's default (1)"
+    )
     memory_per_server: str | None = Field(default=None, description="sbatch --mem, e.g. 8G")
     constraint: str | None = None
     sbatch_args: list[str] = Field(default_factory=list, description="extra sbatch options")
@@ -85,55 +90,11 @@ class SlurmBackendConfig(BaseModel):
         return SlurmBackend(spec, self)
 
 
-async def _run(*argv: str, timeout: float = 60.0) -> str:
-    """One SLURM command's stdout; BackendError with its stderr when it fails."""
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-        )
-    except FileNotFoundError:
-        raise BackendError(f"backend slurm needs `{argv[0]}` on PATH (the SLURM client commands)") from None
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except asyncio.TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise BackendError(f"{argv[0]} did not answer within {timeout:.0f} s") from None
-    if proc.returncode != 0:
-        raise BackendError(f"{shlex.join(argv)}: {err.decode(errors='replace').strip() or proc.returncode}")
-    return out.decode(errors="replace")
-
-
-class QueuedJob(NamedTuple):
-    state: str
-    reason: str
-    node: str
-    name: str
-    comment: str
-
-
-async def queue(job_ids: list[str] | None = None) -> dict[str, QueuedJob]:
-    """Jobs in the queue (these, or all of this user's), by id. The comment comes last: it is free text."""
-    argv = ["squeue", "-h", "-o", "%i|%T|%r|%N|%j|%k"]
-    argv += ["-j", ",".join(job_ids)] if job_ids else ["--me"]
-    try:
-        text = await _run(*argv)
-    except BackendError as exc:
-        if job_ids and "Invalid job id" in str(exc):  # all of them are gone
-            return {}
-        raise
-    jobs = {}
-    for line in text.splitlines():
-        parts = line.split("|", 5)
-        if len(parts) == 6:
-            jobs[parts[0]] = QueuedJob(*parts[1:])
-    return jobs
-
-
 class _Job:
     def __init__(self, server_id: str, job_id: str, directory: Path, token: str) -> None:
         self.server_id, self.job_id, self.directory, self.token = server_id, job_id, directory, token
         self.exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.ends_at: float | None = None  # on the monotonic clock: its time limit, as squeue last said
 
 
 class SlurmBackend(SandboxBackend):
@@ -170,38 +131,54 @@ class SlurmBackend(SandboxBackend):
         return [sys.executable, "-m", "atropos.sandbox.server", *self.spec.server_args(
             host=host, port=0, data_dir=str(directory / "data"), token_file=str(directory / "token"))]  # fmt: skip
 
-    def _sbatch_argv(self, directory: Path) -> list[str]:
+    def batch_job(self, directory: Path, *, owned: bool = True) -> BatchJob:
+        """The job of the server whose directory is `directory` (`owned`: carrying this pool as its
+        owner, which a job rendered for a person does not)."""
         c = self.config
-        argv = [
-            "sbatch", "--parsable", f"--job-name={c.job_name}", f"--comment={self._owner}",
-            f"--output={directory / 'server.out'}", f"--chdir={directory}", f"--cpus-per-task={c.cpus_per_server}",
-        ]  # fmt: skip
         options = {
             "--partition": c.partition, "--account": c.account, "--qos": c.qos, "--time": c.time_limit,
+            "--cpus-per-task": str(c.cpus_per_server) if c.cpus_per_server else None,
             "--mem": c.memory_per_server, "--constraint": c.constraint,
         }  # fmt: skip
-        for flag, value in options.items():
-            if value:
-                argv.append(f"{flag}={value}")
-        return [*argv, *c.sbatch_args, str(directory / "job.sh")]
+        return BatchJob(
+            command=self._server_argv(directory),
+            directory=directory,
+            job_name=c.job_name,
+            options=options,
+            extra=list(c.sbatch_args),
+            comment=self._owner if owned else None,
+        )
 
-    def _write_server_dir(self, directory: Path, token: str) -> None:
-        (directory / "data").mkdir(parents=True, mode=0o700)
-        token_file = directory / "token"
+    def _check_pool_dir(self) -> None:
+        """The pool dir must be a directory this process can write (and the nodes see: that shows
+        when a job runs, see `_ended`)."""
+        try:
+            self.pool_dir.mkdir(parents=True, mode=0o700, exist_ok=True)
+            probe = self.pool_dir / ".writable"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise PoolConfigError(
+                f"slurm pool_dir {self.pool_dir.parent}: cannot write there ({exc.strerror or exc}); give a "
+                "directory this process can write and the nodes see (a shared file system)"
+            ) from None
+
+    def _write_server_dir(self, job: BatchJob, token: str) -> None:
+        (job.directory / "data").mkdir(parents=True, mode=0o700)
+        token_file = job.directory / "token"
         token_file.touch(mode=0o600)
         token_file.write_text(token + "\n")
-        # exec: SLURM's signals (scancel, the time limit) reach the server itself
-        (directory / "job.sh").write_text(f"#!/bin/sh\nexec {shell_quote_argv(self._server_argv(directory))}\n")
+        (job.directory / SCRIPT).write_text(job.script())
 
     async def _submit(self) -> _Job:
         self._ids += 1
         server_id = f"slurm-{self._ids}"
-        directory = self.pool_dir / server_id
+        batch = self.batch_job(self.pool_dir / server_id)
         token = secrets.token_urlsafe(32)
         # a shared file system may be slow: its I/O never runs on the event loop
-        await asyncio.to_thread(self._write_server_dir, directory, token)
-        job_id = (await _run(*self._sbatch_argv(directory))).strip().split(";")[0]
-        job = _Job(server_id, job_id, directory, token)
+        await asyncio.to_thread(self._write_server_dir, batch, token)
+        job_id = (await run(*batch.sbatch_argv())).strip().split(";")[0]
+        job = _Job(server_id, job_id, batch.directory, token)
         self._jobs[server_id] = job
         return job
 
@@ -210,7 +187,7 @@ class SlurmBackend(SandboxBackend):
         said = ""
         deadline = asyncio.get_running_loop().time() + self.spec.start_timeout
         while True:
-            text = await asyncio.to_thread(_read_if_there, job.directory / "server.out")
+            text = await asyncio.to_thread(_read_if_there, job.directory / OUTPUT)
             for line in text.splitlines():
                 if line.startswith(READY_PREFIX):
                     port = line.split()[1].rsplit(":", 1)[1]
@@ -218,13 +195,13 @@ class SlurmBackend(SandboxBackend):
                     return ServerInfo(job.server_id, f"http://{host}:{port}", job.token, self.spec.settings.slots)
             state = (await queue([job.job_id])).get(job.job_id)
             if state is None:
-                tail = "\n".join(text.splitlines()[-15:])
-                raise BackendError(
-                    f"slurm job {job.job_id} ({job.server_id}) ended before its server was ready:\n{tail}"
-                )
+                raise BackendError(await asyncio.to_thread(self._ended, job))
             news = f"slurm job {job.job_id}: {state.state.lower()}" + (
                 f" ({state.reason})" if state.reason not in ("None", "") else ""
             )
+            never = hopeless(state.reason) if state.state == "PENDING" else None
+            if never is not None:
+                raise BackendError(f"{news}: it will not start: {never}")
             if news != said:
                 progress(news)
                 said = news
@@ -232,10 +209,22 @@ class SlurmBackend(SandboxBackend):
                 raise BackendError(f"{news}: not ready within start_timeout={self.spec.start_timeout:.0f}s")
             await asyncio.sleep(_POLL)
 
+    def _ended(self, job: _Job) -> str:
+        """Why a job that left the queue before its server was ready did so, from its output."""
+        output = job.directory / OUTPUT
+        if not output.exists():  # SLURM writes it from the node as the job starts
+            return (
+                f"slurm job {job.job_id} ({job.server_id}) ended without writing {output}: the node it ran on "
+                f"does not see the pool dir {self.pool_dir.parent}, which must be on a file system the pool and "
+                "the nodes share (slurm pool_dir)"
+            )
+        tail = "\n".join(_read_if_there(output).splitlines()[-15:])
+        return f"slurm job {job.job_id} ({job.server_id}) ended before its server was ready:\n{tail}"
+
     async def _node_address(self, job: _Job) -> str:
         found = (await queue([job.job_id])).get(job.job_id)
         node = found.node if found is not None else ""
-        for field in (await _run("scontrol", "show", "node", node)).split():
+        for field in (await run("scontrol", "show", "node", node)).split():
             if field.startswith("NodeAddr="):
                 return field.split("=", 1)[1]
         return node
@@ -244,6 +233,7 @@ class SlurmBackend(SandboxBackend):
 
     async def add_servers(self, count: int, progress: Progress = no_progress) -> list[ServerInfo]:
         if not self._cleaned:
+            await asyncio.to_thread(self._check_pool_dir)
             self._cleaned = True
             stale = await cancel_dead_owner_jobs(self.config.job_name)
             if stale:
@@ -271,9 +261,20 @@ class SlurmBackend(SandboxBackend):
                 continue
             with contextlib.suppress(BackendError):  # a slow controller: look again
                 present = await queue([j.job_id for j in running])
+                now = time.monotonic()
                 for job in running:
-                    if job.job_id not in present or present[job.job_id].state in _GONE:
+                    found = present.get(job.job_id)
+                    if found is None or found.state in _GONE:
                         job.exited.set_result(None)
+                    elif found.state == "RUNNING":
+                        left = seconds_of(found.time_left)
+                        job.ends_at = None if left is None else now + left
+
+    def ends_in(self, server_id: str) -> float | None:
+        job = self._jobs.get(server_id)
+        if job is None or job.ends_at is None:
+            return None
+        return job.ends_at - time.monotonic()
 
     def exited(self, server_id: str) -> asyncio.Future[None] | None:
         job = self._jobs.get(server_id)
@@ -284,7 +285,7 @@ class SlurmBackend(SandboxBackend):
         if job is None:
             return
         with contextlib.suppress(BackendError):
-            await _run("scancel", job.job_id)
+            await run("scancel", job.job_id)
         await asyncio.to_thread(shutil.rmtree, job.directory, True)
 
     async def close(self) -> None:
@@ -301,18 +302,3 @@ def _read_if_there(path: Path) -> str:
         return path.read_text(errors="replace")
     except FileNotFoundError:
         return ""
-
-
-async def cancel_dead_owner_jobs(job_name: str, *, dry_run: bool = False) -> list[str]:
-    """This user's jobs named `job_name` whose owner process (on this host) is dead: cancelled."""
-    stale = []
-    for job_id, job in (await queue()).items():
-        try:
-            meta = json.loads(job.comment)
-        except ValueError:
-            continue
-        if job.name == job_name and isinstance(meta, dict) and owner_state(meta) == "dead":
-            stale.append(job_id)
-    if stale and not dry_run:
-        await _run("scancel", *stale)
-    return stale

@@ -110,6 +110,8 @@ class ServerClient:
         if status == 200:
             return dict(data)
         message = f"server {self.server_id} {path}: HTTP {status}: {data.get('error')}"
+        if status == 503 and data.get("stopping"):
+            raise SlotLost(f"{message} (the server is shutting down)")
         if status in (409, 503):
             raise SlotFailed(message)
         if status in (400, 404, 413, 422):

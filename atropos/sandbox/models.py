@@ -234,3 +234,5 @@ class StatusResponse(HealthResponse):
 class ErrorResponse(BaseModel):
     error: str
     detail: Any = None
+    stopping: bool = False
+    """the server is shutting down: the slot goes with it (the pool's SlotLost, not SlotFailed)"""

@@ -62,6 +62,12 @@ class SlotPoolConfig(BaseModel):
     )
     scale_cooldown: float = Field(default=30.0, ge=0, description="min seconds between scaling actions")
     idle_scale_down: float = Field(default=120.0, ge=0, description="scale down after slots idle this long")
+    retire_before: float = Field(
+        default=120.0,
+        ge=0,
+        description="seconds before its backend stops a server (a SLURM time limit) at which it takes no new "
+        "leases and a replacement starts; 0: off",
+    )
     max_output: int = Field(default=1 << 20, ge=1024, description="bytes kept per stream per call")
     run_as: str | None = Field(
         default="nobody",

@@ -1,5 +1,7 @@
 """The servers a pool has: admitting them (their slots go into the lease book), losing them
-(their slots fail with SlotLost) and replacing what was lost, through the backend.
+(their slots fail with SlotLost) and replacing what was lost, through the backend; retiring a
+server its backend will stop (a time limit): its replacement starts at once, its slots leave as
+their trajectories give them back, and the server goes when the last one has.
 
 `Background` runs the pool's tasks (resets, replacements, loops) so that closing cancels them all.
 """
@@ -10,7 +12,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +57,7 @@ class Member:
     last_ok: float
     idle_since: float
     health: dict[str, Any]  # /health when it joined: what it enforces
+    retiring: bool = False  # its backend stops it soon: a replacement is on its way
 
 
 class Fleet:
@@ -74,8 +77,9 @@ class Fleet:
         self.background = background
         self.progress = progress
         self.members: dict[str, Member] = {}
-        self.replacing = 0  # lost servers whose replacement is on its way
+        self.replacing = 0  # lost or retiring servers whose replacement is on its way
         self.closed = False
+        book.on_emptied = self._emptied
 
     def __len__(self) -> int:
         return len(self.members)
@@ -128,17 +132,50 @@ class Fleet:
         leased = sum(1 for st in slots if st.lease_id)
         self.stats.counters["servers_lost"] += 1
         log.error("event=server_lost server=%s reason=%s slots=%d leased=%d", server_id, reason, len(slots), leased)
+        if member.retiring:  # its replacement is on its way already
+            self.progress(f"server {server_id} lost while retiring ({reason}); {leased} leased slot(s) fail")
+            self.background.spawn(self._stop(member))
+            return
         self.progress(f"server {server_id} lost ({reason}); {leased} leased slot(s) fail with SlotLost; replacing it")
-        self.replacing += 1
-        self.background.spawn(self._replace(member))
+        self._replace(server_id, lambda: self.backend.replace_server(server_id, self.progress), member)
 
-    async def _replace(self, member: Member) -> None:
+    def retire(self, server_id: str, why: str) -> None:
+        """Its backend stops this server soon: start its replacement now, hand out none of its slots
+        again, and stop it once its trajectories have given every slot back."""
+        member = self.members.get(server_id)
+        if member is None or member.retiring or self.closed:
+            return
+        member.retiring = True
+        self.stats.counters["servers_retired"] += 1
+        out = self.book.retire_server(server_id)
+        log.warning("event=server_retiring server=%s reason=%s leased=%d", server_id, why, out)
+        self.progress(f"server {server_id} retiring ({why}): no new leases, {out} slot(s) out; replacement starting")
+        self._replace(server_id, lambda: self.backend.add_servers(1, self.progress))
+
+    def _emptied(self, server_id: str) -> None:
+        member = self.members.get(server_id)
+        if member is not None and member.retiring and not self.closed:
+            self.background.spawn(self.drain(server_id, "retired: every slot came back"))
+
+    async def _stop(self, member: Member) -> None:
+        await member.client.aclose()
+        await self.backend.remove_server(member.info.server_id)
+
+    def _replace(self, sid: str, start: Callable[[], Awaitable[list[ServerInfo]]], lost: Member | None = None) -> None:
+        """Start a server in place of `sid` (lost, or retiring): counted as coming at once, so that
+        the scaler does not start another meanwhile."""
+        self.replacing += 1
+        self.background.spawn(self._bring_back(sid, start, lost))
+
+    async def _bring_back(
+        self, sid: str, start: Callable[[], Awaitable[list[ServerInfo]]], lost: Member | None
+    ) -> None:
         try:
-            await member.client.aclose()
-            sid = member.info.server_id
+            if lost is not None:
+                await lost.client.aclose()
             for attempt in range(1, _REPLACE_ATTEMPTS + 1):
                 try:
-                    infos = await self.backend.replace_server(sid, self.progress)
+                    infos = await start()
                     break
                 except Exception as exc:
                     log.error("event=replace_failed server=%s attempt=%d error=%s", sid, attempt, exc)
@@ -153,8 +190,10 @@ class Fleet:
             self.replacing -= 1
 
     async def drain(self, server_id: str, why: str) -> None:
-        """Take the server out (its slots first, then the server itself): a scale-down."""
-        member = self.members.pop(server_id)
+        """Take the server out (its slots first, then the server itself): a scale-down, a retirement."""
+        member = self.members.pop(server_id, None)
+        if member is None:
+            return
         self.book.remove_server(server_id, SlotStatus.DRAINING)
         member.client.mark_lost(why)
         await member.client.aclose()

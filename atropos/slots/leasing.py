@@ -12,6 +12,7 @@ import enum
 import itertools
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from atropos.errors import LeaseError, SlotLost
@@ -21,7 +22,7 @@ class SlotStatus(enum.Enum):
     FREE = "free"
     LEASED = "leased"
     RESETTING = "resetting"
-    DRAINING = "draining"  # being removed on scale-down: never handed out again
+    DRAINING = "draining"  # being removed (scale-down, retirement): never handed out again
     LOST = "lost"
 
 
@@ -61,6 +62,10 @@ class LeaseBook:
         self._free: deque[SlotState] = deque()
         self._waiters: deque[asyncio.Future[SlotState]] = deque()
         self._lease_ids = itertools.count(1)
+        # servers whose slots leave the book as they come back (retirement), and who hears when
+        # the last one of a server has left
+        self.retiring: set[str] = set()
+        self.on_emptied: Callable[[str], None] = lambda _server_id: None
 
     # -- membership ----------------------------------------------------------------------------
 
@@ -72,10 +77,28 @@ class LeaseBook:
     def remove_server(self, server_id: str, status: SlotStatus) -> list[SlotState]:
         """Take every slot of a server out of circulation (lost, or draining for scale-down)."""
         gone = [st for st in self.slots.values() if st.server_id == server_id]
+        self.retiring.discard(server_id)
         for st in gone:
             st.status = status
             del self.slots[st.key]
         return gone
+
+    def retire_server(self, server_id: str) -> int:
+        """No slot of this server is handed out again: the free ones leave now, the others once
+        they come back (then `on_emptied`). How many are still out."""
+        self.retiring.add(server_id)
+        slots = [st for st in self.slots.values() if st.server_id == server_id]
+        for st in slots:
+            if st.status is SlotStatus.FREE:
+                self._leave(st)
+        return sum(1 for st in slots if st.status is not SlotStatus.DRAINING)
+
+    def _leave(self, st: SlotState) -> None:
+        st.status = SlotStatus.DRAINING
+        del self.slots[st.key]
+        if not any(other.server_id == st.server_id for other in self.slots.values()):
+            self.retiring.discard(st.server_id)
+            self.on_emptied(st.server_id)
 
     def retire(self, st: SlotState) -> None:
         """Take one slot out of circulation for good (it could not be cleaned)."""
@@ -94,6 +117,9 @@ class LeaseBook:
 
     def make_free(self, st: SlotState) -> None:
         if st.key not in self.slots or st.status in (SlotStatus.LOST, SlotStatus.DRAINING):
+            return
+        if st.server_id in self.retiring:
+            self._leave(st)
             return
         st.status = SlotStatus.FREE
         st.dirty = False

@@ -31,6 +31,7 @@ from atropos.slots.config import SlotPoolConfig
 from atropos.slots.fleet import Background, Fleet, Member
 from atropos.slots.health import HealthWatch
 from atropos.slots.leasing import LeaseBook, Slot, SlotState, SlotStatus
+from atropos.slots.retirement import Retirement
 from atropos.slots.scaling import Scaler
 from atropos.slots.stats import PoolStats, StatsRecorder, summarize
 
@@ -63,6 +64,7 @@ class SlotPool:
         self._fleet = Fleet(self.config, self.backend, self._book, self._stats, self._background, self.progress)
         self._health = HealthWatch(self._fleet)
         self._scaler = Scaler(self._fleet)
+        self._retirement = Retirement(self._fleet)
         self._started = False
         self._closed = False
 
@@ -106,6 +108,7 @@ class SlotPool:
         )
         self._background.spawn(self._health.run())
         self._background.spawn(self._scaler.run())
+        self._background.spawn(self._retirement.run())
         if self.config.lease_ttl is not None:
             self._background.spawn(self._lease_reaper())
 
@@ -198,6 +201,16 @@ class SlotPool:
         finally:
             self.release(leased)
 
+    def time_left(self, slot: Slot) -> float | None:
+        """Seconds before the slot's server is stopped by its backend (a SLURM job's time limit),
+        where there is such an end; None otherwise. A call must end before it (else SlotDraining)."""
+        return self._retirement.time_left(self._book.check(slot).server_id)
+
+    def draining(self, slot: Slot) -> bool:
+        """The slot's server is retiring: the slot serves the calls that end in time, and is not
+        handed out again once released."""
+        return self._member(self._book.check(slot)).retiring
+
     def heartbeat(self, slot: Slot) -> None:
         """Tell the pool the trajectory holding `slot` is alive (tool calls count as heartbeats)."""
         self._book.check(slot).last_seen = time.monotonic()
@@ -238,11 +251,16 @@ class SlotPool:
         the sandbox raises InfrastructureError (SlotLost: acquire another slot)."""
         st = self._book.check(slot)
         server = self._member(st)
+        limit = timeout or self.config.tool_timeout
+        refused = self._retirement.refusal(st.server_id, st.index, limit)
+        if refused is not None:
+            self._stats.error(refused)
+            raise refused
         st.inflight += 1
         st.dirty = True
         started = time.monotonic()
         try:
-            result = await server.client.execute(st.index, tool, args or {}, timeout or self.config.tool_timeout)
+            result = await server.client.execute(st.index, tool, args or {}, limit)
         except SlotPoolError as exc:
             self._stats.error(exc)
             if isinstance(exc, SlotLost):
@@ -260,9 +278,14 @@ class SlotPool:
         out: list[ExecuteResult | InfrastructureError | None] = [None] * len(calls)
         groups: dict[str, list[int]] = {}
         states: list[SlotState] = []
-        for i, (slot, _tool, _args, _timeout) in enumerate(calls):
+        for i, (slot, _tool, _args, timeout) in enumerate(calls):
             st = self._book.check(slot)
             states.append(st)
+            refused = self._retirement.refusal(st.server_id, st.index, timeout or self.config.tool_timeout)
+            if refused is not None:  # this call does not run; the others do
+                self._stats.error(refused)
+                out[i] = refused
+                continue
             groups.setdefault(st.server_id, []).append(i)
         # resolved now, while every checked slot's server is still in the pool: the requests
         # start only once this coroutine yields, and a server may be lost by then
@@ -354,6 +377,7 @@ class SlotPool:
             calls={tool: summarize(samples, s.call_counts[tool]) for tool, samples in s.calls.items()},
             errors=dict(s.errors),
             servers_lost=s.counters["servers_lost"],
+            servers_retired=s.counters["servers_retired"],
             scale_ups=s.counters["scale_ups"],
             scale_downs=s.counters["scale_downs"],
         )

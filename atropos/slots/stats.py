@@ -47,6 +47,8 @@ class PoolStats(BaseModel):
     calls: dict[str, LatencySummary]
     errors: dict[str, int]
     servers_lost: int
+    servers_retired: int = 0
+    """servers taken out ahead of their backend's stop (a SLURM time limit), replaced first"""
     scale_ups: int
     scale_downs: int
 

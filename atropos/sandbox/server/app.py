@@ -68,6 +68,7 @@ class SandboxApp:
         self.default_timeout = default_timeout
         self.enforcement = enforcement
         self.max_body = max_body
+        self.stopping = False
 
     def build(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body, middlewares=[self._errors, self._auth])
@@ -81,6 +82,7 @@ class SandboxApp:
         return app
 
     async def _close_slots(self, _app: web.Application) -> None:
+        self.stopping = True  # the calls the closing slots end are failures of a server that goes
         await asyncio.gather(*(slot.close() for slot in self.slots), return_exceptions=True)
 
     @web.middleware
@@ -100,7 +102,7 @@ class SandboxApp:
             return _json(ErrorResponse(error=str(exc)), 409)
         except SlotFailure as exc:
             log.warning("%s", exc)
-            return _json(ErrorResponse(error=str(exc)), 503)
+            return _json(ErrorResponse(error=str(exc), stopping=self.stopping), 503)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
