@@ -12,7 +12,7 @@ from collections.abc import Sequence
 _SUBCOMMANDS: tuple[str, ...] = (
     "atropos.sandbox.server",
     "atropos.sandbox.status",
-    "atropos.nomad.cli",
+    "atropos.backends.job_cli",
     "atropos.images.cli",
     "atropos.demo",
     "atropos.bench.cli",

@@ -72,6 +72,11 @@ def test_cleanup_dry_run_says_would_be_removed(tmp_path: str) -> None:
         (["--count", "0"], "--count 0: a rendered job needs at least one container"),
         (["--driver", "singularity", "--singularity-image", "images/x.sif"], "images/x.sif: a relative path"),
         (["--driver", "singularity"], "needs singularity_image (--singularity-image"),
+        (["--backend", "slurm", "--driver", "docker"], "--backend slurm runs drivers process and singularity"),
+        (["--backend", "slurm", "--slots", "0"], "--slots: Input should be greater than or equal to 1"),
+        (["--backend", "slurm", "--cpus-per-server", "0"], "--cpus-per-server: Input should be greater than or"),
+        (["--backend", "slurm", "--driver", "singularity", "--sif", "x.sif"], "x.sif: a relative path"),
+        (["--backend", "slurm", "--driver", "singularity"], "--driver singularity needs --singularity-image"),
     ],
 )
 def test_job_render_names_the_flag_that_is_wrong(flags: list[str], expect: str) -> None:
@@ -79,3 +84,18 @@ def test_job_render_names_the_flag_that_is_wrong(flags: list[str], expect: str) 
     proc = run_cli("job", "render", *base, *flags)
     assert proc.returncode == 2 and expect in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stdout == ""
+
+
+def test_job_render_for_slurm_prints_the_script_and_its_sbatch_command(tmp_path: str) -> None:
+    flags = ["--partition", "cpu", "--time", "4:00:00", "--mem", "8G", "--sbatch-arg=--exclusive", "--slots", "3"]
+    proc = run_cli("job", "render", "--backend", "slurm", "--driver", "process", "--pool-dir", str(tmp_path), *flags)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "#!/bin/sh" and lines[-1].startswith("exec ") and "--slots 3" in lines[-1], proc.stdout
+    job = os.path.join(str(tmp_path), "slurm-1")
+    assert (
+        f"#   sbatch --parsable --job-name=atropos-sandbox --output={job}/server.out --chdir={job} --partition=cpu "
+        f"--time=4:00:00 --mem=8G --exclusive {job}/job.sh" in lines
+    ), proc.stdout
+    assert "--comment" not in proc.stdout  # a job submitted by hand has no owner pool to outlive
+    assert f"--token-file {job}/token" in lines[-1] and "openssl rand" in proc.stderr

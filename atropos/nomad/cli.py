@@ -1,4 +1,5 @@
-"""`atropos-sandbox job render`: print the Nomad job for a driver, as JSON or HCL2."""
+"""`atropos-sandbox job render --backend nomad` (`atropos/backends/job_cli.py` registers it): print
+the Nomad job for a driver, as JSON or HCL2."""
 
 from __future__ import annotations
 
@@ -17,23 +18,11 @@ from atropos.nomad.hcl import render_job_hcl
 from atropos.nomad.models import Constraint
 from atropos.nomad.spec import DEFAULT_BASE_PORT, SandboxJobSpec
 
-__all__ = ["register", "render_from_args", "spec_from_args"]
+__all__ = ["add_render_arguments", "render_from_args", "sif_refusal", "spec_from_args"]
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    job = sub.add_parser("job", help="Nomad jobs for sandbox servers", description="Nomad jobs for sandbox servers.")
-    actions = job.add_subparsers(dest="job_command", metavar="ACTION", required=True)
-    render = actions.add_parser(
-        "render",
-        help="print the job for a driver (JSON for `nomad job run -json`, or HCL2)",
-        description="Print the Nomad job that runs sandbox servers. JSON is the body of "
-        "POST /v1/jobs (also `nomad job run -json FILE`); HCL2 is a jobspec for `nomad job run FILE`.",
-    )
-    _add_render_arguments(render)
-    render.set_defaults(handler=render_from_args)
-
-
-def _add_render_arguments(p: argparse.ArgumentParser) -> None:
+def add_render_arguments(p: argparse.ArgumentParser) -> None:
+    """The Nomad job's flags (`--driver` and the image flags are shared with SLURM's)."""
     p.add_argument("--driver", choices=["docker", "singularity", "process"], required=True)
     p.add_argument("--format", choices=["json", "hcl"], default="hcl")
     p.add_argument("--job-id", default="atropos-sandbox")
@@ -144,16 +133,21 @@ def _problem(error: Any) -> str:
     return f"{flag}: {text}" if flag and not text.startswith(flag) else text
 
 
+def sif_refusal(sif: str | None) -> str | None:
+    """A SIF no node can resolve (a relative path), said in the flag's name."""
+    if sif and "://" not in sif and not os.path.isabs(sif):  # apptainer exec takes docker://...
+        return (
+            f"--singularity-image {sif}: a relative path, which a node cannot resolve; "
+            "give its absolute path on the nodes"
+        )
+    return None
+
+
 def _refusal(args: argparse.Namespace) -> str | None:
     """What the spec would accept but makes no job a person can run."""
     if args.count < 1:
         return f"--count {args.count}: a rendered job needs at least one container"
-    if args.sif and "://" not in args.sif and not os.path.isabs(args.sif):  # apptainer exec takes docker://...
-        return (
-            f"--singularity-image {args.sif}: a relative path, which a node cannot resolve; "
-            "give its absolute path on the nodes"
-        )
-    return None
+    return sif_refusal(args.sif)
 
 
 def render_from_args(args: argparse.Namespace) -> int:
