@@ -67,6 +67,7 @@ class SlotPool:
         self._retirement = Retirement(self._fleet)
         self._started = False
         self._closed = False
+        self._said = ""  # the last progress line: what a start that timed out was waiting for
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -79,6 +80,7 @@ class SlotPool:
 
     def progress(self, message: str) -> None:
         log.info("event=progress %s", message)
+        self._said = message
         self._progress(message)
 
     async def start(self) -> None:
@@ -97,10 +99,13 @@ class SlotPool:
                 raise BackendError("no sandbox server started")
             await self._fleet.admit(infos)
         except BaseException as exc:
+            waited_for = self._said
             self.progress(f"the pool could not start ({type(exc).__name__}): removing what it started")
             await self.close()
             if isinstance(exc, asyncio.TimeoutError):
-                raise BackendError(f"servers not ready within start_timeout={self.config.start_timeout}s") from None
+                raise BackendError(
+                    f"servers not ready within start_timeout={self.config.start_timeout:g}s (last: {waited_for})"
+                ) from None
             raise
         self.progress(
             f"pool ready: {len(self._book.slots)} slots on {len(self._fleet.members)} server(s) "
