@@ -32,6 +32,7 @@ from atropos.envs.report import summary_lines, table_header, table_row
 from atropos.envs.task_set import Task, TaskError, load_tasks, split_ids
 from atropos.envs.tool_calls import validation_summary
 from atropos.slots import PoolConfigError, SlotPool, SlotPoolConfig
+from atropos.slots.config import parse_backend_options
 
 __all__ = ["register"]
 
@@ -94,6 +95,11 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     pool.add_argument("--image", metavar="IMAGE", help="docker image (driver docker)")
     pool.add_argument("--singularity-image", metavar="SIF", help="SIF path or reference (driver singularity)")
     pool.add_argument("--nomad-address", metavar="URL", help="Nomad API (backend nomad; default $NOMAD_ADDR)")
+    pool.add_argument(
+        "--backend-option", action="append", default=[], metavar="KEY=VALUE",
+        help="a setting of the backend (repeatable), e.g. partition=cpu, time_limit=4:00:00 or "
+        "pool_dir=/shared/atropos for slurm; a value is JSON where it parses (sbatch_args='[\"--exclusive\"]')",
+    )  # fmt: skip
     pool.add_argument("--slots-per-container", type=int, default=8, metavar="N", help="default 8")
     pool.add_argument("--containers", type=int, default=2, metavar="N", help="servers started (default 2)")
     pool.add_argument("--max-containers", type=int, default=4, metavar="N", help="servers at most (default 4)")
@@ -142,6 +148,7 @@ class _Plan:
             raise DemoError("--openai-base-url and --model go together (a model server needs a model name)")
         try:
             pool_config = SlotPoolConfig.from_flags(
+                backend_options=parse_backend_options(args.backend_option),
                 backend=args.backend,
                 driver=args.driver,
                 image=args.image,

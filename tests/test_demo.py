@@ -95,6 +95,8 @@ async def test_model_server_drives_the_trajectories(tmp_path: Path, capsys: pyte
         (["--driver", "docker"], "driver 'docker' needs `image`"),
         (["--task-ids", "fizzbuzz,nope"], "unknown task id(s): nope"),
         (["--task-file", "/nowhere/tasks.jsonl"], "cannot read the task file '/nowhere/tasks.jsonl'"),
+        (["--backend", "slurm", "--backend-option", "partition"], "backend option 'partition': write KEY=VALUE"),
+        (["--backend", "slurm", "--backend-option", "partitoin=cpu"], "backend.slurm.partitoin: Extra inputs"),
     ],
 )
 def test_bad_flags_exit_2_with_a_clear_message(

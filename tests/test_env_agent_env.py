@@ -205,6 +205,20 @@ def test_config_maps_onto_the_pool(tmp_path: Path) -> None:
     assert (settings.tool_call_format, settings.max_turns, settings.tool_timeout) == ("openai", 3, 30)
 
 
+def test_backend_options_set_the_backend_and_bad_ones_are_refused_by_name() -> None:
+    config = AgentEnvConfig(backend="slurm", backend_options='{"partition": "cpu", "time_limit": "4:00:00"}')
+    backend = config.pool_config().backend
+    assert (backend.type, getattr(backend, "partition", None), getattr(backend, "time_limit", None)) == (
+        "slurm",
+        "cpu",
+        "4:00:00",
+    )
+    for bad, expect in [("{nope", "backend_options: not JSON"), ('["cpu"]', "a JSON object"),
+                        ('{"partitoin": "cpu"}', "partitoin")]:  # fmt: skip
+        with pytest.raises(ValueError, match=expect):
+            AgentEnvConfig(backend="slurm", backend_options=bad)
+
+
 def make_env(tokenizer_dir: str, **overrides: Any) -> AgentEnv:
     env_config, servers = AgentEnv.config_init()
     config = env_config.model_copy(

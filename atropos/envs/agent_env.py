@@ -12,6 +12,7 @@ runs every task once. This is the one module of the package that needs atroposli
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 import time
@@ -53,6 +54,11 @@ class AgentEnvConfig(BaseEnvConfig):  # type: ignore[misc]
         default=None, description="SIF path or docker:// / oras:// reference of the sandbox (driver singularity)"
     )
     nomad_address: str | None = Field(default=None, description="Nomad API address (backend nomad); else NOMAD_ADDR")
+    backend_options: str | None = Field(
+        default=None,
+        description='JSON object of the backend\'s settings, e.g. {"partition": "cpu", "time_limit": "4:00:00", '
+        '"pool_dir": "/shared/atropos"} for slurm',
+    )
     slots_per_container: int = Field(default=8, ge=1, le=1024, description="Slots (workspaces) per sandbox server")
     min_containers: int = Field(default=1, ge=0, le=1000, description="Sandbox servers kept running")
     max_containers: int = Field(default=4, ge=1, le=1000, description="Sandbox servers at most")
@@ -81,7 +87,14 @@ class AgentEnvConfig(BaseEnvConfig):  # type: ignore[misc]
         return self
 
     def pool_config(self) -> SlotPoolConfig:
+        try:
+            options = json.loads(self.backend_options) if self.backend_options else {}
+        except ValueError as exc:
+            raise PoolConfigError(f"backend_options: not JSON ({exc})") from None
+        if not isinstance(options, dict):
+            raise PoolConfigError('backend_options: a JSON object, e.g. {"partition": "cpu"}')
         return SlotPoolConfig.from_flags(
+            backend_options=options,
             backend=self.backend,
             driver=self.driver,
             image=self.image,

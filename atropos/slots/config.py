@@ -8,6 +8,7 @@ driver="singularity", singularity_image=...`) still work, with a DeprecationWarn
 
 from __future__ import annotations
 
+import json
 import warnings
 from typing import Any, Literal
 
@@ -33,6 +34,21 @@ _FLAT_NOMAD_KEYS = {
     "static_port_base": "static_port_base",
     "purge_on_exit": "purge_on_exit",
 }
+
+
+def parse_backend_options(pairs: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` settings of a backend (`partition=cpu`, `cpus_per_server=4`,
+    `sbatch_args=["--exclusive"]`): a value is JSON where it parses as JSON, else the text."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise PoolConfigError(f"backend option {pair!r}: write KEY=VALUE, e.g. partition=cpu")
+        try:
+            options[key.strip()] = json.loads(text)
+        except ValueError:
+            options[key.strip()] = text
+    return options
 
 
 class SlotPoolConfig(BaseModel):
@@ -77,9 +93,13 @@ class SlotPoolConfig(BaseModel):
     limits: SlotLimits = Field(default_factory=SlotLimits, description="resource limits of every slot")
 
     @classmethod
-    def from_flags(cls, **values: Any) -> SlotPoolConfig:
+    def from_flags(cls, *, backend_options: dict[str, Any] | None = None, **values: Any) -> SlotPoolConfig:
         """From flat command-line settings (`demo`, the Atropos environment's `--env.*`): the flat
-        keys are those flags' names, so they map without a deprecation warning."""
+        keys are those flags' names, so they map without a deprecation warning. `backend_options`
+        are settings of the backend named by `backend` (e.g. a SLURM partition)."""
+        if backend_options:
+            kind = values.get("backend") or "local"
+            values["backend"] = {**backend_options, "type": kind}
         return cls.model_validate(values, context={"flags": True})
 
     @model_validator(mode="before")
