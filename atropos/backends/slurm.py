@@ -270,6 +270,11 @@ class SlurmBackend(SandboxBackend):
                         left = seconds_of(found.time_left)
                         job.ends_at = None if left is None else now + left
 
+    def job_id(self, server_id: str) -> str | None:
+        """The SLURM job of a server of this pool (for a person, or a test, to act on)."""
+        job = self._jobs.get(server_id)
+        return job.job_id if job is not None else None
+
     def ends_in(self, server_id: str) -> float | None:
         job = self._jobs.get(server_id)
         if job is None or job.ends_at is None:
