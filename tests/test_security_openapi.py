@@ -95,7 +95,7 @@ def test_without_the_token_every_request_is_refused(case: Any, api_server: Runni
         assert response.status_code == (200 if case.method.upper() == "GET" else 405)
         return
     assert response.status_code == 401, (case.path, response.status_code, response.text)
-    assert response.json() == {"error": "missing or wrong bearer token", "detail": None}
+    assert response.json() == {"error": "missing or wrong bearer token", "detail": None, "stopping": False}
 
 
 def test_document_itself_needs_the_token_and_is_valid(api_server: RunningServer) -> None:
