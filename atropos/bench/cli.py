@@ -14,7 +14,7 @@ from typing import Any
 from atropos.bench import scenarios
 from atropos.bench.measure import Row, machine
 
-_ALL = ("latency", "concurrency", "leasing", "startup", "recovery", "abuse", "network", "swerex", "slurm")
+_ALL = ("latency", "concurrency", "leasing", "startup", "recovery", "abuse", "network", "swerex", "slurm", "scale")
 
 
 def _say(message: str) -> None:
@@ -49,6 +49,10 @@ async def run(selected: list[str], quick: bool) -> list[Row]:
             rows += await peer_swerex.swerex_rows(sizes, _say)
         else:
             rows.append(Row("7 vs swe-rex", "skipped", 0.0, "", note="swe-rex not installed: pip install '.[bench]'"))
+    if "scale" in selected:
+        from atropos.bench.scale import scale_rows
+
+        rows += await scale_rows(quick, _say)
     if "slurm" in selected:
         from atropos.bench import slurm
 

@@ -209,11 +209,17 @@ class Enforcement(BaseModel):
         )
 
 
+class WarmState(BaseModel):
+    target: int = Field(description="Slots the server keeps started ahead of their first call.")
+    ready: int = Field(description="Slots started and unused now.")
+
+
 class HealthResponse(Enforcement):
     status: Literal["ok"] = "ok"
     version: str
     slots: int
     busy: int
+    warm: WarmState | None = None
 
 
 class SlotActivity(BaseModel):

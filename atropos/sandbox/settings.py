@@ -55,6 +55,9 @@ class ServerSettings(BaseModel):
     max_file_bytes: int = Field(default=16 << 20, ge=1, description="read_file/write_file size limit")
     max_body: int = Field(default=64 << 20, ge=1024, description="request body limit, bytes")
     limits: SlotLimits = Field(default_factory=SlotLimits)
+    warm_slots: int | None = Field(
+        default=None, ge=0, description="slots kept started ahead of their first call; None: every slot"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("port")
@@ -142,6 +145,12 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("--max-file-bytes", "size limit of read_file/write_file", type=int),
     _Option("--max-body", "request body limit in bytes", type=int),
     _Option("--log-level", "log level", choices=["DEBUG", "INFO", "WARNING", "ERROR"]),
+    _Option(
+        "--warm-slots",
+        "slots whose sandbox is started before their first call, and kept so as they are used; 0: "
+        "each slot starts on its first call (default: every slot)",
+        type=int,
+    ),
 )
 
 
@@ -151,7 +160,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ServerSettings()
     for option in _OPTIONS:
         default = getattr(defaults, option.field)
-        shown = "" if option.field in ("run_as", "token_file") else f" (default {default})"
+        shown = "" if option.field in ("run_as", "token_file", "warm_slots") else f" (default {default})"
         parser.add_argument(
             option.flag,
             dest=option.field,

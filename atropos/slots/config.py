@@ -84,6 +84,12 @@ class SlotPoolConfig(BaseModel):
         description="seconds before its backend stops a server (a SLURM time limit) at which it takes no new "
         "leases and a replacement starts; 0: off",
     )
+    warm_slots: int | None = Field(
+        default=None,
+        ge=0,
+        description="per server: slots whose sandbox starts before their first call, refilled as they are used; "
+        "None: every slot (the server's default); 0: each slot starts on its first call",
+    )
     max_output: int = Field(default=1 << 20, ge=1024, description="bytes kept per stream per call")
     run_as: str | None = Field(
         default="nobody",
@@ -152,12 +158,15 @@ class SlotPoolConfig(BaseModel):
 
     def server_spec(self) -> ServerSpec:
         """What every server of this pool is, for its backend."""
-        settings = ServerSettings(
-            slots=self.slots_per_container,
-            isolation=self.isolation,
-            network=self.network,
-            timeout=self.tool_timeout,
-            max_output=self.max_output,
-            limits=self.limits,
-        )
+        values: dict[str, Any] = {
+            "slots": self.slots_per_container,
+            "isolation": self.isolation,
+            "network": self.network,
+            "timeout": self.tool_timeout,
+            "max_output": self.max_output,
+            "limits": self.limits,
+        }
+        if self.warm_slots is not None:  # only where set: a server image from before the option still starts
+            values["warm_slots"] = self.warm_slots
+        settings = ServerSettings.model_validate(values)
         return ServerSpec(driver=self.driver, settings=settings, run_as=self.run_as, start_timeout=self.start_timeout)

@@ -235,6 +235,14 @@ class SlotPool:
         keys = ("isolation", "network", "uid", "limits", "cgroups", "isolation_reason", "network_reason")
         return {sid: {k: s.health.get(k) for k in keys} for sid, s in self._fleet.members.items()}
 
+    async def servers_health(self) -> dict[str, dict[str, Any] | BaseException]:
+        """/health of every server (or the error asking it), by server id."""
+        members = list(self._fleet.members.items())
+        answers = await asyncio.gather(
+            *(m.client.health(timeout=self.config.health_timeout) for _, m in members), return_exceptions=True
+        )
+        return {sid: answer for (sid, _), answer in zip(members, answers, strict=True)}
+
     async def server_health(self, slot: Slot) -> dict[str, Any]:
         """/health of the slot's server, through the same pooled connection its calls use."""
         st = self._book.check(slot)

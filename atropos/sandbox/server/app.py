@@ -27,11 +27,13 @@ from atropos.sandbox.models import (
     ResetResponse,
     SlotActivity,
     StatusResponse,
+    WarmState,
     typed_call,
 )
 from atropos.sandbox.runner.protocol import ToolOp
 from atropos.sandbox.server.openapi import openapi_document
 from atropos.sandbox.server.slot_runner import SlotFailure, SlotReset, SlotRunner
+from atropos.sandbox.server.warm import WarmSlots
 
 log = logging.getLogger("atropos.sandbox")
 
@@ -61,9 +63,17 @@ def _json(model: BaseModel, status: int = 200) -> web.Response:
 
 class SandboxApp:
     def __init__(
-        self, slots: list[SlotRunner], *, token: str, default_timeout: float, enforcement: Enforcement, max_body: int
+        self,
+        slots: list[SlotRunner],
+        *,
+        token: str,
+        default_timeout: float,
+        enforcement: Enforcement,
+        max_body: int,
+        warm_slots: int = 0,
     ) -> None:
         self.slots = slots
+        self.warm = WarmSlots(slots, warm_slots)
         self.token = token.encode()
         self.default_timeout = default_timeout
         self.enforcement = enforcement
@@ -78,11 +88,16 @@ class SandboxApp:
         app.router.add_post("/reset", self.reset)
         app.router.add_get("/status", self.status)
         app.router.add_get("/openapi.json", self.openapi)
+        app.on_startup.append(self._start_warming)
         app.on_shutdown.append(self._close_slots)
         return app
 
+    async def _start_warming(self, _app: web.Application) -> None:
+        self.warm.start()
+
     async def _close_slots(self, _app: web.Application) -> None:
         self.stopping = True  # the calls the closing slots end are failures of a server that goes
+        await self.warm.stop()
         await asyncio.gather(*(slot.close() for slot in self.slots), return_exceptions=True)
 
     @web.middleware
@@ -143,8 +158,17 @@ class SandboxApp:
     async def health(self, _request: web.Request) -> web.Response:
         busy = sum(1 for slot in self.slots if slot.busy)
         return _json(
-            HealthResponse(version=__version__, slots=len(self.slots), busy=busy, **self.enforcement.model_dump())
+            HealthResponse(
+                version=__version__,
+                slots=len(self.slots),
+                busy=busy,
+                warm=self._warm_state(),
+                **self.enforcement.model_dump(),
+            )
         )
+
+    def _warm_state(self) -> WarmState:
+        return WarmState(target=self.warm.target, ready=self.warm.ready)
 
     async def status(self, _request: web.Request) -> web.Response:
         now = time.monotonic()
@@ -159,7 +183,7 @@ class SandboxApp:
         busy = sum(1 for slot in self.slots if slot.busy)
         return _json(
             StatusResponse(
-                version=__version__, slots=len(self.slots), busy=busy, slot_activity=activity,
+                version=__version__, slots=len(self.slots), busy=busy, slot_activity=activity, warm=self._warm_state(),
                 **self.enforcement.model_dump(),
             )
         )  # fmt: skip

@@ -76,6 +76,21 @@ class SlotRunner:
         self.running: tuple[str, float] | None = None  # (tool, monotonic start) of the call that runs now
         self.finished = 0
         self._session_lost = False  # the runner died on its own: the next session call says so
+        self.used = False  # a call ran since the runner started or the slot was last reset
+        self.on_change: Callable[[], None] = lambda: None  # a runner started or died, or a warm slot was used
+
+    @property
+    def started(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None
+
+    @property
+    def warm(self) -> bool:
+        """Started and unused: its next call does not wait for a sandbox to start."""
+        return self.started and not self.used
+
+    async def warm_up(self) -> None:
+        """Start the runner ahead of the slot's first call (see atropos.sandbox.server.warm)."""
+        await self._ensure_runner()
 
     async def _ensure_runner(self) -> asyncio.subprocess.Process:
         async with self._start_lock:
@@ -110,6 +125,7 @@ class SlotRunner:
             raise SlotFailure(f"slot {self.index}: the sandbox did not start (exit {proc.returncode})")
         self._proc = proc
         self._reader = asyncio.ensure_future(self._read_answers(proc))
+        self.on_change()
         return proc
 
     async def _read_answers(self, proc: asyncio.subprocess.Process) -> None:
@@ -128,8 +144,9 @@ class SlotRunner:
                 fut.set_result(msg["result"])
         await proc.wait()
         await self._stop_pasta(proc)
-        if self._proc is proc:  # not stopped by kill_runner
+        if self._proc is proc and self.used:  # died on its own with calls behind it (a warm one had none)
             self._session_lost = True
+        self.on_change()
         self._fail_pending(
             SlotFailure(f"slot {self.index}: the sandbox exited ({proc.returncode}); it restarts on the next call")
         )
@@ -163,6 +180,9 @@ class SlotRunner:
 
     async def execute(self, op: ToolOp) -> Outcome:
         self.busy += 1
+        if not self.used:
+            self.used = True
+            self.on_change()  # one warm slot fewer
         try:
             async with self.order:
                 generation = self.generation
@@ -188,6 +208,7 @@ class SlotRunner:
         """Kill everything the slot started and empty its workspace; cuts a running call short."""
         self.generation += 1
         self._session_lost = False
+        self.used = False  # clean again: warm if its runner lives
         if self._proc is None or self._proc.returncode is not None:
             # nothing runs in the slot: empty it without starting a sandbox just for that
             await asyncio.to_thread(_empty, self.workspace)

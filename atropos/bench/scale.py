@@ -1,0 +1,214 @@
+"""Scenario 11, many slots per node: a burst of fresh slots' first calls with and without warm slots
+(sandboxes started ahead of demand), a slot's start cost broken down, memory per slot against its
+floor (bubblewrap and a shell), warm throughput against plain subprocesses at the same concurrency,
+the pool's own CPU per call in this (the trainer's) process, and how these grow with the slots."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from atropos.backends.local import LocalBackend
+from atropos.bench.measure import Row, judged, pss_mb, subprocess_floor_concurrent
+from atropos.bench.scenarios import pool_config
+from atropos.host import snapshot, tree_members
+from atropos.sandbox.server.isolation import SandboxSpec, find_bwrap
+from atropos.slots import Slot, SlotPool, SlotPoolConfig, percentile
+
+_SCENARIO = "11 scale"
+_CALLS = 10  # per trajectory, alternating bash and bash_session
+
+
+@dataclass
+class Wave:
+    wall: float
+    latencies: list[float]
+    cpu: float  # this process's CPU seconds during the wave
+
+    @property
+    def calls(self) -> int:
+        return len(self.latencies)
+
+    def p(self, q: float) -> float:
+        return percentile(sorted(self.latencies), q)
+
+
+async def _wave(pool: SlotPool, trajectories: int, tag: str) -> Wave:
+    """Every trajectory leases a slot and makes _CALLS calls, all at once."""
+    latencies: list[float] = []
+
+    async def trajectory(n: int) -> None:
+        async with pool.slot(f"{tag}{n}", timeout=600) as slot:
+            for i in range(_CALLS):
+                tool = "bash" if i % 2 == 0 else "bash_session"
+                t0 = time.perf_counter()
+                result = await pool.execute(slot, tool, {"command": f"echo {n}-{i}"}, timeout=120)
+                latencies.append(time.perf_counter() - t0)
+                if result.stdout.strip() != f"{n}-{i}":
+                    raise RuntimeError(f"wrong output {result.stdout!r}")
+
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(trajectory(n) for n in range(trajectories)))
+    return Wave(time.perf_counter() - t0, latencies, time.process_time() - cpu0)
+
+
+def _config(servers: int, slots: int, **kw: object) -> SlotPoolConfig:
+    return pool_config(slots_per_container=slots, min_containers=servers, max_containers=servers, **kw)
+
+
+async def _warm_ready(pool: SlotPool, timeout: float = 600.0) -> float:
+    """Seconds until every server says its warm slots are started."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        healths = (await pool.servers_health()).values()
+        warm = [h.get("warm") or {} for h in healths if isinstance(h, dict)]
+        if len(warm) == len(healths) and all(w.get("ready", 0) >= w.get("target", 0) for w in warm):
+            return time.perf_counter() - t0
+        await asyncio.sleep(0.1)
+    raise RuntimeError("warm slots not ready in time")
+
+
+def _tree_pss(pid: int) -> tuple[float, int]:
+    members = tree_members(pid, snapshot(), include_root=True)
+    return sum(pss_mb(p) for p in members), len(members)
+
+
+def _sandbox_floor_pss(count: int) -> float:
+    """PSS per sandbox of `count` bubblewrap sandboxes each holding an idle shell: a slot's floor."""
+    bwrap = find_bwrap()
+    if bwrap is None:
+        return 0.0
+    with tempfile.TemporaryDirectory(prefix="atropos-floor-") as scratch:
+        spec = SandboxSpec(bwrap=bwrap, data_dir=scratch)
+        procs = []
+        for i in range(count):
+            workspace = os.path.join(scratch, str(i))
+            os.makedirs(workspace)
+            procs.append(
+                subprocess.Popen(
+                    spec.argv(workspace, ["bash", "--noprofile", "--norc", "-i"]),
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        time.sleep(1.0)
+        total = sum(sum(pss_mb(p) for p in tree_members(proc.pid, snapshot(), include_root=True)) for proc in procs)
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    return total / count
+
+
+def _bwrap_true_ms(runs: int = 20) -> float:
+    bwrap = find_bwrap()
+    if bwrap is None:
+        return 0.0
+    with tempfile.TemporaryDirectory(prefix="atropos-floor-") as scratch:
+        argv = SandboxSpec(bwrap=bwrap, data_dir=scratch).argv(scratch, ["true"])
+        samples = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            subprocess.run(argv, check=False, capture_output=True)
+            samples.append(time.perf_counter() - t0)
+    return statistics.median(samples) * 1000
+
+
+async def _start_breakdown(say: Callable[[str], None]) -> list[Row]:
+    """One slot's start: the sandbox alone (bwrap running `true`), the runner (a fresh slot's first
+    `bash` call less a started slot's), the shell (first `bash_session` call less the next)."""
+    say("scale: a slot's start cost, broken down")
+    bwrap_ms = _bwrap_true_ms()
+    firsts: list[float] = []
+    seconds: list[float] = []
+    session_firsts: list[float] = []
+    session_seconds: list[float] = []
+    async with SlotPool(_config(1, 8, warm_slots=0)) as pool:
+        for i in range(8):
+            slot = await pool.acquire(f"b{i}")
+            for bucket in (firsts, seconds):
+                t0 = time.perf_counter()
+                await pool.execute(slot, "bash", {"command": "true"})
+                bucket.append(time.perf_counter() - t0)
+            for bucket in (session_firsts, session_seconds):
+                t0 = time.perf_counter()
+                await pool.execute(slot, "bash_session", {"command": "true"})
+                bucket.append(time.perf_counter() - t0)
+    runner_ms = (statistics.median(firsts) - statistics.median(seconds)) * 1000 - bwrap_ms
+    shell_ms = (statistics.median(session_firsts) - statistics.median(session_seconds)) * 1000
+    total = bwrap_ms + runner_ms + shell_ms
+    return [
+        Row(_SCENARIO, "slot start: total (sandbox + runner + shell)", total, "ms",
+            note=f"bwrap {bwrap_ms:.1f} ms, runner {runner_ms:.1f} ms, shell {shell_ms:.1f} ms (medians of 8)",
+            extra={"bwrap_ms": bwrap_ms, "runner_ms": runner_ms, "shell_ms": shell_ms}),
+    ]  # fmt: skip
+
+
+async def _burst(servers: int, slots: int, warm: bool, say: Callable[[str], None]) -> tuple[Wave, Wave, float]:
+    """A pool's first wave (fresh slots) and second wave (the same slots again); seconds to warm."""
+    kw: dict[str, object] = {} if warm else {"warm_slots": 0}
+    async with SlotPool(_config(servers, slots, **kw)) as pool:
+        warmed = await _warm_ready(pool) if warm else 0.0
+        say(f"scale: burst of {servers * slots} fresh slots ({'warm' if warm else 'cold'} start)")
+        first = await _wave(pool, servers * slots, "c")
+        await asyncio.sleep(1.0)  # the releases' resets
+        second = await _wave(pool, servers * slots, "w")
+    return first, second, warmed
+
+
+async def _memory(slots: int, say: Callable[[str], None]) -> list[Row]:
+    say(f"scale: memory of {slots} slots with an open session")
+    async with SlotPool(_config(1, slots, warm_slots=0)) as pool:
+        assert isinstance(pool.backend, LocalBackend)
+        pid = pool.backend.pid(pool.server_ids()[0])
+        before, _ = _tree_pss(pid)
+        leased: list[Slot] = [await pool.acquire(f"m{i}") for i in range(slots)]
+        await asyncio.gather(*(pool.execute(s, "bash_session", {"command": "true"}) for s in leased))
+        await asyncio.sleep(0.5)
+        after, processes = _tree_pss(pid)
+        for s in leased:
+            pool.release(s)
+    per_slot = (after - before) / slots
+    floor = await asyncio.to_thread(_sandbox_floor_pss, min(slots, 32))
+    return [
+        judged(Row(_SCENARIO, f"PSS per slot, open session ({slots} slots)", per_slot, "MB",
+                   baseline="bwrap + idle bash (the floor)", baseline_value=floor or None, target="<= 4 MB",
+                   note=f"server tree {after:.0f} MB in {processes} processes; server alone {before:.0f} MB"), 4.0),
+    ]  # fmt: skip
+
+
+async def scale_rows(quick: bool, say: Callable[[str], None]) -> list[Row]:
+    rows = await _start_breakdown(say)
+    servers, slots = (4, 16) if quick else (8, 32)
+    n = servers * slots
+    cold, cold_again, _ = await _burst(servers, slots, warm=False, say=say)
+    warm, warm_again, warmed = await _burst(servers, slots, warm=True, say=say)
+    say(f"scale: floor, {n} concurrent plain subprocesses")
+    floor_wall = await subprocess_floor_concurrent(n, _CALLS, "echo x")
+    floor_rate = n * _CALLS / floor_wall
+    rows += [
+        Row(_SCENARIO, f"cold burst, {n} fresh slots: call p50", cold.p(0.5) * 1000, "ms",
+            note=f"p99 {cold.p(0.99) * 1000:.0f} ms, wall {cold.wall:.1f} s ({cold.calls / cold.wall:.0f} calls/s)"),
+        judged(Row(_SCENARIO, f"burst on warm slots, {n} fresh slots: call p99", warm.p(0.99), "s",
+                   baseline="the same burst, no warm slots", baseline_value=cold.p(0.99), target="<= 2 s",
+                   note=f"p50 {warm.p(0.5) * 1000:.0f} ms, wall {warm.wall:.1f} s; warm slots ready "
+                        f"{warmed:.1f} s after the pool"), 2.0),
+        judged(Row(_SCENARIO, f"warm throughput, {n} trajectories", warm_again.calls / warm_again.wall, "calls/s",
+                   baseline=f"plain bash -c, {n} concurrent", baseline_value=floor_rate, target=">= 0.7x",
+                   note=f"p50 {warm_again.p(0.5) * 1000:.0f} ms, p99 {warm_again.p(0.99) * 1000:.0f} ms "
+                        f"(p99/p50 {warm_again.p(0.99) / warm_again.p(0.5):.1f}, target < 4)"), 0.7,
+               higher_is_better=True),
+        judged(Row(_SCENARIO, f"pool CPU per call in this process, {n} trajectories",
+                   warm_again.cpu / warm_again.calls * 1e6, "us",
+                   note=f"the same pool's first wave {warm.cpu / warm.calls * 1e6:.0f} us; without warm slots "
+                        f"{cold.cpu / cold.calls * 1e6:.0f} us first, {cold_again.cpu / cold_again.calls * 1e6:.0f} us "
+                        "second"), 150.0),
+    ]  # fmt: skip
+    rows += await _memory(32 if quick else 64, say)
+    return rows
