@@ -98,7 +98,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     pool.add_argument(
         "--backend-option", action="append", default=[], metavar="KEY=VALUE",
         help="a setting of the backend (repeatable), e.g. partition=cpu, time_limit=4:00:00 or "
-        "pool_dir=/shared/atropos for slurm; a value is JSON where it parses (sbatch_args='[\"--exclusive\"]')",
+        "pool_dir=/shared/atropos for slurm; a value starting with [ or { is JSON (sbatch_args='[\"--exclusive\"]')",
     )  # fmt: skip
     pool.add_argument("--slots-per-container", type=int, default=8, metavar="N", help="default 8")
     pool.add_argument("--containers", type=int, default=2, metavar="N", help="servers started (default 2)")

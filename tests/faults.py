@@ -85,7 +85,7 @@ def assert_exactly_once(report: LedgerReport, wrong: list[str]) -> None:
     assert report.duplicated == 0, report
     assert report.untyped == {}, report
     assert set(report.errors) <= EXPECTED_ERRORS, report.errors
-    assert wrong == []
+    assert wrong == [], wrong
     assert report.ok > 0, report
 
 

@@ -97,6 +97,7 @@ async def test_model_server_drives_the_trajectories(tmp_path: Path, capsys: pyte
         (["--task-file", "/nowhere/tasks.jsonl"], "cannot read the task file '/nowhere/tasks.jsonl'"),
         (["--backend", "slurm", "--backend-option", "partition"], "backend option 'partition': write KEY=VALUE"),
         (["--backend", "slurm", "--backend-option", "partitoin=cpu"], "backend.slurm.partitoin: Extra inputs"),
+        (["--backend", "slurm", "--backend-option", "sbatch_args=[--x]"], "backend option sbatch_args: not JSON"),
     ],
 )
 def test_bad_flags_exit_2_with_a_clear_message(

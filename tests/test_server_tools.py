@@ -29,8 +29,10 @@ def test_health_reports_mode_without_auth(server: RunningServer) -> None:
         "cgroups",
         "isolation_reason",
         "network_reason",
+        "warm",
     }
     assert body["network"] in ("public", "deny", "allow") and body["uid"] != 0
+    assert body["warm"]["target"] == 4 and 0 <= body["warm"]["ready"] <= 4  # every slot, by default
 
 
 def test_bash_separates_streams_and_exit_code(server: RunningServer) -> None:

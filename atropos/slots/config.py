@@ -37,16 +37,20 @@ _FLAT_NOMAD_KEYS = {
 
 
 def parse_backend_options(pairs: list[str]) -> dict[str, Any]:
-    """`KEY=VALUE` settings of a backend (`partition=cpu`, `cpus_per_server=4`,
-    `sbatch_args=["--exclusive"]`): a value is JSON where it parses as JSON, else the text."""
+    """`KEY=VALUE` settings of a backend (`partition=cpu`, `time_limit=10`, `cpus_per_server=4`,
+    `sbatch_args=["--exclusive"]`): a value that starts with `[` or `{` is JSON, any other is text
+    (which the setting's own type reads: `4` for a number, `10` for a SLURM time)."""
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
         if not sep or not key.strip():
             raise PoolConfigError(f"backend option {pair!r}: write KEY=VALUE, e.g. partition=cpu")
-        try:
-            options[key.strip()] = json.loads(text)
-        except ValueError:
+        if text.lstrip()[:1] in ("[", "{"):
+            try:
+                options[key.strip()] = json.loads(text)
+            except ValueError as exc:
+                raise PoolConfigError(f"backend option {key.strip()}: not JSON ({exc})") from None
+        else:
             options[key.strip()] = text
     return options
 

@@ -30,7 +30,7 @@ from atropos.sandbox.models import (
     WarmState,
     typed_call,
 )
-from atropos.sandbox.runner.protocol import ToolOp
+from atropos.sandbox.runner.protocol import Outcome, ToolOp
 from atropos.sandbox.server.openapi import openapi_document
 from atropos.sandbox.server.slot_runner import SlotFailure, SlotReset, SlotRunner
 from atropos.sandbox.server.warm import WarmSlots
@@ -188,9 +188,21 @@ class SandboxApp:
             )
         )  # fmt: skip
 
+    def begin_stopping(self) -> None:
+        """The server was told to stop (SIGTERM: scancel, a time limit, a scale-down). What its calls
+        in flight come to is no longer theirs: the same signal may have reached their commands
+        (SLURM signals every process of a job), so a result now could be a kill passed off as the
+        command's own failure. They end as a stopping server's failure instead (the pool's SlotLost)."""
+        self.stopping = True
+
+    def _kept(self, outcome: Outcome, slot: SlotRunner) -> Outcome:
+        if self.stopping:
+            raise SlotFailure(f"slot {slot.index}: the server is shutting down; the call's result is not kept")
+        return outcome
+
     async def execute(self, request: web.Request) -> web.Response:
         slot, op = self._prepare(await self._body(request, ExecuteRequest))
-        return _json(ExecuteResult.model_construct(**await slot.execute(op)))
+        return _json(ExecuteResult.model_construct(**self._kept(await slot.execute(op), slot)))
 
     async def batch(self, request: web.Request) -> web.Response:
         body: BatchRequest = await self._body(request, BatchRequest)
@@ -209,6 +221,8 @@ class SandboxApp:
                     results[i] = ExecuteResult(ok=False, infra_error=str(exc))
 
         await asyncio.gather(*(run_slot(idx) for idx in by_slot.values()))
+        if self.stopping:
+            raise SlotFailure("the server is shutting down; the batch's results are not kept")
         return _json(BatchResponse(results=[r for r in results if r is not None]))
 
     async def reset(self, request: web.Request) -> web.Response:

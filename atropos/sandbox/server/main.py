@@ -282,8 +282,13 @@ async def serve(cfg: ServerSettings, api: SandboxApp, lock: DataDirLock, generat
     print(f"{READY_PREFIX} http://{host}:{port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def stopping() -> None:
+        api.begin_stopping()  # before anything else runs: see begin_stopping
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stopping)
     try:
         await stop.wait()
     finally:
