@@ -58,6 +58,21 @@ async def _wave(pool: SlotPool, trajectories: int, tag: str) -> Wave:
     return Wave(time.perf_counter() - t0, latencies, time.process_time() - cpu0)
 
 
+async def _calls(pool: SlotPool, slots: list[Slot]) -> Wave:
+    """_CALLS calls in each of these leased slots, all slots at once."""
+    latencies: list[float] = []
+
+    async def one(slot: Slot) -> None:
+        for i in range(_CALLS):
+            t0 = time.perf_counter()
+            await pool.execute(slot, "bash" if i % 2 == 0 else "bash_session", {"command": "true"}, timeout=120)
+            latencies.append(time.perf_counter() - t0)
+
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(one(slot) for slot in slots))
+    return Wave(time.perf_counter() - t0, latencies, time.process_time() - cpu0)
+
+
 def _config(servers: int, slots: int, **kw: object) -> SlotPoolConfig:
     return pool_config(slots_per_container=slots, min_containers=servers, max_containers=servers, **kw)
 
@@ -183,6 +198,46 @@ async def _memory(slots: int, say: Callable[[str], None]) -> list[Row]:
     ]  # fmt: skip
 
 
+async def _shape(sizes: tuple[int, ...], say: Callable[[str], None]) -> list[Row]:
+    """The same load (64 held slots' calls, then acquire+release with nothing else running) on
+    pools of growing size, the other slots idle (they never start a sandbox): what the pool's own
+    costs do as its slots grow."""
+    rows: list[Row] = []
+    base: tuple[float, float, float] | None = None
+    for size in sizes:
+        servers = max(1, size // 128)
+        say(f"scale: shape, {size} slots on {servers} server(s)")
+        t0 = time.perf_counter()
+        async with SlotPool(_config(servers, size // servers, warm_slots=0)) as pool:
+            start = time.perf_counter() - t0
+            held = [await pool.acquire(f"s{i}") for i in range(64)]
+            await _calls(pool, held)  # their sandboxes start
+            wave = await _calls(pool, held)
+            for slot in held:
+                pool.release(slot)
+            cpu0, n = time.process_time(), 20_000
+            for i in range(n):
+                pool.release(await pool.acquire(f"a{i}"))
+            lease_us = (time.process_time() - cpu0) / n * 1e6
+        figures = (start, wave.cpu / wave.calls * 1e6, lease_us)
+        base = base or figures
+        rows.append(
+            Row(
+                _SCENARIO,
+                f"shape: {size} slots, 64 trajectories: pool CPU per call",
+                figures[1],
+                "us",
+                baseline="the smallest pool",
+                baseline_value=base[1],
+                note=f"start {start:.2f} s ({start / base[0]:.1f}x); acquire+release {lease_us:.1f} us "
+                f"({lease_us / base[2]:.1f}x); slots {size / sizes[0]:.0f}x",
+                extra={"start_s": start, "lease_us": lease_us},
+            )
+        )
+        rows[-1].ratio = figures[1] / base[1]
+    return rows
+
+
 async def scale_rows(quick: bool, say: Callable[[str], None]) -> list[Row]:
     rows = await _start_breakdown(say)
     servers, slots = (4, 16) if quick else (8, 32)
@@ -211,4 +266,5 @@ async def scale_rows(quick: bool, say: Callable[[str], None]) -> list[Row]:
                         "second"), 150.0),
     ]  # fmt: skip
     rows += await _memory(32 if quick else 64, say)
+    rows += await _shape((64, 256) if quick else (64, 256, 1024), say)
     return rows

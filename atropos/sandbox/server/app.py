@@ -57,6 +57,19 @@ class ApiError(Exception):
         self.detail = detail
 
 
+# how long an answer whose command died of an outside signal waits for the server's own stop
+_SIGNAL_GRACE = 0.5
+
+
+# exit codes of a command ended by SIGHUP, SIGINT, SIGKILL or SIGTERM: -N, or 128+N from a shell
+_KILLED = frozenset(c for n in (1, 2, 9, 15) for c in (-n, 128 + n))
+
+
+def _signalled(outcome: Outcome) -> bool:
+    """The command was killed, not by its slot (a timeout's kill sets timed_out; a reset's raises)."""
+    return outcome.get("exit_code") in _KILLED and not outcome.get("timed_out")
+
+
 def _json(model: BaseModel, status: int = 200) -> web.Response:
     return web.Response(body=model.model_dump_json(), status=status, content_type="application/json")
 
@@ -195,14 +208,20 @@ class SandboxApp:
         command's own failure. They end as a stopping server's failure instead (the pool's SlotLost)."""
         self.stopping = True
 
-    def _kept(self, outcome: Outcome, slot: SlotRunner) -> Outcome:
-        if self.stopping:
-            raise SlotFailure(f"slot {slot.index}: the server is shutting down; the call's result is not kept")
-        return outcome
+    async def _stopped_meanwhile(self, outcomes: list[Outcome]) -> bool:
+        """Whether the server began stopping before these calls' answers leave. A command killed by
+        a signal it was not sent by its slot gets a moment first: the server's own stop signal may
+        be on its way (the end of a SLURM job signals every process at once, in no set order)."""
+        if not self.stopping and any(_signalled(o) for o in outcomes):
+            await asyncio.sleep(_SIGNAL_GRACE)
+        return self.stopping
 
     async def execute(self, request: web.Request) -> web.Response:
         slot, op = self._prepare(await self._body(request, ExecuteRequest))
-        return _json(ExecuteResult.model_construct(**self._kept(await slot.execute(op), slot)))
+        outcome = await slot.execute(op)
+        if await self._stopped_meanwhile([outcome]):
+            raise SlotFailure(f"slot {slot.index}: the server is shutting down; the call's result is not kept")
+        return _json(ExecuteResult.model_construct(**outcome))
 
     async def batch(self, request: web.Request) -> web.Response:
         body: BatchRequest = await self._body(request, BatchRequest)
@@ -216,12 +235,14 @@ class SandboxApp:
             for i in indices:  # same slot: in order; different slots: concurrently
                 slot, op = prepared[i]
                 try:
-                    results[i] = ExecuteResult.model_construct(**await slot.execute(op))
+                    outcomes[i] = await slot.execute(op)
+                    results[i] = ExecuteResult.model_construct(**outcomes[i])
                 except SlotFailure as exc:
                     results[i] = ExecuteResult(ok=False, infra_error=str(exc))
 
+        outcomes: dict[int, Outcome] = {}
         await asyncio.gather(*(run_slot(idx) for idx in by_slot.values()))
-        if self.stopping:
+        if await self._stopped_meanwhile(list(outcomes.values())):
             raise SlotFailure("the server is shutting down; the batch's results are not kept")
         return _json(BatchResponse(results=[r for r in results if r is not None]))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -108,6 +109,20 @@ class SlotRunner:
             start_new_session=True,
             limit=256 * 1024 * 1024,
         )
+        try:
+            return await self._hello(proc)
+        except BaseException:  # cancelled (the server stopping mid-start) or failed: no orphan left
+            await self._stop_started(proc)
+            raise
+
+    async def _stop_started(self, proc: asyncio.subprocess.Process) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await asyncio.shield(proc.wait())
+        await self._stop_pasta(proc)
+
+    async def _hello(self, proc: asyncio.subprocess.Process) -> asyncio.subprocess.Process:
+        """The runner's first line (after its network namespace's, for pasta to join): it is up."""
         assert proc.stdout is not None
         if self._egress is not None and (await proc.stdout.readline()).strip() == NETNS_READY.encode():
             self._pastas[proc.pid] = await asyncio.create_subprocess_exec(
