@@ -115,3 +115,8 @@ def _running(pid: int) -> bool:
             return "State:\tZ" not in fh.read()
     except OSError:
         return False
+
+
+async def test_by_default_a_big_server_keeps_a_bounded_number_warm() -> None:
+    async with pool(slots_per_container=40, warm_slots=None) as p:
+        assert (await warm_state(p))["target"] == 32  # not all 40: each warm slot holds a runner's memory

@@ -23,6 +23,7 @@ TOKEN_ENV = "ATROPOS_SANDBOX_TOKEN"
 RUN_AS_ENV = "ATROPOS_SANDBOX_RUN_AS"  # the default of --run-as where set (the Docker image: sandbox)
 DEFAULT_RUN_AS = "nobody"
 DEFAULT_PORT = 8080
+DEFAULT_WARM = 32  # warm slots of a server when not set: enough for a burst, bounded in memory
 READY_PREFIX = "ATROPOS_SANDBOX_READY"  # the line the server prints once it listens: `<prefix> <url>`
 TUN_DEVICE = "/dev/net/tun"  # network `public` needs it inside the container (pasta opens it)
 
@@ -56,7 +57,10 @@ class ServerSettings(BaseModel):
     max_body: int = Field(default=64 << 20, ge=1024, description="request body limit, bytes")
     limits: SlotLimits = Field(default_factory=SlotLimits)
     warm_slots: int | None = Field(
-        default=None, ge=0, description="slots kept started ahead of their first call; None: every slot"
+        default=None,
+        ge=0,
+        description=f"slots kept started ahead of their first call; None: up to {DEFAULT_WARM} (each holds a "
+        "runner's memory: a server of a thousand slots does not spend it all at start)",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -69,6 +73,11 @@ class ServerSettings(BaseModel):
         elif not 0 <= value <= 65535:
             raise ValueError(f"{value} is not a port (0-65535)")
         return value
+
+    @property
+    def warm_target(self) -> int:
+        """How many slots the server keeps warm."""
+        return min(self.slots, DEFAULT_WARM) if self.warm_slots is None else self.warm_slots
 
     def placed(self, *, host: str, port: int | str, data_dir: str, token_file: str | None = None) -> ServerSettings:
         """These settings for a server listening on `host:port` with its data in `data_dir`: where a
@@ -148,7 +157,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option(
         "--warm-slots",
         "slots whose sandbox is started before their first call, and kept so as they are used; 0: "
-        "each slot starts on its first call (default: every slot)",
+        f"each slot starts on its first call (default: up to {DEFAULT_WARM})",
         type=int,
     ),
 )

@@ -92,7 +92,7 @@ class SlotPoolConfig(BaseModel):
         default=None,
         ge=0,
         description="per server: slots whose sandbox starts before their first call, refilled as they are used; "
-        "None: every slot (the server's default); 0: each slot starts on its first call",
+        "None: the server's default (up to 32); 0: each slot starts on its first call",
     )
     max_output: int = Field(default=1 << 20, ge=1024, description="bytes kept per stream per call")
     run_as: str | None = Field(

@@ -245,7 +245,7 @@ def prepare(cfg: ServerSettings) -> tuple[ServerSettings, SandboxApp, DataDirLoc
         default_timeout=cfg.timeout,
         enforcement=enforced,
         max_body=cfg.max_body,
-        warm_slots=cfg.slots if cfg.warm_slots is None else cfg.warm_slots,
+        warm_slots=cfg.warm_target,
     )
     return cfg, api, lock, generated
 
