@@ -15,7 +15,14 @@ from atropos.slots.leasing import SlotStatus
 
 log = logging.getLogger("atropos.slots")
 
-_SCALE_UP_RETRY = 5.0
+_SCALE_UP_RETRY = 5.0  # after a failed scale-up; doubled for each failure in a row, up to _SCALE_UP_BACKOFF_MAX
+_SCALE_UP_BACKOFF_MAX = 300.0
+
+
+def retry_after(failures: int) -> float:
+    """Seconds before another scale-up after `failures` in a row (a job that can never start, an
+    exhausted quota: not resubmitted every few seconds)."""
+    return 0.0 if failures <= 0 else min(_SCALE_UP_RETRY * 2 ** (failures - 1), _SCALE_UP_BACKOFF_MAX)
 
 
 class Scaler:
@@ -24,6 +31,7 @@ class Scaler:
         self.wakeup = asyncio.Event()  # set when a trajectory starts waiting
         self._last_scale = 0.0
         self._up_failed = 0.0
+        self._up_failures = 0  # in a row
 
     async def run(self) -> None:
         while True:
@@ -41,7 +49,8 @@ class Scaler:
         now = time.monotonic()
         waiting = book.waiting
         have = len(fleet) + fleet.replacing  # a replacement under way counts: it is coming
-        if waiting and book.free_count == 0 and have < c.max_containers and now - self._up_failed >= _SCALE_UP_RETRY:
+        backoff = retry_after(self._up_failures)
+        if waiting and book.free_count == 0 and have < c.max_containers and now - self._up_failed >= backoff:
             want = min(math.ceil(waiting / c.slots_per_container), c.max_containers - have)
             fleet.progress(f"scaling up by {want}: {waiting} trajectories wait for a slot")
             fleet.stats.counters["scale_ups"] += 1
@@ -50,7 +59,10 @@ class Scaler:
                 infos = await fleet.backend.add_servers(want, fleet.progress)
             except Exception:
                 self._up_failed = time.monotonic()
+                self._up_failures += 1
+                fleet.progress(f"scale-up failed; the next attempt in {retry_after(self._up_failures):.0f}s or later")
                 raise
+            self._up_failures = 0
             await fleet.admit(infos)
             return
         busy = {st.server_id for st in book.slots.values() if st.status is not SlotStatus.FREE}
