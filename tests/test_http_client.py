@@ -122,3 +122,17 @@ async def test_abort_all_fails_the_requests_in_flight_at_once(server: tuple[str,
 def test_only_plain_http_addresses() -> None:
     with pytest.raises(ValueError, match="http://host:port"):
         HttpClient("https://example.invalid:443")
+
+
+async def test_a_connection_idle_too_long_is_not_reused(server: tuple[str, list[int]]) -> None:
+    """The server closes idle connections after its keep-alive time: a request on one it is closing
+    would fail without having run, so an old idle connection is replaced instead."""
+    url, peers = server
+    client = HttpClient(url, max_idle=0.2)
+    await client.request("POST", "/echo", b"1", timeout=5)
+    await client.request("POST", "/echo", b"2", timeout=5)
+    assert len(peers) == 1  # reused while fresh
+    await asyncio.sleep(0.3)
+    await client.request("POST", "/echo", b"3", timeout=5)
+    assert len(peers) == 2
+    await client.close()

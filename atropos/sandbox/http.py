@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from urllib.parse import urlsplit
 
 _CONNECT_TIMEOUT = 5.0
 _MAX_HEAD = 64 * 1024
+# an idle connection older than this is not reused: the server closes idle ones after 75 s
+# (aiohttp's keep-alive), and a request sent as it does so would fail without having run
+_MAX_IDLE = 30.0
 
 
 class HttpTransportError(ConnectionError):
@@ -37,6 +41,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
         self.reusable = False
+        self.idle_since = 0.0
         self._buf = bytearray()
         self._head: tuple[int, int | None, bool, bool] | None = None  # status, length, chunked, close
 
@@ -57,8 +62,8 @@ class _Connection(asyncio.Protocol):
         self._buf += data
         try:
             self._parse()
-        except HttpTransportError as exc:
-            self.fail(exc)
+        except (HttpTransportError, ValueError) as exc:  # ValueError: a length that is no number
+            self.fail(exc if isinstance(exc, HttpTransportError) else HttpTransportError(f"malformed answer: {exc}"))
 
     def eof_received(self) -> bool | None:
         if self._head is not None and self._head[1] is None and not self._head[2]:  # body to the end
@@ -90,8 +95,11 @@ class _Connection(asyncio.Protocol):
                 return
             self._head = _head(bytes(self._buf[:end]))
             del self._buf[: end + 4]
-        _status, length, chunked, close = self._head
-        if chunked:
+        status, length, chunked, close = self._head
+        body: bytes | None
+        if status in (204, 304):  # never a body
+            body = b""
+        elif chunked:
             body = _dechunk(self._buf)
             if body is None:
                 return
@@ -152,7 +160,9 @@ def _dechunk(buf: bytearray) -> bytes | None:
 class HttpClient:
     """Requests to one `http://host:port` server over a set of kept-alive connections."""
 
-    def __init__(self, url: str, headers: dict[str, str] | None = None, keep: int = 16) -> None:
+    def __init__(
+        self, url: str, headers: dict[str, str] | None = None, keep: int = 16, max_idle: float = _MAX_IDLE
+    ) -> None:
         parts = urlsplit(url)
         if parts.scheme != "http" or parts.hostname is None:
             raise ValueError(f"{url!r}: an http://host:port address")
@@ -161,6 +171,7 @@ class HttpClient:
         fixed = {"Host": parts.netloc, **(headers or {})}
         self._fixed = "".join(f"{k}: {v}\r\n" for k, v in fixed.items()).encode()
         self.keep = keep
+        self.max_idle = max_idle
         self._idle: list[_Connection] = []
         self._busy: set[_Connection] = set()
         self._closed = False
@@ -183,6 +194,7 @@ class HttpClient:
         finally:
             self._busy.discard(conn)
         if conn.reusable and conn.transport is not None and len(self._idle) < self.keep and not self._closed:
+            conn.idle_since = time.monotonic()
             self._idle.append(conn)
         elif conn.transport is not None:
             conn.transport.close()
@@ -191,8 +203,12 @@ class HttpClient:
     async def _connection(self) -> _Connection:
         while self._idle:
             conn = self._idle.pop()
-            if conn.transport is not None and not conn.transport.is_closing():
-                return conn
+            if conn.transport is None or conn.transport.is_closing():
+                continue
+            if time.monotonic() - conn.idle_since > self.max_idle:
+                conn.transport.close()
+                continue
+            return conn
         loop = asyncio.get_running_loop()
         try:
             _, conn = await asyncio.wait_for(
