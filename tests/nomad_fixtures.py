@@ -249,6 +249,8 @@ def _start_agent() -> RealAgent:
     with open(os.path.join(workdir, "test.hcl"), "w", encoding="utf-8") as f:
         f.write(
             f"ports {{\n  http = {http}\n  rpc = {rpc}\n  serf = {serf}\n}}\n"
+            # no call home to HashiCorp's version check from a test's agent
+            "disable_update_check = true\n"
             # no cloud metadata services here: skip their fingerprinters
             'client {\n  options = {\n    "fingerprint.denylist" = '
             '"env_aws,env_gce,env_azure,env_digitalocean"\n  }\n}\n'
