@@ -62,9 +62,9 @@ class LeaseBook:
         self._free: deque[SlotState] = deque()
         self._waiters: deque[asyncio.Future[SlotState]] = deque()
         self._lease_ids = itertools.count(1)
-        # servers whose slots leave the book as they come back (retirement), and who hears when
-        # the last one of a server has left
-        self.retiring: set[str] = set()
+        # retiring servers, with how many of their slots are still in the book (they leave as they
+        # come back), and who hears when the last one of a server has left
+        self.retiring: dict[str, int] = {}
         self.on_emptied: Callable[[str], None] = lambda _server_id: None
 
     # -- membership ----------------------------------------------------------------------------
@@ -77,7 +77,7 @@ class LeaseBook:
     def remove_server(self, server_id: str, status: SlotStatus) -> list[SlotState]:
         """Take every slot of a server out of circulation (lost, or draining for scale-down)."""
         gone = [st for st in self.slots.values() if st.server_id == server_id]
-        self.retiring.discard(server_id)
+        self.retiring.pop(server_id, None)
         for st in gone:
             st.status = status
             del self.slots[st.key]
@@ -86,22 +86,26 @@ class LeaseBook:
     def retire_server(self, server_id: str) -> int:
         """No slot of this server is handed out again: the free ones leave now, the others once
         they come back (then `on_emptied`). How many are still out."""
-        self.retiring.add(server_id)
         slots = [st for st in self.slots.values() if st.server_id == server_id]
+        self.retiring[server_id] = len(slots)
         for st in slots:
             if st.status is SlotStatus.FREE:
                 self._leave(st)
-        return sum(1 for st in slots if st.status is not SlotStatus.DRAINING)
+        return self.retiring.get(server_id, 0)
 
-    def _leave(self, st: SlotState) -> None:
-        st.status = SlotStatus.DRAINING
+    def _leave(self, st: SlotState, status: SlotStatus = SlotStatus.DRAINING) -> None:
+        st.status = status
         del self.slots[st.key]
-        if not any(other.server_id == st.server_id for other in self.slots.values()):
-            self.retiring.discard(st.server_id)
+        self.retiring[st.server_id] -= 1
+        if not self.retiring[st.server_id]:
+            del self.retiring[st.server_id]
             self.on_emptied(st.server_id)
 
     def retire(self, st: SlotState) -> None:
         """Take one slot out of circulation for good (it could not be cleaned)."""
+        if st.key in self.slots and st.server_id in self.retiring:
+            self._leave(st, SlotStatus.LOST)  # counted out of its retiring server too
+            return
         st.status = SlotStatus.LOST
         self.slots.pop(st.key, None)
 
