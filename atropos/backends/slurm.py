@@ -43,7 +43,11 @@ from atropos.slurm.batch import OUTPUT, SCRIPT
 
 log = logging.getLogger("atropos.backends.slurm")
 
-_POLL = 0.5  # seconds between looks at the queue while servers start, and at running jobs
+_POLL = 0.5  # seconds between looks at the queue while a server starts (its pending reason)
+# seconds between looks at the pool's running jobs, one squeue for all: a server that dies is
+# mostly seen by the pool's health checks first (its connection refused); this catches the rest
+# and keeps each job's time left, without asking the controller more often than a site likes
+_WATCH = 2.0
 # a job in any of these is no server any more (COMPLETING: SLURM is ending it, its calls will not finish)
 _GONE = (
     "COMPLETING",
@@ -255,7 +259,7 @@ class SlurmBackend(SandboxBackend):
     async def _watch(self) -> None:
         """A job that left the queue is a server that is gone (the pool replaces it)."""
         while True:
-            await asyncio.sleep(_POLL)
+            await asyncio.sleep(_WATCH)
             running = [j for j in self._jobs.values() if not j.exited.done()]
             if not running:
                 continue
