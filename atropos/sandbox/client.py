@@ -13,12 +13,20 @@ client about 0.3 ms, most of the pool's overhead over the server itself).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
+
 from atropos.errors import InfrastructureError, InvalidToolCall, SlotFailed, SlotLost
+from atropos.sandbox import tarsafe
 from atropos.sandbox.http import HttpClient, HttpRefused, HttpTransportError
-from atropos.sandbox.models import ExecuteResult, StatusResponse
+from atropos.sandbox.models import ExecuteResult, StatusResponse, UploadResult
+from atropos.sandbox.streams import LoopReader, LoopWriter, ThreadPipe
+from atropos.sandbox.tarsafe import Compression
 
 # the server enforces a call's timeout, then gives the slot's runner 10 s more; past this margin
 # on top of the call's own timeout the server itself is considered gone
@@ -33,9 +41,9 @@ class ServerClient:
     def __init__(self, server_id: str, url: str, token: str | None, max_connections: int) -> None:
         self.server_id = server_id
         self.url = url.rstrip("/")
-        self._http = HttpClient(
-            self.url, headers={"Authorization": f"Bearer {token}"} if token else None, keep=max_connections
-        )
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = HttpClient(self.url, headers=self._headers or None, keep=max_connections)
+        self._streams: aiohttp.ClientSession | None = None  # tree transfers: streamed bodies, rare
         self.lost_reason = ""
 
     def mark_lost(self, reason: str) -> None:
@@ -46,6 +54,8 @@ class ServerClient:
 
     async def aclose(self) -> None:
         await self._http.close()
+        if self._streams is not None:
+            await self._streams.close()
 
     async def answers(self, timeout: float) -> bool:
         """The server answers /health (its liveness; no token needed), within `timeout`."""
@@ -117,3 +127,63 @@ class ServerClient:
 
     async def reset(self, slot: int, timeout: float = 60.0) -> dict[str, Any]:
         return await self._post("/reset", {"slot": slot}, timeout)
+
+    # -- tree transfers: streamed both ways (see atropos.sandbox.server.transfer) ----------------
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._streams is None:
+            self._streams = aiohttp.ClientSession(headers=self._headers, auto_decompress=False)
+        return self._streams
+
+    async def upload_tree(
+        self, slot: int, source: str, path: str, timeout: float, compression: Compression = "zstd"
+    ) -> UploadResult:
+        """Pack the local directory `source` and unpack it into `path` of the slot (all or nothing)."""
+        src = tarsafe.open_dir(source)
+
+        def produce(out: LoopWriter) -> None:
+            try:
+                tarsafe.pack(src, out, compression)
+            finally:
+                os.close(src)
+
+        pipe = ThreadPipe(produce)
+        try:
+            async with self._streamed("POST", "/upload", {"slot": str(slot), "path": path}, timeout, pipe) as answer:
+                status, raw = answer.status, await answer.read()
+        finally:
+            await pipe.close()
+        return UploadResult.model_validate(self._decode("/upload", status, raw))
+
+    async def download_tree(self, slot: int, path: str, dest: str, timeout: float, max_bytes: int) -> tarsafe.Unpacked:
+        """Unpack the slot's `path` into the local directory `dest` (made if missing)."""
+        os.makedirs(dest, exist_ok=True)
+        loop = asyncio.get_running_loop()
+        query = {"slot": str(slot), "path": path, "compression": "zstd"}
+
+        async with self._streamed("GET", "/download", query, timeout) as answer:
+            if answer.status != 200:
+                self._decode("/download", answer.status, await answer.read())
+            target = tarsafe.open_dir(dest)
+            try:
+                reader = LoopReader(answer.content.read, loop)
+                return await asyncio.to_thread(tarsafe.unpack, reader, target, tarsafe.TreeLimits(max_bytes))
+            finally:
+                os.close(target)
+
+    @contextlib.asynccontextmanager
+    async def _streamed(
+        self, method: str, path: str, query: dict[str, str], timeout: float, body: ThreadPipe | None = None
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A request whose body or answer streams; transport failures and timeouts are SlotLost."""
+        if self.lost_reason:
+            raise SlotLost(f"server {self.server_id} is lost: {self.lost_reason}")
+        try:
+            async with self._session().request(
+                method, self.url + path, params=query, data=body, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as response:
+                yield response
+        except asyncio.TimeoutError:
+            raise SlotLost(f"server {self.server_id} did not finish {path} within {timeout:.0f}s") from None
+        except aiohttp.ClientError as exc:
+            raise SlotLost(f"server {self.server_id} unreachable on {path}: {exc}") from None

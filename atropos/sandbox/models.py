@@ -191,6 +191,19 @@ class ResetResponse(BaseModel):
     duration_ms: float
 
 
+class UploadResult(BaseModel):
+    """What `POST /upload` unpacked into the slot (all of the archive: a refused one leaves nothing)."""
+
+    slot: int
+    path: str
+    files: int
+    dirs: int
+    symlinks: int
+    hardlinks: int
+    bytes: int = Field(description="Bytes of file content unpacked.")
+    duration_ms: float
+
+
 class Enforcement(BaseModel):
     """What a server enforces on every slot, as it found it could at start-up (no secrets)."""
 

@@ -55,6 +55,9 @@ class ServerSettings(BaseModel):
     max_output: int = Field(default=1 << 20, ge=1024, description="bytes kept per stream per call")
     max_file_bytes: int = Field(default=16 << 20, ge=1, description="read_file/write_file size limit")
     max_body: int = Field(default=64 << 20, ge=1024, description="request body limit, bytes")
+    max_upload: int = Field(
+        default=4 << 30, ge=1024, description="bytes one upload may unpack (a workspace limit also bounds it)"
+    )
     limits: SlotLimits = Field(default_factory=SlotLimits)
     warm_slots: int | None = Field(
         default=None,
@@ -152,7 +155,8 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("--timeout", "default per-call timeout in seconds", type=float),
     _Option("--max-output", "bytes of stdout and of stderr kept per call", type=int),
     _Option("--max-file-bytes", "size limit of read_file/write_file", type=int),
-    _Option("--max-body", "request body limit in bytes", type=int),
+    _Option("--max-body", "request body limit in bytes (JSON calls; uploads stream, see --max-upload)", type=int),
+    _Option("--max-upload", "bytes of file content one POST /upload may unpack", type=int),
     _Option("--log-level", "log level", choices=["DEBUG", "INFO", "WARNING", "ERROR"]),
     _Option(
         "--warm-slots",

@@ -26,7 +26,8 @@ from atropos.errors import (
     SlotPoolError,
 )
 from atropos.progress import Progress, no_progress
-from atropos.sandbox.models import ExecuteResult
+from atropos.sandbox.models import ExecuteResult, UploadResult
+from atropos.sandbox.tarsafe import Unpacked
 from atropos.slots.config import SlotPoolConfig
 from atropos.slots.fleet import Background, Fleet, Member
 from atropos.slots.health import HealthWatch
@@ -284,6 +285,39 @@ class SlotPool:
             st.last_seen = time.monotonic()
         self._stats.call(tool, time.monotonic() - started)
         return result
+
+    # -- whole trees -----------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _transfer(self, slot: Slot) -> AsyncIterator[tuple[SlotState, Member]]:
+        st = self._book.check(slot)
+        server = self._member(st)
+        st.inflight += 1
+        st.dirty = True
+        try:
+            yield st, server
+        except SlotLost as exc:
+            self._stats.error(exc)
+            self._background.spawn(self._health.check(server))
+            raise
+        finally:
+            st.inflight -= 1
+            st.last_seen = time.monotonic()
+
+    async def upload_tree(self, slot: Slot, source: str, path: str = ".", timeout: float = 600.0) -> UploadResult:
+        """Copy the local directory `source` into `path` of the slot's workspace (made if missing;
+        entries of the same name replaced, directories merged). A refused archive changes nothing
+        (InvalidToolCall says why); the tree streams, never wholly in memory."""
+        async with self._transfer(slot) as (st, server):
+            return await server.client.upload_tree(st.index, source, path, timeout)
+
+    async def download_tree(
+        self, slot: Slot, path: str, dest: str, timeout: float = 600.0, max_bytes: int = 16 << 30
+    ) -> Unpacked:
+        """Copy `path` of the slot's workspace into the local directory `dest` (made if missing),
+        with the same confinement as an upload: nothing of the archive lands outside `dest`."""
+        async with self._transfer(slot) as (st, server):
+            return await server.client.download_tree(st.index, path, dest, timeout, max_bytes)
 
     async def execute_batch(self, calls: Sequence[BatchCall]) -> list[ExecuteResult | InfrastructureError]:
         """Run many calls, one HTTP request per server. Results come in order; a call whose sandbox

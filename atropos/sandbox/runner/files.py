@@ -162,6 +162,7 @@ def _open_dir_for_removal(parent: int, name: str) -> int:
 class _Removal:
     root: int  # the workspace: deep directories are moved up to it and removed in a later pass
     depth: int = 0
+    moved: list[str] | None = None  # the names they got there, where the caller removes them itself
 
 
 def _remove_entry(parent: int, name: str, how: _Removal) -> None:
@@ -178,7 +179,10 @@ def _remove_entry(parent: int, name: str, how: _Removal) -> None:
                 raise
         if how.depth >= _MAX_REMOVAL_DEPTH:
             # bounded recursion and open fds whatever an agent's `mkdir -p` depth: flatten the tree
-            os.rename(name, f".atropos-deep-{uuid.uuid4().hex}", src_dir_fd=parent, dst_dir_fd=how.root)
+            flat = f".atropos-deep-{uuid.uuid4().hex}"
+            os.rename(name, flat, src_dir_fd=parent, dst_dir_fd=how.root)
+            if how.moved is not None:
+                how.moved.append(flat)
             return
         try:
             fd = _open_dir_for_removal(parent, name)
@@ -187,12 +191,19 @@ def _remove_entry(parent: int, name: str, how: _Removal) -> None:
                 continue
             raise
         try:
-            _remove_entries(fd, _Removal(how.root, how.depth + 1))
+            _remove_entries(fd, _Removal(how.root, how.depth + 1, how.moved))
         finally:
             os.close(fd)
         os.rmdir(name, dir_fd=parent)
         return
     raise OSError(errno.EBUSY, f"cannot remove {name!r}: it keeps changing")
+
+
+def remove_entry(parent: int, name: str) -> None:
+    """Remove entry `name` of the directory fd `parent`, a whole tree if it is one, never via a symlink."""
+    moved = [name]
+    while moved:
+        _remove_entry(parent, moved.pop(), _Removal(parent, moved=moved))
 
 
 def _remove_entries(dir_fd: int, how: _Removal) -> None:

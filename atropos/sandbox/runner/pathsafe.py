@@ -206,3 +206,21 @@ def opened_in_workspace(
         yield fd
     finally:
         os.close(fd)
+
+
+def open_dir_in_workspace(root: str, path: str, *, create: bool = False) -> int:
+    """A readable fd of directory `path` inside the workspace `root` (made, with its parents, if
+    `create`), resolved by the same walk; PathEscapeError if it leaves, OSError if not a directory."""
+    parts = workspace_parts(root, path)
+    walk = _Walk(root, path)
+    try:
+        pending = deque(parts)
+        while pending:
+            name = pending.popleft()
+            if name == "..":
+                walk.up()
+            elif name != ".":
+                walk.enter(name, pending, create)
+        return os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=walk.here)
+    finally:
+        walk.close()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import hmac
 import json
 import logging
@@ -27,13 +29,18 @@ from atropos.sandbox.models import (
     ResetResponse,
     SlotActivity,
     StatusResponse,
+    UploadResult,
     WarmState,
     typed_call,
 )
+from atropos.sandbox.runner.pathsafe import PathEscapeError
 from atropos.sandbox.runner.protocol import Outcome, ToolOp
 from atropos.sandbox.server.openapi import openapi_document
 from atropos.sandbox.server.slot_runner import SlotFailure, SlotReset, SlotRunner
+from atropos.sandbox.server.transfer import open_source, receive_tree, send_tree, upload_budget
 from atropos.sandbox.server.warm import WarmSlots
+from atropos.sandbox.streams import LoopReader, LoopWriter
+from atropos.sandbox.tarsafe import MEDIA_TYPES, TreeLimits, TreeRefused, TreeTooLarge, compression_named
 
 log = logging.getLogger("atropos.sandbox")
 
@@ -84,6 +91,7 @@ class SandboxApp:
         enforcement: Enforcement,
         max_body: int,
         warm_slots: int = 0,
+        max_upload: int = 4 << 30,
     ) -> None:
         self.slots = slots
         self.warm = WarmSlots(slots, warm_slots)
@@ -91,6 +99,7 @@ class SandboxApp:
         self.default_timeout = default_timeout
         self.enforcement = enforcement
         self.max_body = max_body
+        self.max_upload = max_upload
         self.stopping = False
 
     def build(self) -> web.Application:
@@ -99,6 +108,8 @@ class SandboxApp:
         app.router.add_post("/execute", self.execute)
         app.router.add_post("/batch", self.batch)
         app.router.add_post("/reset", self.reset)
+        app.router.add_post("/upload", self.upload)
+        app.router.add_get("/download", self.download)
         app.router.add_get("/status", self.status)
         app.router.add_get("/openapi.json", self.openapi)
         app.on_startup.append(self._start_warming)
@@ -258,8 +269,90 @@ class SandboxApp:
             )
         )
 
+    def _slot_of(self, request: web.Request) -> tuple[SlotRunner, str]:
+        """The slot and workspace path named by a transfer's query (`?slot=N&path=P`)."""
+        raw = request.query.get("slot", "")
+        if not raw.isdigit():
+            raise ApiError(400, "the query needs slot=N (a slot number)")
+        index = int(raw)
+        if index >= len(self.slots):
+            raise ApiError(404, f"unknown slot {index}: this server has slots 0..{len(self.slots) - 1}")
+        return self.slots[index], request.query.get("path", ".")
+
+    async def upload(self, request: web.Request) -> web.Response:
+        """A tar stream (plain, gzip or zstd) unpacked into the slot's `path`, all or nothing."""
+        slot, path = self._slot_of(request)
+        body = LoopReader(request.content.read, asyncio.get_running_loop())
+        started = time.monotonic()
+        workspace_limit = self.enforcement.limits.get("workspace")
+        async with slot.holding("upload") as generation:
+            try:
+                budget = await asyncio.to_thread(upload_budget, slot.workspace, self.max_upload, workspace_limit)
+                done = await asyncio.to_thread(receive_tree, slot.workspace, path, body, TreeLimits(budget))
+            except (TreeRefused, PathEscapeError, OSError) as exc:
+                slot.check_not_reset(generation)  # a reset emptied the workspace under the upload
+                await _discard_rest(request)
+                raise _transfer_error(path, exc) from None
+            slot.check_not_reset(generation)
+        return _json(
+            UploadResult(slot=slot.index, path=path, duration_ms=(time.monotonic() - started) * 1000.0, **vars(done))
+        )
+
+    async def download(self, request: web.Request) -> web.StreamResponse:
+        """The slot's `path` as a tar stream, compressed as `?compression=` says (gzip by default)."""
+        slot, path = self._slot_of(request)
+        try:
+            compression = compression_named(request.query.get("compression", "gzip"))
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+        async with slot.holding("download"):
+            try:
+                source = await asyncio.to_thread(open_source, slot.workspace, path)
+            except (PathEscapeError, OSError) as exc:
+                raise _transfer_error(path, exc) from None
+            response = web.StreamResponse(headers={"Content-Type": MEDIA_TYPES[compression]})
+            await response.prepare(request)
+            out = LoopWriter(response.write, asyncio.get_running_loop())
+            try:
+                await asyncio.to_thread(send_tree, source, out, compression)
+            except (OSError, RuntimeError) as exc:
+                # the answer has begun: all that can be said is that it is cut short (no end of archive)
+                log.warning("slot %d: download of %r stopped after %d bytes: %s", slot.index, path, out.sent, exc)
+                response.force_close()
+                return response
+            await response.write_eof()
+            return response
+
     async def openapi(self, _request: web.Request) -> web.Response:
         return web.json_response(openapi_document())
+
+
+_DISCARD_LIMIT = 64 << 20
+
+
+async def _discard_rest(request: web.Request) -> None:
+    """Read what is left of a refused upload (up to a bound) so that the client, still sending,
+    gets the answer rather than a reset connection."""
+    left = _DISCARD_LIMIT
+    with contextlib.suppress(Exception):
+        while left > 0:
+            chunk = await asyncio.wait_for(request.content.read(1 << 20), timeout=5.0)
+            if not chunk:
+                return
+            left -= len(chunk)
+
+
+def _transfer_error(path: str, exc: Exception) -> ApiError:
+    if isinstance(exc, TreeTooLarge):
+        return ApiError(413, str(exc))
+    if isinstance(exc, (TreeRefused, PathEscapeError)):
+        return ApiError(400, str(exc))
+    if isinstance(exc, FileNotFoundError):
+        return ApiError(404, f"{path}: no such directory in the slot")
+    if isinstance(exc, NotADirectoryError):
+        return ApiError(400, f"{path}: not a directory")
+    assert isinstance(exc, OSError)
+    return ApiError(507 if exc.errno == errno.ENOSPC else 500, f"{path}: {exc.strerror or exc}")
 
 
 def _errors_of(exc: ValidationError) -> Any:

@@ -245,6 +245,7 @@ def prepare(cfg: ServerSettings) -> tuple[ServerSettings, SandboxApp, DataDirLoc
         default_timeout=cfg.timeout,
         enforcement=enforced,
         max_body=cfg.max_body,
+        max_upload=cfg.max_upload,
         warm_slots=cfg.warm_target,
     )
     return cfg, api, lock, generated

@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from atropos.host import die_with_parent, kill_tree
@@ -193,31 +193,40 @@ class SlotRunner:
         finally:
             self._pending.pop(rid, None)
 
-    async def execute(self, op: ToolOp) -> Outcome:
+    @contextlib.asynccontextmanager
+    async def holding(self, what: str) -> AsyncIterator[int]:
+        """The slot to one operation (a tool call, a tree transfer), in arrival order with the others;
+        yields the reset generation it began in (see `check_not_reset`)."""
         self.busy += 1
         if not self.used:
             self.used = True
             self.on_change()  # one warm slot fewer
         try:
             async with self.order:
-                generation = self.generation
-                self.running = (op["op"], time.monotonic())
+                self.running = (what, time.monotonic())
                 try:
-                    result: Outcome = await self.call(op)
+                    yield self.generation
                 finally:
                     self.running = None
                     self.finished += 1
-                if generation != self.generation:
-                    raise SlotReset(f"slot {self.index} was reset while the call ran")
-                if self.cgroup is not None and self.cgroup.dirs:
-                    _note_cgroup_limit(result, self.cgroup)
-                if op["op"] == "bash_session" and self._session_lost:
-                    self._session_lost = False
-                    add_note(result, SESSION_RESTARTED)
-                _log_call(self.index, op, result)
-                return result
         finally:
             self.busy -= 1
+
+    def check_not_reset(self, generation: int) -> None:
+        if generation != self.generation:
+            raise SlotReset(f"slot {self.index} was reset while the call ran")
+
+    async def execute(self, op: ToolOp) -> Outcome:
+        async with self.holding(op["op"]) as generation:
+            result: Outcome = await self.call(op)
+            self.check_not_reset(generation)
+            if self.cgroup is not None and self.cgroup.dirs:
+                _note_cgroup_limit(result, self.cgroup)
+            if op["op"] == "bash_session" and self._session_lost:
+                self._session_lost = False
+                add_note(result, SESSION_RESTARTED)
+            _log_call(self.index, op, result)
+            return result
 
     async def reset(self, timeout: float = 30.0) -> ResetOutcome:
         """Kill everything the slot started and empty its workspace; cuts a running call short."""
