@@ -27,9 +27,13 @@ class LoopReader:
     def __init__(self, receive: Callable[[int], Awaitable[bytes]], loop: asyncio.AbstractEventLoop) -> None:
         self.receive = receive
         self.loop = loop
+        self.ended = False  # readers ask again at the end (gzip, tarfile): the stream is not asked twice
 
     def read(self, n: int = -1) -> bytes:
+        if self.ended:
+            return b""
         data: bytes = _wait(self.loop, self.receive(n if n > 0 else PIECE))
+        self.ended = not data
         return data
 
 

@@ -24,7 +24,6 @@ import os
 import stat
 import tarfile
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Literal, Protocol, cast
 
@@ -306,23 +305,20 @@ def unpack(raw: Reader, dest: int, limits: TreeLimits) -> Unpacked:
     unpacker = _Unpacker(dest, limits)
     try:
         with tarfile.open(fileobj=decompressed(raw), mode="r|") as tf:
-            for member in _members(tf):
+            for member in tf:
                 unpacker.add(tf, member)
         unpacker.finish()
+    except tarfile.TarError as exc:
+        raise TreeRefused(f"not a valid tar archive: {exc}") from None
+    except (EOFError, zstandard.ZstdError) as exc:
+        raise TreeRefused(f"the archive is damaged: {exc}") from None
+    except OSError as exc:
+        if exc.errno is not None:
+            raise  # the file system's, not the archive's (gzip's errors have no errno)
+        raise TreeRefused(f"the archive is damaged: {exc}") from None
     finally:
         unpacker.dirs.close()
     return unpacker.done
-
-
-def _members(tf: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
-    try:
-        yield from tf
-    except tarfile.TarError as exc:
-        raise TreeRefused(f"not a valid tar archive: {exc}") from None
-    except (OSError, EOFError, zstandard.ZstdError) as exc:
-        if isinstance(exc, OSError) and exc.errno is not None:
-            raise  # the file system's, not the archive's
-        raise TreeRefused(f"the archive is damaged: {exc}") from None
 
 
 # -- packing ---------------------------------------------------------------------------------
