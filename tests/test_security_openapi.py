@@ -18,6 +18,7 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from atropos.sandbox.server.openapi import openapi_document
 from tests.security_fixtures import temporary_server
@@ -79,7 +80,11 @@ def bound_cost(body: Any) -> None:
 def test_every_response_conforms_to_the_document(case: Any, api_server: RunningServer) -> None:
     CASES["authenticated"] += 1
     bound_cost(case.body)
-    response = case.call_and_validate(base_url=api_server.url, headers=api_server.headers, timeout=60)
+    # any bytes fit an upload's schema (binary), but only a tar archive is accepted: a 400 there is right
+    excluded = [positive_data_acceptance] if case.path == "/upload" else []
+    response = case.call_and_validate(
+        base_url=api_server.url, headers=api_server.headers, timeout=60, excluded_checks=excluded
+    )
     CASES[f"status_{response.status_code}"] += 1
 
 

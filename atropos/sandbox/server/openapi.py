@@ -10,6 +10,7 @@ from pydantic.json_schema import models_json_schema
 
 from atropos import __version__
 from atropos.sandbox import models as m
+from atropos.sandbox.tarsafe import COMPRESSIONS, MEDIA_TYPES
 
 _REF = "#/components/schemas/{model}"
 
@@ -68,6 +69,7 @@ def openapi_document() -> dict[str, Any]:
         m.StatusResponse,
         m.SlotActivity,
         m.ErrorResponse,
+        m.UploadResult,
         m.BashArgs,
         m.SessionArgs,
         m.ReadFileArgs,
@@ -98,5 +100,49 @@ def openapi_document() -> dict[str, Any]:
             "/reset": {
                 "post": _op("Kill everything a slot started and empty its workspace", m.ResetRequest, m.ResetResponse)
             },
+            "/upload": {"post": _upload()},
+            "/download": {"get": _download()},
         },
     }
+
+
+_SLOT_AND_PATH = [
+    {"name": "slot", "in": "query", "required": True, "schema": {"type": "integer", "minimum": 0}},
+    {
+        "name": "path",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string", "default": "."},
+        "description": "A directory of the slot's workspace (relative, or under /workspace).",
+    },
+]
+
+
+def _upload() -> dict[str, Any]:
+    op = _op(
+        "Unpack a tar stream (plain, gzip or zstd) into a directory of the slot, all or nothing",
+        None,
+        m.UploadResult,
+    )
+    op["parameters"] = _SLOT_AND_PATH
+    op["requestBody"] = {
+        "required": True,
+        "description": "The archive; its type is told by its first bytes, whatever the Content-Type says.",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+    op["responses"]["400"]["description"] = "a refused archive or path (nothing of it was kept)"
+    op["responses"]["413"]["description"] = "over the upload's or the workspace's size limit"
+    return op
+
+
+def _download() -> dict[str, Any]:
+    op = _op("A directory of the slot as a tar stream", None, m.ErrorResponse)
+    op["parameters"] = [
+        *_SLOT_AND_PATH,
+        {"name": "compression", "in": "query", "required": False, "schema": {"enum": list(COMPRESSIONS)}},
+    ]
+    op["responses"]["200"] = {
+        "description": "the tree, streamed",
+        "content": {t: {"schema": {"type": "string", "format": "binary"}} for t in MEDIA_TYPES.values()},
+    }
+    return op
