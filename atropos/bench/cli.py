@@ -14,7 +14,19 @@ from typing import Any
 from atropos.bench import scenarios
 from atropos.bench.measure import Row, machine
 
-_ALL = ("latency", "concurrency", "leasing", "startup", "recovery", "abuse", "network", "swerex", "slurm", "scale")
+_ALL = (
+    "latency",
+    "concurrency",
+    "leasing",
+    "startup",
+    "recovery",
+    "abuse",
+    "network",
+    "swerex",
+    "slurm",
+    "scale",
+    "transfer",
+)
 
 
 def _say(message: str) -> None:
@@ -53,6 +65,10 @@ async def run(selected: list[str], quick: bool) -> list[Row]:
         from atropos.bench.scale import scale_rows
 
         rows += await scale_rows(quick, _say)
+    if "transfer" in selected:
+        from atropos.bench.transfer import transfer_rows
+
+        rows += await transfer_rows(quick, _say)
     if "slurm" in selected:
         from atropos.bench import slurm
 
