@@ -30,6 +30,10 @@ class InvalidToolCall(SlotPoolError, ValueError):
     """The server refused the call itself (unknown tool, bad arguments): a caller bug."""
 
 
+class SetupFailed(SlotPoolError):
+    """A task's setup (`SlotPool.prepare`) had a call that failed; the message has its output."""
+
+
 class InfrastructureError(SlotPoolError):
     """The sandbox failed, not the command. The command may or may not have run; it is never retried."""
 

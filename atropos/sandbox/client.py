@@ -24,7 +24,7 @@ import aiohttp
 from atropos.errors import InfrastructureError, InvalidToolCall, SlotFailed, SlotLost
 from atropos.sandbox import tarsafe
 from atropos.sandbox.http import HttpClient, HttpRefused, HttpTransportError
-from atropos.sandbox.models import ExecuteResult, StatusResponse, UploadResult
+from atropos.sandbox.models import ExecuteResult, ForkResponse, SnapshotInfo, StatusResponse, UploadResult
 from atropos.sandbox.streams import LoopReader, LoopWriter, ThreadPipe
 from atropos.sandbox.tarsafe import Compression
 
@@ -127,6 +127,14 @@ class ServerClient:
 
     async def reset(self, slot: int, timeout: float = 60.0) -> dict[str, Any]:
         return await self._post("/reset", {"slot": slot}, timeout)
+
+    # -- snapshots and forks (atropos.sandbox.server.snapshots) --------------------------------
+
+    async def snapshot(self, slot: int, name: str, timeout: float) -> SnapshotInfo:
+        return SnapshotInfo.model_validate(await self._post("/snapshot", {"slot": slot, "name": name}, timeout))
+
+    async def fork(self, snapshot: str, slots: list[int], timeout: float) -> ForkResponse:
+        return ForkResponse.model_validate(await self._post("/fork", {"snapshot": snapshot, "slots": slots}, timeout))
 
     # -- tree transfers: streamed both ways (see atropos.sandbox.server.transfer) ----------------
 

@@ -14,6 +14,7 @@ TOOLS: tuple[str, ...] = ("bash", "bash_session", "read_file", "write_file")
 IsolationMode = Literal["bwrap", "none"]
 # in force on a server (a server's `auto` has become one of these)
 NetworkMode = Literal["public", "allow", "deny"]
+ForkMode = Literal["overlay", "copy"]
 
 
 def _json_integer(value: Any) -> Any:
@@ -191,6 +192,37 @@ class ResetResponse(BaseModel):
     duration_ms: float
 
 
+class SnapshotRequest(_Strict):
+    slot: SlotNumber
+    name: str | None = Field(default=None, description="1-64 of A-Z a-z 0-9 . _ -; default: a fresh one.")
+
+
+class SnapshotInfo(BaseModel):
+    name: str
+    source_slot: int
+    created: float = Field(description="Unix time.")
+    files: int
+    bytes: int = Field(description="Bytes of file content it holds.")
+    forks: list[int] = Field(default_factory=list, description="Slots forked from it since their last reset.")
+    duration_ms: float | None = None
+
+
+class SnapshotList(BaseModel):
+    snapshots: list[SnapshotInfo]
+
+
+class ForkRequest(_Strict):
+    snapshot: str
+    slots: list[SlotNumber] = Field(min_length=1, description="Slots that start over from the snapshot.")
+
+
+class ForkResponse(BaseModel):
+    snapshot: str
+    slots: list[int]
+    mechanism: ForkMode
+    duration_ms: float
+
+
 class UploadResult(BaseModel):
     """What `POST /upload` unpacked into the slot (all of the archive: a refused one leaves nothing)."""
 
@@ -214,6 +246,8 @@ class Enforcement(BaseModel):
     cgroups: list[str] = Field(description="Limits also held by per-slot cgroups (memory, processes).")
     isolation_reason: str | None = Field(default=None, description="Why slots run without bubblewrap.")
     network_reason: str | None = Field(default=None, description="Why `auto` could not give slots `public`.")
+    fork: ForkMode = Field(default="copy", description="How a fork gets its snapshot: an overlay, or a copy.")
+    fork_reason: str | None = Field(default=None, description="Why forks copy instead of using an overlay.")
 
     def describe(self) -> str:
         groups = ",".join(self.cgroups) or "none"

@@ -58,6 +58,7 @@ class ServerSettings(BaseModel):
     max_upload: int = Field(
         default=4 << 30, ge=1024, description="bytes one upload may unpack (a workspace limit also bounds it)"
     )
+    max_snapshots: int = Field(default=16, ge=0, le=1024, description="snapshots one server holds at once")
     limits: SlotLimits = Field(default_factory=SlotLimits)
     warm_slots: int | None = Field(
         default=None,
@@ -157,6 +158,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("--max-file-bytes", "size limit of read_file/write_file", type=int),
     _Option("--max-body", "request body limit in bytes (JSON calls; uploads stream, see --max-upload)", type=int),
     _Option("--max-upload", "bytes of file content one POST /upload may unpack", type=int),
+    _Option("--max-snapshots", "workspace snapshots this server holds at once (POST /snapshot)", type=int),
     _Option("--log-level", "log level", choices=["DEBUG", "INFO", "WARNING", "ERROR"]),
     _Option(
         "--warm-slots",

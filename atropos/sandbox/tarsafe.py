@@ -24,6 +24,7 @@ import os
 import stat
 import tarfile
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Literal, Protocol, cast
 
@@ -56,6 +57,7 @@ _CHUNK = 1 << 20
 _OPEN_DIRS = 64  # directory fds kept open while unpacking (most archives fill one directory at a time)
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MODE_BITS = 0o1777  # permissions and the sticky bit; never setuid or setgid
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class Reader(Protocol):
@@ -215,7 +217,7 @@ def _replace_slot(parent: int, name: str) -> None:
 
 def _write_member(parent: int, name: str, member: tarfile.TarInfo, data: IO[bytes]) -> int:
     _replace_slot(parent, name)
-    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent)
+    fd = os.open(name, _NEW_FILE, 0o600, dir_fd=parent)
     written = 0
     try:
         while written < member.size:
@@ -231,6 +233,14 @@ def _write_member(parent: int, name: str, member: tarfile.TarInfo, data: IO[byte
     finally:
         os.close(fd)
     return written
+
+
+def _apply_dir_modes(dirs: _Dirs, modes: list[tuple[tuple[str, ...], int]]) -> None:
+    """Directory modes last (a read-only directory was still filled), deepest first; the owner
+    keeps rwx so that the server can still reset the slot."""
+    for parts, mode in sorted(modes, key=lambda pm: -len(pm[0])):
+        parent = dirs.get(parts[:-1], "/".join(parts))
+        os.chmod(parts[-1], mode | 0o700, dir_fd=parent, follow_symlinks=False)
 
 
 class _Unpacker:
@@ -291,10 +301,7 @@ class _Unpacker:
             raise TreeRefused(f"member {member.name!r} is {kind}: only files, directories and links are accepted")
 
     def finish(self) -> None:
-        """Directory modes last (a read-only directory was still filled), deepest first."""
-        for parts, mode in sorted(self.dir_modes, key=lambda pm: -len(pm[0])):
-            parent = self.dirs.get(parts[:-1], "/".join(parts))
-            os.chmod(parts[-1], mode | 0o700, dir_fd=parent, follow_symlinks=False)
+        _apply_dir_modes(self.dirs, self.dir_modes)
 
 
 def unpack(raw: Reader, dest: int, limits: TreeLimits) -> Unpacked:
@@ -344,47 +351,79 @@ class _Exactly(io.RawIOBase):
         return data
 
 
-def _pack_dir(tf: tarfile.TarFile, fd: int, prefix: str) -> None:
-    for entry in sorted(os.listdir(fd)):
-        name = f"{prefix}{entry}"
+@dataclass
+class Entry:
+    """One entry of a tree being walked: `name` relative to its top, with '/' between components."""
+
+    name: str
+    st: os.stat_result
+    fd: int = -1  # a regular file's, open for reading while the consumer holds the entry
+    target: str = ""  # a symlink's
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.st.st_mode)
+
+    @property
+    def is_link(self) -> bool:
+        return stat.S_ISLNK(self.st.st_mode)
+
+
+def walk(fd: int, prefix: str = "") -> Iterator[Entry]:
+    """Directories (before their contents), regular files and symlinks below the directory fd `fd`,
+    never following a link; sockets and FIFOs are left out (they have no content to carry), and an
+    entry that changes type while we walk is skipped."""
+    for name in sorted(os.listdir(fd)):
         try:
-            st = os.stat(entry, dir_fd=fd, follow_symlinks=False)
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
         except FileNotFoundError:
-            continue  # removed while we walked
-        info = tarfile.TarInfo(name)
-        info.mode, info.mtime = stat.S_IMODE(st.st_mode) & _MODE_BITS, int(st.st_mtime)
+            continue
+        rel = f"{prefix}{name}"
         if stat.S_ISDIR(st.st_mode):
-            info.type = tarfile.DIRTYPE
             try:
-                sub = os.open(entry, _DIR, dir_fd=fd)
+                sub = os.open(name, _DIR, dir_fd=fd)
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
-                    continue  # swapped for something else while we walked
+                    continue
                 raise
             try:
-                tf.addfile(info)
-                _pack_dir(tf, sub, f"{name}/")
+                yield Entry(rel, st)
+                yield from walk(sub, f"{rel}/")
             finally:
                 os.close(sub)
         elif stat.S_ISLNK(st.st_mode):
-            info.type, info.linkname = tarfile.SYMTYPE, os.readlink(entry, dir_fd=fd)
-            tf.addfile(info)
+            try:
+                yield Entry(rel, st, target=os.readlink(name, dir_fd=fd))
+            except FileNotFoundError:
+                continue
         elif stat.S_ISREG(st.st_mode):
             try:
-                file_fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
+                file_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENOENT):
                     continue
                 raise
             try:
                 st = os.fstat(file_fd)
-                if not stat.S_ISREG(st.st_mode):
-                    continue
-                info.size = st.st_size
-                tf.addfile(info, cast(IO[bytes], _Exactly(file_fd, st.st_size)))
+                if stat.S_ISREG(st.st_mode):
+                    yield Entry(rel, st, fd=file_fd)
             finally:
                 os.close(file_fd)
-        # sockets and FIFOs have no content to carry; device nodes cannot be made in a slot
+
+
+def _pack_dir(tf: tarfile.TarFile, fd: int) -> None:
+    for entry in walk(fd):
+        info = tarfile.TarInfo(entry.name)
+        info.mode, info.mtime = stat.S_IMODE(entry.st.st_mode) & _MODE_BITS, int(entry.st.st_mtime)
+        if entry.is_dir:
+            info.type = tarfile.DIRTYPE
+            tf.addfile(info)
+        elif entry.is_link:
+            info.type, info.linkname = tarfile.SYMTYPE, entry.target
+            tf.addfile(info)
+        else:
+            info.size = entry.st.st_size
+            tf.addfile(info, cast(IO[bytes], _Exactly(entry.fd, entry.st.st_size)))
 
 
 def pack(src: int, out: Writer, compression: Compression) -> None:
@@ -393,7 +432,7 @@ def pack(src: int, out: Writer, compression: Compression) -> None:
         compressed(out, compression) as writer,
         tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tf,
     ):
-        _pack_dir(tf, src, "")
+        _pack_dir(tf, src)
 
 
 def open_dir(path: str) -> int:
@@ -404,3 +443,70 @@ def open_dir(path: str) -> int:
         raise TreeRefused(f"{path}: no such directory") from None
     except NotADirectoryError:
         raise TreeRefused(f"{path}: not a directory") from None
+
+
+# -- copying ---------------------------------------------------------------------------------
+
+
+def _copy_data(src: int, dst: int, size: int) -> None:
+    """In the kernel where it can (copy_file_range: a reflink on btrfs or XFS, a server-side copy
+    elsewhere), else through this process."""
+    done = 0
+    try:
+        while done < size:
+            n = os.copy_file_range(src, dst, size - done)
+            if n == 0:
+                break
+            done += n
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+    os.lseek(src, done, os.SEEK_SET)
+    while chunk := os.read(src, _CHUNK):
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(dst, view) :]
+
+
+def copy_tree(src: int, dest: int, limits: TreeLimits) -> Unpacked:
+    """Copy the tree below the directory fd `src` into the (empty) directory fd `dest`, with the
+    confinement of `unpack` on both sides: nothing followed, nothing special, within `limits`."""
+    dirs = _Dirs(dest)
+    done = Unpacked()
+    modes: list[tuple[tuple[str, ...], int]] = []
+    members = 0
+    try:
+        for entry in walk(src):
+            members += 1
+            if members > limits.max_members:
+                raise TreeTooLarge(f"the tree has more than {limits.max_members} entries")
+            *where, name = parts = entry.name.split("/")
+            mode = stat.S_IMODE(entry.st.st_mode) & _MODE_BITS
+            if entry.is_dir:
+                dirs.get(tuple(parts), entry.name)
+                modes.append((tuple(parts), mode))
+                done.dirs += 1
+                continue
+            parent = dirs.get(tuple(where), entry.name)
+            if entry.is_link:
+                os.symlink(entry.target, name, dir_fd=parent)
+                done.symlinks += 1
+                continue
+            if done.bytes + entry.st.st_size > limits.max_bytes:
+                raise TreeTooLarge(f"the tree is over the limit of {limits.max_bytes} bytes (at {entry.name!r})")
+            fd = os.open(
+                name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent
+            )
+            try:
+                _copy_data(entry.fd, fd, entry.st.st_size)
+                os.fchmod(fd, mode)
+                os.utime(fd, ns=(entry.st.st_atime_ns, entry.st.st_mtime_ns))
+            finally:
+                os.close(fd)
+            done.files += 1
+            done.bytes += entry.st.st_size
+        _apply_dir_modes(dirs, modes)
+    finally:
+        dirs.close()
+    return done

@@ -32,6 +32,7 @@ from atropos.slots.config import SlotPoolConfig
 from atropos.slots.fleet import Background, Fleet, Member
 from atropos.slots.health import HealthWatch
 from atropos.slots.leasing import LeaseBook, Slot, SlotState, SlotStatus
+from atropos.slots.prepared import PreparedTasks, SetupCall
 from atropos.slots.retirement import Retirement
 from atropos.slots.scaling import Scaler
 from atropos.slots.stats import PoolStats, StatsRecorder, summarize
@@ -66,6 +67,7 @@ class SlotPool:
         self._health = HealthWatch(self._fleet)
         self._scaler = Scaler(self._fleet)
         self._retirement = Retirement(self._fleet)
+        self._prepared = PreparedTasks(self.execute, lambda slot: self._member(self._book.check(slot)).client)
         self._started = False
         self._closed = False
         self._said = ""  # the last progress line: what a start that timed out was waiting for
@@ -130,8 +132,37 @@ class SlotPool:
 
     # -- leasing -------------------------------------------------------------------------------
 
-    async def acquire(self, trajectory_id: str | None = None, timeout: float | None = None) -> Slot:
-        """Lease a free slot (FIFO among waiters). Raises AcquireTimeout after `timeout` seconds."""
+    async def prepare(self, task_key: str, setup: Sequence[SetupCall], timeout: float | None = None) -> None:
+        """Run a task's setup (tool calls, e.g. `("bash", {"command": "git clone ... && pip install
+        ..."})`) once, in one slot, and keep its workspace as the task's snapshot on that server:
+        `acquire(..., from_snapshot=task_key)` then hands out slots that start from it. Other servers
+        run the setup once when a slot of theirs is first acquired for the task. SetupFailed if a
+        call of the setup fails (its output is in the message)."""
+        self._prepared.register(task_key, setup)
+        slot = await self.acquire(f"prepare:{task_key}", timeout)
+        try:
+            await self._prepared.prepare_in(slot, task_key)
+        finally:
+            self.release(slot)
+
+    async def acquire(
+        self, trajectory_id: str | None = None, timeout: float | None = None, from_snapshot: str | None = None
+    ) -> Slot:
+        """Lease a free slot (FIFO among waiters). Raises AcquireTimeout after `timeout` seconds.
+        With `from_snapshot` (a task key given to `prepare`), the slot starts from that task's
+        prepared workspace, a copy-on-write fork of its own."""
+        if from_snapshot is not None and not self._prepared.known(from_snapshot):
+            raise ValueError(f"no setup for task {from_snapshot!r}: call `await pool.prepare(task_key, setup)` first")
+        slot = await self._lease(trajectory_id, timeout)
+        if from_snapshot is not None:
+            try:
+                await self._prepared.fork_into(slot, from_snapshot)
+            except BaseException:
+                self.release(slot)
+                raise
+        return slot
+
+    async def _lease(self, trajectory_id: str | None, timeout: float | None) -> Slot:
         if self._closed or not self._started:
             raise PoolClosed("the pool is not running (use `async with SlotPool(...)` or `await pool.start()`)")
         trajectory = trajectory_id or uuid.uuid4().hex
@@ -200,8 +231,10 @@ class SlotPool:
         log.error("event=slot_retired slot=%s/%d reason=reset failed twice", st.server_id, st.index)
 
     @contextlib.asynccontextmanager
-    async def slot(self, trajectory_id: str | None = None, timeout: float | None = None) -> AsyncIterator[Slot]:
-        leased = await self.acquire(trajectory_id, timeout)
+    async def slot(
+        self, trajectory_id: str | None = None, timeout: float | None = None, from_snapshot: str | None = None
+    ) -> AsyncIterator[Slot]:
+        leased = await self.acquire(trajectory_id, timeout, from_snapshot)
         try:
             yield leased
         finally:

@@ -9,6 +9,7 @@ import hmac
 import json
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -24,10 +25,15 @@ from atropos.sandbox.models import (
     ErrorResponse,
     ExecuteRequest,
     ExecuteResult,
+    ForkRequest,
+    ForkResponse,
     HealthResponse,
     ResetRequest,
     ResetResponse,
     SlotActivity,
+    SnapshotInfo,
+    SnapshotList,
+    SnapshotRequest,
     StatusResponse,
     UploadResult,
     WarmState,
@@ -37,6 +43,7 @@ from atropos.sandbox.runner.pathsafe import PathEscapeError
 from atropos.sandbox.runner.protocol import Outcome, ToolOp
 from atropos.sandbox.server.openapi import openapi_document
 from atropos.sandbox.server.slot_runner import SlotFailure, SlotReset, SlotRunner
+from atropos.sandbox.server.snapshots import Snapshot, SnapshotError, SnapshotStore, copy_snapshot
 from atropos.sandbox.server.transfer import open_source, receive_tree, send_tree, upload_budget
 from atropos.sandbox.server.warm import WarmSlots
 from atropos.sandbox.streams import LoopReader, LoopWriter
@@ -92,6 +99,7 @@ class SandboxApp:
         max_body: int,
         warm_slots: int = 0,
         max_upload: int = 4 << 30,
+        snapshots: SnapshotStore | None = None,
     ) -> None:
         self.slots = slots
         self.warm = WarmSlots(slots, warm_slots)
@@ -100,6 +108,7 @@ class SandboxApp:
         self.enforcement = enforcement
         self.max_body = max_body
         self.max_upload = max_upload
+        self.snapshots = snapshots
         self.stopping = False
 
     def build(self) -> web.Application:
@@ -110,6 +119,10 @@ class SandboxApp:
         app.router.add_post("/reset", self.reset)
         app.router.add_post("/upload", self.upload)
         app.router.add_get("/download", self.download)
+        app.router.add_post("/snapshot", self.snapshot)
+        app.router.add_get("/snapshots", self.list_snapshots)
+        app.router.add_delete("/snapshots/{name}", self.delete_snapshot)
+        app.router.add_post("/fork", self.fork)
         app.router.add_get("/status", self.status)
         app.router.add_get("/openapi.json", self.openapi)
         app.on_startup.append(self._start_warming)
@@ -123,6 +136,8 @@ class SandboxApp:
         self.stopping = True  # the calls the closing slots end are failures of a server that goes
         await self.warm.stop()
         await asyncio.gather(*(slot.close() for slot in self.slots), return_exceptions=True)
+        if self.snapshots is not None:
+            await asyncio.to_thread(self.snapshots.clear)  # they die with the server
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -169,15 +184,14 @@ class SandboxApp:
 
     def _prepare(self, call: ExecuteRequest) -> tuple[SlotRunner, ToolOp]:
         """The slot and the runner's request of one call; every refusal is an ApiError here."""
-        if call.slot >= len(self.slots):
-            raise ApiError(404, f"unknown slot {call.slot}: this server has slots 0..{len(self.slots) - 1}")
+        slot = self._slot(call.slot)
         if call.tool not in TOOLS:
             raise ApiError(400, f"unknown tool {call.tool!r}; tools: {', '.join(TOOLS)}")
         try:
             typed = typed_call(call)
         except ValidationError as exc:
             raise ApiError(422, f"invalid args for {call.tool}", _errors_of(exc)) from None
-        return self.slots[call.slot], typed.runner_op(call.timeout or self.default_timeout)
+        return slot, typed.runner_op(call.timeout or self.default_timeout)
 
     async def health(self, _request: web.Request) -> web.Response:
         busy = sum(1 for slot in self.slots if slot.busy)
@@ -259,10 +273,9 @@ class SandboxApp:
 
     async def reset(self, request: web.Request) -> web.Response:
         body: ResetRequest = await self._body(request, ResetRequest)
-        if body.slot >= len(self.slots):
-            raise ApiError(404, f"unknown slot {body.slot}: this server has slots 0..{len(self.slots) - 1}")
+        slot = self._slot(body.slot)
         started = time.monotonic()
-        result = await self.slots[body.slot].reset()
+        result = await slot.reset()
         return _json(
             ResetResponse(
                 slot=body.slot, killed=int(result.get("killed", 0)), duration_ms=(time.monotonic() - started) * 1000.0
@@ -274,10 +287,7 @@ class SandboxApp:
         raw = request.query.get("slot", "")
         if not raw.isdigit():
             raise ApiError(400, "the query needs slot=N (a slot number)")
-        index = int(raw)
-        if index >= len(self.slots):
-            raise ApiError(404, f"unknown slot {index}: this server has slots 0..{len(self.slots) - 1}")
-        return self.slots[index], request.query.get("path", ".")
+        return self._slot(int(raw)), request.query.get("path", ".")
 
     async def upload(self, request: web.Request) -> web.Response:
         """A tar stream (plain, gzip or zstd) unpacked into the slot's `path`, all or nothing."""
@@ -287,8 +297,9 @@ class SandboxApp:
         workspace_limit = self.enforcement.limits.get("workspace")
         async with slot.holding("upload") as generation:
             try:
-                budget = await asyncio.to_thread(upload_budget, slot.workspace, self.max_upload, workspace_limit)
-                done = await asyncio.to_thread(receive_tree, slot.workspace, path, body, TreeLimits(budget))
+                view = await slot.view()
+                budget = await asyncio.to_thread(upload_budget, view, self.max_upload, workspace_limit)
+                done = await asyncio.to_thread(receive_tree, view, path, body, TreeLimits(budget))
             except (TreeRefused, PathEscapeError, OSError) as exc:
                 slot.check_not_reset(generation)  # a reset emptied the workspace under the upload
                 await _discard_rest(request)
@@ -307,7 +318,7 @@ class SandboxApp:
             raise ApiError(400, str(exc)) from None
         async with slot.holding("download"):
             try:
-                source = await asyncio.to_thread(open_source, slot.workspace, path)
+                source = await asyncio.to_thread(open_source, await slot.view(), path)
             except (PathEscapeError, OSError) as exc:
                 raise _transfer_error(path, exc) from None
             response = web.StreamResponse(headers={"Content-Type": MEDIA_TYPES[compression]})
@@ -322,6 +333,82 @@ class SandboxApp:
                 return response
             await response.write_eof()
             return response
+
+    # -- snapshots and forks (atropos.sandbox.server.snapshots) --------------------------------
+
+    def _store(self) -> SnapshotStore:
+        if self.snapshots is None:
+            raise ApiError(404, "this server keeps no snapshots")
+        return self.snapshots
+
+    def _slot(self, index: int) -> SlotRunner:
+        if index >= len(self.slots):
+            raise ApiError(404, f"unknown slot {index}: this server has slots 0..{len(self.slots) - 1}")
+        return self.slots[index]
+
+    def _info(self, snap: Snapshot, duration_ms: float | None = None) -> SnapshotInfo:
+        forks = [slot.index for slot in self.slots if slot.forked_from == snap.name]
+        return SnapshotInfo(
+            name=snap.name, source_slot=snap.source_slot, created=snap.created, files=snap.files, bytes=snap.bytes,
+            forks=forks, duration_ms=duration_ms,
+        )  # fmt: skip
+
+    async def snapshot(self, request: web.Request) -> web.Response:
+        """Freeze a slot's workspace (not its processes) into a named snapshot on this server."""
+        body: SnapshotRequest = await self._body(request, SnapshotRequest)
+        store, slot = self._store(), self._slot(body.slot)
+        name = body.name or f"snapshot-{uuid.uuid4().hex[:12]}"
+        budget = self.enforcement.limits.get("workspace") or self.max_upload
+        started = time.monotonic()
+        async with slot.holding("snapshot") as generation:
+            view = await slot.view()
+            try:
+                snap = await asyncio.to_thread(store.create, name, slot.index, view, budget)
+            except SnapshotError as exc:
+                raise ApiError(exc.status, str(exc)) from None
+            except (TreeRefused, OSError) as exc:
+                slot.check_not_reset(generation)
+                raise _transfer_error(".", exc) from None
+            if generation != slot.generation:  # reset or forked while copied: not the state asked for
+                await asyncio.to_thread(store.delete, name)
+                slot.check_not_reset(generation)
+        return _json(self._info(snap, (time.monotonic() - started) * 1000.0))
+
+    async def list_snapshots(self, _request: web.Request) -> web.Response:
+        return _json(SnapshotList(snapshots=[self._info(s) for s in self._store().all()]))
+
+    async def delete_snapshot(self, request: web.Request) -> web.Response:
+        store, name = self._store(), request.match_info["name"]
+        try:
+            snap = store.get(name)
+        except SnapshotError as exc:
+            raise ApiError(exc.status, str(exc)) from None
+        standing = [slot.index for slot in self.slots if slot.forked_from == name and slot.fork is not None]
+        if standing:
+            raise ApiError(409, f"snapshot {name!r} is the lower layer of slots {standing}; reset them first")
+        info = self._info(snap)
+        await asyncio.to_thread(store.delete, name)
+        return _json(info)
+
+    async def fork(self, request: web.Request) -> web.Response:
+        """Slots start over from a snapshot, each with a copy-on-write workspace of its own."""
+        body: ForkRequest = await self._body(request, ForkRequest)
+        store = self._store()
+        try:
+            snap = store.get(body.snapshot)
+        except SnapshotError as exc:
+            raise ApiError(exc.status, str(exc)) from None
+        if len(set(body.slots)) != len(body.slots):
+            raise ApiError(400, "a slot is named twice")
+        targets = [self._slot(i) for i in body.slots]
+        started = time.monotonic()
+        await asyncio.gather(*(slot.fork_from(snap.name, snap.path, copy_snapshot) for slot in targets))
+        return _json(
+            ForkResponse(
+                snapshot=snap.name, slots=body.slots, mechanism=self.enforcement.fork,
+                duration_ms=(time.monotonic() - started) * 1000.0,
+            )
+        )  # fmt: skip
 
     async def openapi(self, _request: web.Request) -> web.Response:
         return web.json_response(openapi_document())

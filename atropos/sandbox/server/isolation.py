@@ -95,6 +95,15 @@ def supports_tmpfs_size(bwrap: str) -> bool:
 
 
 @dataclass(frozen=True)
+class Fork:
+    """A slot's workspace as an overlay: `lower` (a snapshot, read-only) under the slot's own
+    workspace dir, with `work` (empty, on the same file system) as overlayfs's scratch dir."""
+
+    lower: str
+    work: str
+
+
+@dataclass(frozen=True)
 class SandboxSpec:
     bwrap: str
     data_dir: str
@@ -105,7 +114,9 @@ class SandboxSpec:
     userns: bool = field(default_factory=lambda: os.geteuid() != 0)
     egress: Egress | None = None
 
-    def argv(self, workspace: str, command: list[str]) -> list[str]:
+    def argv(self, workspace: str, command: list[str], fork: Fork | None = None) -> list[str]:
+        """bubblewrap's command line for a slot: `workspace` at /workspace, or, for a slot forked
+        from a snapshot, an overlay of the snapshot with `workspace` taking the writes."""
         data_dir = os.path.realpath(self.data_dir)
         args = [
             self.bwrap,
@@ -146,15 +157,17 @@ class SandboxSpec:
                 args += ["--ro-bind", "/dev/null", path]
         if self.egress is not None and os.path.exists("/etc/resolv.conf"):
             args += ["--ro-bind", self.egress.resolv_conf, "/etc/resolv.conf"]
-        args += ["--dir", WORKSPACE_ALIAS, "--bind", workspace, WORKSPACE_ALIAS, "--chdir", WORKSPACE_ALIAS]
+        args += ["--dir", WORKSPACE_ALIAS]
+        if fork is None:
+            args += ["--bind", workspace, WORKSPACE_ALIAS]
+        else:
+            args += ["--overlay-src", fork.lower, "--overlay", workspace, fork.work, WORKSPACE_ALIAS]
+        args += ["--chdir", WORKSPACE_ALIAS]
         argv = [*args, "--", *command]
         return self.egress.wrap(argv) if self.egress is not None else argv
 
 
-def probe(spec: SandboxSpec, scratch: str) -> str | None:
-    """None when a sandbox starts here; otherwise bubblewrap's own explanation."""
-    os.makedirs(scratch, exist_ok=True)
-    argv = spec.argv(scratch, ["/bin/sh", "-c", "true"])
+def _run_probe(spec: SandboxSpec, argv: list[str]) -> str | None:
     try:
         if spec.egress is not None:
             proc = spec.egress.run(argv, timeout=20)
@@ -165,6 +178,28 @@ def probe(spec: SandboxSpec, scratch: str) -> str | None:
     if proc.returncode != 0:
         return proc.stderr.decode(errors="replace").strip() or f"bwrap exited with {proc.returncode}"
     return None
+
+
+def probe(spec: SandboxSpec, scratch: str) -> str | None:
+    """None when a sandbox starts here; otherwise bubblewrap's own explanation."""
+    os.makedirs(scratch, exist_ok=True)
+    return _run_probe(spec, spec.argv(scratch, ["/bin/sh", "-c", "true"]))
+
+
+def probe_overlay(spec: SandboxSpec, scratch: str) -> str | None:
+    """None when a slot's workspace can be an overlay here (forks without copying); otherwise why
+    not (overlayfs in a user namespace needs Linux 5.11+, and an upper dir that is not itself on
+    overlayfs, as a container's own file system is)."""
+    dirs = {name: os.path.join(scratch, name) for name in ("lower", "upper", "work")}
+    for path in dirs.values():
+        os.makedirs(path, exist_ok=True)
+    with open(os.path.join(dirs["lower"], "seen"), "w", encoding="ascii") as fh:
+        fh.write("lower\n")
+    script = f"read x < {WORKSPACE_ALIAS}/seen && echo upper > {WORKSPACE_ALIAS}/seen && rm {WORKSPACE_ALIAS}/seen"
+    failure = _run_probe(spec, spec.argv(dirs["upper"], ["/bin/sh", "-c", script], Fork(dirs["lower"], dirs["work"])))
+    if failure is None and not os.path.lexists(os.path.join(dirs["upper"], "seen")):
+        failure = "the overlay took no writes"
+    return failure
 
 
 def sandbox_env(data_dir: str, home: str) -> dict[str, str]:

@@ -17,15 +17,26 @@ from dataclasses import dataclass
 from aiohttp import web
 from pydantic import ValidationError
 
-from atropos.sandbox.models import Enforcement, NetworkMode
+from atropos.sandbox.models import Enforcement, ForkMode, NetworkMode
+from atropos.sandbox.runner.files import empty_dir
 from atropos.sandbox.runner.pathsafe import WORKSPACE_ALIAS
 from atropos.sandbox.server.app import SandboxApp
 from atropos.sandbox.server.cgroups import SlotCgroup, SlotCgroups, remove_server_groups
 from atropos.sandbox.server.datadir import DataDirInUse, DataDirLock
 from atropos.sandbox.server.egress import Egress, find_pasta
-from atropos.sandbox.server.isolation import SandboxSpec, find_bwrap, probe, runner_command, runtime_paths, sandbox_env
+from atropos.sandbox.server.isolation import (
+    Fork,
+    SandboxSpec,
+    find_bwrap,
+    probe,
+    probe_overlay,
+    runner_command,
+    runtime_paths,
+    sandbox_env,
+)
 from atropos.sandbox.server.privileges import PrivilegeError, give_up_root, resolve_identity
 from atropos.sandbox.server.slot_runner import SlotRunner
+from atropos.sandbox.server.snapshots import SnapshotStore
 from atropos.sandbox.settings import READY_PREFIX, TOKEN_ENV, ServerSettings, add_arguments, flag_of
 
 log = logging.getLogger("atropos.sandbox")
@@ -149,7 +160,25 @@ def make_cgroups(cfg: ServerSettings) -> list[SlotCgroup | None]:
     return [groups.for_slot(i, memory=lim.memory, processes=lim.processes) for i in range(cfg.slots)]
 
 
-def build_slots(cfg: ServerSettings, spec: SandboxSpec | None, cgroups: list[SlotCgroup | None]) -> list[SlotRunner]:
+def choose_fork(cfg: ServerSettings, spec: SandboxSpec | None) -> tuple[ForkMode, str | None]:
+    """How forks get their snapshot here: an overlay where bubblewrap can mount one, else a copy."""
+    if spec is None:
+        return "copy", "no bubblewrap: a fork copies its snapshot"
+    scratch = os.path.join(cfg.data_dir, ".probe-overlay")
+    try:
+        failure = probe_overlay(spec, scratch)
+    finally:
+        if os.path.isdir(scratch):
+            empty_dir(scratch)
+    if failure is None:
+        return "overlay", None
+    log.warning("forks copy their snapshot: overlayfs does not work in a slot here: %s", failure)
+    return "copy", f"overlayfs does not work in a slot here: {failure}"
+
+
+def build_slots(
+    cfg: ServerSettings, spec: SandboxSpec | None, cgroups: list[SlotCgroup | None], fork: ForkMode = "copy"
+) -> list[SlotRunner]:
     lim = cfg.limits
     # RLIMIT_NPROC counts per user namespace, and never stops root
     nproc_rlimit = spec is not None and spec.userns and os.geteuid() != 0
@@ -157,6 +186,9 @@ def build_slots(cfg: ServerSettings, spec: SandboxSpec | None, cgroups: list[Slo
     for i, cgroup in enumerate(cgroups):
         workspace = os.path.join(cfg.data_dir, "slots", str(i))
         os.makedirs(workspace, exist_ok=True)
+        overlay_work = os.path.join(cfg.data_dir, "overlay-work", str(i)) if fork == "overlay" else None
+        if overlay_work is not None:
+            os.makedirs(overlay_work, exist_ok=True)
         root = WORKSPACE_ALIAS if spec is not None else workspace
         extra = lim.runner_args(nproc_rlimit=nproc_rlimit)
         if spec is not None:
@@ -164,9 +196,12 @@ def build_slots(cfg: ServerSettings, spec: SandboxSpec | None, cgroups: list[Slo
         runner = runner_command(root, cfg.max_output, cfg.max_file_bytes, extra)
 
         def command(
-            runner: list[str] = runner, workspace: str = workspace, cgroup: SlotCgroup | None = cgroup
+            layers: Fork | None,
+            runner: list[str] = runner,
+            workspace: str = workspace,
+            cgroup: SlotCgroup | None = cgroup,
         ) -> list[str]:
-            argv = spec.argv(workspace, runner) if spec is not None else runner
+            argv = spec.argv(workspace, runner, layers) if spec is not None else runner
             return cgroup.wrap(argv) if cgroup is not None and cgroup.dirs else argv
 
         slots.append(
@@ -177,6 +212,7 @@ def build_slots(cfg: ServerSettings, spec: SandboxSpec | None, cgroups: list[Slo
                 sandbox_env(cfg.data_dir, root),
                 cgroup,
                 spec.egress if spec is not None else None,
+                overlay_work,
             )
         )
     return slots
@@ -230,6 +266,7 @@ def prepare(cfg: ServerSettings) -> tuple[ServerSettings, SandboxApp, DataDirLoc
     _check_runner_reachable()
     hidden = tuple(os.path.realpath(p) for p in (cfg.token_file, generated) if p)
     choice = choose_isolation(cfg, hidden)
+    fork, fork_reason = choose_fork(cfg, choice.spec)
     enforced = Enforcement(
         isolation="bwrap" if choice.spec is not None else "none",
         network=choice.network,
@@ -238,14 +275,17 @@ def prepare(cfg: ServerSettings) -> tuple[ServerSettings, SandboxApp, DataDirLoc
         cgroups=sorted({k for g in cgroups if g is not None for k in g.values}),
         isolation_reason=choice.isolation_reason,
         network_reason=choice.network_reason,
+        fork=fork,
+        fork_reason=fork_reason,
     )
     api = SandboxApp(
-        build_slots(cfg, choice.spec, cgroups),
+        build_slots(cfg, choice.spec, cgroups, fork),
         token=token,
         default_timeout=cfg.timeout,
         enforcement=enforced,
         max_body=cfg.max_body,
         max_upload=cfg.max_upload,
+        snapshots=SnapshotStore(cfg.data_dir, cfg.max_snapshots),
         warm_slots=cfg.warm_target,
     )
     return cfg, api, lock, generated

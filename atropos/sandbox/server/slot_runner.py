@@ -9,12 +9,14 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from atropos.host import die_with_parent, kill_tree
+from atropos.host import command_line, die_with_parent, kill_tree, snapshot, tree_members
 from atropos.sandbox.runner.files import empty_dir
+from atropos.sandbox.runner.pathsafe import WORKSPACE_ALIAS
 from atropos.sandbox.runner.protocol import (
     Op,
     Outcome,
@@ -29,6 +31,7 @@ from atropos.sandbox.runner.rlimits import describe_limit
 from atropos.sandbox.runner.session import SESSION_RESTARTED
 from atropos.sandbox.server.cgroups import SlotCgroup
 from atropos.sandbox.server.egress import NETNS_READY, Egress
+from atropos.sandbox.server.isolation import Fork
 
 log = logging.getLogger("atropos.sandbox")
 
@@ -54,10 +57,11 @@ class SlotRunner:
         self,
         index: int,
         workspace: str,
-        command: Callable[[], list[str]],
+        command: Callable[[Fork | None], list[str]],
         env: dict[str, str],
         cgroup: SlotCgroup | None = None,
         egress: Egress | None = None,
+        overlay_work: str | None = None,
     ) -> None:
         self.index = index
         self.cgroup = cgroup
@@ -79,6 +83,12 @@ class SlotRunner:
         self._session_lost = False  # the runner died on its own: the next session call says so
         self.used = False  # a call ran since the runner started or the slot was last reset
         self.on_change: Callable[[], None] = lambda: None  # a runner started or died, or a warm slot was used
+        # forks (atropos.sandbox.server.snapshots): with `overlay_work` the workspace becomes an
+        # overlay on the snapshot (`fork` set until the next reset), else a copy of it
+        self.overlay_work = overlay_work
+        self.fork: Fork | None = None
+        self.forked_from: str | None = None  # the snapshot's name, until the next reset
+        self._view_pid: tuple[int, int] | None = None  # (sandbox pid, runner's host pid)
 
     @property
     def started(self) -> bool:
@@ -102,7 +112,7 @@ class SlotRunner:
 
     async def _start_runner(self) -> asyncio.subprocess.Process:
         proc = await asyncio.create_subprocess_exec(
-            *self._command(),
+            *self._command(self.fork),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             env=self._env,
@@ -218,7 +228,11 @@ class SlotRunner:
 
     async def execute(self, op: ToolOp) -> Outcome:
         async with self.holding(op["op"]) as generation:
-            result: Outcome = await self.call(op)
+            try:
+                result: Outcome = await self.call(op)
+            except SlotFailure:
+                self.check_not_reset(generation)  # a fork killed the runner under the call
+                raise
             self.check_not_reset(generation)
             if self.cgroup is not None and self.cgroup.dirs:
                 _note_cgroup_limit(result, self.cgroup)
@@ -233,6 +247,15 @@ class SlotRunner:
         self.generation += 1
         self._session_lost = False
         self.used = False  # clean again: warm if its runner lives
+        self.forked_from = None
+        if self.fork is not None:  # the overlay goes with the sandbox that mounted it
+            started = time.monotonic()
+            async with self._start_lock:
+                self.fork = None
+                killed = await self.kill_runner()
+                await asyncio.to_thread(self._clear)
+            self.on_change()
+            return {"ok": True, "killed": killed, "duration_ms": (time.monotonic() - started) * 1000.0}
         if self._proc is None or self._proc.returncode is not None:
             # nothing runs in the slot: empty it without starting a sandbox just for that
             await asyncio.to_thread(_empty, self.workspace)
@@ -245,12 +268,13 @@ class SlotRunner:
             await asyncio.to_thread(_empty, self.workspace)
             return {"ok": True, "killed": 0, "duration_ms": 0.0}
 
-    async def kill_runner(self) -> None:
+    async def kill_runner(self) -> int:
+        """Kill the sandbox and everything in it; how many processes died."""
         proc, self._proc = self._proc, None
         if proc is None or proc.returncode is not None:
-            return
+            return 0
         # without bubblewrap the runner's orphans are not in a PID namespace that dies with it
-        await asyncio.to_thread(kill_tree, proc.pid)
+        killed = await asyncio.to_thread(kill_tree, proc.pid)
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -259,6 +283,41 @@ class SlotRunner:
         await self._stop_pasta(proc)
         if self._reader is not None:
             await asyncio.gather(self._reader, return_exceptions=True)
+        return killed
+
+    def _clear(self) -> None:
+        _empty(self.workspace)
+        if self.overlay_work is not None:
+            _empty(self.overlay_work)
+
+    async def fork_from(self, name: str, snapshot: str, copy: Callable[[str, str], object]) -> None:
+        """Start over from the snapshot `name` at `snapshot`: everything the slot runs is killed and
+        its workspace emptied, then it is an overlay on the snapshot, or where overlays cannot
+        work, `copy(snapshot, workspace)`. Its sandbox starts now: a fork is used soon."""
+        async with self._start_lock:  # no sandbox (a warm one, say) starts on a half-made workspace
+            self.generation += 1
+            self._session_lost = False
+            self.used = True
+            self.fork = None
+            await self.kill_runner()
+            await asyncio.to_thread(self._clear)
+            if self.overlay_work is not None:
+                self.fork = Fork(snapshot, self.overlay_work)
+            else:
+                await asyncio.to_thread(copy, snapshot, self.workspace)
+            self.forked_from = name
+        self.on_change()
+        await self._ensure_runner()
+
+    async def view(self) -> str:
+        """The workspace as the slot's commands see it, for the server's own tree operations: its
+        dir, or for an overlay fork the merged view, through the root of the slot's runner."""
+        if self.fork is None:
+            return self.workspace
+        proc = await self._ensure_runner()
+        if self._view_pid is None or self._view_pid[0] != proc.pid:
+            self._view_pid = (proc.pid, await asyncio.to_thread(_runner_pid, proc.pid))
+        return f"/proc/{self._view_pid[1]}/root{WORKSPACE_ALIAS}"
 
     async def _stop_pasta(self, runner: asyncio.subprocess.Process) -> None:
         pasta = self._pastas.pop(runner.pid, None)
@@ -302,6 +361,17 @@ def _note_cgroup_limit(result: Outcome, cgroup: SlotCgroup) -> None:
         add_note(result, f"processes of this slot were stopped: {limit} in the slot's processes together")
     else:
         prepend_error(result, f"stopped: {limit} in the slot's processes together")
+
+
+def _runner_pid(sandbox: int) -> int:
+    """The host pid of the runner below the sandbox process `sandbox` (its argv[0] is this Python;
+    bubblewrap's own command line holds the runner's too, after its options)."""
+    python = os.path.realpath(sys.executable)
+    for pid in sorted(tree_members(sandbox, snapshot(), include_root=False)):
+        argv = command_line(pid).split(" ")
+        if argv and argv[0] and os.path.realpath(argv[0]) == python:
+            return pid
+    raise SlotFailure(f"sandbox {sandbox}: its runner process is not found")
 
 
 def _empty(workspace: str) -> None:
