@@ -15,7 +15,7 @@ import pytest
 from atropos.envs.agent_loop import AgentSettings, clip, initial_messages, run_rollout
 from atropos.envs.chat import AssistantReply, Message, ModelError
 from atropos.envs.openai_client import OpenAIChatModel
-from atropos.envs.task_set import load_tasks
+from atropos.envs.task_set import TaskError, load_tasks
 from atropos.envs.tool_calls import ToolCallFormat
 from atropos.slots import SlotLost, SlotPool, SlotPoolConfig
 from tests.env_fixtures import failing_script, solving_script
@@ -90,7 +90,9 @@ class BrokenPool:
         pass
 
     @contextlib.asynccontextmanager
-    async def slot(self, trajectory_id: str | None = None, timeout: float | None = None) -> AsyncIterator[str]:
+    async def slot(
+        self, trajectory_id: str | None = None, timeout: float | None = None, from_snapshot: str | None = None
+    ) -> AsyncIterator[str]:
         try:
             yield "slot-0"
         finally:
@@ -176,3 +178,42 @@ def test_long_tool_output_is_clipped_head_and_tail() -> None:
     clipped = clip(text, 300)
     assert clipped.startswith("line 0\n") and clipped.endswith("line 999\n")
     assert "characters cut" in clipped and len(clipped) < 400
+
+
+SETUP_TASK = FIZZBUZZ.model_copy(
+    update={
+        "id": "with-setup",
+        "setup_files": {"notes/readme.txt": "from the task\n"},
+        "setup_commands": ["cat /proc/sys/kernel/random/uuid > stamp && mkdir -p dep && echo installed > dep/x"],
+    }
+)
+
+
+@pytest.mark.parametrize("fork_setup", [True, False])
+async def test_task_setup_runs_once_per_server_with_fork_setup(fork_setup: bool) -> None:
+    async def rollout(pool: SlotPool, n: int) -> str:
+        model = Scripted(
+            AssistantReply('<tool_call>{"name": "bash", "arguments": {"command": "cat stamp dep/x notes/readme.txt"}}'
+                           "</tool_call>"),
+            AssistantReply("done"),
+        )  # fmt: skip
+        result = await run_rollout(pool, SETUP_TASK, model, AgentSettings(fork_setup=fork_setup), f"r{n}")
+        assert result.status == "ok", result.error
+        content = str(result.messages[3]["content"])
+        assert "installed" in content and "from the task" in content, content
+        return content.split("\n")[0]
+
+    async with small_pool(slots_per_container=3) as pool:
+        stamps = await asyncio.gather(*(rollout(pool, n) for n in range(3)))
+    # with fork_setup the three rollouts start from one setup; without, each ran its own
+    assert len(set(stamps)) == (1 if fork_setup else 3), stamps
+
+
+@pytest.mark.parametrize("fork_setup", [True, False])
+async def test_a_failing_setup_command_is_an_error_of_the_task(fork_setup: bool) -> None:
+    broken = SETUP_TASK.model_copy(update={"id": "broken-setup", "setup_commands": ["echo oops >&2; exit 4"]})
+    async with small_pool() as pool:
+        with pytest.raises(TaskError, match=r"broken-setup setup.*exit 4.*oops"):
+            await run_rollout(pool, broken, Scripted(), AgentSettings(fork_setup=fork_setup))
+        stats = pool.stats()
+    assert stats.leases == stats.releases

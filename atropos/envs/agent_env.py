@@ -77,6 +77,11 @@ class AgentEnvConfig(BaseEnvConfig):  # type: ignore[misc]
     max_tokens_per_turn: int = Field(default=1024, ge=1, description="max_tokens of each model turn")
     temperature: float = Field(default=1.0, ge=0, description="Sampling temperature of training rollouts")
     max_tool_output: int = Field(default=4000, ge=100, description="Characters of a tool result shown to the model")
+    fork_setup: bool = Field(
+        default=True,
+        description="Run a task's setup once per sandbox server and fork every rollout's slot from it "
+        "(copy-on-write); false: each rollout runs the setup in its own slot",
+    )
     model_wait: float = Field(
         default=120.0, ge=0, description="Seconds to wait at start for a model server to answer before failing"
     )
@@ -113,6 +118,7 @@ class AgentEnvConfig(BaseEnvConfig):  # type: ignore[misc]
             tool_call_format=self.tool_call_format,
             tool_timeout=self.tool_timeout,
             max_tool_output=self.max_tool_output,
+            fork_setup=self.fork_setup,
         )
 
 

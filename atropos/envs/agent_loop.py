@@ -17,8 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from atropos.envs.chat import AssistantReply, ChatModel, Message, assistant_message, tool_message
 from atropos.envs.sampling import SampledModel, SampledTokens
-from atropos.envs.scoring import CheckResult, score_task, write_files
+from atropos.envs.scoring import CheckResult, score_task
 from atropos.envs.task_set import Task
+from atropos.envs.task_setup import prepared, run_setup
 from atropos.envs.tool_calls import TOOL_SCHEMAS, ParsedCall, ToolCall, ToolCallFormat, hermes_tools_prompt, parse_reply
 from atropos.sandbox.models import ExecuteResult
 from atropos.slots import AcquireTimeout, InfrastructureError, InvalidToolCall, LeaseError, Slot, SlotPool
@@ -41,6 +42,9 @@ class AgentSettings(BaseModel):
     tool_timeout: float = Field(default=60.0, gt=0, description="seconds per tool call")
     max_tool_output: int = Field(default=4000, ge=100, description="characters of a tool result shown to the model")
     acquire_timeout: float | None = Field(default=None, gt=0, description="wait for a slot; pool default if unset")
+    fork_setup: bool = Field(
+        default=True, description="run a task's setup once per server and fork each rollout's slot from it"
+    )
 
 
 class Rollout(BaseModel):
@@ -88,8 +92,11 @@ async def run_rollout(
         messages=initial_messages(task, settings.tool_call_format),
     )
     try:
-        async with pool.slot(rollout.trajectory_id, timeout=settings.acquire_timeout) as slot:
-            await write_files(pool, slot, task.setup_files, settings.tool_timeout, what=f"task {task.id} setup")
+        has_setup = bool(task.setup_files or task.setup_commands)
+        key = await prepared(pool, task, settings.tool_timeout) if settings.fork_setup and has_setup else None
+        async with pool.slot(rollout.trajectory_id, timeout=settings.acquire_timeout, from_snapshot=key) as slot:
+            if key is None:
+                await run_setup(pool, slot, task, settings.tool_timeout)
             try:
                 await _agent_turns(pool, slot, model, settings, rollout)
             finally:

@@ -52,6 +52,11 @@ class Task(_Strict):
     prompt: str = Field(min_length=1)
     tags: list[str] = Field(default_factory=list)
     setup_files: dict[str, str] = Field(default_factory=dict, description="path -> text, written before the agent")
+    setup_commands: list[str] = Field(
+        default_factory=list,
+        description="shell commands run in order after the setup files, before the agent (a failing one is an "
+        "error of the task); with fork_setup they run once per task and server, not per rollout",
+    )
     hidden_files: dict[str, str] = Field(
         default_factory=dict, description="path -> text, written after the agent finished (tests it cannot edit)"
     )

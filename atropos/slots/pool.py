@@ -132,18 +132,29 @@ class SlotPool:
 
     # -- leasing -------------------------------------------------------------------------------
 
-    async def prepare(self, task_key: str, setup: Sequence[SetupCall], timeout: float | None = None) -> None:
+    async def prepare(
+        self,
+        task_key: str,
+        setup: Sequence[SetupCall],
+        timeout: float | None = None,
+        call_timeout: float | None = None,
+    ) -> None:
         """Run a task's setup (tool calls, e.g. `("bash", {"command": "git clone ... && pip install
-        ..."})`) once, in one slot, and keep its workspace as the task's snapshot on that server:
-        `acquire(..., from_snapshot=task_key)` then hands out slots that start from it. Other servers
-        run the setup once when a slot of theirs is first acquired for the task. SetupFailed if a
-        call of the setup fails (its output is in the message)."""
-        self._prepared.register(task_key, setup)
-        slot = await self.acquire(f"prepare:{task_key}", timeout)
-        try:
-            await self._prepared.prepare_in(slot, task_key)
-        finally:
-            self.release(slot)
+        ..."})`, each within `call_timeout`) once, in one slot, and keep its workspace as the task's
+        snapshot on that server: `acquire(..., from_snapshot=task_key)` then hands out slots that
+        start from it. Other servers run the setup once when a slot of theirs is first acquired for
+        the task. Preparing a key again does nothing (concurrent calls wait for the first);
+        SetupFailed if a call of the setup fails (its output is in the message)."""
+        self._prepared.register(task_key, setup, call_timeout)
+
+        async def in_a_slot() -> None:
+            slot = await self.acquire(f"prepare:{task_key}", timeout)
+            try:
+                await self._prepared.prepare_in(slot, task_key)
+            finally:
+                self.release(slot)
+
+        await self._prepared.once(task_key, in_a_slot)
 
     async def acquire(
         self, trajectory_id: str | None = None, timeout: float | None = None, from_snapshot: str | None = None

@@ -36,24 +36,34 @@ class PreparedTasks:
     def __init__(self, execute: Execute, client_of: Callable[[Slot], ServerClient]) -> None:
         self._execute = execute
         self._client_of = client_of
-        self._setups: dict[str, list[SetupCall]] = {}
+        self._setups: dict[str, tuple[list[SetupCall], float | None]] = {}  # key -> (calls, timeout per call)
         self._on: set[tuple[str, str]] = set()  # (task key, server id) with the snapshot
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._first: dict[str, asyncio.Future[None]] = {}  # the first preparation of each key
 
     def known(self, task_key: str) -> bool:
         return task_key in self._setups
 
-    def register(self, task_key: str, setup: Sequence[SetupCall]) -> None:
+    def register(self, task_key: str, setup: Sequence[SetupCall], call_timeout: float | None) -> None:
         calls = [(tool, dict(args)) for tool, args in setup]
-        if task_key in self._setups and self._setups[task_key] != calls:
+        if task_key in self._setups and self._setups[task_key][0] != calls:
             raise ValueError(f"task {task_key!r} is already prepared with another setup; use a new key")
-        self._setups[task_key] = calls
+        self._setups[task_key] = (calls, call_timeout)
+
+    async def once(self, task_key: str, prepare: Callable[[], Awaitable[None]]) -> None:
+        """Run `prepare` for the key unless it ran (or runs now: then wait for it); after a failure
+        the next caller tries again."""
+        first = self._first.get(task_key)
+        if first is None or (first.done() and (first.cancelled() or first.exception() is not None)):
+            first = self._first[task_key] = asyncio.ensure_future(prepare())
+        await asyncio.shield(first)
 
     async def prepare_in(self, slot: Slot, task_key: str) -> None:
         """Run the task's setup in `slot`, snapshot it on the slot's server, and fork the slot from
         the snapshot (so that it too starts with nothing of the setup's processes)."""
-        for tool, args in self._setups[task_key]:
-            result = await self._execute(slot, tool, args, None)
+        calls, timeout = self._setups[task_key]
+        for tool, args in calls:
+            result = await self._execute(slot, tool, args, timeout)
             if not result.ok:
                 raise SetupFailed(
                     f"task {task_key!r}: setup call {tool} {args!r} failed (exit {result.exit_code}): "
