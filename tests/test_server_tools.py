@@ -30,8 +30,14 @@ def test_health_reports_mode_without_auth(server: RunningServer) -> None:
         "isolation_reason",
         "network_reason",
         "warm",
+        "fork",
+        "fork_reason",
     }
     assert body["network"] in ("public", "deny", "allow") and body["uid"] != 0
+    # forks are overlays wherever bubblewrap runs here (CI's kernel has overlayfs in user namespaces)
+    assert (body["fork"], body["fork_reason"] is None) == (
+        ("overlay", True) if body["isolation"] == "bwrap" else ("copy", False)
+    ), body["fork_reason"]
     assert body["warm"]["target"] == 4 and 0 <= body["warm"]["ready"] <= 4  # every slot, by default
 
 
@@ -222,5 +228,8 @@ def test_concurrent_execute_on_different_slots_overlap(server: RunningServer) ->
 def test_openapi_document(server: RunningServer) -> None:
     with server.client() as c:
         doc = c.get("/openapi.json").json()
-    assert set(doc["paths"]) == {"/health", "/status", "/execute", "/batch", "/reset"}
+    assert set(doc["paths"]) == {
+        "/health", "/status", "/execute", "/batch", "/reset", "/upload", "/download", "/snapshot", "/snapshots",
+        "/snapshots/{name}", "/fork",
+    }  # fmt: skip
     assert "ExecuteResult" in doc["components"]["schemas"]

@@ -183,6 +183,10 @@ class LocalBackend(SandboxBackend):
         """The server's process (apptainer's or docker's client process for those drivers)."""
         return self._servers[server_id].proc.pid
 
+    def data_dir(self, server_id: str) -> str:
+        """Where the server keeps its slots and snapshots (DATA_DIR/slots/N, DATA_DIR/snapshots)."""
+        return self._servers[server_id].data_dir
+
     def exited(self, server_id: str) -> asyncio.Future[None] | None:
         server = self._servers.get(server_id)
         return server.exited if server is not None else None

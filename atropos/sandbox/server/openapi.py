@@ -70,6 +70,11 @@ def openapi_document() -> dict[str, Any]:
         m.SlotActivity,
         m.ErrorResponse,
         m.UploadResult,
+        m.SnapshotRequest,
+        m.SnapshotInfo,
+        m.SnapshotList,
+        m.ForkRequest,
+        m.ForkResponse,
         m.BashArgs,
         m.SessionArgs,
         m.ReadFileArgs,
@@ -102,8 +107,33 @@ def openapi_document() -> dict[str, Any]:
             },
             "/upload": {"post": _upload()},
             "/download": {"get": _download()},
+            "/snapshot": {"post": _snapshot()},
+            "/snapshots": {"get": _op("The server's snapshots, and the slots forked from each", None, m.SnapshotList)},
+            "/snapshots/{name}": {"delete": _delete_snapshot()},
+            "/fork": {
+                "post": _op(
+                    "Slots start over from a snapshot, each with a copy-on-write workspace",
+                    m.ForkRequest,
+                    m.ForkResponse,
+                )
+            },
         },
     }
+
+
+def _snapshot() -> dict[str, Any]:
+    op = _op("Freeze a slot's workspace (not its processes) into a named snapshot", m.SnapshotRequest, m.SnapshotInfo)
+    op["responses"]["409"]["description"] = (
+        "a snapshot of that name exists, the server holds --max-snapshots, or the slot was reset meanwhile"
+    )
+    return op
+
+
+def _delete_snapshot() -> dict[str, Any]:
+    op = _op("Delete a snapshot no overlay fork stands on", None, m.SnapshotInfo)
+    op["parameters"] = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
+    op["responses"]["409"]["description"] = "slots forked from it (with an overlay) stand on it: reset them first"
+    return op
 
 
 _SLOT_AND_PATH = [

@@ -89,6 +89,7 @@ class SlotRunner:
         self.fork: Fork | None = None
         self.forked_from: str | None = None  # the snapshot's name, until the next reset
         self._view_pid: tuple[int, int] | None = None  # (sandbox pid, runner's host pid)
+        self._starting: asyncio.Future[None] | None = None  # a fork's sandbox, started ahead
 
     @property
     def started(self) -> bool:
@@ -293,7 +294,8 @@ class SlotRunner:
     async def fork_from(self, name: str, snapshot: str, copy: Callable[[str, str], object]) -> None:
         """Start over from the snapshot `name` at `snapshot`: everything the slot runs is killed and
         its workspace emptied, then it is an overlay on the snapshot, or where overlays cannot
-        work, `copy(snapshot, workspace)`. Its sandbox starts now: a fork is used soon."""
+        work, `copy(snapshot, workspace)`. Its sandbox starts in the background: a fork is used
+        soon, and its first call waits only for what is left of that start."""
         async with self._start_lock:  # no sandbox (a warm one, say) starts on a half-made workspace
             self.generation += 1
             self._session_lost = False
@@ -307,7 +309,13 @@ class SlotRunner:
                 await asyncio.to_thread(copy, snapshot, self.workspace)
             self.forked_from = name
         self.on_change()
-        await self._ensure_runner()
+        self._starting = asyncio.ensure_future(self._start_quietly())
+
+    async def _start_quietly(self) -> None:
+        try:
+            await self._ensure_runner()
+        except Exception as exc:  # its first call tries again, and says why if it fails too
+            log.warning("slot %d: the forked sandbox did not start ahead of its first call: %s", self.index, exc)
 
     async def view(self) -> str:
         """The workspace as the slot's commands see it, for the server's own tree operations: its
@@ -326,6 +334,9 @@ class SlotRunner:
             await pasta.wait()
 
     async def close(self) -> None:
+        if self._starting is not None and not self._starting.done():
+            self._starting.cancel()
+            await asyncio.gather(self._starting, return_exceptions=True)
         await self.kill_runner()
         if self.cgroup is not None:
             self.cgroup.remove()

@@ -71,7 +71,7 @@ class SnapshotStore:
                 raise SnapshotError(409, f"snapshot {name!r} exists; delete it first or pick another name")
             if len(self._snapshots) >= self.max_count:
                 raise SnapshotError(
-                    507, f"this server holds {self.max_count} snapshots, its limit (--max-snapshots); delete one"
+                    409, f"this server holds {self.max_count} snapshots, its limit (--max-snapshots); delete one"
                 )
             snap = Snapshot(name, os.path.join(self.root, name), slot, time.time())
             self._snapshots[name] = snap
