@@ -24,7 +24,14 @@ import aiohttp
 from atropos.errors import InfrastructureError, InvalidToolCall, SlotFailed, SlotLost
 from atropos.sandbox import tarsafe
 from atropos.sandbox.http import HttpClient, HttpRefused, HttpTransportError
-from atropos.sandbox.models import ExecuteResult, ForkResponse, SnapshotInfo, StatusResponse, UploadResult
+from atropos.sandbox.models import (
+    ExecuteResult,
+    ForkResponse,
+    OutputChunk,
+    SnapshotInfo,
+    StatusResponse,
+    UploadResult,
+)
 from atropos.sandbox.streams import LoopReader, LoopWriter, ThreadPipe
 from atropos.sandbox.tarsafe import Compression
 
@@ -117,6 +124,25 @@ class ServerClient:
         body = {"slot": slot, "tool": tool, "args": args, "timeout": timeout}
         return ExecuteResult.model_validate(await self._post("/execute", body, timeout + CALL_MARGIN))
 
+    async def execute_stream(
+        self, slot: int, tool: str, args: dict[str, Any], timeout: float
+    ) -> AsyncIterator[OutputChunk | ExecuteResult]:
+        """`execute` with `stream: true`: the output's pieces as they come, then the result."""
+        body = json.dumps({"slot": slot, "tool": tool, "args": args, "timeout": timeout, "stream": True}).encode()
+        async with self._streamed("POST", "/execute", {}, timeout + CALL_MARGIN, body) as answer:
+            if answer.status != 200:
+                self._decode("/execute", answer.status, await answer.read())
+            async for line in _lines(answer):
+                event = json.loads(line)
+                if "chunk" in event:
+                    yield OutputChunk.model_validate(event["chunk"])
+                    continue
+                if "result" in event:
+                    yield ExecuteResult.model_validate(event["result"])
+                    return
+                self._decode("/execute", int(event.get("status") or 500), line)
+        raise SlotLost(f"server {self.server_id} /execute: the stream ended before the call's result")
+
     async def batch(self, calls: list[dict[str, Any]]) -> list[ExecuteResult]:
         # calls on one slot run in series, slots in parallel: the slowest slot's sum bounds the wait
         per_slot: dict[int, float] = {}
@@ -181,7 +207,7 @@ class ServerClient:
 
     @contextlib.asynccontextmanager
     async def _streamed(
-        self, method: str, path: str, query: dict[str, str], timeout: float, body: ThreadPipe | None = None
+        self, method: str, path: str, query: dict[str, str], timeout: float, body: ThreadPipe | bytes | None = None
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """A request whose body or answer streams; transport failures and timeouts are SlotLost."""
         if self.lost_reason:
@@ -195,3 +221,18 @@ class ServerClient:
             raise SlotLost(f"server {self.server_id} did not finish {path} within {timeout:.0f}s") from None
         except aiohttp.ClientError as exc:
             raise SlotLost(f"server {self.server_id} unreachable on {path}: {exc}") from None
+
+
+async def _lines(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The lines of an NDJSON answer, whatever their length (a call's result can be megabytes,
+    beyond aiohttp's own line reader)."""
+    pending = bytearray()
+    async for piece in response.content.iter_any():
+        scanned = len(pending)  # a long line is searched once, not again with each piece
+        pending += piece
+        while (end := pending.find(b"\n", scanned)) >= 0:
+            yield bytes(pending[:end])
+            del pending[: end + 1]
+            scanned = 0
+    if pending:
+        yield bytes(pending)

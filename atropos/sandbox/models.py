@@ -50,6 +50,11 @@ class SessionArgs(_Strict):
     command: str = Field(
         min_length=1, pattern=_NO_NUL, description="Command run in the slot's persistent bash session (no NUL byte)."
     )
+    read_background: bool = Field(
+        default=False,
+        description="Also answer, in the result's `background`, what the session's background jobs printed since "
+        "the last read (the newest 64 KiB); `true` as the command reads it without doing anything else.",
+    )
 
 
 class ReadFileArgs(_Strict):
@@ -78,6 +83,11 @@ class _Call(_Strict):
     timeout: float | None = Field(
         default=None, gt=0, le=86400, description="Seconds; the server's default when omitted."
     )
+    stream: bool = Field(
+        default=False,
+        description='`/execute` only: answer NDJSON, `{"chunk": OutputChunk}` lines as a command writes '
+        '(bash, bash_session), then `{"result": ExecuteResult}` (or `{"error": ...}`).',
+    )
 
 
 class ExecuteRequest(_Call):
@@ -95,7 +105,7 @@ class BashCall(_Call):
     args: BashArgs
 
     def runner_op(self, timeout: float) -> ToolOp:
-        return BashOp(op="bash", command=self.args.command, timeout=timeout)
+        return BashOp(op="bash", command=self.args.command, timeout=timeout, stream=self.stream)
 
 
 class SessionCall(_Call):
@@ -103,7 +113,13 @@ class SessionCall(_Call):
     args: SessionArgs
 
     def runner_op(self, timeout: float) -> ToolOp:
-        return SessionOp(op="bash_session", command=self.args.command, timeout=timeout)
+        return SessionOp(
+            op="bash_session",
+            command=self.args.command,
+            timeout=timeout,
+            stream=self.stream,
+            read_background=self.args.read_background,
+        )
 
 
 class ReadFileCall(_Call):
@@ -136,7 +152,7 @@ def typed_call(call: ExecuteRequest) -> ToolCall:
     kind = _CALL_OF_TOOL[call.tool]
     args = TOOL_ARGS[call.tool].model_validate(call.args)
     # the parts are validated: the call is put together without validating them twice
-    return kind.model_construct(slot=call.slot, timeout=call.timeout, tool=call.tool, args=args)
+    return kind.model_construct(slot=call.slot, timeout=call.timeout, stream=call.stream, tool=call.tool, args=args)
 
 
 _CALL_OF_TOOL: dict[str, type[ToolCall]] = {
@@ -167,6 +183,11 @@ class ExecuteResult(BaseModel):
         default=None,
         description="The slot's resource limit that stopped the command (or that it ran into), if any.",
     )
+    background: str | None = Field(
+        default=None,
+        description="bash_session with read_background: what the session's background jobs printed since the "
+        "last read.",
+    )
     infra_error: str | None = Field(
         default=None,
         description="Set only inside /batch results: the slot failed (not the command). Outside a "
@@ -190,6 +211,13 @@ class ResetResponse(BaseModel):
     slot: int
     killed: int = Field(description="Processes the reset killed.")
     duration_ms: float
+
+
+class OutputChunk(BaseModel):
+    """A piece of a streamed command's output, as it came (the result still has all of it, bounded)."""
+
+    stream: Literal["stdout", "stderr"]
+    data: str
 
 
 class SnapshotRequest(_Strict):

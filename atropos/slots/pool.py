@@ -26,7 +26,7 @@ from atropos.errors import (
     SlotPoolError,
 )
 from atropos.progress import Progress, no_progress
-from atropos.sandbox.models import ExecuteResult, UploadResult
+from atropos.sandbox.models import ExecuteResult, OutputChunk, UploadResult
 from atropos.sandbox.tarsafe import Unpacked
 from atropos.slots.config import SlotPoolConfig
 from atropos.slots.fleet import Background, Fleet, Member
@@ -302,23 +302,23 @@ class SlotPool:
             raise SlotLost(f"slot {st.server_id}/{st.index}: its server left the pool; acquire another slot")
         return member
 
-    async def execute(
-        self, slot: Slot, tool: str, args: dict[str, Any] | None = None, timeout: float | None = None
-    ) -> ExecuteResult:
-        """Run one tool call in the leased slot. A command's failure is in the result; a failure of
-        the sandbox raises InfrastructureError (SlotLost: acquire another slot)."""
+    @contextlib.asynccontextmanager
+    async def _calling(self, slot: Slot, what: str, timeout: float | None) -> AsyncIterator[tuple[SlotState, Member]]:
+        """The slot's state and server for one call in it: refused before it runs if its server
+        retires first (with a `timeout`), counted while it runs, its failures recorded, a lost
+        server's health looked at."""
         st = self._book.check(slot)
         server = self._member(st)
-        limit = timeout or self.config.tool_timeout
-        refused = self._retirement.refusal(st.server_id, st.index, limit)
-        if refused is not None:
-            self._stats.error(refused)
-            raise refused
+        if timeout is not None:
+            refused = self._retirement.refusal(st.server_id, st.index, timeout)
+            if refused is not None:
+                self._stats.error(refused)
+                raise refused
         st.inflight += 1
         st.dirty = True
         started = time.monotonic()
         try:
-            result = await server.client.execute(st.index, tool, args or {}, limit)
+            yield st, server
         except SlotPoolError as exc:
             self._stats.error(exc)
             if isinstance(exc, SlotLost):
@@ -327,32 +327,36 @@ class SlotPool:
         finally:
             st.inflight -= 1
             st.last_seen = time.monotonic()
-        self._stats.call(tool, time.monotonic() - started)
-        return result
+        self._stats.call(what, time.monotonic() - started)
+
+    async def execute(
+        self, slot: Slot, tool: str, args: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> ExecuteResult:
+        """Run one tool call in the leased slot. A command's failure is in the result; a failure of
+        the sandbox raises InfrastructureError (SlotLost: acquire another slot)."""
+        limit = timeout or self.config.tool_timeout
+        async with self._calling(slot, tool, limit) as (st, server):
+            return await server.client.execute(st.index, tool, args or {}, limit)
+
+    async def execute_stream(
+        self, slot: Slot, tool: str, args: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> AsyncIterator[OutputChunk | ExecuteResult]:
+        """`execute`, with the command's output as it comes: OutputChunk items (stdout and stderr,
+        up to the server's max-output of each), then the ExecuteResult, always last. Breaking out
+        early stops the stream; the command still ends by its timeout at the latest."""
+        limit = timeout or self.config.tool_timeout
+        async with self._calling(slot, tool, limit) as (st, server):
+            async for event in server.client.execute_stream(st.index, tool, args or {}, limit):
+                st.last_seen = time.monotonic()  # output flows: the lease is in use
+                yield event
 
     # -- whole trees -----------------------------------------------------------------------------
-
-    @contextlib.asynccontextmanager
-    async def _transfer(self, slot: Slot) -> AsyncIterator[tuple[SlotState, Member]]:
-        st = self._book.check(slot)
-        server = self._member(st)
-        st.inflight += 1
-        st.dirty = True
-        try:
-            yield st, server
-        except SlotLost as exc:
-            self._stats.error(exc)
-            self._background.spawn(self._health.check(server))
-            raise
-        finally:
-            st.inflight -= 1
-            st.last_seen = time.monotonic()
 
     async def upload_tree(self, slot: Slot, source: str, path: str = ".", timeout: float = 600.0) -> UploadResult:
         """Copy the local directory `source` into `path` of the slot's workspace (made if missing;
         entries of the same name replaced, directories merged). A refused archive changes nothing
         (InvalidToolCall says why); the tree streams, never wholly in memory."""
-        async with self._transfer(slot) as (st, server):
+        async with self._calling(slot, "upload_tree", None) as (st, server):
             return await server.client.upload_tree(st.index, source, path, timeout)
 
     async def download_tree(
@@ -360,7 +364,7 @@ class SlotPool:
     ) -> Unpacked:
         """Copy `path` of the slot's workspace into the local directory `dest` (made if missing),
         with the same confinement as an upload: nothing of the archive lands outside `dest`."""
-        async with self._transfer(slot) as (st, server):
+        async with self._calling(slot, "download_tree", None) as (st, server):
             return await server.client.download_tree(st.index, path, dest, timeout, max_bytes)
 
     async def execute_batch(self, calls: Sequence[BatchCall]) -> list[ExecuteResult | InfrastructureError]:

@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from atropos.host import become_subreaper, die_with_parent, kill_tree
+from atropos.sandbox.runner.capture import Emit
 from atropos.sandbox.runner.children import Children
 from atropos.sandbox.runner.files import empty_dir, read_file, write_file
 from atropos.sandbox.runner.oneshot import run_oneshot
@@ -75,21 +76,27 @@ class Runner:
         self._out.flush()
 
     async def handle(self, req: Op, rid: int | None) -> None:
+        emit: Emit | None = None
+        if (req["op"] == "bash" or req["op"] == "bash_session") and req.get("stream"):
+
+            def emit(stream: str, text: str) -> None:
+                self.reply({"id": rid, "chunk": {"stream": stream, "data": text}})
+
         try:
-            result = await self.watched(req)
+            result = await self.watched(req, emit)
         except Exception as exc:  # a bug here must not take the slot down
             self.reply({"id": rid, "error": f"{type(exc).__name__}: {exc}"})
             return
         self.reply({"id": rid, "result": result})
 
-    async def watched(self, req: Op) -> Outcome | ResetOutcome | PingOutcome:
+    async def watched(self, req: Op, emit: Emit | None = None) -> Outcome | ResetOutcome | PingOutcome:
         """Run the request while the limit watch looks on; a command's outcome then says what
         limit stopped it, or stopped its background processes since the last call."""
         trips = self.watch.trips
         self.watch.enter()
         try:
             if req["op"] == "bash" or req["op"] == "bash_session":
-                outcome = await self.command_or_free(req)
+                outcome = await self.command_or_free(req, emit)
             else:
                 return await self.dispatch(req)
         finally:
@@ -131,13 +138,13 @@ class Runner:
             return await self.reset()
         return {"ok": True, "pid": os.getpid()}
 
-    async def command_or_free(self, req: BashOp | SessionOp) -> Outcome:
+    async def command_or_free(self, req: BashOp | SessionOp, emit: Emit | None) -> Outcome:
         try:
-            return await self.command(req)
+            return await self.command(req, emit)
         except BlockingIOError:
-            return await self.command_after_freeing_processes(req)
+            return await self.command_after_freeing_processes(req, emit)
 
-    async def command_after_freeing_processes(self, req: BashOp | SessionOp) -> Outcome:
+    async def command_after_freeing_processes(self, req: BashOp | SessionOp, emit: Emit | None) -> Outcome:
         """Fork refused: background processes fill the slot's process limit. They are killed (the
         result says so) and the command starts once their count has dropped."""
         self.watch.unreported = "processes"
@@ -145,7 +152,7 @@ class Runner:
         for _ in range(_FREEING_ATTEMPTS):
             self.children.reap()  # killed orphans count until reaped
             try:
-                return await self.command(req)
+                return await self.command(req, emit)
             except BlockingIOError:
                 await asyncio.sleep(0.05)
         return {
@@ -155,12 +162,18 @@ class Runner:
             "duration_ms": 0.0,
         }
 
-    async def command(self, req: BashOp | SessionOp) -> Outcome:
+    async def command(self, req: BashOp | SessionOp, emit: Emit | None = None) -> Outcome:
         timeout = float(req["timeout"] or 60.0)
         if req["op"] == "bash":
-            return await run_oneshot(self.children, req["command"], timeout=timeout, cap=self.cap)
+            return await run_oneshot(self.children, req["command"], timeout=timeout, cap=self.cap, emit=emit)
         async with self._session_lock:
-            return await self.session.run(req["command"], timeout=timeout, cap=self.cap)
+            return await self.session.run(
+                req["command"],
+                timeout=timeout,
+                cap=self.cap,
+                emit=emit,
+                read_background=bool(req.get("read_background")),
+            )
 
     async def reset(self) -> ResetOutcome:
         started = time.monotonic()

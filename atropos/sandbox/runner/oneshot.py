@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from atropos.host import kill_tree
-from atropos.sandbox.runner.capture import BoundedBuffer
+from atropos.sandbox.runner.capture import BoundedBuffer, Emit, buffers
 from atropos.sandbox.runner.children import Children, PipeReader
 from atropos.sandbox.runner.protocol import Outcome
 
@@ -42,9 +42,11 @@ def outcome_of(
     }
 
 
-async def run_oneshot(children: Children, command: str, *, timeout: float, cap: int) -> Outcome:
+async def run_oneshot(
+    children: Children, command: str, *, timeout: float, cap: int, emit: Emit | None = None
+) -> Outcome:
     started = time.monotonic()
-    out, err = BoundedBuffer(cap), BoundedBuffer(cap)
+    out, err = buffers(cap, emit)
     child = children.spawn(["bash", "-c", command])
     readers = [
         PipeReader(children.loop, child.stdout_fd, out.write),

@@ -1,7 +1,8 @@
 """The pipe between the server and a slot's runner: one typed request per tool, one result shape.
 
 Requests are JSON lines on the runner's stdin, `{"id": N, "op": ..., "timeout": s, ...}`; answers
-are JSON lines on its stdout, `{"id": N, "result": Outcome}` or `{"id": N, "error": "..."}`.
+are JSON lines on its stdout, `{"id": N, "result": Outcome}` or `{"id": N, "error": "..."}`, after
+`{"id": N, "chunk": {...}}` lines for a command asked to stream its output.
 The op of a tool call is the tool's own name (`bash`, `bash_session`, `read_file`, `write_file`);
 `reset` and `ping` are the server's. An `Outcome` carries the fields of the HTTP API's
 `ExecuteResult` (atropos.sandbox.models); everything that adds to one after the command ran (a
@@ -19,13 +20,23 @@ LimitKind = Literal["memory", "processes", "cpu_time", "file_size", "workspace"]
 COMMAND_OPS = ("bash", "bash_session")
 
 
-class BashOp(TypedDict):
+class _Streamed(TypedDict, total=False):
+    # true: the runner also answers `{"id": N, "chunk": {"stream": "stdout"|"stderr", "data": text}}`
+    # lines as the command writes, before its result (at most max-output bytes of each stream)
+    stream: bool
+
+
+class BashOp(_Streamed):
     op: Literal["bash"]
     command: str
     timeout: float
 
 
-class SessionOp(TypedDict):
+class _SessionOptions(_Streamed, total=False):
+    read_background: bool  # the result's `background`: what the session's background jobs printed
+
+
+class SessionOp(_SessionOptions):
     op: Literal["bash_session"]
     command: str
     timeout: float
@@ -78,6 +89,7 @@ class Outcome(_Ok, total=False):
     duration_ms: float
     error: str | None
     limit: LimitKind | None
+    background: str | None
 
 
 class ResetOutcome(TypedDict):

@@ -15,7 +15,7 @@ import uuid
 from typing import Any
 
 from atropos.host import kill_tree
-from atropos.sandbox.runner.capture import BoundedBuffer
+from atropos.sandbox.runner.capture import BACKGROUND_LOG, BoundedBuffer, Emit, TailBuffer, buffers
 from atropos.sandbox.runner.children import Child, Children, PipeReader
 from atropos.sandbox.runner.oneshot import outcome_of
 from atropos.sandbox.runner.protocol import Outcome, add_note
@@ -48,23 +48,26 @@ class _MarkerScanner:
         self.want_code = want_code
         self.pending = bytearray()
         self.done: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
-        self._keep = len(marker) + 24
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes) -> bytes:
+        """Take the command's part of `chunk`; what follows its end marker (a background job's
+        output) is returned."""
         if self.done.done():
-            return  # output after the marker (a background job) is dropped
+            return chunk
         self.pending += chunk
         idx = self.pending.find(self.marker)
         if idx < 0:
-            flush = len(self.pending) - self._keep
+            # hold back only what could be the start of the marker: output reaches a streamed
+            # call as it comes, not once some more has followed it
+            flush = len(self.pending) - self._partial_marker()
             if flush > 0:
                 self.buf.write(bytes(self.pending[:flush]))
                 del self.pending[:flush]
-            return
+            return b""
         rest = bytes(self.pending[idx + len(self.marker) :])
         nl = rest.find(b"\n")
         if nl < 0:
-            return  # the exit code line is not complete yet
+            return b""  # the exit code line is not complete yet
         self.buf.write(bytes(self.pending[:idx]))
         code: int | None = None
         if self.want_code:
@@ -74,6 +77,14 @@ class _MarkerScanner:
                 code = None
         self.pending.clear()
         self.done.set_result(code)
+        return rest[nl + 1 :]
+
+    def _partial_marker(self) -> int:
+        """How many bytes at the end of what is pending could begin the marker."""
+        for k in range(min(len(self.pending), len(self.marker) - 1), 0, -1):
+            if self.pending.endswith(self.marker[:k]):
+                return k
+        return 0
 
     def flush_rest(self) -> None:
         self.buf.write(bytes(self.pending))
@@ -87,6 +98,9 @@ class BashSession:
         self._ctrl_w = -1
         self._sinks: list[_MarkerScanner | None] = [None, None]
         self._readers: list[PipeReader] = []
+        # what the shell's background jobs print between and after commands: kept for
+        # `read_background` (the newest BACKGROUND_LOG bytes), else unread
+        self.background = TailBuffer(BACKGROUND_LOG)
 
     @property
     def alive(self) -> bool:
@@ -112,8 +126,9 @@ class BashSession:
 
     def _feed(self, stream: int, chunk: bytes) -> None:
         sink = self._sinks[stream]
-        if sink is not None:
-            sink.feed(chunk)
+        after = sink.feed(chunk) if sink is not None else chunk
+        if after:
+            self.background.write(after)
 
     def close(self) -> int:
         """Kill the shell and everything it started; returns how many processes died."""
@@ -128,9 +143,11 @@ class BashSession:
         self.child = None
         return killed
 
-    async def run(self, command: str, *, timeout: float, cap: int) -> Outcome:
+    async def run(
+        self, command: str, *, timeout: float, cap: int, emit: Emit | None = None, read_background: bool = False
+    ) -> Outcome:
         started = time.monotonic()
-        out, err = BoundedBuffer(cap), BoundedBuffer(cap)
+        out, err = buffers(cap, emit)
         if "\x00" in command:
             return outcome_of(
                 out, err, exit_code=None, timed_out=False, started=started, error="command contains a NUL byte"
@@ -176,4 +193,6 @@ class BashSession:
         result = outcome_of(out, err, exit_code=code, timed_out=timed_out, started=started, error=error)
         if lost:
             add_note(result, SESSION_RESTARTED)
+        if read_background:
+            result["background"] = self.background.take()
         return result

@@ -241,15 +241,58 @@ class SandboxApp:
             await asyncio.sleep(_SIGNAL_GRACE)
         return self.stopping
 
-    async def execute(self, request: web.Request) -> web.Response:
-        slot, op = self._prepare(await self._body(request, ExecuteRequest))
+    async def execute(self, request: web.Request) -> web.StreamResponse:
+        call: ExecuteRequest = await self._body(request, ExecuteRequest)
+        slot, op = self._prepare(call)
+        if call.stream:
+            return await self._execute_streamed(request, slot, op)
         outcome = await slot.execute(op)
         if await self._stopped_meanwhile([outcome]):
             raise SlotFailure(f"slot {slot.index}: the server is shutting down; the call's result is not kept")
         return _json(ExecuteResult.model_construct(**outcome))
 
+    async def _execute_streamed(self, request: web.Request, slot: SlotRunner, op: ToolOp) -> web.StreamResponse:
+        """NDJSON: `{"chunk": OutputChunk}` lines as the command writes, then `{"result": ...}`, or
+        `{"error": ..., "status": N}` for what would have been an error status. A client that goes
+        away stops getting lines; its command still ends by its own timeout at the latest."""
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        lines: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+        def on_chunk(chunk: dict[str, str]) -> None:
+            lines.put_nowait(json.dumps({"chunk": chunk}, separators=(",", ":")).encode() + b"\n")
+
+        async def send() -> None:
+            gone = False
+            while (line := await lines.get()) is not None:
+                if not gone:
+                    try:
+                        await response.write(line)
+                    except (ConnectionError, RuntimeError):
+                        gone = True  # the client left: the rest is dropped
+
+        sender = asyncio.ensure_future(send())
+        final: dict[str, Any]
+        try:
+            outcome = await slot.execute(op, on_chunk)
+            if await self._stopped_meanwhile([outcome]):
+                raise SlotFailure(f"slot {slot.index}: the server is shutting down; the call's result is not kept")
+            final = {"result": ExecuteResult.model_construct(**outcome).model_dump(mode="json")}
+        except SlotReset as exc:
+            final = {"error": str(exc), "status": 409}
+        except SlotFailure as exc:
+            final = {"error": str(exc), "status": 503, "stopping": self.stopping}
+        lines.put_nowait(json.dumps(final, separators=(",", ":")).encode() + b"\n")
+        lines.put_nowait(None)
+        await sender
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await response.write_eof()
+        return response
+
     async def batch(self, request: web.Request) -> web.Response:
         body: BatchRequest = await self._body(request, BatchRequest)
+        if any(call.stream for call in body.calls):
+            raise ApiError(400, "stream: true is for POST /execute; a batch answers once, with every result")
         prepared = [self._prepare(call) for call in body.calls]  # all validated before any runs
         results: list[ExecuteResult | None] = [None] * len(prepared)
         by_slot: dict[int, list[int]] = {}

@@ -44,6 +44,9 @@ _STARTS = asyncio.Semaphore(max(2, os.cpu_count() or 2))
 RUNNER_GRACE = 10.0
 
 
+ChunkSink = Callable[[dict[str, str]], None]  # {"stream": "stdout" | "stderr", "data": text}
+
+
 class SlotFailure(RuntimeError):
     """The slot's runner failed (died, hung, or was reset mid-call): not the command's failure."""
 
@@ -73,6 +76,7 @@ class SlotRunner:
         self._pastas: dict[int, asyncio.subprocess.Process] = {}  # runner pid -> the pasta of its namespaces
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._chunks: dict[int, ChunkSink] = {}  # request id -> where a streamed call's output goes
         self._ids = itertools.count(1)
         self._start_lock = asyncio.Lock()
         self.order = asyncio.Lock()  # a slot's calls run one after another, in arrival order
@@ -161,6 +165,11 @@ class SlotRunner:
             if not line:
                 break
             msg = json.loads(line)
+            if "chunk" in msg:  # a streamed call's output, before its result
+                sink = self._chunks.get(msg.get("id") or -1)
+                if sink is not None:
+                    sink(msg["chunk"])
+                continue
             fut = self._pending.pop(msg.get("id") or -1, None)
             if fut is None or fut.done():
                 continue
@@ -183,14 +192,17 @@ class SlotRunner:
             if not fut.done():
                 fut.set_exception(exc)
 
-    async def call(self, request: Op) -> Any:
-        """The runner's answer to `request` (an Outcome for a tool call; see runner.protocol)."""
+    async def call(self, request: Op, on_chunk: ChunkSink | None = None) -> Any:
+        """The runner's answer to `request` (an Outcome for a tool call; see runner.protocol);
+        a streamed command's output pieces go to `on_chunk` meanwhile."""
         timeout = request["timeout"]
         proc = await self._ensure_runner()
         assert proc.stdin is not None
         rid = next(self._ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
+        if on_chunk is not None:
+            self._chunks[rid] = on_chunk
         proc.stdin.write(request_line(rid, request))
         try:
             await proc.stdin.drain()
@@ -203,6 +215,7 @@ class SlotRunner:
             raise SlotFailure(f"slot {self.index}: the sandbox exited; it restarts on the next call") from None
         finally:
             self._pending.pop(rid, None)
+            self._chunks.pop(rid, None)
 
     @contextlib.asynccontextmanager
     async def holding(self, what: str) -> AsyncIterator[int]:
@@ -227,10 +240,10 @@ class SlotRunner:
         if generation != self.generation:
             raise SlotReset(f"slot {self.index} was reset while the call ran")
 
-    async def execute(self, op: ToolOp) -> Outcome:
+    async def execute(self, op: ToolOp, on_chunk: ChunkSink | None = None) -> Outcome:
         async with self.holding(op["op"]) as generation:
             try:
-                result: Outcome = await self.call(op)
+                result: Outcome = await self.call(op, on_chunk)
             except SlotFailure:
                 self.check_not_reset(generation)  # a fork killed the runner under the call
                 raise
