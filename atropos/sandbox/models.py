@@ -86,7 +86,7 @@ class _Call(_Strict):
     stream: bool = Field(
         default=False,
         description='`/execute` only: answer NDJSON, `{"chunk": OutputChunk}` lines as a command writes '
-        '(bash, bash_session), then `{"result": ExecuteResult}` (or `{"error": ...}`).',
+        '(bash, bash_session), then `{"result": ExecuteResult}` (or `{"error": ...}`); ignored in a batch.',
     )
 
 

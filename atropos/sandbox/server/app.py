@@ -291,9 +291,8 @@ class SandboxApp:
 
     async def batch(self, request: web.Request) -> web.Response:
         body: BatchRequest = await self._body(request, BatchRequest)
-        if any(call.stream for call in body.calls):
-            raise ApiError(400, "stream: true is for POST /execute; a batch answers once, with every result")
-        prepared = [self._prepare(call) for call in body.calls]  # all validated before any runs
+        # all validated before any runs; a batch answers once, with every result: `stream` is ignored
+        prepared = [self._prepare(call.model_copy(update={"stream": False})) for call in body.calls]
         results: list[ExecuteResult | None] = [None] * len(prepared)
         by_slot: dict[int, list[int]] = {}
         for i, (slot, _) in enumerate(prepared):

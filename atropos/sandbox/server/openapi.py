@@ -70,6 +70,7 @@ def openapi_document() -> dict[str, Any]:
         m.SlotActivity,
         m.ErrorResponse,
         m.UploadResult,
+        m.OutputChunk,
         m.SnapshotRequest,
         m.SnapshotInfo,
         m.SnapshotList,
@@ -96,7 +97,7 @@ def openapi_document() -> dict[str, Any]:
                 "get": _op("Liveness, slot count, busy slots, isolation in force", None, m.HealthResponse, auth=False)
             },
             "/status": {"get": _op("What each slot runs now, and what the server enforces", None, m.StatusResponse)},
-            "/execute": {"post": _op("Run one tool call in a slot", m.ExecuteRequest, m.ExecuteResult)},
+            "/execute": {"post": _execute()},
             "/batch": {
                 "post": _op(
                     "Run tool calls concurrently across slots, in order per slot", m.BatchRequest, m.BatchResponse
@@ -119,6 +120,16 @@ def openapi_document() -> dict[str, Any]:
             },
         },
     }
+
+
+def _execute() -> dict[str, Any]:
+    op = _op("Run one tool call in a slot", m.ExecuteRequest, m.ExecuteResult)
+    op["responses"]["200"]["content"]["application/x-ndjson"] = {
+        "schema": {"type": "string"},
+        "description": 'With `stream: true`: one JSON object per line, `{"chunk": OutputChunk}` as the '
+        'command writes, then `{"result": ExecuteResult}` or `{"error": text, "status": N}`.',
+    }
+    return op
 
 
 def _snapshot() -> dict[str, Any]:
