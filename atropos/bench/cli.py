@@ -26,6 +26,7 @@ _ALL = (
     "slurm",
     "scale",
     "transfer",
+    "streaming",
 )
 
 
@@ -69,6 +70,10 @@ async def run(selected: list[str], quick: bool) -> list[Row]:
         from atropos.bench.transfer import transfer_rows
 
         rows += await transfer_rows(quick, _say)
+    if "streaming" in selected:
+        from atropos.bench.streaming import streaming_rows
+
+        rows += await streaming_rows(quick, _say)
     if "slurm" in selected:
         from atropos.bench import slurm
 
