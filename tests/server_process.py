@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -69,7 +67,6 @@ def run_server(data_dir: str, *extra: str, env: dict[str, str] | None = None) ->
     )
     try:
         url = wait_ready(proc, "sandbox server")
-        _drain(proc)
         yield RunningServer(url, token, proc, data_dir)
     finally:
         if proc.poll() is None:
@@ -82,19 +79,6 @@ def run_server(data_dir: str, *extra: str, env: dict[str, str] | None = None) ->
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
-
-
-def _drain(proc: subprocess.Popen[str]) -> None:
-    """Read the server's stderr for as long as it runs: a server whose log nobody reads blocks on a
-    full pipe, and its test then times out for that reason alone."""
-
-    def read() -> None:
-        assert proc.stderr is not None
-        with contextlib.suppress(ValueError, OSError):  # closed by run_server's end
-            for _ in iter(proc.stderr.readline, ""):
-                pass
-
-    threading.Thread(target=read, daemon=True, name=f"stderr-{proc.pid}").start()
 
 
 def pids_with_arg(marker: str) -> list[int]:

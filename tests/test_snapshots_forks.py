@@ -123,8 +123,8 @@ def test_refusals_are_clear(server: RunningServer) -> None:
     _prepared(server, "ok")
     cases = [
         ("/snapshot", {"slot": 0, "name": "ok"}, 409, "exists"),
-        ("/snapshot", {"slot": 0, "name": "../x"}, 400, "snapshot name"),
-        ("/snapshot", {"slot": 0, "name": ".hidden"}, 400, "snapshot name"),
+        ("/snapshot", {"slot": 0, "name": "../x"}, 422, "invalid request"),
+        ("/snapshot", {"slot": 0, "name": ".hidden"}, 422, "invalid request"),
         ("/snapshot", {"slot": 9, "name": "x"}, 404, "unknown slot"),
         ("/fork", {"snapshot": "nope", "slots": [1]}, 404, "no snapshot 'nope'"),
         ("/fork", {"snapshot": "ok", "slots": [1, 1]}, 400, "twice"),

@@ -222,7 +222,11 @@ class OutputChunk(BaseModel):
 
 class SnapshotRequest(_Strict):
     slot: SlotNumber
-    name: str | None = Field(default=None, description="1-64 of A-Z a-z 0-9 . _ -; default: a fresh one.")
+    name: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="1-64 of A-Z a-z 0-9 . _ - (not starting with . _ -); default: a fresh one.",
+    )
 
 
 class SnapshotInfo(BaseModel):
