@@ -10,6 +10,7 @@ import sys
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
+from atropos.host import read_stat
 from atropos.integrations.swerex import ApptainerDeployment, ApptainerDeploymentConfig
 
 HOST_PYTHON_PREFIX = sys.prefix
@@ -61,8 +62,14 @@ def process_tree(root: int) -> dict[int, str]:
 
 
 def survivors(tree: dict[int, str]) -> list[int]:
-    """The processes of `tree` that still run."""
-    return [pid for pid, started in tree.items() if start_time(pid) == started]
+    """The processes of `tree` that still run (a zombie does not: it died, and waits only for its
+    parent, here often PID 1 after a reparenting, to reap it, which it may do a moment later)."""
+    return [pid for pid, started in tree.items() if start_time(pid) == started and not _zombie(pid)]
+
+
+def _zombie(pid: int) -> bool:
+    info = read_stat(pid)
+    return info is not None and info.state == "Z"
 
 
 def processes_with_args(*args: str) -> list[int]:

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,6 +58,9 @@ def spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
         )
 
 
+_GONE_SECONDS = 5.0
+
+
 def end_process_tree(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM the process group, SIGKILL it after a grace period, then any descendant that left it.
 
@@ -74,8 +78,21 @@ def end_process_tree(proc: subprocess.Popen[bytes]) -> None:
         signal_group(proc.pid, signal.SIGKILL)
         proc.wait()
     signal_group(proc.pid, signal.SIGKILL)  # members that outlived the leader
-    survivors = {pid for pid, ticks in tree.items() if (now := read_stat(pid)) is not None and now.start_ticks == ticks}
-    signal_pids(survivors, signal.SIGKILL)  # the same processes, not reused pids
+    signal_pids(_alive(tree), signal.SIGKILL)  # the same processes, not reused pids
+    # a killed process dies a moment later: return once every one has (or is a zombie, dead and
+    # waiting for a parent, often PID 1 after a reparenting, to reap it)
+    deadline = time.monotonic() + _GONE_SECONDS
+    while _alive(tree) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _alive(tree: dict[int, int]) -> set[int]:
+    """The processes of `tree` (pid -> start ticks) still running: not gone, not reused, not zombies."""
+    return {
+        pid
+        for pid, ticks in tree.items()
+        if (now := read_stat(pid)) is not None and now.start_ticks == ticks and now.state != "Z"
+    }
 
 
 def read_tail(path: Path) -> str:
