@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -151,18 +148,10 @@ def test_snapshots_count_against_limits_and_die_with_the_server(tmpdir_path: str
     assert os.listdir(os.path.join(data_dir, "snapshots")) == []
 
 
-@pytest.fixture
-def source_tree() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="atropos-test-setup-")
-    with open(os.path.join(path, "data.txt"), "w") as fh:
+def test_pool_prepares_once_per_server_and_forks(tmpdir_path: str) -> None:
+    with open(os.path.join(tmpdir_path, "data.txt"), "w") as fh:
         fh.write("from the setup\n")
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
-
-def test_pool_prepares_once_per_server_and_forks(source_tree: str) -> None:
     async def scenario() -> None:
         config = SlotPoolConfig(slots_per_container=4, min_containers=2, max_containers=2)
         async with SlotPool(config) as pool:
@@ -188,7 +177,7 @@ def test_pool_prepares_once_per_server_and_forks(source_tree: str) -> None:
                 await pool.prepare("broken", [("bash", {"command": "exit 3"})])
             # a pool-held slot still gets a tree from the caller's machine, then is forked over
             async with pool.slot("up") as slot:
-                await pool.upload_tree(slot, source_tree, "in")
+                await pool.upload_tree(slot, tmpdir_path, "in")
                 assert (await pool.execute(slot, "bash", {"command": "cat in/data.txt"})).stdout == "from the setup\n"
 
     asyncio.run(scenario())
