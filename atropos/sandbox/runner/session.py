@@ -80,10 +80,14 @@ class _MarkerScanner:
         return rest[nl + 1 :]
 
     def _partial_marker(self) -> int:
-        """How many bytes at the end of what is pending could begin the marker."""
-        for k in range(min(len(self.pending), len(self.marker) - 1), 0, -1):
-            if self.pending.endswith(self.marker[:k]):
-                return k
+        """How many bytes at the end of what is pending could begin the marker (the longest such
+        end; only where the marker's first byte occurs is a start tried)."""
+        pending, first = self.pending, self.marker[:1]
+        at = pending.find(first, max(0, len(pending) - len(self.marker) + 1))
+        while at >= 0:
+            if self.marker.startswith(pending[at:]):
+                return len(pending) - at
+            at = pending.find(first, at + 1)
         return 0
 
     def flush_rest(self) -> None:
