@@ -209,6 +209,7 @@ def test_download_errors_are_clear(server: RunningServer) -> None:
     assert _download(server, 99, ".").status_code == 404
     with server.client() as c:
         assert c.get("/download", params={"slot": "x"}).status_code == 400
+        assert c.get("/download", params={"slot": "³"}).status_code == 400  # a digit to str.isdigit only
         assert httpx.get(server.url + "/download", params={"slot": 0}).status_code == 401
 
 

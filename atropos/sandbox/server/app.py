@@ -327,7 +327,7 @@ class SandboxApp:
     def _slot_of(self, request: web.Request) -> tuple[SlotRunner, str]:
         """The slot and workspace path named by a transfer's query (`?slot=N&path=P`)."""
         raw = request.query.get("slot", "")
-        if not raw.isdigit():
+        if not (raw.isascii() and raw.isdigit()):  # "³".isdigit() holds, int() refuses it
             raise ApiError(400, "the query needs slot=N (a slot number)")
         return self._slot(int(raw)), request.query.get("path", ".")
 
