@@ -293,12 +293,18 @@ class WarmState(BaseModel):
     ready: int = Field(description="Slots started and unused now.")
 
 
+class HibernationState(BaseModel):
+    after_s: float = Field(description="Seconds after its last call before an idle slot sleeps; 0: never.")
+    asleep: int = Field(description="Slots whose runner (and pasta) sleep now; their next call wakes them.")
+
+
 class HealthResponse(Enforcement):
     status: Literal["ok"] = "ok"
     version: str
     slots: int
     busy: int
     warm: WarmState | None = None
+    hibernation: HibernationState | None = None
 
 
 class SlotActivity(BaseModel):
@@ -310,6 +316,7 @@ class SlotActivity(BaseModel):
     running_s: float | None = Field(default=None, description="Seconds the running call has run.")
     queued: int = Field(description="Calls waiting behind it (a slot runs its calls one after another).")
     calls: int = Field(description="Calls this slot has finished since the server started.")
+    asleep: bool = Field(default=False, description="Its runner hibernates; its next call wakes it.")
 
 
 class StatusResponse(HealthResponse):

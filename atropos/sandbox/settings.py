@@ -24,6 +24,7 @@ RUN_AS_ENV = "ATROPOS_SANDBOX_RUN_AS"  # the default of --run-as where set (the 
 DEFAULT_RUN_AS = "nobody"
 DEFAULT_PORT = 8080
 DEFAULT_WARM = 32  # warm slots of a server when not set: enough for a burst, bounded in memory
+DEFAULT_HIBERNATE_AFTER = 30.0  # an RL turn's model call is shorter: slots between turns stay awake
 READY_PREFIX = "ATROPOS_SANDBOX_READY"  # the line the server prints once it listens: `<prefix> <url>`
 TUN_DEVICE = "/dev/net/tun"  # network `public` needs it inside the container (pasta opens it)
 
@@ -65,6 +66,12 @@ class ServerSettings(BaseModel):
         ge=0,
         description=f"slots kept started ahead of their first call; None: up to {DEFAULT_WARM} (each holds a "
         "runner's memory: a server of a thousand slots does not spend it all at start)",
+    )
+    hibernate_after: float = Field(
+        default=DEFAULT_HIBERNATE_AFTER,
+        ge=0,
+        description="seconds a used slot that runs nothing but its idle session shell waits before its runner "
+        "and pasta sleep (its next call wakes them); 0: never",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -165,6 +172,12 @@ _OPTIONS: tuple[_Option, ...] = (
         "slots whose sandbox is started before their first call, and kept so as they are used; 0: "
         f"each slot starts on its first call (default: up to {DEFAULT_WARM})",
         type=int,
+    ),
+    _Option(
+        "--hibernate-after",
+        "seconds after its last call before a slot that runs nothing but its idle session shell gives back "
+        "its runner's and pasta's memory; its next call wakes them (tens of ms); 0: never",
+        type=float,
     ),
 )
 

@@ -94,6 +94,12 @@ class SlotPoolConfig(BaseModel):
         description="per server: slots whose sandbox starts before their first call, refilled as they are used; "
         "None: the server's default (up to 32); 0: each slot starts on its first call",
     )
+    hibernate_after: float | None = Field(
+        default=None,
+        ge=0,
+        description="per server: seconds after its last call before an idle slot's runner and pasta sleep until "
+        "its next call (see `atropos-sandbox server --help`); None: the server's default (30); 0: never",
+    )
     max_output: int = Field(default=1 << 20, ge=1024, description="bytes kept per stream per call")
     run_as: str | None = Field(
         default="nobody",
@@ -172,5 +178,7 @@ class SlotPoolConfig(BaseModel):
         }
         if self.warm_slots is not None:  # only where set: a server image from before the option still starts
             values["warm_slots"] = self.warm_slots
+        if self.hibernate_after is not None:
+            values["hibernate_after"] = self.hibernate_after
         settings = ServerSettings.model_validate(values)
         return ServerSpec(driver=self.driver, settings=settings, run_as=self.run_as, start_timeout=self.start_timeout)

@@ -105,6 +105,14 @@ class TailBuffer:
             del self._data[:excess]
             self.dropped += excess
 
+    def held(self) -> tuple[bytes, int]:
+        """What is kept and how much was dropped (for hibernation; see `restore`)."""
+        return bytes(self._data), self.dropped
+
+    def restore(self, data: bytes, dropped: int) -> None:
+        self._data = bytearray(data)
+        self.dropped = dropped
+
     def take(self) -> str:
         text = bytes(self._data).decode("utf-8", errors="replace")
         if self.dropped:

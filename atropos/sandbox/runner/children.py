@@ -121,6 +121,21 @@ class Children:
         self.loop.call_soon(self.reap)
         return Child(pid, out_r, err_r, exited)
 
+    def adopt(self, pid: int, stdout_fd: int, stderr_fd: int) -> Child:
+        """A child this process started before it exec'd again (see runner.hibernate): waited for
+        like one spawned now; one that already exited is reaped at once."""
+        exited: asyncio.Future[int] = self.loop.create_future()
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:  # not ours any more (reaped meanwhile): it is gone
+            exited.set_result(-1)
+        else:
+            if done:
+                exited.set_result(exit_code_of(status))
+            else:
+                self._waiting[pid] = exited
+        return Child(pid, stdout_fd, stderr_fd, exited)
+
     def reap(self) -> None:
         while True:
             try:

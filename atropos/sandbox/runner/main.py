@@ -22,9 +22,11 @@ from atropos.host import become_subreaper, die_with_parent, kill_tree
 from atropos.sandbox.runner.capture import Emit
 from atropos.sandbox.runner.children import Children
 from atropos.sandbox.runner.files import empty_dir, read_file, write_file
+from atropos.sandbox.runner.hibernate import RESUME_FLAG, ResumeState, hold, stash, unstash, why_not
 from atropos.sandbox.runner.oneshot import run_oneshot
 from atropos.sandbox.runner.protocol import (
     BashOp,
+    HibernateOp,
     LimitKind,
     Op,
     Outcome,
@@ -70,12 +72,57 @@ class Runner:
         self.watch.start()
         self._session_lock = asyncio.Lock()
         self._out = sys.stdout.buffer
+        self.inflight = 0
+
+    def resume(self, state: ResumeState) -> None:
+        """Take back what this runner held before it hibernated (see runner.hibernate)."""
+        session = state["session"]
+        if session is not None:
+            for fd in (session["stdout"], session["stderr"], session["control"]):
+                os.set_inheritable(fd, False)  # the runner's own, never a command's
+            self.session.adopt(session)
+        self.session.background.restore(unstash(state["background"]), state["dropped"])
+        self.watch.unreported = state["unreported"]
+        self.watch.last_size = state["last_size"]
+
+    def hibernate(self, rid: int | None) -> None:
+        """Sleep as a holder process if nothing but the idle session shell lives in the slot; the
+        answer goes out first, and nothing runs between it and the exec."""
+        fds = self.session.fds()
+        why = "another request is in flight" if self.inflight > 1 else why_not(fds["pid"] if fds else None)
+        if why is not None:
+            self.reply({"id": rid, "result": {"ok": False, "why": why}})
+            return
+        data, dropped = self.session.background.held()
+        state: ResumeState = {
+            "session": fds,
+            "background": stash(data),
+            "dropped": dropped,
+            "unreported": self.watch.unreported,
+            "last_size": self.watch.last_size,
+        }
+        self.reply({"id": rid, "result": {"ok": True}})
+        try:
+            hold(state)
+        except OSError as exc:  # the server already counts us asleep: end, and the slot restarts
+            print(f"runner: cannot hibernate: {exc}", file=sys.stderr, flush=True)
+            os._exit(70)
 
     def reply(self, msg: dict[str, Any]) -> None:
         self._out.write(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
         self._out.flush()
 
     async def handle(self, req: Op, rid: int | None) -> None:
+        self.inflight += 1
+        try:
+            if req["op"] == "hibernate":
+                self.hibernate(rid)
+            else:
+                await self.answer(req, rid)
+        finally:
+            self.inflight -= 1
+
+    async def answer(self, req: Op, rid: int | None) -> None:
         emit: Emit | None = None
         if (req["op"] == "bash" or req["op"] == "bash_session") and req.get("stream"):
 
@@ -129,13 +176,17 @@ class Runner:
         if result.get("limit") is None:
             result["limit"] = kind
 
-    async def dispatch(self, req: ReadFileOp | WriteFileOp | ResetOp | PingOp) -> Outcome | ResetOutcome | PingOutcome:
+    async def dispatch(
+        self, req: ReadFileOp | WriteFileOp | ResetOp | PingOp | HibernateOp
+    ) -> Outcome | ResetOutcome | PingOutcome:
         if req["op"] == "read_file":
             return read_file(self.root, req, self.file_limit)
         if req["op"] == "write_file":
             return write_file(self.root, req, self.file_limit)
         if req["op"] == "reset":
             return await self.reset()
+        if req["op"] == "hibernate":
+            raise ValueError("hibernate is answered by Runner.hibernate")
         return {"ok": True, "pid": os.getpid()}
 
     async def command_or_free(self, req: BashOp | SessionOp, emit: Emit | None) -> Outcome:
@@ -188,8 +239,12 @@ class Runner:
         kill_tree(os.getpid(), include_root=False)
 
 
-async def serve(root: str, cap: int, file_limit: int, limits: RunnerLimits, own_pid_namespace: bool) -> None:
+async def serve(
+    root: str, cap: int, file_limit: int, limits: RunnerLimits, own_pid_namespace: bool, resume: ResumeState | None
+) -> None:
     runner = Runner(root, cap, file_limit, limits, own_pid_namespace)
+    if resume is not None:
+        runner.resume(resume)
     loop = runner.loop
     reader = asyncio.StreamReader(limit=_MAX_REQUEST)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -228,6 +283,7 @@ _VALUE_OPTIONS = (
     "--limit-cpu",
     "--limit-workspace",
     "--limit-processes",
+    RESUME_FLAG,
 )
 _FLAGS = ("--nproc-rlimit", "--pid-namespace")
 
@@ -269,13 +325,14 @@ def main(argv: list[str] | None = None) -> int:
     limits.apply_to_self()
     become_subreaper()
     die_with_parent()
-    # below the server: a slot full of busy commands must not starve the server's control plane
-    os.nice(_NICENESS)
+    resume: ResumeState | None = json.loads(opts[RESUME_FLAG]) if opts.get(RESUME_FLAG) else None
+    if resume is None:  # a resumed runner is the same process, already niced
+        # below the server: a slot full of busy commands must not starve the server's control plane
+        os.nice(_NICENESS)
     root = opts["--root"]
     os.chdir(root)
-    asyncio.run(
-        serve(root, int(opts["--max-output"]), int(opts["--max-file-bytes"]), limits, "--pid-namespace" in opts)
-    )
+    cap, file_limit = int(opts["--max-output"]), int(opts["--max-file-bytes"])
+    asyncio.run(serve(root, cap, file_limit, limits, "--pid-namespace" in opts, resume))
     return 0
 
 

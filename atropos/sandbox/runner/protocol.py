@@ -69,8 +69,13 @@ class PingOp(TypedDict):
     timeout: float
 
 
+class HibernateOp(TypedDict):
+    op: Literal["hibernate"]  # see atropos.sandbox.runner.hibernate
+    timeout: float
+
+
 ToolOp = BashOp | SessionOp | ReadFileOp | WriteFileOp
-Op = ToolOp | ResetOp | PingOp
+Op = ToolOp | ResetOp | PingOp | HibernateOp
 
 
 class _Ok(TypedDict):
@@ -101,6 +106,11 @@ class ResetOutcome(TypedDict):
 class PingOutcome(TypedDict):
     ok: bool
     pid: int
+
+
+class HibernateOutcome(TypedDict, total=False):
+    ok: bool  # true: the runner is asleep; the server writes a line to wake it
+    why: str  # why it stays awake
 
 
 def request_line(rid: int, op: Op) -> bytes:

@@ -17,6 +17,7 @@ from typing import Any
 from atropos.host import kill_tree
 from atropos.sandbox.runner.capture import BACKGROUND_LOG, BoundedBuffer, Emit, TailBuffer, buffers
 from atropos.sandbox.runner.children import Child, Children, PipeReader
+from atropos.sandbox.runner.hibernate import SessionFds
 from atropos.sandbox.runner.oneshot import outcome_of
 from atropos.sandbox.runner.protocol import Outcome, add_note
 
@@ -123,10 +124,30 @@ class BashSession:
         finally:
             os.close(ctrl_r)
         self._ctrl_w = ctrl_w
+        self._read(self.child)
+
+    def _read(self, child: Child) -> None:
         self._readers = [
-            PipeReader(self.children.loop, self.child.stdout_fd, lambda b: self._feed(0, b)),
-            PipeReader(self.children.loop, self.child.stderr_fd, lambda b: self._feed(1, b)),
+            PipeReader(self.children.loop, child.stdout_fd, lambda b: self._feed(0, b)),
+            PipeReader(self.children.loop, child.stderr_fd, lambda b: self._feed(1, b)),
         ]
+
+    def fds(self) -> SessionFds | None:
+        """The live shell and the pipes to it, for hibernation (None: no shell)."""
+        if not self.alive or self.child is None:
+            return None
+        return {
+            "pid": self.child.pid,
+            "stdout": self.child.stdout_fd,
+            "stderr": self.child.stderr_fd,
+            "control": self._ctrl_w,
+        }
+
+    def adopt(self, fds: SessionFds) -> None:
+        """The shell a hibernated runner kept (its state is the shell's own: cwd, variables)."""
+        self.child = self.children.adopt(fds["pid"], fds["stdout"], fds["stderr"])
+        self._ctrl_w = fds["control"]
+        self._read(self.child)
 
     def _feed(self, stream: int, chunk: bytes) -> None:
         sink = self._sinks[stream]

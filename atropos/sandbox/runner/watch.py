@@ -46,7 +46,7 @@ class LimitWatch:
         self.unreported: LimitKind | None = None  # a trip while no call ran
         self._active = 0
         self._task: asyncio.Task[None] | None = None
-        self._last_size = 0
+        self.last_size = 0  # the workspace at the last scan (kept across hibernation)
         self._next_scan = 0.0
 
     def start(self) -> None:
@@ -111,6 +111,6 @@ class LimitWatch:
         cost = time.monotonic() - now
         self._next_scan = time.monotonic() + max(_MIN_SCAN_INTERVAL, _SCAN_SHARE * cost)
         # only growth past the limit trips: a command that deletes files to get under it may run
-        grew = size > self._last_size
-        self._last_size = size
+        grew = size > self.last_size
+        self.last_size = size
         return "workspace" if size > limit and grew else None

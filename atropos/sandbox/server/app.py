@@ -28,6 +28,7 @@ from atropos.sandbox.models import (
     ForkRequest,
     ForkResponse,
     HealthResponse,
+    HibernationState,
     ResetRequest,
     ResetResponse,
     SlotActivity,
@@ -41,6 +42,7 @@ from atropos.sandbox.models import (
 )
 from atropos.sandbox.runner.pathsafe import PathEscapeError
 from atropos.sandbox.runner.protocol import Outcome, ToolOp
+from atropos.sandbox.server.hibernation import Hibernation
 from atropos.sandbox.server.openapi import openapi_document
 from atropos.sandbox.server.slot_runner import SlotFailure, SlotReset, SlotRunner
 from atropos.sandbox.server.snapshots import Snapshot, SnapshotError, SnapshotStore, copy_snapshot
@@ -98,11 +100,13 @@ class SandboxApp:
         enforcement: Enforcement,
         max_body: int,
         warm_slots: int = 0,
+        hibernate_after: float = 0.0,
         max_upload: int = 4 << 30,
         snapshots: SnapshotStore | None = None,
     ) -> None:
         self.slots = slots
         self.warm = WarmSlots(slots, warm_slots)
+        self.hibernation = Hibernation(slots, hibernate_after)
         self.token = token.encode()
         self.default_timeout = default_timeout
         self.enforcement = enforcement
@@ -131,10 +135,12 @@ class SandboxApp:
 
     async def _start_warming(self, _app: web.Application) -> None:
         self.warm.start()
+        self.hibernation.start()
 
     async def _close_slots(self, _app: web.Application) -> None:
         self.stopping = True  # the calls the closing slots end are failures of a server that goes
         await self.warm.stop()
+        await self.hibernation.stop()
         await asyncio.gather(*(slot.close() for slot in self.slots), return_exceptions=True)
         if self.snapshots is not None:
             await asyncio.to_thread(self.snapshots.clear)  # they die with the server
@@ -201,9 +207,13 @@ class SandboxApp:
                 slots=len(self.slots),
                 busy=busy,
                 warm=self._warm_state(),
+                hibernation=self._hibernation_state(),
                 **self.enforcement.model_dump(),
             )
         )
+
+    def _hibernation_state(self) -> HibernationState:
+        return HibernationState(after_s=self.hibernation.after, asleep=self.hibernation.asleep)
 
     def _warm_state(self) -> WarmState:
         return WarmState(target=self.warm.target, ready=self.warm.ready)
@@ -216,13 +226,13 @@ class SandboxApp:
             activity.append(SlotActivity(
                 slot=slot.index, state="running" if tool else "idle", tool=tool,
                 running_s=round(now - since, 3) if since is not None else None,
-                queued=max(slot.busy - (1 if tool else 0), 0), calls=slot.finished,
+                queued=max(slot.busy - (1 if tool else 0), 0), calls=slot.finished, asleep=slot.hibernated,
             ))  # fmt: skip
         busy = sum(1 for slot in self.slots if slot.busy)
         return _json(
             StatusResponse(
                 version=__version__, slots=len(self.slots), busy=busy, slot_activity=activity, warm=self._warm_state(),
-                **self.enforcement.model_dump(),
+                hibernation=self._hibernation_state(), **self.enforcement.model_dump(),
             )
         )  # fmt: skip
 

@@ -33,6 +33,7 @@ says why.
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import os
 import shutil
@@ -61,6 +62,16 @@ DNS_ADDRESS = "192.0.0.53"
 INTERFACE = "tap0"
 NETNS_READY = "ATROPOS-NETNS-READY"  # the wrapped command's first line: its namespaces exist
 _PASTA_WAIT_S = 10.0
+_NS_GET_USERNS = 0xB701  # ioctl on a namespace fd: the user namespace that owns it (linux/nsfs.h)
+
+
+def _until_routed() -> str:
+    """Shell: wait until pasta has put its default route into this network namespace."""
+    waits = int(_PASTA_WAIT_S / 0.01)
+    return (
+        f"i=0; until ip -4 route show default | grep -q .; do i=$((i+1)); "
+        f"[ $i -gt {waits} ] && {{ echo 'pasta did not set up the network' >&2; exit 1; }}; sleep 0.01; done"
+    )
 
 
 def find_pasta() -> str | None:
@@ -106,7 +117,7 @@ class Egress:
     def prepare(cls, pasta: str, state_dir: str) -> Egress:
         """Write the route batch and the resolver file once per server, into `state_dir` (the
         data dir, which slots never see)."""
-        for tool, package in (("ip", "iproute2"), ("unshare", "util-linux")):
+        for tool, package in (("ip", "iproute2"), ("unshare", "util-linux"), ("nsenter", "util-linux")):
             if shutil.which(tool) is None:
                 raise OSError(f"the `{tool}` command ({package}) is not installed")
         # without the device pasta waits forever instead of failing
@@ -126,17 +137,15 @@ class Egress:
 
     def wrap(self, argv: list[str]) -> list[str]:
         """`argv` (bubblewrap's) started in a new user and network namespace (see the module docstring)."""
-        waits = int(_PASTA_WAIT_S / 0.01)
         setup = (
-            f"echo {NETNS_READY}; i=0; until ip -4 route show default | grep -q .; do i=$((i+1)); "
-            f"[ $i -gt {waits} ] && {{ echo 'pasta did not set up the network' >&2; exit 1; }}; sleep 0.01; done; "
-            f'ip -batch "$0" >/dev/null && exec unshare --user --map-user={os.getuid()} '
-            f'--map-group={os.getgid()} -- "$@"'
+            f'echo {NETNS_READY}; {_until_routed()}; ip -batch "$0" >/dev/null && '
+            f'exec unshare --user --map-user={os.getuid()} --map-group={os.getgid()} -- "$@"'
         )
         return ["unshare", "--user", "--map-root-user", "--net", "--", "/bin/sh", "-c", setup, self.routes_file, *argv]
 
-    def pasta_argv(self, pid: int) -> list[str]:
-        """pasta for the namespaces of `pid` (the wrapped command, once it said NETNS_READY)."""
+    def pasta_argv(self, pid: int, userns: str | None = None) -> list[str]:
+        """pasta for the namespaces of `pid` (the wrapped command, once it said NETNS_READY), or
+        for its network namespace and `userns` (the one that owns it; see `rejoin`)."""
         return [
             self.pasta,
             "--config-net",
@@ -163,7 +172,35 @@ class Egress:
             "--netns",
             f"/proc/{pid}/ns/net",
             "--userns",
-            f"/proc/{pid}/ns/user",
+            userns or f"/proc/{pid}/ns/user",
+        ]
+
+    @staticmethod
+    def owner_fd(pid: int) -> int:
+        """An fd of the user namespace that owns `pid`'s network namespace. Once the wrapped
+        command has gone on into its nested user namespace no process is in that one any more,
+        but pasta and the route batch need its capabilities over the network namespace."""
+        netns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return fcntl.ioctl(netns, _NS_GET_USERNS)
+        finally:
+            os.close(netns)
+
+    def reroute_argv(self, pid: int, userns: str) -> list[str]:
+        """Once a new pasta joined `pid`'s network namespace (a slot waking from hibernation): wait
+        for its default route, then the route batch again, as at the slot's start (pasta's own
+        routes flushed, every blocked range prohibited)."""
+        script = f'{_until_routed()}; exec ip -batch "$0" >/dev/null'
+        return [
+            "nsenter",
+            "--preserve-credentials",  # the namespace refuses setgroups; our uid is its root anyway
+            f"--user={userns}",
+            f"--net=/proc/{pid}/ns/net",
+            "--",
+            "/bin/sh",
+            "-c",
+            script,
+            self.routes_file,
         ]
 
     def run(self, argv: list[str], timeout: float) -> subprocess.CompletedProcess[bytes]:

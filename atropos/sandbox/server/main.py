@@ -287,6 +287,7 @@ def prepare(cfg: ServerSettings) -> tuple[ServerSettings, SandboxApp, DataDirLoc
         max_upload=cfg.max_upload,
         snapshots=SnapshotStore(cfg.data_dir, cfg.max_snapshots),
         warm_slots=cfg.warm_target,
+        hibernate_after=cfg.hibernate_after,
     )
     return cfg, api, lock, generated
 

@@ -18,8 +18,11 @@ from atropos.host import command_line, die_with_parent, kill_tree, snapshot, tre
 from atropos.sandbox.runner.files import empty_dir
 from atropos.sandbox.runner.pathsafe import WORKSPACE_ALIAS
 from atropos.sandbox.runner.protocol import (
+    HibernateOp,
+    HibernateOutcome,
     Op,
     Outcome,
+    PingOp,
     ResetOp,
     ResetOutcome,
     ToolOp,
@@ -45,6 +48,8 @@ RUNNER_GRACE = 10.0
 
 
 ChunkSink = Callable[[dict[str, str]], None]  # {"stream": "stdout" | "stderr", "data": text}
+
+_WAKE = b"\n"  # the line a hibernated runner's holder waits for (atropos.sandbox.runner.hibernate)
 
 
 class SlotFailure(RuntimeError):
@@ -94,6 +99,12 @@ class SlotRunner:
         self.forked_from: str | None = None  # the snapshot's name, until the next reset
         self._view_pid: tuple[int, int] | None = None  # (sandbox pid, runner's host pid)
         self._starting: asyncio.Future[None] | None = None  # a fork's sandbox, started ahead
+        # hibernation (atropos.sandbox.server.hibernation): while `_hibernating` is set nothing else
+        # is written to the runner (what it has not read when it execs would be lost)
+        self.idle_since = time.monotonic()
+        self.hibernated = False
+        self._hibernating: asyncio.Future[None] | None = None
+        self._wake_lock = asyncio.Lock()
 
     @property
     def started(self) -> bool:
@@ -140,20 +151,14 @@ class SlotRunner:
         """The runner's first line (after its network namespace's, for pasta to join): it is up."""
         assert proc.stdout is not None
         if self._egress is not None and (await proc.stdout.readline()).strip() == NETNS_READY.encode():
-            self._pastas[proc.pid] = await asyncio.create_subprocess_exec(
-                *self._egress.pasta_argv(proc.pid),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL,
-                start_new_session=True,
-                preexec_fn=_pasta_dies_with_server,
-            )  # it outlives the namespaces' processes otherwise
+            self._pastas[proc.pid] = await _start_pasta(self._egress.pasta_argv(proc.pid))
         hello = await proc.stdout.readline()
         if not hello:
             await proc.wait()
             await self._stop_pasta(proc)
             raise SlotFailure(f"slot {self.index}: the sandbox did not start (exit {proc.returncode})")
         self._proc = proc
+        self.hibernated = False
         self._reader = asyncio.ensure_future(self._read_answers(proc))
         self.on_change()
         return proc
@@ -198,6 +203,8 @@ class SlotRunner:
         timeout = request["timeout"]
         proc = await self._ensure_runner()
         assert proc.stdin is not None
+        if request["op"] != "hibernate":
+            await self._awake(proc)  # no await from here to the write below
         rid = next(self._ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
@@ -217,6 +224,89 @@ class SlotRunner:
             self._pending.pop(rid, None)
             self._chunks.pop(rid, None)
 
+    async def _awake(self, proc: asyncio.subprocess.Process) -> None:
+        """Returns when `proc` reads requests: a hibernation under way has ended, and a hibernated
+        runner has its network back and its wake line (written before the caller's request)."""
+        while self._hibernating is not None:
+            await asyncio.shield(self._hibernating)
+        if not self.hibernated:
+            return
+        async with self._wake_lock:
+            if not self.hibernated or self._proc is not proc:
+                return
+            if self._egress is not None:
+                await self._rejoin_pasta(proc)
+            assert proc.stdin is not None
+            proc.stdin.write(_WAKE)
+            self.hibernated = False
+
+    @property
+    def sleepable(self) -> bool:
+        """Used, started, and nothing of it runs or waits: hibernation may be asked for."""
+        return (
+            self.started
+            and self.used
+            and not self.hibernated
+            and self.busy == 0
+            and not self.order.locked()
+            and not self._pending
+            and self._hibernating is None
+            and (self._starting is None or self._starting.done())
+        )
+
+    async def hibernate(self) -> bool:
+        """Ask the runner to sleep (atropos.sandbox.runner.hibernate) and stop the slot's pasta;
+        False when the slot is not idle or the runner said why not. The next call wakes it."""
+        if not self.sleepable:
+            return False
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._hibernating = done
+        proc = self._proc
+        try:
+            answer: HibernateOutcome = await self.call(HibernateOp(op="hibernate", timeout=5.0))
+            if not answer.get("ok") or proc is None or self._proc is not proc:
+                log.debug("slot %d stays awake: %s", self.index, answer.get("why"))
+                return False
+            self.hibernated = True
+            await self._stop_pasta(proc)  # the network namespace stays: its shell holds no socket
+            log.info("event=hibernated slot=%d", self.index)
+            return True
+        except SlotFailure:
+            return False
+        finally:
+            self._hibernating = None
+            done.set_result(None)
+
+    async def wake(self) -> None:
+        """A hibernated runner awake again (no request needed)."""
+        if self._proc is not None:
+            await self._awake(self._proc)
+
+    async def _rejoin_pasta(self, proc: asyncio.subprocess.Process) -> None:
+        """A new pasta in a hibernated slot's network namespace, and its routes as at the start;
+        nothing in the slot runs meanwhile (its runner is asleep, its shell idle)."""
+        assert self._egress is not None
+        userns = await asyncio.to_thread(Egress.owner_fd, proc.pid)
+        try:
+            path = f"/proc/self/fd/{userns}"
+            self._pastas[proc.pid] = await _start_pasta(self._egress.pasta_argv(proc.pid, path), (userns,))
+            reroute = await asyncio.create_subprocess_exec(
+                *self._egress.reroute_argv(proc.pid, path),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                pass_fds=(userns,),
+            )
+            _, err = await reroute.communicate()
+        finally:
+            os.close(userns)
+        if reroute.returncode != 0:
+            await self.kill_runner()
+            raise SlotFailure(
+                f"slot {self.index}: its network did not come back after hibernation "
+                f"({err.decode(errors='replace').strip()}); the slot restarts on the next call"
+            )
+
     @contextlib.asynccontextmanager
     async def holding(self, what: str) -> AsyncIterator[int]:
         """The slot to one operation (a tool call, a tree transfer), in arrival order with the others;
@@ -233,6 +323,7 @@ class SlotRunner:
                 finally:
                     self.running = None
                     self.finished += 1
+                    self.idle_since = time.monotonic()
         finally:
             self.busy -= 1
 
@@ -336,6 +427,8 @@ class SlotRunner:
         if self.fork is None:
             return self.workspace
         proc = await self._ensure_runner()
+        if self.hibernated:  # its process is found by its command line: the runner's, not the holder's
+            await self.call(PingOp(op="ping", timeout=5.0))
         if self._view_pid is None or self._view_pid[0] != proc.pid:
             self._view_pid = (proc.pid, await asyncio.to_thread(_runner_pid, proc.pid))
         return f"/proc/{self._view_pid[1]}/root{WORKSPACE_ALIAS}"
@@ -371,6 +464,18 @@ def _log_call(slot: int, op: ToolOp, result: Outcome) -> None:
 
 def _pasta_dies_with_server() -> None:
     die_with_parent(signal.SIGKILL)
+
+
+async def _start_pasta(argv: list[str], pass_fds: tuple[int, ...] = ()) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+        start_new_session=True,
+        pass_fds=pass_fds,
+        preexec_fn=_pasta_dies_with_server,  # it outlives the namespaces' processes otherwise
+    )
 
 
 def _note_cgroup_limit(result: Outcome, cgroup: SlotCgroup) -> None:
