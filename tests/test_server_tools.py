@@ -32,6 +32,7 @@ def test_health_reports_mode_without_auth(server: RunningServer) -> None:
         "warm",
         "fork",
         "fork_reason",
+        "hibernation",
     }
     assert body["network"] in ("public", "deny", "allow") and body["uid"] != 0
     # forks are overlays wherever bubblewrap runs here (CI's kernel has overlayfs in user namespaces)
@@ -39,6 +40,7 @@ def test_health_reports_mode_without_auth(server: RunningServer) -> None:
         ("overlay", True) if body["isolation"] == "bwrap" else ("copy", False)
     ), body["fork_reason"]
     assert body["warm"]["target"] == 4 and 0 <= body["warm"]["ready"] <= 4  # every slot, by default
+    assert body["hibernation"] == {"after_s": 30.0, "asleep": 0}  # the default; nothing used yet sleeps
 
 
 def test_bash_separates_streams_and_exit_code(server: RunningServer) -> None:
