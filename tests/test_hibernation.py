@@ -6,6 +6,7 @@ reset, forks and transfers work on sleeping slots; a stopped server leaves nothi
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import random
@@ -20,6 +21,8 @@ import pytest
 
 from atropos.host import snapshot, tree_members
 from atropos.sandbox.runner.session import SESSION_RESTARTED
+from atropos.sandbox.settings import ServerSettings
+from atropos.slots import SlotPool, SlotPoolConfig
 from tests.attacks import can_make_netns, connect_probe, egress_host, egress_probe, leaks, loopback_listener
 from tests.security_fixtures import temporary_server
 from tests.server_process import RunningServer, pids_with_arg
@@ -198,6 +201,33 @@ def test_a_stopped_server_leaves_no_sleeping_slot_behind() -> None:
         members = tree_members(s.proc.pid, snapshot(), include_root=False)
     left = [pid for pid in members if os.path.exists(f"/proc/{pid}") and _alive(pid)]
     assert left == [] and all(not _alive(pid) for pid in held), left
+
+
+async def test_a_pool_sets_hibernation_and_its_calls_wake_slots() -> None:
+    config = SlotPoolConfig(slots_per_container=2, min_containers=1, max_containers=1, hibernate_after=float(AFTER))
+    async with SlotPool(config) as pool, pool.slot("hb") as slot:
+        first = await pool.execute(slot, "bash_session", {"command": "cd /tmp; echo $$"})
+        state: object = None
+        for _ in range(200):
+            (health,) = (await pool.servers_health()).values()
+            assert isinstance(health, dict), health
+            state = health["hibernation"]
+            if state == {"after_s": float(AFTER), "asleep": 1}:
+                break
+            await asyncio.sleep(0.05)
+        assert state == {"after_s": float(AFTER), "asleep": 1}, state
+        again = await pool.execute(slot, "bash_session", {"command": "pwd; echo $$"})
+        assert again.stdout == "/tmp\n" + first.stdout, again
+
+
+def test_a_negative_hibernation_delay_is_refused() -> None:
+    with pytest.raises(ValueError, match="hibernate_after"):
+        SlotPoolConfig(hibernate_after=-1)
+    with pytest.raises(ValueError, match="hibernate_after"):
+        ServerSettings.from_args(["--hibernate-after", "-1"])
+    assert "--hibernate-after" not in SlotPoolConfig().server_spec().settings.to_args()  # the server's default
+    args = SlotPoolConfig(hibernate_after=0).server_spec().settings.to_args()
+    assert args[args.index("--hibernate-after") + 1] == "0.0"
 
 
 def _alive(pid: int) -> bool:

@@ -177,25 +177,63 @@ async def _burst(servers: int, slots: int, warm: bool, say: Callable[[str], None
     return first, second, warmed
 
 
+_SLEEP_AFTER = 3.0  # the memory scenario's hibernation delay (the server's default is 30 s)
+
+
+async def _asleep(pool: SlotPool) -> int:
+    healths = (await pool.servers_health()).values()
+    return sum(int((h.get("hibernation") or {}).get("asleep", 0)) for h in healths if isinstance(h, dict))
+
+
 async def _memory(slots: int, say: Callable[[str], None]) -> list[Row]:
-    say(f"scale: memory of {slots} slots with an open session")
-    async with SlotPool(_config(1, slots, warm_slots=0)) as pool:
+    """PSS per slot with an open session, awake and once its idle slots hibernated (the runner a
+    holder process, pasta stopped), against the floor; and what waking costs a call."""
+    say(f"scale: memory of {slots} slots with an open session, awake and asleep")
+    async with SlotPool(_config(1, slots, warm_slots=0, hibernate_after=_SLEEP_AFTER)) as pool:
         assert isinstance(pool.backend, LocalBackend)
         pid = pool.backend.pid(pool.server_ids()[0])
         before, _ = _tree_pss(pid)
         leased: list[Slot] = [await pool.acquire(f"m{i}") for i in range(slots)]
-        await asyncio.gather(*(pool.execute(s, "bash_session", {"command": "true"}) for s in leased))
-        await asyncio.sleep(0.5)
-        after, processes = _tree_pss(pid)
+
+        async def everyone() -> None:
+            await asyncio.gather(*(pool.execute(s, "bash_session", {"command": "true"}) for s in leased))
+
+        await everyone()  # sandboxes, runners and shells start
+        await everyone()  # every slot has just been used: none asleep
+        awake, awake_procs = _tree_pss(pid)
+        warm_ms = [await _call_ms(pool, s) for s in leased[:16]]
+        for _ in range(600):
+            if await _asleep(pool) >= slots:
+                break
+            await asyncio.sleep(0.1)
+        asleep_count = await _asleep(pool)
+        asleep, asleep_procs = _tree_pss(pid)
+        wake_ms = [await _call_ms(pool, s) for s in leased[:16]]
         for s in leased:
             pool.release(s)
-    per_slot = (after - before) / slots
     floor = await asyncio.to_thread(_sandbox_floor_pss, min(slots, 32))
+    wake, warm = statistics.median(wake_ms), statistics.median(warm_ms)
     return [
-        judged(Row(_SCENARIO, f"PSS per slot, open session ({slots} slots)", per_slot, "MB",
+        Row(_SCENARIO, f"PSS per slot, open session, awake ({slots} slots)", (awake - before) / slots, "MB",
+            baseline="bwrap + idle bash (the floor)", baseline_value=floor or None,
+            note=f"server tree {awake:.0f} MB in {awake_procs} processes; server alone {before:.0f} MB; "
+                 "runner and pasta (network public) are most of it"),
+        judged(Row(_SCENARIO, f"PSS per slot, open session, asleep ({slots} slots)", (asleep - before) / slots, "MB",
                    baseline="bwrap + idle bash (the floor)", baseline_value=floor or None, target="<= 4 MB",
-                   note=f"server tree {after:.0f} MB in {processes} processes; server alone {before:.0f} MB"), 4.0),
+                   note=f"{asleep_count} of {slots} asleep after {_SLEEP_AFTER:.0f} s idle; server tree "
+                        f"{asleep:.0f} MB in {asleep_procs} processes"), 4.0),
+        Row(_SCENARIO, "first call on a sleeping slot (wakes runner and pasta)", wake, "ms",
+            baseline="the same call on an awake slot", baseline_value=warm,
+            note=f"medians of {len(wake_ms)} slots, one at a time; p90 {percentile(sorted(wake_ms), 0.9):.0f} ms"),
     ]  # fmt: skip
+
+
+async def _call_ms(pool: SlotPool, slot: Slot) -> float:
+    t0 = time.perf_counter()
+    result = await pool.execute(slot, "bash_session", {"command": "echo awake"})
+    if result.stdout != "awake\n":
+        raise RuntimeError(f"wrong output {result.stdout!r}")
+    return (time.perf_counter() - t0) * 1000
 
 
 async def _shape(sizes: tuple[int, ...], say: Callable[[str], None]) -> list[Row]:
