@@ -32,9 +32,10 @@ HOLDER = "atropos-hold"  # the holder's $0 (atropos.sandbox.runner.hibernate)
 REQUIRE_PUBLIC = os.environ.get("ATROPOS_REQUIRE_PUBLIC_NETWORK") == "1"
 
 
-@pytest.fixture(scope="module")
-def srv() -> Iterator[RunningServer]:
-    with temporary_server("atropos-test-hibernate-", "--slots", "3", "--hibernate-after", AFTER) as s:
+@pytest.fixture(scope="module", params=["bwrap", "none"])
+def srv(request: pytest.FixtureRequest) -> Iterator[RunningServer]:
+    options = ("--slots", "3", "--hibernate-after", AFTER, "--isolation", request.param)
+    with temporary_server(f"atropos-test-hibernate-{request.param}-", *options) as s:
         yield s
 
 
