@@ -115,3 +115,12 @@ def wait_for_pids(marker: str, count: int, timeout: float = 10.0) -> int:
     while len(pids_with_arg(marker)) < count and time.monotonic() < deadline:
         time.sleep(0.02)
     return len(pids_with_arg(marker))
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False

@@ -25,7 +25,7 @@ from atropos.sandbox.settings import ServerSettings
 from atropos.slots import SlotPool, SlotPoolConfig
 from tests.attacks import can_make_netns, connect_probe, egress_host, egress_probe, leaks, loopback_listener
 from tests.security_fixtures import temporary_server
-from tests.server_process import RunningServer, pids_with_arg
+from tests.server_process import RunningServer, alive, pids_with_arg
 
 AFTER = "0.2"  # seconds of idleness before a slot sleeps, in these tests
 HOLDER = "atropos-hold"  # the holder's $0 (atropos.sandbox.runner.hibernate)
@@ -200,8 +200,8 @@ def test_a_stopped_server_leaves_no_sleeping_slot_behind() -> None:
         held = holders(s)
         assert len(held) == 2
         members = tree_members(s.proc.pid, snapshot(), include_root=False)
-    left = [pid for pid in members if os.path.exists(f"/proc/{pid}") and _alive(pid)]
-    assert left == [] and all(not _alive(pid) for pid in held), left
+    left = [pid for pid in members if os.path.exists(f"/proc/{pid}") and alive(pid)]
+    assert left == [] and all(not alive(pid) for pid in held), left
 
 
 async def test_a_pool_sets_hibernation_and_its_calls_wake_slots() -> None:
@@ -229,11 +229,3 @@ def test_a_negative_hibernation_delay_is_refused() -> None:
     assert "--hibernate-after" not in SlotPoolConfig().server_spec().settings.to_args()  # the server's default
     args = SlotPoolConfig(hibernate_after=0).server_spec().settings.to_args()
     assert args[args.index("--hibernate-after") + 1] == "0.0"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False

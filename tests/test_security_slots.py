@@ -16,7 +16,7 @@ import pytest
 
 from tests.attacks import attack_script
 from tests.security_fixtures import temporary_server
-from tests.server_process import RunningServer, pids_with_arg, wait_for_pids
+from tests.server_process import RunningServer, alive, pids_with_arg, wait_for_pids
 
 
 def start_victim(srv: RunningServer, slot: int) -> tuple[str, int]:
@@ -25,14 +25,6 @@ def start_victim(srv: RunningServer, slot: int) -> tuple[str, int]:
     srv.execute(slot, "bash", command=f"setsid sleep {marker} >/dev/null 2>&1 &")
     assert wait_for_pids(marker, 1) == 1
     return marker, pids_with_arg(marker)[0]
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")

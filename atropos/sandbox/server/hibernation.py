@@ -13,10 +13,10 @@ never used) never sleep: they are kept for a burst's first calls. `after` 0 turn
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
+from atropos.sandbox.server.loops import SlotLoop
 from atropos.sandbox.server.slot_runner import SlotRunner
 
 log = logging.getLogger("atropos.sandbox")
@@ -24,25 +24,19 @@ log = logging.getLogger("atropos.sandbox")
 _LONGEST_TICK = 5.0
 
 
-class Hibernation:
+class Hibernation(SlotLoop):
     def __init__(self, slots: list[SlotRunner], after: float) -> None:
+        super().__init__()
         self.slots = slots
         self.after = after
-        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.after > 0
 
     @property
     def asleep(self) -> int:
         return sum(1 for slot in self.slots if slot.hibernated)
-
-    def start(self) -> None:
-        if self.after > 0 and self._task is None:
-            self._task = asyncio.ensure_future(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def _run(self) -> None:
         tick = min(max(self.after / 4, 0.05), _LONGEST_TICK)

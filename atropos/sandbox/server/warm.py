@@ -12,9 +12,9 @@ nothing; a warm runner that died is started again before its slot's next call, n
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
+from atropos.sandbox.server.loops import SlotLoop
 from atropos.sandbox.server.slot_runner import SlotFailure, SlotRunner
 
 log = logging.getLogger("atropos.sandbox")
@@ -22,28 +22,22 @@ log = logging.getLogger("atropos.sandbox")
 _RETRY = 2.0  # seconds before trying again after a warm start failed
 
 
-class WarmSlots:
+class WarmSlots(SlotLoop):
     def __init__(self, slots: list[SlotRunner], target: int) -> None:
+        super().__init__()
         self.slots = slots
         self.target = min(target, len(slots))
         self._changed = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         for slot in slots:
             slot.on_change = self._changed.set
 
     @property
+    def enabled(self) -> bool:
+        return self.target > 0
+
+    @property
     def ready(self) -> int:
         return sum(1 for slot in self.slots if slot.warm)
-
-    def start(self) -> None:
-        if self.target and self._task is None:
-            self._task = asyncio.ensure_future(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def _run(self) -> None:
         while True:
