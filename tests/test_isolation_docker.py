@@ -9,6 +9,7 @@ missing, except where $ATROPOS_REQUIRE_DOCKER=1 (CI), where that is a failure.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import shutil
@@ -147,3 +148,40 @@ async def test_slot_reaches_a_public_host_and_nothing_private(pool: SlotPool) ->
         # sending anything (no probe ever goes to a private address outside our namespaces)
         out = await run(pool, b, "ip route get 10.0.0.1 2>&1; ip route get 192.168.1.1 2>&1; true")
         assert out.count("prohibit") == 2 or out.count("ermission denied") == 2, out
+
+
+@pytest.mark.skipif(not can_make_netns(), reason="needs root and `ip netns` to make a test host")
+async def test_a_slot_that_slept_in_the_container_has_its_shell_and_its_confined_network(engine: None) -> None:
+    """Hibernation in the image: the runner sleeps as a holder and pasta stops inside the container;
+    the next call finds the same shell, the public host again, and the private ranges still refused."""
+    if not os.path.exists("/dev/net/tun"):
+        pytest.skip("no /dev/net/tun: the server runs with network deny")
+    config = SlotPoolConfig.model_validate(
+        {
+            "driver": {"type": "docker", "image": IMAGE},
+            "slots_per_container": 1,
+            "min_containers": 1,
+            "max_containers": 1,
+            "start_timeout": 120,
+            "hibernate_after": 0.3,
+        }
+    )
+    async with SlotPool(config) as p, p.slot("sleeper") as slot:
+        first = await p.execute(slot, "bash_session", {"command": "cd /tmp && export KEPT=7 && echo $$"})
+        state: object = None
+        for _ in range(200):
+            (health,) = (await p.servers_health()).values()
+            assert isinstance(health, dict), health
+            state = health["hibernation"]
+            if state == {"after_s": 0.3, "asleep": 1}:
+                break
+            await asyncio.sleep(0.05)
+        assert state == {"after_s": 0.3, "asleep": 1}, state
+        with egress_host() as host:
+            woke = await p.execute(
+                slot,
+                "bash_session",
+                {"command": "pwd; echo $KEPT $$; " + egress_probe(host) + "\nip route get 10.0.0.1 2>&1; true"},
+            )
+        assert woke.stdout.startswith(f"/tmp\n7 {first.stdout}"), woke
+        assert "EGRESS-OK" in woke.stdout and ("prohibit" in woke.stdout or "ermission denied" in woke.stdout), woke

@@ -277,34 +277,33 @@ class SlotRunner:
             self._hibernating = None
             done.set_result(None)
 
-    async def wake(self) -> None:
-        """A hibernated runner awake again (no request needed)."""
-        if self._proc is not None:
-            await self._awake(self._proc)
-
     async def _rejoin_pasta(self, proc: asyncio.subprocess.Process) -> None:
         """A new pasta in a hibernated slot's network namespace, and its routes as at the start;
         nothing in the slot runs meanwhile (its runner is asleep, its shell idle)."""
         assert self._egress is not None
-        userns = await asyncio.to_thread(Egress.owner_fd, proc.pid)
         try:
-            path = f"/proc/self/fd/{userns}"
-            self._pastas[proc.pid] = await _start_pasta(self._egress.pasta_argv(proc.pid, path), (userns,))
-            reroute = await asyncio.create_subprocess_exec(
-                *self._egress.reroute_argv(proc.pid, path),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-                pass_fds=(userns,),
-            )
-            _, err = await reroute.communicate()
-        finally:
-            os.close(userns)
-        if reroute.returncode != 0:
+            userns = await asyncio.to_thread(Egress.owner_fd, proc.pid)
+            try:
+                path = f"/proc/self/fd/{userns}"
+                self._pastas[proc.pid] = await _start_pasta(self._egress.pasta_argv(proc.pid, path), (userns,))
+                reroute = await asyncio.create_subprocess_exec(
+                    *self._egress.reroute_argv(proc.pid, path),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.PIPE,
+                    pass_fds=(userns,),
+                )
+                _, err = await reroute.communicate()
+            finally:
+                os.close(userns)
+            why = None if reroute.returncode == 0 else err.decode(errors="replace").strip()
+        except OSError as exc:  # the sandbox died meanwhile, or a tool is gone
+            why = str(exc)
+        if why is not None:
             await self.kill_runner()
             raise SlotFailure(
-                f"slot {self.index}: its network did not come back after hibernation "
-                f"({err.decode(errors='replace').strip()}); the slot restarts on the next call"
+                f"slot {self.index}: its network did not come back after hibernation ({why}); "
+                "the slot restarts on the next call"
             )
 
     @contextlib.asynccontextmanager
