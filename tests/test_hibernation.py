@@ -11,6 +11,8 @@ import io
 import os
 import random
 import signal
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -78,6 +80,22 @@ def test_an_idle_session_sleeps_and_wakes_with_its_shell(srv: RunningServer) -> 
     assert SESSION_RESTARTED not in str(after["output"])
     assert not asleep(srv, 0)  # awake right after its call
     assert status(srv)["hibernation"] == {"after_s": float(AFTER), "asleep": sum(asleep(srv, i) for i in range(3))}
+
+
+def test_status_shows_sleeping_slots(srv: RunningServer) -> None:
+    session(srv, 2, "true")
+    assert until_asleep(srv, 2)
+    out = subprocess.run(
+        [sys.executable, "-m", "atropos.cli", "status", srv.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "ATROPOS_SANDBOX_TOKEN": srv.token},
+    )
+    assert out.returncode == 0, out.stderr
+    assert f"hibernation after {AFTER}s idle" in out.stdout, out.stdout
+    (line,) = [ln for ln in out.stdout.splitlines() if ln.split()[:1] == ["2"]]
+    assert line.split()[1] == "asleep", out.stdout
 
 
 def test_a_slot_running_anything_else_stays_awake(srv: RunningServer) -> None:

@@ -49,13 +49,22 @@ def render(url: str, status: StatusResponse) -> str:
         + (f" ({status.network_reason})" if status.network_reason else "")
         + f"  slots run as uid {status.uid}",
         f"limits: {limits}; cgroups: {', '.join(status.cgroups) or 'none'}",
+        _sleep_line(status),
         "",
         f"{'slot':>4}  {'state':<8} {'tool':<13} {'running':>9} {'queued':>6} {'calls':>7}",
     ]
     for a in status.slot_activity:
         running = f"{a.running_s:.1f}s" if a.running_s is not None else "-"
-        lines.append(f"{a.slot:>4}  {a.state:<8} {a.tool or '-':<13} {running:>9} {a.queued:>6} {a.calls:>7}")
+        state = "asleep" if a.asleep else a.state
+        lines.append(f"{a.slot:>4}  {state:<8} {a.tool or '-':<13} {running:>9} {a.queued:>6} {a.calls:>7}")
     return "\n".join(lines)
+
+
+def _sleep_line(status: StatusResponse) -> str:
+    h = status.hibernation
+    if h is None or not h.after_s:
+        return "hibernation off"
+    return f"hibernation after {h.after_s:g}s idle: {h.asleep} slot(s) asleep"
 
 
 def _token(args: argparse.Namespace) -> str | None:
