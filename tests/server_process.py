@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import httpx
 
+HIBERNATE_ALL = "ATROPOS_TEST_HIBERNATE_AFTER"
+
 
 @dataclass
 class RunningServer:
@@ -57,8 +59,11 @@ def wait_ready(proc: subprocess.Popen[str], what: str, timeout: float = 30.0) ->
 def run_server(data_dir: str, *extra: str, env: dict[str, str] | None = None) -> Iterator[RunningServer]:
     token = secrets.token_hex(16)
     full_env = {**os.environ, "ATROPOS_SANDBOX_TOKEN": token, **(env or {})}
+    # $ATROPOS_TEST_HIBERNATE_AFTER: every server of the run sleeps its idle slots this soon (the
+    # existing tests, unchanged, against slots that sleep between calls); a test's own option wins
+    sleep = ["--hibernate-after", os.environ[HIBERNATE_ALL]] if HIBERNATE_ALL in os.environ else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "atropos.sandbox.server", "--port", "0", "--data-dir", data_dir, *extra],
+        [sys.executable, "-m", "atropos.sandbox.server", "--port", "0", "--data-dir", data_dir, *sleep, *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -170,7 +170,9 @@ def test_a_killed_server_leaves_no_pasta_behind() -> None:
     """pasta holds the slot's namespaces open and would outlive them: it dies with its server."""
     if not REQUIRE_PUBLIC and os.system("command -v pasta >/dev/null") != 0:
         pytest.skip("no pasta here (Debian package passt)")
-    with temporary_server("atropos-test-pasta-", "--slots", "2", "--network", "public") as srv:
+    # slots awake: a sleeping slot's pasta is stopped (tests/test_hibernation.py)
+    options = ("--slots", "2", "--network", "public", "--hibernate-after", "0")
+    with temporary_server("atropos-test-pasta-", *options) as srv:
         for slot in (0, 1):
             srv.execute(slot, "bash", command="true")
         pastas = [p for p in pids_with_arg("--config-net") if _parent(p) == srv.proc.pid]

@@ -19,7 +19,8 @@ def _status(url: str, token: str, *extra: str) -> subprocess.CompletedProcess[st
 
 
 def test_status_shows_a_running_call_and_what_is_enforced(tmp_path: Path) -> None:
-    with run_server(str(tmp_path), "--slots", "2", "--isolation", "none") as srv:
+    # awake slots: a sleeping one shows as `asleep` (tests/test_hibernation.py)
+    with run_server(str(tmp_path), "--slots", "2", "--isolation", "none", "--hibernate-after", "0") as srv:
         sleeper = threading.Thread(target=srv.execute, args=(1, "bash"), kwargs={"command": "sleep 3"})
         sleeper.start()
         time.sleep(1.0)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import os
 import threading
 
-from tests.server_process import RunningServer, pids_with_arg, wait_for_pids, wait_until_gone
+from atropos.sandbox.settings import DEFAULT_HIBERNATE_AFTER
+from tests.server_process import HIBERNATE_ALL, RunningServer, pids_with_arg, wait_for_pids, wait_until_gone
 
 
 def test_health_reports_mode_without_auth(server: RunningServer) -> None:
@@ -40,7 +42,9 @@ def test_health_reports_mode_without_auth(server: RunningServer) -> None:
         ("overlay", True) if body["isolation"] == "bwrap" else ("copy", False)
     ), body["fork_reason"]
     assert body["warm"]["target"] == 4 and 0 <= body["warm"]["ready"] <= 4  # every slot, by default
-    assert body["hibernation"] == {"after_s": 30.0, "asleep": 0}  # the default; nothing used yet sleeps
+    # the default (or the whole run's, see tests.server_process); nothing used yet sleeps
+    after = float(os.environ.get(HIBERNATE_ALL, DEFAULT_HIBERNATE_AFTER))
+    assert body["hibernation"] == {"after_s": after, "asleep": 0}
 
 
 def test_bash_separates_streams_and_exit_code(server: RunningServer) -> None:
