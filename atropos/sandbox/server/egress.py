@@ -145,7 +145,7 @@ class Egress:
 
     def pasta_argv(self, pid: int, userns: str | None = None) -> list[str]:
         """pasta for the namespaces of `pid` (the wrapped command, once it said NETNS_READY), or
-        for its network namespace and `userns` (the one that owns it; see `rejoin`)."""
+        for its network namespace and `userns` (the one that owns it; see `owner_fd`)."""
         return [
             self.pasta,
             "--config-net",
