@@ -106,4 +106,18 @@ async def wait_for(predicate: Callable[[], object], *, attempts: int = 900, ever
     return False
 
 
+async def until_server_state(pool: SlotPool, key: str, want: object, attempts: int = 200) -> object:
+    """`key` of the /health of the pool's one server once it equals `want`, else its last value
+    (polled: a state, not a timing assertion)."""
+    state: object = None
+    for _ in range(attempts):
+        (health,) = (await pool.servers_health()).values()
+        assert isinstance(health, dict), health
+        state = health.get(key)
+        if state == want:
+            break
+        await asyncio.sleep(0.05)
+    return state
+
+
 SIGNALS = {"SIGKILL": signal.SIGKILL, "SIGSTOP": signal.SIGSTOP}

@@ -6,7 +6,6 @@ reset, forks and transfers work on sleeping slots; a stopped server leaves nothi
 
 from __future__ import annotations
 
-import asyncio
 import io
 import os
 import random
@@ -26,6 +25,7 @@ from atropos.sandbox.runner.session import SESSION_RESTARTED
 from atropos.sandbox.settings import ServerSettings
 from atropos.slots import SlotPool, SlotPoolConfig
 from tests.attacks import can_make_netns, connect_probe, egress_host, egress_probe, leaks, loopback_listener
+from tests.faults import until_server_state
 from tests.security_fixtures import temporary_server
 from tests.server_process import RunningServer, alive, pids_with_arg
 
@@ -226,15 +226,8 @@ async def test_a_pool_sets_hibernation_and_its_calls_wake_slots() -> None:
     config = SlotPoolConfig(slots_per_container=2, min_containers=1, max_containers=1, hibernate_after=float(AFTER))
     async with SlotPool(config) as pool, pool.slot("hb") as slot:
         first = await pool.execute(slot, "bash_session", {"command": "cd /tmp; echo $$"})
-        state: object = None
-        for _ in range(200):
-            (health,) = (await pool.servers_health()).values()
-            assert isinstance(health, dict), health
-            state = health["hibernation"]
-            if state == {"after_s": float(AFTER), "asleep": 1}:
-                break
-            await asyncio.sleep(0.05)
-        assert state == {"after_s": float(AFTER), "asleep": 1}, state
+        want = {"after_s": float(AFTER), "asleep": 1}
+        assert (state := await until_server_state(pool, "hibernation", want)) == want, state
         again = await pool.execute(slot, "bash_session", {"command": "pwd; echo $$"})
         assert again.stdout == "/tmp\n" + first.stdout, again
 

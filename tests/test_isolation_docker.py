@@ -9,7 +9,6 @@ missing, except where $ATROPOS_REQUIRE_DOCKER=1 (CI), where that is a failure.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import secrets
 import shutil
@@ -31,6 +30,7 @@ from tests.attacks import (
     leaks,
     token_probe,
 )
+from tests.faults import until_server_state
 from tests.server_process import pids_with_arg, wait_for_pids
 
 pytestmark = pytest.mark.docker
@@ -168,15 +168,8 @@ async def test_a_slot_that_slept_in_the_container_has_its_shell_and_its_confined
     )
     async with SlotPool(config) as p, p.slot("sleeper") as slot:
         first = await p.execute(slot, "bash_session", {"command": "cd /tmp && export KEPT=7 && echo $$"})
-        state: object = None
-        for _ in range(200):
-            (health,) = (await p.servers_health()).values()
-            assert isinstance(health, dict), health
-            state = health["hibernation"]
-            if state == {"after_s": 0.3, "asleep": 1}:
-                break
-            await asyncio.sleep(0.05)
-        assert state == {"after_s": 0.3, "asleep": 1}, state
+        want = {"after_s": 0.3, "asleep": 1}
+        assert (state := await until_server_state(p, "hibernation", want)) == want, state
         with egress_host() as host:
             woke = await p.execute(
                 slot,

@@ -282,7 +282,7 @@ class SlotRunner:
         nothing in the slot runs meanwhile (its runner is asleep, its shell idle)."""
         assert self._egress is not None
         try:
-            userns = await asyncio.to_thread(Egress.owner_fd, proc.pid)
+            userns = Egress.owner_fd(proc.pid)  # an open and an ioctl: no thread needed
             try:
                 path = f"/proc/self/fd/{userns}"
                 self._pastas[proc.pid] = await _start_pasta(self._egress.pasta_argv(proc.pid, path), (userns,))
