@@ -70,7 +70,7 @@ def test_network_deny(tmpdir_path: str) -> None:
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     port = listener.getsockname()[1]
-    probe = f"{sys.executable} -c \"import socket; socket.create_connection(('127.0.0.1', {port}), 2)\""
+    probe = f"python3 -c \"import socket; socket.create_connection(('127.0.0.1', {port}), 2)\""
     try:
         with run_server(tmpdir_path, "--slots", "1", "--network", "deny") as srv:
             health = httpx.get(srv.url + "/health").json()

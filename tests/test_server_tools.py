@@ -35,7 +35,12 @@ def test_health_reports_mode_without_auth(server: RunningServer) -> None:
         "fork",
         "fork_reason",
         "hibernation",
+        "root",
+        "binds",
+        "bwrap",
     }
+    assert (body["root"], body["binds"]) == (("system", []) if body["isolation"] == "bwrap" else ("none", []))
+    assert (body["bwrap"] is not None) == (body["isolation"] == "bwrap")
     assert body["network"] in ("public", "deny", "allow") and body["uid"] != 0
     # forks are overlays wherever bubblewrap runs here (CI's kernel has overlayfs in user namespaces)
     assert (body["fork"], body["fork_reason"] is None) == (

@@ -18,6 +18,7 @@ from atropos.backends.local import LocalBackend
 from atropos.bench.measure import Row, judged, pss_mb, subprocess_floor_concurrent
 from atropos.bench.scenarios import pool_config
 from atropos.host import snapshot, tree_members
+from atropos.sandbox.rootfs import build_layout
 from atropos.sandbox.server.isolation import SandboxSpec, find_bwrap
 from atropos.slots import Slot, SlotPool, SlotPoolConfig, percentile
 
@@ -94,13 +95,19 @@ def _tree_pss(pid: int) -> tuple[float, int]:
     return sum(pss_mb(p) for p in members), len(members)
 
 
+def _floor_spec(bwrap: str, scratch: str) -> SandboxSpec:
+    """A slot's sandbox with the default root and nothing else (no runner, no network of its own)."""
+    layout = build_layout("system", state_dir=os.path.join(scratch, "rootfs"), private=[scratch])
+    return SandboxSpec(bwrap=bwrap, layout=layout)
+
+
 def _sandbox_floor_pss(count: int) -> float:
     """PSS per sandbox of `count` bubblewrap sandboxes each holding an idle shell: a slot's floor."""
     bwrap = find_bwrap()
     if bwrap is None:
         return 0.0
     with tempfile.TemporaryDirectory(prefix="atropos-floor-") as scratch:
-        spec = SandboxSpec(bwrap=bwrap, data_dir=scratch)
+        spec = _floor_spec(bwrap, scratch)
         procs = []
         for i in range(count):
             workspace = os.path.join(scratch, str(i))
@@ -126,7 +133,7 @@ def _bwrap_true_ms(runs: int = 20) -> float:
     if bwrap is None:
         return 0.0
     with tempfile.TemporaryDirectory(prefix="atropos-floor-") as scratch:
-        argv = SandboxSpec(bwrap=bwrap, data_dir=scratch).argv(scratch, ["true"])
+        argv = _floor_spec(bwrap, scratch).argv(scratch, ["true"])
         samples = []
         for _ in range(runs):
             t0 = time.perf_counter()

@@ -15,6 +15,7 @@ IsolationMode = Literal["bwrap", "none"]
 # in force on a server (a server's `auto` has become one of these)
 NetworkMode = Literal["public", "allow", "deny"]
 ForkMode = Literal["overlay", "copy"]
+RootMode = Literal["system", "image", "host", "none"]
 
 
 def _json_integer(value: Any) -> Any:
@@ -280,11 +281,21 @@ class Enforcement(BaseModel):
     network_reason: str | None = Field(default=None, description="Why `auto` could not give slots `public`.")
     fork: ForkMode = Field(default="copy", description="How a fork gets its snapshot: an overlay, or a copy.")
     fork_reason: str | None = Field(default=None, description="Why forks copy instead of using an overlay.")
+    root: RootMode = Field(
+        default="none",
+        description="What a slot's root file system holds: system (the node's system dirs and a curated /etc), "
+        "image (the container's root minus its runtime's mounts), host (the node's whole root read-only), "
+        "none (no sandbox: the node's file system as the server sees it).",
+    )
+    binds: list[str] = Field(default_factory=list, description="Declared binds every slot sees: `SRC[:DST] (ro|rw)`.")
+    bwrap: str | None = Field(default=None, description="The bubblewrap binary slots start with, and why that one.")
 
     def describe(self) -> str:
         groups = ",".join(self.cgroups) or "none"
-        return f"isolation={self.isolation} network={self.network} slot_uid={self.uid} cgroups={groups} " + " ".join(
-            f"limit_{k}={v}" for k, v in self.limits.items()
+        binds = ",".join(self.binds) or "none"
+        return (
+            f"isolation={self.isolation} network={self.network} root={self.root} binds={binds} "
+            f"slot_uid={self.uid} cgroups={groups} " + " ".join(f"limit_{k}={v}" for k, v in self.limits.items())
         )
 
 

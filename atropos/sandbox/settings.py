@@ -14,9 +14,10 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from atropos.sandbox.limits import LIMIT_FLAGS, SlotLimits
+from atropos.sandbox.rootfs import ROOT_ENV, ROOT_POLICIES, Bind, RootError, RootPolicy
 from atropos.units import format_size, parse_size
 
 TOKEN_ENV = "ATROPOS_SANDBOX_TOKEN"
@@ -48,6 +49,14 @@ class ServerSettings(BaseModel):
     token_file: str | None = None
     isolation: Isolation = "auto"
     network: Network = "auto"
+    root: RootPolicy = Field(
+        default_factory=lambda: os.environ.get(ROOT_ENV) or "system",
+        validate_default=True,
+        description="what a slot's root holds: system (the node's system dirs only), image (the "
+        "container's root minus what its runtime mounted), host (the node's whole root, by name only)",
+    )
+    bind_ro: tuple[str, ...] = Field(default=(), description="SRC[:DST] shown read-only in every slot")
+    bind: tuple[str, ...] = Field(default=(), description="SRC[:DST] shown writable in every slot (shared by all)")
     run_as: str = Field(
         default_factory=lambda: os.environ.get(RUN_AS_ENV) or DEFAULT_RUN_AS,
         description="the user a server started as root becomes",
@@ -85,6 +94,23 @@ class ServerSettings(BaseModel):
             raise ValueError(f"{value} is not a port (0-65535)")
         return value
 
+    @field_validator("bind_ro", "bind")
+    @classmethod
+    def _binds(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        for text in value:
+            try:
+                Bind.parse(text, writable=info.field_name == "bind")
+            except RootError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @property
+    def user_binds(self) -> tuple[Bind, ...]:
+        """`--bind-ro` and `--bind`, parsed."""
+        return tuple(Bind.parse(t, writable=False) for t in self.bind_ro) + tuple(
+            Bind.parse(t, writable=True) for t in self.bind
+        )
+
     @property
     def warm_target(self) -> int:
         """How many slots the server keeps warm."""
@@ -105,14 +131,20 @@ class ServerSettings(BaseModel):
         for option in _OPTIONS:
             if option.field in self.model_fields_set and option.field not in ("host", "port", "data_dir"):
                 value = getattr(self, option.field)
-                if value is not None:
+                if option.repeat:
+                    args += [word for item in value for word in (option.flag, str(item))]
+                elif value is not None:
                     args += [option.flag, str(value)]
         return args + self.limits.server_args()
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> ServerSettings:
         """From what `add_arguments` parsed: only the options given, the rest take their defaults."""
-        given = {o.field: getattr(args, o.field) for o in _OPTIONS if hasattr(args, o.field)}
+        given: dict[str, Any] = {
+            o.field: tuple(getattr(args, o.field)) if o.repeat else getattr(args, o.field)
+            for o in _OPTIONS
+            if hasattr(args, o.field)
+        }
         limits = {
             field: getattr(args, f"limit_{field}") for _, field, _, _ in LIMIT_FLAGS if hasattr(args, f"limit_{field}")
         }
@@ -127,9 +159,15 @@ class ServerSettings(BaseModel):
 
 class _Option:
     def __init__(
-        self, flag: str, help: str, *, type: Callable[[str], Any] = str, choices: Sequence[str] | None = None
+        self,
+        flag: str,
+        help: str,
+        *,
+        type: Callable[[str], Any] = str,
+        choices: Sequence[str] | None = None,
+        repeat: bool = False,
     ) -> None:
-        self.flag, self.help, self.type, self.choices = flag, help, type, choices
+        self.flag, self.help, self.type, self.choices, self.repeat = flag, help, type, choices, repeat
         self.field = flag[2:].replace("-", "_")
 
 
@@ -154,6 +192,25 @@ _OPTIONS: tuple[_Option, ...] = (
         "(needs pasta); deny: no network; allow: the node's network, its loopback and private services "
         "included; auto: public where it works, else deny",
         choices=["auto", "public", "allow", "deny"],
+    ),
+    _Option(
+        "--root",
+        "what a slot's root file system holds besides its workspace, /tmp, /dev and /proc: system: the "
+        "node's /usr, /bin, /sbin, /lib*, /sys and a curated /etc, nothing else; image: the container's "
+        "root minus every mount its runtime added and the server's own files; host: the node's whole root "
+        f"read-only minus the server's own files (slots read every world-readable file) (default: ${ROOT_ENV}, "
+        "else system)",
+        choices=list(ROOT_POLICIES),
+    ),
+    _Option(
+        "--bind-ro",
+        "SRC[:DST]: show SRC read-only at DST (default SRC) in every slot; repeat for more",
+        repeat=True,
+    ),
+    _Option(
+        "--bind",
+        "SRC[:DST]: show SRC writable at DST in every slot (every slot shares it); repeat for more",
+        repeat=True,
     ),
     _Option(
         "--run-as",
@@ -188,13 +245,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ServerSettings()
     for option in _OPTIONS:
         default = getattr(defaults, option.field)
-        shown = "" if option.field in ("run_as", "token_file", "warm_slots") else f" (default {default})"
+        quiet = ("run_as", "token_file", "warm_slots", "root", "bind_ro", "bind")
+        shown = "" if option.field in quiet else f" (default {default})"
         parser.add_argument(
             option.flag,
             dest=option.field,
             type=option.type,
             choices=option.choices,
             default=argparse.SUPPRESS,
+            action="append" if option.repeat else "store",
             help=option.help + shown,
         )
     group = parser.add_argument_group("limits per slot", "sizes take K, M, G suffixes; 'none' turns a limit off")

