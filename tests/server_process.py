@@ -56,8 +56,10 @@ def wait_ready(proc: subprocess.Popen[str], what: str, timeout: float = 30.0) ->
 
 
 @contextmanager
-def run_server(data_dir: str, *extra: str, env: dict[str, str] | None = None) -> Iterator[RunningServer]:
-    token = secrets.token_hex(16)
+def run_server(
+    data_dir: str, *extra: str, env: dict[str, str] | None = None, cwd: str | None = None, token: str | None = None
+) -> Iterator[RunningServer]:
+    token = token or secrets.token_hex(16)
     full_env = {**os.environ, "ATROPOS_SANDBOX_TOKEN": token, **(env or {})}
     # $ATROPOS_TEST_HIBERNATE_AFTER: every server of the run sleeps its idle slots this soon (the
     # existing tests, unchanged, against slots that sleep between calls); a test's own option wins
@@ -68,6 +70,7 @@ def run_server(data_dir: str, *extra: str, env: dict[str, str] | None = None) ->
         stderr=subprocess.PIPE,
         text=True,
         env=full_env,
+        cwd=cwd,
         start_new_session=True,
     )
     try:

