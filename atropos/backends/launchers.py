@@ -107,6 +107,7 @@ class ApptainerLauncher(Launcher):
             binds=[(data_dir, CONTAINER_DATA_DIR)],
             tun=os.path.exists(TUN_DEVICE),
             server_args=self.spec.server_args(host="127.0.0.1", port=0, data_dir=CONTAINER_DATA_DIR),
+            mounts=self.spec.settings.mounts,
         )
         if self.run_as:  # apptainer as root would make the server root in the container: run it unprivileged
             argv = _unprivileged(self.run_as) + argv
@@ -143,6 +144,7 @@ class DockerLauncher(Launcher):
             f"127.0.0.1::{port}",
             "-v",
             f"{data_dir}:{CONTAINER_DATA_DIR}",
+            *[w for path, rw in self.spec.settings.mounts for w in ("-v", f"{path}:{path}{'' if rw else ':ro'}")],
             "-e",
             TOKEN_ENV,
             self.driver.image,

@@ -129,6 +129,7 @@ class SlurmBackend(SandboxBackend):
                 tun=os.path.exists(TUN_DEVICE),
                 server_args=self.spec.server_args(host=host, port=0, data_dir=CONTAINER_DATA_DIR,
                                                   token_file="/run/atropos/token"),
+                mounts=self.spec.settings.mounts,
             )  # fmt: skip
         # this Python, which the nodes must see (a shared file system or the same image), as the
         # local backend runs it

@@ -60,6 +60,12 @@ class AgentEnvConfig(BaseEnvConfig):  # type: ignore[misc]
         '"pool_dir": "/shared/atropos"} for slurm',
     )
     slots_per_container: int = Field(default=8, ge=1, le=1024, description="Slots (workspaces) per sandbox server")
+    root: Literal["system", "image", "host"] | None = Field(
+        default=None,
+        description="What a slot's root holds: system (the node's system dirs), image (the container's root), "
+        "host (the node's whole root, read-only); unset: system on a node, image in a container",
+    )
+    bind_ro: str | None = Field(default=None, description="Comma-separated SRC[:DST] every slot sees read-only")
     min_containers: int = Field(default=1, ge=0, le=1000, description="Sandbox servers kept running")
     max_containers: int = Field(default=4, ge=1, le=1000, description="Sandbox servers at most")
     max_turns: int = Field(default=8, ge=1, le=1000, description="Model turns per trajectory")
@@ -110,6 +116,8 @@ class AgentEnvConfig(BaseEnvConfig):  # type: ignore[misc]
             max_containers=self.max_containers,
             tool_timeout=self.tool_timeout,
             run_as=self.run_as,
+            root=self.root,
+            bind_ro=[b.strip() for b in (self.bind_ro or "").split(",") if b.strip()],
         )
 
     def agent_settings(self) -> AgentSettings:

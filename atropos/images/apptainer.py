@@ -73,6 +73,7 @@ def build_apptainer_exec_argv(
     containall: bool = True,
     tun: bool = False,
     command: Sequence[str] = SERVER_COMMAND,
+    mounts: Sequence[tuple[str, bool]] = (),
 ) -> list[str]:
     """Return `[binary, "exec", <flags>, sif, *command, *server_args]`.
 
@@ -81,6 +82,7 @@ def build_apptainer_exec_argv(
     non-secret settings (they appear in the command line); put secrets in the process environment
     with `apptainer_secret_env`. `extra_args` are passed through before the image (e.g. `--nv`).
     `server_args` are the options after `atropos-sandbox server` (`ServerSettings.to_args()`).
+    `mounts` (`ServerSettings.mounts`) are host paths bound at the same path, read-only unless writable.
     """
     if not binary:
         raise ValueError("apptainer binary must not be empty")
@@ -92,6 +94,8 @@ def build_apptainer_exec_argv(
         argv += ["--workdir", _checked_path(workdir, "workdir")]
     for host, container in binds:
         argv += ["--bind", _bind_spec(host, container)]
+    for path, writable in mounts:  # the slots' declared binds (--bind-ro, --bind), at the same path
+        argv += ["--bind", _bind_spec(path, path) + ("" if writable else ":ro")]
     argv += ["--bind", _DEV_FULL]
     if tun:
         argv += ["--bind", TUN_DEVICE]

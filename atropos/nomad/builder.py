@@ -229,8 +229,11 @@ def _docker_config(spec: SandboxJobSpec, driver: DockerDriver) -> dict[str, obje
     args = _server_args(
         spec, host="0.0.0.0", port=driver.container_port, data_dir=_ALLOC_DATA, secrets_dir=_DOCKER_SECRETS
     )
+    # the slots' declared binds, at the same path (the client's docker plugin needs volumes enabled)
+    volumes = [f"{path}:{path}{'' if rw else ':ro'}" for path, rw in spec.server.mounts]
     return {
         **nomad_docker_config(spec.docker_seccomp_profile),
+        **({"volumes": volumes} if volumes else {}),
         **spec.docker_config,
         "image": driver.image,
         "ports": [PORT_LABEL],
@@ -257,6 +260,7 @@ def _singularity_config(spec: SandboxJobSpec, driver: SingularityDriver) -> dict
         containall=spec.apptainer_containall,
         tun=spec.apptainer_tun,
         command=spec.server_command,
+        mounts=spec.server.mounts,
     )
     # The shell expands the ${NOMAD_*} references and is then replaced by apptainer (`exec`), so
     # Nomad's kill signal reaches apptainer, which forwards it to the server.

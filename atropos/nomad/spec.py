@@ -31,6 +31,9 @@ _FLAT_SERVER_KEYS = {
     "command_timeout": "timeout",
     "max_output": "max_output",
     "limits": "limits",
+    "root": "root",
+    "bind_ro": "bind_ro",
+    "bind": "bind",
 }
 
 DEFAULT_BASE_PORT = 19000

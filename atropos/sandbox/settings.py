@@ -112,6 +112,12 @@ class ServerSettings(BaseModel):
         )
 
     @property
+    def mounts(self) -> list[tuple[str, bool]]:
+        """Each declared bind's source and whether it is writable: what a container launcher mounts at
+        the same path, so that the server inside finds it where the user named it."""
+        return [(b.source, b.writable) for b in self.user_binds]
+
+    @property
     def warm_target(self) -> int:
         """How many slots the server keeps warm."""
         return min(self.slots, DEFAULT_WARM) if self.warm_slots is None else self.warm_slots

@@ -12,7 +12,7 @@ import json
 import warnings
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from atropos.backends import BackendConfig, LocalBackendConfig, ServerSpec
 from atropos.drivers import DriverConfig, ProcessDriver, nest_driver_keys
@@ -69,6 +69,12 @@ class SlotPoolConfig(BaseModel):
     # auto: each slot its own network namespace reaching public addresses only (public) where pasta
     # works on the node, else no network (deny); allow: the node's network, loopback services included
     network: Literal["auto", "public", "allow", "deny"] = "auto"
+
+    # what a slot's root holds (see `atropos-sandbox server --help`); None: the server's default, `system` on
+    # a node, `image` in the project's Docker image and SIF
+    root: Literal["system", "image", "host"] | None = None
+    bind_ro: list[str] = Field(default_factory=list, description="SRC[:DST] every slot sees read-only")
+    bind: list[str] = Field(default_factory=list, description="SRC[:DST] every slot sees writable (all share it)")
 
     tool_timeout: float = Field(default=120.0, gt=0, description="default timeout of one tool call, seconds")
     acquire_timeout: float = Field(default=600.0, gt=0, description="default wait for a free slot, seconds")
@@ -160,6 +166,7 @@ class SlotPoolConfig(BaseModel):
                 f"min_containers ({self.min_containers}) is above max_containers ({self.max_containers})"
             )
         self.driver.check_here()
+        self.server_spec()  # a bad bind or root says so now, not when the first server starts
         return self
 
     @property
@@ -180,5 +187,14 @@ class SlotPoolConfig(BaseModel):
             values["warm_slots"] = self.warm_slots
         if self.hibernate_after is not None:
             values["hibernate_after"] = self.hibernate_after
-        settings = ServerSettings.model_validate(values)
+        if self.root is not None:
+            values["root"] = self.root
+        if self.bind_ro:
+            values["bind_ro"] = tuple(self.bind_ro)
+        if self.bind:
+            values["bind"] = tuple(self.bind)
+        try:
+            settings = ServerSettings.model_validate(values)
+        except ValidationError as exc:
+            raise PoolConfigError("; ".join(str(e.get("ctx", {}).get("error", e["msg"])) for e in exc.errors())) from None
         return ServerSpec(driver=self.driver, settings=settings, run_as=self.run_as, start_timeout=self.start_timeout)
