@@ -110,6 +110,16 @@ async def test_a_pool_of_the_process_driver_on_the_local_backend() -> None:
     assert found.sentinels and leaked(out) == [], out
 
 
+def test_a_declared_bind_over_the_servers_files_still_hides_them(workdir: str) -> None:
+    # a user who binds the directory holding the data dir and the token file shows neither
+    with _server(workdir, "--bind-ro", f"{workdir}:/mnt/pool", cwd="/tmp") as srv:
+        found, out = attack(srv)
+        listed = srv.execute(0, "bash", command="ls -A /mnt/pool /mnt/pool/data")
+    assert leaked(out) == [], out
+    assert listed["stdout"].split() == ["/mnt/pool:", "data", "token", "/mnt/pool/data:"], listed
+    assert found.sentinels
+
+
 def test_programs_still_run_in_a_slot(workdir: str) -> None:
     wheel_src = (
         "mkdir -p pkg/hello && echo 'WORD = \"hi\"' > pkg/hello/__init__.py && "
@@ -172,6 +182,7 @@ def test_a_declared_bind_shows_what_it_declares_and_nothing_more(workdir: str) -
     [
         (["--bind-ro", "relative/dir"], "must be an absolute path"),
         (["--bind-ro", "/no/such/dir-here"], "no such file or directory"),
+        (["--bind-ro", "/root/x"], "cannot reach it") if AS_ROOT else (["--bind-ro", "/x:y"], "absolute"),
         (["--bind", "/var/tmp:/workspace/x"], "the slot's own /workspace"),
         (["--bind-ro", "/var/tmp:/proc"], "the slot's own /proc"),
         (["--root", "everything"], "invalid choice"),

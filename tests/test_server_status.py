@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -37,6 +38,21 @@ def test_status_shows_a_running_call_and_what_is_enforced(tmp_path: Path) -> Non
     assert "isolation none (--isolation none was asked for)  network allow" in rows[1], shown.stdout
     assert rows[-1].split()[:3] == ["1", "running", "bash"] and rows[-2].split()[:2] == ["0", "idle"]
     assert after.stdout.splitlines()[-1].split() == ["1", "idle", "-", "-", "0", "1"], after.stdout
+
+
+def test_status_says_what_a_slot_sees(tmp_path: Path) -> None:
+    shown_dir = tempfile.mkdtemp(prefix="atropos-shown-")  # mode 0700 by mkdtemp: the server's user reaches it
+    os.chmod(shown_dir, 0o755)
+    try:
+        with run_server(str(tmp_path / "data"), "--slots", "1", "--bind-ro", f"{shown_dir}:/mnt/tasks") as srv:
+            shown = _status(srv.url, srv.token)
+    finally:
+        os.rmdir(shown_dir)
+    assert shown.returncode == 0, shown.stderr
+    assert (
+        f"slot root: system (the node's /usr, /bin, /sbin, /lib*, /sys and a curated /etc); "
+        f"binds: {shown_dir}:/mnt/tasks (ro)"
+    ) in shown.stdout.splitlines(), shown.stdout
 
 
 def test_status_needs_the_token_and_says_so(tmp_path: Path) -> None:

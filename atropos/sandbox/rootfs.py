@@ -174,8 +174,8 @@ class _Builder:
 
     def hide(self, path: str, target: str, empty_dir: str) -> None:
         """Cover `target` (where node path `path` shows) with an empty directory, or an empty file."""
-        if target in self.hidden or not os.path.lexists(path):
-            return
+        if any(_under(target, done) for done in self.hidden) or not os.path.lexists(path):
+            return  # hidden already, with what holds it
         self.args += ["--ro-bind", empty_dir if os.path.isdir(path) else "/dev/null", target]
         self.hidden.append(target)
 
@@ -267,6 +267,18 @@ def _runtime_mounts() -> list[str]:
     return sorted(set(points))
 
 
+def _check_source(bind: Bind) -> None:
+    flag = "--bind" if bind.writable else "--bind-ro"
+    try:
+        os.stat(bind.source)
+    except FileNotFoundError:
+        raise RootError(f"{flag} {bind.source}: no such file or directory") from None
+    except OSError as exc:
+        raise RootError(
+            f"{flag} {bind.source}: the server's user (uid {os.getuid()}) cannot reach it: {exc.strerror}"
+        ) from None
+
+
 def build_layout(
     policy: RootPolicy,
     *,
@@ -298,8 +310,7 @@ def build_layout(
     b.args += ["--ro-bind", copy_runner(os.path.join(state_dir, "runner")), RUNNER_DIR]
     declared = tuple(binds)
     for bind in declared:
-        if not os.path.exists(bind.source):
-            raise RootError(f"{'--bind' if bind.writable else '--bind-ro'} {bind.source}: no such file or directory")
+        _check_source(bind)
         b.bind(bind.source, bind.target, writable=bind.writable)
     for path in sorted(set(hide)):
         for target in b.shown_at(path):

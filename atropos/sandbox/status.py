@@ -49,6 +49,7 @@ def render(url: str, status: StatusResponse) -> str:
         + (f" ({status.network_reason})" if status.network_reason else "")
         + f"  slots run as uid {status.uid}",
         f"limits: {limits}; cgroups: {', '.join(status.cgroups) or 'none'}",
+        f"slot root: {_ROOTS.get(status.root, status.root)}; binds: {', '.join(status.binds) or 'none'}",
         _sleep_line(status),
         "",
         f"{'slot':>4}  {'state':<8} {'tool':<13} {'running':>9} {'queued':>6} {'calls':>7}",
@@ -58,6 +59,14 @@ def render(url: str, status: StatusResponse) -> str:
         state = "asleep" if a.asleep else a.state
         lines.append(f"{a.slot:>4}  {state:<8} {a.tool or '-':<13} {running:>9} {a.queued:>6} {a.calls:>7}")
     return "\n".join(lines)
+
+
+_ROOTS = {
+    "system": "system (the node's /usr, /bin, /sbin, /lib*, /sys and a curated /etc)",
+    "image": "image (the container's root minus what its runtime mounted)",
+    "host": "host (the node's whole root, read-only)",
+    "none": "none (no sandbox: the server's whole file system)",
+}
 
 
 def _sleep_line(status: StatusResponse) -> str:

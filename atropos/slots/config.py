@@ -196,5 +196,7 @@ class SlotPoolConfig(BaseModel):
         try:
             settings = ServerSettings.model_validate(values)
         except ValidationError as exc:
-            raise PoolConfigError("; ".join(str(e.get("ctx", {}).get("error", e["msg"])) for e in exc.errors())) from None
+            raise PoolConfigError(
+                "; ".join(str(e.get("ctx", {}).get("error", e["msg"])) for e in exc.errors())
+            ) from None
         return ServerSpec(driver=self.driver, settings=settings, run_as=self.run_as, start_timeout=self.start_timeout)
