@@ -367,7 +367,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         )
         asyncio.run(serve(*prepare(settings)))
     except ValidationError as exc:
-        problems = "; ".join(f"{flag_of(e['loc'])}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(f"{flag_of(e['loc'])}: {e.get('ctx', {}).get('error', e['msg'])}" for e in exc.errors())
         print(f"atropos-sandbox server: error: {problems}", file=sys.stderr)
         return 2
     except StartupError as exc:
