@@ -128,7 +128,7 @@ def host_data_dir(marker_name: str, roots: list[str]) -> str:
 
 
 async def attack_through_pool(pool: SlotPool, roots: list[str], seen_as: str | None = None) -> tuple[Secrets, str]:
-    """Two slots of one server: the victim writes its marker, the attacker runs the attack. `roots`
+    """Two slots of one server (released after): the victim writes its marker, the attacker runs the attack. `roots`
     are node dirs that hold the server's data dir; `seen_as` is the data dir's path in the server
     (a container's /data) where it is not the node's."""
     victim = await pool.acquire("fs-victim")
@@ -140,5 +140,7 @@ async def attack_through_pool(pool: SlotPool, roots: list[str], seen_as: str | N
     with planted(victim.index, data_dir, probe.token) as found:
         found.marker_name, found.marker_text = probe.marker_name, probe.marker_text
         result = await pool.execute(attacker, "bash", {"command": found.attack()}, timeout=300)
+    pool.release(victim)
+    pool.release(attacker)
     assert result.exit_code == 0, result.output
     return found, result.output

@@ -123,12 +123,13 @@ async def test_slot_runs_unprivileged_and_cannot_reach_its_neighbour(pool: SlotP
 
 async def test_a_slot_finds_nothing_of_its_neighbours_the_server_or_the_node(pool: SlotPool) -> None:
     # the container's root minus what Docker mounted (/data) and the server's package and virtualenv
-    a, _ = await two_slots(pool)
-    assert (await pool.server_health(a))["root"] == "image"
-    pool.release(a)
     found, out = await attack_through_pool(pool, [], seen_as="/data")
     assert leaked(out) == [], out
-    assert found.guessed_paths()  # the image's install path of the package is among them
+    a, _ = await two_slots(pool)
+    assert (await pool.server_health(a))["root"] == "image"
+    # the image's package and virtualenv are where the attack looked, and hidden there
+    shown = await run(pool, a, "ls -A /opt/atropos-sandbox")
+    assert shown == "" and found.guessed_paths(), shown
 
 
 async def test_slot_cannot_reach_the_servers_port_or_loopback(pool: SlotPool) -> None:
