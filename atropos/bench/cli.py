@@ -27,6 +27,7 @@ _ALL = (
     "scale",
     "transfer",
     "streaming",
+    "root",
 )
 
 
@@ -74,6 +75,10 @@ async def run(selected: list[str], quick: bool) -> list[Row]:
         from atropos.bench.streaming import streaming_rows
 
         rows += await streaming_rows(quick, _say)
+    if "root" in selected:
+        from atropos.bench.rootcost import root_rows
+
+        rows += await root_rows(quick, _say)
     if "slurm" in selected:
         from atropos.bench import slurm
 
