@@ -254,3 +254,35 @@ def test_declared_binds_reach_the_server_in_every_driver_at_the_same_path(tmp_pa
 def test_a_bad_bind_in_the_pool_config_is_refused_at_once() -> None:
     with pytest.raises(ValueError, match=r"Value error, --bind-ro tasks: the source must be an absolute path \(SRC"):
         SlotPoolConfig(bind_ro=["tasks"])
+
+
+async def test_hidden_checks_are_nowhere_a_slot_can_read_until_its_own_scoring() -> None:
+    from atropos.envs.scoring import score_task
+    from atropos.envs.task_set import builtin_tasks
+    from atropos.envs.task_setup import run_setup
+
+    task = next(t for t in builtin_tasks() if t.id == "fizzbuzz")
+    name = os.path.basename(next(iter(task.hidden_files)))
+    text = 'out[14] == "FizzBuzz"'  # a line of one of its checks, as the file holds it
+    look = (
+        f"find / \\( -path /proc -o -path /sys -o -path /dev \\) -prune -o -name {name} -print 2>/dev/null; "
+        f"grep -rlF '{text}' /workspace /tmp 2>/dev/null; find / -name builtin.jsonl 2>/dev/null; true"
+    )
+    workdir = tempfile.mkdtemp(prefix="atropos-fs-env-")
+    config = SlotPoolConfig(
+        backend={"type": "local", "workdir": workdir}, slots_per_container=2, max_containers=1, start_timeout=60
+    )
+    try:
+        async with SlotPool(config) as pool:
+            agent, other = await pool.acquire("running"), await pool.acquire("scored")
+            await run_setup(pool, agent, task, 60)
+            await run_setup(pool, other, task, 60)
+            before = (await pool.execute(agent, "bash", {"command": look})).output
+            await score_task(pool, other, task)  # another trajectory of the same task ends first
+            meanwhile = (await pool.execute(agent, "bash", {"command": look})).output
+            await score_task(pool, agent, task)
+            after = (await pool.execute(agent, "bash", {"command": look})).output
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert before == "" and meanwhile == "", (before, meanwhile)
+    assert f"/workspace/.checks/{name}" in after, after  # the look finds them once they are there
