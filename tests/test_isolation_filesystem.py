@@ -286,3 +286,30 @@ async def test_hidden_checks_are_nowhere_a_slot_can_read_until_its_own_scoring()
         shutil.rmtree(workdir, ignore_errors=True)
     assert before == "" and meanwhile == "", (before, meanwhile)
     assert f"/workspace/.checks/{name}" in after, after  # the look finds them once they are there
+
+
+@pytest.mark.apptainer
+async def test_a_pool_of_the_singularity_driver_on_the_local_backend() -> None:
+    """By hand: a real apptainer and ATROPOS_TEST_SIF (a SIF of the project's image)."""
+    from tests.images_fixtures import real_apptainer
+
+    runtime, sif = real_apptainer(), os.environ.get("ATROPOS_TEST_SIF")
+    if runtime is None or not sif or not os.path.exists(sif):
+        pytest.skip("needs a real apptainer on PATH and ATROPOS_TEST_SIF naming a SIF of the project's image")
+    workdir = tempfile.mkdtemp(prefix="atropos-fs-sif-")
+    config = SlotPoolConfig(
+        backend={"type": "local", "workdir": workdir},
+        driver={"type": "singularity", "image": sif, "apptainer_binary": runtime.binary},
+        slots_per_container=2,
+        max_containers=1,
+        start_timeout=120,
+    )
+    try:
+        async with SlotPool(config) as pool:
+            _found, out = await attack_through_pool(pool, [workdir], seen_as="/data")
+            slot = await pool.acquire("look")
+            health = await pool.server_health(slot)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert health["root"] == "image" and health["isolation"] == "bwrap", health
+    assert leaked(out) == [], out

@@ -6,10 +6,12 @@ import asyncio
 import os
 import time
 
+import httpx
 import pytest
 
 from atropos.errors import BackendError
 from atropos.slots import SlotPool, SlotPoolConfig
+from tests.fs_attacks import attack_through_pool, leaked
 from tests.nomad_fixtures import (
     TESTS_BIN,
     NomadTarget,
@@ -194,3 +196,36 @@ async def test_a_pool_whose_start_fails_leaves_no_job_behind(nomad_standin: Noma
     assert await _job_status_standin(nomad_standin, backend.job_id) is None
     assert not [p for p in nomad_standin.cluster.variables if backend.job_id in p]
     assert any("removing what it started" in line for line in said), said
+
+
+@pytest.mark.nomad
+@pytest.mark.parametrize("driver", ["docker", "singularity"])
+async def test_a_slot_finds_nothing_of_the_node_on_a_real_nomad(nomad_target: NomadTarget, driver: str) -> None:
+    """By hand, against a real agent (as root) with the docker plugin (deploy/nomad/nomad-docker.hcl)
+    or a real apptainer and ATROPOS_TEST_SIF: the images' root, attacked from a slot."""
+    if nomad_target.kind != "real":
+        pytest.skip("the images' own root needs a real agent and a real image")
+    if driver == "docker":
+        image = os.environ.get("ATROPOS_TEST_DOCKER_IMAGE", "atropos-sandbox:latest")
+        address = os.environ.get("NOMAD_ADDR", "")
+        nodes = httpx.get(address + "/v1/nodes", timeout=5).json() if address else []
+        if not any((n.get("Drivers") or {}).get("docker", {}).get("Healthy") for n in nodes):
+            pytest.skip("needs NOMAD_ADDR naming an agent with a healthy docker driver (deploy/nomad/nomad-docker.hcl)")
+        spec: dict[str, object] = {"type": "docker", "image": image}
+        seen_as = "/alloc/data"
+    else:
+        from tests.images_fixtures import real_apptainer
+
+        runtime, sif = real_apptainer(), os.environ.get("ATROPOS_TEST_SIF")
+        if runtime is None or not sif:
+            pytest.skip("needs a real apptainer on the agent's PATH and ATROPOS_TEST_SIF")
+        spec = {"type": "singularity", "image": sif, "apptainer_binary": runtime.binary}
+        seen_as = "/data"
+    config = pool_config(driver=spec, max_containers=1, run_as="nobody")
+    async with SlotPool(config, backend=nomad_backend(config, nomad_target.client)) as pool:
+        found, out = await attack_through_pool(pool, [], seen_as=seen_as)
+        slot = await pool.acquire("look")
+        health = await pool.server_health(slot)
+    assert health["root"] == "image" and health["isolation"] == "bwrap", health
+    assert leaked(out) == [], out
+    assert found.guessed_paths()

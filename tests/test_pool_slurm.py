@@ -275,6 +275,23 @@ async def test_a_slot_finds_nothing_of_the_node_on_slurm(tmp_path: Path) -> None
     assert found.sentinels and leaked(out) == [], out
 
 
+@pytest.mark.apptainer
+async def test_a_slot_finds_nothing_of_the_node_on_slurm_in_apptainer(tmp_path: Path) -> None:
+    """By hand, as a normal user (the HPC deployment): a real apptainer and ATROPOS_TEST_SIF."""
+    from tests.images_fixtures import real_apptainer
+
+    runtime, sif = real_apptainer(), os.environ.get("ATROPOS_TEST_SIF")
+    if runtime is None or not sif or not os.path.exists(sif):
+        pytest.skip("needs a real apptainer on PATH and ATROPOS_TEST_SIF naming a SIF of the project's image")
+    driver = {"type": "singularity", "image": sif, "apptainer_binary": runtime.binary}
+    async with SlotPool(slurm_config(tmp_path, max_containers=1, driver=driver)) as pool:
+        _found, out = await attack_through_pool(pool, [str(tmp_path)], seen_as="/data")
+        slot = await pool.acquire("look")
+        health = await pool.server_health(slot)
+    assert health["root"] == "image" and health["isolation"] == "bwrap", health
+    assert leaked(out) == [], out
+
+
 def test_a_rendered_batch_script_runs_by_hand(tmp_path: Path) -> None:
     """What `job render --backend slurm` prints is a job that runs: submitted as its comments say."""
     assert REASON is None, REASON
