@@ -210,6 +210,10 @@ def test_download_errors_are_clear(server: RunningServer) -> None:
     with server.client() as c:
         assert c.get("/download", params={"slot": "x"}).status_code == 400
         assert c.get("/download", params={"slot": "³"}).status_code == 400  # a digit to str.isdigit only
+        # a parameter the document does not name (schemathesis sent `=null`): refused, not ignored
+        extra = c.get("/download", params={"slot": 0, "": "null"})
+        assert extra.status_code == 400 and "unknown query parameter" in extra.json()["error"], extra.text
+        assert c.post("/upload", params={"slot": 0, "compression": "gzip"}, content=b"").status_code == 400
         assert httpx.get(server.url + "/download", params={"slot": 0}).status_code == 401
 
 

@@ -34,9 +34,7 @@ async def root_rows(quick: bool, say: Callable[[str], None]) -> list[Row]:
     starts: dict[str, list[float]] = {p: [] for p in _POLICIES}
     async with contextlib.AsyncExitStack() as stack:
         pools = {
-            p: await stack.enter_async_context(
-                SlotPool(pool_config(slots_per_container=slots, warm_slots=0, root=p))
-            )
+            p: await stack.enter_async_context(SlotPool(pool_config(slots_per_container=slots, warm_slots=0, root=p)))
             for p in _POLICIES
         }
         held: dict[str, list[Slot]] = {p: [] for p in _POLICIES}

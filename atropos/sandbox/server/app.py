@@ -334,8 +334,12 @@ class SandboxApp:
             )
         )
 
-    def _slot_of(self, request: web.Request) -> tuple[SlotRunner, str]:
-        """The slot and workspace path named by a transfer's query (`?slot=N&path=P`)."""
+    def _slot_of(self, request: web.Request, allowed: tuple[str, ...] = ("slot", "path")) -> tuple[SlotRunner, str]:
+        """The slot and workspace path named by a transfer's query (`?slot=N&path=P`); any other
+        parameter is refused, as the served document says (a misspelt one would be ignored)."""
+        unknown = sorted(set(request.query) - set(allowed))
+        if unknown:
+            raise ApiError(400, f"unknown query parameter(s) {unknown}; this call takes {', '.join(allowed)}")
         raw = request.query.get("slot", "")
         if not (raw.isascii() and raw.isdigit()):  # "³".isdigit() holds, int() refuses it
             raise ApiError(400, "the query needs slot=N (a slot number)")
@@ -363,7 +367,7 @@ class SandboxApp:
 
     async def download(self, request: web.Request) -> web.StreamResponse:
         """The slot's `path` as a tar stream, compressed as `?compression=` says (gzip by default)."""
-        slot, path = self._slot_of(request)
+        slot, path = self._slot_of(request, ("slot", "path", "compression"))
         try:
             compression = compression_named(request.query.get("compression", "gzip"))
         except ValueError as exc:
