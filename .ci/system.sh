@@ -5,6 +5,8 @@
 #     made without any registry (the engine never pulls);
 #   - passt (pasta): network mode `public`, per-slot network namespaces; /dev/net/tun opened to
 #     unprivileged users as on most HPC nodes (pasta runs as the server's unprivileged user);
+#   - bubblewrap: Debian's 0.8 on PATH, as on most machines with flatpak: the server must still pick
+#     the bundled 0.11 (overlay forks, a bounded /tmp) and say so;
 #   - iproute2: `ip` for the slots' routes and the tests' network namespaces;
 #   - slurm-wlm and munge: a real one-node SLURM cluster (slurmctld + slurmd here, proctrack/linuxproc,
 #     task/none) for the slurm backend's tests.
@@ -20,7 +22,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 need=()
-for pkg in docker.io passt debootstrap iproute2 util-linux uidmap slurm-wlm munge; do
+for pkg in docker.io passt debootstrap iproute2 util-linux uidmap slurm-wlm munge bubblewrap; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ "${#need[@]}" -gt 0 ]; then
