@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
@@ -254,11 +255,15 @@ class NomadClient:
         return NomadConnectionError(endpoint, f"cannot reach Nomad at {self.settings.base_url}: {detail}")
 
 
+_VALIDATION = re.compile(r"\d+ errors? occurred: \* ")
+
+
 def _status_error(endpoint: str, status: int, body: str) -> NomadError:
     message = " ".join(body.split())[:_MAX_MESSAGE] or "(empty answer)"
     if status == 404:
         return NomadNotFound(endpoint, message, status=status)
-    if 400 <= status < 500:
+    # a job that fails validation is a 500 too, in the list format of Go's multierror: final, said once
+    if 400 <= status < 500 or (status == 500 and _VALIDATION.match(message)):
         return NomadRequestError(endpoint, message, status=status)
     return NomadServerError(endpoint, message, status=status)
 

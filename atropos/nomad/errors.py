@@ -47,7 +47,8 @@ class NomadServerError(NomadError):
 
 
 class NomadRequestError(NomadError):
-    """Nomad refused the request (4xx): retrying the same request cannot help."""
+    """Nomad refused the request (4xx, or a 500 listing why a job fails validation): retrying the
+    same request cannot help."""
 
 
 class NomadNotFound(NomadRequestError):
