@@ -16,7 +16,6 @@ from atropos.nomad import (
     NomadError,
     NomadNotFound,
     NomadRequestError,
-    NomadServerError,
     SandboxJobSpec,
     create_sandbox_job,
     scale_sandbox_job,
