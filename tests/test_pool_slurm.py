@@ -115,6 +115,8 @@ def test_cleanup_cancels_the_jobs_of_a_dead_pool(tmp_path: Path) -> None:
     owner.wait()
     (job,) = _running(name)
     dry = _cleanup("--slurm", "--slurm-job-name", name, "--dry-run")
+    both = _cleanup("--local", "--slurm", "--slurm-job-name", name, "--dry-run")  # one does not hide the other
+    assert "local: " in both and f"slurm: would cancel job {job}" in both, both
     assert f"would cancel job {job}" in dry and _running(name) == [job], dry
     done = _cleanup("--slurm", "--slurm-job-name", name)
     assert f"cancelled job {job}" in done and "1 job(s) of dead pools cancelled" in done, done

@@ -38,21 +38,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def cleanup_from_args(args: argparse.Namespace) -> int:
-    local, nomad = args.local, args.nomad
-    if args.slurm and not local and not nomad:
-        return asyncio.run(_cleanup_slurm(args))
-    if not local and not nomad:
+    """Each backend named (`--local`, `--nomad`, `--slurm`, any together); none named: local, and
+    Nomad where an address is set. A backend that fails does not stop the others."""
+    local, nomad, slurm = args.local, args.nomad, args.slurm
+    if not (local or nomad or slurm):
         local, nomad = True, bool(args.nomad_address or os.environ.get("NOMAD_ADDR"))
     verb, done = ("would remove", "would be removed") if args.dry_run else ("removed", "removed")
-    status = 0
+    statuses = [0]
     if local:
         reaped = reap_dead_owners(dry_run=args.dry_run)
         for item in reaped:
             print(f"local: {verb} {item.describe()}")
         print(f"local: {len(reaped)} server(s) of dead pools {done}")
     if nomad:
-        status = asyncio.run(_cleanup_nomad(args, verb, done))
-    return status
+        statuses.append(asyncio.run(_cleanup_nomad(args, verb, done)))
+    if slurm:
+        statuses.append(asyncio.run(_cleanup_slurm(args)))
+    return max(statuses)
 
 
 async def _cleanup_slurm(args: argparse.Namespace) -> int:
