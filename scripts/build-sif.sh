@@ -25,11 +25,13 @@ Options:
   --wheelhouse-only   airgapped: build dist/wheelhouse and stop (run on a connected machine)
   --python-version V  airgapped: Python of the image for the wheelhouse (default: 3.11, bookworm's)
   --fakeroot          pass --fakeroot to apptainer build (unprivileged debootstrap builds)
+  --notest            skip the image's %test (it starts a server in the image: root without every
+                      capability, as in some containers and VMs, cannot; the built image is the same)
   -h, --help          this text
 
 Environment: APPTAINER=/path/to/apptainer picks the binary (default: apptainer, else singularity);
 PYTHON=python3 the interpreter that builds the wheelhouse. The SIF is written to a temporary file
-beside FILE and renamed into place only when the build and the image's %test pass.
+beside FILE and renamed into place only when the build and the image's %test (unless --notest) pass.
 USAGE
 }
 
@@ -47,6 +49,7 @@ wheelhouse=""
 wheelhouse_only=false
 python_version="3.11"
 build_flags=()
+notest=false
 while [ "$#" -gt 0 ]; do
     case "$1" in
         --from | --image | -o | --output | --mirror | --suite | --wheelhouse | --python-version)
@@ -68,6 +71,11 @@ while [ "$#" -gt 0 ]; do
             ;;
         --fakeroot)
             build_flags+=(--fakeroot)
+            shift
+            ;;
+        --notest)
+            build_flags+=(--notest)
+            notest=true
             shift
             ;;
         -h | --help)
@@ -170,7 +178,17 @@ trap 'rm -f "$partial"' EXIT
 echo "build-sif.sh: $("$runtime" --version) building $output from $(basename "$definition")" >&2
 started=$(date +%s)
 # (the ${a[@]+...} form keeps empty arrays legal under `set -u` in bash < 4.4)
-"$runtime" build ${build_flags[@]+"${build_flags[@]}"} "${build_args[@]}" "$partial" "$definition" >&2
+status=0
+"$runtime" build ${build_flags[@]+"${build_flags[@]}"} "${build_args[@]}" "$partial" "$definition" >&2 || status=$?
+if [ "$status" != 0 ]; then
+    hint=""
+    if ! "$notest"; then
+        hint=" If it failed in the image's %test (above: it starts a server in the image, which root without every
+capability cannot do in some containers and VMs), build as a normal user with --fakeroot, or pass --notest to
+skip the test (the image is the same)."
+    fi
+    die "$(basename "$runtime") build failed (exit $status); $output was not written.$hint"
+fi
 mv -f "$partial" "$output"
 echo "build-sif.sh: built $output ($(du -h "$output" | cut -f1), $(($(date +%s) - started)) s)" >&2
 echo "$output"

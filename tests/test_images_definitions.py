@@ -275,3 +275,32 @@ def test_build_sif_airgapped_with_a_given_wheelhouse(standin: StandIn, tmp_path:
     assert call[1] == str(IMAGES / "atropos-sandbox-airgapped.def")
     assert call[5] == f"MIRROR=http://mirror.local/debian,SUITE=bookworm,WHEELHOUSE={wheelhouse}"
     assert out.is_file()
+
+
+def _fake_runtime(tmp_path: Path, exit_code: int) -> Path:
+    """An `apptainer` that logs its arguments and fails its %test when `exit_code` is not 0."""
+    fake = tmp_path / "apptainer"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = --version ]; then echo "apptainer version 0-fake"; exit 0; fi\n'
+        f'echo "$@" >> {tmp_path}/calls\n'
+        f"if [ {exit_code} != 0 ]; then echo 'FATAL: While running %test: exit status 1' >&2; exit {exit_code}; fi\n"
+        'for last; do :; done; echo image > "$last.sif" 2>/dev/null; for a; do case "$a" in *.partial.sif) '
+        'echo image > "$a";; esac; done\n'
+    )
+    fake.chmod(0o755)
+    return fake
+
+
+def test_build_sif_notest_skips_the_images_test_and_a_failure_says_so(tmp_path: Path) -> None:
+    out = tmp_path / "x.sif"
+    common = [str(SCRIPTS / "build-sif.sh"), "--image", "r/x:1", "-o", str(out)]
+    env = {**os.environ, "APPTAINER": str(_fake_runtime(tmp_path, 0))}
+    done = subprocess.run([*common, "--notest"], capture_output=True, text=True, check=False, env=env)
+    assert done.returncode == 0 and out.exists(), done.stderr
+    assert "--notest" in (tmp_path / "calls").read_text().split()
+    out.unlink()
+    env["APPTAINER"] = str(_fake_runtime(tmp_path, 255))
+    failed = subprocess.run(common, capture_output=True, text=True, check=False, env=env)
+    assert failed.returncode == 1 and not out.exists(), failed.stderr
+    assert "build failed (exit 255)" in failed.stderr and "pass --notest" in failed.stderr, failed.stderr
