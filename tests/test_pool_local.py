@@ -20,6 +20,7 @@ from atropos.slots import (
     SlotPool,
     SlotPoolConfig,
 )
+from tests.faults import wait_for
 from tests.server_process import pids_with_arg, wait_until_gone
 
 
@@ -260,3 +261,27 @@ async def test_slot_that_cannot_be_reset_is_retired(monkeypatch: pytest.MonkeyPa
         other = await pool.acquire("next", timeout=5)
         assert other.slot_id != dirty.slot_id
         assert (await pool.execute(other, "bash", {"command": "ls -A"})).stdout == ""
+
+
+async def test_a_pool_closed_during_a_prepare_leaves_no_unretrieved_task_error() -> None:
+    # Ctrl-C on `atropos-sandbox demo` while a task's setup ran printed `Task exception was never
+    # retrieved ... SlotLost`: every task the pool spawns has its outcome retrieved; closing is no error
+    import gc
+
+    reported: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        async with SlotPool(cfg(slots_per_container=1, max_containers=1)) as pool:
+            setup = asyncio.ensure_future(pool.prepare("slow", [("bash", {"command": "sleep 60"})]))
+            assert await wait_for(lambda: pool.stats().leases == 1)
+            setup.cancel()  # the caller goes (Ctrl-C); the preparation it started goes on until close
+            with contextlib.suppress(asyncio.CancelledError):
+                await setup
+        del setup, pool  # what the demo's exit does: the pool and its tasks are collected
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(previous)
+    assert reported == [], [str(c.get("message")) + " " + repr(c.get("exception")) for c in reported]

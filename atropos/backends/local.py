@@ -17,9 +17,8 @@ import secrets
 import shutil
 import signal
 import tempfile
-from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -28,6 +27,7 @@ from atropos.backends.launchers import launcher_for
 from atropos.backends.reaping import ServerRecord, reap_dead_owners
 from atropos.errors import BackendError
 from atropos.host import die_with_owner, kill_tree
+from atropos.host.background import Background
 from atropos.progress import Progress, no_progress
 from atropos.sandbox.settings import READY_PREFIX
 
@@ -74,10 +74,10 @@ class LocalBackend(SandboxBackend):
         self.workdir = workdir or tempfile.mkdtemp(prefix="atropos-pool-")
         self._servers: dict[str, _LocalServer] = {}
         self._ids = itertools.count()
-        self._tasks: set[asyncio.Future[None]] = set()
+        self._tasks = Background(log)  # each server's watcher and the reader of its stdout
         self._drains: dict[int, asyncio.Future[None]] = {}  # server pid -> reader of its stdout
         self._reaped = False
-        self._stopping: set[asyncio.Future[None]] = set()
+        self._stopping = Background(log)
 
     def command(self, name: str, data_dir: str, token: str) -> tuple[list[str], dict[str, str]]:
         """argv and environment of one server (see atropos.backends.launchers)."""
@@ -153,15 +153,9 @@ class LocalBackend(SandboxBackend):
             ServerInfo(server_id, url, token, self.spec.settings.slots), proc, data_dir, record, container
         )
         self._servers[server_id] = server
-        self._background(self._watch(server))
+        self._tasks.spawn(self._watch(server))
         progress(f"server {server_id} ready at {url} ({self.spec.settings.slots} slots)")
         return server.info
-
-    def _background(self, coro: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
 
     async def _read_ready(self, proc: asyncio.subprocess.Process) -> str:
         assert proc.stdout is not None
@@ -171,7 +165,7 @@ class LocalBackend(SandboxBackend):
                 await proc.wait()
                 raise BackendError(f"exited with code {proc.returncode} before it was ready")
             if line.startswith(READY_PREFIX):
-                self._drains[proc.pid] = self._background(_drain(proc.stdout))
+                self._drains[proc.pid] = self._tasks.spawn(_drain(proc.stdout))
                 return line.split()[1]
 
     async def _watch(self, server: _LocalServer) -> None:
@@ -229,10 +223,7 @@ class LocalBackend(SandboxBackend):
             return
         # shielded: a caller cancelled midway (the pool closing during a scale-down) must not
         # leave the server half stopped; close() waits for it
-        stopping = asyncio.ensure_future(self._stop(server))
-        self._stopping.add(stopping)
-        stopping.add_done_callback(self._stopping.discard)
-        await asyncio.shield(stopping)
+        await asyncio.shield(self._stopping.spawn(self._stop(server)))
 
     async def _stop(self, server: _LocalServer) -> None:
         await self._kill(server.proc, server.container)
@@ -241,7 +232,7 @@ class LocalBackend(SandboxBackend):
 
     async def close(self) -> None:
         await asyncio.gather(*(self.remove_server(sid) for sid in list(self._servers)))
-        await asyncio.gather(*self._stopping, return_exceptions=True)
+        await self._stopping.wait()
         if self._own_workdir:
             await asyncio.to_thread(shutil.rmtree, self.workdir, True)
 

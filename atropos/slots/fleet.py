@@ -3,7 +3,8 @@
 server its backend will stop (a time limit): its replacement starts at once, its slots leave as
 their trajectories give them back, and the server goes when the last one has.
 
-`Background` runs the pool's tasks (resets, replacements, loops) so that closing cancels them all.
+The pool's `Background` (atropos.host.background) runs its tasks (resets, replacements, loops), so
+that closing cancels them all.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from atropos.backends.base import SandboxBackend, ServerInfo
+from atropos.host.background import Background
 from atropos.progress import Progress
 from atropos.sandbox.client import ServerClient
 from atropos.slots.admission import IsolationRefused, refusal
@@ -28,24 +30,6 @@ log = logging.getLogger("atropos.slots")
 
 _REPLACE_ATTEMPTS = 3
 _REPLACE_BACKOFF = 5.0
-
-
-class Background:
-    """Tasks that live as long as the pool: `spawn` them, `cancel` them all at close."""
-
-    def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    async def cancel(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 @dataclass(eq=False)

@@ -25,11 +25,12 @@ from atropos.errors import (
     SlotLost,
     SlotPoolError,
 )
+from atropos.host.background import Background
 from atropos.progress import Progress, no_progress
 from atropos.sandbox.models import ExecuteResult, OutputChunk, UploadResult
 from atropos.sandbox.tarsafe import Unpacked
 from atropos.slots.config import SlotPoolConfig
-from atropos.slots.fleet import Background, Fleet, Member
+from atropos.slots.fleet import Fleet, Member
 from atropos.slots.health import HealthWatch
 from atropos.slots.leasing import LeaseBook, Slot, SlotState, SlotStatus
 from atropos.slots.prepared import PreparedTasks, SetupCall
@@ -61,13 +62,16 @@ class SlotPool:
         self._progress = progress or no_progress
         self._book = LeaseBook()
         self._stats = StatsRecorder()
-        self._background = Background()
+        # closing ends what runs in the background with PoolClosed or SlotLost: expected, not an error
+        self._background = Background(log, quiet=(PoolClosed, SlotLost))
         # the pool is the facade: its servers, their health and their number live in these three
         self._fleet = Fleet(self.config, self.backend, self._book, self._stats, self._background, self.progress)
         self._health = HealthWatch(self._fleet)
         self._scaler = Scaler(self._fleet)
         self._retirement = Retirement(self._fleet)
-        self._prepared = PreparedTasks(self.execute, lambda slot: self._member(self._book.check(slot)).client)
+        self._prepared = PreparedTasks(
+            self.execute, lambda slot: self._member(self._book.check(slot)).client, self._background
+        )
         self._started = False
         self._closed = False
         self._said = ""  # the last progress line: what a start that timed out was waiting for

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from atropos.errors import InvalidToolCall, SetupFailed
+from atropos.host.background import Background
 from atropos.sandbox.client import ServerClient
 from atropos.sandbox.models import ExecuteResult
 from atropos.slots.leasing import Slot
@@ -33,13 +34,14 @@ def snapshot_name(task_key: str) -> str:
 
 
 class PreparedTasks:
-    def __init__(self, execute: Execute, client_of: Callable[[Slot], ServerClient]) -> None:
+    def __init__(self, execute: Execute, client_of: Callable[[Slot], ServerClient], background: Background) -> None:
         self._execute = execute
         self._client_of = client_of
+        self._background = background  # the first preparation of a key runs there: the pool's close ends it
         self._setups: dict[str, tuple[list[SetupCall], float | None]] = {}  # key -> (calls, timeout per call)
         self._on: set[tuple[str, str]] = set()  # (task key, server id) with the snapshot
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
-        self._first: dict[str, asyncio.Future[None]] = {}  # the first preparation of each key
+        self._first: dict[str, asyncio.Task[None]] = {}  # the first preparation of each key
 
     def known(self, task_key: str) -> bool:
         return task_key in self._setups
@@ -50,12 +52,12 @@ class PreparedTasks:
             raise ValueError(f"task {task_key!r} is already prepared with another setup; use a new key")
         self._setups[task_key] = (calls, call_timeout)
 
-    async def once(self, task_key: str, prepare: Callable[[], Awaitable[None]]) -> None:
+    async def once(self, task_key: str, prepare: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run `prepare` for the key unless it ran (or runs now: then wait for it); after a failure
         the next caller tries again."""
         first = self._first.get(task_key)
         if first is None or (first.done() and (first.cancelled() or first.exception() is not None)):
-            first = self._first[task_key] = asyncio.ensure_future(prepare())
+            first = self._first[task_key] = self._background.spawn(prepare())
         await asyncio.shield(first)
 
     async def prepare_in(self, slot: Slot, task_key: str) -> None:

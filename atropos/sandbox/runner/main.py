@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import sys
@@ -19,6 +20,7 @@ import time
 from typing import Any
 
 from atropos.host import become_subreaper, die_with_parent, kill_tree
+from atropos.host.background import Background
 from atropos.sandbox.runner.capture import Emit
 from atropos.sandbox.runner.children import Children
 from atropos.sandbox.runner.files import empty_dir, read_file, write_file
@@ -250,7 +252,7 @@ async def serve(
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    tasks: set[asyncio.Task[None]] = set()
+    requests = Background(logging.getLogger("atropos.runner"))  # one task per request being answered
     runner.reply({"id": 0, "result": {"ok": True, "ready": True, "pid": os.getpid()}})
     while not stop.is_set():
         line_task = asyncio.ensure_future(reader.readline())
@@ -268,9 +270,7 @@ async def serve(
         except json.JSONDecodeError as exc:
             runner.reply({"id": None, "error": f"malformed request: {exc}"})
             continue
-        task = asyncio.ensure_future(runner.handle(req, req.pop("id", None)))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        requests.spawn(runner.handle(req, req.pop("id", None)))
     runner.shutdown()
 
 
