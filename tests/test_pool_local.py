@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -275,13 +276,26 @@ async def test_a_pool_closed_during_a_prepare_leaves_no_unretrieved_task_error()
     try:
         async with SlotPool(cfg(slots_per_container=1, max_containers=1)) as pool:
             setup = asyncio.ensure_future(pool.prepare("slow", [("bash", {"command": "sleep 60"})]))
-            assert await wait_for(lambda: pool.stats().leases == 1)
+            stats = pool.stats
+            assert await wait_for(lambda: stats().leases == 1)
             setup.cancel()  # the caller goes (Ctrl-C); the preparation it started goes on until close
             with contextlib.suppress(asyncio.CancelledError):
                 await setup
-        del setup, pool  # what the demo's exit does: the pool and its tasks are collected
+        del setup, pool, stats  # what the demo's exit does: the pool and its tasks are collected
         gc.collect()
         await asyncio.sleep(0)
     finally:
         loop.set_exception_handler(previous)
     assert reported == [], [str(c.get("message")) + " " + repr(c.get("exception")) for c in reported]
+
+
+@pytest.mark.parametrize("started", [False, True])
+async def test_a_closed_pool_refuses_to_start_and_leaves_no_server(started: bool, tmp_path: Path) -> None:
+    pool = SlotPool(cfg(slots_per_container=1, max_containers=1, backend={"type": "local", "workdir": str(tmp_path)}))
+    if started:
+        await pool.start()
+    await pool.close()
+    with pytest.raises(PoolClosed, match="make a new SlotPool"):
+        await pool.start()
+    await pool.close()
+    assert pool.stats().servers == 0 and pids_with_arg(str(tmp_path)) == []

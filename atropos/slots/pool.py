@@ -91,6 +91,9 @@ class SlotPool:
         self._progress(message)
 
     async def start(self) -> None:
+        """Start the first servers and the pool's loops (again: nothing); PoolClosed after close()."""
+        if self._closed:  # a server started now would outlive the pool: close() has run
+            raise PoolClosed("the pool is closed: make a new SlotPool to start again")
         if self._started:
             return
         self._started = True
