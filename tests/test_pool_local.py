@@ -273,16 +273,18 @@ async def test_a_pool_closed_during_a_prepare_leaves_no_unretrieved_task_error()
     loop = asyncio.get_running_loop()
     previous = loop.get_exception_handler()
     loop.set_exception_handler(lambda _loop, context: reported.append(context))
-    try:
+
+    async def close_during_a_prepare() -> None:
         async with SlotPool(cfg(slots_per_container=1, max_containers=1)) as pool:
             setup = asyncio.ensure_future(pool.prepare("slow", [("bash", {"command": "sleep 60"})]))
-            stats = pool.stats
-            assert await wait_for(lambda: stats().leases == 1)
+            assert await wait_for(lambda: pool.stats().leases == 1)
             setup.cancel()  # the caller goes (Ctrl-C); the preparation it started goes on until close
             with contextlib.suppress(asyncio.CancelledError):
                 await setup
-        del setup, pool, stats  # what the demo's exit does: the pool and its tasks are collected
-        gc.collect()
+
+    try:
+        await close_during_a_prepare()
+        gc.collect()  # what the demo's exit does: the pool and its tasks are collected
         await asyncio.sleep(0)
     finally:
         loop.set_exception_handler(previous)
