@@ -70,14 +70,18 @@ class PipeReader:
 
 
 class Children:
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, env: dict[str, str], on_spawn: Callable[[int], None] | None = None
-    ) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, env: dict[str, str], prelude: str = "") -> None:
         self.loop = loop
         self.env = env
-        self.on_spawn = on_spawn  # e.g. the CPU time limit, set on each command as it starts
+        # shell every `shell` child runs before its script (the CPU time limit): in the child itself,
+        # so not one instruction of the script, nor a process it forks, runs without it
+        self.prelude = prelude
         self._waiting: dict[int, asyncio.Future[int]] = {}
         loop.add_signal_handler(signal.SIGCHLD, self.reap)
+
+    def shell(self, script: str, *, options: Sequence[str] = (), pass_fds: Sequence[int] = ()) -> Child:
+        """`bash OPTIONS -c SCRIPT`, the prelude first (on the script's first line: its line numbers stay)."""
+        return self.spawn(["bash", *options, "-c", self.prelude + script], pass_fds=pass_fds)
 
     def spawn(self, argv: Sequence[str], *, pass_fds: Sequence[int] = ()) -> Child:
         """Start `argv` in its own session (its tree is findable by sid), stdin from /dev/null.
@@ -110,8 +114,6 @@ class Children:
         finally:
             for fd in pass_fds:
                 os.set_inheritable(fd, False)
-        if self.on_spawn is not None:
-            self.on_spawn(pid)
         os.close(out_w)
         os.close(err_w)
         exited: asyncio.Future[int] = self.loop.create_future()

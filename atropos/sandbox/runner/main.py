@@ -63,7 +63,7 @@ class Runner:
         self.limits = limits or RunnerLimits()
         self.loop = asyncio.get_running_loop()
         # children inherit our cwd (the workspace) and our hard rlimits; CPU time is set per command
-        self.children = Children(self.loop, dict(os.environ), on_spawn=self.limits.apply_to_command)
+        self.children = Children(self.loop, dict(os.environ), prelude=self.limits.shell_prelude())
         self.session = BashSession(self.children)
         self.watch = LimitWatch(
             root,

@@ -47,7 +47,7 @@ async def run_oneshot(
 ) -> Outcome:
     started = time.monotonic()
     out, err = buffers(cap, emit)
-    child = children.spawn(["bash", "-c", command])
+    child = children.shell(command)
     readers = [
         PipeReader(children.loop, child.stdout_fd, out.write),
         PipeReader(children.loop, child.stderr_fd, err.write),

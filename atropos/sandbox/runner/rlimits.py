@@ -6,8 +6,8 @@ Three layers, each used where it holds:
   raise them: memory (RLIMIT_DATA, per process), file size (RLIMIT_FSIZE), core dumps off, and the
   process count (RLIMIT_NPROC, only inside the slot's own user namespace, where the kernel counts
   the slot's processes alone; elsewhere it would count all of the user's processes on the host).
-  CPU time (RLIMIT_CPU) is set on each command after it starts, so the long-lived runner's own
-  CPU never counts against it.
+  CPU time (RLIMIT_CPU) is set by each command's own shell before its script runs (`shell_prelude`),
+  so the long-lived runner's own CPU never counts against it and nothing the command starts escapes it.
 - cgroups (see cgroups.py), when the machine lets the server create them: memory and process
   count for the slot as a whole. Root ignores RLIMIT_NPROC, so for root this is the hard bound.
 - a watch in the runner (LimitWatch), while calls run: the workspace's size (no kernel limit
@@ -45,14 +45,19 @@ class RunnerLimits:
         if self.nproc_rlimit and self.processes is not None:
             _set_hard(resource.RLIMIT_NPROC, self.processes)
 
-    def apply_to_command(self, pid: int) -> None:
-        """CPU time of one command: SIGXCPU at the limit, SIGKILL a second later."""
+    def shell_prelude(self) -> str:
+        """Shell that gives the shell running it the CPU time limit: SIGXCPU at the limit, SIGKILL a
+        second later (the soft limit first: it must never exceed the hard one). Run by the command's
+        own shell before anything else, so nothing it starts escapes it (setting it from the runner
+        after the spawn left a window where a child forked at once had none)."""
         if self.cpu_seconds is None:
-            return
-        try:
-            resource.prlimit(pid, resource.RLIMIT_CPU, (self.cpu_seconds, self.cpu_seconds + 1))
-        except (ProcessLookupError, PermissionError):
-            pass  # already gone
+            return ""
+        given = resource.getrlimit(resource.RLIMIT_CPU)[1]  # never above what we were given (a batch system's)
+        soft, hard = self.cpu_seconds, self.cpu_seconds + 1
+        if given != resource.RLIM_INFINITY:
+            soft, hard = min(soft, given), min(hard, given)
+        failed = "echo 'atropos-sandbox: cannot set the CPU time limit' >&2; exit 126"
+        return f"{{ ulimit -S -t {soft} && ulimit -H -t {hard}; }} || {{ {failed}; }}; "
 
 
 def _set_hard(which: int, value: int) -> None:

@@ -115,8 +115,8 @@ class BashSession:
         ctrl_r, ctrl_w = os.pipe()
         os.set_inheritable(ctrl_r, True)
         try:
-            self.child = self.children.spawn(
-                ["bash", "--noprofile", "--norc", "-c", _LOOP.format(fd=ctrl_r)], pass_fds=(ctrl_r,)
+            self.child = self.children.shell(
+                _LOOP.format(fd=ctrl_r), options=("--noprofile", "--norc"), pass_fds=(ctrl_r,)
             )
         except OSError:
             os.close(ctrl_w)
