@@ -42,10 +42,9 @@ def test_health_reports_mode_without_auth(server: RunningServer) -> None:
     assert (body["root"], body["binds"]) == (("system", []) if body["isolation"] == "bwrap" else ("none", []))
     assert (body["bwrap"] is not None) == (body["isolation"] == "bwrap")
     assert body["network"] in ("public", "deny", "allow") and body["uid"] != 0
-    # forks are overlays wherever bubblewrap runs here (CI's kernel has overlayfs in user namespaces)
-    assert (body["fork"], body["fork_reason"] is None) == (
-        ("overlay", True) if body["isolation"] == "bwrap" else ("copy", False)
-    ), body["fork_reason"]
+    # forks: an overlay, or a copy with the reason (no bubblewrap, or one without overlays here)
+    assert body["fork"] in ("overlay", "copy") and (body["fork"] == "overlay") == (body["fork_reason"] is None), body
+    assert body["isolation"] == "bwrap" or body["fork"] == "copy"
     assert body["warm"]["target"] == 4 and 0 <= body["warm"]["ready"] <= 4  # every slot, by default
     # the default (or the whole run's, see tests.server_process); nothing used yet sleeps
     after = float(os.environ.get(HIBERNATE_ALL, DEFAULT_HIBERNATE_AFTER))

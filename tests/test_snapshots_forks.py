@@ -56,7 +56,9 @@ def test_forks_are_isolated_from_each_other_and_the_snapshot(server: RunningServ
     _prepared(server, "iso")
     r = _post(server, "/fork", {"snapshot": "iso", "slots": list(_FORKS)})
     assert r.status_code == 200, r.text
-    assert r.json()["mechanism"] == _mechanism(server) == ("copy" if "none" in server.data_dir else "overlay")
+    # what the server says it does (an overlay where its bubblewrap and kernel allow, else a copy)
+    assert r.json()["mechanism"] == _mechanism(server)
+    assert "none" not in server.data_dir or r.json()["mechanism"] == "copy"
     # one fork writes, deletes, renames and chmods; the others and the snapshot see none of it
     _sh(server, 1, "echo one > repo/src/f && rm repo/k && mv repo/src repo/moved && chmod 700 repo && touch new")
     for slot in (2, 3):
