@@ -392,3 +392,22 @@ async def test_training_tokens_are_the_ids_and_logprobs_the_server_sampled(
     assert len(vllm.sampled) == 4 and len(trained) == sum(len(ids) for ids, _ in vllm.sampled)  # 2 x 2 turns
     # exactly what the server sampled (ids and logprobs), nothing re-tokenized, nothing else trained
     assert sorted(trained) == sorted((t, lp) for ids, lps in vllm.sampled for t, lp in zip(ids, lps, strict=True))
+
+
+@pytest.mark.parametrize("command", ["serve", "process"])
+def test_help_shows_the_defaults_the_environment_runs_with(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run_cli(monkeypatch, capsys, command, "--help")
+    text = " ".join(out.split())  # argparse wraps the help text anywhere
+    env, servers = AgentEnv.config_init()
+    assert code == 0
+    for flag, value in (
+        ("--env.tokenizer_name", env.tokenizer_name),
+        ("--env.max_token_length", env.max_token_length),
+        ("--openai.model_name", servers[0].model_name),
+        ("--openai.base_url", servers[0].base_url),
+    ):
+        shown = text.split(f"{flag} {flag[2:].upper()} ", 1)[1].split(" --", 1)[0]
+        assert f"default={value!r}" in shown.replace(" ", ""), (flag, shown)  # (no value holds a space)
+    assert "DeepHermes-3-Llama-3-3B-Preview" not in text  # atroposlib's own default, which we never run with

@@ -17,12 +17,13 @@ import logging
 import sys
 import time
 from collections.abc import Awaitable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from atroposlib.envs.base import APIServerConfig, BaseEnv, BaseEnvConfig, ScoredDataGroup
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic_cli import run_and_exit
 from pydantic_cli.argparse import FailedExecutionException
+from pydantic_core import PydanticUndefined
 
 from atropos.envs.agent_loop import AgentSettings, Rollout, request_tools
 from atropos.envs.batch import run_batch, summarize
@@ -37,6 +38,7 @@ from atropos.slots import InfrastructureError, PoolConfigError, SlotPool, SlotPo
 logger = logging.getLogger("atropos.envs")
 
 DEFAULT_MODEL = "NousResearch/Hermes-3-Llama-3.1-8B"
+_Command = TypeVar("_Command", bound=BaseModel)
 # groups in a row lost to sandbox failures before the environment gives up
 _MAX_INFRA_GROUPS = 5
 
@@ -428,12 +430,28 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]
     # -- command line --------------------------------------------------------------------------
 
     @classmethod
+    def _showing_defaults(cls, command: type[_Command]) -> type[_Command]:
+        """`command` (atroposlib's CLI model, whose fields are atroposlib's classes') with the defaults
+        this environment runs with (`config_init`) as its fields' defaults, so that `--help` shows
+        them. Only the help reads them: atroposlib merges config_init with the flags given."""
+        env, servers = cls.config_init()
+        ours = {f"env.{k}": v for k, v in env.model_dump().items()}
+        ours.update({f"openai.{k}": v for k, v in servers[0].model_dump().items()})
+        ours["env.wandb_name"] = ours.get("env.wandb_name") or cls.name  # what `serve` fills in
+        for name, value in ours.items():
+            field = command.model_fields.get(name)
+            if field is not None and field.default is not PydanticUndefined:
+                field.default = value
+        command.model_rebuild(force=True)
+        return command
+
+    @classmethod
     def cli(cls) -> None:
         """`serve | process | evaluate` from atroposlib, with configuration errors reported in one line."""
         subcommands = {
-            "serve": cls.get_cli_serve_config_cls(),
-            "process": cls.get_cli_process_config_cls(),
-            "evaluate": cls.get_cli_evaluate_config_cls(),
+            "serve": cls._showing_defaults(cls.get_cli_serve_config_cls()),
+            "process": cls._showing_defaults(cls.get_cli_process_config_cls()),
+            "evaluate": cls._showing_defaults(cls.get_cli_evaluate_config_cls()),
         }
         try:
             run_and_exit(
