@@ -2,7 +2,7 @@
 
 `nomad_target` runs a test twice: against the stand-in (always) and against a real Nomad agent (when
 one is present: `NOMAD_ADDR` pointing at a live agent, or a `nomad` binary on PATH, which is then
-started as `nomad agent -dev -config deploy/nomad/nomad-singularity.hcl`). Tasks get an agent environment
+started as `nomad agent -dev -config nomad/nomad-singularity.hcl`). Tasks get an agent environment
 with the apptainer stand-in (tests/bin) and this interpreter on PATH.
 """
 
@@ -33,7 +33,7 @@ from tests.nomad_standin import NomadStandIn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS_BIN = os.path.join(REPO, "tests", "bin")
-SINGULARITY_AGENT_CONFIG = os.path.join(REPO, "deploy", "nomad", "nomad-singularity.hcl")
+SINGULARITY_AGENT_CONFIG = os.path.join(REPO, "nomad", "nomad-singularity.hcl")
 STANDIN_IMAGE_HEADER = "# apptainer stand-in image"
 TOKEN = "test-token-0123456789"
 

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -76,7 +77,7 @@ def test_unknown_keys_cannot_be_rendered() -> None:
 def test_rendered_examples_are_in_sync(name: str, fmt: str, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["job", "render", *EXAMPLES[name], "--count", "2", "--format", fmt]
     assert cli_main(argv) == 0
-    path = os.path.join(REPO, "deploy", "nomad", "jobs", f"{name}.{fmt}")
+    path = os.path.join(REPO, "nomad", "jobs", f"{name}.{fmt}")
     with open(path, encoding="utf-8") as f:
         assert capsys.readouterr().out == f.read(), (
             f"{path} is stale: regenerate with `atropos-sandbox {' '.join(argv)} > {path}`"
@@ -100,7 +101,7 @@ def test_real_nomad_reads_the_hcl_as_the_same_job(spec: SandboxJobSpec, real_age
 @pytest.mark.nomad
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_real_nomad_validates_the_examples(name: str, real_agent: RealAgent) -> None:
-    with open(os.path.join(REPO, "deploy", "nomad", "jobs", f"{name}.json"), encoding="utf-8") as f:
+    with open(os.path.join(REPO, "nomad", "jobs", f"{name}.json"), encoding="utf-8") as f:
         body = json.load(f)
     response = httpx.post(real_agent.address + "/v1/validate/job", json=body)
     assert response.status_code == 200, response.text
@@ -116,7 +117,7 @@ def test_real_nomad_accepts_the_agent_configs(config: str, tmp_path: Path) -> No
     extra = tmp_path / "data-dir.hcl"
     extra.write_text(f'data_dir = "{tmp_path / "data"}"\n')
     result = subprocess.run(
-        [binary, "config", "validate", os.path.join(REPO, "deploy", "nomad", config), str(extra)],
+        [binary, "config", "validate", os.path.join(REPO, "nomad", config), str(extra)],
         capture_output=True,
         text=True,
         check=False,
@@ -140,3 +141,20 @@ def _differences(ours: object, theirs: object, path: str = "") -> list[str]:
         pairs = enumerate(zip(ours, theirs, strict=True))
         return [d for i, (a, b) in pairs for d in _differences(a, b, f"{path}[{i}]")]
     return [] if ours == theirs else [f"{path}: {theirs!r} instead of {ours!r}"]
+
+
+def test_the_nomad_folder_does_not_shadow_python_nomad() -> None:
+    # nomad/ (agent configs and rendered jobs) has no __init__.py: a namespace portion, which loses
+    # to the installed python-nomad package even where the repository root comes first on sys.path
+    assert os.path.isdir(os.path.join(REPO, "nomad")) and not os.path.exists(os.path.join(REPO, "nomad", "__init__.py"))
+    done = subprocess.run(
+        [sys.executable, "-c", "import nomad, sys; print(nomad.__file__); print(hasattr(nomad, 'Nomad'))"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": REPO},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    where, has_client = done.stdout.split()
+    assert has_client == "True" and not where.startswith(os.path.join(REPO, "nomad")), done.stdout

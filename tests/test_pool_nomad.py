@@ -201,7 +201,7 @@ async def test_a_pool_whose_start_fails_leaves_no_job_behind(nomad_standin: Noma
 @pytest.mark.nomad
 @pytest.mark.parametrize("driver", ["docker", "singularity"])
 async def test_a_slot_finds_nothing_of_the_node_on_a_real_nomad(nomad_target: NomadTarget, driver: str) -> None:
-    """By hand, against a real agent (as root) with the docker plugin (deploy/nomad/nomad-docker.hcl)
+    """By hand, against a real agent (as root) with the docker plugin (nomad/nomad-docker.hcl)
     or a real apptainer and ATROPOS_TEST_SIF: the images' root, attacked from a slot."""
     if nomad_target.kind != "real":
         pytest.skip("the images' own root needs a real agent and a real image")
@@ -210,7 +210,7 @@ async def test_a_slot_finds_nothing_of_the_node_on_a_real_nomad(nomad_target: No
         address = os.environ.get("NOMAD_ADDR", "")
         nodes = httpx.get(address + "/v1/nodes", timeout=5).json() if address else []
         if not any((n.get("Drivers") or {}).get("docker", {}).get("Healthy") for n in nodes):
-            pytest.skip("needs NOMAD_ADDR naming an agent with a healthy docker driver (deploy/nomad/nomad-docker.hcl)")
+            pytest.skip("needs NOMAD_ADDR naming an agent with a healthy docker driver (nomad/nomad-docker.hcl)")
         spec: dict[str, object] = {"type": "docker", "image": image}
         seen_as = "/alloc/data"
     else:

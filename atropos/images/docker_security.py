@@ -60,7 +60,7 @@ def docker_run_options(*, tun: bool | None = None) -> list[str]:
 
 def nomad_docker_config(seccomp_profile: str = NODE_SECCOMP_PROFILE) -> dict[str, object]:
     """The Nomad docker driver's task config for the same container. The client must list
-    `sys_admin` in `allow_caps` (deploy/nomad/nomad-docker.hcl) and hold the profile at `seccomp_profile`."""
+    `sys_admin` in `allow_caps` (nomad/nomad-docker.hcl) and hold the profile at `seccomp_profile`."""
     return {
         "cap_drop": ["all"],
         "cap_add": [cap.lower() for cap in CAPABILITIES],

@@ -187,7 +187,7 @@ def _placement_hint(filters: Mapping[str, int], exhausted: Mapping[str, int]) ->
     if any("missing drivers" in reason for reason in filters):
         return (
             " -- enable the task's driver on the clients (raw_exec for singularity/process, see "
-            "deploy/nomad/nomad-singularity.hcl; a Docker engine for docker)"
+            "nomad/nomad-singularity.hcl; a Docker engine for docker)"
         )
     if any("port collision" in dim for dim in exhausted):
         return " -- another allocation holds that port on every eligible node: free it or change base_port"

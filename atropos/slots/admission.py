@@ -23,7 +23,7 @@ _FIXES = {
     "(sysctl user.max_user_namespaces > 0; on Ubuntu also kernel.apparmor_restrict_unprivileged_userns=0)",
     "docker": "run the image as the pool's docker driver does: as root with --cap-add SYS_ADMIN and "
     "--security-opt apparmor=unconfined (the server gives up root before any slot starts); on Nomad "
-    "allow_caps must include sys_admin (deploy/nomad/nomad-docker.hcl)",
+    "allow_caps must include sys_admin (nomad/nomad-docker.hcl)",
     "singularity": "run apptainer as an unprivileged user with user namespaces (the Nomad job's task user, "
     "default nobody), with an image whose bubblewrap works inside it",
 }

@@ -4,7 +4,7 @@
 #
 # One machine, for trying things out (a server and a client in one process, state in a temp dir):
 #
-#     nomad agent -dev -config=deploy/nomad/nomad-singularity.hcl
+#     nomad agent -dev -config=nomad/nomad-singularity.hcl
 #
 # A cluster: add the `plugin "raw_exec"` block (and the `client` settings you want) to each client's
 # configuration; servers need nothing special.

@@ -2,7 +2,7 @@
 #
 # One machine (needs a running Docker engine):
 #
-#     nomad agent -dev -config=deploy/nomad/nomad-docker.hcl
+#     nomad agent -dev -config=nomad/nomad-docker.hcl
 #
 # A cluster: add the `plugin "docker"` block to each client's configuration.
 #
