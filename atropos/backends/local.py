@@ -22,6 +22,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from atropos import logtail
 from atropos.backends.base import SandboxBackend, ServerInfo, ServerSpec
 from atropos.backends.launchers import launcher_for
 from atropos.backends.reaping import ServerRecord, reap_dead_owners
@@ -140,7 +141,7 @@ class LocalBackend(SandboxBackend):
         except (asyncio.TimeoutError, BackendError) as exc:
             await self._kill(proc, container)
             record.delete()
-            tail = _tail(log_path)
+            tail = logtail.tail(log_path, lines=15)
             why = "did not report ready" if isinstance(exc, asyncio.TimeoutError) else str(exc)
             raise BackendError(
                 f"server {server_id} ({self.spec.driver.describe()}) {why}; log {log_path}:\n{tail}"
@@ -240,11 +241,3 @@ class LocalBackend(SandboxBackend):
 async def _drain(stream: asyncio.StreamReader) -> None:
     while await stream.read(65536):
         pass
-
-
-def _tail(path: str, lines: int = 15) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            return "".join(fh.readlines()[-lines:])
-    except OSError:
-        return ""

@@ -31,6 +31,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from atropos import logtail
 from atropos.backends.base import SandboxBackend, ServerInfo, ServerSpec
 from atropos.drivers import DockerDriver, SingularityDriver
 from atropos.errors import BackendError, PoolConfigError
@@ -223,7 +224,7 @@ class SlurmBackend(SandboxBackend):
                 f"does not see the pool dir {self.pool_dir.parent}, which must be on a file system the pool and "
                 "the nodes share (slurm pool_dir)"
             )
-        tail = "\n".join(_read_if_there(output).splitlines()[-15:])
+        tail = logtail.tail(output, lines=15).rstrip("\n")
         return f"slurm job {job.job_id} ({job.server_id}) ended before its server was ready:\n{tail}"
 
     async def _node_address(self, job: _Job) -> str:

@@ -3,7 +3,6 @@ and what its output says when it failed."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 
 from swerex.utils.free_port import find_free_port
 
+from atropos import logtail
 from atropos.host import read_stat, signal_group, signal_pids, snapshot, tree_members
 from atropos.integrations.swerex.errors import PortInUseError
 
@@ -96,14 +96,7 @@ def _alive(tree: dict[int, int]) -> set[int]:
 
 
 def read_tail(path: Path) -> str:
-    try:
-        with path.open("rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, handle.tell() - _TAIL_BYTES))
-            data = handle.read()
-    except OSError:
-        return ""
-    return data.decode("utf-8", "replace").strip()
+    return logtail.tail(path, max_bytes=_TAIL_BYTES).strip()
 
 
 _HINTS: tuple[tuple[Callable[[str], bool], str], ...] = (
