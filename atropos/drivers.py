@@ -5,8 +5,9 @@
 - `singularity`: `apptainer exec <image> atropos-sandbox server ...`; `image` is a SIF path or a
   reference (`docker://...`, `library://...`, `oras://...`) pulled per `pull_policy`.
 
-Both backends take a `DriverConfig` (the union); `nest_driver_keys` maps the flat keys written
-before drivers had their own models (`driver="singularity", singularity_image=...`) onto it.
+Every backend (local, Nomad, SLURM) takes a `DriverConfig` (the union); `nest_driver_keys` maps the
+flat keys written before drivers had their own models (`driver="singularity", singularity_image=...`)
+onto it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,7 +25,6 @@ from atropos.images.references import is_reference
 from atropos.sandbox.settings import DEFAULT_PORT
 
 DriverName = Literal["process", "docker", "singularity"]
-DRIVER_NAMES: tuple[str, ...] = get_args(DriverName)
 
 
 class ProcessDriver(BaseModel):

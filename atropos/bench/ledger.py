@@ -44,10 +44,6 @@ class LedgerReport:
     duplicated: int
     """calls that got more than one outcome, plus outcomes of no call (must be 0)"""
 
-    @property
-    def clean(self) -> bool:
-        return self.lost == 0 and self.duplicated == 0 and not self.untyped
-
     def to_json(self) -> dict[str, Any]:
         return {
             "calls": self.calls,

@@ -8,7 +8,6 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from atropos.sandbox.runner.protocol import BashOp, ReadFileOp, SessionOp, ToolOp, WriteFileOp
 
-ToolName = Literal["bash", "bash_session", "read_file", "write_file"]
 TOOLS: tuple[str, ...] = ("bash", "bash_session", "read_file", "write_file")
 
 IsolationMode = Literal["bwrap", "none"]

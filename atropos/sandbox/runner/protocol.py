@@ -17,7 +17,6 @@ import json
 from typing import Literal, TypedDict
 
 LimitKind = Literal["memory", "processes", "cpu_time", "file_size", "workspace"]
-COMMAND_OPS = ("bash", "bash_session")
 
 
 class _Streamed(TypedDict, total=False):
