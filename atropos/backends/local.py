@@ -27,7 +27,7 @@ from atropos.backends.base import SandboxBackend, ServerInfo, ServerSpec
 from atropos.backends.launchers import launcher_for
 from atropos.backends.reaping import ServerRecord, reap_dead_owners
 from atropos.errors import BackendError
-from atropos.host import die_with_owner, kill_tree
+from atropos.host import die_with_owner, kill_child_tree
 from atropos.host.background import Background
 from atropos.progress import Progress, no_progress
 from atropos.sandbox.settings import READY_PREFIX
@@ -207,10 +207,7 @@ class LocalBackend(SandboxBackend):
             except asyncio.TimeoutError:
                 log.warning("event=server_kill pid=%d reason=no exit %ss after SIGTERM", proc.pid, _STOP_GRACE)
         # whatever is left of the tree (a hung server, apptainer's children) dies now
-        await asyncio.to_thread(kill_tree, proc.pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
+        await kill_child_tree(proc)
         # the stdout pipe reaches EOF now that its writers are dead; reading it to the end lets
         # asyncio close the process transport while the loop still runs
         drain = self._drains.pop(proc.pid, None)

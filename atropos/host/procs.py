@@ -9,6 +9,7 @@ the process once recorded when its start time is the recorded one (`START_TOLERA
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from collections.abc import Iterable
@@ -177,3 +178,12 @@ def command_line(pid: int) -> str:
             return fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
         return ""
+
+
+async def kill_child_tree(proc: asyncio.subprocess.Process) -> int:
+    """SIGKILL a child started in a session of its own and everything it started, also what left its
+    group or was orphaned (frozen first, so nothing forks away), then reap it; how many were killed."""
+    killed = await asyncio.to_thread(kill_tree, proc.pid)
+    signal_group(proc.pid, signal.SIGKILL)  # members of its group outside its tree
+    await proc.wait()
+    return killed

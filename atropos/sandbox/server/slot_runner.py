@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from atropos.host import command_line, die_with_parent, kill_tree, snapshot, tree_members
+from atropos.host import command_line, die_with_parent, kill_child_tree, snapshot, tree_members
 from atropos.sandbox.runner.files import empty_dir
 from atropos.sandbox.runner.pathsafe import WORKSPACE_ALIAS
 from atropos.sandbox.runner.protocol import (
@@ -378,12 +378,7 @@ class SlotRunner:
         if proc is None or proc.returncode is not None:
             return 0
         # without bubblewrap the runner's orphans are not in a PID namespace that dies with it
-        killed = await asyncio.to_thread(kill_tree, proc.pid)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        await proc.wait()
+        killed = await kill_child_tree(proc)
         await self._stop_pasta(proc)
         if self._reader is not None:
             await asyncio.gather(self._reader, return_exceptions=True)
