@@ -22,9 +22,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "cleanup",
         help="remove servers and Nomad jobs left by pools whose process died",
-        description="Remove the local servers and Nomad jobs of pools whose owner process "
-        "died without stopping them. Without --local or --nomad: local, and Nomad too "
-        "when NOMAD_ADDR is set.",
+        description="Remove the local servers, Nomad jobs and SLURM jobs of pools whose owner process "
+        "died without stopping them: each of --local, --nomad and --slurm given (any together). "
+        "Without any: local, and Nomad too when NOMAD_ADDR is set.",
     )
     p.add_argument("--local", action="store_true", help="local-backend servers of dead pools")
     p.add_argument("--nomad", action="store_true", help="sandbox jobs of dead pools on this host")
