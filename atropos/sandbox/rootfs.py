@@ -141,7 +141,7 @@ def copy_runner(dest: str) -> str:
 
 
 @dataclass(frozen=True)
-class Mapping:
+class _Shown:
     """`source` on the node shows at `target` in the slot."""
 
     source: str
@@ -151,12 +151,12 @@ class Mapping:
 class _Builder:
     def __init__(self) -> None:
         self.args: list[str] = []
-        self.maps: list[Mapping] = []
+        self.maps: list[_Shown] = []
         self.hidden: list[str] = []
 
     def bind(self, source: str, target: str, *, writable: bool = False) -> None:
         self.args += ["--bind" if writable else "--ro-bind", source, target]
-        self.maps.append(Mapping(os.path.realpath(source), target))
+        self.maps.append(_Shown(os.path.realpath(source), target))
 
     def top_level(self, name: str) -> None:
         host = "/" + name
@@ -188,11 +188,7 @@ class RootLayout:
     policy: RootPolicy
     args: tuple[str, ...]
     binds: tuple[Bind, ...]
-    hidden: tuple[str, ...]
-
-    def describe(self) -> str:
-        binds = ", ".join(b.describe() for b in self.binds) or "none"
-        return f"root={self.policy} binds={binds}"
+    hidden: tuple[str, ...]  # where the server's own files would have shown: covered
 
 
 def _system_etc(b: _Builder, state_dir: str) -> None:

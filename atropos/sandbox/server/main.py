@@ -134,6 +134,7 @@ def choose_isolation(cfg: ServerSettings, token_files: tuple[str, ...]) -> Choic
         bwrap = chosen.path
         layout = root_layout(cfg, token_files)
         log.info("bubblewrap: %s", chosen.describe())
+        log.info("slot root %s; the server's own files covered at %s", layout.policy, ", ".join(layout.hidden) or "-")
         networks, why_not_public = _network_choices(cfg)
         failures: dict[str, list[str]] = {}
         for network in networks:
