@@ -5,6 +5,7 @@ refused and reset connections, and requests in flight aborted at once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -136,3 +137,27 @@ async def test_a_connection_idle_too_long_is_not_reused(server: tuple[str, list[
     await client.request("POST", "/echo", b"3", timeout=5)
     assert len(peers) == 2
     await client.close()
+
+
+async def test_a_silent_address_is_a_timeout_within_the_requests_own_timeout() -> None:
+    # a listener that accepts nothing with its backlog full: the kernel drops further SYNs, as for a
+    # node whose link went down (no refusal comes back). The request's timeout bounds the connect.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = []
+        for _ in range(4):  # fill the backlog (non-blocking: the last ones stay pending)
+            filler = socket.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+            fillers.append(filler)
+        try:
+            with pytest.raises(
+                asyncio.TimeoutError, match=rf"no connection to 127.0.0.1:{port} within 0.4s \(silent\)"
+            ):
+                await HttpClient(f"http://127.0.0.1:{port}").request("GET", "/health", None, timeout=0.4)
+        finally:
+            for filler in fillers:
+                filler.close()

@@ -7,8 +7,10 @@ objects per request) costs more than the call's own bookkeeping. Here a request 
 prepared bytes and its answer is parsed from the bytes as they arrive, in the connection's
 protocol callbacks, with no task of its own.
 
-Failures are transport errors (`HttpTransportError`; `HttpRefused` when nothing listens); what a
-status means is the caller's business. `abort_all` fails every request in flight at once (a server
+Failures are transport errors (`HttpTransportError`; `HttpRefused` when nothing listens) or
+`asyncio.TimeoutError` when the address stays silent (no answer, or no connection, within the
+request's timeout: a node whose link went down sends no refusal); what a status means is the
+caller's business. `abort_all` fails every request in flight at once (a server
 declared lost).
 """
 
@@ -19,7 +21,7 @@ import contextlib
 import time
 from urllib.parse import urlsplit
 
-_CONNECT_TIMEOUT = 5.0
+_CONNECT_TIMEOUT = 5.0  # at most, whatever the request's timeout; a shorter timeout bounds it too
 _MAX_HEAD = 64 * 1024
 # an idle connection older than this is not reused: the server closes idle ones after 75 s
 # (aiohttp's keep-alive), and a request sent as it does so would fail without having run
@@ -184,10 +186,11 @@ class HttpClient:
         if body is not None:
             head += b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
         data = head + b"\r\n" + (body or b"")
-        conn = await self._connection()
+        deadline = time.monotonic() + timeout  # the connection's wait and the answer's, together
+        conn = await self._connection(timeout)
         self._busy.add(conn)
         try:
-            answer = await asyncio.wait_for(conn.send(data), timeout)
+            answer = await asyncio.wait_for(conn.send(data), max(0.0, deadline - time.monotonic()))
         except BaseException:
             conn.fail(HttpTransportError("request abandoned"))  # its answer may still come: never reuse it
             raise
@@ -200,7 +203,7 @@ class HttpClient:
             conn.transport.close()
         return answer
 
-    async def _connection(self) -> _Connection:
+    async def _connection(self, timeout: float) -> _Connection:
         while self._idle:
             conn = self._idle.pop()
             if conn.transport is None or conn.transport.is_closing():
@@ -210,12 +213,12 @@ class HttpClient:
                 continue
             return conn
         loop = asyncio.get_running_loop()
+        wait = min(_CONNECT_TIMEOUT, timeout)
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(_Connection, self.host, self.port), _CONNECT_TIMEOUT
-            )
+            _, conn = await asyncio.wait_for(loop.create_connection(_Connection, self.host, self.port), wait)
         except asyncio.TimeoutError:
-            raise HttpRefused(f"no connection to {self.host}:{self.port} within {_CONNECT_TIMEOUT:.0f}s") from None
+            # silence, not a refusal: nothing answered (a node cut off, a full backlog)
+            raise asyncio.TimeoutError(f"no connection to {self.host}:{self.port} within {wait:g}s (silent)") from None
         except OSError as exc:
             raise HttpRefused(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from None
         return conn
