@@ -9,9 +9,11 @@ network mode; with `deny` nothing is reachable; with `public` a host outside the
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from urllib.parse import urlsplit
@@ -31,7 +33,7 @@ from tests.attacks import (
     token_probe,
 )
 from tests.security_fixtures import temporary_server
-from tests.server_process import RunningServer, pids_with_arg, wait_for_pids
+from tests.server_process import RunningServer, pids_with_arg, wait_for_pids, wait_ready
 
 # CI installs pasta and opens /dev/net/tun: there the default network mode must be `public`
 REQUIRE_PUBLIC = os.environ.get("ATROPOS_REQUIRE_PUBLIC_NETWORK") == "1"
@@ -203,3 +205,35 @@ def wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
         ]
         time.sleep(0.05)
     return alive
+
+
+@pytest.mark.skipif(not can_make_netns(), reason="needs root to make a network namespace")
+def test_a_node_without_a_default_route_falls_back_to_deny_at_once_and_says_why(tmpdir_path: str) -> None:
+    # an air-gapped node: only loopback. `auto` used to wait 10 s for pasta before it fell back;
+    # the reason now comes from the node's own routes, before any slot starts
+    ns = f"atr-noroute-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=20)
+    try:
+        subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True, timeout=20)
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "atropos.sandbox.server", "--port", "0",
+             "--data-dir", os.path.join(tmpdir_path, "data"), "--slots", "1"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "ATROPOS_SANDBOX_TOKEN": "t"},
+        )  # fmt: skip
+        try:
+            url = wait_ready(server, "server in a namespace with loopback only")
+            probe = (
+                f"import urllib.request; print(urllib.request.urlopen({url + '/health'!r}, timeout=10).read().decode())"
+            )
+            health = subprocess.run(
+                ["ip", "netns", "exec", ns, sys.executable, "-c", probe], capture_output=True, text=True, timeout=30
+            )
+        finally:
+            server.terminate()
+            server.communicate(timeout=20)
+    finally:
+        subprocess.run(["ip", "netns", "delete", ns], check=False, timeout=20)
+    assert health.returncode == 0, health.stderr
+    body = json.loads(health.stdout)
+    assert (body["isolation"], body["network"]) == ("bwrap", "deny"), body
+    assert "no default IPv4 route" in body["network_reason"], body

@@ -105,6 +105,16 @@ def blocked_prefixes(extra: list[str]) -> list[str]:
     return [str(n) for n in kept]
 
 
+def has_default_route(table: str = "/proc/net/route") -> bool:
+    """Whether this network namespace has a default IPv4 route (destination and mask 0)."""
+    try:
+        with open(table, encoding="ascii") as fh:
+            rows = [line.split() for line in fh.read().splitlines()[1:]]
+    except OSError:
+        return True  # cannot tell: let pasta try
+    return any(len(row) > 7 and row[1] == "00000000" and row[7] == "00000000" for row in rows)
+
+
 @dataclass(frozen=True)
 class Egress:
     """How to start a command inside its own pasta-run network namespace (see the module docstring)."""
@@ -126,6 +136,10 @@ class Egress:
                 f"{TUN_DEVICE} is missing or not open to this user (pasta needs it; in a container pass "
                 "--device /dev/net/tun, under apptainer --bind /dev/net/tun; on the host mode 0666)"
             )
+        if not has_default_route():
+            # pasta takes the slot's traffic out through the node's default route; with none it
+            # never sets up the slot's network (an air-gapped node): say so now, not after a wait
+            raise OSError("this node has no default IPv4 route: a slot's traffic could go nowhere public")
         lines = ["route flush table main", f"route add default dev {INTERFACE}"]
         lines += [f"route add prohibit {prefix}" for prefix in blocked_prefixes(node_prefixes())]
         routes = os.path.join(state_dir, "slot-routes")
