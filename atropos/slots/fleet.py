@@ -28,8 +28,8 @@ from atropos.slots.stats import StatsRecorder
 
 log = logging.getLogger("atropos.slots")
 
-_REPLACE_ATTEMPTS = 3
-_REPLACE_BACKOFF = 5.0
+_REPLACE_BACKOFF = 5.0  # seconds before the next try, times the tries so far, up to _REPLACE_BACKOFF_MAX
+_REPLACE_BACKOFF_MAX = 60.0
 
 
 @dataclass(eq=False)
@@ -62,6 +62,7 @@ class Fleet:
         self.progress = progress
         self.members: dict[str, Member] = {}
         self.replacing = 0  # lost or retiring servers whose replacement is on its way
+        self.replace_error: str | None = None  # why the newest try to replace one failed (None: none failed)
         self.closed = False
         book.on_emptied = self._emptied
 
@@ -157,19 +158,27 @@ class Fleet:
         try:
             if lost is not None:
                 await lost.client.aclose()
-            for attempt in range(1, _REPLACE_ATTEMPTS + 1):
+            attempt = 0
+            infos: list[ServerInfo] | None = None
+            while infos is None and not self.closed:  # until it is back: short of capacity, it says so and keeps trying
+                attempt += 1
                 try:
                     infos = await start()
-                    break
                 except Exception as exc:
+                    delay = min(_REPLACE_BACKOFF * attempt, _REPLACE_BACKOFF_MAX)
+                    self.replace_error = f"server {sid}: {exc}"
                     log.error("event=replace_failed server=%s attempt=%d error=%s", sid, attempt, exc)
-                    self.progress(f"could not replace server {sid} (attempt {attempt}/{_REPLACE_ATTEMPTS}): {exc}")
-                    if attempt == _REPLACE_ATTEMPTS:
-                        return
-                    await asyncio.sleep(_REPLACE_BACKOFF * attempt)
-            if not self.closed:
-                await self.admit(infos)
-                self.progress(f"capacity back: {len(self.book.slots)} slots on {len(self.members)} server(s)")
+                    self.progress(
+                        f"could not replace server {sid} (attempt {attempt}): {exc}; running short: "
+                        f"{len(self.book.slots)} slots on {len(self.members)} server(s); next try in {delay:g}s"
+                    )
+                    await asyncio.sleep(delay)
+            if infos is None or self.closed:
+                return
+            await self.admit(infos)
+            if self.replacing == 1:
+                self.replace_error = None
+            self.progress(f"capacity back: {len(self.book.slots)} slots on {len(self.members)} server(s)")
         finally:
             self.replacing -= 1
 

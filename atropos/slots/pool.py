@@ -482,4 +482,6 @@ class SlotPool:
             servers_retired=s.counters["servers_retired"],
             scale_ups=s.counters["scale_ups"],
             scale_downs=s.counters["scale_downs"],
+            replacements_pending=self._fleet.replacing,
+            replace_error=self._fleet.replace_error if self._fleet.replacing else None,
         )

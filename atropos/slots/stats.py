@@ -51,6 +51,11 @@ class PoolStats(BaseModel):
     """servers taken out ahead of their backend's stop (a SLURM time limit), replaced first"""
     scale_ups: int
     scale_downs: int
+    replacements_pending: int = 0
+    """servers lost (or retiring) whose replacement has not joined yet: capacity the pool is short of"""
+    replace_error: str | None = None
+    """why the newest try to replace a server failed, while one is still pending (e.g. no node has
+    room for it: `cpu exhausted`); the pool keeps trying"""
 
 
 class StatsRecorder:
