@@ -129,47 +129,71 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)
 
 
+@dataclass(frozen=True)
+class VethNamespace:
+    """A network namespace this test made, behind a veth pair: `outer` (this machine's end, at
+    `outer_ip`) and its peer inside the namespace, at `inner_ip`, on a /30 of 198.51.100.x."""
+
+    ns: str
+    outer: str
+    outer_ip: str
+    inner_ip: str
+
+    def assert_routed_here(self, address: str) -> None:
+        """Before a byte is sent: `address` is routed into this namespace and nowhere else."""
+        route = subprocess.run(["ip", "route", "get", address], capture_output=True, text=True, check=True).stdout
+        assert f"dev {self.outer} " in route, route
+
+
+@contextmanager
+def veth_namespace(tag: str, first_net: int) -> Iterator[VethNamespace]:
+    """A namespace with its loopback and its veth end up, linked on a /30 inside
+    198.51.100.`first_net`.. (TEST-NET-2, never routed on the internet); removed afterwards."""
+    suffix = secrets.token_hex(3)
+    ns, outer, inner = f"atr-{tag}-{suffix}", f"atr{tag}{suffix}o", f"atr{tag}{suffix}i"
+    link_net = first_net + secrets.randbelow(16) * 4
+    made = VethNamespace(ns, outer, f"198.51.100.{link_net + 1}", f"198.51.100.{link_net + 2}")
+    _ip("netns", "add", ns)
+    try:
+        _ip("link", "add", outer, "type", "veth", "peer", "name", inner)
+        _ip("link", "set", inner, "netns", ns)
+        _ip("addr", "add", f"{made.outer_ip}/30", "dev", outer)
+        _ip("link", "set", outer, "up")
+        _ip("-n", ns, "addr", "add", f"{made.inner_ip}/30", "dev", inner)
+        _ip("-n", ns, "link", "set", inner, "up")
+        _ip("-n", ns, "link", "set", "lo", "up")
+        yield made
+    finally:
+        subprocess.run(["ip", "link", "del", outer], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+
+
 @contextmanager
 def egress_host() -> Iterator[EgressHost]:
     """A host outside this machine's subnets, the way a public server is: 198.51.100.x (TEST-NET-2,
     never routed on the internet) on the loopback of a namespace behind a veth pair, with a route
     on this machine through that veth only. Root only (the caller skips otherwise)."""
-    tag = secrets.token_hex(3)
-    ns, outer, inner = f"atr-eg-{tag}", f"atreg{tag}o", f"atreg{tag}i"
-    link_net = 64 + secrets.randbelow(32) * 4  # a /30 for the veth pair inside 198.51.100.64/25
-    outer_ip, inner_ip = f"198.51.100.{link_net + 1}", f"198.51.100.{link_net + 2}"
     address = f"198.51.100.{1 + secrets.randbelow(60)}"
-    _ip("netns", "add", ns)
-    server: subprocess.Popen[bytes] | None = None
-    try:
-        _ip("link", "add", outer, "type", "veth", "peer", "name", inner)
-        _ip("link", "set", inner, "netns", ns)
-        _ip("addr", "add", f"{outer_ip}/30", "dev", outer)
-        _ip("link", "set", outer, "up")
-        _ip("-n", ns, "addr", "add", f"{inner_ip}/30", "dev", inner)
-        _ip("-n", ns, "link", "set", inner, "up")
-        _ip("-n", ns, "link", "set", "lo", "up")
-        _ip("-n", ns, "addr", "add", f"{address}/32", "dev", "lo")
-        _ip("-n", ns, "route", "add", "default", "via", outer_ip)
-        _ip("route", "add", f"{address}/32", "via", inner_ip, "dev", outer)
-        # before a byte is sent: the address must be routed into our namespace and nowhere else
-        route = subprocess.run(["ip", "route", "get", address], capture_output=True, text=True, check=True).stdout
-        assert f"dev {outer} " in route, route
-        port = 20000 + secrets.randbelow(10000)
-        code = (
-            "import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
-            f"s.bind(('{address}', {port})); s.listen(16)\n"
-            "while True:\n    c, _ = s.accept(); c.sendall(b'egress-ok'); c.close()"
-        )
-        server = subprocess.Popen(["ip", "netns", "exec", ns, "python3", "-c", code])
-        yield EgressHost(address, port, outer)
-    finally:
-        if server is not None:
-            server.kill()
-            server.wait()
-        subprocess.run(["ip", "route", "del", f"{address}/32"], capture_output=True, check=False)
-        subprocess.run(["ip", "link", "del", outer], capture_output=True, check=False)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+    with veth_namespace("eg", 64) as net:
+        server: subprocess.Popen[bytes] | None = None
+        try:
+            _ip("-n", net.ns, "addr", "add", f"{address}/32", "dev", "lo")
+            _ip("-n", net.ns, "route", "add", "default", "via", net.outer_ip)
+            _ip("route", "add", f"{address}/32", "via", net.inner_ip, "dev", net.outer)
+            net.assert_routed_here(address)
+            port = 20000 + secrets.randbelow(10000)
+            code = (
+                "import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+                f"s.bind(('{address}', {port})); s.listen(16)\n"
+                "while True:\n    c, _ = s.accept(); c.sendall(b'egress-ok'); c.close()"
+            )
+            server = subprocess.Popen(["ip", "netns", "exec", net.ns, "python3", "-c", code])
+            yield EgressHost(address, port, net.outer)
+        finally:
+            if server is not None:
+                server.kill()
+                server.wait()
+            subprocess.run(["ip", "route", "del", f"{address}/32"], capture_output=True, check=False)
 
 
 def egress_probe(host: EgressHost) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,7 +24,7 @@ from atropos.backends.base import SandboxBackend, ServerInfo
 from atropos.errors import BackendError
 from atropos.progress import Progress, no_progress
 from atropos.slots import SlotLost, SlotPool, SlotPoolConfig
-from tests.attacks import can_make_netns
+from tests.attacks import can_make_netns, veth_namespace
 from tests.faults import wait_for
 from tests.server_process import wait_ready
 
@@ -43,45 +44,27 @@ class Node:
     token: str
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)
-
-
 @contextmanager
 def node_with_a_server() -> Iterator[Node]:
-    """A sandbox server in a namespace of its own, on 198.51.100.x (TEST-NET-2) behind a veth pair."""
-    tag = secrets.token_hex(3)
-    ns, outer, inner = f"atr-cut-{tag}", f"atrct{tag}o", f"atrct{tag}i"
-    net = 128 + secrets.randbelow(32) * 4
-    outer_ip, inner_ip = f"198.51.100.{net + 1}", f"198.51.100.{net + 2}"
+    """A sandbox server in a namespace of its own, behind a veth pair (tests.attacks.veth_namespace)."""
     token = secrets.token_hex(16)
     data_dir = tempfile.mkdtemp(prefix="atropos-cut-")
     server: subprocess.Popen[str] | None = None
-    _ip("netns", "add", ns)
-    try:
-        _ip("link", "add", outer, "type", "veth", "peer", "name", inner)
-        _ip("link", "set", inner, "netns", ns)
-        _ip("addr", "add", f"{outer_ip}/30", "dev", outer)
-        _ip("link", "set", outer, "up")
-        _ip("-n", ns, "addr", "add", f"{inner_ip}/30", "dev", inner)
-        _ip("-n", ns, "link", "set", inner, "up")
-        _ip("-n", ns, "link", "set", "lo", "up")
-        route = subprocess.run(["ip", "route", "get", inner_ip], capture_output=True, text=True, check=True).stdout
-        assert f"dev {outer} " in route, route  # into our namespace, nowhere else
-        server = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-m", "atropos.sandbox.server", "--host", inner_ip,
-             "--port", "0", "--data-dir", data_dir, "--slots", str(SLOTS)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-            env={**os.environ, "ATROPOS_SANDBOX_TOKEN": token},
-        )  # fmt: skip
-        yield Node(ns, wait_ready(server, "the server on the node"), token)
-    finally:
-        if server is not None:
-            server.kill()
-            server.communicate(timeout=20)
-        subprocess.run(["ip", "link", "del", outer], capture_output=True, check=False)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
-        subprocess.run(["rm", "-rf", data_dir], check=False)
+    with veth_namespace("ct", 192) as net:
+        try:
+            net.assert_routed_here(net.inner_ip)
+            server = subprocess.Popen(
+                ["ip", "netns", "exec", net.ns, sys.executable, "-m", "atropos.sandbox.server", "--host", net.inner_ip,
+                 "--port", "0", "--data-dir", data_dir, "--slots", str(SLOTS)],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                env={**os.environ, "ATROPOS_SANDBOX_TOKEN": token},
+            )  # fmt: skip
+            yield Node(net.ns, wait_ready(server, "the server on the node"), token)
+        finally:
+            if server is not None:
+                server.kill()
+                server.communicate(timeout=20)
+            shutil.rmtree(data_dir, ignore_errors=True)
 
 
 class OneNode(SandboxBackend):
