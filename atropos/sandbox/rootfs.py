@@ -27,6 +27,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import re
 import shutil
 import sys
 import sysconfig
@@ -244,6 +245,9 @@ def _interpreter(b: _Builder) -> list[str]:
     return [os.path.realpath(sysconfig.get_paths(vars=base)[key]) for key in ("purelib", "platlib")]
 
 
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
 def _runtime_mounts() -> list[str]:
     """Mount points a container runtime added on top of the image's root (from mountinfo)."""
     try:
@@ -256,7 +260,7 @@ def _runtime_mounts() -> list[str]:
         fields = line.split(" ")
         if len(fields) < 5:
             continue
-        point = fields[4].encode().decode("unicode_escape")  # octal escapes: \040 for a space
+        point = _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), fields[4])  # mountinfo escapes: \040 for a space
         if point == "/" or point in _RUNTIME_FILES or any(_under(point, "/" + t) for t in ("proc", "dev", "sys")):
             continue
         points.append(point)
