@@ -16,7 +16,7 @@ from atropos.backends.base import ServerSpec
 from atropos.drivers import DockerDriver, DriverConfig, ProcessDriver, SingularityDriver
 from atropos.errors import BackendError
 from atropos.images.apptainer import CONTAINER_DATA_DIR, apptainer_secret_env, build_apptainer_exec_argv
-from atropos.images.docker_security import docker_run_options
+from atropos.images.docker_security import docker_run_options, volume
 from atropos.progress import Progress
 from atropos.sandbox.server.privileges import Identity, PrivilegeError, resolve_identity
 from atropos.sandbox.settings import TOKEN_ENV, TUN_DEVICE
@@ -144,7 +144,7 @@ class DockerLauncher(Launcher):
             f"127.0.0.1::{port}",
             "-v",
             f"{data_dir}:{CONTAINER_DATA_DIR}",
-            *[w for path, rw in self.spec.settings.mounts for w in ("-v", f"{path}:{path}{'' if rw else ':ro'}")],
+            *[w for path, rw in self.spec.settings.mounts for w in ("-v", volume(path, rw))],
             "-e",
             TOKEN_ENV,
             self.driver.image,

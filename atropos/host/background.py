@@ -36,9 +36,6 @@ class Background:
         if exc is not None and not isinstance(exc, self._quiet):
             self._log.warning("background task %s failed", task.get_coro(), exc_info=exc)
 
-    def __len__(self) -> int:
-        return len(self._tasks)
-
     async def wait(self) -> None:
         """Until every task spawned so far has ended (their failures are logged, never raised)."""
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -47,6 +47,11 @@ def seccomp_profile_text() -> str:
         return json.dumps(json.load(fh), indent=2) + "\n"
 
 
+def volume(path: str, writable: bool) -> str:
+    """A declared bind (`ServerSettings.mounts`) as a Docker volume at the same path."""
+    return f"{path}:{path}" if writable else f"{path}:{path}:ro"
+
+
 def docker_run_options(*, tun: bool | None = None) -> list[str]:
     """`docker run` options for a sandbox server container (see the module docstring)."""
     options = ["--user", "0:0", "--cap-drop", "ALL"]

@@ -57,7 +57,7 @@ from atropos.images.apptainer import (
     runtime_env_prefix,
     shell_quote_argv,
 )
-from atropos.images.docker_security import nomad_docker_config
+from atropos.images.docker_security import nomad_docker_config, volume
 from atropos.nomad.models import (
     EphemeralDisk,
     Job,
@@ -230,7 +230,7 @@ def _docker_config(spec: SandboxJobSpec, driver: DockerDriver) -> dict[str, obje
         spec, host="0.0.0.0", port=driver.container_port, data_dir=_ALLOC_DATA, secrets_dir=_DOCKER_SECRETS
     )
     # the slots' declared binds, at the same path (the client's docker plugin needs volumes enabled)
-    volumes = [f"{path}:{path}{'' if rw else ':ro'}" for path, rw in spec.server.mounts]
+    volumes = [volume(path, rw) for path, rw in spec.server.mounts]
     return {
         **nomad_docker_config(spec.docker_seccomp_profile),
         **({"volumes": volumes} if volumes else {}),

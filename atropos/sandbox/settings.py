@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -281,6 +281,11 @@ def _limit(parse: Callable[[str], int]) -> Callable[[str], int | None]:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
     return convert
+
+
+def problem_of(error: Mapping[str, Any]) -> str:
+    """One pydantic error in its validator's own words (without pydantic's "Value error, ")."""
+    return str(error.get("ctx", {}).get("error", error["msg"]))
 
 
 def flag_of(loc: tuple[int | str, ...]) -> str:

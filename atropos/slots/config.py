@@ -18,7 +18,7 @@ from atropos.backends import BackendConfig, LocalBackendConfig, ServerSpec
 from atropos.drivers import DriverConfig, ProcessDriver, nest_driver_keys
 from atropos.errors import PoolConfigError
 from atropos.sandbox.limits import SlotLimits
-from atropos.sandbox.settings import ServerSettings
+from atropos.sandbox.settings import ServerSettings, problem_of
 
 # flat key -> field of NomadBackendConfig
 _FLAT_NOMAD_KEYS = {
@@ -196,7 +196,5 @@ class SlotPoolConfig(BaseModel):
         try:
             settings = ServerSettings.model_validate(values)
         except ValidationError as exc:
-            raise PoolConfigError(
-                "; ".join(str(e.get("ctx", {}).get("error", e["msg"])) for e in exc.errors())
-            ) from None
+            raise PoolConfigError("; ".join(problem_of(e) for e in exc.errors())) from None
         return ServerSpec(driver=self.driver, settings=settings, run_as=self.run_as, start_timeout=self.start_timeout)

@@ -39,7 +39,7 @@ from atropos.sandbox.server.isolation import (
 from atropos.sandbox.server.privileges import PrivilegeError, give_up_root, resolve_identity
 from atropos.sandbox.server.slot_runner import SlotRunner
 from atropos.sandbox.server.snapshots import SnapshotStore
-from atropos.sandbox.settings import READY_PREFIX, TOKEN_ENV, ServerSettings, add_arguments, flag_of
+from atropos.sandbox.settings import READY_PREFIX, TOKEN_ENV, ServerSettings, add_arguments, flag_of, problem_of
 
 log = logging.getLogger("atropos.sandbox")
 
@@ -368,7 +368,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         )
         asyncio.run(serve(*prepare(settings)))
     except ValidationError as exc:
-        problems = "; ".join(f"{flag_of(e['loc'])}: {e.get('ctx', {}).get('error', e['msg'])}" for e in exc.errors())
+        problems = "; ".join(f"{flag_of(e['loc'])}: {problem_of(e)}" for e in exc.errors())
         print(f"atropos-sandbox server: error: {problems}", file=sys.stderr)
         return 2
     except StartupError as exc:
