@@ -229,3 +229,56 @@ async def test_a_slot_finds_nothing_of_the_node_on_a_real_nomad(nomad_target: No
     assert health["root"] == "image" and health["isolation"] == "bwrap", health
     assert leaked(out) == [], out
     assert found.guessed_paths()
+
+
+async def test_a_server_lost_with_its_node_is_replaced_away_from_it(nomad_standin: NomadStandIn) -> None:
+    """Every server the pool had on the node stops answering (their processes frozen, as when the
+    node's link goes down; Nomad still calls the node ready). The replacement carries a constraint
+    away from that node, so on the stand-in's single node it cannot be placed and the pool says so;
+    once Nomad has marked the node down and seen it back, the constraint goes and capacity returns."""
+    import contextlib
+    import signal
+    from urllib.parse import urlparse
+
+    from tests.nomad_fixtures import client_for
+    from tests.server_process import pids_with_arg
+
+    cluster = nomad_standin.cluster
+    config = pool_config(min_containers=1, max_containers=1, health_timeout=1.0)
+    client = client_for(nomad_standin.address)
+    backend = nomad_backend(config, client)
+    said: list[str] = []
+    async with SlotPool(config, backend=backend, progress=said.append) as pool:
+        slot = await pool.acquire("t")
+        port = urlparse(pool.server_of(slot).url).port
+        pids = pids_with_arg(f"--port {port} ")
+        assert pids, f"no server process for port {port}"
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 30
+        while pool.stats().replace_error is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        for pid in pids:  # the node is gone, and its processes with it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        stats = pool.stats()
+        assert stats.servers_lost == 1 and stats.servers == 0, stats
+        avoiding = [line for line in said if "was lost with its node standin-node" in line]
+        assert avoiding and "replacements avoid standin-node" in avoiding[0], said
+        job = await client.read_job(backend.job_id)
+        away = {"LTarget": "${node.unique.id}", "Operand": "!=", "RTarget": cluster.node_id}
+        assert [{k: c[k] for k in away} for c in job.get("Constraints") or []] == [away], job.get("Constraints")
+        assert stats.replace_error is not None and "node.unique.id" in stats.replace_error, stats.replace_error
+        assert any("running short" in line for line in said), said
+
+        cluster.set_node_status("down")
+        cluster.set_node_status("ready")
+        deadline = time.monotonic() + 60
+        while pool.stats().servers < 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert pool.stats().servers == 1, (pool.stats(), said)
+        assert any("node standin-node is ready again: servers may be placed there again" in line for line in said)
+        assert not (await client.read_job(backend.job_id)).get("Constraints")
+        fresh = await pool.acquire("after", timeout=30)
+        assert (await pool.execute(fresh, "bash", {"command": "echo back"})).stdout == "back\n"
+    await client.aclose()

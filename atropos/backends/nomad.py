@@ -1,6 +1,7 @@
 """Nomad backend: the pool's servers are allocations of one Nomad job built by `atropos.nomad`.
 
-The job id is `<job_id>-<8 hex>` so pools never share a job; its Meta names this process, and
+A server lost with its node is replaced on another node (atropos.nomad.avoidance). The job id is
+`<job_id>-<8 hex>` so pools never share a job; its Meta names this process, and
 jobs whose owner died on this host are stopped before a new one is submitted. A `singularity`
 image reference is pulled (per `pull_policy`) before anything is scheduled, so a missing image
 fails here and not on a node.
@@ -19,8 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from atropos.backends.base import SandboxBackend, ServerInfo, ServerSpec
 from atropos.drivers import DriverConfig, SingularityDriver
 from atropos.errors import BackendError
+from atropos.nomad.avoidance import NodeAvoidance
+from atropos.nomad.builder import create_sandbox_job
 from atropos.nomad.client import NomadClient
-from atropos.nomad.errors import NomadError
+from atropos.nomad.errors import NomadError, NomadNotFound
 from atropos.nomad.lifecycle import (
     cleanup_dead_owner_jobs,
     deploy_sandbox_job,
@@ -84,6 +87,7 @@ class NomadBackend(SandboxBackend):
         self._token = secrets.token_urlsafe(32)
         self._spec: SandboxJobSpec | None = None
         self._known: dict[str, AllocationEndpoint] = {}
+        self._avoided = NodeAvoidance()  # nodes lost servers went with: replacements go elsewhere
         self._lock = asyncio.Lock()
 
     async def _driver_on_nodes(self, progress: Progress) -> DriverConfig:
@@ -156,6 +160,7 @@ class NomadBackend(SandboxBackend):
                         self.client, spec, timeout=self.spec.start_timeout, on_progress=self._reporter(progress)
                     )
                 else:
+                    await self._steer(progress)
                     target = self._spec.count + count
                     progress(f"scaling nomad job {self.job_id}: {self._spec.count} -> {target} containers")
                     self._spec = await scale_sandbox_job(self.client, self._spec, target)
@@ -194,9 +199,13 @@ class NomadBackend(SandboxBackend):
         """Stop the lost allocation (a hung server still counts as running to Nomad), let Nomad
         place its replacement, and return the new servers once they answer."""
         async with self._lock:
-            self._known.pop(server_id, None)
+            lost = self._known.pop(server_id, None)
             if self._spec is None:
                 return []
+            try:
+                await self._steer(progress, lost)
+            except NomadError as exc:
+                raise BackendError(f"nomad: {exc}") from None
             progress(f"stopping lost allocation {server_id[:8]}; waiting for nomad to replace it")
             try:
                 await self.client.stop_allocation(server_id)
@@ -218,6 +227,40 @@ class NomadBackend(SandboxBackend):
                 raise BackendError(f"nomad: {exc}") from None
             # the lost allocation may still count as running (hung, not dead): only new ones are news
             return self._infos([e for e in endpoints if e.alloc_id != server_id])
+
+    async def _steer(self, progress: Progress, lost: AllocationEndpoint | None = None) -> None:
+        """Before a placement: nodes Nomad says are back take servers again, and the node `lost`
+        went with (if it did) takes none; the job is registered again when that changes."""
+        assert self._spec is not None
+        changed = False
+        for lifted in await self._avoided.lift_recovered(self.client):
+            progress(f"{lifted}: servers may be placed there again")
+            changed = True
+        if lost is not None and lost.node_id not in self._avoided and not await self._node_answers(lost):
+            try:
+                node = await self.client.read_node(lost.node_id)
+            except NomadNotFound:
+                node = None
+            self._avoided.avoid(lost.node_id, lost.node_name, node)
+            name = lost.node_name or lost.node_id[:8]
+            seen = node.status if node else "gone"
+            progress(
+                f"server {lost.alloc_id[:8]} was lost with its node {name} (Nomad says {seen}): "
+                f"replacements avoid {name} until Nomad sees it back"
+            )
+            log.warning("event=nomad_node_avoided node=%s alloc=%s", name, lost.alloc_id)
+            changed = True
+        if changed:
+            # the base job has no constraints of its own: the avoided nodes' are all there are
+            self._spec = self._spec.model_copy(update={"constraints": self._avoided.constraints()})
+            await self.client.register_job(create_sandbox_job(self._spec))
+
+    async def _node_answers(self, lost: AllocationEndpoint) -> bool:
+        """Another of the pool's servers on the lost one's node still answers: the server failed,
+        not its node."""
+        peers = [e for e in self._known.values() if e.node_id == lost.node_id]
+        probe = health_probe()
+        return any(await asyncio.gather(*(probe(e) for e in peers)))
 
     async def close(self) -> None:
         try:

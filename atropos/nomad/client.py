@@ -39,6 +39,7 @@ from atropos.nomad.responses import (
     AllocationStub,
     Evaluation,
     JobStub,
+    NodeInfo,
     RegisterResponse,
 )
 from atropos.nomad.settings import NomadSettings
@@ -170,6 +171,11 @@ class NomadClient:
         return cast(str, text)
 
     # ------------------------------------------------------------------------------ agent, nodes
+
+    async def read_node(self, node_id: str) -> NodeInfo:
+        """One client node as the servers see it (`GET /v1/node/:id`): its status and when it last changed."""
+        data = await self._sdk(f"GET /v1/node/{node_id}", lambda n: n.node.get_node(node_id))
+        return NodeInfo.model_validate(data)
 
     async def agent_health(self) -> AgentHealth:
         """`GET /v1/agent/health` (Nomad answers 500 with the same body when unhealthy)."""

@@ -234,6 +234,7 @@ class NodeInfo(ApiModel):
     id: str
     name: str = ""
     status: str = ""
+    status_updated_at: int = 0  # Unix seconds of the last status change (ready -> down -> ready)
     datacenter: str = ""
     node_pool: str = ""
     http_addr: str = Field(default="", alias="HTTPAddr")

@@ -5,6 +5,10 @@ Groups that cannot be placed leave a `blocked` evaluation with `FailedTGAllocs`,
 docker group on this node (no Docker engine) is filtered out with `missing drivers`; a static port
 already held by another allocation is a `reserved port collision`. Blocked groups are placed when an
 allocation stops and frees its ports.
+
+`set_node_status` plays a node that Nomad marks down (its allocations are lost, nothing is placed on
+it) and back up. As in Nomad, a job update whose constraints exclude a running allocation's node
+replaces that allocation (a destructive update); other changes to job-level constraints are in place.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import copy
 import fnmatch
 import os
 import socket
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -49,6 +54,8 @@ class Cluster:
         self.runners: dict[str, list[TaskRunner]] = {}
         self.variables: dict[str, dict[str, str]] = {}  # path -> items (Nomad Variables, one namespace)
         self.start_failures: list[tuple[str, str, str]] = []  # (job id, event type, message)
+        self.node_status = "ready"  # "down": Nomad stopped hearing from the node
+        self.status_updated_at = int(time.time())  # the node's StatusUpdatedAt
         self._background: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------------------------ node facts
@@ -98,6 +105,24 @@ class Cluster:
             }
         )
         return table
+
+    def set_node_status(self, status: str) -> None:
+        """The node goes `down` (its allocations are lost and rescheduled, which cannot place here)
+        or comes back `ready` (blocked groups are placed again)."""
+        self.node_status = status
+        self.status_updated_at = max(int(time.time()), self.status_updated_at + 1)
+        self.index.bump()
+        if status == "ready":
+            self._unblock()
+            return
+        lost = [a for a in self.allocs.values() if a.desired_status == "run"]
+        for alloc in lost:
+            alloc.client_status = "lost"
+            self.stop_alloc(alloc, "alloc is lost since its node is down")
+        for job_id in {a.job_id for a in lost}:
+            job = self.jobs.get(job_id)
+            if job is not None and not job.stop:
+                self.evaluate(job, "node-update")
 
     # ------------------------------------------------------------------------------ job changes
 
@@ -187,7 +212,7 @@ class Cluster:
                 self.stop_alloc(
                     alloc, "alloc not needed as job is stopped" if job.stop else "alloc not needed due to job update"
                 )
-            elif not _same_definition(alloc, group, job):
+            elif not _same_definition(alloc, group, job) or self._filter_reason(job, group) is not None:
                 self.stop_alloc(alloc, "alloc is being updated due to job update")
             else:
                 alloc.job = job.to_json([])
@@ -245,7 +270,7 @@ class Cluster:
             "AllocationTime": 1000,
         }
         datacenters = job.spec.get("Datacenters") or ["*"]
-        if not any(fnmatch.fnmatchcase(DATACENTER, pattern) for pattern in datacenters):
+        if self.node_status != "ready" or not any(fnmatch.fnmatchcase(DATACENTER, p) for p in datacenters):
             metric.update(NodesEvaluated=0, NodesAvailable={dc: 0 for dc in datacenters})
             return metric
         filtered = self._filter_reason(job, group)
