@@ -778,7 +778,6 @@ STANDIN_OMITS: dict[str, dict[str, str]] = {
         "NodeResources",
         "ReservedResources",
         "SecretID",
-        "StatusUpdatedAt",
     ),
     "GET /v1/nodes": _group("node details beyond identity, status and drivers", "[]", "HostVolumes", "LastDrain"),
     "PUT /v1/var/:path": _group(

@@ -28,6 +28,7 @@ from atropos.nomad.lifecycle import (
     cleanup_dead_owner_jobs,
     deploy_sandbox_job,
     health_probe,
+    node_answers,
     scale_sandbox_job,
     stop_sandbox_job,
 )
@@ -236,7 +237,8 @@ class NomadBackend(SandboxBackend):
         for lifted in await self._avoided.lift_recovered(self.client):
             progress(f"{lifted}: servers may be placed there again")
             changed = True
-        if lost is not None and lost.node_id not in self._avoided and not await self._node_answers(lost):
+        on_node = [] if lost is None else [lost, *(e for e in self._known.values() if e.node_id == lost.node_id)]
+        if lost is not None and lost.node_id not in self._avoided and not await node_answers(on_node):
             try:
                 node = await self.client.read_node(lost.node_id)
             except NomadNotFound:
@@ -251,16 +253,11 @@ class NomadBackend(SandboxBackend):
             log.warning("event=nomad_node_avoided node=%s alloc=%s", name, lost.alloc_id)
             changed = True
         if changed:
+            if (await self.client.read_job(self.job_id)).get("Stop"):  # registering would start it again
+                raise BackendError(f"nomad job {self.job_id} was stopped outside this pool")
             # the base job has no constraints of its own: the avoided nodes' are all there are
             self._spec = self._spec.model_copy(update={"constraints": self._avoided.constraints()})
             await self.client.register_job(create_sandbox_job(self._spec))
-
-    async def _node_answers(self, lost: AllocationEndpoint) -> bool:
-        """Another of the pool's servers on the lost one's node still answers: the server failed,
-        not its node."""
-        peers = [e for e in self._known.values() if e.node_id == lost.node_id]
-        probe = health_probe()
-        return any(await asyncio.gather(*(probe(e) for e in peers)))
 
     async def close(self) -> None:
         try:

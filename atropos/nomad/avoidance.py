@@ -1,7 +1,7 @@
 """Nodes a pool's replacements stay away from.
 
-A server lost with its node (no server the pool had there still answers) is replaced elsewhere, by a
-job constraint `${node.unique.id} != <node>`. Left alone, Nomad would place the replacement back on
+A server lost with its node (nothing the pool had there answers, not even with a refusal) is replaced
+elsewhere, by a job constraint `${node.unique.id} != <node>`. Left alone, Nomad would place the replacement back on
 that node: it counts a node as ready until the node's heartbeat TTL runs out (10-30 s on a small
 cluster), long after the pool has declared the loss.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable, Sequence
 
 from atropos.host import owner_state
 from atropos.nomad.allocations import by_index
@@ -21,6 +22,7 @@ __all__ = [
     "deploy_sandbox_job",
     "find_dead_owner_jobs",
     "health_probe",
+    "node_answers",
     "running_endpoints",
     "scale_sandbox_job",
     "stop_sandbox_job",
@@ -35,13 +37,24 @@ def health_probe(timeout: float = 2.0) -> Probe:
     """A probe for `wait_for_allocations`: the server answers `GET /health` with 200."""
 
     async def probe(endpoint: AllocationEndpoint) -> bool:
-        client = ServerClient(endpoint.alloc_id, endpoint.url, None, max_connections=1)
-        try:
-            return await client.answers(timeout)
-        finally:
-            await client.aclose()
+        return await _ask(endpoint, lambda client: client.answers(timeout))
 
     return probe
+
+
+async def node_answers(endpoints: Sequence[AllocationEndpoint], timeout: float = 2.0) -> bool:
+    """Something answers at one of these servers' addresses (all on one node): a server, or the
+    node refusing a connection. False: the node went silent."""
+    answers = await asyncio.gather(*(_ask(e, lambda client: client.reachable(timeout)) for e in endpoints))
+    return any(answers)
+
+
+async def _ask(endpoint: AllocationEndpoint, question: Callable[[ServerClient], Awaitable[bool]]) -> bool:
+    client = ServerClient(endpoint.alloc_id, endpoint.url, None, max_connections=1)
+    try:
+        return await question(client)
+    finally:
+        await client.aclose()
 
 
 async def deploy_sandbox_job(

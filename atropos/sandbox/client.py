@@ -72,6 +72,18 @@ class ServerClient:
             return False
         return True
 
+    async def reachable(self, timeout: float) -> bool:
+        """Something at the server's address answers within `timeout`: the server, or its node's
+        kernel refusing the connection (the server died, the node did not). A node that went
+        silent (link down, powered off) does neither."""
+        try:
+            await self.health(timeout)
+        except (ServerRefused, InfrastructureError):
+            return True
+        except (HttpTransportError, asyncio.TimeoutError):
+            return False
+        return True
+
     async def _get(self, path: str, timeout: float) -> tuple[int, bytes]:
         try:
             return await self._http.request("GET", path, None, timeout)
