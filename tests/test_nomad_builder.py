@@ -194,6 +194,16 @@ def test_scaling_changes_only_the_groups_that_come_or_go() -> None:
     assert [group_index(g["Name"]) for g in after] == [0, 1, 2, 3]
 
 
+def test_a_container_moved_off_a_lost_node_is_a_new_group_on_the_same_port() -> None:
+    spec = SandboxJobSpec(token=TOKEN, count=3, owner=None, moved={1: 2})
+    groups = create_sandbox_job(spec).to_json()["TaskGroups"]
+    assert [g["Name"] for g in groups] == ["sandbox-0", "sandbox-1-r2", "sandbox-2"]
+    assert [group_index(g["Name"]) for g in groups] == [0, 1, 2]
+    assert groups[1]["Networks"] == [{"ReservedPorts": [{"Label": "http", "Value": 19001}]}]
+    assert create_sandbox_job(spec.with_count(4)).to_json()["TaskGroups"][:3] == groups
+    assert group_index("sandbox") is None and group_index("sandbox-x-r1") is None
+
+
 def test_dynamic_ports_for_raw_exec_use_one_group_without_to() -> None:
     job = build(driver="process", static_ports=False, count=5)
     (group,) = job["TaskGroups"]

@@ -268,6 +268,8 @@ async def test_a_server_lost_with_its_node_is_replaced_away_from_it(nomad_standi
         job = await client.read_job(backend.job_id)
         away = {"LTarget": "${node.unique.id}", "Operand": "!=", "RTarget": cluster.node_id}
         assert [{k: c[k] for k in away} for c in job.get("Constraints") or []] == [away], job.get("Constraints")
+        # a new group: its allocation replaces nothing, so it does not wait for Nomad to give up the lost one
+        assert [g["Name"] for g in job["TaskGroups"]] == ["sandbox-0-r1"]
         assert stats.replace_error is not None and "node.unique.id" in stats.replace_error, stats.replace_error
         assert any("running short" in line for line in said), said
 

@@ -231,9 +231,12 @@ class NomadBackend(SandboxBackend):
 
     async def _steer(self, progress: Progress, lost: AllocationEndpoint | None = None) -> None:
         """Before a placement: nodes Nomad says are back take servers again, and the node `lost`
-        went with (if it did) takes none; the job is registered again when that changes."""
+        went with (if it did) takes none; the job is registered again when that changes. With
+        static ports the containers of a lost node also move to new groups, so that their
+        replacements start at once (atropos.nomad.builder)."""
         assert self._spec is not None
         changed = False
+        moved = dict(self._spec.moved)
         for lifted in await self._avoided.lift_recovered(self.client):
             progress(f"{lifted}: servers may be placed there again")
             changed = True
@@ -251,12 +254,15 @@ class NomadBackend(SandboxBackend):
                 f"replacements avoid {name} until Nomad sees it back"
             )
             log.warning("event=nomad_node_avoided node=%s alloc=%s", name, lost.alloc_id)
+            if self._spec.uses_static_ports:
+                for index in {e.index for e in on_node if e.index is not None}:
+                    moved[index] = moved.get(index, 0) + 1
             changed = True
         if changed:
             if (await self.client.read_job(self.job_id)).get("Stop"):  # registering would start it again
                 raise BackendError(f"nomad job {self.job_id} was stopped outside this pool")
             # the base job has no constraints of its own: the avoided nodes' are all there are
-            self._spec = self._spec.model_copy(update={"constraints": self._avoided.constraints()})
+            self._spec = self._spec.model_copy(update={"constraints": self._avoided.constraints(), "moved": moved})
             await self.client.register_job(create_sandbox_job(self._spec))
 
     async def close(self) -> None:

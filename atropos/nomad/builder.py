@@ -18,7 +18,10 @@ base ports at least `count` apart. Each group carries a scaling policy `Min = 0,
 never puts two on one port. Changing the number of containers re-registers the job with groups
 `sandbox-0 .. sandbox-<count-1>` (see `scale_sandbox_job`): groups whose definition is unchanged keep
 their allocations, new groups start, removed groups stop. With `count = 0` the job keeps group
-`sandbox-0` at `Count = 0` (Nomad refuses a job without groups).
+`sandbox-0` at `Count = 0` (Nomad refuses a job without groups). A container whose node was lost
+moves to a group of a new name, `sandbox-<i>-r<n>` (`SandboxJobSpec.moved`): its allocation then
+replaces nothing, so it starts at once, where an allocation replacing another waits until Nomad has
+given the lost one up (the node's heartbeat TTL, 20 s and more).
 
 `static_ports=False` gives `singularity`/`process` the docker layout instead: one group, a dynamic
 host port (no `To`), scaled with `POST /v1/job/:id/scale`.
@@ -124,7 +127,10 @@ def create_sandbox_job(spec: SandboxJobSpec) -> Job:
 
 
 def group_name(spec: SandboxJobSpec, index: int) -> str:
-    return f"{GROUP_NAME}-{index}" if spec.uses_static_ports else GROUP_NAME
+    if not spec.uses_static_ports:
+        return GROUP_NAME
+    moved = spec.moved.get(index, 0)
+    return f"{GROUP_NAME}-{index}" + (f"-r{moved}" if moved else "")
 
 
 def group_names(spec: SandboxJobSpec) -> list[str]:
@@ -135,11 +141,10 @@ def group_names(spec: SandboxJobSpec) -> list[str]:
 
 
 def group_index(group: str) -> int | None:
-    """The container index of a static-port group name (`sandbox-3` -> 3), else None."""
+    """The container index of a static-port group name (`sandbox-3`, `sandbox-3-r1` -> 3), else None."""
     prefix = GROUP_NAME + "-"
-    if group.startswith(prefix) and group[len(prefix) :].isdigit():
-        return int(group[len(prefix) :])
-    return None
+    index = group[len(prefix) :].split("-r", 1)[0] if group.startswith(prefix) else ""
+    return int(index) if index.isdigit() else None
 
 
 def static_port(spec: SandboxJobSpec, index: int) -> int:

@@ -112,6 +112,11 @@ class SandboxJobSpec(BaseModel):
         description="singularity/process: one task group per container with static port base_port+i; "
         "False: one group with a Nomad-chosen (dynamic) host port",
     )
+    moved: dict[int, int] = Field(
+        default_factory=dict,
+        description="static ports: container index -> times it moved off a lost node (its group is then "
+        "sandbox-<i>-r<n>, see atropos.nomad.builder)",
+    )
 
     # placement and resources
     cpu: int = Field(default=1000, ge=1, description="MHz per container")
