@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -231,17 +235,29 @@ async def test_a_slot_finds_nothing_of_the_node_on_a_real_nomad(nomad_target: No
     assert found.guessed_paths()
 
 
+@contextmanager
+def silenced(port: int) -> Iterator[None]:
+    """Everything sent to the stand-in node's `port` is dropped: no answer, no refusal, as from a
+    node whose link went down (loopback only: the stand-in node's address)."""
+    rule = ["INPUT", "-i", "lo", "-p", "tcp", "--dport", str(port), "-j", "DROP"]
+    subprocess.run(["iptables", "-I", *rule], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["iptables", "-D", *rule], check=True)
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("iptables") is None, reason="needs root and iptables to silence a port"
+)
 async def test_a_server_lost_with_its_node_is_replaced_away_from_it(nomad_standin: NomadStandIn) -> None:
-    """Every server the pool had on the node stops answering (their processes frozen, as when the
-    node's link goes down; Nomad still calls the node ready). The replacement carries a constraint
-    away from that node, so on the stand-in's single node it cannot be placed and the pool says so;
-    once Nomad has marked the node down and seen it back, the constraint goes and capacity returns."""
-    import contextlib
-    import signal
+    """Nothing the pool had on the node answers any more, not even with a refusal (its one server's
+    port silenced; Nomad still calls the node ready). The replacement carries a constraint away from
+    that node, so on the stand-in's single node it cannot be placed and the pool says so; once Nomad
+    has marked the node down and seen it back, the constraint goes and capacity returns."""
     from urllib.parse import urlparse
 
     from tests.nomad_fixtures import client_for
-    from tests.server_process import pids_with_arg
 
     cluster = nomad_standin.cluster
     config = pool_config(min_containers=1, max_containers=1, health_timeout=1.0)
@@ -251,16 +267,11 @@ async def test_a_server_lost_with_its_node_is_replaced_away_from_it(nomad_standi
     async with SlotPool(config, backend=backend, progress=said.append) as pool:
         slot = await pool.acquire("t")
         port = urlparse(pool.server_of(slot).url).port
-        pids = pids_with_arg(f"--port {port} ")
-        assert pids, f"no server process for port {port}"
-        for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
-        deadline = time.monotonic() + 30
-        while pool.stats().replace_error is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        for pid in pids:  # the node is gone, and its processes with it
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        assert port is not None
+        with silenced(port):
+            deadline = time.monotonic() + 30
+            while pool.stats().replace_error is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
         stats = pool.stats()
         assert stats.servers_lost == 1 and stats.servers == 0, stats
         avoiding = [line for line in said if "was lost with its node standin-node" in line]
@@ -283,4 +294,32 @@ async def test_a_server_lost_with_its_node_is_replaced_away_from_it(nomad_standi
         assert not (await client.read_job(backend.job_id)).get("Constraints")
         fresh = await pool.acquire("after", timeout=30)
         assert (await pool.execute(fresh, "bash", {"command": "echo back"})).stdout == "back\n"
+    await client.aclose()
+
+
+async def test_a_hung_server_alone_on_its_node_is_no_lost_node(nomad_standin: NomadStandIn) -> None:
+    """A frozen server still has its connections accepted by its node's kernel: the node is alive, so
+    the replacement goes anywhere (here: the same node) and no constraint is added."""
+    import signal
+    from urllib.parse import urlparse
+
+    from tests.nomad_fixtures import client_for
+    from tests.server_process import pids_with_arg
+
+    config = pool_config(min_containers=1, max_containers=1, health_timeout=1.0)
+    client = client_for(nomad_standin.address)
+    backend = nomad_backend(config, client)
+    said: list[str] = []
+    async with SlotPool(config, backend=backend, progress=said.append) as pool:
+        slot = await pool.acquire("t")
+        pids = pids_with_arg(f"--port {urlparse(pool.server_of(slot).url).port} ")
+        assert pids
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 60
+        while (pool.stats().servers_lost < 1 or pool.stats().servers < 1) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert pool.stats().servers == 1 and pool.stats().servers_lost == 1, (pool.stats(), said)
+        assert not [line for line in said if "lost with its node" in line], said
+        assert not (await client.read_job(backend.job_id)).get("Constraints")
     await client.aclose()

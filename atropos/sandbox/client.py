@@ -23,7 +23,7 @@ import aiohttp
 
 from atropos.errors import InfrastructureError, InvalidToolCall, SlotFailed, SlotLost
 from atropos.sandbox import tarsafe
-from atropos.sandbox.http import HttpClient, HttpRefused, HttpTransportError
+from atropos.sandbox.http import HttpClient, HttpRefused, HttpSilent, HttpTransportError, HttpUnreachable
 from atropos.sandbox.models import (
     ExecuteResult,
     ForkResponse,
@@ -74,14 +74,14 @@ class ServerClient:
 
     async def reachable(self, timeout: float) -> bool:
         """Something at the server's address answers within `timeout`: the server, or its node's
-        kernel refusing the connection (the server died, the node did not). A node that went
-        silent (link down, powered off) does neither."""
+        kernel (a refused connection: the server died; an accepted one without an answer: it
+        hangs). A node that went silent (link down, powered off) does neither."""
         try:
-            await self.health(timeout)
-        except (ServerRefused, InfrastructureError):
-            return True
-        except (HttpTransportError, asyncio.TimeoutError):
+            await self._http.request("GET", "/health", None, timeout)
+        except (HttpSilent, HttpUnreachable):
             return False
+        except (HttpTransportError, asyncio.TimeoutError):
+            return True
         return True
 
     async def _get(self, path: str, timeout: float) -> tuple[int, bytes]:

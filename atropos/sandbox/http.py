@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import time
 from urllib.parse import urlsplit
 
@@ -34,6 +35,14 @@ class HttpTransportError(ConnectionError):
 
 class HttpRefused(HttpTransportError):
     """Nothing listens at the address (connection refused, or no route to it)."""
+
+
+class HttpUnreachable(HttpRefused):
+    """No route to the address: no host there answered (the refusal came from the network)."""
+
+
+class HttpSilent(asyncio.TimeoutError):
+    """No connection within the wait: nothing at the address answered, not even with a refusal."""
 
 
 class _Connection(asyncio.Protocol):
@@ -218,9 +227,10 @@ class HttpClient:
             _, conn = await asyncio.wait_for(loop.create_connection(_Connection, self.host, self.port), wait)
         except asyncio.TimeoutError:
             # silence, not a refusal: nothing answered (a node cut off, a full backlog)
-            raise asyncio.TimeoutError(f"no connection to {self.host}:{self.port} within {wait:g}s (silent)") from None
+            raise HttpSilent(f"no connection to {self.host}:{self.port} within {wait:g}s (silent)") from None
         except OSError as exc:
-            raise HttpRefused(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from None
+            kind = HttpRefused if exc.errno == errno.ECONNREFUSED else HttpUnreachable
+            raise kind(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from None
         return conn
 
     def abort_all(self, reason: str) -> None:
