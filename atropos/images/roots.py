@@ -1,0 +1,349 @@
+"""Task images unpacked as root directories: once per node, shared read-only by every slot of the image.
+
+The cache directory holds
+- `layers/<hex>/`: one unpacked layer, named by its diff id, with its whiteouts in `<hex>.json`;
+- `images/<hex>/root/`: an image's root, its layers applied in order (files hard-linked from the
+  layers, so images that share a layer share its disk), and `images/<hex>/image.json`, what it was
+  made from (reference, layers, working directory, environment);
+- `images/<hex>.lock`: held shared while a slot uses the image, exclusively while it is made or
+  evicted; `cache.lock`: shared while an image is made, exclusive while the cache is trimmed.
+
+Everything is made in a hidden partial directory and renamed into place, so a failed or interrupted
+unpack leaves nothing half-made. Nothing in an archive can write outside the cache: member paths
+with `..` or that would leave the layer through a link are refused (tarfile's `tar` filter), device
+nodes are skipped, and whiteouts and later layers never follow a symbolic link an earlier layer left.
+Unprivileged throughout: extraction and hard links need no capability.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import posixpath
+import secrets
+import shutil
+import stat
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from atropos.images.errors import ImageError, ImageNotFoundError
+from atropos.images.layers import ImageArchive, Layer, TaskImageRef, local_image_id, open_archive
+from atropos.progress import Progress, no_progress
+
+__all__ = ["DEFAULT_LIMIT", "CachedImage", "ImageRoot", "RootCache", "default_root_cache_dir"]
+
+DEFAULT_LIMIT = 20 * 1024**3
+_OPAQUE = ".wh..wh..opq"
+_WHITEOUT = ".wh."
+
+
+def default_root_cache_dir() -> Path:
+    configured = os.environ.get("ATROPOS_ROOT_CACHE")
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "atropos-sandbox" / "roots"
+
+
+@dataclass(frozen=True)
+class ImageRoot:
+    """An unpacked image in use: its root directory and what its config says a process starts with."""
+
+    ref: str
+    image_id: str
+    root: Path
+    workdir: str
+    env: list[str]
+
+
+@dataclass(frozen=True)
+class CachedImage:
+    image_id: str
+    ref: str
+    size: int  # bytes of its own files (layers shared with other images counted once, with the first)
+    last_used: float
+    in_use: bool
+
+
+class RootCache:
+    def __init__(self, directory: Path | None = None, limit: int = DEFAULT_LIMIT) -> None:
+        self.directory = directory or default_root_cache_dir()
+        self.limit = limit
+        for sub in ("layers", "images"):
+            (self.directory / sub).mkdir(parents=True, exist_ok=True)
+
+    @contextmanager
+    def use(self, text: str, progress: Progress = no_progress) -> Iterator[ImageRoot]:
+        """The image's root, unpacked first if this node has not got it; it cannot be evicted while
+        the block runs. A directory reference is used as it is."""
+        ref = TaskImageRef.parse(text)
+        if ref.kind == "dir":
+            yield _directory(ref)
+            return
+        while True:
+            image_dir = self.directory / "images" / (local_image_id(ref) or "").partition(":")[2]
+            if image_dir.name == "" or not (image_dir / "image.json").is_file():
+                image_dir = self._unpacked(ref, progress)
+            with _flock(self._lock_of(image_dir), fcntl.LOCK_SH):
+                if not (image_dir / "image.json").is_file():
+                    continue  # trimmed between its making and this lock: make it again
+                meta = json.loads((image_dir / "image.json").read_text())
+                os.utime(image_dir / "image.json")  # last used: the trimming order
+                yield ImageRoot(str(ref), meta["image_id"], image_dir / "root", meta["workdir"], meta["env"])
+                return
+
+    def _unpacked(self, ref: TaskImageRef, progress: Progress) -> Path:
+        with tempfile.TemporaryDirectory(dir=self.directory, prefix=".scratch-") as scratch:
+            with open_archive(ref, Path(scratch)) as archive:
+                image_dir = self.directory / "images" / archive.image_id.partition(":")[2]
+                if not (image_dir / "image.json").is_file():
+                    self._make(archive, image_dir, progress)
+        return image_dir
+
+    def images(self) -> list[CachedImage]:
+        found = []
+        for meta_file in sorted((self.directory / "images").glob("*/image.json")):
+            meta = json.loads(meta_file.read_text())
+            image_dir = meta_file.parent
+            found.append(
+                CachedImage(
+                    meta["image_id"],
+                    meta["ref"],
+                    _disk_usage(image_dir),
+                    meta_file.stat().st_mtime,
+                    _in_use(self._lock_of(image_dir)),
+                )
+            )
+        return found
+
+    def size(self) -> int:
+        return _disk_usage(self.directory)
+
+    def trim(self, limit: int | None = None) -> list[str]:
+        """Evict the least recently used images no slot uses until the cache is under `limit`
+        (default: the cache's), then the layers no image left needs; returns the evicted refs."""
+        limit = self.limit if limit is None else limit
+        evicted: list[str] = []
+        with _flock(self.directory / "cache.lock", fcntl.LOCK_EX):
+            for image in sorted(self.images(), key=lambda i: i.last_used):
+                if self.size() <= limit:
+                    break
+                image_dir = self.directory / "images" / image.image_id.partition(":")[2]
+                if _evict(image_dir, self._lock_of(image_dir)):
+                    evicted.append(image.ref)
+            needed = {layer for meta in self._metas() for layer in meta["layers"]}
+            for layer_dir in (self.directory / "layers").iterdir():
+                if layer_dir.is_dir() and not layer_dir.name.startswith(".") and layer_dir.name not in needed:
+                    shutil.rmtree(layer_dir)
+                    (layer_dir.parent / f"{layer_dir.name}.json").unlink(missing_ok=True)
+        return evicted
+
+    # ---------------------------------------------------------------------------- making one
+
+    def _lock_of(self, image_dir: Path) -> Path:
+        return image_dir.with_name(image_dir.name + ".lock")
+
+    def _metas(self) -> list[dict[str, Any]]:
+        return [json.loads(p.read_text()) for p in (self.directory / "images").glob("*/image.json")]
+
+    def _make(self, archive: ImageArchive, image_dir: Path, progress: Progress) -> None:
+        """Unpack under the image's exclusive lock; a process that waited finds it made."""
+        lock = self._lock_of(image_dir)
+        with _flock(self.directory / "cache.lock", fcntl.LOCK_SH), _flock(lock, fcntl.LOCK_EX):
+            if (image_dir / "image.json").is_file():
+                return  # another process made it while this one waited
+            started = time.monotonic()
+            layer_names = [layer.diff_id.partition(":")[2] for layer in archive.layers]
+            partial = image_dir.with_name(f".{image_dir.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+            try:
+                root = partial / "root"
+                root.mkdir(parents=True)
+                for n, layer in enumerate(archive.layers, 1):
+                    layer_dir = self._layer(archive, layer, progress, f"layer {n}/{len(archive.layers)}")
+                    whiteouts = json.loads(layer_dir.with_name(layer_dir.name + ".json").read_text())
+                    _apply(layer_dir, whiteouts, root)
+                config = archive.config.get("config") or {}
+                meta = {
+                    "ref": str(archive.ref),
+                    "image_id": archive.image_id,
+                    "layers": layer_names,
+                    "workdir": config.get("WorkingDir") or "",
+                    "env": list(config.get("Env") or []),
+                }
+                (partial / "image.json").write_text(json.dumps(meta, indent=1))
+                if image_dir.exists():  # a leftover without image.json: never complete
+                    shutil.rmtree(image_dir)
+                os.rename(partial, image_dir)
+            finally:
+                if partial.exists():
+                    shutil.rmtree(partial, ignore_errors=True)
+            progress(f"image {archive.ref}: unpacked in {time.monotonic() - started:.1f}s")
+
+    def _layer(self, archive: ImageArchive, layer: Layer, progress: Progress, label: str) -> Path:
+        """The layer unpacked, from the cache or now; a layer another process publishes meanwhile wins."""
+        name = layer.diff_id.partition(":")[2]
+        layer_dir = self.directory / "layers" / name
+        if layer_dir.is_dir():
+            progress(f"image {archive.ref}: {label} {name[:12]} already unpacked")
+            return layer_dir
+        progress(f"image {archive.ref}: unpacking {label} {name[:12]}")
+        partial = layer_dir.with_name(f".{name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            partial.mkdir()
+            with archive.layer_tar(layer) as tar:
+                whiteouts = _extract(archive.ref, tar, partial)
+            layer_dir.with_name(name + ".json").write_text(json.dumps(whiteouts))
+            try:
+                os.rename(partial, layer_dir)
+            except OSError:
+                if not layer_dir.is_dir():
+                    raise
+        finally:
+            if partial.exists():
+                shutil.rmtree(partial, ignore_errors=True)
+        return layer_dir
+
+
+def _directory(ref: TaskImageRef) -> ImageRoot:
+    root = Path(ref.target)
+    if not root.is_dir():
+        raise ImageNotFoundError(f"image {ref}: no such directory")
+    if not any((root / d).exists() for d in ("bin", "usr")):
+        raise ImageError(f"image {ref}: not an unpacked root (no bin or usr in it)")
+    return ImageRoot(str(ref), f"dir:{root}", root, "", [])
+
+
+def _extract(ref: TaskImageRef, tar: tarfile.TarFile, dest: Path) -> list[list[str]]:
+    """Extract a layer into `dest`; returns its whiteouts as [kind, path] (kind: remove, opaque)."""
+    whiteouts: list[list[str]] = []
+    for member in tar:
+        name = posixpath.normpath(member.name.lstrip("/"))
+        if name == "." and member.isdir():
+            continue
+        if name.startswith("..") or name == ".":
+            raise ImageError(f"image {ref}: layer member {member.name!r} leaves the image; refusing the image")
+        head, base = posixpath.split(name)
+        if base == _OPAQUE:
+            whiteouts.append(["opaque", head])
+            continue
+        if base.startswith(_WHITEOUT):
+            whiteouts.append(["remove", posixpath.join(head, base[len(_WHITEOUT) :])])
+            continue
+        if member.ischr() or member.isblk() or member.isfifo():
+            continue  # device nodes: a slot gets its own /dev
+        member.name = name
+        try:
+            tar.extract(member, dest, numeric_owner=True, filter="tar")
+        except (tarfile.FilterError, tarfile.ExtractError, OSError) as exc:
+            raise ImageError(f"image {ref}: cannot unpack {member.name!r}: {exc}") from None
+    return whiteouts
+
+
+def _inside(root: Path, rel: str) -> Path | None:
+    """`root/rel` if every directory on the way is a real directory (no symlink an earlier layer
+    left can take a removal elsewhere); None when there is no such path."""
+    here = root
+    parts = [p for p in rel.split("/") if p]
+    for part in parts[:-1]:
+        here = here / part
+        try:
+            if not stat.S_ISDIR(os.lstat(here).st_mode):
+                return None
+        except FileNotFoundError:
+            return None
+    return here / parts[-1] if parts else root
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
+
+
+def _apply(layer_dir: Path, whiteouts: list[list[str]], root: Path) -> None:
+    """Lay one layer over `root`: its whiteouts first, then its files (hard links)."""
+    for kind, rel in whiteouts:
+        target = _inside(root, rel)
+        if target is None or not os.path.lexists(target):
+            continue
+        if kind == "opaque":
+            if target.is_dir() and not target.is_symlink():
+                for child in list(target.iterdir()):
+                    _remove(child)
+        else:
+            _remove(target)
+    for top, dirs, files in os.walk(layer_dir):
+        rel = os.path.relpath(top, layer_dir)
+        there = root if rel == "." else root / rel
+        for name in dirs:
+            src, dst = Path(top) / name, there / name
+            if os.path.islink(src):
+                continue  # a symlink to a directory: os.walk lists it here, linked with the files below
+            if os.path.lexists(dst) and not (dst.is_dir() and not dst.is_symlink()):
+                _remove(dst)
+            if not dst.exists():
+                dst.mkdir()
+            shutil.copystat(src, dst, follow_symlinks=False)
+        for name in [*files, *(d for d in dirs if os.path.islink(Path(top) / d))]:
+            src, dst = Path(top) / name, there / name
+            if os.path.lexists(dst):
+                _remove(dst)
+            os.link(src, dst, follow_symlinks=False)
+
+
+@contextmanager
+def _flock(path: Path, mode: int) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, mode)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _in_use(lock: Path) -> bool:
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _evict(image_dir: Path, lock: Path) -> bool:
+    """Remove the image unless a slot uses it (its lock held shared)."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        shutil.rmtree(image_dir, ignore_errors=True)
+        lock.unlink(missing_ok=True)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _disk_usage(path: Path) -> int:
+    """Bytes on disk under `path`, each inode once (hard-linked layers are not counted twice)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for top, dirs, files in os.walk(path):
+        for name in [*dirs, *files]:
+            st = os.lstat(os.path.join(top, name))
+            key = (st.st_dev, st.st_ino)
+            if key not in seen:
+                seen.add(key)
+                total += st.st_blocks * 512
+    return total
