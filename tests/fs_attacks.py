@@ -127,12 +127,14 @@ def host_data_dir(marker_name: str, roots: list[str]) -> str:
     raise AssertionError(f"no slot workspace holds {marker_name} under {roots}")
 
 
-async def attack_through_pool(pool: SlotPool, roots: list[str], seen_as: str | None = None) -> tuple[Secrets, str]:
+async def attack_through_pool(
+    pool: SlotPool, roots: list[str], seen_as: str | None = None, image: str | None = None
+) -> tuple[Secrets, str]:
     """Two slots of one server (released after): the victim writes its marker, the attacker runs the attack. `roots`
     are node dirs that hold the server's data dir; `seen_as` is the data dir's path in the server
-    (a container's /data) where it is not the node's."""
-    victim = await pool.acquire("fs-victim")
-    attacker = await pool.acquire("fs-attacker")
+    (a container's /data) where it is not the node's; `image`: both slots in that task image."""
+    victim = await pool.acquire("fs-victim", image=image)
+    attacker = await pool.acquire("fs-attacker", image=image)
     assert victim.server_id == attacker.server_id and victim.index != attacker.index
     probe = Secrets(victim.index, "", pool.server_of(attacker).token)
     assert (await pool.execute(victim, "bash", {"command": probe.victim_command()})).ok

@@ -7,6 +7,8 @@ from it only under TYPE_CHECKING (so pytest can rewrite its asserts).
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -139,3 +141,39 @@ def figures() -> list[str]:
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for line in _FIGURES:
         terminalreporter.write_line(f"[apptainer] {line}")
+
+
+# ------------------------------------------------------------------- task images (image slots)
+
+BASE_IMAGE = os.environ.get("ATROPOS_CI_BASE_IMAGE", "atropos-ci-base:bookworm")
+
+
+@dataclass(frozen=True)
+class TaskImages:
+    a: str  # adds /opt/task/tool and deletes /etc/motd (a whiteout)
+    b: str  # adds /opt/task/tool-b
+
+
+def docker_unready() -> str | None:
+    """Why the Docker engine cannot make task images here, or None."""
+    if shutil.which("docker") is None:
+        return "no docker command"
+    if subprocess.run(["docker", "image", "inspect", BASE_IMAGE], capture_output=True).returncode != 0:
+        return f"no Docker engine with the base image {BASE_IMAGE} (.ci/system.sh makes it)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def task_images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TaskImages]:
+    """Two task images over the base image's one layer, built by the real engine (no registry)."""
+    images = TaskImages("atropos-test-task-a:1", "atropos-test-task-b:1")
+    for tag, step in (
+        (images.a, "RUN mkdir -p /opt/task && echo 'echo task a' > /opt/task/tool && rm -f /etc/motd"),
+        (images.b, "RUN mkdir -p /opt/task && echo 'echo task b' > /opt/task/tool-b"),
+    ):
+        context = tmp_path_factory.mktemp("ctx")
+        (context / "Dockerfile").write_text(f"FROM {BASE_IMAGE}\n{step}\n")
+        build = ["docker", "build", "--pull=false", "-q", "-t", tag, str(context)]
+        subprocess.run(build, check=True, capture_output=True)
+    yield images
+    subprocess.run(["docker", "image", "rm", "-f", images.a, images.b], capture_output=True)

@@ -10,45 +10,19 @@ import os
 import shutil
 import subprocess
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from atropos.images.errors import ImageError, ImageNotFoundError, InvalidReference
 from atropos.images.roots import RootCache
+from tests.images_fixtures import docker_unready
 
-BASE = os.environ.get("ATROPOS_CI_BASE_IMAGE", "atropos-ci-base:bookworm")
-TASK_A = "atropos-test-task-a:1"
-TASK_B = "atropos-test-task-b:1"
+needs_docker = pytest.mark.skipif(docker_unready() is not None, reason=str(docker_unready()))
 
-
-def _docker_ready() -> str | None:
-    if shutil.which("docker") is None:
-        return "no docker command"
-    if subprocess.run(["docker", "image", "inspect", BASE], capture_output=True).returncode != 0:
-        return f"no Docker engine with the base image {BASE} (.ci/system.sh makes it)"
-    return None
-
-
-needs_docker = pytest.mark.skipif(_docker_ready() is not None, reason=str(_docker_ready()))
-
-
-@pytest.fixture(scope="module")
-def task_images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Two task images over one base layer: A adds a tool and deletes /etc/motd (a whiteout), B
-    adds another tool."""
-    for tag, step in (
-        (TASK_A, "RUN mkdir -p /opt/task && echo 'echo task a' > /opt/task/tool && rm -f /etc/motd"),
-        (TASK_B, "RUN mkdir -p /opt/task && echo 'echo task b' > /opt/task/tool-b"),
-    ):
-        context = tmp_path_factory.mktemp("ctx")
-        (context / "Dockerfile").write_text(f"FROM {BASE}\n{step}\n")
-        subprocess.run(
-            ["docker", "build", "--pull=false", "-q", "-t", tag, str(context)], check=True, capture_output=True
-        )
-    yield
-    subprocess.run(["docker", "image", "rm", "-f", TASK_A, TASK_B], capture_output=True)
+if TYPE_CHECKING:
+    from tests.images_fixtures import TaskImages
 
 
 def _unpacking(said: list[str]) -> list[str]:
@@ -57,36 +31,36 @@ def _unpacking(said: list[str]) -> list[str]:
 
 @needs_docker
 def test_two_task_images_share_their_base_layer_and_each_sees_only_its_own_files(
-    task_images: None, tmp_path: Path
+    task_images: TaskImages, tmp_path: Path
 ) -> None:
     cache = RootCache(tmp_path / "cache")
     said: list[str] = []
-    with cache.use(f"docker-daemon://{TASK_A}", said.append) as a:
+    with cache.use(f"docker-daemon://{task_images.a}", said.append) as a:
         assert (a.root / "opt/task/tool").read_text() == "echo task a\n"
         assert not (a.root / "opt/task/tool-b").exists()
         assert not os.path.lexists(a.root / "etc/motd")  # the layer's whiteout took it away
         assert (a.root / "etc/debian_version").is_file() and (a.root / "usr/bin/bash").is_file()
     assert len(_unpacking(said)) == 2, said  # base and task layer
     said.clear()
-    with cache.use(f"docker-daemon://{TASK_B}", said.append) as b:
+    with cache.use(f"docker-daemon://{task_images.b}", said.append) as b:
         assert (b.root / "opt/task/tool-b").is_file() and not (b.root / "opt/task/tool").exists()
         assert (b.root / "etc/motd").is_file()
     assert len(_unpacking(said)) == 1 and any("already unpacked" in line for line in said), said
     # the shared layer's files are one file on disk
     assert os.stat(a.root / "usr/bin/bash").st_ino == os.stat(b.root / "usr/bin/bash").st_ino
     said.clear()
-    with cache.use(f"docker-daemon://{TASK_A}", said.append) as again:
+    with cache.use(f"docker-daemon://{task_images.a}", said.append) as again:
         assert again.root == a.root
     assert said == [], said  # the second use unpacks nothing, not even docker save
 
 
 @needs_docker
 @pytest.mark.skipif(shutil.which("skopeo") is None, reason="no skopeo (Debian's; .ci/system.sh installs it)")
-def test_docker_and_oci_archives_of_one_image_share_every_layer(task_images: None, tmp_path: Path) -> None:
+def test_docker_and_oci_archives_of_one_image_share_every_layer(task_images: TaskImages, tmp_path: Path) -> None:
     """skopeo writes an OCI config of its own (another image id), over the same layers: nothing is
     unpacked twice, and both roots hold the same files."""
     docker_tar, oci_tar = tmp_path / "a.tar", tmp_path / "a-oci.tar"
-    subprocess.run(["docker", "save", "-o", str(docker_tar), TASK_A], check=True)
+    subprocess.run(["docker", "save", "-o", str(docker_tar), task_images.a], check=True)
     subprocess.run(["skopeo", "copy", "-q", f"docker-archive:{docker_tar}", f"oci-archive:{oci_tar}"], check=True)
     cache = RootCache(tmp_path / "cache")
     said: list[str] = []

@@ -27,6 +27,7 @@ from atropos.sandbox.http import HttpClient, HttpRefused, HttpSilent, HttpTransp
 from atropos.sandbox.models import (
     ExecuteResult,
     ForkResponse,
+    ImageResponse,
     OutputChunk,
     SnapshotInfo,
     StatusResponse,
@@ -173,6 +174,10 @@ class ServerClient:
 
     async def fork(self, snapshot: str, slots: list[int], timeout: float) -> ForkResponse:
         return ForkResponse.model_validate(await self._post("/fork", {"snapshot": snapshot, "slots": slots}, timeout))
+
+    async def use_image(self, slot: int, image: str, timeout: float) -> ImageResponse:
+        """The slot starts over in a task's image (atropos.sandbox.image_slots)."""
+        return ImageResponse.model_validate(await self._post("/image", {"slot": slot, "image": image}, timeout))
 
     # -- tree transfers: streamed both ways (see atropos.sandbox.server.transfer) ----------------
 

@@ -255,6 +255,23 @@ class ForkResponse(BaseModel):
     duration_ms: float
 
 
+class ImageRequest(_Strict):
+    slot: SlotNumber
+    image: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="docker-daemon://NAME:TAG, docker-archive:PATH or oci-archive:PATH (paths on the server's node)",
+    )
+
+
+class ImageResponse(BaseModel):
+    slot: int
+    image: str
+    image_id: str
+    unpacked: bool = Field(description="this call unpacked it (false: the node had it)")
+    duration_ms: float
+
+
 class UploadResult(BaseModel):
     """What `POST /upload` unpacked into the slot (all of the archive: a refused one leaves nothing)."""
 

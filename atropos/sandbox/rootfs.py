@@ -35,6 +35,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from atropos.sandbox.image_slots import host_python
+
 RootPolicy = Literal["system", "image", "host"]
 ROOT_POLICIES: tuple[RootPolicy, ...] = ("system", "image", "host")
 ROOT_ENV = "ATROPOS_SANDBOX_ROOT"  # the default of --root where set (the Docker image and the SIF: image)
@@ -190,6 +192,8 @@ class RootLayout:
     args: tuple[str, ...]
     binds: tuple[Bind, ...]
     hidden: tuple[str, ...]  # where the server's own files would have shown: covered
+    # a slot in a task's image (atropos.sandbox.image_slots): what goes over the image's root
+    image_args: tuple[str, ...] = ()
 
 
 def _system_etc(b: _Builder, state_dir: str) -> None:
@@ -292,6 +296,7 @@ def build_layout(
     empty = os.path.join(state_dir, "empty")
     os.makedirs(empty, exist_ok=True)
     b = _Builder()
+    private = list(private)
     hide = list(private)
     if policy == "system":
         for name in SYSTEM_DIRS:
@@ -307,7 +312,8 @@ def build_layout(
                     b.hide(point, point, empty)
     hide += _interpreter(b)
     b.args += ["--dir", "/run"]
-    b.args += ["--ro-bind", copy_runner(os.path.join(state_dir, "runner")), RUNNER_DIR]
+    runner = copy_runner(os.path.join(state_dir, "runner"))
+    b.args += ["--ro-bind", runner, RUNNER_DIR]
     declared = tuple(binds)
     for bind in declared:
         _check_source(bind)
@@ -315,4 +321,21 @@ def build_layout(
     for path in sorted(set(hide)):
         for target in b.shown_at(path):
             b.hide(path, target, empty)
-    return RootLayout(policy, tuple(b.args), declared, tuple(b.hidden))
+    return RootLayout(policy, tuple(b.args), declared, tuple(b.hidden), _image_args(private, declared, runner, empty))
+
+
+def _image_args(private: Iterable[str], binds: tuple[Bind, ...], runner: str, empty: str) -> tuple[str, ...]:
+    """What a slot in a task's image gets over the image's root: the node's Python for the runner
+    (atropos.sandbox.image_slots), the runner's copy, the declared binds; the server's own files and
+    the interpreter's site-packages covered wherever they would show."""
+    host = host_python()
+    b = _Builder()
+    for source, target in host.binds:
+        b.bind(source, target)
+    b.args += ["--ro-bind", runner, RUNNER_DIR]
+    for bind in binds:
+        b.bind(bind.source, bind.target, writable=bind.writable)
+    for path in sorted({*private, *host.site}):
+        for target in b.shown_at(path):
+            b.hide(path, target, empty)
+    return tuple(b.args)

@@ -57,6 +57,11 @@ class ServerSettings(BaseModel):
     )
     bind_ro: tuple[str, ...] = Field(default=(), description="SRC[:DST] shown read-only in every slot")
     bind: tuple[str, ...] = Field(default=(), description="SRC[:DST] shown writable in every slot (shared by all)")
+    image_cache: str | None = Field(
+        default=None,
+        description="where task images are unpacked for image slots (shared by the servers on a node that "
+        "name the same dir); None: DATA_DIR/images",
+    )
     run_as: str = Field(
         default_factory=lambda: os.environ.get(RUN_AS_ENV) or DEFAULT_RUN_AS,
         description="the user a server started as root becomes",
@@ -116,6 +121,10 @@ class ServerSettings(BaseModel):
         """Each declared bind's source and whether it is writable: what a container launcher mounts at
         the same path, so that the server inside finds it where the user named it."""
         return [(b.source, b.writable) for b in self.user_binds]
+
+    @property
+    def image_cache_dir(self) -> str:
+        return os.path.abspath(self.image_cache or os.path.join(self.data_dir, "images"))
 
     @property
     def warm_target(self) -> int:
@@ -219,6 +228,11 @@ _OPTIONS: tuple[_Option, ...] = (
         repeat=True,
     ),
     _Option(
+        "--image-cache",
+        "directory of unpacked task images for slots in their task's own image; servers of one node "
+        "that name the same one unpack an image once (default: DATA_DIR/images)",
+    ),
+    _Option(
         "--run-as",
         "started as root, the server becomes this unprivileged user (NAME, UID, NAME:GROUP or "
         f"UID:GID) before any slot starts (default: ${RUN_AS_ENV}, else {DEFAULT_RUN_AS})",
@@ -251,7 +265,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ServerSettings()
     for option in _OPTIONS:
         default = getattr(defaults, option.field)
-        quiet = ("run_as", "token_file", "warm_slots", "root", "bind_ro", "bind")
+        quiet = ("run_as", "token_file", "warm_slots", "root", "bind_ro", "bind", "image_cache")
         shown = "" if option.field in quiet else f" (default {default})"
         parser.add_argument(
             option.flag,

@@ -41,6 +41,7 @@ from atropos.slots.stats import PoolStats, StatsRecorder, summarize
 log = logging.getLogger("atropos.slots")
 
 _RESET_TIMEOUT = 60.0
+_IMAGE_TIMEOUT = 1800.0  # a task image unpacked on its node first: a large one takes minutes
 
 BatchCall = tuple[Slot, str, dict[str, Any], float | None]
 
@@ -164,21 +165,42 @@ class SlotPool:
         await self._prepared.once(task_key, in_a_slot)
 
     async def acquire(
-        self, trajectory_id: str | None = None, timeout: float | None = None, from_snapshot: str | None = None
+        self,
+        trajectory_id: str | None = None,
+        timeout: float | None = None,
+        from_snapshot: str | None = None,
+        *,
+        image: str | None = None,
     ) -> Slot:
         """Lease a free slot (FIFO among waiters). Raises AcquireTimeout after `timeout` seconds.
         With `from_snapshot` (a task key given to `prepare`), the slot starts from that task's
-        prepared workspace, a copy-on-write fork of its own."""
+        prepared workspace, a copy-on-write fork of its own. With `image` (docker-daemon://NAME:TAG,
+        docker-archive:PATH, oci-archive:PATH on the servers' nodes) the slot's root is that image's,
+        under a writable layer of its own until it is released; a bad or missing image fails the
+        acquire (InvalidToolCall) and gives the slot back."""
         if from_snapshot is not None and not self._prepared.known(from_snapshot):
             raise ValueError(f"no setup for task {from_snapshot!r}: call `await pool.prepare(task_key, setup)` first")
+        if from_snapshot is not None and image is not None:
+            raise ValueError("a slot starts from a prepared task or in an image, not both (yet)")
         slot = await self._lease(trajectory_id, timeout)
-        if from_snapshot is not None:
-            try:
+        try:
+            if from_snapshot is not None:
                 await self._prepared.fork_into(slot, from_snapshot)
-            except BaseException:
-                self.release(slot)
-                raise
+            if image is not None:
+                await self._use_image(slot, image)
+        except BaseException:
+            self.release(slot)
+            raise
         return slot
+
+    async def _use_image(self, slot: Slot, image: str) -> None:
+        self.progress(f"slot {slot.server_id[:8]}/{slot.index}: starting in image {image}")
+        async with self._calling(slot, "image", None) as (st, server):
+            answer = await server.client.use_image(st.index, image, _IMAGE_TIMEOUT)
+        how = "unpacked on its node" if answer.unpacked else "already on its node"
+        self.progress(
+            f"slot {slot.server_id[:8]}/{slot.index}: in image {answer.image} ({how}, {answer.duration_ms / 1000:.1f}s)"
+        )
 
     async def _lease(self, trajectory_id: str | None, timeout: float | None) -> Slot:
         if self._closed or not self._started:
@@ -250,9 +272,14 @@ class SlotPool:
 
     @contextlib.asynccontextmanager
     async def slot(
-        self, trajectory_id: str | None = None, timeout: float | None = None, from_snapshot: str | None = None
+        self,
+        trajectory_id: str | None = None,
+        timeout: float | None = None,
+        from_snapshot: str | None = None,
+        *,
+        image: str | None = None,
     ) -> AsyncIterator[Slot]:
-        leased = await self.acquire(trajectory_id, timeout, from_snapshot)
+        leased = await self.acquire(trajectory_id, timeout, from_snapshot, image=image)
         try:
             yield leased
         finally:

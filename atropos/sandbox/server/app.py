@@ -17,6 +17,9 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from atropos import __version__
+from atropos.images.errors import ImageError, ImageNotFoundError, InvalidReference
+from atropos.images.layers import TaskImageRef
+from atropos.images.roots import RootCache
 from atropos.sandbox.models import (
     TOOLS,
     BatchRequest,
@@ -29,6 +32,8 @@ from atropos.sandbox.models import (
     ForkResponse,
     HealthResponse,
     HibernationState,
+    ImageRequest,
+    ImageResponse,
     ResetRequest,
     ResetResponse,
     SlotActivity,
@@ -103,8 +108,10 @@ class SandboxApp:
         hibernate_after: float = 0.0,
         max_upload: int = 4 << 30,
         snapshots: SnapshotStore | None = None,
+        images: RootCache | None = None,
     ) -> None:
         self.slots = slots
+        self.images = images  # task images for slots in them (None: no bubblewrap, no image slots)
         self.warm = WarmSlots(slots, warm_slots)
         self.hibernation = Hibernation(slots, hibernate_after)
         self.token = token.encode()
@@ -127,6 +134,7 @@ class SandboxApp:
         app.router.add_get("/snapshots", self.list_snapshots)
         app.router.add_delete("/snapshots/{name}", self.delete_snapshot)
         app.router.add_post("/fork", self.fork)
+        app.router.add_post("/image", self.image)
         app.router.add_get("/status", self.status)
         app.router.add_get("/openapi.json", self.openapi)
         app.on_startup.append(self._start_warming)
@@ -462,6 +470,39 @@ class SandboxApp:
         return _json(
             ForkResponse(
                 snapshot=snap.name, slots=body.slots, mechanism=self.enforcement.fork,
+                duration_ms=(time.monotonic() - started) * 1000.0,
+            )
+        )  # fmt: skip
+
+    async def image(self, request: web.Request) -> web.Response:
+        """A slot starts over in a task's image; the image is unpacked first if this node lacks it."""
+        body: ImageRequest = await self._body(request, ImageRequest)
+        slot = self._slot(body.slot)
+        if self.images is None or slot.image_layer is None:
+            raise ApiError(409, "slots in a task's image need bubblewrap, and this server runs without it")
+        started = time.monotonic()
+        said: list[str] = []
+        hold = contextlib.ExitStack()
+        try:
+            if TaskImageRef.parse(body.image).kind == "dir":
+                raise InvalidReference(f"image {body.image!r}: a directory is not taken over the API; give an archive")
+            image = await asyncio.to_thread(hold.enter_context, self.images.use(body.image, said.append))
+        except InvalidReference as exc:
+            raise ApiError(400, str(exc)) from None
+        except ImageNotFoundError as exc:
+            raise ApiError(404, str(exc)) from None
+        except ImageError as exc:
+            raise ApiError(422, str(exc)) from None
+        for line in said:
+            log.info("slot %d: %s", slot.index, line)
+        try:
+            await slot.use_image(image, hold.close)
+        except SlotFailure as exc:
+            raise ApiError(409, str(exc)) from None
+        return _json(
+            ImageResponse(
+                slot=slot.index, image=image.ref, image_id=image.image_id,
+                unpacked=any("unpacked in" in line for line in said),
                 duration_ms=(time.monotonic() - started) * 1000.0,
             )
         )  # fmt: skip

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
+from atropos.sandbox.image_slots import SlotImage, host_python
 from atropos.sandbox.rootfs import RUNNER_DIR, RootLayout
 from atropos.sandbox.runner.pathsafe import WORKSPACE_ALIAS
 from atropos.sandbox.server.egress import Egress
@@ -153,9 +154,12 @@ class SandboxSpec:
     userns: bool = field(default_factory=lambda: os.geteuid() != 0)
     egress: Egress | None = None
 
-    def argv(self, workspace: str, command: list[str], fork: Fork | None = None) -> list[str]:
+    def argv(
+        self, workspace: str, command: list[str], fork: Fork | None = None, image: SlotImage | None = None
+    ) -> list[str]:
         """bubblewrap's command line for a slot: `workspace` at /workspace, or, for a slot forked
-        from a snapshot, an overlay of the snapshot with `workspace` taking the writes."""
+        from a snapshot, an overlay of the snapshot with `workspace` taking the writes; in a task's
+        `image`, that image's root under the slot's own layer, the runner run by the node's Python."""
         args = [
             self.bwrap,
             "--die-with-parent",
@@ -172,7 +176,12 @@ class SandboxSpec:
             args.append("--unshare-user")
         if self.network == "deny":
             args.append("--unshare-net")
-        args += self.layout.args
+        if image is None:
+            args += self.layout.args
+        else:
+            args += ["--overlay-src", str(image.image.root), "--overlay", image.upper, image.work, "/"]
+            args += self.layout.image_args
+            command = [*host_python().prefix, *command[1:]]
         args += ["--dev", "/dev", "--proc", "/proc"]
         if self.tmp_bytes is not None and supports_tmpfs_size(self.bwrap):
             args += ["--size", str(self.tmp_bytes)]
@@ -184,8 +193,9 @@ class SandboxSpec:
             args += ["--bind", workspace, WORKSPACE_ALIAS]
         else:
             args += ["--overlay-src", fork.lower, "--overlay", workspace, fork.work, WORKSPACE_ALIAS]
-        # the root's own tmpfs (what holds the mount points) read-only: nothing new at /, /etc or /run
-        args += ["--remount-ro", "/", "--chdir", WORKSPACE_ALIAS]
+        if image is None:  # the root's own tmpfs (what holds the mount points): nothing new at /, /etc or /run
+            args += ["--remount-ro", "/"]
+        args += ["--chdir", WORKSPACE_ALIAS]
         argv = [*args, "--", *command]
         return self.egress.wrap(argv) if self.egress is not None else argv
 

@@ -13,10 +13,13 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 from pydantic import ValidationError
 
+from atropos.images.roots import RootCache
+from atropos.sandbox.image_slots import SlotImage
 from atropos.sandbox.models import Enforcement, ForkMode, NetworkMode
 from atropos.sandbox.rootfs import RootError, RootLayout, build_layout, private_paths
 from atropos.sandbox.runner.files import empty_dir
@@ -115,7 +118,7 @@ def root_layout(cfg: ServerSettings, token_files: tuple[str, ...]) -> RootLayout
         return build_layout(
             cfg.root,
             state_dir=os.path.join(cfg.data_dir, "rootfs"),
-            private=private_paths(cfg.data_dir, token_files),
+            private=[*private_paths(cfg.data_dir, token_files), cfg.image_cache_dir],
             binds=cfg.user_binds,
         )
     except RootError as exc:
@@ -216,11 +219,12 @@ def build_slots(
 
         def command(
             layers: Fork | None,
+            image: SlotImage | None,
             runner: list[str] = runner,
             workspace: str = workspace,
             cgroup: SlotCgroup | None = cgroup,
         ) -> list[str]:
-            argv = spec.argv(workspace, runner, layers) if spec is not None else runner
+            argv = spec.argv(workspace, runner, layers, image) if spec is not None else runner
             return cgroup.wrap(argv) if cgroup is not None and cgroup.dirs else argv
 
         slots.append(
@@ -232,6 +236,7 @@ def build_slots(
                 cgroup,
                 spec.egress if spec is not None else None,
                 overlay_work,
+                os.path.join(cfg.data_dir, "image-layers", str(i)) if spec is not None else None,
             )
         )
     return slots
@@ -307,10 +312,18 @@ def prepare(cfg: ServerSettings) -> tuple[ServerSettings, SandboxApp, DataDirLoc
         max_body=cfg.max_body,
         max_upload=cfg.max_upload,
         snapshots=SnapshotStore(cfg.data_dir, cfg.max_snapshots),
+        images=_image_cache(cfg) if choice.spec is not None else None,
         warm_slots=cfg.warm_target,
         hibernate_after=cfg.hibernate_after,
     )
     return cfg, api, lock, generated
+
+
+def _image_cache(cfg: ServerSettings) -> RootCache:
+    try:
+        return RootCache(Path(cfg.image_cache_dir))
+    except OSError as exc:
+        raise StartupError(f"--image-cache {cfg.image_cache_dir}: {exc.strerror or exc}") from None
 
 
 def _use_pidfd_child_watcher() -> None:

@@ -76,6 +76,8 @@ def openapi_document() -> dict[str, Any]:
         m.SnapshotList,
         m.ForkRequest,
         m.ForkResponse,
+        m.ImageRequest,
+        m.ImageResponse,
         m.BashArgs,
         m.SessionArgs,
         m.ReadFileArgs,
@@ -116,6 +118,14 @@ def openapi_document() -> dict[str, Any]:
                     "Slots start over from a snapshot, each with a copy-on-write workspace",
                     m.ForkRequest,
                     m.ForkResponse,
+                )
+            },
+            "/image": {
+                "post": _op(
+                    "A slot starts over in a task's image (unpacked on this node once), with a writable layer "
+                    "of its own until its next reset",
+                    m.ImageRequest,
+                    m.ImageResponse,
                 )
             },
         },

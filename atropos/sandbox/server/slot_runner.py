@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from atropos.host import command_line, die_with_parent, kill_child_tree, snapshot, tree_members
+from atropos.images.roots import ImageRoot
+from atropos.sandbox.image_slots import SlotImage
 from atropos.sandbox.runner.files import empty_dir
 from atropos.sandbox.runner.pathsafe import WORKSPACE_ALIAS
 from atropos.sandbox.runner.protocol import (
@@ -65,11 +67,12 @@ class SlotRunner:
         self,
         index: int,
         workspace: str,
-        command: Callable[[Fork | None], list[str]],
+        command: Callable[[Fork | None, SlotImage | None], list[str]],
         env: dict[str, str],
         cgroup: SlotCgroup | None = None,
         egress: Egress | None = None,
         overlay_work: str | None = None,
+        image_layer: str | None = None,
     ) -> None:
         self.index = index
         self.cgroup = cgroup
@@ -97,6 +100,11 @@ class SlotRunner:
         self.overlay_work = overlay_work
         self.fork: Fork | None = None
         self.forked_from: str | None = None  # the snapshot's name, until the next reset
+        # a task's image (atropos.sandbox.image_slots), until the next reset: its root, with the slot's
+        # own layer in `image_layer`; `_release_image` lets the image cache evict it again
+        self.image_layer = image_layer
+        self.image: SlotImage | None = None
+        self._release_image: Callable[[], None] = lambda: None
         self._view_pid: tuple[int, int] | None = None  # (sandbox pid, runner's host pid)
         self._starting: asyncio.Future[None] | None = None  # a fork's sandbox, started ahead
         # hibernation (atropos.sandbox.server.hibernation): while `_hibernating` is set nothing else
@@ -128,7 +136,7 @@ class SlotRunner:
 
     async def _start_runner(self) -> asyncio.subprocess.Process:
         proc = await asyncio.create_subprocess_exec(
-            *self._command(self.fork),
+            *self._command(self.fork, self.image),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             env=self._env,
@@ -352,11 +360,12 @@ class SlotRunner:
         self._session_lost = False
         self.used = False  # clean again: warm if its runner lives
         self.forked_from = None
-        if self.fork is not None:  # the overlay goes with the sandbox that mounted it
+        if self.fork is not None or self.image is not None:  # overlays go with the sandbox that mounted them
             started = time.monotonic()
             async with self._start_lock:
                 self.fork = None
                 killed = await self.kill_runner()
+                self._leave_image()
                 await asyncio.to_thread(self._clear)
             self.on_change()
             return {"ok": True, "killed": killed, "duration_ms": (time.monotonic() - started) * 1000.0}
@@ -386,8 +395,37 @@ class SlotRunner:
 
     def _clear(self) -> None:
         _empty(self.workspace)
-        if self.overlay_work is not None:
-            _empty(self.overlay_work)
+        for scratch in (self.overlay_work, self.image_layer):
+            if scratch is not None and os.path.isdir(scratch):
+                _empty(scratch)
+
+    def _leave_image(self) -> None:
+        self.image = None
+        release, self._release_image = self._release_image, lambda: None
+        release()
+
+    async def use_image(self, image: ImageRoot, release: Callable[[], None]) -> None:
+        """Start over in `image`: everything the slot runs is killed, its workspace emptied, and its
+        root becomes the image's under a fresh layer of its own; `release` is called when the slot
+        leaves the image (reset, close). Its sandbox starts in the background, as a fork's does."""
+        if self.image_layer is None:
+            release()
+            raise SlotFailure("a slot in a task's image needs bubblewrap, and this server runs without it")
+        async with self._start_lock:
+            self.generation += 1
+            self._session_lost = False
+            self.used = True
+            self.fork = None
+            self.forked_from = None
+            await self.kill_runner()
+            self._leave_image()
+            await asyncio.to_thread(self._clear)
+            upper, work = os.path.join(self.image_layer, "upper"), os.path.join(self.image_layer, "work")
+            for path in (upper, work):
+                os.makedirs(path, exist_ok=True)
+            self.image, self._release_image = SlotImage(image, upper, work), release
+        self.on_change()
+        self._starting = asyncio.ensure_future(self._start_quietly())
 
     async def fork_from(self, name: str, snapshot: str, copy: Callable[[str, str], object]) -> None:
         """Start over from the snapshot `name` at `snapshot`: everything the slot runs is killed and
@@ -438,6 +476,7 @@ class SlotRunner:
             self._starting.cancel()
             await asyncio.gather(self._starting, return_exceptions=True)
         await self.kill_runner()
+        self._leave_image()
         if self.cgroup is not None:
             self.cgroup.remove()
 

@@ -1,0 +1,124 @@
+"""Slots in their task's own image (POST /image, `pool.acquire(image=...)`), on a real local pool
+with bubblewrap: two task images built by the real Docker engine, given to the server as
+`docker save` archives (the server, unprivileged, has no access to the engine)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from atropos.errors import InvalidToolCall
+from atropos.sandbox.server.isolation import choose_bwrap
+from atropos.slots import Slot, SlotPool, SlotPoolConfig
+from tests.fs_attacks import attack_through_pool, leaked
+from tests.images_fixtures import docker_unready
+
+if TYPE_CHECKING:
+    from tests.images_fixtures import TaskImages
+
+pytestmark = [
+    pytest.mark.skipif(docker_unready() is not None, reason=str(docker_unready())),
+    pytest.mark.skipif(choose_bwrap() is None, reason="image slots need bubblewrap"),
+]
+
+
+@pytest.fixture(scope="module")
+def archives(task_images: TaskImages, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """`docker-archive:` references of the two task images, readable by any user."""
+    where = tmp_path_factory.mktemp("archives")
+    os.chmod(where, 0o755)
+    for parent in where.parents:  # pytest's base temp is private to its user
+        if parent == Path("/tmp"):
+            break
+        os.chmod(parent, os.stat(parent).st_mode | 0o711)
+    refs = {}
+    for key, tag in (("a", task_images.a), ("b", task_images.b)):
+        out = where / f"{key}.tar"
+        subprocess.run(["docker", "save", "-o", str(out), tag], check=True)
+        os.chmod(out, 0o644)
+        refs[key] = f"docker-archive:{out}"
+    return refs
+
+
+def _cfg(**kw: object) -> SlotPoolConfig:
+    base: dict[str, object] = {
+        "slots_per_container": 3,
+        "min_containers": 1,
+        "max_containers": 1,
+        "health_interval": 0.25,
+        "isolation": "bwrap",
+    }
+    base.update(kw)
+    return SlotPoolConfig.model_validate(base)
+
+
+async def _sh(pool: SlotPool, slot: Slot, command: str) -> str:
+    result = await pool.execute(slot, "bash", {"command": command})
+    return result.output
+
+
+async def test_each_slot_sees_its_own_image_and_keeps_its_writes_to_itself(archives: dict[str, str]) -> None:
+    said: list[str] = []
+    async with SlotPool(_cfg(), progress=said.append) as pool:
+        a1 = await pool.acquire("a1", image=archives["a"])
+        b = await pool.acquire("b", image=archives["b"])
+        a2 = await pool.acquire("a2", image=archives["a"])
+        assert a1.server_id == b.server_id == a2.server_id
+        assert (await _sh(pool, a1, "cat /opt/task/tool; ls /opt/task; test -e /etc/motd || echo no-motd")) == (
+            "echo task a\ntool\nno-motd\n"
+        )
+        assert (await _sh(pool, b, "ls /opt/task; cat /etc/debian_version")).startswith("tool-b\n12.")
+        # the image's own tools: its python3, its /etc; nothing of the node's own root
+        assert (await _sh(pool, b, "python3 -c 'import sys; print(sys.prefix)'")) == "/usr\n"
+        assert (await _sh(pool, a1, "ls /run/atropos-host 2>&1 | head -1; ls / | tr '\\n' ' '")).count("workspace") == 1
+        # a write over an image file, and a new file in /etc: the slot's own layer only
+        assert (
+            await _sh(pool, a1, "echo changed > /opt/task/tool && echo mine > /etc/added && cat /opt/task/tool")
+        ) == ("changed\n")
+        assert (
+            await _sh(pool, a2, "cat /opt/task/tool; cat /etc/added 2>&1 | grep -c 'No such'")
+        ) == "echo task a\n1\n"
+        pool.release(a1)
+        a3 = await pool.acquire("a3", image=archives["a"])
+        assert (await _sh(pool, a3, "cat /opt/task/tool; test -e /etc/added || echo gone")) == "echo task a\ngone\n"
+        # an image slot released goes back to the server's own root for the next trajectory
+        pool.release(b)
+        plain = await pool.acquire("plain")
+        assert (await _sh(pool, plain, "test -e /opt/task || echo no-task")) == "no-task\n"
+    unpacked = [line for line in said if "unpacked on its node" in line]
+    kept = [line for line in said if "already on its node" in line]
+    assert len(unpacked) == 2 and len(kept) == 2, said  # a and b once; a2 and a3 found a on the node
+
+
+async def test_a_missing_or_corrupt_image_fails_the_acquire_in_one_line_and_keeps_the_slot(
+    archives: dict[str, str], tmp_path: Path
+) -> None:
+    corrupt = tmp_path / "corrupt.tar"
+    corrupt.write_bytes(Path(archives["a"].removeprefix("docker-archive:")).read_bytes()[:300_000])
+    os.chmod(tmp_path, 0o755)
+    os.chmod(corrupt, 0o644)
+    async with SlotPool(_cfg(slots_per_container=1)) as pool:
+        for ref, words in (
+            (f"docker-archive:{tmp_path / 'none.tar'}", "no such file"),
+            (f"docker-archive:{corrupt}", "corrupt.tar"),
+            ("/", "a directory is not taken over the API"),
+            ("ubuntu:22.04", "docker-daemon://NAME:TAG"),
+        ):
+            with pytest.raises(InvalidToolCall) as caught:
+                await pool.acquire("bad", image=ref, timeout=30)
+            assert words in str(caught.value) and "\n" not in str(caught.value), caught.value
+        slot = await pool.acquire("after", timeout=30)  # the one slot came back each time
+        assert (await _sh(pool, slot, "echo ok")) == "ok\n"
+
+
+async def test_the_node_and_other_slots_stay_out_of_reach_of_an_image_slot(archives: dict[str, str]) -> None:
+    """The file-system attack suite of the isolation issue, victim and attacker both in one image."""
+    async with SlotPool(_cfg(slots_per_container=2)) as pool:
+        found, output = await attack_through_pool(pool, ["/tmp", "/var/tmp", os.getcwd()], image=archives["a"])
+    assert leaked(output) == [], output
+    assert found.marker_text not in output
+    print(f"[image slot attack] {len(output)} bytes of attack output, nothing leaked")
