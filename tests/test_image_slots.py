@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
 import pytest
 
 from atropos.errors import InvalidToolCall
@@ -105,7 +106,7 @@ async def test_a_missing_or_corrupt_image_fails_the_acquire_in_one_line_and_keep
         for ref, words in (
             (f"docker-archive:{tmp_path / 'none.tar'}", "no such file"),
             (f"docker-archive:{corrupt}", "corrupt.tar"),
-            ("/", "a directory is not taken over the API"),
+            ("/", "a directory is not taken by a pool"),
             ("ubuntu:22.04", "docker-daemon://NAME:TAG"),
         ):
             with pytest.raises(InvalidToolCall) as caught:
@@ -122,3 +123,21 @@ async def test_the_node_and_other_slots_stay_out_of_reach_of_an_image_slot(archi
     assert leaked(output) == [], output
     assert found.marker_text not in output
     print(f"[image slot attack] {len(output)} bytes of attack output, nothing leaked")
+
+
+async def test_an_image_slot_goes_to_a_server_that_holds_the_image(archives: dict[str, str]) -> None:
+    """Two servers, each with its own image cache: once one has unpacked the image, the image's next
+    slots go there while it has a free slot, and /health lists what each server holds."""
+    said: list[str] = []
+    async with SlotPool(_cfg(slots_per_container=2, min_containers=2, max_containers=2), progress=said.append) as pool:
+        first = await pool.acquire("first", image=archives["a"])
+        holder, url = first.server_id, pool.server_of(first).url
+        pool.release(first)
+        for i in range(2):  # the free slots alternate between the servers: the preference decides
+            again = await pool.acquire(f"again-{i}", image=archives["a"])
+            assert again.server_id == holder
+            pool.release(again)
+        async with httpx.AsyncClient() as http:
+            health = (await http.get(url + "/health", timeout=5)).json()
+        assert health["images"] == [archives["a"]]
+    assert len([line for line in said if "unpacked on its node" in line]) == 1, said

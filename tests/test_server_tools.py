@@ -38,6 +38,7 @@ def test_health_reports_mode_without_auth(server: RunningServer) -> None:
         "root",
         "binds",
         "bwrap",
+        "images",
     }
     assert (body["root"], body["binds"]) == (("system", []) if body["isolation"] == "bwrap" else ("none", []))
     assert (body["bwrap"] is not None) == (body["isolation"] == "bwrap")
@@ -240,6 +241,6 @@ def test_openapi_document(server: RunningServer) -> None:
         doc = c.get("/openapi.json").json()
     assert set(doc["paths"]) == {
         "/health", "/status", "/execute", "/batch", "/reset", "/upload", "/download", "/snapshot", "/snapshots",
-        "/snapshots/{name}", "/fork",
+        "/snapshots/{name}", "/fork", "/image",
     }  # fmt: skip
     assert "ExecuteResult" in doc["components"]["schemas"]

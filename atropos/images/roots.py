@@ -62,6 +62,11 @@ class ImageRoot:
     workdir: str
     env: list[str]
 
+    @property
+    def environment(self) -> dict[str, str]:
+        """The image's `Env` (`NAME=value` entries) as a mapping."""
+        return dict(entry.split("=", 1) for entry in self.env if "=" in entry)
+
 
 @dataclass(frozen=True)
 class CachedImage:
@@ -123,6 +128,10 @@ class RootCache:
             )
         return found
 
+    def held(self) -> dict[str, str]:
+        """Reference -> image id of every image unpacked here (no sizes: cheap enough for /health)."""
+        return {meta["ref"]: meta["image_id"] for meta in self._metas()}
+
     def size(self) -> int:
         return _disk_usage(self.directory)
 
@@ -132,12 +141,14 @@ class RootCache:
         limit = self.limit if limit is None else limit
         evicted: list[str] = []
         with _flock(self.directory / "cache.lock", fcntl.LOCK_EX):
+            size = self.size()
             for image in sorted(self.images(), key=lambda i: i.last_used):
-                if self.size() <= limit:
+                if size <= limit:
                     break
                 image_dir = self.directory / "images" / image.image_id.partition(":")[2]
                 if _evict(image_dir, self._lock_of(image_dir)):
                     evicted.append(image.ref)
+                    size = self.size()
             needed = {layer for meta in self._metas() for layer in meta["layers"]}
             for layer_dir in (self.directory / "layers").iterdir():
                 if layer_dir.is_dir() and not layer_dir.name.startswith(".") and layer_dir.name not in needed:

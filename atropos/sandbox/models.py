@@ -258,8 +258,8 @@ class ForkResponse(BaseModel):
 class ImageRequest(_Strict):
     slot: SlotNumber
     image: str = Field(
-        min_length=1,
         max_length=4096,
+        pattern=r"^(docker-daemon:(//)?|docker-archive:|oci-archive:)\S",
         description="docker-daemon://NAME:TAG, docker-archive:PATH or oci-archive:PATH (paths on the server's node)",
     )
 
@@ -332,6 +332,9 @@ class HealthResponse(Enforcement):
     busy: int
     warm: WarmState | None = None
     hibernation: HibernationState | None = None
+    images: list[str] = Field(
+        default_factory=list, description="Task images this server has unpacked (POST /image), as they were named."
+    )
 
 
 class SlotActivity(BaseModel):
@@ -344,6 +347,7 @@ class SlotActivity(BaseModel):
     queued: int = Field(description="Calls waiting behind it (a slot runs its calls one after another).")
     calls: int = Field(description="Calls this slot has finished since the server started.")
     asleep: bool = Field(default=False, description="Its runner hibernates; its next call wakes it.")
+    image: str | None = Field(default=None, description="The task image it runs in (POST /image), until its reset.")
 
 
 class StatusResponse(HealthResponse):

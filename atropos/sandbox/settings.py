@@ -57,6 +57,7 @@ class ServerSettings(BaseModel):
     )
     bind_ro: tuple[str, ...] = Field(default=(), description="SRC[:DST] shown read-only in every slot")
     bind: tuple[str, ...] = Field(default=(), description="SRC[:DST] shown writable in every slot (shared by all)")
+    image_cache_gb: float = Field(default=20.0, gt=0, description="size the image cache is trimmed to")
     image_cache: str | None = Field(
         default=None,
         description="where task images are unpacked for image slots (shared by the servers on a node that "
@@ -231,6 +232,11 @@ _OPTIONS: tuple[_Option, ...] = (
         "--image-cache",
         "directory of unpacked task images for slots in their task's own image; servers of one node "
         "that name the same one unpack an image once (default: DATA_DIR/images)",
+    ),
+    _Option(
+        "--image-cache-gb",
+        "size of the image cache: past it, the least recently used images no slot uses are removed",
+        type=float,
     ),
     _Option(
         "--run-as",

@@ -135,10 +135,17 @@ class LeaseBook:
                 return
         self._free.append(st)
 
-    def take_free(self) -> SlotState | None:
-        """A free slot for a caller when nobody waits before it (fast path), else None."""
+    def take_free(self, prefer: Callable[[SlotState], bool] | None = None) -> SlotState | None:
+        """A free slot for a caller when nobody waits before it (fast path), else None; one `prefer`
+        likes (a server holding the caller's image) if there is one."""
         if self._waiters:
             return None  # someone waits already: FIFO, they go first
+        if prefer is not None:
+            for st in self._free:
+                if st.status is SlotStatus.FREE and st.key in self.slots and prefer(st):
+                    self._free.remove(st)
+                    st.status = SlotStatus.LEASED
+                    return st
         while self._free:
             st = self._free.popleft()
             if st.status is SlotStatus.FREE and st.key in self.slots:

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from atropos.backends.base import SandboxBackend, ServerInfo
@@ -21,11 +21,14 @@ from atropos.errors import (
     AcquireTimeout,
     BackendError,
     InfrastructureError,
+    InvalidToolCall,
     PoolClosed,
     SlotLost,
     SlotPoolError,
 )
 from atropos.host.background import Background
+from atropos.images.errors import InvalidReference
+from atropos.images.layers import TaskImageRef
 from atropos.progress import Progress, no_progress
 from atropos.sandbox.models import ExecuteResult, OutputChunk, UploadResult
 from atropos.sandbox.tarsafe import Unpacked
@@ -67,6 +70,7 @@ class SlotPool:
         self._background = Background(log, quiet=(PoolClosed, SlotLost))
         # the pool is the facade: its servers, their health and their number live in these three
         self._fleet = Fleet(self.config, self.backend, self._book, self._stats, self._background, self.progress)
+        self._images_on: dict[str, set[str]] = {}  # server id -> task images its node holds (POST /image)
         self._health = HealthWatch(self._fleet)
         self._scaler = Scaler(self._fleet)
         self._retirement = Retirement(self._fleet)
@@ -182,7 +186,14 @@ class SlotPool:
             raise ValueError(f"no setup for task {from_snapshot!r}: call `await pool.prepare(task_key, setup)` first")
         if from_snapshot is not None and image is not None:
             raise ValueError("a slot starts from a prepared task or in an image, not both (yet)")
-        slot = await self._lease(trajectory_id, timeout)
+        try:
+            ref = TaskImageRef.parse(image) if image is not None else None
+        except InvalidReference as exc:
+            raise InvalidToolCall(str(exc)) from None
+        if ref is not None and ref.kind == "dir":  # the servers' own paths are never the caller's to show
+            raise InvalidToolCall(f"image {image!r}: a directory is not taken by a pool; give an image archive")
+        named = None if ref is None else str(ref)
+        slot = await self._lease(trajectory_id, timeout, None if named is None else self._holding(named))
         try:
             if from_snapshot is not None:
                 await self._prepared.fork_into(slot, from_snapshot)
@@ -193,20 +204,34 @@ class SlotPool:
             raise
         return slot
 
+    def _holding(self, image: str) -> Callable[[SlotState], bool]:
+        """Slots of servers that have `image` unpacked: the image's slots go there first."""
+
+        def holds(st: SlotState) -> bool:
+            member = self._fleet.members.get(st.server_id)
+            return member is not None and (
+                image in self._images_on.get(st.server_id, ()) or image in member.health.get("images", ())
+            )
+
+        return holds
+
     async def _use_image(self, slot: Slot, image: str) -> None:
         self.progress(f"slot {slot.server_id[:8]}/{slot.index}: starting in image {image}")
         async with self._calling(slot, "image", None) as (st, server):
             answer = await server.client.use_image(st.index, image, _IMAGE_TIMEOUT)
+        self._images_on.setdefault(slot.server_id, set()).add(answer.image)
         how = "unpacked on its node" if answer.unpacked else "already on its node"
         self.progress(
             f"slot {slot.server_id[:8]}/{slot.index}: in image {answer.image} ({how}, {answer.duration_ms / 1000:.1f}s)"
         )
 
-    async def _lease(self, trajectory_id: str | None, timeout: float | None) -> Slot:
+    async def _lease(
+        self, trajectory_id: str | None, timeout: float | None, prefer: Callable[[SlotState], bool] | None = None
+    ) -> Slot:
         if self._closed or not self._started:
             raise PoolClosed("the pool is not running (use `async with SlotPool(...)` or `await pool.start()`)")
         trajectory = trajectory_id or uuid.uuid4().hex
-        st = self._book.take_free()
+        st = self._book.take_free(prefer)
         if st is not None:
             self._stats.counters["leases"] += 1
             return self._book.lease(st, trajectory)

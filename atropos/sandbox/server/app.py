@@ -18,7 +18,6 @@ from pydantic import BaseModel, ValidationError
 
 from atropos import __version__
 from atropos.images.errors import ImageError, ImageNotFoundError, InvalidReference
-from atropos.images.layers import TaskImageRef
 from atropos.images.roots import RootCache
 from atropos.sandbox.models import (
     TOOLS,
@@ -112,6 +111,7 @@ class SandboxApp:
     ) -> None:
         self.slots = slots
         self.images = images  # task images for slots in them (None: no bubblewrap, no image slots)
+        self.held_images = images.held() if images is not None else {}  # reference -> image id
         self.warm = WarmSlots(slots, warm_slots)
         self.hibernation = Hibernation(slots, hibernate_after)
         self.token = token.encode()
@@ -216,6 +216,7 @@ class SandboxApp:
                 busy=busy,
                 warm=self._warm_state(),
                 hibernation=self._hibernation_state(),
+                images=sorted(self.held_images),
                 **self.enforcement.model_dump(),
             )
         )
@@ -235,12 +236,14 @@ class SandboxApp:
                 slot=slot.index, state="running" if tool else "idle", tool=tool,
                 running_s=round(now - since, 3) if since is not None else None,
                 queued=max(slot.busy - (1 if tool else 0), 0), calls=slot.finished, asleep=slot.hibernated,
+                image=slot.image.image.ref if slot.image is not None else None,
             ))  # fmt: skip
         busy = sum(1 for slot in self.slots if slot.busy)
         return _json(
             StatusResponse(
                 version=__version__, slots=len(self.slots), busy=busy, slot_activity=activity, warm=self._warm_state(),
-                hibernation=self._hibernation_state(), **self.enforcement.model_dump(),
+                hibernation=self._hibernation_state(), images=sorted(self.held_images),
+                **self.enforcement.model_dump(),
             )
         )  # fmt: skip
 
@@ -484,8 +487,6 @@ class SandboxApp:
         said: list[str] = []
         hold = contextlib.ExitStack()
         try:
-            if TaskImageRef.parse(body.image).kind == "dir":
-                raise InvalidReference(f"image {body.image!r}: a directory is not taken over the API; give an archive")
             image = await asyncio.to_thread(hold.enter_context, self.images.use(body.image, said.append))
         except InvalidReference as exc:
             raise ApiError(400, str(exc)) from None
@@ -495,14 +496,20 @@ class SandboxApp:
             raise ApiError(422, str(exc)) from None
         for line in said:
             log.info("slot %d: %s", slot.index, line)
+        self.held_images[image.ref] = image.image_id
         try:
             await slot.use_image(image, hold.close)
         except SlotFailure as exc:
             raise ApiError(409, str(exc)) from None
+        unpacked = any("unpacked in" in line for line in said)
+        if unpacked:  # the cache grew: the least recently used images no slot uses go past its limit
+            for ref in await asyncio.to_thread(self.images.trim):
+                self.held_images.pop(ref, None)
+                log.info("image cache over its limit: evicted %s", ref)
         return _json(
             ImageResponse(
                 slot=slot.index, image=image.ref, image_id=image.image_id,
-                unpacked=any("unpacked in" in line for line in said),
+                unpacked=unpacked,
                 duration_ms=(time.monotonic() - started) * 1000.0,
             )
         )  # fmt: skip

@@ -139,7 +139,7 @@ class SlotRunner:
             *self._command(self.fork, self.image),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
-            env=self._env,
+            env=self._env if self.image is None else {**self._env, **self.image.image.environment},
             start_new_session=True,
             limit=256 * 1024 * 1024,
         )
