@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
-from atropos.errors import InvalidToolCall
+from atropos.errors import InvalidToolCall, SlotFailed
 from atropos.sandbox.server.isolation import choose_bwrap
 from atropos.slots import Slot, SlotPool, SlotPoolConfig
 from tests.fs_attacks import attack_through_pool, leaked
@@ -141,3 +141,16 @@ async def test_an_image_slot_goes_to_a_server_that_holds_the_image(archives: dic
             health = (await http.get(url + "/health", timeout=5)).json()
         assert health["images"] == [archives["a"]]
     assert len([line for line in said if "unpacked on its node" in line]) == 1, said
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/bwrap"), reason="needs a bubblewrap without overlays (Debian's 0.8)")
+async def test_where_no_overlay_can_be_mounted_an_image_slot_is_refused_with_the_reason(
+    archives: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ATROPOS_BWRAP", "/usr/bin/bwrap")  # 0.8: no --overlay
+    async with SlotPool(_cfg(slots_per_container=1)) as pool:
+        with pytest.raises(SlotFailed) as caught:
+            await pool.acquire("img", image=archives["a"], timeout=30)
+        assert "need overlayfs in a slot" in str(caught.value) and "overlay" in str(caught.value), caught.value
+        slot = await pool.acquire("plain", timeout=30)
+        assert (await _sh(pool, slot, "echo ok")) == "ok\n"

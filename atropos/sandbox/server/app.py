@@ -483,6 +483,8 @@ class SandboxApp:
         slot = self._slot(body.slot)
         if self.images is None or slot.image_layer is None:
             raise ApiError(409, "slots in a task's image need bubblewrap, and this server runs without it")
+        if self.enforcement.fork != "overlay":  # the probe of forks: an overlay cannot be mounted in a slot here
+            raise ApiError(409, f"slots in a task's image need overlayfs in a slot: {self.enforcement.fork_reason}")
         started = time.monotonic()
         said: list[str] = []
         hold = contextlib.ExitStack()
