@@ -13,6 +13,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator
 
@@ -190,3 +191,45 @@ async def test_a_slot_that_slept_in_the_container_has_its_shell_and_its_confined
             )
         assert woke.stdout.startswith(f"/tmp\n7 {first.stdout}"), woke
         assert "EGRESS-OK" in woke.stdout and ("prohibit" in woke.stdout or "ermission denied" in woke.stdout), woke
+
+
+async def test_a_slot_in_a_task_image_inside_the_container_keeps_to_itself(engine: None) -> None:
+    """Image slots inside the docker driver: the task image's archive reaches the server through a
+    declared bind; two slots of the image keep their writes apart, and the attack suite finds nothing."""
+    from tests.images_fixtures import BASE_IMAGE
+
+    where = tempfile.mkdtemp(prefix="atropos-task-archive-", dir="/var/tmp")  # not /tmp: every slot has its own
+    os.chmod(where, 0o755)
+    archive = os.path.join(where, "base.tar")
+    subprocess.run(["docker", "save", "-o", archive, BASE_IMAGE], check=True)
+    os.chmod(archive, 0o644)
+    config = SlotPoolConfig(
+        driver={"type": "docker", "image": IMAGE},
+        slots_per_container=2,
+        min_containers=1,
+        max_containers=1,
+        start_timeout=120,
+        bind_ro=[where],
+    )
+    image = f"docker-archive:{archive}"
+    try:
+        _, out = await _attack_image_slots(config, image)
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+    assert leaked(out) == [], out
+
+
+async def _attack_image_slots(config: SlotPoolConfig, image: str) -> tuple[object, str]:
+    async with SlotPool(config) as pool:
+        probe = await pool.acquire("probe")
+        health = await pool.server_health(probe)
+        pool.release(probe)
+        if health["fork"] != "overlay":
+            pytest.skip(f"no overlay in a slot in this container: {health['fork_reason']}")
+        a1 = await pool.acquire("a1", image=image)
+        a2 = await pool.acquire("a2", image=image)
+        assert await run(pool, a1, "echo changed > /etc/debian_version; cat /etc/debian_version") == "changed\n"
+        assert (await run(pool, a2, "cat /etc/debian_version")).startswith("12.")
+        pool.release(a1)
+        pool.release(a2)
+        return await attack_through_pool(pool, [], seen_as="/data", image=image)
