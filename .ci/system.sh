@@ -22,7 +22,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 need=()
-for pkg in docker.io passt debootstrap iproute2 util-linux uidmap slurm-wlm munge bubblewrap skopeo; do
+for pkg in docker.io passt debootstrap iproute2 util-linux uidmap slurm-wlm munge bubblewrap skopeo squashfs-tools; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ "${#need[@]}" -gt 0 ]; then

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -177,3 +178,22 @@ def task_images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TaskImages
         subprocess.run(build, check=True, capture_output=True)
     yield images
     subprocess.run(["docker", "image", "rm", "-f", images.a, images.b], capture_output=True)
+
+
+def write_sif(root: Path, dest: Path) -> Path:
+    """A SIF holding `root` as its squashfs root partition, laid out as Apptainer 1.5's `sif` library
+    writes one (header, one 585-byte partition descriptor, the data), for machines without Apptainer;
+    atropos.images.sif reads real ones the same way (checked by hand against `apptainer build`)."""
+    squash = dest.with_suffix(".squashfs")
+    subprocess.run(["mksquashfs", str(root), str(squash), "-noappend", "-quiet", "-no-progress"], check=True)
+    data = squash.read_bytes()
+    squash.unlink()
+    table, start = 4096, 8192
+    header = b"#!/usr/bin/env run-singularity\n".ljust(32, b"\0") + b"SIF_MAGIC\0" + b"01\0" + b"02\0"
+    header += os.urandom(16) + struct.pack("<qqqqqqqq", 1, 1, 0, 1, table, 585, start, len(data))
+    descriptor = struct.pack("<i?III", 0x4004, True, 1, 0x1000001, 0)
+    descriptor += struct.pack("<qqqqqqq", start, len(data), len(data), 1, 1, 0, 0)
+    descriptor += b"rootfs".ljust(128, b"\0") + struct.pack("<ii", 1, 2).ljust(384, b"\0")
+    assert len(header) == 128 and len(descriptor) == 585
+    dest.write_bytes(header.ljust(table, b"\0") + descriptor.ljust(start - table, b"\0") + data)
+    return dest

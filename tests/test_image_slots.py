@@ -5,6 +5,7 @@ with bubblewrap: two task images built by the real Docker engine, given to the s
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +17,7 @@ from atropos.errors import InvalidToolCall, SlotFailed
 from atropos.sandbox.server.isolation import choose_bwrap
 from atropos.slots import Slot, SlotPool, SlotPoolConfig
 from tests.fs_attacks import attack_through_pool, leaked
-from tests.images_fixtures import docker_unready
+from tests.images_fixtures import docker_unready, write_sif
 
 if TYPE_CHECKING:
     from tests.images_fixtures import TaskImages
@@ -30,12 +31,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def archives(task_images: TaskImages, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """`docker-archive:` references of the two task images, readable by any user."""
-    where = tmp_path_factory.mktemp("archives")
-    os.chmod(where, 0o755)
-    for parent in where.parents:  # pytest's base temp is private to its user
-        if parent == Path("/tmp"):
-            break
-        os.chmod(parent, os.stat(parent).st_mode | 0o711)
+    where = _readable(tmp_path_factory.mktemp("archives"))
     refs = {}
     for key, tag in (("a", task_images.a), ("b", task_images.b)):
         out = where / f"{key}.tar"
@@ -43,6 +39,16 @@ def archives(task_images: TaskImages, tmp_path_factory: pytest.TempPathFactory) 
         os.chmod(out, 0o644)
         refs[key] = f"docker-archive:{out}"
     return refs
+
+
+def _readable(where: Path) -> Path:
+    """`where` readable by the servers' unprivileged user (pytest's base temp is private to its user)."""
+    os.chmod(where, 0o755)
+    for parent in where.parents:
+        if parent == Path("/tmp"):
+            break
+        os.chmod(parent, os.stat(parent).st_mode | 0o711)
+    return where
 
 
 def _cfg(**kw: object) -> SlotPoolConfig:
@@ -154,3 +160,34 @@ async def test_where_no_overlay_can_be_mounted_an_image_slot_is_refused_with_the
         assert "need overlayfs in a slot" in str(caught.value) and "overlay" in str(caught.value), caught.value
         slot = await pool.acquire("plain", timeout=30)
         assert (await _sh(pool, slot, "echo ok")) == "ok\n"
+
+
+@pytest.fixture(scope="module")
+def base_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The base image's root file system as a directory (`docker export` of a created container)."""
+    from tests.images_fixtures import BASE_IMAGE
+
+    where = tmp_path_factory.mktemp("base-root")
+    made = subprocess.run(["docker", "create", BASE_IMAGE, "true"], check=True, capture_output=True, text=True)
+    cid = made.stdout.strip()
+    try:
+        subprocess.run(["docker", "export", "-o", str(where / "base.tar"), cid], check=True)
+    finally:
+        subprocess.run(["docker", "rm", "-f", cid], capture_output=True)
+    root = where / "rootfs"
+    root.mkdir()
+    subprocess.run(["tar", "-C", str(root), "-xf", str(where / "base.tar")], check=True)
+    return root
+
+
+@pytest.mark.skipif(shutil.which("mksquashfs") is None, reason="no mksquashfs (Debian: squashfs-tools)")
+async def test_a_slot_in_a_sif_image(base_root: Path, tmp_path: Path) -> None:
+    """A SIF (what HPC users have), made here without Apptainer: its root is the slot's."""
+    (base_root / "opt/from-the-sif").write_text("sif\n")
+    sif = write_sif(base_root, _readable(tmp_path) / "task.sif")
+    os.chmod(sif, 0o644)
+    said: list[str] = []
+    async with SlotPool(_cfg(slots_per_container=1), progress=said.append) as pool:
+        slot = await pool.acquire("sif", image=str(sif))
+        assert (await _sh(pool, slot, "cat /opt/from-the-sif; cat /etc/debian_version")).startswith("sif\n12.")
+    assert any(f"in image {sif} (unpacked on its node" in line for line in said), said

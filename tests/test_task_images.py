@@ -156,6 +156,11 @@ def _leftovers(cache: RootCache) -> list[str]:
     return [str(p) for p in cache.directory.rglob("*") if ".partial-" in p.name or p.name.startswith(".scratch-")]
 
 
+def _garbage(path: Path) -> Path:
+    path.write_bytes(b"#!/bin/sh\n" + b"\0" * 500)
+    return path
+
+
 def test_a_corrupt_or_missing_image_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
     cache = RootCache(tmp_path / "cache")
     good = _archive(tmp_path / "good.tar", [[_entry("bin", tarfile.DIRTYPE), _file("bin/sh", "x" * 100_000)]])
@@ -170,6 +175,8 @@ def test_a_corrupt_or_missing_image_is_one_line_and_leaves_nothing(tmp_path: Pat
         ("oci-archive:", InvalidReference, "nothing after"),
         ("ubuntu:22.04", InvalidReference, "docker-daemon://NAME:TAG"),
         (str(tmp_path / "missing-dir"), ImageNotFoundError, "no such directory"),
+        (str(tmp_path / "none.sif"), ImageNotFoundError, "no such SIF file"),
+        (str(_garbage(tmp_path / "garbage.sif")), ImageError, "not a SIF image"),
     ]:
         with pytest.raises(error) as caught:
             with cache.use(ref):

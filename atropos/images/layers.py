@@ -23,7 +23,7 @@ from atropos.images.errors import ImageError, ImageNotFoundError, InvalidReferen
 
 __all__ = ["ImageArchive", "Layer", "TaskImageRef", "local_image_id", "open_archive"]
 
-Kind = Literal["docker-daemon", "docker-archive", "oci-archive", "dir"]
+Kind = Literal["docker-daemon", "docker-archive", "oci-archive", "sif", "dir"]
 _PREFIXES: tuple[tuple[str, Kind], ...] = (
     ("docker-daemon://", "docker-daemon"),
     ("docker-daemon:", "docker-daemon"),
@@ -50,14 +50,14 @@ class TaskImageRef:
                     raise InvalidReference(f"image {text!r}: nothing after {prefix!r}")
                 return cls(kind, target)
         if text.startswith("/"):
-            return cls("dir", text)
+            return cls("sif" if text.endswith(".sif") else "dir", text)
         raise InvalidReference(
-            f"image {text!r}: use docker-daemon://NAME:TAG, docker-archive:PATH, oci-archive:PATH "
-            "or the absolute path of a directory holding an unpacked root"
+            f"image {text!r}: use docker-daemon://NAME:TAG, docker-archive:PATH, oci-archive:PATH, the absolute "
+            "path of a SIF file (*.sif) or of a directory holding an unpacked root"
         )
 
     def __str__(self) -> str:
-        return self.target if self.kind == "dir" else f"{self.kind}:{self.target}"
+        return self.target if self.kind in ("dir", "sif") else f"{self.kind}:{self.target}"
 
 
 @dataclass(frozen=True)
@@ -98,8 +98,8 @@ class ImageArchive:
 @contextmanager
 def open_archive(ref: TaskImageRef, scratch: Path) -> Iterator[ImageArchive]:
     """Open a docker-archive, oci-archive or docker-daemon image (saved to `scratch` first)."""
-    if ref.kind == "dir":
-        raise ValueError("a directory is used as it is, not opened as an archive")
+    if ref.kind in ("dir", "sif"):
+        raise ValueError(f"a {ref.kind} is not an archive of layers")
     path = _saved(ref, scratch) if ref.kind == "docker-daemon" else Path(ref.target)
     if not path.is_file():
         raise ImageNotFoundError(f"{ref}: no such file {path}")

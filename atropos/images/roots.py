@@ -27,7 +27,7 @@ import stat
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,7 @@ from typing import Any
 
 from atropos.images.errors import ImageError, ImageNotFoundError
 from atropos.images.layers import ImageArchive, Layer, TaskImageRef, local_image_id, open_archive
+from atropos.images.sif import root_partition, unsquash
 from atropos.progress import Progress, no_progress
 
 __all__ = ["DEFAULT_LIMIT", "CachedImage", "ImageRoot", "RootCache", "default_root_cache_dir"]
@@ -95,7 +96,10 @@ class RootCache:
         while True:
             image_dir = self.directory / "images" / (local_image_id(ref) or "").partition(":")[2]
             if image_dir.name == "" or not (image_dir / "image.json").is_file():
-                image_dir = self._unpacked(ref, progress)
+                try:
+                    image_dir = self._unpacked(ref, progress)
+                except OSError as exc:  # the image or the cache out of the server user's reach, a full disk
+                    raise ImageError(f"image {ref}: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")) from None
             with _flock(self._lock_of(image_dir), fcntl.LOCK_SH):
                 if not (image_dir / "image.json").is_file():
                     continue  # trimmed between its making and this lock: make it again
@@ -105,6 +109,8 @@ class RootCache:
                 return
 
     def _unpacked(self, ref: TaskImageRef, progress: Progress) -> Path:
+        if ref.kind == "sif":
+            return self._make_sif(ref, progress)
         with tempfile.TemporaryDirectory(dir=self.directory, prefix=".scratch-") as scratch:
             with open_archive(ref, Path(scratch)) as archive:
                 image_dir = self.directory / "images" / archive.image_id.partition(":")[2]
@@ -165,29 +171,47 @@ class RootCache:
         return [json.loads(p.read_text()) for p in (self.directory / "images").glob("*/image.json")]
 
     def _make(self, archive: ImageArchive, image_dir: Path, progress: Progress) -> None:
-        """Unpack under the image's exclusive lock; a process that waited finds it made."""
+        """An archive's root: its layers applied in order (each unpacked once, see `_layer`)."""
+        config = archive.config.get("config") or {}
+        meta = {
+            "ref": str(archive.ref),
+            "image_id": archive.image_id,
+            "layers": [layer.diff_id.partition(":")[2] for layer in archive.layers],
+            "workdir": config.get("WorkingDir") or "",
+            "env": list(config.get("Env") or []),
+        }
+
+        def fill(root: Path) -> None:
+            root.mkdir()
+            for n, layer in enumerate(archive.layers, 1):
+                layer_dir = self._layer(archive, layer, progress, f"layer {n}/{len(archive.layers)}")
+                _apply(layer_dir, json.loads(layer_dir.with_name(layer_dir.name + ".json").read_text()), root)
+
+        self._publish(image_dir, meta, fill, progress)
+
+    def _make_sif(self, ref: TaskImageRef, progress: Progress) -> Path:
+        """A SIF's root: its squashfs partition, unpacked by unsquashfs (one layer, shared with nothing)."""
+        path = Path(ref.target)
+        partition = root_partition(path)
+        image_dir = self.directory / "images" / partition.image_id.partition(":")[2]
+        if not (image_dir / "image.json").is_file():
+            progress(f"image {ref}: unpacking its root partition ({partition.size >> 20} MB)")
+            meta = {"ref": str(ref), "image_id": partition.image_id, "layers": [], "workdir": "", "env": []}
+            self._publish(image_dir, meta, lambda root: unsquash(path, partition, root), progress)
+        return image_dir
+
+    def _publish(self, image_dir: Path, meta: dict[str, Any], fill: Callable[[Path], None], progress: Progress) -> None:
+        """Make the image under its exclusive lock, in a partial directory renamed into place once
+        complete (`fill` makes its root); a process that waited finds it made."""
         lock = self._lock_of(image_dir)
         with _flock(self.directory / "cache.lock", fcntl.LOCK_SH), _flock(lock, fcntl.LOCK_EX):
             if (image_dir / "image.json").is_file():
                 return  # another process made it while this one waited
             started = time.monotonic()
-            layer_names = [layer.diff_id.partition(":")[2] for layer in archive.layers]
             partial = image_dir.with_name(f".{image_dir.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
             try:
-                root = partial / "root"
-                root.mkdir(parents=True)
-                for n, layer in enumerate(archive.layers, 1):
-                    layer_dir = self._layer(archive, layer, progress, f"layer {n}/{len(archive.layers)}")
-                    whiteouts = json.loads(layer_dir.with_name(layer_dir.name + ".json").read_text())
-                    _apply(layer_dir, whiteouts, root)
-                config = archive.config.get("config") or {}
-                meta = {
-                    "ref": str(archive.ref),
-                    "image_id": archive.image_id,
-                    "layers": layer_names,
-                    "workdir": config.get("WorkingDir") or "",
-                    "env": list(config.get("Env") or []),
-                }
+                partial.mkdir()
+                fill(partial / "root")
                 (partial / "image.json").write_text(json.dumps(meta, indent=1))
                 if image_dir.exists():  # a leftover without image.json: never complete
                     shutil.rmtree(image_dir)
@@ -195,7 +219,7 @@ class RootCache:
             finally:
                 if partial.exists():
                     shutil.rmtree(partial, ignore_errors=True)
-            progress(f"image {archive.ref}: unpacked in {time.monotonic() - started:.1f}s")
+            progress(f"image {meta['ref']}: unpacked in {time.monotonic() - started:.1f}s")
 
     def _layer(self, archive: ImageArchive, layer: Layer, progress: Progress, label: str) -> Path:
         """The layer unpacked, from the cache or now; a layer another process publishes meanwhile wins."""

@@ -259,8 +259,9 @@ class ImageRequest(_Strict):
     slot: SlotNumber
     image: str = Field(
         max_length=4096,
-        pattern=r"^(docker-daemon:(//)?|docker-archive:|oci-archive:)\S",
-        description="docker-daemon://NAME:TAG, docker-archive:PATH or oci-archive:PATH (paths on the server's node)",
+        pattern=r"^((docker-daemon:(//)?|docker-archive:|oci-archive:)\S|/\S*\.sif$)",
+        description="docker-daemon://NAME:TAG, docker-archive:PATH, oci-archive:PATH or the path of a SIF file "
+        "(paths on the server's node)",
     )
 
 
