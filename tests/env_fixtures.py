@@ -5,10 +5,12 @@ download: the tests stay offline."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
+from atropos.envs.chat import AssistantReply, Message
 from tests.fake_openai import Turn, hermes, openai_call, raw, say
 
 CHAT_TEMPLATE = (
@@ -89,3 +91,16 @@ OFFLINE_VARS = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TRANSFORMERS_V
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A small tokenizer with a chat template, built offline (no hub)."""
     return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+class Scripted:
+    """A chat model that answers with these replies in turn (an exception is raised instead)."""
+
+    def __init__(self, *replies: AssistantReply | Exception) -> None:
+        self.replies = list(replies)
+
+    async def complete(self, messages: Sequence[Message], tools: Sequence[Message] | None) -> AssistantReply:
+        reply = self.replies.pop(0)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply

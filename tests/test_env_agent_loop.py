@@ -18,7 +18,7 @@ from atropos.envs.openai_client import OpenAIChatModel
 from atropos.envs.task_set import TaskError, load_tasks
 from atropos.envs.tool_calls import ToolCallFormat
 from atropos.slots import SlotLost, SlotPool, SlotPoolConfig
-from tests.env_fixtures import failing_script, solving_script
+from tests.env_fixtures import Scripted, failing_script, solving_script
 from tests.fake_openai import FakeOpenAI, hermes
 
 FIZZBUZZ = load_tasks(None, ["fizzbuzz"])[0]
@@ -102,17 +102,6 @@ class BrokenPool:
         self, slot: str, tool: str, args: dict[str, Any] | None = None, timeout: float | None = None
     ) -> None:
         raise SlotLost("server local-0 died")
-
-
-class Scripted:
-    def __init__(self, *replies: AssistantReply | Exception) -> None:
-        self.replies = list(replies)
-
-    async def complete(self, messages: Sequence[Message], tools: Sequence[Message] | None) -> AssistantReply:
-        reply = self.replies.pop(0)
-        if isinstance(reply, Exception):
-            raise reply
-        return reply
 
 
 async def test_sandbox_failure_is_an_infrastructure_failure_not_a_zero() -> None:

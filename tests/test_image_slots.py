@@ -191,3 +191,25 @@ async def test_a_slot_in_a_sif_image(base_root: Path, tmp_path: Path) -> None:
         slot = await pool.acquire("sif", image=str(sif))
         assert (await _sh(pool, slot, "cat /opt/from-the-sif; cat /etc/debian_version")).startswith("sif\n12.")
     assert any(f"in image {sif} (unpacked on its node" in line for line in said), said
+
+
+async def test_a_task_of_the_environment_runs_in_its_own_image(archives: dict[str, str]) -> None:
+    """The environment's agent loop: a task naming an image is set up, worked on and scored in it."""
+    from atropos.envs.agent_loop import AgentSettings, run_rollout
+    from atropos.envs.chat import AssistantReply
+    from atropos.envs.task_set import Task
+    from tests.env_fixtures import Scripted
+
+    task = Task.model_validate(
+        {
+            "id": "in-image",
+            "prompt": "run the task's tool and keep its output in out.txt",
+            "image": archives["a"],
+            "setup_commands": ["test -x /bin/bash && echo set-up > setup.txt"],
+            "checks": [{"name": "tool", "command": "grep -qx 'task a' out.txt && test -s setup.txt"}],
+        }
+    )
+    call = '<tool_call>{"name": "bash", "arguments": {"command": "sh /opt/task/tool > out.txt"}}</tool_call>'
+    async with SlotPool(_cfg(slots_per_container=1)) as pool:
+        rollout = await run_rollout(pool, task, Scripted(AssistantReply(call), AssistantReply("done")), AgentSettings())
+    assert (rollout.status, rollout.reward) == ("ok", 1.0), (rollout.error, rollout.checks)

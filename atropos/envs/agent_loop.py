@@ -93,8 +93,12 @@ async def run_rollout(
     )
     try:
         has_setup = bool(task.setup_files or task.setup_commands)
-        key = await prepared(pool, task, settings.tool_timeout) if settings.fork_setup and has_setup else None
-        async with pool.slot(rollout.trajectory_id, timeout=settings.acquire_timeout, from_snapshot=key) as slot:
+        # a task in its own image sets up in each rollout's slot: a prepared snapshot holds no image (yet)
+        forked = settings.fork_setup and has_setup and task.image is None
+        key = await prepared(pool, task, settings.tool_timeout) if forked else None
+        async with pool.slot(
+            rollout.trajectory_id, timeout=settings.acquire_timeout, from_snapshot=key, image=task.image
+        ) as slot:
             if key is None:
                 await run_setup(pool, slot, task, settings.tool_timeout)
             try:

@@ -62,6 +62,11 @@ class Task(_Strict):
     )
     checks: list[Check] = Field(min_length=1)
     reference: list[ReferenceStep] = Field(default_factory=list, description="a solution, as tool calls")
+    image: str | None = Field(
+        default=None,
+        description="the task's own image, its slot's root (docker-daemon://NAME:TAG, docker-archive:PATH, "
+        "oci-archive:PATH or a SIF path on the servers' nodes; see SlotPool.acquire); its setup runs per rollout",
+    )
 
     @field_validator("setup_files", "hidden_files")
     @classmethod
