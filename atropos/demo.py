@@ -23,6 +23,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from atropos.backends import BACKEND_KINDS
 from atropos.envs.agent_loop import AgentSettings, Rollout
 from atropos.envs.batch import ModelFactory, run_batch, summarize
 from atropos.envs.chat import ChatModel, ModelError
@@ -85,7 +86,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 
     pool = parser.add_argument_group("sandbox pool")
     pool.add_argument(
-        "--backend", choices=("local", "nomad", "slurm"), default="local",
+        "--backend", choices=BACKEND_KINDS, default="local",
         help="default: local; slurm: servers as sbatch jobs (pool dir ~/.cache/atropos-sandbox/slurm, which the "
         "nodes must see)",
     )  # fmt: skip

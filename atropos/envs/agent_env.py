@@ -25,6 +25,7 @@ from pydantic_cli import run_and_exit
 from pydantic_cli.argparse import FailedExecutionException
 from pydantic_core import PydanticUndefined
 
+from atropos.backends import BackendKind
 from atropos.envs.agent_loop import AgentSettings, Rollout, request_tools
 from atropos.envs.batch import run_batch, summarize
 from atropos.envs.chat import AssistantReply, ChatModel, Message, ModelError, reply_from_completion
@@ -44,7 +45,7 @@ _MAX_INFRA_GROUPS = 5
 
 
 class AgentEnvConfig(BaseEnvConfig):  # type: ignore[misc]
-    backend: Literal["local", "nomad", "slurm"] = Field(
+    backend: BackendKind = Field(
         default="local",
         description="How sandbox servers come to exist: local (this machine), nomad or slurm (a cluster)",
     )

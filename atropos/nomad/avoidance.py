@@ -16,11 +16,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from atropos.nomad.client import NomadClient
 from atropos.nomad.errors import NomadNotFound
 from atropos.nomad.models import Constraint
 from atropos.nomad.responses import NodeInfo
+
+if TYPE_CHECKING:
+    from atropos.nomad.client import NomadClient
 
 __all__ = ["ALIVE_GRACE", "NodeAvoidance"]
 
