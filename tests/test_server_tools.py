@@ -84,6 +84,27 @@ def test_session_keeps_cwd_and_env(server: RunningServer) -> None:
     assert str(res["stdout"]).endswith("after\n")
 
 
+def test_a_command_runs_where_and_with_what_its_call_says(server: RunningServer) -> None:
+    """`cwd` and `env` of bash and bash_session: for that command alone, a session's own directory
+    and variables untouched; a directory that cannot be entered fails the command; bad names refused."""
+    server.execute(0, "bash", command="mkdir -p sub/dir")
+    res = server.execute(0, "bash", command='pwd; echo "$A|$B"', cwd="sub/dir", env={"A": "x y", "B": "$HOME;'q'"})
+    lines = str(res["stdout"]).splitlines()
+    assert lines[0].endswith("/sub/dir") and lines[1] == "x y|$HOME;'q'", res
+    assert str(server.execute(0, "bash", command="pwd", cwd="/tmp")["stdout"]) == "/tmp\n"
+    missing = server.execute(0, "bash", command="echo ran", cwd="nowhere")
+    assert missing["exit_code"] == 1 and "ran" not in str(missing["stdout"]) and "nowhere" in str(missing["stderr"])
+    assert server.execute(0, "bash_session", command="cd sub && export KEEP=1")["ok"]
+    res = server.execute(0, "bash_session", command="pwd; echo $KEEP$ONLY", cwd="/tmp", env={"ONLY": "here"})
+    assert str(res["stdout"]) == "/tmp\n1here\n", res
+    res = server.execute(0, "bash_session", command="pwd; echo ${ONLY:-unset}")
+    assert str(res["stdout"]).splitlines()[0].endswith("/sub") and str(res["stdout"]).endswith("unset\n"), res
+    with server.client() as c:
+        for args in ({"command": "true", "env": {"1BAD": "x"}}, {"command": "true", "cwd": ""}):
+            r = c.post("/execute", json={"slot": 0, "tool": "bash", "args": args})
+            assert r.status_code == 422, r.text
+
+
 def test_session_exit_starts_new_shell(server: RunningServer) -> None:
     server.execute(3, "bash_session", command="cd /; export KEEP=1")
     res = server.execute(3, "bash_session", command="exit 4")

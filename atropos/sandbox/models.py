@@ -40,15 +40,40 @@ class _Strict(BaseModel):
 _NO_NUL = r"^[^\x00]*$"
 
 
-class BashArgs(_Strict):
+class _PlacedArgs(_Strict):
+    cwd: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4096,
+        pattern=_NO_NUL,
+        description="Directory the command runs in: relative to the workspace, or absolute as the slot sees it; "
+        "one that cannot be entered fails the command (exit status 1).",
+    )
+    env: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], Annotated[str, Field(pattern=_NO_NUL)]] = (
+        Field(default_factory=dict, max_length=1024, description="Environment variables for this command alone.")
+    )
+
+    def placed(self, op: BashOp | SessionOp) -> BashOp | SessionOp:
+        """The runner's op with this call's `cwd` and `env`, where given."""
+        if self.cwd is not None:
+            op["cwd"] = self.cwd
+        if self.env:
+            op["env"] = dict(self.env)
+        return op
+
+
+class BashArgs(_PlacedArgs):
     command: str = Field(
         min_length=1, pattern=_NO_NUL, description="Shell command run by `bash -c` in the workspace (no NUL byte)."
     )
 
 
-class SessionArgs(_Strict):
+class SessionArgs(_PlacedArgs):
     command: str = Field(
-        min_length=1, pattern=_NO_NUL, description="Command run in the slot's persistent bash session (no NUL byte)."
+        min_length=1,
+        pattern=_NO_NUL,
+        description="Command run in the slot's persistent bash session (no NUL byte); with `cwd` or `env` it runs "
+        "in a subshell of the session, whose own directory and variables stay as they were.",
     )
     read_background: bool = Field(
         default=False,
@@ -105,7 +130,7 @@ class BashCall(_Call):
     args: BashArgs
 
     def runner_op(self, timeout: float) -> ToolOp:
-        return BashOp(op="bash", command=self.args.command, timeout=timeout, stream=self.stream)
+        return self.args.placed(BashOp(op="bash", command=self.args.command, timeout=timeout, stream=self.stream))
 
 
 class SessionCall(_Call):
@@ -113,13 +138,14 @@ class SessionCall(_Call):
     args: SessionArgs
 
     def runner_op(self, timeout: float) -> ToolOp:
-        return SessionOp(
+        op = SessionOp(
             op="bash_session",
             command=self.args.command,
             timeout=timeout,
             stream=self.stream,
             read_background=self.args.read_background,
         )
+        return self.args.placed(op)
 
 
 class ReadFileCall(_Call):

@@ -40,6 +40,7 @@ from atropos.sandbox.runner.protocol import (
     SessionOp,
     WriteFileOp,
     add_note,
+    placed_command,
     stopped_by,
 )
 from atropos.sandbox.runner.rlimits import RunnerLimits, describe_limit, limit_of_result
@@ -217,11 +218,13 @@ class Runner:
 
     async def command(self, req: BashOp | SessionOp, emit: Emit | None = None) -> Outcome:
         timeout = float(req["timeout"] or 60.0)
+        scoped = req["op"] == "bash_session"
+        command = placed_command(req["command"], req.get("cwd"), req.get("env"), self.root, scoped=scoped)
         if req["op"] == "bash":
-            return await run_oneshot(self.children, req["command"], timeout=timeout, cap=self.cap, emit=emit)
+            return await run_oneshot(self.children, command, timeout=timeout, cap=self.cap, emit=emit)
         async with self._session_lock:
             return await self.session.run(
-                req["command"],
+                command,
                 timeout=timeout,
                 cap=self.cap,
                 emit=emit,

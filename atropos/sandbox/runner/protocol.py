@@ -14,6 +14,8 @@ Standard library only (TypedDicts): the runner runs without site-packages.
 from __future__ import annotations
 
 import json
+import os
+import shlex
 from typing import Literal, TypedDict
 
 LimitKind = Literal["memory", "processes", "cpu_time", "file_size", "workspace"]
@@ -25,13 +27,18 @@ class _Streamed(TypedDict, total=False):
     stream: bool
 
 
-class BashOp(_Streamed):
+class _Placed(_Streamed, total=False):
+    cwd: str  # where the command runs: relative to the workspace, or absolute as the slot sees it
+    env: dict[str, str]  # variables for this command alone
+
+
+class BashOp(_Placed):
     op: Literal["bash"]
     command: str
     timeout: float
 
 
-class _SessionOptions(_Streamed, total=False):
+class _SessionOptions(_Placed, total=False):
     read_background: bool  # the result's `background`: what the session's background jobs printed
 
 
@@ -137,3 +144,17 @@ def stopped_by(outcome: Outcome, kind: LimitKind, description: str) -> None:
     outcome["limit"] = kind
     outcome["ok"] = False
     prepend_error(outcome, f"stopped: {description}")
+
+
+def placed_command(command: str, cwd: str | None, env: dict[str, str] | None, root: str, *, scoped: bool) -> str:
+    """`command` run in `cwd` (relative: to the workspace `root`) with `env` added, as shell text.
+    `scoped`: in a subshell, so that a session's own directory and variables stay as they were.
+    A `cwd` that cannot be entered fails the command (bash's message, exit status 1)."""
+    if cwd is None and not env:
+        return command
+    lines = []
+    if cwd is not None:
+        lines.append(f"cd -- {shlex.quote(os.path.join(root, cwd))} || exit")
+    lines += [f"export {name}={shlex.quote(value)}" for name, value in (env or {}).items()]
+    body = "\n".join([*lines, command])
+    return f"(\n{body}\n)" if scoped else body
