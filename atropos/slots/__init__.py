@@ -17,7 +17,9 @@ from atropos.sandbox.models import ExecuteResult
 from atropos.slots.config import SlotPoolConfig
 from atropos.slots.leasing import Slot
 from atropos.slots.pool import BatchCall, SlotPool
+from atropos.slots.sandbox import Sandbox
 from atropos.slots.stats import PoolStats, percentile
+from atropos.slots.sync import SyncSandbox, SyncSlotPool
 
 __all__ = [
     "AcquireTimeout",
@@ -30,6 +32,7 @@ __all__ = [
     "PoolClosed",
     "PoolConfigError",
     "PoolStats",
+    "Sandbox",
     "Slot",
     "SlotDraining",
     "SlotFailed",
@@ -37,5 +40,7 @@ __all__ = [
     "SlotPool",
     "SlotPoolConfig",
     "SlotPoolError",
+    "SyncSandbox",
+    "SyncSlotPool",
     "percentile",
 ]

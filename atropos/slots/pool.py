@@ -23,6 +23,7 @@ from atropos.errors import (
     InfrastructureError,
     InvalidToolCall,
     PoolClosed,
+    SlotFailed,
     SlotLost,
     SlotPoolError,
 )
@@ -30,7 +31,7 @@ from atropos.host.background import Background
 from atropos.images.errors import InvalidReference
 from atropos.images.layers import TaskImageRef
 from atropos.progress import Progress, no_progress
-from atropos.sandbox.models import ExecuteResult, OutputChunk, UploadResult
+from atropos.sandbox.models import ExecuteResult, OutputChunk, SnapshotInfo, UploadResult
 from atropos.sandbox.tarsafe import Unpacked
 from atropos.slots.config import SlotPoolConfig
 from atropos.slots.fleet import Fleet, Member
@@ -38,6 +39,7 @@ from atropos.slots.health import HealthWatch
 from atropos.slots.leasing import LeaseBook, Slot, SlotState, SlotStatus
 from atropos.slots.prepared import PreparedTasks, SetupCall
 from atropos.slots.retirement import Retirement
+from atropos.slots.sandbox import Sandbox
 from atropos.slots.scaling import Scaler
 from atropos.slots.stats import PoolStats, StatsRecorder, summarize
 
@@ -310,6 +312,33 @@ class SlotPool:
         finally:
             self.release(leased)
 
+    async def open_sandbox(
+        self,
+        trajectory_id: str | None = None,
+        timeout: float | None = None,
+        *,
+        image: str | None = None,
+        from_snapshot: str | None = None,
+    ) -> Sandbox:
+        """A slot as a Sandbox object (atropos.slots.sandbox): `await sb.close()` gives it back."""
+        return Sandbox(self, await self.acquire(trajectory_id, timeout, from_snapshot, image=image))
+
+    @contextlib.asynccontextmanager
+    async def sandbox(
+        self,
+        trajectory_id: str | None = None,
+        timeout: float | None = None,
+        *,
+        image: str | None = None,
+        from_snapshot: str | None = None,
+    ) -> AsyncIterator[Sandbox]:
+        """`async with pool.sandbox(image=..., trajectory_id=...) as sb:` a Sandbox, closed at the end."""
+        sandbox = await self.open_sandbox(trajectory_id, timeout, image=image, from_snapshot=from_snapshot)
+        try:
+            yield sandbox
+        finally:
+            await sandbox.close()
+
     def time_left(self, slot: Slot) -> float | None:
         """Seconds before the slot's server is stopped by its backend (a SLURM job's time limit),
         where there is such an end; None otherwise. A call must end before it (else SlotDraining)."""
@@ -408,6 +437,28 @@ class SlotPool:
             async for event in server.client.execute_stream(st.index, tool, args or {}, limit):
                 st.last_seen = time.monotonic()  # output flows: the lease is in use
                 yield event
+
+    # -- snapshots and forks of a slot ----------------------------------------------------------
+
+    async def snapshot(self, slot: Slot, name: str, timeout: float = 600.0) -> SnapshotInfo:
+        """Keep the slot's workspace as snapshot `name` on its server (`fork` starts slots from it)."""
+        async with self._calling(slot, "snapshot", None) as (st, server):
+            return await server.client.snapshot(st.index, name, timeout)
+
+    async def fork(self, of: Slot, name: str, trajectory_id: str | None = None, timeout: float | None = None) -> Slot:
+        """A new slot on `of`'s server starting from its snapshot `name`, a copy-on-write workspace
+        of its own. Snapshots stay on their server: SlotFailed when it has no free slot now."""
+        server_id = self._book.check(of).server_id
+        slot = await self._lease(trajectory_id, timeout, lambda st: st.server_id == server_id)
+        try:
+            if slot.server_id != server_id:
+                raise SlotFailed(f"no free slot on server {server_id} to fork snapshot {name!r} into; try again")
+            async with self._calling(slot, "fork", None) as (st, server):
+                await server.client.fork(name, [st.index], 600.0)
+        except BaseException:
+            self.release(slot)
+            raise
+        return slot
 
     # -- whole trees -----------------------------------------------------------------------------
 
