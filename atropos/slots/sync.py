@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -35,6 +36,10 @@ T = TypeVar("T")
 class _LoopThread:
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
+        # its own thread pool (the pool's blocking work: files, killing process trees); importing
+        # concurrent.futures here also registers the interpreter's exit hook for thread pools before
+        # any hook that closes a pool at exit, so that one runs first (hooks run newest first)
+        self.loop.set_default_executor(ThreadPoolExecutor(thread_name_prefix="atropos-pool"))
         self.thread = threading.Thread(target=self.loop.run_forever, name="atropos-pool-loop", daemon=True)
         self.thread.start()
 
