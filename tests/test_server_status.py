@@ -37,7 +37,7 @@ def test_status_shows_a_running_call_and_what_is_enforced(tmp_path: Path) -> Non
     rows = shown.stdout.splitlines()
     assert "isolation none (--isolation none was asked for)  network allow" in rows[1], shown.stdout
     assert rows[-1].split()[:3] == ["1", "running", "bash"] and rows[-2].split()[:2] == ["0", "idle"]
-    assert after.stdout.splitlines()[-1].split() == ["1", "idle", "-", "-", "0", "1"], after.stdout
+    assert after.stdout.splitlines()[-1].split() == ["1", "idle", "-", "-", "0", "1", "-"], after.stdout
 
 
 def test_status_says_what_a_slot_sees(tmp_path: Path) -> None:
