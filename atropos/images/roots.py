@@ -17,6 +17,7 @@ Unprivileged throughout: extraction and hard links need no capability.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -98,8 +99,10 @@ class RootCache:
             if image_dir.name == "" or not (image_dir / "image.json").is_file():
                 try:
                     image_dir = self._unpacked(ref, progress)
-                except OSError as exc:  # the image or the cache out of the server user's reach, a full disk
-                    raise ImageError(f"image {ref}: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")) from None
+                except OSError as exc:  # the image out of the server user's reach, the cache's disk full
+                    why = f"image {ref}: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+                    unreachable = exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.ENAMETOOLONG)
+                    raise (ImageNotFoundError if unreachable else ImageError)(why) from None
             with _flock(self._lock_of(image_dir), fcntl.LOCK_SH):
                 if not (image_dir / "image.json").is_file():
                     continue  # trimmed between its making and this lock: make it again

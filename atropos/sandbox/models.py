@@ -50,7 +50,12 @@ class _PlacedArgs(_Strict):
         "one that cannot be entered fails the command (exit status 1).",
     )
     env: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], Annotated[str, Field(pattern=_NO_NUL)]] = (
-        Field(default_factory=dict, max_length=1024, description="Environment variables for this command alone.")
+        Field(
+            default_factory=dict,
+            max_length=1024,
+            description="Environment variables for this command alone (names: letters, digits, '_').",
+            json_schema_extra={"additionalProperties": False},  # a name outside the pattern is refused
+        )
     )
 
     def placed(self, op: BashOp | SessionOp) -> BashOp | SessionOp:
