@@ -91,7 +91,12 @@ class BrokenPool:
 
     @contextlib.asynccontextmanager
     async def slot(
-        self, trajectory_id: str | None = None, timeout: float | None = None, from_snapshot: str | None = None
+        self,
+        trajectory_id: str | None = None,
+        timeout: float | None = None,
+        from_snapshot: str | None = None,
+        *,
+        image: str | None = None,
     ) -> AsyncIterator[str]:
         try:
             yield "slot-0"

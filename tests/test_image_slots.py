@@ -16,6 +16,7 @@ import pytest
 from atropos.errors import InvalidToolCall, SlotFailed
 from atropos.sandbox.server.isolation import choose_bwrap
 from atropos.slots import Slot, SlotPool, SlotPoolConfig
+from tests.faults import wait_for
 from tests.fs_attacks import attack_through_pool, leaked
 from tests.images_fixtures import docker_unready, write_sif
 
@@ -140,6 +141,8 @@ async def test_an_image_slot_goes_to_a_server_that_holds_the_image(archives: dic
         holder, url = first.server_id, pool.server_of(first).url
         pool.release(first)
         for i in range(2):  # the free slots alternate between the servers: the preference decides
+            # the holder's slots back from their reset first: "while it has a free slot"
+            assert await wait_for(lambda: pool.stats().slots_by_status["resetting"] == 0)
             again = await pool.acquire(f"again-{i}", image=archives["a"])
             assert again.server_id == holder
             pool.release(again)
