@@ -323,3 +323,35 @@ async def test_a_pool_of_the_singularity_driver_on_the_local_backend() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
     assert health["root"] == "image" and health["isolation"] == "bwrap", health
     assert leaked(out) == [], out
+
+
+@pytest.mark.skipif(choose_bwrap() is None, reason="needs bubblewrap")
+def test_a_bind_under_a_runtime_mount_the_image_root_hides(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Apptainer mounts the user's home and /var/tmp; root `image` hides them, and a declared bind
+    under one (data in the home dir) must still mount: the cover is a tmpfs, read-only once sealed."""
+    from atropos.sandbox import rootfs
+    from atropos.sandbox.rootfs import Bind, build_layout
+    from atropos.sandbox.server.isolation import SandboxSpec
+
+    chosen = choose_bwrap()
+    assert chosen is not None
+    base = Path(tempfile.mkdtemp(prefix="atropos-runtime-mount-", dir="/var/tmp"))  # /tmp is every slot's own
+    try:
+        runtime_mount = base / "home"
+        (runtime_mount / "user" / "data").mkdir(parents=True)
+        (runtime_mount / "user" / "data" / "shared.txt").write_text("shared\n")
+        (runtime_mount / "user" / "private.txt").write_text("private\n")
+        monkeypatch.setattr(rootfs, "_runtime_mounts", lambda: [str(runtime_mount)])
+        data = str(runtime_mount / "user" / "data")
+        layout = build_layout(
+            "image", state_dir=str(base / "state"), private=[], binds=[Bind.parse(data, writable=False)]
+        )
+        spec = SandboxSpec(bwrap=chosen.path, layout=layout, network="deny", userns=True)
+        workspace = base / "ws"
+        workspace.mkdir()
+        script = f"cat {data}/shared.txt; ls {runtime_mount}/user; touch {runtime_mount}/new 2>&1 | grep -c Read-only"
+        done = subprocess.run(spec.argv(str(workspace), ["/bin/sh", "-c", script]), capture_output=True, text=True)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "shared\ndata\n1\n", done.stdout  # the bind; nothing else of the home; read-only

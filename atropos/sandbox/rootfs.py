@@ -156,6 +156,7 @@ class _Builder:
         self.args: list[str] = []
         self.maps: list[_Shown] = []
         self.hidden: list[str] = []
+        self.sealed: list[str] = []  # tmpfs covers, read-only once everything is mounted
 
     def bind(self, source: str, target: str, *, writable: bool = False) -> None:
         self.args += ["--bind" if writable else "--ro-bind", source, target]
@@ -181,6 +182,21 @@ class _Builder:
             return  # hidden already, with what holds it
         self.args += ["--ro-bind", empty_dir if os.path.isdir(path) else "/dev/null", target]
         self.hidden.append(target)
+
+    def hide_mount(self, point: str) -> None:
+        """Cover a runtime's mount point with an empty tmpfs, made read-only by `seal` once the
+        declared binds are in: a bind under it (Apptainer's home, /var/tmp) still finds its mount point."""
+        if any(_under(point, done) for done in self.hidden):
+            return
+        if not os.path.isdir(point):
+            self.hide(point, point, "")
+            return
+        self.args += ["--tmpfs", point]
+        self.hidden.append(point)
+        self.sealed.append(point)
+
+    def seal(self) -> None:
+        self.args += [arg for point in self.sealed for arg in ("--remount-ro", point)]
 
 
 @dataclass(frozen=True)
@@ -309,7 +325,7 @@ def build_layout(
         if policy == "image":
             for point in _runtime_mounts():
                 if b.visible(point):
-                    b.hide(point, point, empty)
+                    b.hide_mount(point)
     hide += _interpreter(b)
     b.args += ["--dir", "/run"]
     runner = copy_runner(os.path.join(state_dir, "runner"))
@@ -321,6 +337,7 @@ def build_layout(
     for path in sorted(set(hide)):
         for target in b.shown_at(path):
             b.hide(path, target, empty)
+    b.seal()
     return RootLayout(policy, tuple(b.args), declared, tuple(b.hidden), _image_args(private, declared, runner, empty))
 
 
