@@ -161,3 +161,14 @@ async def test_a_silent_address_is_a_timeout_within_the_requests_own_timeout() -
         finally:
             for filler in fillers:
                 filler.close()
+
+
+def test_a_connection_lost_before_its_request_is_a_transport_error() -> None:
+    """A server killed between a new connection's connect and its request: a transport error (the
+    pool's SlotLost), not an AssertionError (seen in CI once, in the Nomad fault test)."""
+    from atropos.sandbox.http import HttpTransportError, _Connection
+
+    conn = _Connection()
+    conn.connection_lost(ConnectionResetError(104, "Connection reset by peer"))
+    with pytest.raises(HttpTransportError, match="before the request was sent"):
+        conn.send(b"GET /health HTTP/1.1\r\n\r\n")

@@ -61,7 +61,8 @@ class _Connection(asyncio.Protocol):
         self.transport = transport
 
     def send(self, data: bytes) -> asyncio.Future[tuple[int, bytes]]:
-        assert self.transport is not None
+        if self.transport is None:  # closed between its connect and this request (a server killed then)
+            raise HttpTransportError("connection closed before the request was sent")
         self.waiter = asyncio.get_running_loop().create_future()
         self.reusable = False
         self._buf.clear()
