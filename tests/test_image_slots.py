@@ -216,3 +216,55 @@ async def test_a_task_of_the_environment_runs_in_its_own_image(archives: dict[st
     async with SlotPool(_cfg(slots_per_container=1)) as pool:
         rollout = await run_rollout(pool, task, Scripted(AssistantReply(call), AssistantReply("done")), AgentSettings())
     assert (rollout.status, rollout.reward) == ("ok", 1.0), (rollout.error, rollout.checks)
+
+
+async def test_a_snapshot_of_an_image_slot_keeps_its_writes_over_the_image_and_forks_run_in_it(
+    archives: dict[str, str],
+) -> None:
+    """The snapshot is of the slot's layer over the image (a changed file, a deleted one, a directory
+    replaced) and of its workspace; a fork starts in the image with those, and from there each
+    fork's writes are its own. A fork's snapshot carries its parent's layer as well."""
+    async with SlotPool(_cfg()) as pool:
+        src = await pool.acquire("src", image=archives["a"])
+        await _sh(
+            pool, src,
+            "echo changed > /opt/task/tool && rm /etc/debian_version && rm -rf /usr/share/doc && "
+            "mkdir /usr/share/doc && echo only > /usr/share/doc/only && echo ws > w.txt",
+        )  # fmt: skip
+        info = await pool.snapshot(src, "s1")
+        assert info.image == archives["a"], info
+        await _sh(pool, src, "echo after > /opt/task/tool")
+        seen = "cat /opt/task/tool w.txt; test -e /etc/debian_version || echo no-version; ls /usr/share/doc"
+        fork = await pool.fork(src, "s1")
+        assert (await _sh(pool, fork, seen)) == "changed\nws\nno-version\nonly\n"
+        await _sh(pool, fork, "echo fork > /opt/task/tool && echo more > /etc/more")
+        assert (await _sh(pool, src, "cat /opt/task/tool; test -e /etc/more || echo src-clean")) == (
+            "after\nsrc-clean\n"
+        )
+        await pool.snapshot(fork, "s2")  # the fork's own writes, over s1's layer
+        pool.release(src)
+        second = await pool.fork(fork, "s2")
+        assert (await _sh(pool, second, seen + "; cat /etc/more")) == "fork\nws\nno-version\nonly\nmore\n"
+        # a slot of the image, not forked: nothing of any snapshot
+        pool.release(second)
+        plain = await pool.acquire("plain", image=archives["a"])
+        assert (await _sh(pool, plain, "cat /opt/task/tool; cat /etc/debian_version")).startswith("echo task a\n12.")
+
+
+async def test_a_task_prepared_in_its_image_forks_every_slot_in_it(archives: dict[str, str]) -> None:
+    """`prepare(..., image=)`: the setup runs once in the image (here it edits the image's /etc),
+    and each slot acquired for the task starts from that, in the image."""
+    said: list[str] = []
+    setup = [("bash", {"command": "echo prepared > /etc/prepared && echo ws > ready.txt"})]
+    async with SlotPool(_cfg(), progress=said.append) as pool:
+        await pool.prepare("task-a", setup, image=archives["a"])
+        slots = [await pool.acquire(f"r{i}", from_snapshot="task-a") for i in range(2)]
+        for slot in slots:
+            assert (await _sh(pool, slot, "cat /etc/prepared ready.txt /opt/task/tool")) == (
+                "prepared\nws\necho task a\n"
+            )
+        await _sh(pool, slots[0], "echo mine > /etc/prepared")
+        assert (await _sh(pool, slots[1], "cat /etc/prepared")) == "prepared\n"
+        with pytest.raises(ValueError, match="was prepared in image"):
+            await pool.acquire("other", from_snapshot="task-a", image=archives["b"])
+    assert len([line for line in said if "starting in image" in line]) == 1, said  # the setup's slot only

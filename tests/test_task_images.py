@@ -4,6 +4,7 @@ archives for what no engine writes (a corrupt one, a hostile one)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -204,5 +205,14 @@ def test_a_cache_over_its_limit_evicts_unused_images_never_one_in_use(tmp_path: 
         assert sorted(evicted) == sorted(refs[1:]), evicted
         assert (busy.root / "bin/one").is_file()
     assert [i.ref for i in cache.images()] == [refs[0]]
+    with cache.use(refs[0]) as image, cache.keep(image):  # a snapshot's hold outlives the slot's
+        pass
+    with cache.use(refs[0]) as image:
+        kept = contextlib.ExitStack()
+        kept.enter_context(cache.keep(image))
+    assert cache.trim(limit=0) == [] and (image.root / "bin/one").is_file()
+    kept.close()
     assert cache.trim(limit=0) == [refs[0]]
     assert cache.images() == [] and [p for p in (cache.directory / "layers").iterdir() if p.is_dir()] == []
+    with pytest.raises(ImageNotFoundError, match="no longer on this node"), cache.keep(image):
+        pass

@@ -93,8 +93,7 @@ async def run_rollout(
     )
     try:
         has_setup = bool(task.setup_files or task.setup_commands)
-        # a task in its own image sets up in each rollout's slot: a prepared snapshot holds no image (yet)
-        forked = settings.fork_setup and has_setup and task.image is None
+        forked = settings.fork_setup and has_setup  # a task's image goes with its prepared snapshot
         key = await prepared(pool, task, settings.tool_timeout) if forked else None
         async with pool.slot(
             rollout.trajectory_id, timeout=settings.acquire_timeout, from_snapshot=key, image=task.image

@@ -20,8 +20,9 @@ def setup_calls(task: Task) -> list[SetupCall]:
 
 
 def setup_key(task: Task) -> str:
-    """The prepared setup's key: the task and its setup, so that a changed task is prepared anew."""
-    digest = hashlib.sha256(json.dumps(setup_calls(task), sort_keys=True).encode()).hexdigest()[:16]
+    """The prepared setup's key: the task, its setup and its image, so that a changed task is prepared anew."""
+    made = {"calls": setup_calls(task), "image": task.image}
+    digest = hashlib.sha256(json.dumps(made, sort_keys=True).encode()).hexdigest()[:16]
     return f"{task.id}:{digest}"
 
 
@@ -29,7 +30,7 @@ async def prepared(pool: SlotPool, task: Task, timeout: float) -> str:
     """Prepare the task's setup once (later calls wait for or reuse it); the key to fork from."""
     key = setup_key(task)
     try:
-        await pool.prepare(key, setup_calls(task), call_timeout=timeout)
+        await pool.prepare(key, setup_calls(task), call_timeout=timeout, image=task.image)
     except SetupFailed as exc:
         raise TaskError(f"task {task.id} setup: {exc}") from None
     return key

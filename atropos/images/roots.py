@@ -111,6 +111,20 @@ class RootCache:
                 yield ImageRoot(str(ref), meta["image_id"], image_dir / "root", meta["workdir"], meta["env"])
                 return
 
+    @contextmanager
+    def keep(self, image: ImageRoot) -> Iterator[None]:
+        """One more hold on an image in use (a snapshot of a slot in it, a fork of that snapshot):
+        it cannot be evicted until the block ends. The reference is not resolved again (a tag may
+        have moved since): the hold is on this very image."""
+        if TaskImageRef.parse(image.ref).kind == "dir":
+            yield
+            return
+        image_dir = image.root.parent
+        with _flock(self._lock_of(image_dir), fcntl.LOCK_SH):
+            if not (image_dir / "image.json").is_file():
+                raise ImageNotFoundError(f"image {image.ref}: no longer on this node (evicted)")
+            yield
+
     def _unpacked(self, ref: TaskImageRef, progress: Progress) -> Path:
         if ref.kind == "sif":
             return self._make_sif(ref, progress)

@@ -32,11 +32,13 @@ _PT_INTERP = 3
 
 @dataclass(frozen=True)
 class SlotImage:
-    """The image a slot runs in now, and the slot's own layer over it (`work`: overlayfs's scratch)."""
+    """The image a slot runs in now, and the slot's own layer over it (`work`: overlayfs's scratch);
+    a fork of a snapshot has that snapshot's `layers` (topmost first) between the two."""
 
     image: ImageRoot
     upper: str
     work: str
+    layers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

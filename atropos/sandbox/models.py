@@ -268,6 +268,10 @@ class SnapshotInfo(BaseModel):
     bytes: int = Field(description="Bytes of file content it holds.")
     forks: list[int] = Field(default_factory=list, description="Slots forked from it since their last reset.")
     duration_ms: float | None = None
+    image: str | None = Field(
+        default=None,
+        description="The task image its slot ran in (POST /image): its forks run in it, on the slot's writes over it.",
+    )
 
 
 class SnapshotList(BaseModel):

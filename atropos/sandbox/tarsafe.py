@@ -34,6 +34,11 @@ if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
 
 Compression = Literal["gzip", "zstd", "none"]
+# what a walk or a copy keeps: files, dirs and links only, or also what makes a dir an overlayfs
+# layer (whiteouts: character devices 0/0; opaque dirs: an `overlay.opaque` xattr, user or trusted)
+Keep = Literal["content", "layer"]
+_WHITEOUT_DEV = os.makedev(0, 0)
+_OVERLAY_XATTRS = ("user.overlay.", "trusted.overlay.")
 COMPRESSIONS: tuple[Compression, ...] = ("gzip", "zstd", "none")
 MEDIA_TYPES: dict[Compression, str] = {
     "gzip": "application/gzip",
@@ -359,6 +364,7 @@ class Entry:
     st: os.stat_result
     fd: int = -1  # a regular file's, open for reading while the consumer holds the entry
     target: str = ""  # a symlink's
+    xattrs: tuple[tuple[str, bytes], ...] = ()  # a layer's dir: its overlayfs attributes (opaque)
 
     @property
     def is_dir(self) -> bool:
@@ -368,11 +374,26 @@ class Entry:
     def is_link(self) -> bool:
         return stat.S_ISLNK(self.st.st_mode)
 
+    @property
+    def is_whiteout(self) -> bool:
+        return stat.S_ISCHR(self.st.st_mode) and self.st.st_rdev == _WHITEOUT_DEV
 
-def walk(fd: int, prefix: str = "") -> Iterator[Entry]:
+
+def _overlay_xattrs(fd: int) -> tuple[tuple[str, bytes], ...]:
+    try:
+        names = [n for n in os.listxattr(fd) if n.startswith(_OVERLAY_XATTRS)]
+        return tuple((n, os.getxattr(fd, n)) for n in sorted(names))
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.ENODATA):
+            return ()
+        raise
+
+
+def walk(fd: int, prefix: str = "", keep: Keep = "content") -> Iterator[Entry]:
     """Directories (before their contents), regular files and symlinks below the directory fd `fd`,
     never following a link; sockets and FIFOs are left out (they have no content to carry), and an
-    entry that changes type while we walk is skipped."""
+    entry that changes type while we walk is skipped. With `keep="layer"`, whiteouts too, and each
+    directory's overlayfs attributes."""
     for name in sorted(os.listdir(fd)):
         try:
             st = os.stat(name, dir_fd=fd, follow_symlinks=False)
@@ -387,8 +408,8 @@ def walk(fd: int, prefix: str = "") -> Iterator[Entry]:
                     continue
                 raise
             try:
-                yield Entry(rel, st)
-                yield from walk(sub, f"{rel}/")
+                yield Entry(rel, st, xattrs=_overlay_xattrs(sub) if keep == "layer" else ())
+                yield from walk(sub, f"{rel}/", keep)
             finally:
                 os.close(sub)
         elif stat.S_ISLNK(st.st_mode):
@@ -409,6 +430,8 @@ def walk(fd: int, prefix: str = "") -> Iterator[Entry]:
                     yield Entry(rel, st, fd=file_fd)
             finally:
                 os.close(file_fd)
+        elif keep == "layer" and stat.S_ISCHR(st.st_mode) and st.st_rdev == _WHITEOUT_DEV:
+            yield Entry(rel, st)
 
 
 def _pack_dir(tf: tarfile.TarFile, fd: int) -> None:
@@ -469,26 +492,33 @@ def _copy_data(src: int, dst: int, size: int) -> None:
             view = view[os.write(dst, view) :]
 
 
-def copy_tree(src: int, dest: int, limits: TreeLimits) -> Unpacked:
+def copy_tree(src: int, dest: int, limits: TreeLimits, keep: Keep = "content") -> Unpacked:
     """Copy the tree below the directory fd `src` into the (empty) directory fd `dest`, with the
-    confinement of `unpack` on both sides: nothing followed, nothing special, within `limits`."""
+    confinement of `unpack` on both sides: nothing followed, nothing special, within `limits`.
+    With `keep="layer"` the tree is an overlayfs layer (a slot's writes over its image): its
+    whiteouts (which an unprivileged process may make) and opaque dirs are kept too."""
     dirs = _Dirs(dest)
     done = Unpacked()
     modes: list[tuple[tuple[str, ...], int]] = []
     members = 0
     try:
-        for entry in walk(src):
+        for entry in walk(src, keep=keep):
             members += 1
             if members > limits.max_members:
                 raise TreeTooLarge(f"the tree has more than {limits.max_members} entries")
             *where, name = parts = entry.name.split("/")
             mode = stat.S_IMODE(entry.st.st_mode) & _MODE_BITS
             if entry.is_dir:
-                dirs.get(tuple(parts), entry.name)
+                made = dirs.get(tuple(parts), entry.name)
+                for key, value in entry.xattrs:
+                    os.setxattr(made, key, value)
                 modes.append((tuple(parts), mode))
                 done.dirs += 1
                 continue
             parent = dirs.get(tuple(where), entry.name)
+            if entry.is_whiteout:
+                os.mknod(name, stat.S_IFCHR, _WHITEOUT_DEV, dir_fd=parent)
+                continue
             if entry.is_link:
                 os.symlink(entry.target, name, dir_fd=parent)
                 done.symlinks += 1

@@ -77,7 +77,7 @@ class SlotPool:
         self._scaler = Scaler(self._fleet)
         self._retirement = Retirement(self._fleet)
         self._prepared = PreparedTasks(
-            self.execute, lambda slot: self._member(self._book.check(slot)).client, self._background
+            self.execute, lambda slot: self._member(self._book.check(slot)).client, self._background, self._use_image
         )
         self._started = False
         self._closed = False
@@ -152,14 +152,19 @@ class SlotPool:
         setup: Sequence[SetupCall],
         timeout: float | None = None,
         call_timeout: float | None = None,
+        *,
+        image: str | None = None,
     ) -> None:
         """Run a task's setup (tool calls, e.g. `("bash", {"command": "git clone ... && pip install
         ..."})`, each within `call_timeout`) once, in one slot, and keep its workspace as the task's
         snapshot on that server: `acquire(..., from_snapshot=task_key)` then hands out slots that
-        start from it. Other servers run the setup once when a slot of theirs is first acquired for
-        the task. Preparing a key again does nothing (concurrent calls wait for the first);
-        SetupFailed if a call of the setup fails (its output is in the message)."""
-        self._prepared.register(task_key, setup, call_timeout)
+        start from it. With `image`, the setup runs in that task image, and the snapshot keeps what
+        it wrote over the image too (packages installed, /etc edited): the forks run in the image.
+        Other servers run the setup once when a slot of theirs is first acquired for the task.
+        Preparing a key again does nothing (concurrent calls wait for the first); SetupFailed if a
+        call of the setup fails (its output is in the message)."""
+        self._check_image(image)
+        self._prepared.register(task_key, setup, call_timeout, image)
 
         async def in_a_slot() -> None:
             slot = await self.acquire(f"prepare:{task_key}", timeout)
@@ -183,28 +188,38 @@ class SlotPool:
         prepared workspace, a copy-on-write fork of its own. With `image` (docker-daemon://NAME:TAG,
         docker-archive:PATH, oci-archive:PATH on the servers' nodes) the slot's root is that image's,
         under a writable layer of its own until it is released; a bad or missing image fails the
-        acquire (InvalidToolCall) and gives the slot back."""
+        acquire (InvalidToolCall) and gives the slot back. A task prepared in an image (`prepare(...,
+        image=...)`) brings its image: `image` may then be left out, or must name the same one."""
         if from_snapshot is not None and not self._prepared.known(from_snapshot):
             raise ValueError(f"no setup for task {from_snapshot!r}: call `await pool.prepare(task_key, setup)` first")
+        named = self._check_image(image)
         if from_snapshot is not None and image is not None:
-            raise ValueError("a slot starts from a prepared task or in an image, not both (yet)")
+            prepared_in = self._prepared.image_of(from_snapshot)
+            if prepared_in is None or named != self._check_image(prepared_in):
+                raise ValueError(
+                    f"task {from_snapshot!r} was prepared in image {prepared_in}, not {image}: "
+                    "give the image to `prepare` (its forks then run in it)"
+                )
+        slot = await self._lease(trajectory_id, timeout, None if named is None else self._holding(named))
+        try:
+            if from_snapshot is not None:
+                await self._prepared.fork_into(slot, from_snapshot)
+            elif image is not None:
+                await self._use_image(slot, image)
+        except BaseException:
+            self.release(slot)
+            raise
+        return slot
+
+    def _check_image(self, image: str | None) -> str | None:
+        """The reference as servers name it; InvalidToolCall for one a pool does not take."""
         try:
             ref = TaskImageRef.parse(image) if image is not None else None
         except InvalidReference as exc:
             raise InvalidToolCall(str(exc)) from None
         if ref is not None and ref.kind == "dir":  # the servers' own paths are never the caller's to show
             raise InvalidToolCall(f"image {image!r}: a directory is not taken by a pool; give an image archive")
-        named = None if ref is None else str(ref)
-        slot = await self._lease(trajectory_id, timeout, None if named is None else self._holding(named))
-        try:
-            if from_snapshot is not None:
-                await self._prepared.fork_into(slot, from_snapshot)
-            if image is not None:
-                await self._use_image(slot, image)
-        except BaseException:
-            self.release(slot)
-            raise
-        return slot
+        return None if ref is None else str(ref)
 
     def _holding(self, image: str) -> Callable[[SlotState], bool]:
         """Slots of servers that have `image` unpacked: the image's slots go there first."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from atropos.errors import InvalidToolCall, SetupFailed
@@ -28,17 +29,31 @@ Execute = Callable[[Slot, str, dict[str, Any], float | None], Awaitable[ExecuteR
 _SNAPSHOT_TIMEOUT = 600.0
 
 
+@dataclass(frozen=True)
+class _Setup:
+    calls: list[SetupCall]
+    timeout: float | None  # per call
+    image: str | None  # the task image the setup runs in (its forks too)
+
+
 def snapshot_name(task_key: str) -> str:
     """The snapshot's name on every server: fixed by the task key, safe whatever the key holds."""
     return "task-" + hashlib.sha256(task_key.encode()).hexdigest()[:24]
 
 
 class PreparedTasks:
-    def __init__(self, execute: Execute, client_of: Callable[[Slot], ServerClient], background: Background) -> None:
+    def __init__(
+        self,
+        execute: Execute,
+        client_of: Callable[[Slot], ServerClient],
+        background: Background,
+        use_image: Callable[[Slot, str], Awaitable[None]],
+    ) -> None:
         self._execute = execute
         self._client_of = client_of
         self._background = background  # the first preparation of a key runs there: the pool's close ends it
-        self._setups: dict[str, tuple[list[SetupCall], float | None]] = {}  # key -> (calls, timeout per call)
+        self._use_image = use_image  # a task in its own image: the setup runs there, its snapshot holds it
+        self._setups: dict[str, _Setup] = {}
         self._on: set[tuple[str, str]] = set()  # (task key, server id) with the snapshot
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._first: dict[str, asyncio.Task[None]] = {}  # the first preparation of each key
@@ -46,11 +61,17 @@ class PreparedTasks:
     def known(self, task_key: str) -> bool:
         return task_key in self._setups
 
-    def register(self, task_key: str, setup: Sequence[SetupCall], call_timeout: float | None) -> None:
+    def image_of(self, task_key: str) -> str | None:
+        return self._setups[task_key].image
+
+    def register(
+        self, task_key: str, setup: Sequence[SetupCall], call_timeout: float | None, image: str | None = None
+    ) -> None:
         calls = [(tool, dict(args)) for tool, args in setup]
-        if task_key in self._setups and self._setups[task_key][0] != calls:
-            raise ValueError(f"task {task_key!r} is already prepared with another setup; use a new key")
-        self._setups[task_key] = (calls, call_timeout)
+        known = self._setups.get(task_key)
+        if known is not None and (known.calls, known.image) != (calls, image):
+            raise ValueError(f"task {task_key!r} is already prepared with another setup or image; use a new key")
+        self._setups[task_key] = _Setup(calls, call_timeout, image)
 
     async def once(self, task_key: str, prepare: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run `prepare` for the key unless it ran (or runs now: then wait for it); after a failure
@@ -63,9 +84,11 @@ class PreparedTasks:
     async def prepare_in(self, slot: Slot, task_key: str) -> None:
         """Run the task's setup in `slot`, snapshot it on the slot's server, and fork the slot from
         the snapshot (so that it too starts with nothing of the setup's processes)."""
-        calls, timeout = self._setups[task_key]
-        for tool, args in calls:
-            result = await self._execute(slot, tool, args, timeout)
+        setup = self._setups[task_key]
+        if setup.image is not None:
+            await self._use_image(slot, setup.image)
+        for tool, args in setup.calls:
+            result = await self._execute(slot, tool, args, setup.timeout)
             if not result.ok:
                 raise SetupFailed(
                     f"task {task_key!r}: setup call {tool} {args!r} failed (exit {result.exit_code}): "

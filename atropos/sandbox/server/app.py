@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from atropos import __version__
 from atropos.images.errors import ImageError, ImageNotFoundError, InvalidReference
-from atropos.images.roots import RootCache
+from atropos.images.roots import ImageRoot, RootCache
 from atropos.sandbox.models import (
     TOOLS,
     BatchRequest,
@@ -417,7 +417,7 @@ class SandboxApp:
         forks = [slot.index for slot in self.slots if slot.forked_from == snap.name]
         return SnapshotInfo(
             name=snap.name, source_slot=snap.source_slot, created=snap.created, files=snap.files, bytes=snap.bytes,
-            forks=forks, duration_ms=duration_ms,
+            forks=forks, duration_ms=duration_ms, image=snap.image.ref if snap.image is not None else None,
         )  # fmt: skip
 
     async def snapshot(self, request: web.Request) -> web.Response:
@@ -429,8 +429,11 @@ class SandboxApp:
         started = time.monotonic()
         async with slot.holding("snapshot") as generation:
             view = await slot.view()
+            image, release = slot.image, _nothing
+            if image is not None:  # the snapshot holds the image too: its layers stand on it
+                release = await self._hold_image(image.image)
             try:
-                snap = await asyncio.to_thread(store.create, name, slot.index, view, budget)
+                snap = await asyncio.to_thread(store.create, name, slot.index, view, budget, image, release)
             except SnapshotError as exc:
                 raise ApiError(exc.status, str(exc)) from None
             except (TreeRefused, OSError) as exc:
@@ -468,8 +471,13 @@ class SandboxApp:
         if len(set(body.slots)) != len(body.slots):
             raise ApiError(400, "a slot is named twice")
         targets = [self._slot(i) for i in body.slots]
+        if snap.image is not None:
+            self._check_image_slots(targets[0] if targets else None)
         started = time.monotonic()
-        await asyncio.gather(*(slot.fork_from(snap.name, snap.path, copy_snapshot) for slot in targets))
+        holds = [await self._hold_image(snap.image) if snap.image is not None else _nothing for _ in targets]
+        await asyncio.gather(
+            *(slot.fork_from(snap.name, snap, copy_snapshot, hold) for slot, hold in zip(targets, holds, strict=True))
+        )
         return _json(
             ForkResponse(
                 snapshot=snap.name, slots=body.slots, mechanism=self.enforcement.fork,
@@ -477,19 +485,33 @@ class SandboxApp:
             )
         )  # fmt: skip
 
+    def _check_image_slots(self, slot: SlotRunner | None) -> RootCache:
+        """The image cache, where a slot can run in a task's image here; else why not (409)."""
+        if self.images is None or (slot is not None and slot.image_layer is None):
+            raise ApiError(409, "slots in a task's image need bubblewrap, and this server runs without it")
+        if self.enforcement.fork != "overlay":  # the probe of forks: an overlay cannot be mounted in a slot here
+            raise ApiError(409, f"slots in a task's image need overlayfs in a slot: {self.enforcement.fork_reason}")
+        return self.images
+
+    async def _hold_image(self, image: ImageRoot) -> Callable[[], None]:
+        """A hold on an image in use (see RootCache.keep), and what ends it."""
+        hold = contextlib.ExitStack()
+        try:
+            await asyncio.to_thread(hold.enter_context, self._check_image_slots(None).keep(image))
+        except ImageError as exc:
+            raise ApiError(409, str(exc)) from None
+        return hold.close
+
     async def image(self, request: web.Request) -> web.Response:
         """A slot starts over in a task's image; the image is unpacked first if this node lacks it."""
         body: ImageRequest = await self._body(request, ImageRequest)
         slot = self._slot(body.slot)
-        if self.images is None or slot.image_layer is None:
-            raise ApiError(409, "slots in a task's image need bubblewrap, and this server runs without it")
-        if self.enforcement.fork != "overlay":  # the probe of forks: an overlay cannot be mounted in a slot here
-            raise ApiError(409, f"slots in a task's image need overlayfs in a slot: {self.enforcement.fork_reason}")
+        images = self._check_image_slots(slot)
         started = time.monotonic()
         said: list[str] = []
         hold = contextlib.ExitStack()
         try:
-            image = await asyncio.to_thread(hold.enter_context, self.images.use(body.image, said.append))
+            image = await asyncio.to_thread(hold.enter_context, images.use(body.image, said.append))
         except InvalidReference as exc:
             raise ApiError(400, str(exc)) from None
         except ImageNotFoundError as exc:
@@ -505,7 +527,7 @@ class SandboxApp:
             raise ApiError(409, str(exc)) from None
         unpacked = any("unpacked in" in line for line in said)
         if unpacked:  # the cache grew: the least recently used images no slot uses go past its limit
-            for ref in await asyncio.to_thread(self.images.trim):
+            for ref in await asyncio.to_thread(images.trim):
                 self.held_images.pop(ref, None)
                 log.info("image cache over its limit: evicted %s", ref)
         return _json(
@@ -521,6 +543,10 @@ class SandboxApp:
 
 
 _DISCARD_LIMIT = 64 << 20
+
+
+def _nothing() -> None:
+    pass
 
 
 async def _discard_rest(request: web.Request) -> None:

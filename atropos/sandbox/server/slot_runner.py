@@ -16,7 +16,7 @@ from typing import Any
 
 from atropos.host import command_line, die_with_parent, kill_child_tree, snapshot, tree_members
 from atropos.images.roots import ImageRoot
-from atropos.sandbox.image_slots import SlotImage
+from atropos.sandbox.image_slots import SlotImage, host_python
 from atropos.sandbox.runner.files import empty_dir
 from atropos.sandbox.runner.pathsafe import WORKSPACE_ALIAS
 from atropos.sandbox.runner.protocol import (
@@ -37,6 +37,7 @@ from atropos.sandbox.runner.session import SESSION_RESTARTED
 from atropos.sandbox.server.cgroups import SlotCgroup
 from atropos.sandbox.server.egress import NETNS_READY, Egress
 from atropos.sandbox.server.isolation import Fork
+from atropos.sandbox.server.snapshots import Snapshot
 
 log = logging.getLogger("atropos.sandbox")
 
@@ -412,40 +413,57 @@ class SlotRunner:
             release()
             raise SlotFailure("a slot in a task's image needs bubblewrap, and this server runs without it")
         async with self._start_lock:
-            self.generation += 1
-            self._session_lost = False
-            self.used = True
-            self.fork = None
-            self.forked_from = None
-            await self.kill_runner()
-            self._leave_image()
-            await asyncio.to_thread(self._clear)
-            upper, work = os.path.join(self.image_layer, "upper"), os.path.join(self.image_layer, "work")
-            for path in (upper, work):
-                os.makedirs(path, exist_ok=True)
-            self.image, self._release_image = SlotImage(image, upper, work), release
+            await self._start_over()
+            self._enter_image(image, (), release)
         self.on_change()
         self._starting = asyncio.ensure_future(self._start_quietly())
 
-    async def fork_from(self, name: str, snapshot: str, copy: Callable[[str, str], object]) -> None:
-        """Start over from the snapshot `name` at `snapshot`: everything the slot runs is killed and
-        its workspace emptied, then it is an overlay on the snapshot, or where overlays cannot
-        work, `copy(snapshot, workspace)`. Its sandbox starts in the background: a fork is used
-        soon, and its first call waits only for what is left of that start."""
+    async def fork_from(
+        self, name: str, snapshot: Snapshot, copy: Callable[[str, str], object], release: Callable[[], None]
+    ) -> None:
+        """Start over from `snapshot`: everything the slot runs is killed and its workspace emptied,
+        then it is an overlay on the snapshot, or where overlays cannot work, `copy(snapshot,
+        workspace)`; a snapshot of a slot in a task's image puts the slot in that image, on the
+        snapshot's layers (`release` ends the slot's hold on the image). Its sandbox starts in the
+        background: a fork is used soon, and its first call waits only for what is left of that start."""
+        if snapshot.image is not None and self.image_layer is None:
+            release()
+            raise SlotFailure("a slot in a task's image needs bubblewrap, and this server runs without it")
         async with self._start_lock:  # no sandbox (a warm one, say) starts on a half-made workspace
-            self.generation += 1
-            self._session_lost = False
-            self.used = True
-            self.fork = None
-            await self.kill_runner()
-            await asyncio.to_thread(self._clear)
-            if self.overlay_work is not None:
-                self.fork = Fork(snapshot, self.overlay_work)
+            try:
+                await self._start_over()
+                if self.overlay_work is not None:
+                    self.fork = Fork(snapshot.path, self.overlay_work)
+                else:
+                    await asyncio.to_thread(copy, snapshot.path, self.workspace)
+            except BaseException:
+                release()
+                raise
+            if snapshot.image is not None:
+                self._enter_image(snapshot.image, snapshot.layers, release)
             else:
-                await asyncio.to_thread(copy, snapshot, self.workspace)
-            self.forked_from = name
+                release()
+            self.forked_from = snapshot.name
         self.on_change()
         self._starting = asyncio.ensure_future(self._start_quietly())
+
+    async def _start_over(self) -> None:
+        """Under the start lock: a new generation, nothing running, nothing of the last one kept."""
+        self.generation += 1
+        self._session_lost = False
+        self.used = True
+        self.fork = None
+        self.forked_from = None
+        await self.kill_runner()
+        self._leave_image()
+        await asyncio.to_thread(self._clear)
+
+    def _enter_image(self, image: ImageRoot, layers: tuple[str, ...], release: Callable[[], None]) -> None:
+        assert self.image_layer is not None
+        upper, work = os.path.join(self.image_layer, "upper"), os.path.join(self.image_layer, "work")
+        for path in (upper, work):
+            os.makedirs(path, exist_ok=True)
+        self.image, self._release_image = SlotImage(image, upper, work, layers), release
 
     async def _start_quietly(self) -> None:
         try:
@@ -526,12 +544,14 @@ def _note_cgroup_limit(result: Outcome, cgroup: SlotCgroup) -> None:
 
 
 def _runner_pid(sandbox: int) -> int:
-    """The host pid of the runner below the sandbox process `sandbox` (its argv[0] is this Python;
-    bubblewrap's own command line holds the runner's too, after its options)."""
+    """The host pid of the runner below the sandbox process `sandbox` (its argv[0] is this Python,
+    or in a task's image the node's loader that runs it; bubblewrap's own command line holds the
+    runner's too, after its options)."""
     python = os.path.realpath(sys.executable)
+    in_image = host_python().prefix[0]
     for pid in sorted(tree_members(sandbox, snapshot(), include_root=False)):
         argv = command_line(pid).split(" ")
-        if argv and argv[0] and os.path.realpath(argv[0]) == python:
+        if argv and argv[0] and (argv[0] == in_image or os.path.realpath(argv[0]) == python):
             return pid
     raise SlotFailure(f"sandbox {sandbox}: its runner process is not found")
 

@@ -15,6 +15,11 @@ processes is kept. A fork makes a slot start over from one:
 - `copy` (no bubblewrap, or no overlayfs here: a container's own overlay file system as the data
   dir, a kernel before 5.11): the snapshot is copied into the workspace.
 
+A snapshot of a slot in a task's image (atropos.sandbox.image_slots) keeps the image too: its
+layers are copies of the slot's writes over the image (whiteouts and opaque dirs included) and of
+the layers its own root stood on, in DATA_DIR/snapshots/.layers/NAME, and it holds the image in the
+cache until it is deleted. A fork of it is a slot in that image with those layers below its own.
+
 A snapshot counts against the slot's workspace limit (the fork sees it in its workspace), cannot
 be deleted while an overlay fork stands on it, and dies with the server (the directory is
 emptied when the server starts and when it stops).
@@ -26,10 +31,13 @@ import os
 import re
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
+from atropos.images.roots import ImageRoot
+from atropos.sandbox.image_slots import SlotImage
 from atropos.sandbox.runner.files import empty_dir, remove_entry
-from atropos.sandbox.tarsafe import TreeLimits, Unpacked, copy_tree
+from atropos.sandbox.tarsafe import Keep, TreeLimits, Unpacked, copy_tree
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -52,11 +60,15 @@ class Snapshot:
     files: int = 0
     bytes: int = 0
     ready: bool = False  # False while it is being copied
+    image: ImageRoot | None = None  # the task image its slot ran in, held in the cache while it lasts
+    layers: tuple[str, ...] = ()  # the slot's writes over that image, topmost first
+    release: Callable[[], None] = field(default=lambda: None, repr=False)  # ends the hold on the image
 
 
 class SnapshotStore:
     def __init__(self, data_dir: str, max_count: int) -> None:
         self.root = os.path.join(data_dir, "snapshots")
+        self.layer_root = os.path.join(self.root, ".layers")  # a snapshot's name never starts with "."
         self.max_count = max_count
         self._snapshots: dict[str, Snapshot] = {}
         self._lock = threading.Lock()  # creations run in threads
@@ -77,17 +89,37 @@ class SnapshotStore:
             self._snapshots[name] = snap
             return snap
 
-    def create(self, name: str, slot: int, view: str, max_bytes: int) -> Snapshot:
-        """Copy the workspace view `view` of `slot` into a new snapshot (blocking: run in a thread)."""
-        snap = self._reserve(name, slot)
+    def create(
+        self,
+        name: str,
+        slot: int,
+        view: str,
+        max_bytes: int,
+        image: SlotImage | None = None,
+        release: Callable[[], None] = lambda: None,
+    ) -> Snapshot:
+        """Copy the workspace view `view` of `slot` into a new snapshot (blocking: run in a thread);
+        for a slot in a task's `image`, its layers over the image too (each within `max_bytes`).
+        `release` ends the snapshot's hold on the image: called when it goes, or if it fails."""
+        try:
+            snap = self._reserve(name, slot)
+        except BaseException:
+            release()
+            raise
+        snap.release = release
         try:
             os.mkdir(snap.path, 0o700)
-            src, dest = os.open(view, _DIR), os.open(snap.path, _DIR)
-            try:
-                done: Unpacked = copy_tree(src, dest, TreeLimits(max_bytes))
-            finally:
-                os.close(src)
-                os.close(dest)
+            done = _copy(view, snap.path, max_bytes, "content")
+            if image is not None:
+                snap.image = image.image
+                os.makedirs(os.path.join(self.layer_root, name), 0o700)
+                layers = []
+                for i, layer in enumerate((image.upper, *image.layers)):
+                    layers.append(os.path.join(self.layer_root, name, str(i)))
+                    os.mkdir(layers[-1], 0o700)
+                    copied = _copy(layer, layers[-1], max_bytes, "layer")
+                    done.files, done.bytes = done.files + copied.files, done.bytes + copied.bytes
+                snap.layers = tuple(layers)
         except BaseException:
             self._forget(name)
             raise
@@ -111,24 +143,34 @@ class SnapshotStore:
 
     def _forget(self, name: str) -> None:
         with self._lock:
-            self._snapshots.pop(name, None)
-        fd = os.open(self.root, _DIR)
-        try:
-            remove_entry(fd, name)
-        finally:
-            os.close(fd)
+            snap = self._snapshots.pop(name, None)
+        for where in (self.root, self.layer_root):
+            if os.path.isdir(where):
+                fd = os.open(where, _DIR)
+                try:
+                    remove_entry(fd, name)
+                finally:
+                    os.close(fd)
+        if snap is not None:
+            snap.release()
 
     def clear(self) -> None:
         with self._lock:
-            self._snapshots.clear()
+            gone, self._snapshots = list(self._snapshots.values()), {}
         empty_dir(self.root)
+        for snap in gone:
+            snap.release()
+
+
+def _copy(src_path: str, dest_path: str, max_bytes: int, keep: Keep) -> Unpacked:
+    src, dest = os.open(src_path, _DIR), os.open(dest_path, _DIR)
+    try:
+        return copy_tree(src, dest, TreeLimits(max_bytes), keep)
+    finally:
+        os.close(src)
+        os.close(dest)
 
 
 def copy_snapshot(snapshot: str, workspace: str) -> None:
     """A fork without overlays: the snapshot copied into the (empty) workspace."""
-    src, dest = os.open(snapshot, _DIR), os.open(workspace, _DIR)
-    try:
-        copy_tree(src, dest, TreeLimits(max_bytes=1 << 62))  # bounded when the snapshot was taken
-    finally:
-        os.close(src)
-        os.close(dest)
+    _copy(snapshot, workspace, 1 << 62, "content")  # bounded when the snapshot was taken
