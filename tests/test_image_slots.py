@@ -19,6 +19,7 @@ from atropos.slots import Slot, SlotPool, SlotPoolConfig
 from tests.faults import wait_for
 from tests.fs_attacks import attack_through_pool, leaked
 from tests.images_fixtures import docker_unready, write_sif
+from tests.registry_standin import serving
 
 if TYPE_CHECKING:
     from tests.images_fixtures import TaskImages
@@ -153,16 +154,24 @@ async def test_an_image_slot_goes_to_a_server_that_holds_the_image(archives: dic
 
 
 @pytest.mark.skipif(not os.path.exists("/usr/bin/bwrap"), reason="needs a bubblewrap without overlays (Debian's 0.8)")
-async def test_where_no_overlay_can_be_mounted_an_image_slot_is_refused_with_the_reason(
+async def test_where_no_overlay_can_be_mounted_an_image_slot_gets_a_copy_and_says_why(
     archives: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("ATROPOS_BWRAP", "/usr/bin/bwrap")  # 0.8: no --overlay
-    async with SlotPool(_cfg(slots_per_container=1)) as pool:
-        with pytest.raises(SlotFailed) as caught:
-            await pool.acquire("img", image=archives["a"], timeout=30)
-        assert "need overlayfs in a slot" in str(caught.value) and "overlay" in str(caught.value), caught.value
-        slot = await pool.acquire("plain", timeout=30)
-        assert (await _sh(pool, slot, "echo ok")) == "ok\n"
+    said: list[str] = []
+    async with SlotPool(_cfg(slots_per_container=2), progress=said.append) as pool:
+        one = await pool.acquire("one", image=archives["a"], timeout=30)
+        two = await pool.acquire("two", image=archives["a"], timeout=30)
+        assert (await _sh(pool, one, "echo changed > /opt/task/tool; cat /opt/task/tool")) == "changed\n"
+        tool, uid = (await _sh(pool, two, "cat /opt/task/tool; id -u")).rsplit("\n", 2)[:2]
+        assert (tool, uid != "0") == ("echo task a", True)
+        with pytest.raises(SlotFailed, match="needs overlays in a slot"):
+            await pool.snapshot(one, "s")
+        pool.release(one)
+        again = await pool.acquire("again", image=archives["a"], timeout=30)
+        assert (await _sh(pool, again, "cat /opt/task/tool")) == "echo task a\n"
+    copied = [line for line in said if "its root a copy, not an overlay" in line]
+    assert len(copied) == 3 and "Unknown option --overlay-src" in copied[0], said
 
 
 @pytest.fixture(scope="module")
@@ -184,8 +193,10 @@ def base_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.skipif(shutil.which("mksquashfs") is None, reason="no mksquashfs (Debian: squashfs-tools)")
-async def test_a_slot_in_a_sif_image(base_root: Path, tmp_path: Path) -> None:
-    """A SIF (what HPC users have), made here without Apptainer: its root is the slot's."""
+async def test_a_slot_in_a_sif_image(base_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIF (what HPC users have), made here without Apptainer: its root is the slot's; the wait
+    while it is unpacked is reported."""
+    monkeypatch.setattr("atropos.progress.HEARTBEAT_SECONDS", 0.5)
     (base_root / "opt/from-the-sif").write_text("sif\n")
     sif = write_sif(base_root, _readable(tmp_path) / "task.sif")
     os.chmod(sif, 0o644)
@@ -194,6 +205,7 @@ async def test_a_slot_in_a_sif_image(base_root: Path, tmp_path: Path) -> None:
         slot = await pool.acquire("sif", image=str(sif))
         assert (await _sh(pool, slot, "cat /opt/from-the-sif; cat /etc/debian_version")).startswith("sif\n12.")
     assert any(f"in image {sif} (unpacked on its node" in line for line in said), said
+    assert any(f"image {sif} (unpacked first if its node lacks it): still waiting after" in x for x in said), said
 
 
 async def test_a_task_of_the_environment_runs_in_its_own_image(archives: dict[str, str]) -> None:
@@ -268,3 +280,44 @@ async def test_a_task_prepared_in_its_image_forks_every_slot_in_it(archives: dic
         with pytest.raises(ValueError, match="was prepared in image"):
             await pool.acquire("other", from_snapshot="task-a", image=archives["b"])
     assert len([line for line in said if "starting in image" in line]) == 1, said  # the setup's slot only
+
+
+@pytest.mark.skipif(shutil.which("skopeo") is None, reason="no skopeo (Debian: skopeo), which pulls docker:// images")
+async def test_a_registry_image_is_pulled_once_per_node_per_the_pull_policy(
+    task_images: TaskImages, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docker://: the real skopeo pulls from a registry (tests/registry_standin.py: CI has none);
+    `missing` pulls once per node, `never` takes only what the node has, a missing image is one line."""
+    where = _readable(tmp_path)
+    layout = where / "layout"
+    subprocess.run(["skopeo", "copy", "--quiet", f"docker-daemon:{task_images.b}", f"oci:{layout}:task-b"], check=True)
+    conf = where / "registries.conf"
+    async with serving(layout, conf) as (registry, host):
+        monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF", str(conf))
+        ref = f"docker://{host}/task-b:task-b"
+        async with SlotPool(_cfg(slots_per_container=2)) as pool:
+            one = await pool.acquire("one", image=ref)
+            assert (await _sh(pool, one, "ls /opt/task")) == "tool-b\n"
+            asked = len(registry.pulls)
+            two = await pool.acquire("two", image=ref)
+            assert (await _sh(pool, two, "ls /opt/task")) == "tool-b\n"
+            assert len(registry.pulls) == asked > 0  # the node had it: the registry was not asked again
+            pool.release(two)
+            with pytest.raises(InvalidToolCall) as caught:
+                await pool.acquire("none", image=f"docker://{host}/none:1", timeout=30)
+            message = str(caught.value)
+            assert f"docker://{host}/none:1" in message and "skopeo copy" in message and "\n" not in message, message
+        async with SlotPool(_cfg(slots_per_container=1, image_pull="never")) as pool:
+            with pytest.raises(InvalidToolCall, match="not on this node, and the pull policy is never"):
+                await pool.acquire("never", image=ref, timeout=30)
+        said: list[str] = []
+        async with SlotPool(_cfg(slots_per_container=1, image_pull="always"), progress=said.append) as pool:
+            for i in range(2):  # the registry is asked each time; the unchanged image is not pulled again
+                asked = len(registry.pulls)
+                slot = await pool.acquire(f"always-{i}", image=ref)
+                assert len(registry.pulls) > asked
+                pool.release(slot)
+        assert [("unpacked on its node" in x, "already on its node" in x) for x in said if ": in image " in x] == [
+            (True, False),
+            (False, True),
+        ], said

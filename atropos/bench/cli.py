@@ -28,6 +28,7 @@ _ALL = (
     "transfer",
     "streaming",
     "root",
+    "images",
 )
 
 
@@ -79,6 +80,14 @@ async def run(selected: list[str], quick: bool) -> list[Row]:
         from atropos.bench.rootcost import root_rows
 
         rows += await root_rows(quick, _say)
+    if "images" in selected:
+        from atropos.bench import task_images
+
+        why = task_images.unavailable()
+        if why is None:
+            rows += await task_images.task_image_rows(quick, _say)
+        else:
+            rows.append(Row("15 task images", "skipped", 0.0, "", note=why))
     if "slurm" in selected:
         from atropos.bench import slurm
 

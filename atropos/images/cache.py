@@ -6,7 +6,6 @@ import os
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal, get_args
 
 from atropos.images.commands import run_checked
 from atropos.images.errors import ImageNotFoundError, ImagePullError
@@ -14,6 +13,7 @@ from atropos.images.references import BUILD_SCHEMES, normalize_reference, refere
 from atropos.images.runtime import ApptainerRuntime, find_runtime
 from atropos.images.staging import locked, staged_file
 from atropos.progress import Progress
+from atropos.pulls import PULL_POLICIES, PullPolicy
 
 __all__ = [
     "CACHE_ENV",
@@ -29,8 +29,6 @@ __all__ = [
     "resolve_singularity_image",
 ]
 
-PullPolicy = Literal["never", "always", "missing"]
-PULL_POLICIES: tuple[str, ...] = get_args(PullPolicy)
 CACHE_ENV = "ATROPOS_SIF_CACHE"
 _IMAGE_SUFFIXES = (".sif", ".simg", ".img")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from atropos.images.errors import ImageError
-from atropos.progress import Progress
+from atropos.progress import HEARTBEAT_SECONDS, Progress
 from atropos.units import format_size
 
 __all__ = [
@@ -24,7 +24,6 @@ __all__ = [
     "run_streaming",
 ]
 
-HEARTBEAT_SECONDS = 15.0
 """How often a long wait reports that it is still going (module attribute: tests may lower it)."""
 
 _TAIL_LINES = 40

@@ -1,8 +1,11 @@
 """The layers of a task image, read from the archives users already have.
 
 `docker-archive:PATH` (what `docker save` writes: `manifest.json`, and since Docker 25 an OCI
-layout too), `oci-archive:PATH` (`index.json`, as `skopeo copy` or `docker save` write) and
-`docker-daemon://NAME:TAG` (a local engine, through `docker save`). Every layer is named by its
+layout too), `oci-archive:PATH` (`index.json`, as `skopeo copy` or `docker save` write),
+`docker-daemon://NAME:TAG` (a local engine, through `docker save`) and `docker://NAME:TAG` (a
+registry, through `skopeo copy` into an OCI archive; skopeo's own configuration applies: its
+credentials, `registries.conf` for mirrors and plain-HTTP registries, and CONTAINERS_REGISTRIES_CONF,
+which skopeo before 1.10 (Debian 12's) reads only as an option). Every layer is named by its
 diff id (the sha256 of its uncompressed tar, from the image config's `rootfs.diff_ids`), which is
 what lets images that share a layer share its unpacked copy.
 """
@@ -10,7 +13,9 @@ what lets images that share a layer share its unpacked copy.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import os
 import subprocess
 import tarfile
 from collections.abc import Iterator
@@ -21,10 +26,11 @@ from typing import IO, Any, Literal
 
 from atropos.images.errors import ImageError, ImageNotFoundError, InvalidReference
 
-__all__ = ["ImageArchive", "Layer", "TaskImageRef", "local_image_id", "open_archive"]
+__all__ = ["ImageArchive", "Layer", "TaskImageRef", "local_image_id", "open_archive", "remote_image_id"]
 
-Kind = Literal["docker-daemon", "docker-archive", "oci-archive", "sif", "dir"]
+Kind = Literal["docker", "docker-daemon", "docker-archive", "oci-archive", "sif", "dir"]
 _PREFIXES: tuple[tuple[str, Kind], ...] = (
+    ("docker://", "docker"),
     ("docker-daemon://", "docker-daemon"),
     ("docker-daemon:", "docker-daemon"),
     ("docker-archive:", "docker-archive"),
@@ -52,11 +58,13 @@ class TaskImageRef:
         if text.startswith("/"):
             return cls("sif" if text.endswith(".sif") else "dir", text)
         raise InvalidReference(
-            f"image {text!r}: use docker-daemon://NAME:TAG, docker-archive:PATH, oci-archive:PATH, the absolute "
-            "path of a SIF file (*.sif) or of a directory holding an unpacked root"
+            f"image {text!r}: use docker://NAME:TAG (a registry), docker-daemon://NAME:TAG, docker-archive:PATH, "
+            "oci-archive:PATH, the absolute path of a SIF file (*.sif) or of a directory holding an unpacked root"
         )
 
     def __str__(self) -> str:
+        if self.kind == "docker":
+            return f"docker://{self.target}"
         return self.target if self.kind in ("dir", "sif") else f"{self.kind}:{self.target}"
 
 
@@ -97,10 +105,14 @@ class ImageArchive:
 
 @contextmanager
 def open_archive(ref: TaskImageRef, scratch: Path) -> Iterator[ImageArchive]:
-    """Open a docker-archive, oci-archive or docker-daemon image (saved to `scratch` first)."""
+    """Open a docker-archive, oci-archive, docker-daemon or registry image (the last two saved or
+    pulled to `scratch` first)."""
     if ref.kind in ("dir", "sif"):
         raise ValueError(f"a {ref.kind} is not an archive of layers")
-    path = _saved(ref, scratch) if ref.kind == "docker-daemon" else Path(ref.target)
+    if ref.kind == "docker-daemon":
+        path = _saved(ref, scratch)
+    else:
+        path = _pulled(ref, scratch) if ref.kind == "docker" else Path(ref.target)
     if not path.is_file():
         raise ImageNotFoundError(f"{ref}: no such file {path}")
     try:
@@ -112,7 +124,7 @@ def open_archive(ref: TaskImageRef, scratch: Path) -> Iterator[ImageArchive]:
             names = set(tar.getnames())
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise ImageError(f"{ref}: the archive is damaged ({exc})") from None
-        if ref.kind == "oci-archive" or ("manifest.json" not in names and "index.json" in names):
+        if ref.kind in ("oci-archive", "docker") or ("manifest.json" not in names and "index.json" in names):
             yield _oci(ref, tar)
         else:
             yield _docker(ref, tar)
@@ -132,6 +144,26 @@ def local_image_id(ref: TaskImageRef) -> str | None:
     return found if done.returncode == 0 and found.startswith("sha256:") else None
 
 
+def _skopeo() -> list[str]:
+    conf = os.environ.get("CONTAINERS_REGISTRIES_CONF")
+    return ["skopeo", "--registries-conf", conf] if conf else ["skopeo"]
+
+
+def remote_image_id(ref: TaskImageRef) -> str:
+    """The image id (its config's digest) a registry gives `ref` now, without pulling its layers."""
+    argv = [*_skopeo(), "inspect", "--config", "--raw", f"docker://{ref.target}"]
+    try:
+        done = subprocess.run(argv, capture_output=True, timeout=300)
+    except FileNotFoundError:
+        raise ImageError(f"{ref}: no `skopeo` command to ask its registry (Debian: skopeo)") from None
+    except subprocess.TimeoutExpired:
+        raise ImageError(f"{ref}: its registry did not answer within 5 minutes") from None
+    if done.returncode != 0:
+        why = (done.stderr.decode(errors="replace").strip().splitlines() or ["no error text"])[-1]
+        raise ImageNotFoundError(f"{ref}: its registry did not give the image: {why}")
+    return "sha256:" + hashlib.sha256(done.stdout).hexdigest()
+
+
 def _saved(ref: TaskImageRef, scratch: Path) -> Path:
     """`docker save` of a local engine's image into `scratch`."""
     out = scratch / "docker-save.tar"
@@ -144,6 +176,22 @@ def _saved(ref: TaskImageRef, scratch: Path) -> Path:
     if done.returncode != 0:
         why = (done.stderr.strip().splitlines() or ["no error text"])[-1]
         raise ImageNotFoundError(f"{ref}: `docker save {ref.target}` failed: {why}")
+    return out
+
+
+def _pulled(ref: TaskImageRef, scratch: Path) -> Path:
+    """`skopeo copy` of a registry's image into an OCI archive in `scratch`."""
+    out = scratch / "pulled.tar"
+    argv = [*_skopeo(), "copy", "--quiet", f"docker://{ref.target}", f"oci-archive:{out}"]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
+    except FileNotFoundError:
+        raise ImageError(f"{ref}: no `skopeo` command to pull it from its registry (Debian: skopeo)") from None
+    except subprocess.TimeoutExpired:
+        raise ImageError(f"{ref}: `skopeo copy` did not end within an hour") from None
+    if done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or ["no error text"])[-1]
+        raise ImageNotFoundError(f"{ref}: `skopeo copy` from its registry failed: {why}")
     return out
 
 

@@ -35,9 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from atropos.images.errors import ImageError, ImageNotFoundError
-from atropos.images.layers import ImageArchive, Layer, TaskImageRef, local_image_id, open_archive
+from atropos.images.layers import ImageArchive, Layer, TaskImageRef, local_image_id, open_archive, remote_image_id
 from atropos.images.sif import root_partition, unsquash
 from atropos.progress import Progress, no_progress
+from atropos.pulls import PullPolicy
 
 __all__ = ["DEFAULT_LIMIT", "CachedImage", "ImageRoot", "RootCache", "default_root_cache_dir"]
 
@@ -80,9 +81,11 @@ class CachedImage:
 
 
 class RootCache:
-    def __init__(self, directory: Path | None = None, limit: int = DEFAULT_LIMIT) -> None:
+    def __init__(self, directory: Path | None = None, limit: int = DEFAULT_LIMIT, pull: PullPolicy = "missing") -> None:
         self.directory = directory or default_root_cache_dir()
         self.limit = limit
+        self.pull = pull  # registry images (docker://): `missing` pulls one this node lacks, `always`
+        # asks the registry each time (pulling when the image changed), `never` takes only what is here
         for sub in ("layers", "images"):
             (self.directory / sub).mkdir(parents=True, exist_ok=True)
 
@@ -95,8 +98,10 @@ class RootCache:
             yield _directory(ref)
             return
         while True:
-            image_dir = self.directory / "images" / (local_image_id(ref) or "").partition(":")[2]
+            image_dir = self.directory / "images" / (self._known_id(ref) or "").partition(":")[2]
             if image_dir.name == "" or not (image_dir / "image.json").is_file():
+                if ref.kind == "docker" and self.pull == "never":
+                    raise ImageNotFoundError(f"image {ref}: not on this node, and the pull policy is never")
                 try:
                     image_dir = self._unpacked(ref, progress)
                 except OSError as exc:  # the image out of the server user's reach, the cache's disk full
@@ -125,9 +130,26 @@ class RootCache:
                 raise ImageNotFoundError(f"image {image.ref}: no longer on this node (evicted)")
             yield
 
+    def _known_id(self, ref: TaskImageRef) -> str | None:
+        """The id of the image `ref` names, where it is known without saving or pulling it."""
+        if ref.kind == "docker-daemon":
+            return local_image_id(ref)
+        if ref.kind in ("docker-archive", "oci-archive"):  # its id is inside: read once, known by the file
+            source = _source(ref)
+            made = [m for m in self._metas() if m["ref"] == str(ref) and source and m.get("source") == source]
+            return made[0]["image_id"] if made else None
+        if ref.kind != "docker":
+            return None
+        if self.pull == "always":
+            return remote_image_id(ref)
+        made = [meta for meta in self._metas() if meta["ref"] == str(ref)]
+        return max(made, key=lambda meta: meta.get("made", 0.0))["image_id"] if made else None
+
     def _unpacked(self, ref: TaskImageRef, progress: Progress) -> Path:
         if ref.kind == "sif":
             return self._make_sif(ref, progress)
+        if ref.kind == "docker":
+            progress(f"image {ref}: pulling it from its registry (skopeo copy)")
         with tempfile.TemporaryDirectory(dir=self.directory, prefix=".scratch-") as scratch:
             with open_archive(ref, Path(scratch)) as archive:
                 image_dir = self.directory / "images" / archive.image_id.partition(":")[2]
@@ -176,7 +198,8 @@ class RootCache:
             for layer_dir in (self.directory / "layers").iterdir():
                 if layer_dir.is_dir() and not layer_dir.name.startswith(".") and layer_dir.name not in needed:
                     shutil.rmtree(layer_dir)
-                    (layer_dir.parent / f"{layer_dir.name}.json").unlink(missing_ok=True)
+                    for suffix in (".json", ".lock"):
+                        (layer_dir.parent / f"{layer_dir.name}{suffix}").unlink(missing_ok=True)
         return evicted
 
     # ---------------------------------------------------------------------------- making one
@@ -196,6 +219,8 @@ class RootCache:
             "layers": [layer.diff_id.partition(":")[2] for layer in archive.layers],
             "workdir": config.get("WorkingDir") or "",
             "env": list(config.get("Env") or []),
+            "made": time.time(),
+            "source": _source(archive.ref),
         }
 
         def fill(root: Path) -> None:
@@ -239,27 +264,25 @@ class RootCache:
             progress(f"image {meta['ref']}: unpacked in {time.monotonic() - started:.1f}s")
 
     def _layer(self, archive: ImageArchive, layer: Layer, progress: Progress, label: str) -> Path:
-        """The layer unpacked, from the cache or now; a layer another process publishes meanwhile wins."""
+        """The layer unpacked, from the cache or now, once: two images that share a layer and are
+        made at once (in threads or processes) wait for one unpack of it, under its lock."""
         name = layer.diff_id.partition(":")[2]
         layer_dir = self.directory / "layers" / name
-        if layer_dir.is_dir():
-            progress(f"image {archive.ref}: {label} {name[:12]} already unpacked")
-            return layer_dir
-        progress(f"image {archive.ref}: unpacking {label} {name[:12]}")
-        partial = layer_dir.with_name(f".{name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
-        try:
-            partial.mkdir()
-            with archive.layer_tar(layer) as tar:
-                whiteouts = _extract(archive.ref, tar, partial)
-            layer_dir.with_name(name + ".json").write_text(json.dumps(whiteouts))
+        with _flock(layer_dir.with_name(f"{name}.lock"), fcntl.LOCK_EX):
+            if layer_dir.is_dir():
+                progress(f"image {archive.ref}: {label} {name[:12]} already unpacked")
+                return layer_dir
+            progress(f"image {archive.ref}: unpacking {label} {name[:12]}")
+            partial = layer_dir.with_name(f".{name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
             try:
+                partial.mkdir()
+                with archive.layer_tar(layer) as tar:
+                    whiteouts = _extract(archive.ref, tar, partial)
+                layer_dir.with_name(name + ".json").write_text(json.dumps(whiteouts))
                 os.rename(partial, layer_dir)
-            except OSError:
-                if not layer_dir.is_dir():
-                    raise
-        finally:
-            if partial.exists():
-                shutil.rmtree(partial, ignore_errors=True)
+            finally:
+                if partial.exists():
+                    shutil.rmtree(partial, ignore_errors=True)
         return layer_dir
 
 
@@ -381,6 +404,17 @@ def _apply(layer_dir: Path, whiteouts: list[list[str]], root: Path) -> None:
             if os.path.lexists(dst):
                 _remove(dst)
             os.link(src, dst, follow_symlinks=False)
+
+
+def _source(ref: TaskImageRef) -> list[int] | None:
+    """What identifies an archive's file (size, mtime, inode): the same file holds the same image."""
+    if ref.kind not in ("docker-archive", "oci-archive"):
+        return None
+    try:
+        st = os.stat(ref.target)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
 
 
 @contextmanager

@@ -4,6 +4,9 @@ runner brought in from the node.
 The root is an overlay mounted at `/` by bubblewrap: the unpacked image (atropos.images.roots,
 shared read-only by every slot of it) below, the slot's `upper` dir above, so an agent may install
 packages or edit `/etc` and nothing reaches the image or another slot; a reset drops the layer.
+Where overlays cannot be mounted in a slot (bubblewrap before 0.11, a kernel before 5.11, an
+overlay file system as the data dir), the slot gets a copy of the image's root instead: a start
+that costs the image's size in time and disk, said in the answer of POST /image.
 The image's files belong to the server's user, which is the slot's own user in its namespace.
 
 The runner is the server's Python, which the image may lack or have in another version: it runs
@@ -33,12 +36,18 @@ _PT_INTERP = 3
 @dataclass(frozen=True)
 class SlotImage:
     """The image a slot runs in now, and the slot's own layer over it (`work`: overlayfs's scratch);
-    a fork of a snapshot has that snapshot's `layers` (topmost first) between the two."""
+    a fork of a snapshot has that snapshot's `layers` (topmost first) between the two. Where no
+    overlay can be mounted in a slot, `upper` is instead a whole copy of the image's root, bound at
+    `/` (`work` then empty)."""
 
     image: ImageRoot
     upper: str
     work: str
     layers: tuple[str, ...] = ()
+
+    @property
+    def copied(self) -> bool:
+        return not self.work
 
 
 @dataclass(frozen=True)

@@ -294,9 +294,9 @@ class ImageRequest(_Strict):
     slot: SlotNumber
     image: str = Field(
         max_length=4096,
-        pattern=r"^((docker-daemon:(//)?|docker-archive:|oci-archive:)\S|/\S*\.sif$)",
-        description="docker-daemon://NAME:TAG, docker-archive:PATH, oci-archive:PATH or the path of a SIF file "
-        "(paths on the server's node)",
+        pattern=r"^((docker://|docker-daemon:(//)?|docker-archive:|oci-archive:)\S|/\S*\.sif$)",
+        description="docker://NAME:TAG (a registry, per --image-pull), docker-daemon://NAME:TAG, docker-archive:PATH, "
+        "oci-archive:PATH or the path of a SIF file (paths on the server's node)",
     )
 
 
@@ -305,6 +305,11 @@ class ImageResponse(BaseModel):
     image: str
     image_id: str
     unpacked: bool = Field(description="this call unpacked it (false: the node had it)")
+    copied: str | None = Field(
+        default=None,
+        description="why the slot's root is a copy of the image, not an overlay on it (overlays cannot be "
+        "mounted in a slot here); None: an overlay",
+    )
     duration_ms: float
 
 

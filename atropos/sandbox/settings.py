@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from atropos.pulls import PULL_POLICIES, PullPolicy
 from atropos.sandbox.limits import LIMIT_FLAGS, SlotLimits
 from atropos.sandbox.rootfs import ROOT_ENV, ROOT_POLICIES, Bind, RootError, RootPolicy
 from atropos.units import format_size, parse_size
@@ -63,6 +64,7 @@ class ServerSettings(BaseModel):
         description="where task images are unpacked for image slots (shared by the servers on a node that "
         "name the same dir); None: DATA_DIR/images",
     )
+    image_pull: PullPolicy = Field(default="missing", description="when a registry's task image (docker://) is pulled")
     run_as: str = Field(
         default_factory=lambda: os.environ.get(RUN_AS_ENV) or DEFAULT_RUN_AS,
         description="the user a server started as root becomes",
@@ -237,6 +239,12 @@ _OPTIONS: tuple[_Option, ...] = (
         "--image-cache-gb",
         "size of the image cache: past it, the least recently used images no slot uses are removed",
         type=float,
+    ),
+    _Option(
+        "--image-pull",
+        "a registry's task image (docker://NAME:TAG, pulled by skopeo): missing pulls it where this node "
+        "lacks it, always asks the registry each time (pulling what changed), never takes only what is here",
+        choices=list(PULL_POLICIES),
     ),
     _Option(
         "--run-as",

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from atropos.backends import BackendConfig, LocalBackendConfig, ServerSpec
 from atropos.drivers import DriverConfig, ProcessDriver, nest_driver_keys
 from atropos.errors import PoolConfigError
+from atropos.pulls import PullPolicy
 from atropos.sandbox.limits import SlotLimits
 from atropos.sandbox.settings import ServerSettings, problem_of
 
@@ -106,6 +107,22 @@ class SlotPoolConfig(BaseModel):
         description="per server: seconds after its last call before an idle slot's runner and pasta sleep until "
         "its next call (see `atropos-sandbox server --help`); None: the server's default (30); 0: never",
     )
+    image_cache: str | None = Field(
+        default=None,
+        description="per server: where task images (`acquire(image=...)`) are unpacked; servers of a node that name "
+        "the same dir unpack each image once; None: the server's data dir",
+    )
+    image_cache_gb: float | None = Field(
+        default=None,
+        gt=0,
+        description="per server: past this size the least recently used images no slot uses are removed; "
+        "None: the server's default (20)",
+    )
+    image_pull: PullPolicy | None = Field(
+        default=None,
+        description="per server: when a registry's task image (docker://) is pulled: missing, always, never; "
+        "None: the server's default (missing)",
+    )
     max_output: int = Field(default=1 << 20, ge=1024, description="bytes kept per stream per call")
     run_as: str | None = Field(
         default="nobody",
@@ -193,6 +210,12 @@ class SlotPoolConfig(BaseModel):
             values["bind_ro"] = tuple(self.bind_ro)
         if self.bind:
             values["bind"] = tuple(self.bind)
+        if self.image_cache is not None:
+            values["image_cache"] = self.image_cache
+        if self.image_cache_gb is not None:
+            values["image_cache_gb"] = self.image_cache_gb
+        if self.image_pull is not None:
+            values["image_pull"] = self.image_pull
         try:
             settings = ServerSettings.model_validate(values)
         except ValidationError as exc:

@@ -30,7 +30,7 @@ from atropos.errors import (
 from atropos.host.background import Background
 from atropos.images.errors import InvalidReference
 from atropos.images.layers import TaskImageRef
-from atropos.progress import Progress, no_progress
+from atropos.progress import Progress, no_progress, reporting
 from atropos.sandbox.models import ExecuteResult, OutputChunk, SnapshotInfo, UploadResult
 from atropos.sandbox.tarsafe import Unpacked
 from atropos.slots.config import SlotPoolConfig
@@ -185,7 +185,7 @@ class SlotPool:
     ) -> Slot:
         """Lease a free slot (FIFO among waiters). Raises AcquireTimeout after `timeout` seconds.
         With `from_snapshot` (a task key given to `prepare`), the slot starts from that task's
-        prepared workspace, a copy-on-write fork of its own. With `image` (docker-daemon://NAME:TAG,
+        prepared workspace, a copy-on-write fork of its own. With `image` (docker://NAME:TAG, docker-daemon://NAME:TAG,
         docker-archive:PATH, oci-archive:PATH on the servers' nodes) the slot's root is that image's,
         under a writable layer of its own until it is released; a bad or missing image fails the
         acquire (InvalidToolCall) and gives the slot back. A task prepared in an image (`prepare(...,
@@ -235,9 +235,12 @@ class SlotPool:
     async def _use_image(self, slot: Slot, image: str) -> None:
         self.progress(f"slot {slot.server_id[:8]}/{slot.index}: starting in image {image}")
         async with self._calling(slot, "image", None) as (st, server):
-            answer = await server.client.use_image(st.index, image, _IMAGE_TIMEOUT)
+            label = f"slot {slot.server_id[:8]}/{slot.index}: image {image} (unpacked first if its node lacks it)"
+            answer = await reporting(server.client.use_image(st.index, image, _IMAGE_TIMEOUT), self.progress, label)
         self._images_on.setdefault(slot.server_id, set()).add(answer.image)
         how = "unpacked on its node" if answer.unpacked else "already on its node"
+        if answer.copied is not None:
+            how += f"; its root a copy, not an overlay: {answer.copied}"
         self.progress(
             f"slot {slot.server_id[:8]}/{slot.index}: in image {answer.image} ({how}, {answer.duration_ms / 1000:.1f}s)"
         )

@@ -430,6 +430,11 @@ class SandboxApp:
         async with slot.holding("snapshot") as generation:
             view = await slot.view()
             image, release = slot.image, _nothing
+            if image is not None and image.copied:
+                raise ApiError(
+                    409,
+                    f"a snapshot of a slot in a task's image needs overlays in a slot: {self.enforcement.fork_reason}",
+                )
             if image is not None:  # the snapshot holds the image too: its layers stand on it
                 release = await self._hold_image(image.image)
             try:
@@ -489,8 +494,6 @@ class SandboxApp:
         """The image cache, where a slot can run in a task's image here; else why not (409)."""
         if self.images is None or (slot is not None and slot.image_layer is None):
             raise ApiError(409, "slots in a task's image need bubblewrap, and this server runs without it")
-        if self.enforcement.fork != "overlay":  # the probe of forks: an overlay cannot be mounted in a slot here
-            raise ApiError(409, f"slots in a task's image need overlayfs in a slot: {self.enforcement.fork_reason}")
         return self.images
 
     async def _hold_image(self, image: ImageRoot) -> Callable[[], None]:
@@ -521,8 +524,10 @@ class SandboxApp:
         for line in said:
             log.info("slot %d: %s", slot.index, line)
         self.held_images[image.ref] = image.image_id
+        # the probe of forks: where an overlay cannot be mounted in a slot, the slot gets a copy
+        copied = None if self.enforcement.fork == "overlay" else self.enforcement.fork_reason or "no overlays"
         try:
-            await slot.use_image(image, hold.close)
+            await slot.use_image(image, hold.close, copy=copied is not None)
         except SlotFailure as exc:
             raise ApiError(409, str(exc)) from None
         unpacked = any("unpacked in" in line for line in said)
@@ -533,7 +538,7 @@ class SandboxApp:
         return _json(
             ImageResponse(
                 slot=slot.index, image=image.ref, image_id=image.image_id,
-                unpacked=unpacked,
+                unpacked=unpacked, copied=copied,
                 duration_ms=(time.monotonic() - started) * 1000.0,
             )
         )  # fmt: skip

@@ -179,9 +179,12 @@ class SandboxSpec:
         if image is None:
             args += self.layout.args
         else:
-            for lower in (str(image.image.root), *reversed(image.layers)):  # bottom first
-                args += ["--overlay-src", lower]
-            args += ["--overlay", image.upper, image.work, "/"]
+            if image.copied:
+                args += ["--bind", image.upper, "/"]
+            else:
+                for lower in (str(image.image.root), *reversed(image.layers)):  # bottom first
+                    args += ["--overlay-src", lower]
+                args += ["--overlay", image.upper, image.work, "/"]
             args += self.layout.image_args
             command = [*host_python().prefix, *command[1:]]
         args += ["--dev", "/dev", "--proc", "/proc"]

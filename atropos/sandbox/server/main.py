@@ -321,7 +321,7 @@ def prepare(cfg: ServerSettings) -> tuple[ServerSettings, SandboxApp, DataDirLoc
 
 def _image_cache(cfg: ServerSettings) -> RootCache:
     try:
-        return RootCache(Path(cfg.image_cache_dir), limit=int(cfg.image_cache_gb * 1024**3))
+        return RootCache(Path(cfg.image_cache_dir), limit=int(cfg.image_cache_gb * 1024**3), pull=cfg.image_pull)
     except OSError as exc:
         raise StartupError(f"--image-cache {cfg.image_cache_dir}: {exc.strerror or exc}") from None
 

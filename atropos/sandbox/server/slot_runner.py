@@ -37,7 +37,7 @@ from atropos.sandbox.runner.session import SESSION_RESTARTED
 from atropos.sandbox.server.cgroups import SlotCgroup
 from atropos.sandbox.server.egress import NETNS_READY, Egress
 from atropos.sandbox.server.isolation import Fork
-from atropos.sandbox.server.snapshots import Snapshot
+from atropos.sandbox.server.snapshots import Snapshot, copy_root
 
 log = logging.getLogger("atropos.sandbox")
 
@@ -405,16 +405,28 @@ class SlotRunner:
         release, self._release_image = self._release_image, lambda: None
         release()
 
-    async def use_image(self, image: ImageRoot, release: Callable[[], None]) -> None:
+    async def use_image(self, image: ImageRoot, release: Callable[[], None], copy: bool = False) -> None:
         """Start over in `image`: everything the slot runs is killed, its workspace emptied, and its
-        root becomes the image's under a fresh layer of its own; `release` is called when the slot
-        leaves the image (reset, close). Its sandbox starts in the background, as a fork's does."""
+        root becomes the image's under a fresh layer of its own (with `copy`, a copy of the image's
+        root, where overlays cannot work); `release` is called when the slot leaves the image
+        (reset, close). Its sandbox starts in the background, as a fork's does."""
         if self.image_layer is None:
             release()
             raise SlotFailure("a slot in a task's image needs bubblewrap, and this server runs without it")
         async with self._start_lock:
-            await self._start_over()
-            self._enter_image(image, (), release)
+            try:
+                await self._start_over()
+                if copy:
+                    root = os.path.join(self.image_layer, "root")
+                    os.makedirs(root)
+                    await asyncio.to_thread(copy_root, str(image.root), root)
+            except BaseException:
+                release()
+                raise
+            if copy:
+                self.image, self._release_image = SlotImage(image, root, ""), release
+            else:
+                self._enter_image(image, (), release)
         self.on_change()
         self._starting = asyncio.ensure_future(self._start_quietly())
 

@@ -171,6 +171,11 @@ def _copy(src_path: str, dest_path: str, max_bytes: int, keep: Keep) -> Unpacked
         os.close(dest)
 
 
+def copy_root(image_root: str, dest: str) -> None:
+    """A task image's root copied for one slot, where no overlay can stand on it."""
+    _copy(image_root, dest, 1 << 62, "content")  # bounded when it was unpacked
+
+
 def copy_snapshot(snapshot: str, workspace: str) -> None:
     """A fork without overlays: the snapshot copied into the (empty) workspace."""
     _copy(snapshot, workspace, 1 << 62, "content")  # bounded when the snapshot was taken
