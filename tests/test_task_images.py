@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -216,3 +217,31 @@ def test_a_cache_over_its_limit_evicts_unused_images_never_one_in_use(tmp_path: 
     assert cache.images() == [] and [p for p in (cache.directory / "layers").iterdir() if p.is_dir()] == []
     with pytest.raises(ImageNotFoundError, match="no longer on this node"), cache.keep(image):
         pass
+
+
+def test_slots_that_ask_for_a_new_image_at_once_all_get_it_while_the_first_ones_use_it(tmp_path: Path) -> None:
+    """Many slots of one image not yet unpacked (a GRPO group's first acquires): one unpacks, and
+    every other gets the image, though the first ones hold it (in use) by the time they ask."""
+    cache = RootCache(tmp_path / "cache")
+    files = [_file(f"bin/{i}", "x" * 100_000) for i in range(300)]
+    archive = _archive(tmp_path / "one.tar", [[_entry("bin", tarfile.DIRTYPE), *files]])
+    held = contextlib.ExitStack()
+    entered: list[str] = []
+    lock = threading.Lock()
+
+    def slot() -> None:
+        use = cache.use(f"docker-archive:{archive}")
+        image = use.__enter__()
+        with lock:
+            held.push(use)
+            entered.append(image.image_id)
+
+    threads = [threading.Thread(target=slot, daemon=True) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    try:
+        assert len(entered) == 8 and len(set(entered)) == 1, f"{len(entered)} of 8 slots got the image"
+    finally:
+        held.close()

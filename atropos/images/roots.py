@@ -5,8 +5,10 @@ The cache directory holds
 - `images/<hex>/root/`: an image's root, its layers applied in order (files hard-linked from the
   layers, so images that share a layer share its disk), and `images/<hex>/image.json`, what it was
   made from (reference, layers, working directory, environment);
-- `images/<hex>.lock`: held shared while a slot uses the image, exclusively while it is made or
-  evicted; `cache.lock`: shared while an image is made, exclusive while the cache is trimmed.
+- `images/<hex>.lock`: held shared while a slot (or a snapshot) uses the image, exclusively while
+  it is evicted; `images/<hex>.make.lock`: exclusively while it is made (a separate lock: those who
+  wait to make it must not wait on the slots that already use it); `cache.lock`: shared while an
+  image is made, exclusive while the cache is trimmed.
 
 Everything is made in a hidden partial directory and renamed into place, so a failed or interrupted
 unpack leaves nothing half-made. Nothing in an archive can write outside the cache: member paths
@@ -243,10 +245,10 @@ class RootCache:
         return image_dir
 
     def _publish(self, image_dir: Path, meta: dict[str, Any], fill: Callable[[Path], None], progress: Progress) -> None:
-        """Make the image under its exclusive lock, in a partial directory renamed into place once
+        """Make the image under its making lock, in a partial directory renamed into place once
         complete (`fill` makes its root); a process that waited finds it made."""
-        lock = self._lock_of(image_dir)
-        with _flock(self.directory / "cache.lock", fcntl.LOCK_SH), _flock(lock, fcntl.LOCK_EX):
+        making = image_dir.with_name(image_dir.name + ".make.lock")
+        with _flock(self.directory / "cache.lock", fcntl.LOCK_SH), _flock(making, fcntl.LOCK_EX):
             if (image_dir / "image.json").is_file():
                 return  # another process made it while this one waited
             started = time.monotonic()
@@ -448,6 +450,7 @@ def _evict(image_dir: Path, lock: Path) -> bool:
             return False
         shutil.rmtree(image_dir, ignore_errors=True)
         lock.unlink(missing_ok=True)
+        image_dir.with_name(image_dir.name + ".make.lock").unlink(missing_ok=True)
         return True
     finally:
         os.close(fd)
