@@ -15,16 +15,15 @@ rest as the submission. `cleanup()` gives the slot back; the shared pools close 
 
 from __future__ import annotations
 
-import atexit
 import json
 import platform
-import threading
 from typing import Any
 
 from pydantic import BaseModel, Field
 
 from atropos.integrations import missing_framework
-from atropos.slots import SlotPoolConfig, SyncSandbox, SyncSlotPool
+from atropos.integrations.pools import shared_pool
+from atropos.slots import SyncSandbox
 
 try:
     from minisweagent.exceptions import Submitted
@@ -45,41 +44,10 @@ class SlotEnvironmentConfig(BaseModel):
     acquire_timeout: float | None = Field(default=None, description="seconds to wait for a free slot")
 
 
-_pools: dict[str, SyncSlotPool] = {}
-_pools_lock = threading.Lock()
-
-
-def _shared_pool(fields: dict[str, Any]) -> SyncSlotPool:
-    """One started pool per distinct configuration in this process (environments come and go, its
-    servers stay)."""
-    config = SlotPoolConfig.model_validate(fields)
-    key = config.model_dump_json()
-    with _pools_lock:
-        pool = _pools.get(key)
-        if pool is None:
-            pool = SyncSlotPool(config)
-            pool.start()
-            _pools[key] = pool
-        return pool
-
-
-def _close_pools() -> None:
-    with _pools_lock:
-        for pool in _pools.values():
-            pool.close()
-        _pools.clear()
-
-
-# at exit, before the interpreter shuts its thread pools down (closing a pool stops its servers from
-# worker threads; atropos.slots.sync registered the thread pools' hook first, and hooks run newest
-# first): `atexit` callbacks would run only after that
-getattr(threading, "_register_atexit", atexit.register)(_close_pools)
-
-
 class SlotEnvironment:
     def __init__(self, *, config_class: type[SlotEnvironmentConfig] = SlotEnvironmentConfig, **kwargs: Any) -> None:
         self.config = config_class(**kwargs)
-        pool = _shared_pool(self.config.pool)
+        pool = shared_pool(self.config.pool)
         self.sandbox: SyncSandbox | None = pool.open_sandbox(
             timeout=self.config.acquire_timeout, image=self.config.image
         )
