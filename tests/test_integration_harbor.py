@@ -105,7 +105,7 @@ def test_harbor_runs_tasks_in_slots_scoring_a_solution_1_and_a_wrong_one_0(tmp_p
     check = check.replace("$_", "/logs/verifier/reward.txt")
     # each trial in a slot of its own: what one solution leaves in its root is not in another's;
     # no command runs as root on the node: the solution's marked `sleep`, seen from the node
-    probe = "ls /app; echo nets=$(awk 'NR > 2 {sub(\":\", \"\", $1); print $1}' /proc/net/dev)"
+    probe = 'ls /app; echo nets=$(awk \'NR > 2 {sub(":", "", $1); print $1}\' /proc/net/dev)'
     mark = f"(exec -a {_MARK} sleep 3)"
     _task(
         tasks, "right", f"{mark}; echo hello > /app/hello.txt; echo secret > /app/right-was-here", f"{probe}\n{check}"

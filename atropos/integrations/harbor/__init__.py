@@ -142,7 +142,7 @@ class SlotEnvironment(BaseEnvironment):
         stage = f"{_STAGE}/{uuid.uuid4().hex}"
         await self._on_pool(self._started().upload(str(source_path), stage))
         target = shlex.quote(target_path)
-        await self._shell(f"mkdir -p \"$(dirname {target})\" && mv -f {stage} {target}")
+        await self._shell(f'mkdir -p "$(dirname {target})" && mv -f {stage} {target}')
 
     async def upload_dir(self, source_dir: Path | str, target_dir: str) -> None:
         stage = f"{_STAGE}/{uuid.uuid4().hex}"
