@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import threading
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from atropos.slots import SlotPoolConfig, SyncSlotPool
 
-__all__ = ["shared_pool"]
+__all__ = ["on_pool", "shared_pool"]
+
+T = TypeVar("T")
 
 _pools: dict[str, SyncSlotPool] = {}
 _lock = threading.Lock()
@@ -26,6 +30,12 @@ def shared_pool(fields: dict[str, Any]) -> SyncSlotPool:
             pool.start()
             _pools[key] = pool
         return pool
+
+
+async def on_pool(pool: SyncSlotPool, coro: Coroutine[Any, Any, T]) -> T:
+    """Await, on the caller's event loop (an async framework's), a coroutine of `pool`'s async API
+    run on the pool's own loop."""
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, pool.loop))
 
 
 def _close_pools() -> None:

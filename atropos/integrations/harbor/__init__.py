@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from atropos.integrations import missing_framework
-from atropos.integrations.pools import shared_pool
+from atropos.integrations.pools import on_pool, shared_pool
 from atropos.sandbox.runner.pathsafe import WORKSPACE_ALIAS
 from atropos.slots import Sandbox, SyncSlotPool
 
@@ -174,9 +174,8 @@ class SlotEnvironment(BaseEnvironment):
         return self._sandbox
 
     async def _on_pool(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Await, on Harbor's loop, a coroutine of the pool run on the pool's own loop."""
         assert self._pool is not None
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._pool.loop))
+        return await on_pool(self._pool, coro)
 
 
 def task_image(
