@@ -281,7 +281,11 @@ class RootCache:
                 with archive.layer_tar(layer) as tar:
                     whiteouts = _extract(archive.ref, tar, partial)
                 layer_dir.with_name(name + ".json").write_text(json.dumps(whiteouts))
-                os.rename(partial, layer_dir)
+                try:
+                    os.rename(partial, layer_dir)
+                except OSError:  # made meanwhile by a process that did not take the lock
+                    if not layer_dir.is_dir():
+                        raise
             finally:
                 if partial.exists():
                     shutil.rmtree(partial, ignore_errors=True)

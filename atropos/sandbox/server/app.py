@@ -481,7 +481,7 @@ class SandboxApp:
         started = time.monotonic()
         holds = [await self._hold_image(snap.image) if snap.image is not None else _nothing for _ in targets]
         await asyncio.gather(
-            *(slot.fork_from(snap.name, snap, copy_snapshot, hold) for slot, hold in zip(targets, holds, strict=True))
+            *(slot.fork_from(snap, copy_snapshot, hold) for slot, hold in zip(targets, holds, strict=True))
         )
         return _json(
             ForkResponse(

@@ -431,7 +431,7 @@ class SlotRunner:
         self._starting = asyncio.ensure_future(self._start_quietly())
 
     async def fork_from(
-        self, name: str, snapshot: Snapshot, copy: Callable[[str, str], object], release: Callable[[], None]
+        self, snapshot: Snapshot, copy: Callable[[str, str], object], release: Callable[[], None]
     ) -> None:
         """Start over from `snapshot`: everything the slot runs is killed and its workspace emptied,
         then it is an overlay on the snapshot, or where overlays cannot work, `copy(snapshot,
