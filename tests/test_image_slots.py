@@ -321,3 +321,42 @@ async def test_a_registry_image_is_pulled_once_per_node_per_the_pull_policy(
             (True, False),
             (False, True),
         ], said
+
+
+async def test_a_task_that_names_its_workdir_has_its_commands_run_there(archives: dict[str, str]) -> None:
+    """`workdir` (e.g. the repository in a SWE task's image): the agent's one-shot commands and its
+    session start there, and so do the setup commands and the checks; a workdir that is not there
+    is the task's error, said in one line."""
+    from atropos.envs.agent_loop import AgentSettings, run_rollout
+    from atropos.envs.chat import AssistantReply
+    from atropos.envs.task_set import Task, TaskError
+    from tests.env_fixtures import Scripted
+
+    def task(workdir: str) -> Task:
+        return Task.model_validate(
+            {
+                "id": "in-workdir",
+                "prompt": "note where you are",
+                "image": archives["a"],
+                "workdir": workdir,
+                "setup_commands": ["pwd > /opt/setup-ran-in"],
+                "checks": [
+                    {"name": "where", "command": 'test "$(pwd)" = /opt/task && test -f tool'},
+                    {"name": "setup", "command": "grep -qx /opt/task /opt/setup-ran-in"},
+                    {"name": "agent", "command": "grep -qx /opt/task /opt/one-shot && grep -qx /opt/task /opt/session"},
+                ],
+            }
+        )
+
+    calls = [
+        '<tool_call>{"name": "bash", "arguments": {"command": "pwd > /opt/one-shot"}}</tool_call>',
+        '<tool_call>{"name": "bash_session", "arguments": {"command": "pwd > /opt/session"}}</tool_call>',
+    ]
+    async with SlotPool(_cfg(slots_per_container=1)) as pool:
+        model = Scripted(*(AssistantReply(c) for c in calls), AssistantReply("done"))
+        rollout = await run_rollout(pool, task("/opt/task"), model, AgentSettings())
+        assert (rollout.status, rollout.reward) == ("ok", 1.0), (rollout.error, rollout.checks)
+        with pytest.raises(TaskError, match="workdir /opt/nowhere") as caught:
+            nowhere = task("/opt/nowhere").model_copy(update={"setup_commands": []})
+            await run_rollout(pool, nowhere, Scripted(AssistantReply("done")), AgentSettings())
+        assert "\n" not in str(caught.value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shlex
 import time
 import uuid
 from typing import Literal
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from atropos.envs.chat import AssistantReply, ChatModel, Message, assistant_message, tool_message
 from atropos.envs.sampling import SampledModel, SampledTokens
 from atropos.envs.scoring import CheckResult, score_task
-from atropos.envs.task_set import Task
+from atropos.envs.task_set import Task, TaskError
 from atropos.envs.task_setup import prepared, run_setup
 from atropos.envs.tool_calls import TOOL_SCHEMAS, ParsedCall, ToolCall, ToolCallFormat, hermes_tools_prompt, parse_reply
 from atropos.sandbox.models import ExecuteResult
@@ -100,8 +101,12 @@ async def run_rollout(
         ) as slot:
             if key is None:
                 await run_setup(pool, slot, task, settings.tool_timeout)
+            if task.workdir is not None:  # the agent's session starts there (a `cwd` per call would be a subshell)
+                moved = await pool.execute(slot, "bash_session", {"command": f"cd {shlex.quote(task.workdir)}"})
+                if not moved.ok:
+                    raise TaskError(f"task {task.id}: workdir {task.workdir}: {moved.output.strip()}")
             try:
-                await _agent_turns(pool, slot, model, settings, rollout)
+                await _agent_turns(pool, slot, model, settings, rollout, task)
             finally:
                 if isinstance(model, SampledModel):  # also ends the model's use of the server
                     rollout.sampled = await model.sampled()
@@ -114,7 +119,9 @@ async def run_rollout(
     return rollout
 
 
-async def _agent_turns(pool: SlotPool, slot: Slot, model: ChatModel, settings: AgentSettings, rollout: Rollout) -> None:
+async def _agent_turns(
+    pool: SlotPool, slot: Slot, model: ChatModel, settings: AgentSettings, rollout: Rollout, task: Task
+) -> None:
     tools = request_tools(settings.tool_call_format)
     rollout.finished = "max_turns"
     for turn in range(settings.max_turns):
@@ -127,7 +134,7 @@ async def _agent_turns(pool: SlotPool, slot: Slot, model: ChatModel, settings: A
             return
         for call in calls:
             began = time.monotonic()
-            content = await _answer(pool, slot, call, settings)
+            content = await _answer(pool, slot, call, settings, task)
             rollout.sandbox_time_s = round(rollout.sandbox_time_s + time.monotonic() - began, 4)
             if isinstance(call, ToolCall):
                 rollout.tool_calls += 1
@@ -158,12 +165,13 @@ async def _keep_lease(pool: SlotPool, slot: Slot) -> None:
             pool.heartbeat(slot)
 
 
-async def _answer(pool: SlotPool, slot: Slot, call: ParsedCall, settings: AgentSettings) -> str:
+async def _answer(pool: SlotPool, slot: Slot, call: ParsedCall, settings: AgentSettings, task: Task) -> str:
     """What the model is told about one of its calls: the tool's result, or why it could not run."""
     if not isinstance(call, ToolCall):
         return f"error: {call.error}"
+    args = task.in_workdir(call.arguments) if call.name == "bash" else call.arguments
     try:
-        result = await pool.execute(slot, call.name, call.arguments, timeout=settings.tool_timeout)
+        result = await pool.execute(slot, call.name, args, timeout=settings.tool_timeout)
     except InvalidToolCall as exc:  # the server refused the arguments: the model's mistake, not the sandbox's
         return f"error: {exc}"
     return render_result(result, settings.max_tool_output)

@@ -38,7 +38,7 @@ async def score_task(pool: SlotPool, slot: Slot, task: Task) -> list[CheckResult
         return [CheckResult(name=check.name, passed=False, output=str(exc)) for check in task.checks]
     results = []
     for check in task.checks:
-        result = await pool.execute(slot, "bash", {"command": check.command}, timeout=check.timeout)
+        result = await pool.execute(slot, "bash", task.in_workdir({"command": check.command}), timeout=check.timeout)
         results.append(
             CheckResult(
                 name=check.name,

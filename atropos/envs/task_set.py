@@ -64,9 +64,27 @@ class Task(_Strict):
     reference: list[ReferenceStep] = Field(default_factory=list, description="a solution, as tool calls")
     image: str | None = Field(
         default=None,
-        description="the task's own image, its slot's root (docker-daemon://NAME:TAG, docker-archive:PATH, "
-        "oci-archive:PATH or a SIF path on the servers' nodes; see SlotPool.acquire); its setup runs per rollout",
+        description="the task's own image, its slot's root (docker://NAME:TAG, docker-daemon://NAME:TAG, "
+        "docker-archive:PATH, oci-archive:PATH or a SIF path on the servers' nodes; see SlotPool.acquire); "
+        "with fork_setup its setup runs once per server, in the image, and each rollout forks from that",
     )
+    workdir: str | None = Field(
+        default=None,
+        description="where the agent's shell commands (its session starts there), the setup commands and the "
+        "checks run: an absolute path, e.g. the repository in the task's image; files stay relative to "
+        "/workspace; None: /workspace",
+    )
+
+    def in_workdir(self, args: dict[str, Any]) -> dict[str, Any]:
+        """A shell tool's arguments, to run in the task's workdir unless they name their own."""
+        return args if self.workdir is None or "cwd" in args else {**args, "cwd": self.workdir}
+
+    @field_validator("workdir")
+    @classmethod
+    def _absolute_workdir(cls, workdir: str | None) -> str | None:
+        if workdir is not None and (not workdir.startswith("/") or ".." in Path(workdir).parts):
+            raise ValueError(f"workdir {workdir!r} must be an absolute path, without '..'")
+        return workdir
 
     @field_validator("setup_files", "hidden_files")
     @classmethod

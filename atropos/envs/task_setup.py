@@ -16,7 +16,7 @@ from atropos.slots.prepared import SetupCall
 
 def setup_calls(task: Task) -> list[SetupCall]:
     files: list[SetupCall] = [("write_file", {"path": p, "content": c}) for p, c in task.setup_files.items()]
-    return files + [("bash", {"command": command}) for command in task.setup_commands]
+    return files + [("bash", task.in_workdir({"command": command})) for command in task.setup_commands]
 
 
 def setup_key(task: Task) -> str:
@@ -40,7 +40,7 @@ async def run_setup(pool: SlotPool, slot: Slot, task: Task, timeout: float) -> N
     """The task's setup in this slot alone."""
     await write_files(pool, slot, task.setup_files, timeout, what=f"task {task.id} setup")
     for command in task.setup_commands:
-        result = await pool.execute(slot, "bash", {"command": command}, timeout=timeout)
+        result = await pool.execute(slot, "bash", task.in_workdir({"command": command}), timeout=timeout)
         if not result.ok:
             raise TaskError(
                 f"task {task.id} setup: {command!r} failed (exit {result.exit_code}): {result.output[-2000:]}"
