@@ -167,7 +167,8 @@ def docker_unready() -> str | None:
 @pytest.fixture(scope="session")
 def task_images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TaskImages]:
     """Two task images over the base image's one layer, built by the real engine (no registry)."""
-    images = TaskImages("atropos-test-task-a:1", "atropos-test-task-b:1")
+    # tagged per test session: two sessions at once (a by-hand run beside CI) never remove each other's
+    images = TaskImages(f"atropos-test-task-a:{os.getpid()}", f"atropos-test-task-b:{os.getpid()}")
     for tag, step in (
         (images.a, "RUN mkdir -p /opt/task && echo 'echo task a' > /opt/task/tool && rm -f /etc/motd"),
         (images.b, "RUN mkdir -p /opt/task && echo 'echo task b' > /opt/task/tool-b"),
