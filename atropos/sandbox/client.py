@@ -25,6 +25,7 @@ from atropos.errors import InfrastructureError, InvalidToolCall, SlotFailed, Slo
 from atropos.sandbox import tarsafe
 from atropos.sandbox.http import HttpClient, HttpRefused, HttpSilent, HttpTransportError, HttpUnreachable
 from atropos.sandbox.models import (
+    BridgeResponse,
     ExecuteResult,
     ForkResponse,
     ImageResponse,
@@ -178,6 +179,11 @@ class ServerClient:
     async def use_image(self, slot: int, image: str, timeout: float) -> ImageResponse:
         """The slot starts over in a task's image (atropos.sandbox.image_slots)."""
         return ImageResponse.model_validate(await self._post("/image", {"slot": slot, "image": image}, timeout))
+
+    async def bridge(self, slot: int, port: int, to_host: str, to_port: int, timeout: float) -> BridgeResponse:
+        """A port of the slot's loopback relayed to `to_host:to_port` (atropos.sandbox.server.bridges)."""
+        body = {"slot": slot, "port": port, "to_host": to_host, "to_port": to_port}
+        return BridgeResponse.model_validate(await self._post("/bridge", body, timeout))
 
     # -- tree transfers: streamed both ways (see atropos.sandbox.server.transfer) ----------------
 

@@ -313,6 +313,29 @@ class ImageResponse(BaseModel):
     duration_ms: float
 
 
+class BridgeRequest(_Strict):
+    slot: SlotNumber
+    port: int = Field(default=0, ge=0, le=65535, description="the port on the slot's own 127.0.0.1; 0: a free one")
+    to_host: str = Field(
+        default="127.0.0.1",
+        min_length=1,
+        max_length=253,
+        pattern=r"^[A-Za-z0-9.:_-]+$",
+        description="the service's host, as the server's node reaches it",
+    )
+    to_port: int = Field(ge=1, le=65535, description="the service's port")
+
+
+class BridgeResponse(BaseModel):
+    slot: int
+    host: str = Field(description="connect to HOST:PORT inside the slot to reach the service")
+    port: int
+    direct: bool = Field(
+        description="true: the slot shares the node's network (network `allow`, or no isolation) and reaches "
+        "the service itself; nothing was opened"
+    )
+
+
 class UploadResult(BaseModel):
     """What `POST /upload` unpacked into the slot (all of the archive: a refused one leaves nothing)."""
 

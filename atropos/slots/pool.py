@@ -31,7 +31,7 @@ from atropos.host.background import Background
 from atropos.images.errors import InvalidReference
 from atropos.images.layers import TaskImageRef
 from atropos.progress import Progress, no_progress, reporting
-from atropos.sandbox.models import ExecuteResult, OutputChunk, SnapshotInfo, UploadResult
+from atropos.sandbox.models import BridgeResponse, ExecuteResult, OutputChunk, SnapshotInfo, UploadResult
 from atropos.sandbox.tarsafe import Unpacked
 from atropos.slots.config import SlotPoolConfig
 from atropos.slots.fleet import Fleet, Member
@@ -477,6 +477,17 @@ class SlotPool:
             self.release(slot)
             raise
         return slot
+
+    async def bridge(
+        self, slot: Slot, to_port: int, to_host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0
+    ) -> BridgeResponse:
+        """Let the slot reach one service, `to_host:to_port` as its server's node reaches it, at the
+        answer's `host:port` inside the slot (its own 127.0.0.1:`port`, 0: a free one); nothing else
+        of the node opens to it. Closed when the slot is released. For an agent program in the slot
+        that calls back to the trainer (a model proxy); its server must be on the node of that service
+        or reach it, as the local backend's is."""
+        async with self._calling(slot, "bridge", None) as (st, server):
+            return await server.client.bridge(st.index, port, to_host, to_port, timeout)
 
     # -- whole trees -----------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@
         result = await sb.run("pytest -q", cwd="repo", env={"CI": "1"}, timeout=300)
 
 `SlotPool.execute` stays what it was; this is a thin layer over it (and over `upload_tree`,
-`download_tree`, `snapshot`, `fork`), for frameworks that hold a sandbox rather than a slot.
+`download_tree`, `snapshot`, `fork`, `bridge`), for frameworks that hold a sandbox rather than a slot.
 `atropos.slots.sync` is its synchronous twin.
 """
 
@@ -16,7 +16,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from atropos.errors import InvalidToolCall
-from atropos.sandbox.models import ExecuteResult, SnapshotInfo, UploadResult
+from atropos.sandbox.models import BridgeResponse, ExecuteResult, SnapshotInfo, UploadResult
 from atropos.sandbox.tarsafe import Unpacked
 from atropos.slots.leasing import Slot
 
@@ -108,6 +108,11 @@ class Sandbox:
     async def fork(self, name: str, trajectory_id: str | None = None) -> Sandbox:
         """A new sandbox starting from this one's snapshot `name`; close it as any other."""
         return Sandbox(self.pool, await self.pool.fork(self.slot, name, trajectory_id))
+
+    async def bridge(self, to_port: int, to_host: str = "127.0.0.1", port: int = 0) -> BridgeResponse:
+        """Let the sandbox reach the one service `to_host:to_port` (as its server's node reaches it)
+        at the answer's `host:port`; see `SlotPool.bridge`. Closed with the sandbox."""
+        return await self.pool.bridge(self.slot, to_port, to_host, port)
 
     async def close(self) -> None:
         """Give the slot back (it is reset before anyone else gets it); closing twice does nothing."""

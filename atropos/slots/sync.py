@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from atropos.progress import Progress, no_progress
-from atropos.sandbox.models import ExecuteResult, SnapshotInfo, UploadResult
+from atropos.sandbox.models import BridgeResponse, ExecuteResult, SnapshotInfo, UploadResult
 from atropos.sandbox.tarsafe import Unpacked
 from atropos.slots.config import SlotPoolConfig
 from atropos.slots.pool import SlotPool
@@ -169,6 +169,9 @@ class SyncSandbox:
 
     def fork(self, name: str, trajectory_id: str | None = None) -> SyncSandbox:
         return SyncSandbox(self._runner, self._runner.call(self.sandbox.fork(name, trajectory_id)))
+
+    def bridge(self, to_port: int, to_host: str = "127.0.0.1", port: int = 0) -> BridgeResponse:
+        return self._runner.call(self.sandbox.bridge(to_port, to_host, port))
 
     def close(self) -> None:
         self._runner.call(self.sandbox.close())

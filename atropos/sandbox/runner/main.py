@@ -21,6 +21,7 @@ from typing import Any
 
 from atropos.host import become_subreaper, die_with_parent, kill_tree
 from atropos.host.background import Background
+from atropos.sandbox.runner.bridge import listen_and_hand_over
 from atropos.sandbox.runner.capture import Emit
 from atropos.sandbox.runner.children import Children
 from atropos.sandbox.runner.files import empty_dir, read_file, write_file
@@ -30,6 +31,8 @@ from atropos.sandbox.runner.protocol import (
     BashOp,
     HibernateOp,
     LimitKind,
+    ListenOp,
+    ListenOutcome,
     Op,
     Outcome,
     PingOp,
@@ -139,7 +142,7 @@ class Runner:
             return
         self.reply({"id": rid, "result": result})
 
-    async def watched(self, req: Op, emit: Emit | None = None) -> Outcome | ResetOutcome | PingOutcome:
+    async def watched(self, req: Op, emit: Emit | None = None) -> Outcome | ResetOutcome | PingOutcome | ListenOutcome:
         """Run the request while the limit watch looks on; a command's outcome then says what
         limit stopped it, or stopped its background processes since the last call."""
         trips = self.watch.trips
@@ -180,8 +183,8 @@ class Runner:
             result["limit"] = kind
 
     async def dispatch(
-        self, req: ReadFileOp | WriteFileOp | ResetOp | PingOp | HibernateOp
-    ) -> Outcome | ResetOutcome | PingOutcome:
+        self, req: ReadFileOp | WriteFileOp | ResetOp | PingOp | HibernateOp | ListenOp
+    ) -> Outcome | ResetOutcome | PingOutcome | ListenOutcome:
         if req["op"] == "read_file":
             return read_file(self.root, req, self.file_limit)
         if req["op"] == "write_file":
@@ -190,6 +193,8 @@ class Runner:
             return await self.reset()
         if req["op"] == "hibernate":
             raise ValueError("hibernate is answered by Runner.hibernate")
+        if req["op"] == "listen":
+            return {"ok": True, "port": listen_and_hand_over(req["port"], req["channel"])}
         return {"ok": True, "pid": os.getpid()}
 
     async def command_or_free(self, req: BashOp | SessionOp, emit: Emit | None) -> Outcome:

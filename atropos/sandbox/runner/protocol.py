@@ -4,7 +4,7 @@ Requests are JSON lines on the runner's stdin, `{"id": N, "op": ..., "timeout": 
 are JSON lines on its stdout, `{"id": N, "result": Outcome}` or `{"id": N, "error": "..."}`, after
 `{"id": N, "chunk": {...}}` lines for a command asked to stream its output.
 The op of a tool call is the tool's own name (`bash`, `bash_session`, `read_file`, `write_file`);
-`reset` and `ping` are the server's. An `Outcome` carries the fields of the HTTP API's
+`reset`, `ping`, `hibernate` and `listen` are the server's. An `Outcome` carries the fields of the HTTP API's
 `ExecuteResult` (atropos.sandbox.models); everything that adds to one after the command ran (a
 limit it hit, a note from the sandbox) goes through the three functions at the end of this module.
 
@@ -75,13 +75,20 @@ class PingOp(TypedDict):
     timeout: float
 
 
+class ListenOp(TypedDict):
+    op: Literal["listen"]  # see atropos.sandbox.runner.bridge
+    port: int
+    channel: str  # the server's Unix socket, as the slot sees it, that takes the listening socket
+    timeout: float
+
+
 class HibernateOp(TypedDict):
     op: Literal["hibernate"]  # see atropos.sandbox.runner.hibernate
     timeout: float
 
 
 ToolOp = BashOp | SessionOp | ReadFileOp | WriteFileOp
-Op = ToolOp | ResetOp | PingOp | HibernateOp
+Op = ToolOp | ResetOp | PingOp | HibernateOp | ListenOp
 
 
 class _Ok(TypedDict):
@@ -112,6 +119,11 @@ class ResetOutcome(TypedDict):
 class PingOutcome(TypedDict):
     ok: bool
     pid: int
+
+
+class ListenOutcome(TypedDict):
+    ok: bool
+    port: int
 
 
 class HibernateOutcome(TypedDict, total=False):

@@ -23,6 +23,8 @@ from atropos.sandbox.models import (
     TOOLS,
     BatchRequest,
     BatchResponse,
+    BridgeRequest,
+    BridgeResponse,
     Enforcement,
     ErrorResponse,
     ExecuteRequest,
@@ -46,6 +48,7 @@ from atropos.sandbox.models import (
 )
 from atropos.sandbox.runner.pathsafe import PathEscapeError
 from atropos.sandbox.runner.protocol import Outcome, ToolOp
+from atropos.sandbox.server.bridges import BridgeError
 from atropos.sandbox.server.hibernation import Hibernation
 from atropos.sandbox.server.openapi import openapi_document
 from atropos.sandbox.server.slot_runner import SlotFailure, SlotReset, SlotRunner
@@ -135,6 +138,7 @@ class SandboxApp:
         app.router.add_delete("/snapshots/{name}", self.delete_snapshot)
         app.router.add_post("/fork", self.fork)
         app.router.add_post("/image", self.image)
+        app.router.add_post("/bridge", self.bridge)
         app.router.add_get("/status", self.status)
         app.router.add_get("/openapi.json", self.openapi)
         app.on_startup.append(self._start_warming)
@@ -542,6 +546,18 @@ class SandboxApp:
                 duration_ms=(time.monotonic() - started) * 1000.0,
             )
         )  # fmt: skip
+
+    async def bridge(self, request: web.Request) -> web.Response:
+        """A port of the slot's loopback relayed to a service this node reaches (server.bridges)."""
+        body: BridgeRequest = await self._body(request, BridgeRequest)
+        slot = self._slot(body.slot)
+        try:
+            port = await slot.bridge(body.port, (body.to_host, body.to_port))
+        except BridgeError as exc:
+            raise ApiError(409, str(exc)) from None
+        if port is None:
+            return _json(BridgeResponse(slot=slot.index, host=body.to_host, port=body.to_port, direct=True))
+        return _json(BridgeResponse(slot=slot.index, host="127.0.0.1", port=port, direct=False))
 
     async def openapi(self, _request: web.Request) -> web.Response:
         return web.json_response(openapi_document())

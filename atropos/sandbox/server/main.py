@@ -237,6 +237,7 @@ def build_slots(
                 spec.egress if spec is not None else None,
                 overlay_work,
                 os.path.join(cfg.data_dir, "image-layers", str(i)) if spec is not None else None,
+                own_network=spec is not None and spec.network != "allow",
             )
         )
     return slots

@@ -78,6 +78,8 @@ def openapi_document() -> dict[str, Any]:
         m.ForkResponse,
         m.ImageRequest,
         m.ImageResponse,
+        m.BridgeRequest,
+        m.BridgeResponse,
         m.BashArgs,
         m.SessionArgs,
         m.ReadFileArgs,
@@ -126,6 +128,14 @@ def openapi_document() -> dict[str, Any]:
                     "of its own until its next reset",
                     m.ImageRequest,
                     m.ImageResponse,
+                )
+            },
+            "/bridge": {
+                "post": _op(
+                    "A port on the slot's own loopback that reaches one service of the server's node's choosing "
+                    "(a model server the agent program calls back); closed at the slot's next reset",
+                    m.BridgeRequest,
+                    m.BridgeResponse,
                 )
             },
         },

@@ -22,6 +22,8 @@ from atropos.sandbox.runner.pathsafe import WORKSPACE_ALIAS
 from atropos.sandbox.runner.protocol import (
     HibernateOp,
     HibernateOutcome,
+    ListenOp,
+    ListenOutcome,
     Op,
     Outcome,
     PingOp,
@@ -34,6 +36,7 @@ from atropos.sandbox.runner.protocol import (
 )
 from atropos.sandbox.runner.rlimits import describe_limit
 from atropos.sandbox.runner.session import SESSION_RESTARTED
+from atropos.sandbox.server.bridges import BridgeError, Bridges
 from atropos.sandbox.server.cgroups import SlotCgroup
 from atropos.sandbox.server.egress import NETNS_READY, Egress
 from atropos.sandbox.server.isolation import Fork
@@ -74,6 +77,7 @@ class SlotRunner:
         egress: Egress | None = None,
         overlay_work: str | None = None,
         image_layer: str | None = None,
+        own_network: bool = False,
     ) -> None:
         self.index = index
         self.cgroup = cgroup
@@ -114,6 +118,10 @@ class SlotRunner:
         self.hibernated = False
         self._hibernating: asyncio.Future[None] | None = None
         self._wake_lock = asyncio.Lock()
+        # bridges (atropos.sandbox.server.bridges), until the next reset; a slot that shares the
+        # node's network (`own_network` false) needs none: it reaches the node's loopback itself
+        self.own_network = own_network
+        self.bridges = Bridges(index)
 
     @property
     def started(self) -> bool:
@@ -358,6 +366,7 @@ class SlotRunner:
     async def reset(self, timeout: float = 30.0) -> ResetOutcome:
         """Kill everything the slot started and empty its workspace; cuts a running call short."""
         self.generation += 1
+        await self.bridges.close()
         self._session_lost = False
         self.used = False  # clean again: warm if its runner lives
         self.forked_from = None
@@ -385,6 +394,7 @@ class SlotRunner:
     async def kill_runner(self) -> int:
         """Kill the sandbox and everything in it; how many processes died."""
         proc, self._proc = self._proc, None
+        await self.bridges.close()  # their listeners live in the namespace that dies now
         if proc is None or proc.returncode is not None:
             return 0
         # without bubblewrap the runner's orphans are not in a PID namespace that dies with it
@@ -494,6 +504,25 @@ class SlotRunner:
         if self._view_pid is None or self._view_pid[0] != proc.pid:
             self._view_pid = (proc.pid, await asyncio.to_thread(_runner_pid, proc.pid))
         return f"/proc/{self._view_pid[1]}/root{WORKSPACE_ALIAS}"
+
+    async def bridge(self, port: int, target: tuple[str, int]) -> int | None:
+        """Open a bridge from the slot's 127.0.0.1:`port` to `target` (see atropos.sandbox.server.
+        bridges); the slot's port, or None where the slot shares the node's network and needs none."""
+        if not self.own_network:
+            return None
+        proc = await self._ensure_runner()
+        if self.hibernated:  # its runner is found by its command line: the runner's, not the holder's
+            await self.call(PingOp(op="ping", timeout=5.0))
+        runner = await asyncio.to_thread(_runner_pid, proc.pid)
+
+        async def listen(channel: str) -> int:
+            try:
+                answer: ListenOutcome = await self.call(ListenOp(op="listen", port=port, channel=channel, timeout=10.0))
+            except SlotFailure as exc:
+                raise BridgeError(str(exc)) from None
+            return answer["port"]
+
+        return await self.bridges.open(port, target, f"/proc/{runner}/root/tmp", listen)
 
     async def _stop_pasta(self, runner: asyncio.subprocess.Process) -> None:
         pasta = self._pastas.pop(runner.pid, None)
