@@ -17,8 +17,9 @@ import socket
 import subprocess
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from pathlib import Path
 
 PTRACE_ATTACH = 16
 
@@ -208,3 +209,26 @@ def can_make_netns() -> bool:
     return (
         os.geteuid() == 0 and subprocess.run(["ip", "netns", "list"], capture_output=True, check=False).returncode == 0
     )
+
+
+@contextmanager
+def node_uids(mark: str) -> Iterator[set[int]]:
+    """The real uids (on the node) of the processes whose argv[0] is `mark`, while the block runs."""
+    uids: set[int] = set()
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.1):
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                with suppress(OSError):
+                    if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] == mark.encode():
+                        status = Path(f"/proc/{pid}/status").read_text()
+                        uids.add(int(next(x for x in status.splitlines() if x.startswith("Uid:")).split()[1]))
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield uids
+    finally:
+        stop.set()
+        thread.join()

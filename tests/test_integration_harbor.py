@@ -6,45 +6,20 @@ the Docker engine is missing, except where $ATROPOS_REQUIRE_HARBOR=1 (CI): there
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import textwrap
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.attacks import node_uids
 from tests.images_fixtures import BASE_IMAGE, docker_unready
 
 HARBOR = os.environ.get("ATROPOS_HARBOR") or str(Path(__file__).parent.parent / ".venv-harbor" / "bin" / "harbor")
 REQUIRED = os.environ.get("ATROPOS_REQUIRE_HARBOR") == "1"
 _MARK = "atropos-harbor-probe"
-
-
-@contextlib.contextmanager
-def _watching(mark: str) -> Iterator[set[int]]:
-    """The real uids (on the node) of the processes whose argv[0] is `mark`, while the block runs."""
-    uids: set[int] = set()
-    stop = threading.Event()
-
-    def watch() -> None:
-        while not stop.wait(0.1):
-            for pid in filter(str.isdigit, os.listdir("/proc")):
-                with contextlib.suppress(OSError):
-                    if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] == mark.encode():
-                        status = Path(f"/proc/{pid}/status").read_text()
-                        uids.add(int(next(x for x in status.splitlines() if x.startswith("Uid:")).split()[1]))
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    try:
-        yield uids
-    finally:
-        stop.set()
-        thread.join()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -112,7 +87,7 @@ def test_harbor_runs_tasks_in_slots_scoring_a_solution_1_and_a_wrong_one_0(tmp_p
     )
     _task(tasks, "wrong", "echo goodbye > /app/hello.txt", f"{probe}\n{check}")
     _task(tasks, "offline", "true", f"{probe}\necho 1 > /logs/verifier/reward.txt", "no-network")
-    with _watching(_MARK) as uids:
+    with node_uids(_MARK) as uids:
         done = _run(tasks, tmp_path / "jobs", "slots")
     trials = _trials(tmp_path / "jobs", "slots")
     assert done.returncode == 0 and len(trials) == 3, (done.stdout[-3000:], done.stderr[-3000:])

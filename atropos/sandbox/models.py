@@ -29,6 +29,7 @@ def _json_integer(value: Any) -> Any:
 SlotNumber = Annotated[int, Field(ge=0), BeforeValidator(_json_integer)]
 ByteCount = Annotated[int, Field(ge=1), BeforeValidator(_json_integer)]
 FileMode = Annotated[int, Field(ge=0, le=0o7777), BeforeValidator(_json_integer)]
+PortNumber = Annotated[int, Field(ge=0, le=65535), BeforeValidator(_json_integer)]
 
 
 class _Strict(BaseModel):
@@ -294,7 +295,8 @@ class ImageRequest(_Strict):
     slot: SlotNumber
     image: str = Field(
         max_length=4096,
-        pattern=r"^((docker://|docker-daemon:(//)?|docker-archive:|oci-archive:)\S|/\S*\.sif$)",
+        # not \S: Python and JSON Schema's regexes disagree on which characters are spaces (\x85)
+        pattern=r"^((docker://|docker-daemon:(//)?|docker-archive:|oci-archive:)[^\t\n\v\f\r ]|/[^\t\n\v\f\r ]*\.sif$)",
         description="docker://NAME:TAG (a registry, per --image-pull), docker-daemon://NAME:TAG, docker-archive:PATH, "
         "oci-archive:PATH or the path of a SIF file (paths on the server's node)",
     )
@@ -315,7 +317,7 @@ class ImageResponse(BaseModel):
 
 class BridgeRequest(_Strict):
     slot: SlotNumber
-    port: int = Field(default=0, ge=0, le=65535, description="the port on the slot's own 127.0.0.1; 0: a free one")
+    port: PortNumber = Field(default=0, description="the port on the slot's own 127.0.0.1; 0: a free one")
     to_host: str = Field(
         default="127.0.0.1",
         min_length=1,
@@ -323,7 +325,7 @@ class BridgeRequest(_Strict):
         pattern=r"^[A-Za-z0-9.:_-]+$",
         description="the service's host, as the server's node reaches it",
     )
-    to_port: int = Field(ge=1, le=65535, description="the service's port")
+    to_port: PortNumber = Field(ge=1, description="the service's port")
 
 
 class BridgeResponse(BaseModel):
