@@ -26,4 +26,11 @@ PY
 mkdir -p .cache/slot-wheels
 .venv-verifiers/bin/python -m pip download --quiet --only-binary=:all: -d .cache/slot-wheels -r .cache-slot-requirements.txt
 rm -f .cache-slot-requirements.txt
+# verifiers' own test fixtures (its sdist's tests/v1/fixtures: small tasksets, one with an MCP toolset),
+# which the adapter's test runs through our slots
+version="$(.venv-verifiers/bin/python -c 'import verifiers; print(verifiers.__version__)')"
+rm -rf .cache/verifiers-sdist .cache/verifiers-fixtures && mkdir -p .cache/verifiers-sdist .cache/verifiers-fixtures
+.venv-verifiers/bin/python -m pip download --quiet --no-deps --no-binary=:all: -d .cache/verifiers-sdist "verifiers==$version"
+tar -xzf ".cache/verifiers-sdist/verifiers-$version.tar.gz" -C .cache/verifiers-fixtures --strip-components=4 \
+    "verifiers-$version/tests/v1/fixtures"
 echo "verifiers-venv: .venv-verifiers ($("$python" --version), verifiers $(.venv-verifiers/bin/python -c 'import verifiers; print(verifiers.__version__)')), $(ls .cache/slot-wheels | wc -l) wheels for slots" >&2

@@ -26,6 +26,7 @@ from tests.images_fixtures import BASE_IMAGE, docker_unready
 ROOT = Path(__file__).parent.parent
 PYTHON = os.environ.get("ATROPOS_VERIFIERS_PYTHON_ENV") or str(ROOT / ".venv-verifiers" / "bin" / "python")
 WHEELS = ROOT / ".cache" / "slot-wheels"
+FIXTURES = ROOT / ".cache" / "verifiers-fixtures"  # verifiers' own, from its sdist
 REQUIRED = os.environ.get("ATROPOS_REQUIRE_VERIFIERS") == "1"
 _MARK = "atropos-verifiers-probe"
 
@@ -36,6 +37,8 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     missing = docker_unready() or (None if os.access(PYTHON, os.X_OK) else f"no verifiers virtualenv at {PYTHON}")
     if missing is None and not any(WHEELS.glob("uv-*.whl")):
         missing = f"no wheels for slots in {WHEELS} (scripts/verifiers-venv.sh fetches them)"
+    if missing is None and not (FIXTURES / "echo_tool_v1.py").is_file():
+        missing = f"no verifiers fixtures in {FIXTURES} (scripts/verifiers-venv.sh fetches them)"
     if missing is not None:
         if REQUIRED:
             pytest.fail(f"ATROPOS_REQUIRE_VERIFIERS=1 but {missing}")
@@ -67,7 +70,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def _rollouts(tmp_path: Path, image: str, rollouts: list[dict[str, str]]) -> dict[str, dict[str, object]]:
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"image": image, "rollouts": rollouts}))
+    spec.write_text(json.dumps({"image": image, "rollouts": rollouts, "fixtures": str(FIXTURES)}))
     done = subprocess.run(
         [PYTHON, str(ROOT / "tests" / "verifiers_rollout.py"), str(spec)],
         capture_output=True, text=True, timeout=600, cwd=ROOT, check=False,
@@ -77,7 +80,7 @@ def _rollouts(tmp_path: Path, image: str, rollouts: list[dict[str, str]]) -> dic
     return {str(r["name"]): r for r in results}
 
 
-def test_a_verifiers_rollout_runs_in_a_slot_scoring_a_right_answer_1_and_a_wrong_one_0(
+def test_verifiers_rollouts_run_in_slots_scoring_a_right_answer_1_a_wrong_one_0_and_its_tool_fixture_1(
     tmp_path: Path, image: str
 ) -> None:
     secret = secrets.token_hex(12)
@@ -96,8 +99,10 @@ def test_a_verifiers_rollout_runs_in_a_slot_scoring_a_right_answer_1_and_a_wrong
                 {"name": "wrong", "command": wrong, "file": "answer.txt", "expect": "42"},
             ],
         )
-    assert {name: r["errors"] for name, r in results.items()} == {"right": [], "wrong": []}, results
+    assert {name: r["errors"] for name, r in results.items()} == {"right": [], "wrong": [], "echo_tool": []}, results
     assert (results["right"]["reward"], results["wrong"]["reward"]) == (1.0, 0.0), results
+    # verifiers' own fixture: its MCP tool server on this machine, called from the slot, scored by its reward
+    assert results["echo_tool"]["reward"] == 1.0, results["echo_tool"]
     right_out, wrong_out = (str(results[n]["tool_outputs"]) for n in ("right", "wrong"))
     assert "probed" in wrong_out and leaks("\n".join(map(str, results["wrong"]["tool_outputs"]))) == []
     assert secret not in wrong_out

@@ -5,18 +5,24 @@ project installed there):
 
     python tests/verifiers_rollout.py SPEC.json
 
-SPEC: {"image": REF, "rollouts": [{"name", "command", "file", "expect"}, ...]}. Every rollout is
+SPEC: {"image": REF, "rollouts": [{"name", "command", "file", "expect"}, ...], "fixtures": DIR}. Every
+rollout is
 `verifiers.v1.Agent.run(task, runtime=SlotRuntime(...))` with verifiers' bash harness: its chat
 program runs inside the slot, talks to verifiers' interception server on this machine's loopback
 (through the slot's bridge), and that relays to a scripted model here (an OpenAI-compatible
 endpoint on loopback: turn 1 calls the `bash` tool with the rollout's command, turn 2 answers with
 what it printed). The task's reward reads `file` back from the live box: 1.0 when it holds
-`expect`. All rollouts run at once, on one pool. Prints one JSON line per rollout.
+`expect`. With "fixtures" (verifiers' own tests/v1/fixtures, from its sdist), one more rollout,
+"echo_tool": the first task of verifiers' `echo_tool_v1` taskset, whose MCP toolset verifiers runs
+on this machine and the chat program in the slot calls back (the scripted model calls its tool
+with the phrase the task asks for); its own reward says whether the stamped tool result came back.
+All rollouts run at once, on one pool. Prints one JSON line per rollout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import os
 import sys
@@ -49,11 +55,15 @@ def _completion(body: dict[str, Any]) -> dict[str, Any]:
         finish = "stop"
     else:
         prompt = next(_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user")
-        command = prompt.split(_COMMAND_MARK, 1)[1]
+        if _COMMAND_MARK in prompt:
+            name, arguments = "bash", {"command": prompt.split(_COMMAND_MARK, 1)[1]}
+        else:  # verifiers' echo_tool_v1: its tool, on the phrase its prompt asks for
+            name = next(t["function"]["name"] for t in body.get("tools", []) if t["function"]["name"] != "bash")
+            arguments = {"message": "hello world"}
         call = {
             "id": "call-1",
             "type": "function",
-            "function": {"name": "bash", "arguments": json.dumps({"command": command})},
+            "function": {"name": name, "arguments": json.dumps(arguments)},
         }
         message, finish = {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
     return {
@@ -113,15 +123,26 @@ async def main(spec: dict[str, Any]) -> None:
             max_turns=4,
         )
     )
-    config = SlotPoolConfig(slots_per_container=max(2, len(spec["rollouts"])), min_containers=1, max_containers=1)
 
-    async def rollout(pool: SlotPool, item: dict[str, Any]) -> dict[str, Any]:
-        task = FileTask(_Data(prompt=f"{_COMMAND_MARK}{item['command']}", file=item["file"], expect=item["expect"]))
-        async with SlotRuntime(pool, image=spec["image"], name=item["name"]) as box:
+    tasks: list[tuple[str, vf.Task[Any]]] = [
+        (
+            item["name"],
+            FileTask(_Data(prompt=f"{_COMMAND_MARK}{item['command']}", file=item["file"], expect=item["expect"])),
+        )
+        for item in spec["rollouts"]
+    ]
+    if spec.get("fixtures"):
+        sys.path.insert(0, spec["fixtures"])
+        os.environ["PYTHONPATH"] = spec["fixtures"]  # verifiers starts the toolset's server as a subprocess
+        echo = importlib.import_module("echo_tool_v1")
+        tasks.append(("echo_tool", echo.EchoToolTaskset(echo.EchoToolConfig()).load()[0]))
+
+    async def rollout(pool: SlotPool, name: str, task: vf.Task[Any]) -> dict[str, Any]:
+        async with SlotRuntime(pool, image=spec["image"], name=name) as box:
             trace = await agent.run(task, runtime=box)
             runtime_id = box.info.id
         return {
-            "name": item["name"],
+            "name": name,
             "ok": trace.ok,
             "reward": trace.reward,
             "tool_outputs": [_text(m.content) for m in trace.tool_messages],
@@ -129,9 +150,10 @@ async def main(spec: dict[str, Any]) -> None:
             "runtime": runtime_id,
         }
 
+    config = SlotPoolConfig(slots_per_container=max(2, len(tasks)), min_containers=1, max_containers=1)
     try:
         async with SlotPool(config) as pool:
-            results = await asyncio.gather(*(rollout(pool, item) for item in spec["rollouts"]))
+            results = await asyncio.gather(*(rollout(pool, name, task) for name, task in tasks))
     finally:
         await runner.cleanup()
     for result in results:
