@@ -178,3 +178,18 @@ async def test_a_slot_cannot_make_the_server_hold_more_than_its_share_of_connect
             out = await sb.run("python3 flood.py", timeout=60)
             assert out.stdout.strip() == str(MAX_CONNECTIONS), out
             assert (await sb.run(_ask(opened.port, "ok"))).stdout == f"{needle} ko"
+
+
+async def test_a_sandbox_that_restarts_says_its_bridges_closed_and_opens_them_again() -> None:
+    needle = secrets.token_hex(8)
+    with echo_service(needle) as service:
+        async with SlotPool(_cfg()) as pool, pool.sandbox() as sb:
+            opened = await sb.bridge(service, port=18081)
+            with pytest.raises(SlotFailed):  # the runner, the commands' parent, killed: the sandbox ends
+                await sb.run("kill -KILL $PPID; sleep 5")
+            after = await sb.run("echo back")
+            assert after.stdout == "back\n"
+            assert "bridges (127.0.0.1:18081) are closed" in after.output, after
+            assert leaks((await sb.run(connect_probe([("127.0.0.1", opened.port)]))).output) == []
+            again = await sb.bridge(service, port=18081)  # the same port: free again
+            assert (await sb.run(_ask(again.port, "re"))).stdout == f"{needle} er"

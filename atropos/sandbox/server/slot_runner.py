@@ -122,6 +122,7 @@ class SlotRunner:
         # node's network (`own_network` false) needs none: it reaches the node's loopback itself
         self.own_network = own_network
         self.bridges = Bridges(index)
+        self._bridges_lost = ""  # the ports of bridges a runner's death closed: the next call says so
 
     @property
     def started(self) -> bool:
@@ -203,6 +204,9 @@ class SlotRunner:
         await self._stop_pasta(proc)
         if self._proc is proc and self.used:  # died on its own with calls behind it (a warm one had none)
             self._session_lost = True
+        if self._proc is proc and self.bridges.ports:  # their listeners were in the namespace that died
+            self._bridges_lost = ", ".join(f"127.0.0.1:{port}" for port in self.bridges.ports)
+            await self.bridges.close()
         self.on_change()
         self._fail_pending(
             SlotFailure(f"slot {self.index}: the sandbox exited ({proc.returncode}); it restarts on the next call")
@@ -360,12 +364,18 @@ class SlotRunner:
             if op["op"] == "bash_session" and self._session_lost:
                 self._session_lost = False
                 add_note(result, SESSION_RESTARTED)
+            if self._bridges_lost:
+                add_note(
+                    result, f"the sandbox restarted: its bridges ({self._bridges_lost}) are closed until opened again"
+                )
+                self._bridges_lost = ""
             _log_call(self.index, op, result)
             return result
 
     async def reset(self, timeout: float = 30.0) -> ResetOutcome:
         """Kill everything the slot started and empty its workspace; cuts a running call short."""
         self.generation += 1
+        self._bridges_lost = ""
         await self.bridges.close()
         self._session_lost = False
         self.used = False  # clean again: warm if its runner lives
