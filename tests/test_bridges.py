@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import pytest
 
 from atropos.errors import SlotFailed
+from atropos.sandbox.status import render
 from atropos.sandbox.server.bridges import MAX_CONNECTIONS
 from atropos.slots import SlotPool, SlotPoolConfig, SyncSlotPool
 from tests.attacks import connect_probe, leaks, loopback_listener
@@ -83,6 +84,11 @@ async def test_a_bridge_reaches_the_named_service_and_nothing_else_of_the_node()
                 assert leaks((await sb.run(connect_probe([("127.0.0.1", service)]))).output) == []
                 opened = await sb.bridge(service)
                 assert not opened.direct and opened.host == "127.0.0.1"
+                status = await pool.server_status(sb.slot)
+                listed = {a.slot: a.bridges for a in status.slot_activity}
+                assert listed[sb.slot.index] == {opened.port: f"127.0.0.1:{service}"}, listed
+                assert listed[other_sb.slot.index] == {}, listed
+                assert f":{opened.port}->127.0.0.1:{service}" in render("url", status)  # `atropos-sandbox status`
                 answer = await sb.run(_ask(opened.port, "hello-bridge"))
                 assert answer.stdout == f"{needle} egdirb-olleh", answer
                 # a large payload both ways, intact

@@ -414,6 +414,10 @@ class SlotActivity(BaseModel):
     calls: int = Field(description="Calls this slot has finished since the server started.")
     asleep: bool = Field(default=False, description="Its runner hibernates; its next call wakes it.")
     image: str | None = Field(default=None, description="The task image it runs in (POST /image), until its reset.")
+    bridges: dict[int, str] = Field(
+        default_factory=dict,
+        description="Open bridges (POST /bridge): its loopback port -> HOST:PORT.",
+    )
 
 
 class StatusResponse(HealthResponse):

@@ -31,7 +31,14 @@ from atropos.host.background import Background
 from atropos.images.errors import InvalidReference
 from atropos.images.layers import TaskImageRef
 from atropos.progress import Progress, no_progress, reporting
-from atropos.sandbox.models import BridgeResponse, ExecuteResult, OutputChunk, SnapshotInfo, UploadResult
+from atropos.sandbox.models import (
+    BridgeResponse,
+    ExecuteResult,
+    OutputChunk,
+    SnapshotInfo,
+    StatusResponse,
+    UploadResult,
+)
 from atropos.sandbox.tarsafe import Unpacked
 from atropos.slots.config import SlotPoolConfig
 from atropos.slots.fleet import Fleet, Member
@@ -398,6 +405,11 @@ class SlotPool:
         """/health of the slot's server, through the same pooled connection its calls use."""
         st = self._book.check(slot)
         return await self._member(st).client.health(timeout=self.config.health_timeout)
+
+    async def server_status(self, slot: Slot) -> StatusResponse:
+        """/status of the slot's server: what each of its slots runs now, its images and bridges."""
+        st = self._book.check(slot)
+        return await self._member(st).client.status(timeout=self.config.health_timeout)
 
     def _member(self, st: SlotState) -> Member:
         """The server of a leased slot; after close() every call says so (PoolClosed)."""

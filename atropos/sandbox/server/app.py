@@ -241,6 +241,7 @@ class SandboxApp:
                 running_s=round(now - since, 3) if since is not None else None,
                 queued=max(slot.busy - (1 if tool else 0), 0), calls=slot.finished, asleep=slot.hibernated,
                 image=slot.image.image.ref if slot.image is not None else None,
+                bridges={port: f"{host}:{to}" for port, (host, to) in slot.bridges.ports.items()},
             ))  # fmt: skip
         busy = sum(1 for slot in self.slots if slot.busy)
         return _json(
