@@ -15,8 +15,8 @@ from contextlib import contextmanager
 import pytest
 
 from atropos.errors import SlotFailed
-from atropos.sandbox.status import render
 from atropos.sandbox.server.bridges import MAX_CONNECTIONS
+from atropos.sandbox.status import render
 from atropos.slots import SlotPool, SlotPoolConfig, SyncSlotPool
 from tests.attacks import connect_probe, leaks, loopback_listener
 
