@@ -262,6 +262,6 @@ def test_openapi_document(server: RunningServer) -> None:
         doc = c.get("/openapi.json").json()
     assert set(doc["paths"]) == {
         "/health", "/status", "/execute", "/batch", "/reset", "/upload", "/download", "/snapshot", "/snapshots",
-        "/snapshots/{name}", "/fork", "/image",
+        "/snapshots/{name}", "/fork", "/image", "/bridge",
     }  # fmt: skip
     assert "ExecuteResult" in doc["components"]["schemas"]
