@@ -5,8 +5,8 @@ project installed there):
 
     python tests/verifiers_rollout.py SPEC.json
 
-SPEC: {"image": REF, "rollouts": [{"name", "command", "file", "expect"}, ...], "fixtures": DIR}. Every
-rollout is
+SPEC: {"image": REF, "rollouts": [{"name", "command", "file", "expect"}, ...], "fixtures": DIR, "pool":
+{SlotPoolConfig fields, optional: a driver, say}}. Every rollout is
 `verifiers.v1.Agent.run(task, runtime=SlotRuntime(...))` with verifiers' bash harness: its chat
 program runs inside the slot, talks to verifiers' interception server on this machine's loopback
 (through the slot's bridge), and that relays to a scripted model here (an OpenAI-compatible
@@ -150,7 +150,8 @@ async def main(spec: dict[str, Any]) -> None:
             "runtime": runtime_id,
         }
 
-    config = SlotPoolConfig(slots_per_container=max(2, len(tasks)), min_containers=1, max_containers=1)
+    fields = {"slots_per_container": max(2, len(tasks)), "min_containers": 1, "max_containers": 1}
+    config = SlotPoolConfig.model_validate({**fields, **spec.get("pool", {})})
     try:
         async with SlotPool(config) as pool:
             results = await asyncio.gather(*(rollout(pool, name, task) for name, task in tasks))
