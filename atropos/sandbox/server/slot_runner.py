@@ -509,7 +509,7 @@ class SlotRunner:
         if self.fork is None:
             return self.workspace
         proc = await self._ensure_runner()
-        if self.hibernated:  # its process is found by its command line: the runner's, not the holder's
+        if self.hibernated or self._hibernating is not None:  # found by its command line: the runner's, awake
             await self.call(PingOp(op="ping", timeout=5.0))
         if self._view_pid is None or self._view_pid[0] != proc.pid:
             self._view_pid = (proc.pid, await asyncio.to_thread(_runner_pid, proc.pid))
@@ -520,19 +520,22 @@ class SlotRunner:
         bridges); the slot's port, or None where the slot shares the node's network and needs none."""
         if not self.own_network:
             return None
-        proc = await self._ensure_runner()
-        if self.hibernated:  # its runner is found by its command line: the runner's, not the holder's
-            await self.call(PingOp(op="ping", timeout=5.0))
-        runner = await asyncio.to_thread(_runner_pid, proc.pid)
 
         async def listen(channel: str) -> int:
-            try:
-                answer: ListenOutcome = await self.call(ListenOp(op="listen", port=port, channel=channel, timeout=10.0))
-            except SlotFailure as exc:
-                raise BridgeError(str(exc)) from None
+            answer: ListenOutcome = await self.call(ListenOp(op="listen", port=port, channel=channel, timeout=10.0))
             return answer["port"]
 
-        return await self.bridges.open(port, target, f"/proc/{runner}/root/tmp", listen)
+        self.busy += 1  # no hibernation starts meanwhile: the runner is found by its command line
+        try:
+            proc = await self._ensure_runner()
+            await self.call(PingOp(op="ping", timeout=5.0))  # awake (a hibernation under way ended first)
+            runner = await asyncio.to_thread(_runner_pid, proc.pid)
+            return await self.bridges.open(port, target, f"/proc/{runner}/root/tmp", listen)
+        except SlotFailure as exc:
+            raise BridgeError(str(exc)) from None
+        finally:
+            self.busy -= 1
+            self.idle_since = time.monotonic()
 
     async def _stop_pasta(self, runner: asyncio.subprocess.Process) -> None:
         pasta = self._pastas.pop(runner.pid, None)
