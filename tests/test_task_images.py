@@ -245,3 +245,25 @@ def test_slots_that_ask_for_a_new_image_at_once_all_get_it_while_the_first_ones_
         assert len(entered) == 8 and len(set(entered)) == 1, f"{len(entered)} of 8 slots got the image"
     finally:
         held.close()
+
+
+def test_the_cache_is_measured_while_another_request_removes_its_scratch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trimming walks the cache while other requests unpack: a scratch dir or partial that vanishes
+    between the listing and its stat is left out, not a server error (seen in CI as HTTP 500)."""
+    cache = RootCache(tmp_path / "cache")
+    scratch = tmp_path / "cache" / ".scratch-x"
+    scratch.mkdir(parents=True)
+    (scratch / "going").write_bytes(b"x" * 8192)
+    (tmp_path / "cache" / "staying").write_bytes(b"y" * 8192)
+    real_lstat = os.lstat
+
+    def vanishing(path: str | os.PathLike[str], *args: object, **kwargs: object) -> os.stat_result:
+        if str(path).endswith("going"):  # removed by its request between the walk's listing and this
+            (scratch / "going").unlink(missing_ok=True)
+        return real_lstat(path)
+
+    monkeypatch.setattr("atropos.images.roots.os.lstat", vanishing)
+    assert cache.size() >= 8192
+    assert cache.trim(1 << 40) == []

@@ -31,7 +31,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,7 +210,11 @@ class RootCache:
         return image_dir.with_name(image_dir.name + ".lock")
 
     def _metas(self) -> list[dict[str, Any]]:
-        return [json.loads(p.read_text()) for p in (self.directory / "images").glob("*/image.json")]
+        metas = []
+        for path in (self.directory / "images").glob("*/image.json"):
+            with suppress(FileNotFoundError):  # evicted since the listing
+                metas.append(json.loads(path.read_text()))
+        return metas
 
     def _make(self, archive: ImageArchive, image_dir: Path, progress: Progress) -> None:
         """An archive's root: its layers applied in order (each unpacked once, see `_layer`)."""
@@ -466,7 +470,10 @@ def _disk_usage(path: Path) -> int:
     total = 0
     for top, dirs, files in os.walk(path):
         for name in [*dirs, *files]:
-            st = os.lstat(os.path.join(top, name))
+            try:
+                st = os.lstat(os.path.join(top, name))
+            except FileNotFoundError:  # gone meanwhile: another request's scratch dir, a partial renamed
+                continue
             key = (st.st_dev, st.st_ino)
             if key not in seen:
                 seen.add(key)
