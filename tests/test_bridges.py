@@ -202,3 +202,30 @@ async def test_a_sandbox_that_restarts_says_its_bridges_closed_and_opens_them_ag
             assert leaks((await sb.run(connect_probe([("127.0.0.1", opened.port)]))).output) == []
             again = await sb.bridge(service, port=18081)  # the same port: free again
             assert (await sb.run(_ask(again.port, "re"))).stdout == f"{needle} er"
+
+
+async def test_a_slot_that_races_its_runner_to_the_channel_changes_nothing() -> None:
+    """A hostile agent watches its /tmp for the server's channel and sends a pipe over it before
+    the runner sends the listening socket: the server takes only what the runner sent (its peer's
+    pid), so every bridge opens and works; the agent's connections are closed unread."""
+    needle = secrets.token_hex(8)
+    racer = (
+        "import os, socket\n"
+        "r, w = os.pipe()\n"
+        "while True:\n"
+        "    for name in os.listdir('/tmp'):\n"
+        "        if name.startswith('.atropos-bridge-'):\n"
+        "            try:\n"
+        "                s = socket.socket(socket.AF_UNIX); s.connect('/tmp/' + name)\n"
+        "                socket.send_fds(s, [b'x'], [r]); print('raced', flush=True)\n"
+        "            except OSError:\n"
+        "                pass\n"
+    )
+    with echo_service(needle) as service:
+        async with SlotPool(_cfg()) as pool, pool.sandbox() as sb:
+            await sb.write("racer.py", racer)
+            assert (await sb.session("python3 racer.py > raced.log 2>&1 &")).ok
+            opened = [(await sb.bridge(service)).port for _ in range(12)]
+            for port in opened:
+                assert (await sb.run(_ask(port, "ok"))).stdout == f"{needle} ko"
+            assert "raced" in await sb.read("raced.log")  # the agent did connect, and sent its pipe

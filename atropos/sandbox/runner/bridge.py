@@ -21,6 +21,7 @@ def listen_and_hand_over(port: int, channel: str) -> int:
         listener.bind(("127.0.0.1", port))
         listener.listen(_BACKLOG)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as link:
+            link.settimeout(5.0)  # never the runner stuck on a channel others of the slot crowd
             link.connect(channel)
             socket.send_fds(link, [b"L"], [listener.fileno()])
         bound: int = listener.getsockname()[1]

@@ -22,6 +22,8 @@ import logging
 import os
 import secrets
 import socket
+import struct
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -30,6 +32,7 @@ log = logging.getLogger("atropos.sandbox")
 MAX_BRIDGES = 16  # per slot
 MAX_CONNECTIONS = 256  # per bridge at once: a slot cannot make the server hold unbounded connections
 _HANDOVER_SECONDS = 10.0
+_BACKLOG = 64
 _CHUNK = 64 * 1024
 
 
@@ -58,50 +61,74 @@ class Bridges:
         return {port: bridge.target for port, bridge in self._open.items()}
 
     async def open(
-        self, port: int, target: tuple[str, int], host_tmp: str, listen: Callable[[str], Awaitable[int]]
+        self, port: int, target: tuple[str, int], runner: int, listen: Callable[[str], Awaitable[int]]
     ) -> int:
         """A bridge from the slot's 127.0.0.1:`port` (0: a free one) to `target`; the slot's port.
-        `host_tmp`: the slot's /tmp as this server reaches it; `listen(channel)` asks the slot's
-        runner to listen and pass its socket to the Unix socket `channel` (a path in the slot)."""
+        `runner`: the host pid of the slot's runner (the channel is in its /tmp, and only what it
+        sends counts); `listen(channel)` asks it to listen and pass its socket to the Unix socket
+        `channel` (a path in the slot)."""
         if port in self._open:
             raise BridgeError(f"slot {self.slot}: port {port} is already bridged to {_show(self._open[port].target)}")
         if len(self._open) >= MAX_BRIDGES:
             raise BridgeError(f"slot {self.slot}: it has {MAX_BRIDGES} bridges open, the most a slot may have")
-        listener = await self._take_listener(port, host_tmp, listen)
+        listener = await self._take_listener(runner, listen)
         bridge = _Bridge(listener.getsockname()[1], target, await asyncio.start_server(self._serve, sock=listener))
         self._open[bridge.port] = bridge
         log.info("slot %d: bridge from its 127.0.0.1:%d to %s", self.slot, bridge.port, _show(target))
         return bridge.port
 
-    async def _take_listener(self, port: int, host_tmp: str, listen: Callable[[str], Awaitable[int]]) -> socket.socket:
+    async def _take_listener(self, runner: int, listen: Callable[[str], Awaitable[int]]) -> socket.socket:
         name = f".atropos-bridge-{secrets.token_hex(8)}"
-        host_path = os.path.join(host_tmp, name)
+        host_path = f"/proc/{runner}/root/tmp/{name}"
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as channel:
             try:
                 channel.bind(host_path)
             except OSError as exc:
                 raise BridgeError(f"slot {self.slot}: cannot reach the slot's /tmp: {exc}") from None
             try:
-                channel.listen(1)
+                channel.listen(_BACKLOG)  # room for the runner behind anything else of the slot's
                 channel.setblocking(False)
                 bound = await listen(f"/tmp/{name}")
-                conn, _ = await asyncio.wait_for(asyncio.get_running_loop().sock_accept(channel), _HANDOVER_SECONDS)
+                fds = await self._from(runner, channel)
+            except (OSError, asyncio.TimeoutError) as exc:
+                raise BridgeError(f"slot {self.slot}: the listening socket was not handed over: {exc!r}") from None
             finally:
                 with contextlib.suppress(OSError):
                     os.unlink(host_path)
-        with conn:
-            conn.settimeout(_HANDOVER_SECONDS)
-            _, fds, _, _ = socket.recv_fds(conn, 16, 4)
-        if not fds:
-            raise BridgeError(f"slot {self.slot}: the slot's runner passed no socket")
+        # what the runner sent: checked all the same
         for extra in fds[1:]:
             os.close(extra)
-        listener = socket.socket(fileno=fds[0])
+        if not fds:
+            raise BridgeError(f"slot {self.slot}: the slot's runner passed no socket")
+        try:
+            listener = socket.socket(fileno=fds[0])
+        except OSError:
+            os.close(fds[0])
+            raise BridgeError(f"slot {self.slot}: what came over the channel is not a socket") from None
         if not _listens_on_loopback(listener, bound):
             listener.close()
             raise BridgeError(f"slot {self.slot}: what came over the channel is not a socket listening on port {bound}")
         listener.setblocking(False)
         return listener
+
+    async def _from(self, runner: int, channel: socket.socket) -> list[int]:
+        """The descriptors the runner sent over `channel`; connections of other processes of the
+        slot (which can see the channel in its /tmp) are closed unread."""
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + _HANDOVER_SECONDS
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise asyncio.TimeoutError
+            conn, _ = await asyncio.wait_for(loop.sock_accept(channel), left)
+            with conn:
+                pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+                if pid != runner:
+                    log.warning("slot %d: pid %d of the slot connected to a bridge's channel", self.slot, pid)
+                    continue
+                conn.settimeout(max(left, 0.1))
+                _, fds, _, _ = socket.recv_fds(conn, 16, 4)
+                return fds
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         port = writer.get_extra_info("sockname")[1]

@@ -530,7 +530,7 @@ class SlotRunner:
             proc = await self._ensure_runner()
             await self.call(PingOp(op="ping", timeout=5.0))  # awake (a hibernation under way ended first)
             runner = await asyncio.to_thread(_runner_pid, proc.pid)
-            return await self.bridges.open(port, target, f"/proc/{runner}/root/tmp", listen)
+            return await self.bridges.open(port, target, runner, listen)
         except SlotFailure as exc:
             raise BridgeError(str(exc)) from None
         finally:
