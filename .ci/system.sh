@@ -3,8 +3,9 @@
 # on a fresh machine). Idempotent: what is already there is left as it is.
 #   - docker.io: a real Docker engine for the docker-driver tests, and debootstrap for a base image
 #     made without any registry (the engine never pulls);
-#   - passt (pasta): network mode `public`, per-slot network namespaces; /dev/net/tun opened to
-#     unprivileged users as on most HPC nodes (pasta runs as the server's unprivileged user);
+#   - passt (pasta) and nftables: network mode `public`, each slot in a network namespace of its own
+#     behind its server's hub (one pasta, the hub's ruleset); /dev/net/tun opened to unprivileged
+#     users as on most HPC nodes (pasta runs as the server's unprivileged user);
 #   - bubblewrap: Debian's 0.8 on PATH, as on most machines with flatpak: the server must still pick
 #     the bundled 0.11 (overlay forks, a bounded /tmp) and say so;
 #   - iproute2: `ip` for the slots' routes and the tests' network namespaces;
@@ -22,7 +23,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 need=()
-for pkg in docker.io passt debootstrap iproute2 util-linux uidmap slurm-wlm munge bubblewrap skopeo squashfs-tools; do
+for pkg in docker.io passt nftables debootstrap iproute2 util-linux uidmap slurm-wlm munge bubblewrap skopeo squashfs-tools; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ "${#need[@]}" -gt 0 ]; then

@@ -124,6 +124,7 @@ class EgressHost:
     address: str
     port: int
     interface: str
+    neighbour: str  # its address on the veth's /30, one of this node's subnets: it answers there too
 
 
 def _ip(*args: str) -> None:
@@ -185,11 +186,11 @@ def egress_host() -> Iterator[EgressHost]:
             port = 20000 + secrets.randbelow(10000)
             code = (
                 "import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
-                f"s.bind(('{address}', {port})); s.listen(16)\n"
+                f"s.bind(('0.0.0.0', {port})); s.listen(16)\n"
                 "while True:\n    c, _ = s.accept(); c.sendall(b'egress-ok'); c.close()"
             )
             server = subprocess.Popen(["ip", "netns", "exec", net.ns, "python3", "-c", code])
-            yield EgressHost(address, port, net.outer)
+            yield EgressHost(address, port, net.outer, net.inner_ip)
         finally:
             if server is not None:
                 server.kill()

@@ -168,20 +168,25 @@ def test_public_network_refuses_the_nodes_own_subnets() -> None:
         assert "rc=0" not in out and "ermission denied" in out, out
 
 
-def test_a_killed_server_leaves_no_pasta_behind() -> None:
-    """pasta holds the slot's namespaces open and would outlive them: it dies with its server."""
+def test_one_pasta_per_server_and_it_dies_with_a_killed_server() -> None:
+    """All slots leave through the server's hub: one pasta, whatever the number of slots awake. It
+    and the hub's holder (which keeps the hub's namespaces) would outlive a killed server: they die with it."""
     if not REQUIRE_PUBLIC and os.system("command -v pasta >/dev/null") != 0:
         pytest.skip("no pasta here (Debian package passt)")
-    # slots awake: a sleeping slot's pasta is stopped (tests/test_hibernation.py)
-    options = ("--slots", "2", "--network", "public", "--hibernate-after", "0")
+    options = ("--slots", "3", "--network", "public", "--hibernate-after", "0")
     with temporary_server("atropos-test-pasta-", *options) as srv:
-        for slot in (0, 1):
+        for slot in (0, 1, 2):
             srv.execute(slot, "bash", command="true")
         pastas = [p for p in pids_with_arg("--config-net") if _parent(p) == srv.proc.pid]
-        assert len(pastas) == 2
+        assert len(pastas) == 1
+        with open(f"/proc/{pastas[0]}/cmdline", "rb") as fh:
+            netns = fh.read().split(b"\0")
+        netns_path = next(a.decode() for a in netns if a.endswith(b"/ns/net"))
+        holder = int(netns_path.split("/")[2])
+        assert _parent(holder) == srv.proc.pid
         srv.proc.kill()
         srv.proc.wait()
-        assert wait_gone(pastas) == []
+        assert wait_gone([*pastas, holder]) == []
 
 
 def _parent(pid: int) -> int:

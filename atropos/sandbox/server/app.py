@@ -50,6 +50,7 @@ from atropos.sandbox.runner.pathsafe import PathEscapeError
 from atropos.sandbox.runner.protocol import Outcome, ToolOp
 from atropos.sandbox.server.bridges import BridgeError
 from atropos.sandbox.server.hibernation import Hibernation
+from atropos.sandbox.server.hub import Hub
 from atropos.sandbox.server.openapi import openapi_document
 from atropos.sandbox.server.slot_runner import SlotFailure, SlotReset, SlotRunner
 from atropos.sandbox.server.snapshots import Snapshot, SnapshotError, SnapshotStore, copy_snapshot
@@ -111,8 +112,11 @@ class SandboxApp:
         max_upload: int = 4 << 30,
         snapshots: SnapshotStore | None = None,
         images: RootCache | None = None,
+        hub: Hub | None = None,
     ) -> None:
         self.slots = slots
+        self.hub = hub  # network `public`: the namespace all slots' traffic leaves through
+        self._hub_watch: asyncio.Task[None] | None = None
         self.images = images  # task images for slots in them (None: no bubblewrap, no image slots)
         self.held_images = images.held() if images is not None else {}  # reference -> image id
         self.warm = WarmSlots(slots, warm_slots)
@@ -148,6 +152,8 @@ class SandboxApp:
     async def _start_warming(self, _app: web.Application) -> None:
         self.warm.start()
         self.hibernation.start()
+        if self.hub is not None:
+            self._hub_watch = asyncio.ensure_future(self.hub.watch())
 
     async def _close_slots(self, _app: web.Application) -> None:
         self.stopping = True  # the calls the closing slots end are failures of a server that goes
@@ -156,6 +162,11 @@ class SandboxApp:
         await asyncio.gather(*(slot.close() for slot in self.slots), return_exceptions=True)
         if self.snapshots is not None:
             await asyncio.to_thread(self.snapshots.clear)  # they die with the server
+        if self._hub_watch is not None:
+            self._hub_watch.cancel()
+            await asyncio.gather(self._hub_watch, return_exceptions=True)
+        if self.hub is not None:
+            self.hub.close()  # after the slots: nothing is linked to it any more
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:

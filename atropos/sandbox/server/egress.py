@@ -2,44 +2,45 @@
 
 `allow` shares the node's network namespace with the slots: the node's loopback services (a Nomad,
 Consul or Vault agent, other servers' ports), link-local metadata addresses and the cluster's
-private ranges are all one connect() away. `public` puts each slot's sandbox in a fresh user and
-network namespace, connected by `pasta` (Debian's `passt`), a user-space NAT that needs no
-privileges:
+private ranges are all one connect() away. `public` puts each slot's sandbox in a fresh network
+namespace linked to the server's hub (atropos.sandbox.server.hub): one network namespace with one
+`pasta` (Debian's `passt`), a user-space NAT that needs no privileges, for all the server's slots.
 
-    unshare --user --map-root-user --net -- /bin/sh -c SETUP ROUTES bwrap ... runner
-    pasta [options] --netns /proc/PID/ns/net --userns /proc/PID/ns/user      (started by the server)
+    nsenter --user=HUB --preserve-credentials -- unshare --net -- /bin/sh -c SETUP bwrap ... runner
 
-- SETUP, as root of the new user namespace (every capability in it, none outside): say
-  NETNS_READY on stdout, wait until pasta has put its tap device and default route in, apply
-  ROUTES, then `exec unshare --user --map-user=UID --map-group=GID` into a nested user namespace
-  where the server's own uid is itself again, and from there bubblewrap (unprivileged, as without
-  pasta). The slot's processes run without capabilities and cannot change any of it.
-- ROUTES: the main table flushed, a default route on the tap device (pasta answers ARP for any
-  address), and a `prohibit` route for every loopback, private, link-local, shared, multicast and
-  reserved range and for every subnet and address of the node's own interfaces. A connect() there
-  fails at once with EACCES inside the slot and never reaches pasta. The slot's own 127.0.0.1 is its
-  own namespace's loopback, with nothing of the node's on it.
+- SETUP, as root of the hub's user namespace (every capability in it and in the slot's new network
+  namespace, none outside): a veth pair, `eth0` in the slot and `sN` in the hub, a /30 of its own
+  (198.18.0.0/15, a benchmarking range no node uses), the default route through the hub, and a
+  `prohibit` route for every loopback, private, link-local, shared, multicast and reserved range and
+  for every subnet and address of the node's own interfaces: a connect() there fails at once with
+  EACCES inside the slot. Then `exec unshare --user --map-user=UID --map-group=GID` into a nested
+  user namespace where the server's own uid is itself again, and from there bubblewrap
+  (unprivileged, as without a network of its own). The slot's processes run without capabilities
+  and cannot change any of it.
+- The hub refuses the same ranges again (its nftables ruleset), and anything from a slot to another
+  slot or to the hub itself; what it lets out it masquerades to its own address for pasta.
 - pasta options: no port forwarding in either direction (`-t/-u/-T/-U none`: without this the
-  slot's 127.0.0.1:PORT would reach the node's PORT), the gateway not mapped to the node's loopback
+  hub's 127.0.0.1:PORT would reach the node's PORT), the gateway not mapped to the node's loopback
   (`--no-map-gw`), IPv4 only (`-4`), DNS answered only at one address (`--dns-forward`) and relayed
   to the node's resolver; the slot's /etc/resolv.conf names that address.
-- pasta joins the namespaces from outside (it enters them with setns, keeping its capabilities there)
-  rather than starting the command itself: a command pasta starts gets its capabilities back
+- pasta joins the hub's namespaces from outside (it enters them with setns, keeping its capabilities
+  there) rather than starting a command itself: a command pasta starts gets its capabilities back
   through exec, which no_new_privs forbids, and Apptainer always sets no_new_privs.
 
-Where pasta (or `ip`, `unshare`, a usable /dev/net/tun) is missing, `auto` falls back to `deny` and
-says why.
+A slot costs no process for its network: hibernation leaves the link in place, and waking needs
+nothing. Where pasta (or `ip`, `unshare`, `nsenter`, `nft`, a usable /dev/net/tun) is missing,
+`auto` falls back to `deny` and says why.
 """
 
 from __future__ import annotations
 
-import fcntl
 import ipaddress
 import os
 import shutil
 import subprocess
 from dataclasses import dataclass
 
+from atropos.sandbox.server.hub import SLOT_LINK, TAP, Hub, ruleset
 from atropos.sandbox.settings import TUN_DEVICE
 
 # destinations a slot never reaches, besides the node's own subnets (RFC 6890 special-purpose ranges)
@@ -59,19 +60,10 @@ BLOCKED_V4 = (
 # where the slot sends DNS queries; pasta relays them to the node's resolver. An IETF
 # protocol-assignment address (RFC 6890): never a real host, and outside every blocked range.
 DNS_ADDRESS = "192.0.0.53"
-INTERFACE = "tap0"
-NETNS_READY = "ATROPOS-NETNS-READY"  # the wrapped command's first line: its namespaces exist
-_PASTA_WAIT_S = 10.0
-_NS_GET_USERNS = 0xB701  # ioctl on a namespace fd: the user namespace that owns it (linux/nsfs.h)
-
-
-def _until_routed() -> str:
-    """Shell: wait until pasta has put its default route into this network namespace."""
-    waits = int(_PASTA_WAIT_S / 0.01)
-    return (
-        f"i=0; until ip -4 route show default | grep -q .; do i=$((i+1)); "
-        f"[ $i -gt {waits} ] && {{ echo 'pasta did not set up the network' >&2; exit 1; }}; sleep 0.01; done"
-    )
+# each slot's link to the hub: slot N has the /30 at 4 * N (the hub's end .1, the slot's .2); the
+# whole range is blocked, so a slot reaches neither another slot nor, past its own /30, the hub
+SLOT_NET = ipaddress.IPv4Network("198.18.0.0/15")
+PROBE_SLOT = 4096  # the start-up probe's link, beside every slot's (at most 4096)
 
 
 def find_pasta() -> str | None:
@@ -115,19 +107,33 @@ def has_default_route(table: str = "/proc/net/route") -> bool:
     return any(len(row) > 7 and row[1] == "00000000" and row[7] == "00000000" for row in rows)
 
 
+def slot_link(slot: int) -> tuple[str, str, str]:
+    """Slot `slot`'s link to the hub: the hub's device, the hub's address and the slot's (/30)."""
+    base = SLOT_NET.network_address + 4 * slot
+    if not 0 <= slot <= PROBE_SLOT:
+        raise ValueError(f"slot {slot} has no link to the hub (0..{PROBE_SLOT})")
+    return f"{SLOT_LINK}{slot}", f"{base + 1}/30", f"{base + 2}/30"
+
+
 @dataclass(frozen=True)
 class Egress:
-    """How to start a command inside its own pasta-run network namespace (see the module docstring)."""
+    """How to start a command in its own network namespace behind the server's hub (see the
+    module docstring)."""
 
-    pasta: str
-    routes_file: str
+    hub: Hub
+    blocked: tuple[str, ...]
     resolv_conf: str
 
     @classmethod
     def prepare(cls, pasta: str, state_dir: str) -> Egress:
-        """Write the route batch and the resolver file once per server, into `state_dir` (the
+        """The hub started, its ruleset and the slots' resolver file written into `state_dir` (the
         data dir, which slots never see)."""
-        for tool, package in (("ip", "iproute2"), ("unshare", "util-linux"), ("nsenter", "util-linux")):
+        for tool, package in (
+            ("ip", "iproute2"),
+            ("unshare", "util-linux"),
+            ("nsenter", "util-linux"),
+            ("nft", "nftables"),
+        ):
             if shutil.which(tool) is None:
                 raise OSError(f"the `{tool}` command ({package}) is not installed")
         # without the device pasta waits forever instead of failing
@@ -137,101 +143,92 @@ class Egress:
                 "--device /dev/net/tun, under apptainer --bind /dev/net/tun; on the host mode 0666)"
             )
         if not has_default_route():
-            # pasta takes the slot's traffic out through the node's default route; with none it
-            # never sets up the slot's network (an air-gapped node): say so now, not after a wait
+            # pasta takes the slots' traffic out through the node's default route; with none it
+            # never sets up the hub's network (an air-gapped node): say so now, not after a wait
             raise OSError("this node has no default IPv4 route: a slot's traffic could go nowhere public")
-        lines = ["route flush table main", f"route add default dev {INTERFACE}"]
-        lines += [f"route add prohibit {prefix}" for prefix in blocked_prefixes(node_prefixes())]
-        routes = os.path.join(state_dir, "slot-routes")
+        nodes = node_prefixes()
+        clash = [p for p in nodes if ipaddress.IPv4Network(p).overlaps(SLOT_NET)]
+        if clash:
+            raise OSError(f"this node's addresses {', '.join(clash)} are in {SLOT_NET}, the slots' links")
+        blocked = tuple(blocked_prefixes(nodes))
+        rules = os.path.join(state_dir, "hub.nft")
         resolv = os.path.join(state_dir, "slot-resolv.conf")
-        for path, text in ((routes, "\n".join(lines) + "\n"), (resolv, f"nameserver {DNS_ADDRESS}\n")):
+        for path, text in ((rules, ruleset(list(blocked))), (resolv, f"nameserver {DNS_ADDRESS}\n")):
             with open(path, "w", encoding="ascii") as fh:
                 fh.write(text)
-        return cls(pasta, routes, resolv)
+        hub = Hub.start(rules, lambda pid: pasta_argv(pasta, pid), os.path.join(state_dir, "hub-pasta.log"))
+        return cls(hub, blocked, resolv)
 
-    def wrap(self, argv: list[str]) -> list[str]:
-        """`argv` (bubblewrap's) started in a new user and network namespace (see the module docstring)."""
+    def wrap(self, argv: list[str], slot: int) -> list[str]:
+        """`argv` (bubblewrap's) started in a new network namespace linked to the hub as slot `slot`
+        (see the module docstring)."""
+        hub_dev, hub_addr, addr = slot_link(slot)
+        gateway = hub_addr.split("/")[0]
+        link = f"ip link add eth0 type veth peer name {hub_dev} netns {self.hub.netns}"
+        hub_side = f"addr add {hub_addr} dev {hub_dev}\nlink set {hub_dev} up\n"
+        slot_side = "\n".join(
+            [
+                f"addr add {addr} dev eth0",
+                "link set eth0 up",
+                "link set lo up",
+                f"route add default via {gateway}",
+                *(f"route add prohibit {prefix}" for prefix in self.blocked),
+            ]
+        )
         setup = (
-            f'echo {NETNS_READY}; {_until_routed()}; ip -batch "$0" >/dev/null && '
+            "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6 2>/dev/null; "
+            # a link the slot's last sandbox left in the hub (its namespace not yet gone): replaced
+            f"{link} 2>/dev/null || {{ nsenter --net={self.hub.netns} -- ip link del {hub_dev}; {link}; }} || exit 1; "
+            f"printf '{hub_side}' | nsenter --net={self.hub.netns} -- ip -batch - || exit 1; "
+            f"printf '{slot_side}\n' | ip -batch - || exit 1; "
             f'exec unshare --user --map-user={os.getuid()} --map-group={os.getgid()} -- "$@"'
         )
-        return ["unshare", "--user", "--map-root-user", "--net", "--", "/bin/sh", "-c", setup, self.routes_file, *argv]
-
-    def pasta_argv(self, pid: int, userns: str | None = None) -> list[str]:
-        """pasta for the namespaces of `pid` (the wrapped command, once it said NETNS_READY), or
-        for its network namespace and `userns` (the one that owns it; see `owner_fd`)."""
-        return [
-            self.pasta,
-            "--config-net",
-            "--foreground",
-            "--quiet",
-            "--ipv4-only",
-            "--no-map-gw",
-            "--tcp-ports",
-            "none",
-            "--udp-ports",
-            "none",
-            "--tcp-ns",
-            "none",
-            "--udp-ns",
-            "none",
-            "--ns-ifname",
-            INTERFACE,
-            "--dns-forward",
-            DNS_ADDRESS,
-            "--no-dhcp",
-            "--no-ndp",
-            "--no-dhcpv6",
-            "--no-ra",
-            "--netns",
-            f"/proc/{pid}/ns/net",
-            "--userns",
-            userns or f"/proc/{pid}/ns/user",
-        ]
-
-    @staticmethod
-    def owner_fd(pid: int) -> int:
-        """An fd of the user namespace that owns `pid`'s network namespace. Once the wrapped
-        command has gone on into its nested user namespace no process is in that one any more,
-        but pasta and the route batch need its capabilities over the network namespace."""
-        netns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            return fcntl.ioctl(netns, _NS_GET_USERNS)
-        finally:
-            os.close(netns)
-
-    def reroute_argv(self, pid: int, userns: str) -> list[str]:
-        """Once a new pasta joined `pid`'s network namespace (a slot waking from hibernation): wait
-        for its default route, then the route batch again, as at the slot's start (pasta's own
-        routes flushed, every blocked range prohibited)."""
-        script = f'{_until_routed()}; exec ip -batch "$0" >/dev/null'
         return [
             "nsenter",
-            "--preserve-credentials",  # the namespace refuses setgroups; our uid is its root anyway
-            f"--user={userns}",
-            f"--net=/proc/{pid}/ns/net",
+            f"--user={self.hub.userns}",
+            "--preserve-credentials",  # the hub refuses setgroups; our uid is its root anyway
+            "--",
+            "unshare",
+            "--net",
             "--",
             "/bin/sh",
             "-c",
-            script,
-            self.routes_file,
+            setup,
+            "atropos-slot-net",
+            *argv,
         ]
 
-    def run(self, argv: list[str], timeout: float) -> subprocess.CompletedProcess[bytes]:
-        """Run a wrapped command to its end with its pasta (the start-up probe)."""
-        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
-            assert proc.stdout is not None
-            if proc.stdout.readline().strip() != NETNS_READY.encode():
-                out, err = proc.communicate(timeout=timeout)
-                return subprocess.CompletedProcess(argv, proc.wait(), out, err)
-            with subprocess.Popen(
-                self.pasta_argv(proc.pid),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            ) as pasta:
-                try:
-                    out, err = proc.communicate(timeout=timeout)
-                finally:
-                    pasta.kill()
-            return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+    def close(self) -> None:
+        self.hub.close()
+
+
+def pasta_argv(pasta: str, pid: int) -> list[str]:
+    """pasta for the hub's namespaces (those of its holder, `pid`)."""
+    return [
+        pasta,
+        "--config-net",
+        "--foreground",
+        "--quiet",
+        "--ipv4-only",
+        "--no-map-gw",
+        "--tcp-ports",
+        "none",
+        "--udp-ports",
+        "none",
+        "--tcp-ns",
+        "none",
+        "--udp-ns",
+        "none",
+        "--ns-ifname",
+        TAP,
+        "--dns-forward",
+        DNS_ADDRESS,
+        "--no-dhcp",
+        "--no-ndp",
+        "--no-dhcpv6",
+        "--no-ra",
+        "--netns",
+        f"/proc/{pid}/ns/net",
+        "--userns",
+        f"/proc/{pid}/ns/user",
+    ]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from atropos.sandbox.image_slots import SlotImage, host_python
 from atropos.sandbox.rootfs import RUNNER_DIR, RootLayout
 from atropos.sandbox.runner.pathsafe import WORKSPACE_ALIAS
-from atropos.sandbox.server.egress import Egress
+from atropos.sandbox.server.egress import PROBE_SLOT, Egress
 
 OVERLAY_VERSION = (0, 11)  # bubblewrap's --overlay (forks without copying)
 
@@ -155,11 +155,17 @@ class SandboxSpec:
     egress: Egress | None = None
 
     def argv(
-        self, workspace: str, command: list[str], fork: Fork | None = None, image: SlotImage | None = None
+        self,
+        workspace: str,
+        command: list[str],
+        fork: Fork | None = None,
+        image: SlotImage | None = None,
+        slot: int = PROBE_SLOT,
     ) -> list[str]:
-        """bubblewrap's command line for a slot: `workspace` at /workspace, or, for a slot forked
-        from a snapshot, an overlay of the snapshot with `workspace` taking the writes; in a task's
-        `image`, that image's root under the slot's own layer, the runner run by the node's Python."""
+        """bubblewrap's command line for slot `slot`: `workspace` at /workspace, or, for a slot
+        forked from a snapshot, an overlay of the snapshot with `workspace` taking the writes; in a
+        task's `image`, that image's root under the slot's own layer, the runner run by the node's
+        Python. Network `public`: linked to the hub as `slot` (one link per slot at a time)."""
         args = [
             self.bwrap,
             "--die-with-parent",
@@ -202,15 +208,12 @@ class SandboxSpec:
             args += ["--remount-ro", "/"]
         args += ["--chdir", WORKSPACE_ALIAS]
         argv = [*args, "--", *command]
-        return self.egress.wrap(argv) if self.egress is not None else argv
+        return self.egress.wrap(argv, slot) if self.egress is not None else argv
 
 
 def _run_probe(spec: SandboxSpec, argv: list[str]) -> str | None:
     try:
-        if spec.egress is not None:
-            proc = spec.egress.run(argv, timeout=20)
-        else:
-            proc = subprocess.run(argv, capture_output=True, timeout=20, check=False)
+        proc = subprocess.run(argv, capture_output=True, timeout=20, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return str(exc)
     if proc.returncode != 0:

@@ -161,6 +161,8 @@ def choose_isolation(cfg: ServerSettings, token_files: tuple[str, ...]) -> Choic
                     why = why_not_public or "; ".join(failures.get(networks[0], []))
                     log.warning("network %s (auto): per-slot public networking unavailable: %s", network, why)
                 return Choice(spec, network, None, why, chosen)
+            if egress is not None:
+                egress.close()
             failures.setdefault(network, []).append(failure)
         reason = f"{bwrap} cannot create a sandbox here: " + "; ".join(
             f"network {net}: {'; '.join(dict.fromkeys(msgs))}" for net, msgs in failures.items()
@@ -223,8 +225,9 @@ def build_slots(
             runner: list[str] = runner,
             workspace: str = workspace,
             cgroup: SlotCgroup | None = cgroup,
+            slot: int = i,
         ) -> list[str]:
-            argv = spec.argv(workspace, runner, layers, image) if spec is not None else runner
+            argv = spec.argv(workspace, runner, layers, image, slot) if spec is not None else runner
             return cgroup.wrap(argv) if cgroup is not None and cgroup.dirs else argv
 
         slots.append(
@@ -234,7 +237,6 @@ def build_slots(
                 command,
                 sandbox_env(cfg.data_dir, root),
                 cgroup,
-                spec.egress if spec is not None else None,
                 overlay_work,
                 os.path.join(cfg.data_dir, "image-layers", str(i)) if spec is not None else None,
                 own_network=spec is not None and spec.network != "allow",
@@ -316,6 +318,7 @@ def prepare(cfg: ServerSettings) -> tuple[ServerSettings, SandboxApp, DataDirLoc
         images=_image_cache(cfg) if choice.spec is not None else None,
         warm_slots=cfg.warm_target,
         hibernate_after=cfg.hibernate_after,
+        hub=choice.spec.egress.hub if choice.spec is not None and choice.spec.egress is not None else None,
     )
     return cfg, api, lock, generated
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from atropos.host import command_line, die_with_parent, kill_child_tree, snapshot, tree_members
+from atropos.host import command_line, kill_child_tree, snapshot, tree_members
 from atropos.images.roots import ImageRoot
 from atropos.sandbox.image_slots import SlotImage, host_python
 from atropos.sandbox.runner.files import empty_dir
@@ -38,7 +38,6 @@ from atropos.sandbox.runner.rlimits import describe_limit
 from atropos.sandbox.runner.session import SESSION_RESTARTED
 from atropos.sandbox.server.bridges import BridgeError, Bridges
 from atropos.sandbox.server.cgroups import SlotCgroup
-from atropos.sandbox.server.egress import NETNS_READY, Egress
 from atropos.sandbox.server.isolation import Fork
 from atropos.sandbox.server.snapshots import Snapshot, copy_root
 
@@ -74,7 +73,6 @@ class SlotRunner:
         command: Callable[[Fork | None, SlotImage | None], list[str]],
         env: dict[str, str],
         cgroup: SlotCgroup | None = None,
-        egress: Egress | None = None,
         overlay_work: str | None = None,
         image_layer: str | None = None,
         own_network: bool = False,
@@ -85,8 +83,6 @@ class SlotRunner:
         self._command = command
         self._env = env
         self._proc: asyncio.subprocess.Process | None = None
-        self._egress = egress  # network `public`: this slot's pasta joins the runner's namespaces
-        self._pastas: dict[int, asyncio.subprocess.Process] = {}  # runner pid -> the pasta of its namespaces
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._chunks: dict[int, ChunkSink] = {}  # request id -> where a streamed call's output goes
@@ -163,17 +159,13 @@ class SlotRunner:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         await asyncio.shield(proc.wait())
-        await self._stop_pasta(proc)
 
     async def _hello(self, proc: asyncio.subprocess.Process) -> asyncio.subprocess.Process:
-        """The runner's first line (after its network namespace's, for pasta to join): it is up."""
+        """The runner's first line: it is up."""
         assert proc.stdout is not None
-        if self._egress is not None and (await proc.stdout.readline()).strip() == NETNS_READY.encode():
-            self._pastas[proc.pid] = await _start_pasta(self._egress.pasta_argv(proc.pid))
         hello = await proc.stdout.readline()
         if not hello:
             await proc.wait()
-            await self._stop_pasta(proc)
             raise SlotFailure(f"slot {self.index}: the sandbox did not start (exit {proc.returncode})")
         self._proc = proc
         self.hibernated = False
@@ -201,7 +193,6 @@ class SlotRunner:
             else:
                 fut.set_result(msg["result"])
         await proc.wait()
-        await self._stop_pasta(proc)
         if self._proc is proc and self.used:  # died on its own with calls behind it (a warm one had none)
             self._session_lost = True
         if self._proc is proc and self.bridges.ports:  # their listeners were in the namespace that died
@@ -247,7 +238,7 @@ class SlotRunner:
 
     async def _awake(self, proc: asyncio.subprocess.Process) -> None:
         """Returns when `proc` reads requests: a hibernation under way has ended, and a hibernated
-        runner has its network back and its wake line (written before the caller's request)."""
+        runner has its wake line (written before the caller's request)."""
         while self._hibernating is not None:
             await asyncio.shield(self._hibernating)
         if not self.hibernated:
@@ -255,8 +246,6 @@ class SlotRunner:
         async with self._wake_lock:
             if not self.hibernated or self._proc is not proc:
                 return
-            if self._egress is not None:
-                await self._rejoin_pasta(proc)
             assert proc.stdin is not None
             proc.stdin.write(_WAKE)
             self.hibernated = False
@@ -276,8 +265,8 @@ class SlotRunner:
         )
 
     async def hibernate(self) -> bool:
-        """Ask the runner to sleep (atropos.sandbox.runner.hibernate) and stop the slot's pasta;
-        False when the slot is not idle or the runner said why not. The next call wakes it."""
+        """Ask the runner to sleep (atropos.sandbox.runner.hibernate); False when the slot is not
+        idle or the runner said why not. The next call wakes it."""
         if not self.sleepable:
             return False
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -289,7 +278,6 @@ class SlotRunner:
                 log.debug("slot %d stays awake: %s", self.index, answer.get("why"))
                 return False
             self.hibernated = True
-            await self._stop_pasta(proc)  # the network namespace stays: its shell holds no socket
             log.info("event=hibernated slot=%d", self.index)
             return True
         except SlotFailure:
@@ -297,35 +285,6 @@ class SlotRunner:
         finally:
             self._hibernating = None
             done.set_result(None)
-
-    async def _rejoin_pasta(self, proc: asyncio.subprocess.Process) -> None:
-        """A new pasta in a hibernated slot's network namespace, and its routes as at the start;
-        nothing in the slot runs meanwhile (its runner is asleep, its shell idle)."""
-        assert self._egress is not None
-        try:
-            userns = Egress.owner_fd(proc.pid)  # an open and an ioctl: no thread needed
-            try:
-                path = f"/proc/self/fd/{userns}"
-                self._pastas[proc.pid] = await _start_pasta(self._egress.pasta_argv(proc.pid, path), (userns,))
-                reroute = await asyncio.create_subprocess_exec(
-                    *self._egress.reroute_argv(proc.pid, path),
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.DEVNULL,
-                    stderr=asyncio.subprocess.PIPE,
-                    pass_fds=(userns,),
-                )
-                _, err = await reroute.communicate()
-            finally:
-                os.close(userns)
-            why = None if reroute.returncode == 0 else err.decode(errors="replace").strip()
-        except OSError as exc:  # the sandbox died meanwhile, or a tool is gone
-            why = str(exc)
-        if why is not None:
-            await self.kill_runner()
-            raise SlotFailure(
-                f"slot {self.index}: its network did not come back after hibernation ({why}); "
-                "the slot restarts on the next call"
-            )
 
     @contextlib.asynccontextmanager
     async def holding(self, what: str) -> AsyncIterator[int]:
@@ -409,7 +368,6 @@ class SlotRunner:
             return 0
         # without bubblewrap the runner's orphans are not in a PID namespace that dies with it
         killed = await kill_child_tree(proc)
-        await self._stop_pasta(proc)
         if self._reader is not None:
             await asyncio.gather(self._reader, return_exceptions=True)
         return killed
@@ -537,12 +495,6 @@ class SlotRunner:
             self.busy -= 1
             self.idle_since = time.monotonic()
 
-    async def _stop_pasta(self, runner: asyncio.subprocess.Process) -> None:
-        pasta = self._pastas.pop(runner.pid, None)
-        if pasta is not None and pasta.returncode is None:
-            pasta.kill()
-            await pasta.wait()
-
     async def close(self) -> None:
         if self._starting is not None and not self._starting.done():
             self._starting.cancel()
@@ -565,22 +517,6 @@ def _log_call(slot: int, op: ToolOp, result: Outcome) -> None:
     )  # fmt: skip
     if log.isEnabledFor(logging.DEBUG) and (op["op"] == "bash" or op["op"] == "bash_session"):
         log.debug("event=call_command slot=%d command=%r", slot, op["command"][:200])
-
-
-def _pasta_dies_with_server() -> None:
-    die_with_parent(signal.SIGKILL)
-
-
-async def _start_pasta(argv: list[str], pass_fds: tuple[int, ...] = ()) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-        start_new_session=True,
-        pass_fds=pass_fds,
-        preexec_fn=_pasta_dies_with_server,  # it outlives the namespaces' processes otherwise
-    )
 
 
 def _note_cgroup_limit(result: Outcome, cgroup: SlotCgroup) -> None:

@@ -1,0 +1,135 @@
+"""Network `public` with many slots behind one server's hub (atropos.sandbox.server.hub): one pasta
+for all of them, each slot reaching a test host outside the node's subnets, none reaching another
+slot, the hub itself or the node's own subnets; and the hub's own ruleset refusing the same even for
+a namespace that has none of a slot's prohibit routes. Test hosts live in network namespaces these
+tests make (tests/attacks.py), each route checked before a byte is sent."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.attacks import can_make_netns, connect_probe, egress_host, egress_probe, leaks
+from tests.security_fixtures import temporary_server
+from tests.server_process import RunningServer, pids_with_arg
+
+REQUIRE_PUBLIC = os.environ.get("ATROPOS_REQUIRE_PUBLIC_NETWORK") == "1"
+
+pytestmark = pytest.mark.skipif(not can_make_netns(), reason="needs root and `ip netns` to make test hosts")
+
+SLOTS = 6
+LISTEN = (
+    "nohup python3 -c \"import socket; s = socket.socket(); s.bind(('0.0.0.0', {port})); s.listen(64)\n"
+    'while True: s.accept()[0].close()" >/dev/null 2>&1 &'
+)
+
+
+def slot_address(slot: int) -> str:
+    return f"198.18.{(4 * slot) >> 8}.{(4 * slot + 2) & 255}"
+
+
+def hub_address(slot: int) -> str:
+    return f"198.18.{(4 * slot) >> 8}.{(4 * slot + 1) & 255}"
+
+
+def run(srv: RunningServer, slot: int, command: str) -> str:
+    return str(srv.execute(slot, "bash", command=command, timeout=60)["output"])
+
+
+def listening(srv: RunningServer, slot: int, port: int) -> None:
+    """A TCP service on every address of `slot`, answering its own slot (so it does listen)."""
+    srv.execute(slot, "bash_session", command=LISTEN.format(port=port), timeout=30)
+    check = f"for i in $(seq 50); do {connect_probe([('127.0.0.1', port)]).splitlines()[0]} && break; sleep 0.1; done"
+    assert "LEAK" in run(srv, slot, check), "the slot's own service never answered"
+
+
+def hub_holder(srv: RunningServer) -> int:
+    """The pid whose namespaces are the hub's: the one pasta of this server names them."""
+    pastas = [p for p in pids_with_arg("--config-net") if _parent(p) == srv.proc.pid]
+    assert len(pastas) == 1, pastas
+    with open(f"/proc/{pastas[0]}/cmdline", "rb") as fh:
+        args = fh.read().split(b"\0")
+    return int(next(a for a in args if a.endswith(b"/ns/net")).split(b"/")[2])
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return int(fh.read().rsplit(b")", 1)[1].split()[1])
+    except OSError:
+        return -1
+
+
+@pytest.fixture
+def public() -> None:
+    if not REQUIRE_PUBLIC and os.system("command -v pasta >/dev/null && command -v nft >/dev/null") != 0:
+        pytest.skip("no pasta or nft here (Debian packages passt, nftables)")
+
+
+@pytest.mark.usefixtures("public")
+def test_many_slots_behind_one_pasta_reach_out_and_not_each_other() -> None:
+    port = 31000 + secrets.randbelow(1000)
+    options = ("--slots", str(SLOTS), "--network", "public", "--hibernate-after", "0")
+    with egress_host() as host, temporary_server("atropos-test-hub-", *options) as srv:
+        with ThreadPoolExecutor(SLOTS) as pool:
+            outs = list(pool.map(lambda slot: run(srv, slot, egress_probe(host)), range(SLOTS)))
+        assert all("EGRESS-OK" in out for out in outs), outs
+        hub_holder(srv)  # one pasta for the six
+        listening(srv, 0, port)
+        for slot in range(1, SLOTS):
+            targets = [(slot_address(0), port), (hub_address(slot), port), (hub_address(0), port)]
+            targets += [(slot_address(other), port) for other in range(SLOTS) if other != slot]
+            out = run(srv, slot, connect_probe(targets))
+            assert leaks(out) == [], out
+        # slot 0 after the others tried: its service still answers, and its own address is its own
+        assert "LEAK" in run(srv, 0, connect_probe([(slot_address(0), port)]))
+
+
+@pytest.mark.usefixtures("public")
+def test_the_hubs_ruleset_refuses_what_a_slot_without_routes_would_send() -> None:
+    """A namespace linked to the hub as a slot is, but with none of a slot's prohibit routes and
+    every capability (what a slot would be if it ever escaped its routes): the hub still refuses
+    another slot, itself, and the node's own subnets, and still lets the public test host through."""
+    port = 32000 + secrets.randbelow(1000)
+    with egress_host() as host, temporary_server("atropos-test-hub-rules-", "--slots", "2") as srv:
+        listening(srv, 0, port)
+        holder = hub_holder(srv)
+        link = f"/proc/{holder}/ns/net"
+        fake = 4000  # a link number no slot of this server uses
+        greeting = f"import socket; print(socket.create_connection(('{host.neighbour}', {host.port}), 5).recv(9))"
+        reached = subprocess.run([sys.executable, "-c", greeting], capture_output=True, text=True, timeout=30)
+        assert "egress-ok" in reached.stdout, reached  # from the node, the neighbour does answer
+        script = f"""
+set -e
+nsenter --net={link} -- python3 -c "{LISTEN.split('"')[1].format(port=port)}" >/dev/null 2>&1 & listener=$!
+ip link add eth0 type veth peer name s{fake} netns {link}
+nsenter --net={link} -- ip addr add {hub_address(fake)}/30 dev s{fake}
+nsenter --net={link} -- ip link set s{fake} up
+ip addr add {slot_address(fake)}/30 dev eth0
+ip link set eth0 up
+ip link set lo up
+ip route add default via {hub_address(fake)}
+set +e
+{egress_probe(host)}
+{connect_probe([(slot_address(0), port), (hub_address(fake), port), (host.neighbour, host.port)])}
+nsenter --net={link} -- {connect_probe([("127.0.0.1", port)]).splitlines()[0].replace("LEAK", "HUB-LISTENS")}
+kill "$listener"
+"""
+        uid, gid = os.stat(f"/proc/{holder}").st_uid, os.stat(f"/proc/{holder}").st_gid
+        as_server = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
+        in_hub = ["nsenter", f"--user=/proc/{holder}/ns/user", "--preserve-credentials", "--", "unshare", "--net"]
+        done = subprocess.run(  # as the server's user, the hub's owner, as the server links a slot
+            [*as_server, *in_hub, "--", "/bin/sh", "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "EGRESS-OK" in done.stdout, (done.stdout, done.stderr)
+        assert leaks(done.stdout) == [], done.stdout
+        assert "HUB-LISTENS" in done.stdout, done.stdout  # the hub's own service was there to refuse
