@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -133,3 +135,30 @@ kill "$listener"
         assert "EGRESS-OK" in done.stdout, (done.stdout, done.stderr)
         assert leaks(done.stdout) == [], done.stdout
         assert "HUB-LISTENS" in done.stdout, done.stdout  # the hub's own service was there to refuse
+
+
+@pytest.mark.usefixtures("public")
+def test_a_killed_pasta_is_started_again_and_the_slots_go_on() -> None:
+    """The hub's one pasta is every slot's way out: killed, the server starts another into the same
+    hub, and the slots (awake and asleep) reach the test host again, with their confinement."""
+    options = ("--slots", "2", "--network", "public", "--hibernate-after", "0.2")
+    with egress_host() as host, temporary_server("atropos-test-hub-pasta-", *options) as srv:
+        for slot in (0, 1):
+            assert "EGRESS-OK" in run(srv, slot, egress_probe(host))
+        (first,) = [p for p in pids_with_arg("--config-net") if _parent(p) == srv.proc.pid]
+        holder = hub_holder(srv)
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while not (again := [p for p in pids_with_arg("--config-net") if _parent(p) == srv.proc.pid and p != first]):
+            assert time.monotonic() < deadline, "no new pasta"
+            time.sleep(0.05)
+        assert hub_holder(srv) == holder  # the same hub: the slots' links are where they were
+        for slot in (0, 1):
+            out = ""
+            for _ in range(50):  # the new pasta's routes may still be on their way
+                out = run(srv, slot, egress_probe(host) + "\n" + connect_probe([(host.neighbour, host.port)]))
+                if "EGRESS-OK" in out:
+                    break
+                time.sleep(0.1)
+            assert "EGRESS-OK" in out and leaks(out) == [], out
+        assert again == [p for p in pids_with_arg("--config-net") if _parent(p) == srv.proc.pid]

@@ -1,4 +1,4 @@
-"""Scenario 10: what network mode `public` (a pasta-run network namespace per slot) costs against
+"""Scenario 10: what network mode `public` (a network namespace per slot behind the server's hub) costs against
 `allow` (the node's network), both pools up at once and sampled in interleaved rounds."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ _SLOTS = 16
 
 
 def per_slot_pss(pool: SlotPool) -> float:
-    """PSS of the server's descendants (each slot's pasta, bubblewrap, runner and shell) per slot."""
+    """PSS of the server's descendants (the hub's pasta, each slot's bubblewrap, runner and shell) per slot."""
     backend = pool.backend
     assert isinstance(backend, LocalBackend)
     (server_id,) = pool.server_ids()
@@ -27,7 +27,7 @@ def per_slot_pss(pool: SlotPool) -> float:
 
 
 async def _first_calls(pool: SlotPool, slots: list[Slot]) -> list[float]:
-    """Each slot's first call starts its sandbox (and, with `public`, its pasta): one at a time."""
+    """Each slot's first call starts its sandbox (and, with `public`, its link to the hub): one at a time."""
     took = []
     for slot in slots:
         t0 = time.perf_counter()
@@ -77,7 +77,7 @@ async def network_rows(sizes: Sizes, say: Callable[[str], None]) -> list[Row]:
                 "first call p50 (allow)",
                 ms(first["allow"].p50),
                 ratio=first["public"].p50 / first["allow"].p50,
-                note="the slot's sandbox (and pasta) start",
+                note="the slot's sandbox (and link to the hub) start",
                 extra={"p99_ms": ms(first["public"].p99), "allow_p99_ms": ms(first["allow"].p99)},
             )
         )
@@ -90,7 +90,7 @@ async def network_rows(sizes: Sizes, say: Callable[[str], None]) -> list[Row]:
                 "PSS per slot (allow)",
                 memory["allow"],
                 ratio=memory["public"] / memory["allow"],
-                note="pasta + bubblewrap + runner + shell, shared pages counted once",
+                note="the hub's pasta shared by all + bubblewrap + runner + shell, shared pages counted once",
             )
         )
         for mode, pool in pools.items():

@@ -194,7 +194,7 @@ async def _asleep(pool: SlotPool) -> int:
 
 async def _memory(slots: int, say: Callable[[str], None]) -> list[Row]:
     """PSS per slot with an open session, awake and once its idle slots hibernated (the runner a
-    holder process, pasta stopped), against the floor; and what waking costs a call."""
+    holder process), against the floor; and what waking costs a call."""
     say(f"scale: memory of {slots} slots with an open session, awake and asleep")
     async with SlotPool(_config(1, slots, warm_slots=0, hibernate_after=_SLEEP_AFTER)) as pool:
         assert isinstance(pool.backend, LocalBackend)
@@ -224,12 +224,12 @@ async def _memory(slots: int, say: Callable[[str], None]) -> list[Row]:
         Row(_SCENARIO, f"PSS per slot, open session, awake ({slots} slots)", (awake - before) / slots, "MB",
             baseline="bwrap + idle bash (the floor)", baseline_value=floor or None,
             note=f"server tree {awake:.0f} MB in {awake_procs} processes; server alone {before:.0f} MB; "
-                 "runner and pasta (network public) are most of it"),
+                 "the Python runner is most of it (network public: one pasta per server, in the tree)"),
         judged(Row(_SCENARIO, f"PSS per slot, open session, asleep ({slots} slots)", (asleep - before) / slots, "MB",
                    baseline="bwrap + idle bash (the floor)", baseline_value=floor or None, target="<= 4 MB",
                    note=f"{asleep_count} of {slots} asleep after {_SLEEP_AFTER:.0f} s idle; server tree "
                         f"{asleep:.0f} MB in {asleep_procs} processes"), 4.0),
-        Row(_SCENARIO, "first call on a sleeping slot (wakes runner and pasta)", wake, "ms",
+        Row(_SCENARIO, "first call on a sleeping slot (wakes its runner)", wake, "ms",
             baseline="the same call on an awake slot", baseline_value=warm,
             note=f"medians of {len(wake_ms)} slots, one at a time; p90 {percentile(sorted(wake_ms), 0.9):.0f} ms"),
     ]  # fmt: skip

@@ -19,7 +19,7 @@ Flags, chosen for rootless HPC nodes:
 - `--bind /dev/full`: `--contain` gives the container a minimal `/dev` without `/dev/full`, and
   bubblewrap's `--dev` (the slots' sandbox) refuses to start when that node is missing;
 - `--bind /dev/net/tun` (`tun=True`): the same minimal `/dev` has no tun device, which network mode
-  `public` (pasta, one network namespace per slot) needs; without it the server falls back to `deny`;
+  `public` (the hub's pasta, one network namespace per slot) needs; without it the server falls back to `deny`;
 - `--env KEY=VALUE` for plain settings.
 
 Secrets (the server token) must never be on the command line, where `ps` shows them to every user of

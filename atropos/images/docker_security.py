@@ -10,14 +10,14 @@ two cannot drift apart. Each option, what it opens, and why it is still safe:
   the data dir to an unprivileged user and become that user (atropos/sandbox/privileges.py).
   Changing uid clears every capability before any slot starts; slots run without any, in their
   own user, PID, mount, IPC and UTS namespaces.
-- seccomp: Docker's default profile refuses pivot_root and the namespace calls pasta needs, so the
+- seccomp: Docker's default profile refuses pivot_root and the namespace calls bubblewrap and the hub need, so the
   profile `seccomp-sandbox.json` beside this file is used instead. It allows everything but calls
   that reach kernel-wide state no sandbox needs (modules, kexec, clock, swap, keyring, eBPF, perf,
   file handles, userfaultfd, ...): a refusal list, where Docker's is an allow list. What the slots
   can do is still bounded by having no capabilities and an unprivileged uid.
 - `apparmor=unconfined`: Docker's default AppArmor profile forbids mount(), which bubblewrap needs;
   on hosts without AppArmor it changes nothing.
-- `/dev/net/tun`: network mode `public` runs each slot behind pasta, which needs a tun device. Without
+- `/dev/net/tun`: network mode `public` runs the slots behind one pasta (the hub's), which needs a tun device. Without
   it the server falls back to `deny` and says so in /health.
 """
 

@@ -388,7 +388,7 @@ class WarmState(BaseModel):
 
 class HibernationState(BaseModel):
     after_s: float = Field(description="Seconds after its last call before an idle slot sleeps; 0: never.")
-    asleep: int = Field(description="Slots whose runner (and pasta) sleep now; their next call wakes them.")
+    asleep: int = Field(description="Slots whose runner sleeps now; their next call wakes it.")
 
 
 class HealthResponse(Enforcement):

@@ -28,7 +28,7 @@ DEFAULT_PORT = 8080
 DEFAULT_WARM = 32  # warm slots of a server when not set: enough for a burst, bounded in memory
 DEFAULT_HIBERNATE_AFTER = 30.0  # an RL turn's model call is shorter: slots between turns stay awake
 READY_PREFIX = "ATROPOS_SANDBOX_READY"  # the line the server prints once it listens: `<prefix> <url>`
-TUN_DEVICE = "/dev/net/tun"  # network `public` needs it inside the container (pasta opens it)
+TUN_DEVICE = "/dev/net/tun"  # network `public` needs it inside the container (the hub's pasta opens it)
 
 Isolation = Literal["auto", "bwrap", "none"]
 Network = Literal["auto", "public", "allow", "deny"]
@@ -88,7 +88,7 @@ class ServerSettings(BaseModel):
         default=DEFAULT_HIBERNATE_AFTER,
         ge=0,
         description="seconds a used slot that runs nothing but its idle session shell waits before its runner "
-        "and pasta sleep (its next call wakes them); 0: never",
+        "sleeps (its next call wakes it); 0: never",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -267,7 +267,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option(
         "--hibernate-after",
         "seconds after its last call before a slot that runs nothing but its idle session shell gives back "
-        "its runner's and pasta's memory; its next call wakes them (tens of ms); 0: never",
+        "its runner's memory; its next call wakes it (tens of ms); 0: never",
         type=float,
     ),
 )

@@ -67,8 +67,8 @@ class SlotPoolConfig(BaseModel):
     max_containers: int = Field(default=4, ge=1, le=1000)
 
     isolation: Literal["auto", "bwrap", "none"] = "auto"
-    # auto: each slot its own network namespace reaching public addresses only (public) where pasta
-    # works on the node, else no network (deny); allow: the node's network, loopback services included
+    # auto: each slot its own network namespace reaching public addresses only (public) where pasta and
+    # nftables work on the node, else no network (deny); allow: the node's network, loopback services included
     network: Literal["auto", "public", "allow", "deny"] = "auto"
 
     # what a slot's root holds (see `atropos-sandbox server --help`); None: the server's default, `system` on
@@ -104,7 +104,7 @@ class SlotPoolConfig(BaseModel):
     hibernate_after: float | None = Field(
         default=None,
         ge=0,
-        description="per server: seconds after its last call before an idle slot's runner and pasta sleep until "
+        description="per server: seconds after its last call before an idle slot's runner sleeps until "
         "its next call (see `atropos-sandbox server --help`); None: the server's default (30); 0: never",
     )
     image_cache: str | None = Field(

@@ -1,13 +1,14 @@
 """Hibernation of idle slots: a slot whose last call ended `after` seconds ago, and that runs nothing
-but its session's idle shell, gives back its runner's memory (~10 MB of Python) and its pasta's
-(~20 MB, network `public`) until its next call; asleep it costs its floor, bubblewrap, the shell and
-a holder process (see atropos.sandbox.runner.hibernate).
+but its session's idle shell, gives back its runner's memory (~10 MB of Python) until its next
+call; asleep it costs its floor, bubblewrap, the shell and a holder process (see
+atropos.sandbox.runner.hibernate). Network `public` costs a slot no process of its own: its link to
+the server's hub stays as it is.
 
-The next call pays for waking it (a new Python runner, a new pasta and the slot's routes again:
-tens of milliseconds, measured by `atropos-sandbox bench --only scale`); nothing else about the
-slot changes: the shell keeps its working directory, variables and functions, the workspace its
-files, and a slot asleep is woken before anything reads or writes through it. Warm slots (started,
-never used) never sleep: they are kept for a burst's first calls. `after` 0 turns it off.
+The next call pays for waking it (a new Python runner: tens of milliseconds, measured by
+`atropos-sandbox bench --only scale`); nothing else about the slot changes: the shell keeps its
+working directory, variables and functions, the workspace its files, and a slot asleep is woken
+before anything reads or writes through it. Warm slots (started, never used) never sleep: they are
+kept for a burst's first calls. `after` 0 turns it off.
 """
 
 from __future__ import annotations
