@@ -165,8 +165,8 @@ async def test_slot_reaches_a_public_host_and_nothing_private(pool: SlotPool) ->
 
 @pytest.mark.skipif(not can_make_netns(), reason="needs root and `ip netns` to make a test host")
 async def test_a_slot_that_slept_in_the_container_has_its_shell_and_its_confined_network(engine: None) -> None:
-    """Hibernation in the image: the runner sleeps as a holder and pasta stops inside the container;
-    the next call finds the same shell, the public host again, and the private ranges still refused."""
+    """Hibernation in the image: the runner sleeps as a holder inside the container (its link to the
+    hub stays); the next call finds the same shell, the public host again, and the private ranges still refused."""
     if not os.path.exists("/dev/net/tun"):
         pytest.skip("no /dev/net/tun: the server runs with network deny")
     config = SlotPoolConfig.model_validate(
