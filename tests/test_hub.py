@@ -162,3 +162,75 @@ def test_a_killed_pasta_is_started_again_and_the_slots_go_on() -> None:
                 time.sleep(0.1)
             assert "EGRESS-OK" in out and leaks(out) == [], out
         assert again == [p for p in pids_with_arg("--config-net") if _parent(p) == srv.proc.pid]
+
+
+HOLD = """
+import resource, socket, sys, time
+t0 = time.monotonic()
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+held, refused = [], 0
+for _ in range({tries}):
+    s = socket.socket()
+    s.settimeout(5)
+    try:
+        s.connect(("{address}", {port}))
+        held.append(s)
+    except OSError:
+        refused += 1
+        s.close()
+print("HELD", len(held), "REFUSED", refused, "IN", round(time.monotonic() - t0, 1), flush=True)
+sys.stdin.read()  # hold them until the session ends the program
+"""
+
+
+@pytest.mark.usefixtures("public")
+def test_a_slot_flooding_the_shared_pasta_with_connections_is_capped_and_the_others_go_on() -> None:
+    """One pasta serves every slot: a slot that opens connections without end gets the hub's cap
+    (its share of pasta's file descriptors: a few hundred with 64 slots here), the rest refused at
+    once, and another slot still goes out."""
+    from atropos.sandbox.server.hub import flows_per_slot
+
+    cap = flows_per_slot(64)
+    options = ("--slots", "64", "--warm-slots", "0")
+    with egress_host() as host, temporary_server("atropos-test-hub-flood-", *options) as srv:
+        script = HOLD.format(tries=cap + 100, address=host.address, port=host.port)
+        srv.execute(0, "write_file", path="hold.py", content=script, timeout=30)
+        srv.execute(0, "bash_session", command="python3 hold.py > held.txt 2>&1 < <(sleep 600) &", timeout=30)
+        out = ""
+        for _ in range(600):
+            out = run(srv, 0, "cat held.txt")
+            if "HELD" in out:
+                break
+            time.sleep(0.1)
+        held, refused = (int(n) for n in out.split()[1:4:2])
+        # conntrack's count is exact but for connections still on their way when it is read
+        assert cap <= held <= cap + cap // 10 and held + refused == cap + 100, out
+        assert "EGRESS-OK" in run(srv, 1, egress_probe(host))  # the neighbour is not starved
+
+
+TAMPER = """
+ip addr add {other}/30 dev eth0 2>/dev/null && echo LEAK addr-add
+ip addr del {own}/30 dev eth0 2>/dev/null && echo LEAK addr-del
+ip route del prohibit 10.0.0.0/8 2>/dev/null && echo LEAK route-del
+ip route replace default dev eth0 2>/dev/null && echo LEAK route-replace
+ip link set eth0 down 2>/dev/null && echo LEAK link-down
+ip link add x0 type veth peer name x1 2>/dev/null && echo LEAK link-add
+python3 -c 'import socket; socket.socket(socket.AF_PACKET, socket.SOCK_RAW)' 2>/dev/null && echo LEAK packet-socket
+python3 -c 'from socket import *; socket(AF_INET, SOCK_RAW, IPPROTO_TCP)' 2>/dev/null && echo LEAK raw-socket
+ip -6 addr show dev eth0 | grep -q inet6 && echo LEAK ipv6-address
+ip -o link show | grep -v -e ' lo:' -e ' eth0@' && echo LEAK other-link
+ip -4 -o addr show eth0 | grep -q '{own}/30' || echo LEAK lost-own-address
+true
+"""
+
+
+@pytest.mark.usefixtures("public")
+def test_a_slot_cannot_change_its_link_spoof_a_neighbour_or_open_raw_sockets() -> None:
+    """What a hostile agent tries on its own link: take another slot's address, drop its prohibit
+    routes, reroute, add links, send raw packets, or use IPv6 around the hub's IPv4 rules."""
+    with egress_host() as host, temporary_server("atropos-test-hub-tamper-", "--slots", "2") as srv:
+        for slot in (0, 1):
+            out = run(srv, slot, TAMPER.format(own=slot_address(slot), other=slot_address(1 - slot)))
+            assert leaks(out) == [], out
+            assert "EGRESS-OK" in run(srv, slot, egress_probe(host))  # and its network still works

@@ -40,7 +40,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from atropos.sandbox.server.hub import SLOT_LINK, TAP, Hub, ruleset
+from atropos.sandbox.server.hub import SLOT_LINK, TAP, Hub, flows_per_slot, ruleset
 from atropos.sandbox.settings import TUN_DEVICE
 
 # destinations a slot never reaches, besides the node's own subnets (RFC 6890 special-purpose ranges)
@@ -125,9 +125,9 @@ class Egress:
     resolv_conf: str
 
     @classmethod
-    def prepare(cls, pasta: str, state_dir: str) -> Egress:
-        """The hub started, its ruleset and the slots' resolver file written into `state_dir` (the
-        data dir, which slots never see)."""
+    def prepare(cls, pasta: str, state_dir: str, slots: int) -> Egress:
+        """The hub for `slots` slots started, its ruleset and the slots' resolver file written into
+        `state_dir` (the data dir, which slots never see)."""
         for tool, package in (
             ("ip", "iproute2"),
             ("unshare", "util-linux"),
@@ -153,7 +153,8 @@ class Egress:
         blocked = tuple(blocked_prefixes(nodes))
         rules = os.path.join(state_dir, "hub.nft")
         resolv = os.path.join(state_dir, "slot-resolv.conf")
-        for path, text in ((rules, ruleset(list(blocked))), (resolv, f"nameserver {DNS_ADDRESS}\n")):
+        texts = ((rules, ruleset(list(blocked), flows_per_slot(slots))), (resolv, f"nameserver {DNS_ADDRESS}\n"))
+        for path, text in texts:
             with open(path, "w", encoding="ascii") as fh:
                 fh.write(text)
         hub = Hub.start(rules, lambda pid: pasta_argv(pasta, pid), os.path.join(state_dir, "hub-pasta.log"))

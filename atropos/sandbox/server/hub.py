@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import subprocess
 import time
@@ -33,6 +34,7 @@ HUB_READY = "ATROPOS-HUB-READY"
 TAP = "tap0"  # pasta's device in the hub
 SLOT_LINK = "s"  # the hub's end of slot N's veth pair is `sN`
 _WAIT_S = 10.0
+MAX_FLOWS = 1024  # connections one slot holds through the hub at once
 
 _SETUP = (
     "set -e; echo 1 > /proc/sys/net/ipv4/ip_forward; "
@@ -42,13 +44,16 @@ _SETUP = (
 )
 
 
-def ruleset(blocked: list[str]) -> str:
+def ruleset(blocked: list[str], flows: int) -> str:
     """nftables for the hub: a slot's packets go out through pasta, masqueraded, to any address
     outside `blocked`; to a blocked one, to another slot or to the hub itself they are refused at
-    once (an ICMP error, never a silent wait); only replies come back in."""
+    once (an ICMP error, never a silent wait); only replies come back in. A slot holds at most
+    `flows` connections at once (counted by conntrack): one pasta serves every slot, and a slot
+    that opens connections without end must not use up pasta's file descriptors for the others."""
     slots = f'iifname "{SLOT_LINK}*"'
     return f"""table inet atropos {{
     set blocked {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {", ".join(blocked)} }} }}
+    set flows {{ type ipv4_addr; flags dynamic; size 65535; }}
     chain input {{
         type filter hook input priority 0; policy accept;
         {slots} reject with icmpx type admin-prohibited
@@ -57,8 +62,13 @@ def ruleset(blocked: list[str]) -> str:
         type filter hook forward priority 0; policy drop;
         iifname "{TAP}" oifname "{SLOT_LINK}*" ct state established,related accept
         {slots} oifname "{TAP}" ip daddr @blocked reject with icmpx type admin-prohibited
+        {slots} oifname "{TAP}" ct state new add @flows {{ ip saddr ct count over {flows} }} goto refuse
         {slots} oifname "{TAP}" meta nfproto ipv4 accept
         {slots} reject with icmpx type admin-prohibited
+    }}
+    chain refuse {{
+        meta l4proto tcp reject with tcp reset
+        reject with icmpx type admin-prohibited
     }}
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
@@ -66,6 +76,14 @@ def ruleset(blocked: list[str]) -> str:
     }}
 }}
 """
+
+
+def flows_per_slot(slots: int) -> int:
+    """Connections a slot may hold at once: 1024, or less where pasta's file descriptors (the
+    server's hard RLIMIT_NOFILE, which pasta raises its own to) would not hold every slot's."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    budget = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    return max(32, min(MAX_FLOWS, (budget - 256) // max(slots, 1)))
 
 
 def _settle(fut: asyncio.Future[None]) -> None:

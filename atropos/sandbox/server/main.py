@@ -142,7 +142,8 @@ def choose_isolation(cfg: ServerSettings, token_files: tuple[str, ...]) -> Choic
         failures: dict[str, list[str]] = {}
         for network in networks:
             try:
-                egress = Egress.prepare(find_pasta() or "pasta", cfg.data_dir) if network == "public" else None
+                pasta = find_pasta() or "pasta"
+                egress = Egress.prepare(pasta, cfg.data_dir, cfg.slots) if network == "public" else None
             except (OSError, subprocess.SubprocessError) as exc:
                 failures.setdefault(network, []).append(f"cannot prepare per-slot networking: {exc}")
                 continue
