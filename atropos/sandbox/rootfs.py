@@ -24,9 +24,11 @@ them is hidden there too.
 
 from __future__ import annotations
 
+import compileall
 import grp
 import os
 import pwd
+import py_compile
 import re
 import shutil
 import sys
@@ -140,6 +142,10 @@ def copy_runner(dest: str) -> str:
     for name in names:
         os.makedirs(os.path.join(dest, os.path.dirname(name)), exist_ok=True)
         shutil.copyfile(os.path.join(parent, name), os.path.join(dest, name))
+    # compiled once here, not at every runner's start (the copy is read-only in the slot, so a
+    # runner could never cache its own): a third of the runner's imports. Never checked against
+    # the sources, which no one changes after this copy.
+    compileall.compile_dir(dest, quiet=2, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
     return dest
 
 
