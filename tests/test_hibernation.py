@@ -125,6 +125,16 @@ def test_a_shell_killed_while_asleep_is_reported(srv: RunningServer) -> None:
     assert res["stdout"] == "unset\n" and SESSION_RESTARTED in str(res["output"]), res
 
 
+def test_a_shell_killed_before_the_slot_fell_asleep_is_reported(srv: RunningServer) -> None:
+    """The runner saw its shell die, then hibernated: the loss must outlive the sleep (seen in CI
+    as a missing note when a pause between two calls let the slot fall asleep)."""
+    session(srv, 1, "export GONE=1")
+    assert srv.execute(1, "bash", command="pkill -KILL -f '__atropos_[m]ark'")["ok"]
+    assert until_asleep(srv, 1)
+    res = session(srv, 1, "echo ${GONE:-unset}")
+    assert res["stdout"] == "unset\n" and SESSION_RESTARTED in str(res["output"]), res
+
+
 def test_reset_of_a_sleeping_slot_empties_it(srv: RunningServer) -> None:
     session(srv, 1, "echo data > kept.txt; export V=1")
     assert until_asleep(srv, 1)

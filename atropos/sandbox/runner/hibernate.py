@@ -41,6 +41,7 @@ class SessionFds(TypedDict):
 
 class ResumeState(TypedDict):
     session: SessionFds | None
+    session_lost: bool  # the shell died since the last call: the next call says so
     background: int  # memfd with the unread background output, or -1
     dropped: int  # background bytes dropped before hibernation
     unreported: LimitKind | None

@@ -87,6 +87,8 @@ class Runner:
             for fd in (session["stdout"], session["stderr"], session["control"]):
                 os.set_inheritable(fd, False)  # the runner's own, never a command's
             self.session.adopt(session)
+        if state["session_lost"]:
+            self.session.lost_earlier()
         self.session.background.restore(unstash(state["background"]), state["dropped"])
         self.watch.unreported = state["unreported"]
         self.watch.last_size = state["last_size"]
@@ -102,6 +104,7 @@ class Runner:
         data, dropped = self.session.background.held()
         state: ResumeState = {
             "session": fds,
+            "session_lost": self.session.lost,
             "background": stash(data),
             "dropped": dropped,
             "unreported": self.watch.unreported,

@@ -106,10 +106,20 @@ class BashSession:
         # what the shell's background jobs print between and after commands: kept for
         # `read_background` (the newest BACKGROUND_LOG bytes), else unread
         self.background = TailBuffer(BACKGROUND_LOG)
+        self._lost_earlier = False  # the shell died before this runner hibernated (see `lost`)
 
     @property
     def alive(self) -> bool:
         return self.child is not None and not self.child.exited.done()
+
+    @property
+    def lost(self) -> bool:
+        """The shell died since the last call, not closed by us: the next call says so. A runner
+        that hibernated meanwhile passes it on to the one it resumes as (`lost_earlier`)."""
+        return self._lost_earlier or (self.child is not None and not self.alive)
+
+    def lost_earlier(self) -> None:
+        self._lost_earlier = True
 
     def _start(self) -> None:
         ctrl_r, ctrl_w = os.pipe()
@@ -177,7 +187,7 @@ class BashSession:
             return outcome_of(
                 out, err, exit_code=None, timed_out=False, started=started, error="command contains a NUL byte"
             )
-        lost = self.child is not None and not self.alive  # died since the last call (not closed by us)
+        lost, self._lost_earlier = self.lost, False
         if not self.alive:
             self.close()
             self._start()
