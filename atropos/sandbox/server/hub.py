@@ -134,7 +134,12 @@ class Hub:
         if holder.stdout.readline().strip() != HUB_READY.encode():
             holder.kill()
             _, err = holder.communicate(timeout=_WAIT_S)
-            raise OSError(f"the hub's network namespace did not start: {err.decode(errors='replace').strip()}")
+            said = err.decode(errors="replace").strip()
+            raise OSError(
+                f"the hub's network namespace did not start: {said} (its ruleset needs the kernel's nf_tables, "
+                "conntrack and NAT, which a user namespace cannot load: modules nf_tables, nft_ct, nft_masq, "
+                "nft_reject_inet, nft_connlimit loaded on the node, as Docker or firewalld do)"
+            )
         hub = cls(holder, pasta_argv, pasta_log)
         pasta, deadline = hub._spawn_pasta(), time.monotonic() + _WAIT_S
         while (why := hub._pasta_failure(pasta, deadline)) is not None:
