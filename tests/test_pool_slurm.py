@@ -235,6 +235,7 @@ async def test_a_job_near_its_time_limit_is_retired_and_no_call_is_lost(tmp_path
         assert (await queue([job])).get(job, None) is None or (await queue([job]))[job].state != "TIMEOUT"
 
 
+@pytest.mark.timeout(300)  # SLURM's own pace: the limit (60 s) + up to 30 s before slurmctld looks + a new job
 async def test_a_job_killed_by_its_time_limit_is_replaced_and_its_calls_end_typed(tmp_path: Path) -> None:
     """Retirement off: SLURM ends the job at its limit (between 60 and ~90 s: slurmctld looks every
     30 s); the calls in flight end in the pool's typed errors, none lost or twice, and it is replaced."""
