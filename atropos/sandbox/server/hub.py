@@ -91,6 +91,24 @@ def _settle(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+async def _exited(proc: subprocess.Popen[bytes]) -> None:
+    """Returns once `proc` has exited (and is reaped)."""
+    try:
+        fd = os.pidfd_open(proc.pid)  # readable once the process has exited
+    except OSError:  # a kernel before 5.3: a thread waits instead
+        await asyncio.to_thread(proc.wait)
+        return
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[None] = loop.create_future()
+    try:
+        loop.add_reader(fd, _settle, exited)
+        await exited
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+    proc.wait()
+
+
 def _dies_with_server() -> None:
     die_with_parent(signal.SIGKILL)
 
@@ -185,18 +203,9 @@ class Hub:
     async def watch(self) -> None:
         """Runs with the server: a pasta that dies (a crash, a kill) is started again at once, and
         the slots' connections that were open are lost, not the slots' network."""
-        loop = asyncio.get_running_loop()
         while not self._closed and self._pasta is not None:
             pasta = self._pasta
-            exited: asyncio.Future[None] = loop.create_future()
-            fd = os.pidfd_open(pasta.pid)  # readable once the process has exited
-            try:
-                loop.add_reader(fd, _settle, exited)
-                await exited
-            finally:
-                loop.remove_reader(fd)
-                os.close(fd)
-            pasta.wait()
+            await _exited(pasta)
             if self._closed:
                 return
             log.error("the hub's pasta exited (%s); starting it again", pasta.returncode)
