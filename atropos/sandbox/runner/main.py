@@ -101,6 +101,10 @@ class Runner:
         if why is not None:
             self.reply({"id": rid, "result": {"ok": False, "why": why}})
             return
+        # nothing but the idle shell is left: what its background jobs wrote and the loop has not
+        # read yet is background output. Read now, or the runner this one resumes as finds it in
+        # the pipes and gives it to the next command (seen in CI as a background line lost)
+        self.session.drain()
         data, dropped = self.session.background.held()
         state: ResumeState = {
             "session": fds,

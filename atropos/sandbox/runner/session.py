@@ -142,6 +142,11 @@ class BashSession:
             PipeReader(self.children.loop, child.stderr_fd, lambda b: self._feed(1, b)),
         ]
 
+    def drain(self) -> None:
+        """Take in now what the shell's pipes hold (between commands: background output)."""
+        for reader in self._readers:
+            reader.drain()
+
     def fds(self) -> SessionFds | None:
         """The live shell and the pipes to it, for hibernation (None: no shell)."""
         if not self.alive or self.child is None:
