@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import httpx
 
+from atropos.host.procs import read_stat
+
 HIBERNATE_ALL = "ATROPOS_TEST_HIBERNATE_AFTER"
 
 
@@ -132,3 +134,15 @@ def alive(pid: int) -> bool:
             return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except OSError:
         return False
+
+
+def server_pastas(server: int) -> list[int]:
+    """The pastas the server `server` started (network `public`: its hub's, one)."""
+    return [p for p in pids_with_arg("--config-net") if (info := read_stat(p)) is not None and info.ppid == server]
+
+
+def hub_holder(pasta: int) -> int:
+    """The process whose namespaces are the hub's: the one `pasta` joined (its --netns names it)."""
+    with open(f"/proc/{pasta}/cmdline", "rb") as fh:
+        args = fh.read().split(b"\0")
+    return int(next(a for a in args if a.endswith(b"/ns/net")).split(b"/")[2])

@@ -18,7 +18,7 @@ import pytest
 
 from tests.attacks import can_make_netns, connect_probe, egress_host, egress_probe, leaks
 from tests.security_fixtures import temporary_server
-from tests.server_process import RunningServer, pids_with_arg
+from tests.server_process import RunningServer, hub_holder, server_pastas
 
 REQUIRE_PUBLIC = os.environ.get("ATROPOS_REQUIRE_PUBLIC_NETWORK") == "1"
 
@@ -50,21 +50,11 @@ def listening(srv: RunningServer, slot: int, port: int) -> None:
     assert "LEAK" in run(srv, slot, check), "the slot's own service never answered"
 
 
-def hub_holder(srv: RunningServer) -> int:
-    """The pid whose namespaces are the hub's: the one pasta of this server names them."""
-    pastas = [p for p in pids_with_arg("--config-net") if _parent(p) == srv.proc.pid]
+def the_hub(srv: RunningServer) -> int:
+    """The hub's holder: the one pasta of this server names its namespaces."""
+    pastas = server_pastas(srv.proc.pid)
     assert len(pastas) == 1, pastas
-    with open(f"/proc/{pastas[0]}/cmdline", "rb") as fh:
-        args = fh.read().split(b"\0")
-    return int(next(a for a in args if a.endswith(b"/ns/net")).split(b"/")[2])
-
-
-def _parent(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return int(fh.read().rsplit(b")", 1)[1].split()[1])
-    except OSError:
-        return -1
+    return hub_holder(pastas[0])
 
 
 @pytest.fixture
@@ -81,7 +71,7 @@ def test_many_slots_behind_one_pasta_reach_out_and_not_each_other() -> None:
         with ThreadPoolExecutor(SLOTS) as pool:
             outs = list(pool.map(lambda slot: run(srv, slot, egress_probe(host)), range(SLOTS)))
         assert all("EGRESS-OK" in out for out in outs), outs
-        hub_holder(srv)  # one pasta for the six
+        the_hub(srv)  # one pasta for the six
         listening(srv, 0, port)
         for slot in range(1, SLOTS):
             targets = [(slot_address(0), port), (hub_address(slot), port), (hub_address(0), port)]
@@ -100,7 +90,7 @@ def test_the_hubs_ruleset_refuses_what_a_slot_without_routes_would_send() -> Non
     port = 32000 + secrets.randbelow(1000)
     with egress_host() as host, temporary_server("atropos-test-hub-rules-", "--slots", "2") as srv:
         listening(srv, 0, port)
-        holder = hub_holder(srv)
+        holder = the_hub(srv)
         link = f"/proc/{holder}/ns/net"
         fake = 4000  # a link number no slot of this server uses
         greeting = f"import socket; print(socket.create_connection(('{host.neighbour}', {host.port}), 5).recv(9))"
@@ -145,14 +135,14 @@ def test_a_killed_pasta_is_started_again_and_the_slots_go_on() -> None:
     with egress_host() as host, temporary_server("atropos-test-hub-pasta-", *options) as srv:
         for slot in (0, 1):
             assert "EGRESS-OK" in run(srv, slot, egress_probe(host))
-        (first,) = [p for p in pids_with_arg("--config-net") if _parent(p) == srv.proc.pid]
-        holder = hub_holder(srv)
+        (first,) = server_pastas(srv.proc.pid)
+        holder = the_hub(srv)
         os.kill(first, signal.SIGKILL)
         deadline = time.monotonic() + 20
-        while not (again := [p for p in pids_with_arg("--config-net") if _parent(p) == srv.proc.pid and p != first]):
+        while not (again := [p for p in server_pastas(srv.proc.pid) if p != first]):
             assert time.monotonic() < deadline, "no new pasta"
             time.sleep(0.05)
-        assert hub_holder(srv) == holder  # the same hub: the slots' links are where they were
+        assert the_hub(srv) == holder  # the same hub: the slots' links are where they were
         for slot in (0, 1):
             out = ""
             for _ in range(50):  # the new pasta's routes may still be on their way
@@ -161,7 +151,7 @@ def test_a_killed_pasta_is_started_again_and_the_slots_go_on() -> None:
                     break
                 time.sleep(0.1)
             assert "EGRESS-OK" in out and leaks(out) == [], out
-        assert again == [p for p in pids_with_arg("--config-net") if _parent(p) == srv.proc.pid]
+        assert again == server_pastas(srv.proc.pid)
 
 
 HOLD = """

@@ -33,7 +33,14 @@ from tests.attacks import (
     token_probe,
 )
 from tests.security_fixtures import temporary_server
-from tests.server_process import RunningServer, pids_with_arg, wait_for_pids, wait_ready
+from tests.server_process import (
+    RunningServer,
+    hub_holder,
+    pids_with_arg,
+    server_pastas,
+    wait_for_pids,
+    wait_ready,
+)
 
 # CI installs pasta and opens /dev/net/tun: there the default network mode must be `public`
 REQUIRE_PUBLIC = os.environ.get("ATROPOS_REQUIRE_PUBLIC_NETWORK") == "1"
@@ -177,12 +184,9 @@ def test_one_pasta_per_server_and_it_dies_with_a_killed_server() -> None:
     with temporary_server("atropos-test-pasta-", *options) as srv:
         for slot in (0, 1, 2):
             srv.execute(slot, "bash", command="true")
-        pastas = [p for p in pids_with_arg("--config-net") if _parent(p) == srv.proc.pid]
+        pastas = server_pastas(srv.proc.pid)
         assert len(pastas) == 1
-        with open(f"/proc/{pastas[0]}/cmdline", "rb") as fh:
-            netns = fh.read().split(b"\0")
-        netns_path = next(a.decode() for a in netns if a.endswith(b"/ns/net"))
-        holder = int(netns_path.split("/")[2])
+        holder = hub_holder(pastas[0])
         assert _parent(holder) == srv.proc.pid
         srv.proc.kill()
         srv.proc.wait()

@@ -40,7 +40,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from atropos.sandbox.server.hub import SLOT_LINK, TAP, Hub, flows_per_slot, ruleset
+from atropos.sandbox.server.hub import SLOT_LINK, TAP, Hub, default_route_devices, flows_per_slot, ruleset
 from atropos.sandbox.settings import TUN_DEVICE
 
 # destinations a slot never reaches, besides the node's own subnets (RFC 6890 special-purpose ranges)
@@ -98,13 +98,9 @@ def blocked_prefixes(extra: list[str]) -> list[str]:
 
 
 def has_default_route(table: str = "/proc/net/route") -> bool:
-    """Whether this network namespace has a default IPv4 route (destination and mask 0)."""
-    try:
-        with open(table, encoding="ascii") as fh:
-            rows = [line.split() for line in fh.read().splitlines()[1:]]
-    except OSError:
-        return True  # cannot tell: let pasta try
-    return any(len(row) > 7 and row[1] == "00000000" and row[7] == "00000000" for row in rows)
+    """Whether this network namespace has a default IPv4 route."""
+    devices = default_route_devices(table)
+    return True if devices is None else bool(devices)  # cannot tell: let pasta try
 
 
 def slot_link(slot: int) -> tuple[str, str, str]:

@@ -86,6 +86,18 @@ def flows_per_slot(slots: int) -> int:
     return max(32, min(MAX_FLOWS, (budget - 256) // max(slots, 1)))
 
 
+def default_route_devices(table: str = "/proc/net/route") -> list[str] | None:
+    """The devices of the default IPv4 routes (destination and mask 0) in a routing table as
+    /proc shows it (a process's `/proc/PID/net/route`: its network namespace's); None when it
+    cannot be read."""
+    try:
+        with open(table, encoding="ascii") as fh:
+            rows = [line.split() for line in fh.read().splitlines()[1:]]
+    except OSError:
+        return None
+    return [row[0] for row in rows if len(row) > 7 and row[1] == "00000000" and row[7] == "00000000"]
+
+
 def _settle(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
@@ -193,12 +205,7 @@ class Hub:
 
     def _routed(self) -> bool:
         """Whether pasta's default route is in the hub (its routing table, read through the holder)."""
-        try:
-            with open(f"/proc/{self._holder.pid}/net/route", encoding="ascii") as fh:
-                rows = [line.split() for line in fh.read().splitlines()[1:]]
-        except OSError:
-            return False
-        return any(len(row) > 7 and row[0] == TAP and row[1] == "00000000" and row[7] == "00000000" for row in rows)
+        return TAP in (default_route_devices(f"/proc/{self._holder.pid}/net/route") or ())
 
     async def watch(self) -> None:
         """Runs with the server: a pasta that dies (a crash, a kill) is started again at once, and
