@@ -24,7 +24,10 @@ pub fn listen_and_hand_over(port: u16, channel: &str) -> io::Result<u16> {
 
 fn send_fd(link: i32, fd: i32) -> io::Result<()> {
     let mut data = *b"L";
-    let mut iov = libc::iovec { iov_base: data.as_mut_ptr().cast(), iov_len: 1 };
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
     // SAFETY: CMSG_SPACE is a pure computation; the buffer below is sized by it
     let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
     let mut control = vec![0u8; space];

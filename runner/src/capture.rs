@@ -69,7 +69,9 @@ impl StreamTee {
         let mut start = 0;
         while start < data.len() {
             let end = (start + STREAM_PIECE).min(data.len());
-            let text = self.decoder.decode(&data[start..end], end == data.len() && self.left == 0);
+            let text = self
+                .decoder
+                .decode(&data[start..end], end == data.len() && self.left == 0);
             if !text.is_empty() {
                 (self.emit)(self.name, &text);
             }
@@ -90,7 +92,13 @@ pub struct BoundedBuffer {
 
 impl BoundedBuffer {
     pub fn new(cap: usize) -> Self {
-        BoundedBuffer { cap, tee: None, head: Vec::new(), tail: Default::default(), total: 0 }
+        BoundedBuffer {
+            cap,
+            tee: None,
+            head: Vec::new(),
+            tail: Default::default(),
+            total: 0,
+        }
     }
 
     fn head_cap(&self) -> usize {
@@ -147,8 +155,18 @@ pub fn buffers(cap: usize, emit: Option<&Emit>) -> (BoundedBuffer, BoundedBuffer
     let mut out = BoundedBuffer::new(cap);
     let mut err = BoundedBuffer::new(cap);
     if let Some(emit) = emit {
-        out.tee = Some(StreamTee { name: "stdout", left: cap, emit: emit.clone(), decoder: Utf8Decoder::default() });
-        err.tee = Some(StreamTee { name: "stderr", left: cap, emit: emit.clone(), decoder: Utf8Decoder::default() });
+        out.tee = Some(StreamTee {
+            name: "stdout",
+            left: cap,
+            emit: emit.clone(),
+            decoder: Utf8Decoder::default(),
+        });
+        err.tee = Some(StreamTee {
+            name: "stderr",
+            left: cap,
+            emit: emit.clone(),
+            decoder: Utf8Decoder::default(),
+        });
     }
     (out, err)
 }
@@ -162,7 +180,11 @@ pub struct TailBuffer {
 
 impl TailBuffer {
     pub fn new(cap: usize) -> Self {
-        TailBuffer { cap, data: Default::default(), dropped: 0 }
+        TailBuffer {
+            cap,
+            data: Default::default(),
+            dropped: 0,
+        }
     }
 
     pub fn write(&mut self, data: &[u8]) {

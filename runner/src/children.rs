@@ -70,7 +70,9 @@ pub fn read_exit(fd: RawFd) -> i32 {
 
 fn cstrings(argv: &[&str]) -> io::Result<Vec<CString>> {
     argv.iter()
-        .map(|a| CString::new(*a).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "argument contains a NUL byte")))
+        .map(|a| {
+            CString::new(*a).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "argument contains a NUL byte"))
+        })
         .collect()
 }
 
@@ -88,7 +90,10 @@ impl SpawnSetup {
         // SAFETY: both structures are initialised by their init calls before any other use, and
         // destroyed in Drop; the path is a NUL-terminated literal
         unsafe {
-            let mut setup = SpawnSetup { actions: std::mem::zeroed(), attr: std::mem::zeroed() };
+            let mut setup = SpawnSetup {
+                actions: std::mem::zeroed(),
+                attr: std::mem::zeroed(),
+            };
             sys::check(libc::posix_spawn_file_actions_init(&mut setup.actions))?;
             sys::check(libc::posix_spawnattr_init(&mut setup.attr))?;
             let devnull = c"/dev/null";
@@ -103,7 +108,9 @@ impl SpawnSetup {
             libc::sigaddset(&mut defaults, libc::SIGPIPE);
             libc::sigaddset(&mut defaults, libc::SIGXFSZ);
             libc::posix_spawnattr_setsigdefault(&mut setup.attr, &defaults);
-            let flags = libc::POSIX_SPAWN_SETSID | libc::POSIX_SPAWN_SETSIGMASK as libc::c_short | libc::POSIX_SPAWN_SETSIGDEF as libc::c_short;
+            let flags = libc::POSIX_SPAWN_SETSID
+                | libc::POSIX_SPAWN_SETSIGMASK as libc::c_short
+                | libc::POSIX_SPAWN_SETSIGDEF as libc::c_short;
             libc::posix_spawnattr_setflags(&mut setup.attr, flags);
             Ok(setup)
         }
@@ -139,7 +146,16 @@ pub fn spawn(argv: &[&str], pass_fd: Option<RawFd>) -> io::Result<Child> {
     let mut pid: libc::pid_t = 0;
     // SAFETY: every pointer is valid for the call: the NUL-terminated argv array, the set-up
     // structures, and the process's environment (never changed after start-up)
-    let rc = unsafe { libc::posix_spawnp(&mut pid, ptrs[0], &setup.actions, &setup.attr, ptrs.as_ptr() as *const *mut libc::c_char, environ as *const *mut libc::c_char) };
+    let rc = unsafe {
+        libc::posix_spawnp(
+            &mut pid,
+            ptrs[0],
+            &setup.actions,
+            &setup.attr,
+            ptrs.as_ptr() as *const *mut libc::c_char,
+            environ as *const *mut libc::c_char,
+        )
+    };
     if let Some(fd) = pass_fd {
         let _ = sys::set_inheritable(fd, false);
     }
@@ -148,7 +164,12 @@ pub fn spawn(argv: &[&str], pass_fd: Option<RawFd>) -> io::Result<Child> {
     }
     guard.get_or_insert_with(HashMap::new).insert(pid, exit_w);
     drop(guard);
-    Ok(Child { pid, stdout: out_r, stderr: err_r, exited: exit_r })
+    Ok(Child {
+        pid,
+        stdout: out_r,
+        stderr: err_r,
+        exited: exit_r,
+    })
 }
 
 /// A child this process started before it exec'd again (hibernation): waited for like one
@@ -165,5 +186,10 @@ pub fn adopt(pid: i32, stdout: OwnedFd, stderr: OwnedFd) -> io::Result<Child> {
         n if n > 0 => deliver(waiting, pid, exit_code_of(status)),
         _ => deliver(waiting, pid, -1),
     }
-    Ok(Child { pid, stdout, stderr, exited: exit_r })
+    Ok(Child {
+        pid,
+        stdout,
+        stderr,
+        exited: exit_r,
+    })
 }

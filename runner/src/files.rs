@@ -16,7 +16,9 @@ const WRITE_FLAGS: libc::c_int = libc::O_WRONLY | libc::O_CREAT | libc::O_NONBLO
 
 fn strerror(errno: i32) -> String {
     // SAFETY: strerror returns a pointer to a NUL-terminated static (or thread-local) string
-    unsafe { CStr::from_ptr(libc::strerror(errno)) }.to_string_lossy().into_owned()
+    unsafe { CStr::from_ptr(libc::strerror(errno)) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 fn os_error_message(path: &str, e: &io::Error) -> String {
@@ -73,7 +75,9 @@ fn read_bytes(root: &str, path: &str, limit: u64) -> Result<Read, PathError> {
     let fd = open_in_workspace(root, path, READ_FLAGS, 0o666, false)?;
     let size = regular_file(fd.as_raw_fd())?;
     if size > limit {
-        return Ok(Read::Refused(format!("{path}: file is {size} bytes, over the read limit of {limit} bytes")));
+        return Ok(Read::Refused(format!(
+            "{path}: file is {size} bytes, over the read limit of {limit} bytes"
+        )));
     }
     let mut data = Vec::new();
     let mut buf = vec![0u8; 1 << 16];
@@ -86,7 +90,9 @@ fn read_bytes(root: &str, path: &str, limit: u64) -> Result<Read, PathError> {
         data.extend_from_slice(&buf[..n]);
     }
     if data.len() as u64 > limit {
-        return Ok(Read::Refused(format!("{path}: file grew past the read limit of {limit} bytes")));
+        return Ok(Read::Refused(format!(
+            "{path}: file grew past the read limit of {limit} bytes"
+        )));
     }
     Ok(Read::Data(data))
 }
@@ -107,7 +113,10 @@ pub fn read_file(root: &str, path: &str, base64: bool, max_bytes: Option<u64>, f
     }
     match String::from_utf8(data) {
         Ok(text) => done(started, text),
-        Err(_) => failed(started, &format!("{path}: not UTF-8 text; read it with encoding=base64")),
+        Err(_) => failed(
+            started,
+            &format!("{path}: not UTF-8 text; read it with encoding=base64"),
+        ),
     }
 }
 
@@ -136,7 +145,10 @@ pub fn write_file(root: &str, path: &str, content: &str, base64: bool, mode: Opt
         content.as_bytes().to_vec()
     };
     if data.len() as u64 > limit {
-        return failed(started, &format!("{path}: {} bytes is over the write limit of {limit} bytes", data.len()));
+        return failed(
+            started,
+            &format!("{path}: {} bytes is over the write limit of {limit} bytes", data.len()),
+        );
     }
     match write_bytes(root, path, &data, mode) {
         Ok(()) => done(started, format!("wrote {} bytes to {path}", data.len())),
@@ -187,7 +199,11 @@ mod b64 {
             (0, 0) => {}
             (2, 2) => out.push((bits >> 4) as u8),
             (3, 1) => out.extend_from_slice(&[(bits >> 10) as u8, (bits >> 2) as u8]),
-            (1, _) => return Err("Invalid base64-encoded string: number of data characters cannot be 1 more than a multiple of 4"),
+            (1, _) => {
+                return Err(
+                    "Invalid base64-encoded string: number of data characters cannot be 1 more than a multiple of 4",
+                )
+            }
             _ => return Err("Incorrect padding"),
         }
         Ok(out)
@@ -291,13 +307,20 @@ fn remove_one(parent: RawFd, cname: &CStr, how: &mut Removal<'_>) -> io::Result<
             Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR | libc::ENOENT)) => continue,
             Err(e) => return Err(e),
         };
-        let mut inner = Removal { root: how.root, depth: how.depth + 1, moved: &mut *how.moved };
+        let mut inner = Removal {
+            root: how.root,
+            depth: how.depth + 1,
+            moved: &mut *how.moved,
+        };
         remove_entries(fd.as_raw_fd(), &mut inner)?;
         drop(fd);
         sys::check(unsafe { libc::unlinkat(parent, cname.as_ptr(), libc::AT_REMOVEDIR) })?;
         return Ok(());
     }
-    Err(io::Error::new(io::ErrorKind::ResourceBusy, format!("cannot remove {cname:?}: it keeps changing")))
+    Err(io::Error::new(
+        io::ErrorKind::ResourceBusy,
+        format!("cannot remove {cname:?}: it keeps changing"),
+    ))
 }
 
 fn remove_entries(dir: RawFd, how: &mut Removal<'_>) -> io::Result<()> {
@@ -309,14 +332,29 @@ fn remove_entries(dir: RawFd, how: &mut Removal<'_>) -> io::Result<()> {
 
 /// Remove everything under `root` (a bind mount point, so `root` itself stays).
 pub fn empty_dir(root: &str) -> io::Result<()> {
-    let fd = openat(libc::AT_FDCWD, root, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC, 0)?;
+    let fd = openat(
+        libc::AT_FDCWD,
+        root,
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        0,
+    )?;
     let raw = fd.as_raw_fd();
     for _ in 0..MAX_REMOVAL_PASSES {
         let mut moved = Vec::new();
         if list_dir(raw)?.is_empty() {
             return Ok(());
         }
-        remove_entries(raw, &mut Removal { root: raw, depth: 0, moved: &mut moved })?;
+        remove_entries(
+            raw,
+            &mut Removal {
+                root: raw,
+                depth: 0,
+                moved: &mut moved,
+            },
+        )?;
     }
-    Err(io::Error::new(io::ErrorKind::ResourceBusy, format!("cannot empty {root}: entries keep appearing")))
+    Err(io::Error::new(
+        io::ErrorKind::ResourceBusy,
+        format!("cannot empty {root}: entries keep appearing"),
+    ))
 }

@@ -42,8 +42,11 @@ pub fn why_not(shell: Option<i32>) -> Option<String> {
 }
 
 fn holds_socket(pid: i32) -> bool {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
-    dir.flatten().any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().starts_with("socket:")))
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    dir.flatten()
+        .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().starts_with("socket:")))
 }
 
 /// `data` in an inheritable memfd (it survives exec), or -1 when there is none.
@@ -113,7 +116,11 @@ fn exec_holder(held: Held) -> io::Result<Never> {
     let mut argv: Vec<String> = vec![HOLDER.into(), "-c".into(), HOLD.into(), "atropos-hold".into()];
     argv.extend(without_resume(std::env::args().collect()));
     argv.extend([RESUME_FLAG.to_string(), state.to_string()]);
-    let args: Vec<CString> = argv.into_iter().map(CString::new).collect::<Result<_, _>>().map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let args: Vec<CString> = argv
+        .into_iter()
+        .map(CString::new)
+        .collect::<Result<_, _>>()
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     let mut ptrs: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
     ptrs.push(std::ptr::null());
     // SAFETY: a NUL-terminated array of NUL-terminated strings, all alive for the call

@@ -30,15 +30,28 @@ pub struct RunnerLimits {
 }
 
 fn set_hard(which: libc::__rlimit_resource_t, value: u64) {
-    let mut current = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut current = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit with a valid rlimit structure
     unsafe {
         libc::getrlimit(which, &mut current);
         // never above what we were given
-        let value = if current.rlim_max != libc::RLIM_INFINITY { value.min(current.rlim_max) } else { value };
-        let wanted = libc::rlimit { rlim_cur: value, rlim_max: value };
+        let value = if current.rlim_max != libc::RLIM_INFINITY {
+            value.min(current.rlim_max)
+        } else {
+            value
+        };
+        let wanted = libc::rlimit {
+            rlim_cur: value,
+            rlim_max: value,
+        };
         if libc::setrlimit(which, &wanted) != 0 {
-            eprintln!("runner: cannot set a resource limit: {}", std::io::Error::last_os_error());
+            eprintln!(
+                "runner: cannot set a resource limit: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 }
@@ -64,7 +77,10 @@ impl RunnerLimits {
         let Some(seconds) = self.cpu_seconds else {
             return String::new();
         };
-        let mut given = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let mut given = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         // SAFETY: getrlimit with a valid structure
         unsafe { libc::getrlimit(libc::RLIMIT_CPU, &mut given) };
         let (mut soft, mut hard) = (seconds, seconds + 1);
@@ -106,7 +122,10 @@ pub fn format_size(n: u64) -> String {
 
 fn describe_limit(kind: &str, value: Option<u64>) -> String {
     let size = value.filter(|v| *v > 0).map(format_size).unwrap_or_else(|| "?".into());
-    let number = value.filter(|v| *v > 0).map(|v| v.to_string()).unwrap_or_else(|| "?".into());
+    let number = value
+        .filter(|v| *v > 0)
+        .map(|v| v.to_string())
+        .unwrap_or_else(|| "?".into());
     match kind {
         "cpu_time" => format!("CPU time limit reached ({number} s per process)"),
         "file_size" => format!("file size limit reached ({size})"),
@@ -152,7 +171,9 @@ pub fn workspace_bytes(root: &str) -> u64 {
     while let Some(top) = stack.pop() {
         let Ok(entries) = std::fs::read_dir(&top) else { continue };
         for entry in entries.flatten() {
-            let Ok(meta) = std::fs::symlink_metadata(entry.path()) else { continue };
+            let Ok(meta) = std::fs::symlink_metadata(entry.path()) else {
+                continue;
+            };
             total += meta.blocks() * 512;
             if meta.is_dir() {
                 stack.push(entry.path());
@@ -166,7 +187,11 @@ pub fn workspace_bytes(root: &str) -> u64 {
 fn count_tasks() -> usize {
     let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
     dir.flatten()
-        .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
         .map(|e| std::fs::read_dir(e.path().join("task")).map(|t| t.count()).unwrap_or(0))
         .sum()
 }
@@ -214,7 +239,10 @@ impl LimitWatch {
             return;
         }
         let watch = self.clone();
-        let spawned = std::thread::Builder::new().name("limit-watch".into()).stack_size(64 * 1024).spawn(move || watch.run());
+        let spawned = std::thread::Builder::new()
+            .name("limit-watch".into())
+            .stack_size(64 * 1024)
+            .spawn(move || watch.run());
         if let Err(e) = spawned {
             eprintln!("runner: cannot start the limit watch: {e}");
         }
@@ -257,7 +285,11 @@ impl LimitWatch {
 
     fn check(&self) {
         let tasks = if self.count { count_tasks() } else { 0 };
-        let near_full = self.limits.processes.map(|p| tasks as f64 >= NEAR_FULL * p as f64).unwrap_or(false);
+        let near_full = self
+            .limits
+            .processes
+            .map(|p| tasks as f64 >= NEAR_FULL * p as f64)
+            .unwrap_or(false);
         let mut kind = (self.count && near_full).then_some("processes");
         let busy = self.lock().active > 0 || tasks > RESIDENT;
         if kind.is_none() && busy {

@@ -55,7 +55,9 @@ impl From<std::io::Error> for Failure {
         match e.raw_os_error() {
             Some(errno) => {
                 // SAFETY: strerror returns a NUL-terminated string
-                let text = unsafe { std::ffi::CStr::from_ptr(libc::strerror(errno)) }.to_string_lossy().into_owned();
+                let text = unsafe { std::ffi::CStr::from_ptr(libc::strerror(errno)) }
+                    .to_string_lossy()
+                    .into_owned();
                 Failure(format!("OSError: [Errno {errno}] {text}"))
             }
             None => Failure(format!("OSError: {e}")),
@@ -68,7 +70,9 @@ fn field<'a>(req: &'a Map<String, Value>, name: &str) -> Result<&'a Value, Failu
 }
 
 fn text<'a>(req: &'a Map<String, Value>, name: &str) -> Result<&'a str, Failure> {
-    field(req, name)?.as_str().ok_or_else(|| Failure(format!("TypeError: '{name}' must be a string")))
+    field(req, name)?
+        .as_str()
+        .ok_or_else(|| Failure(format!("TypeError: '{name}' must be a string")))
 }
 
 struct Runner {
@@ -85,10 +89,13 @@ struct Runner {
 impl Runner {
     fn answer(&self, req: Map<String, Value>, rid: Value) {
         let op = req.get("op").and_then(Value::as_str).unwrap_or("");
-        let streamed = matches!(op, "bash" | "bash_session") && req.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        let streamed =
+            matches!(op, "bash" | "bash_session") && req.get("stream").and_then(Value::as_bool).unwrap_or(false);
         let emit: Option<Emit> = streamed.then(|| {
             let rid = rid.clone();
-            Arc::new(move |stream: &str, data: &str| reply(&json!({"id": rid, "chunk": {"stream": stream, "data": data}}))) as Emit
+            Arc::new(move |stream: &str, data: &str| {
+                reply(&json!({"id": rid, "chunk": {"stream": stream, "data": data}}))
+            }) as Emit
         });
         match self.watched(&req, op, emit.as_ref()) {
             Ok(result) => reply(&json!({"id": rid, "result": result})),
@@ -121,8 +128,16 @@ impl Runner {
 
     /// Background processes killed between calls: the agent learns it from its next command.
     fn note_background_trip(&self, outcome: &mut Outcome) {
-        let Some(kind) = self.watch.take_unreported() else { return };
-        add_note(outcome, &format!("background processes of this slot were killed: {}", self.limits.describe(&kind)));
+        let Some(kind) = self.watch.take_unreported() else {
+            return;
+        };
+        add_note(
+            outcome,
+            &format!(
+                "background processes of this slot were killed: {}",
+                self.limits.describe(&kind)
+            ),
+        );
         if outcome.get("limit").is_none_or(Value::is_null) {
             outcome.insert("limit".into(), kind.into());
         }
@@ -137,7 +152,14 @@ impl Runner {
             }
             "write_file" => {
                 let mode = req.get("mode").and_then(Value::as_u64).map(|m| m as u32);
-                let written = files::write_file(&self.root, text(req, "path")?, text(req, "content")?, base64(), mode, self.file_limit);
+                let written = files::write_file(
+                    &self.root,
+                    text(req, "path")?,
+                    text(req, "content")?,
+                    base64(),
+                    mode,
+                    self.file_limit,
+                );
                 Ok(written.into())
             }
             "reset" => self.reset(),
@@ -161,7 +183,12 @@ impl Runner {
 
     /// Fork refused: background processes fill the slot's process limit. They are killed (the
     /// result says so) and the command starts once their count has dropped.
-    fn command_after_freeing_processes(&self, req: &Map<String, Value>, op: &str, emit: Option<&Emit>) -> Result<Value, Failure> {
+    fn command_after_freeing_processes(
+        &self,
+        req: &Map<String, Value>,
+        op: &str,
+        emit: Option<&Emit>,
+    ) -> Result<Value, Failure> {
         self.watch.state.lock().unwrap_or_else(|e| e.into_inner()).unreported = Some("processes".into());
         procs::kill_tree(procs::own_pid(), false);
         for _ in 0..FREEING_ATTEMPTS {
@@ -182,12 +209,22 @@ impl Runner {
 
     fn command(&self, req: &Map<String, Value>, op: &str, emit: Option<&Emit>) -> std::io::Result<Outcome> {
         let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_string());
-        let command = req.get("command").and_then(Value::as_str).ok_or_else(|| invalid("'command' must be a string"))?;
-        let timeout = req.get("timeout").and_then(Value::as_f64).filter(|t| *t > 0.0).unwrap_or(DEFAULT_TIMEOUT);
+        let command = req
+            .get("command")
+            .and_then(Value::as_str)
+            .ok_or_else(|| invalid("'command' must be a string"))?;
+        let timeout = req
+            .get("timeout")
+            .and_then(Value::as_f64)
+            .filter(|t| *t > 0.0)
+            .unwrap_or(DEFAULT_TIMEOUT);
         let timeout = Duration::from_secs_f64(timeout.min(1e9));
         let cwd = req.get("cwd").and_then(Value::as_str);
         let env: Vec<(String, String)> = match req.get("env") {
-            Some(Value::Object(vars)) => vars.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string())).collect(),
+            Some(Value::Object(vars)) => vars
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string()))
+                .collect(),
             _ => Vec::new(),
         };
         let session = op == "bash_session";
@@ -212,7 +249,11 @@ impl Runner {
     /// answer goes out first, and nothing runs between it and the exec.
     fn hibernate(&self, rid: Value) {
         let busy = self.inflight.load(Ordering::SeqCst) > 0;
-        let why = if busy { Some("another request is in flight".to_string()) } else { hibernate::why_not(self.session.shell_pid()) };
+        let why = if busy {
+            Some("another request is in flight".to_string())
+        } else {
+            hibernate::why_not(self.session.shell_pid())
+        };
         if let Some(why) = why {
             reply(&json!({"id": rid, "result": {"ok": false, "why": why}}));
             return;
@@ -222,7 +263,13 @@ impl Runner {
             (state.unreported.clone(), state.last_size)
         };
         let error = self.session.for_hibernation(|session, session_lost, background| {
-            let held = hibernate::Held { session, session_lost, background, unreported, last_size };
+            let held = hibernate::Held {
+                session,
+                session_lost,
+                background,
+                unreported,
+                last_size,
+            };
             reply(&json!({"id": rid, "result": {"ok": true}}));
             hibernate::hold(held)
         });
@@ -244,7 +291,12 @@ impl Runner {
         };
         let background = hibernate::unstash(int(&state["background"]) as i32);
         let dropped = state["dropped"].as_u64().unwrap_or(0);
-        self.session.resume(session, state["session_lost"].as_bool().unwrap_or(false), &background, dropped)?;
+        self.session.resume(
+            session,
+            state["session_lost"].as_bool().unwrap_or(false),
+            &background,
+            dropped,
+        )?;
         let mut watch = self.watch.state.lock().unwrap_or_else(|e| e.into_inner());
         watch.unreported = state["unreported"].as_str().map(String::from);
         watch.last_size = state["last_size"].as_u64().unwrap_or(0);
@@ -294,7 +346,10 @@ fn parse_args(argv: &[String]) -> Result<std::collections::HashMap<String, Strin
 fn number(opts: &std::collections::HashMap<String, String>, flag: &str) -> Result<Option<u64>, String> {
     match opts.get(flag).filter(|v| !v.is_empty()) {
         None => Ok(None),
-        Some(v) => v.parse().map(Some).map_err(|_| format!("runner: {flag} takes a number, not {v:?}")),
+        Some(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("runner: {flag} takes a number, not {v:?}")),
     }
 }
 
@@ -374,7 +429,9 @@ fn run() -> Result<(), String> {
             .map_err(|e| format!("runner: cannot start: {e}"))?;
     }
     if let Some(state) = &resume {
-        runner.resume(state).map_err(|e| format!("runner: cannot resume: {e}"))?;
+        runner
+            .resume(state)
+            .map_err(|e| format!("runner: cannot resume: {e}"))?;
     }
     watch.start();
     reply(&json!({"id": 0, "result": {"ok": true, "ready": true, "pid": procs::own_pid()}}));

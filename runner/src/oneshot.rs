@@ -23,11 +23,21 @@ fn pump(fd: RawFd, buf: &mut BoundedBuffer) -> bool {
     !sys::drain(fd, |chunk| buf.write(chunk))
 }
 
-pub fn run_oneshot(prelude: &str, command: &str, timeout: Duration, cap: usize, emit: Option<&Emit>) -> io::Result<Outcome> {
+pub fn run_oneshot(
+    prelude: &str,
+    command: &str,
+    timeout: Duration,
+    cap: usize,
+    emit: Option<&Emit>,
+) -> io::Result<Outcome> {
     let started = Instant::now();
     let (mut out, mut err) = buffers(cap, emit);
     let child = shell(prelude, command, &[], None)?;
-    let (out_fd, err_fd, exit_fd) = (child.stdout.as_raw_fd(), child.stderr.as_raw_fd(), child.exited.as_raw_fd());
+    let (out_fd, err_fd, exit_fd) = (
+        child.stdout.as_raw_fd(),
+        child.stderr.as_raw_fd(),
+        child.exited.as_raw_fd(),
+    );
     sys::set_nonblocking(out_fd, true)?;
     sys::set_nonblocking(err_fd, true)?;
     let deadline = started + timeout;
@@ -43,7 +53,10 @@ pub fn run_oneshot(prelude: &str, command: &str, timeout: Duration, cap: usize, 
         let wait_ms = if timed_out {
             -1
         } else {
-            deadline.saturating_duration_since(Instant::now()).as_millis().min(i32::MAX as u128) as i32
+            deadline
+                .saturating_duration_since(Instant::now())
+                .as_millis()
+                .min(i32::MAX as u128) as i32
         };
         match sys::poll_readable(&fds, wait_ms)? {
             sys::Ready::TimedOut => {

@@ -59,7 +59,11 @@ fn text_of<'a>(outcome: &'a Outcome, key: &str) -> &'a str {
 pub fn add_note(outcome: &mut Outcome, text: &str) {
     let line = format!("[sandbox] {text}\n");
     let output = text_of(outcome, "output");
-    let sep = if !output.is_empty() && !output.ends_with('\n') { "\n" } else { "" };
+    let sep = if !output.is_empty() && !output.ends_with('\n') {
+        "\n"
+    } else {
+        ""
+    };
     let output = format!("{output}{sep}{line}");
     let stderr = format!("{}{line}", text_of(outcome, "stderr"));
     outcome.insert("output".into(), output.into());

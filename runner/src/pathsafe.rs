@@ -35,7 +35,11 @@ impl From<io::Error> for PathError {
 
 /// A string as Python's repr() shows it (the messages match the Python runner's).
 pub fn py_repr(text: &str) -> String {
-    let quote = if text.contains('\'') && !text.contains('"') { '"' } else { '\'' };
+    let quote = if text.contains('\'') && !text.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
     let mut out = String::from(quote);
     for c in text.chars() {
         match c {
@@ -56,7 +60,10 @@ pub fn py_repr(text: &str) -> String {
 }
 
 fn components(path: &str) -> Vec<String> {
-    path.split('/').filter(|p| !p.is_empty() && *p != ".").map(String::from).collect()
+    path.split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .map(String::from)
+        .collect()
 }
 
 fn check_text(path: &str) -> Result<(), PathError> {
@@ -64,7 +71,10 @@ fn check_text(path: &str) -> Result<(), PathError> {
         return Err(PathError::Escape("path contains a NUL byte".into()));
     }
     if path.len() > MAX_PATH_BYTES {
-        return Err(PathError::Escape(format!("path is too long ({} bytes, limit {MAX_PATH_BYTES})", path.len())));
+        return Err(PathError::Escape(format!(
+            "path is too long ({} bytes, limit {MAX_PATH_BYTES})",
+            path.len()
+        )));
     }
     for part in components(path) {
         if part.len() > MAX_NAME_BYTES {
@@ -79,7 +89,9 @@ fn check_text(path: &str) -> Result<(), PathError> {
 }
 
 fn realpath(path: &str) -> String {
-    std::fs::canonicalize(path).map(|p| p.to_string_lossy().into_owned()).unwrap_or_else(|_| path.to_string())
+    std::fs::canonicalize(path)
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| path.to_string())
 }
 
 /// Components of an absolute path below the workspace (alias or host path), None if elsewhere.
@@ -106,13 +118,20 @@ fn climbs_above(parts: &[String]) -> bool {
 }
 
 fn outside(path: &str) -> PathError {
-    PathError::Escape(format!("path {} is outside the workspace ({WORKSPACE_ALIAS})", py_repr(path)))
+    PathError::Escape(format!(
+        "path {} is outside the workspace ({WORKSPACE_ALIAS})",
+        py_repr(path)
+    ))
 }
 
 /// The components of `path` relative to the workspace (`..` kept for the walk).
 fn workspace_parts(root: &str, path: &str) -> Result<Vec<String>, PathError> {
     check_text(path)?;
-    let parts = if path.starts_with('/') { inside_parts(root, path) } else { Some(components(path)) };
+    let parts = if path.starts_with('/') {
+        inside_parts(root, path)
+    } else {
+        Some(components(path))
+    };
     match parts {
         Some(parts) if !climbs_above(&parts) => Ok(parts),
         _ => Err(outside(path)),
@@ -158,8 +177,19 @@ struct Walk<'a> {
 
 impl<'a> Walk<'a> {
     fn new(root: &'a str, path: &'a str) -> io::Result<Self> {
-        let top = openat(libc::AT_FDCWD, root, libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC, 0)?;
-        Ok(Walk { root, path, fds: vec![top], links: 0, last_link: String::new() })
+        let top = openat(
+            libc::AT_FDCWD,
+            root,
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            0,
+        )?;
+        Ok(Walk {
+            root,
+            path,
+            fds: vec![top],
+            links: 0,
+            last_link: String::new(),
+        })
     }
 
     fn here(&self) -> RawFd {
@@ -168,7 +198,11 @@ impl<'a> Walk<'a> {
 
     fn up(&mut self) -> Result<(), PathError> {
         if self.fds.len() == 1 {
-            let how = if self.last_link.is_empty() { "goes".to_string() } else { format!("{} leads", self.last_link) };
+            let how = if self.last_link.is_empty() {
+                "goes".to_string()
+            } else {
+                format!("{} leads", self.last_link)
+            };
             return Err(PathError::Escape(format!(
                 "path {}: {how} outside the workspace ({WORKSPACE_ALIAS})",
                 py_repr(self.path)
@@ -188,7 +222,10 @@ impl<'a> Walk<'a> {
         self.links += 1;
         self.last_link = format!("symlink {} -> {}", py_repr(name), py_repr(&target));
         if self.links > MAX_SYMLINKS {
-            return Err(PathError::Escape(format!("path {}: too many levels of symbolic links", py_repr(self.path))));
+            return Err(PathError::Escape(format!(
+                "path {}: too many levels of symbolic links",
+                py_repr(self.path)
+            )));
         }
         let parts = if target.starts_with('/') {
             let Some(inside) = inside_parts(self.root, &target) else {
@@ -254,7 +291,13 @@ impl<'a> Walk<'a> {
 
 /// An fd of `path` inside the workspace `root`, opened with `flags` (O_NOFOLLOW added on the last
 /// component; a symlink there is resolved by the walk).
-pub fn open_in_workspace(root: &str, path: &str, flags: libc::c_int, mode: libc::mode_t, create_parents: bool) -> Result<OwnedFd, PathError> {
+pub fn open_in_workspace(
+    root: &str,
+    path: &str,
+    flags: libc::c_int,
+    mode: libc::mode_t,
+    create_parents: bool,
+) -> Result<OwnedFd, PathError> {
     let parts = workspace_parts(root, path)?;
     let mut walk = Walk::new(root, path)?;
     let mut pending: VecDeque<String> = parts.into();

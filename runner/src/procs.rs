@@ -61,7 +61,12 @@ pub fn tree_members(root: i32, procs: &HashMap<i32, ProcInfo>, include_root: boo
             }
         }
     }
-    found.extend(procs.values().filter(|p| p.sid == root || p.pgid == root).map(|p| p.pid));
+    found.extend(
+        procs
+            .values()
+            .filter(|p| p.sid == root || p.pgid == root)
+            .map(|p| p.pid),
+    );
     if include_root && procs.contains_key(&root) {
         found.insert(root);
     } else {

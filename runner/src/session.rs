@@ -46,7 +46,10 @@ fn find(haystack: &[u8], needle: &[u8], from: usize) -> Option<usize> {
     if needle.is_empty() || haystack.len() < from + needle.len() {
         return None;
     }
-    haystack[from..].windows(needle.len()).position(|w| w == needle).map(|at| at + from)
+    haystack[from..]
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .map(|at| at + from)
 }
 
 impl Scanner {
@@ -72,7 +75,9 @@ impl Scanner {
             return Vec::new(); // the exit code line is not complete yet
         };
         let code = if self.want_code {
-            std::str::from_utf8(&rest[..nl]).ok().and_then(|t| t.trim().parse::<i32>().ok())
+            std::str::from_utf8(&rest[..nl])
+                .ok()
+                .and_then(|t| t.trim().parse::<i32>().ok())
         } else {
             None
         };
@@ -176,8 +181,12 @@ pub struct Session {
 /// The reader of one shell: feeds what it prints into the session's state until it exits (then
 /// takes in what its pipes still hold) or the session closes it.
 fn read_shell(shared: Arc<Shared>, child: Child, stop: OwnedFd, generation: u64) {
-    let (out, err, exit, stop) =
-        (child.stdout.as_raw_fd(), child.stderr.as_raw_fd(), child.exited.as_raw_fd(), stop.as_raw_fd());
+    let (out, err, exit, stop) = (
+        child.stdout.as_raw_fd(),
+        child.stderr.as_raw_fd(),
+        child.exited.as_raw_fd(),
+        stop.as_raw_fd(),
+    );
     let (mut out_open, mut err_open) = (true, true);
     loop {
         let mut fds = vec![stop, exit];
@@ -221,8 +230,14 @@ impl Session {
             pipes: None,
         };
         Session {
-            inner: Mutex::new(Inner { shell: None, lost_earlier: false }),
-            shared: Arc::new(Shared { state: Mutex::new(state), changed: Condvar::new() }),
+            inner: Mutex::new(Inner {
+                shell: None,
+                lost_earlier: false,
+            }),
+            shared: Arc::new(Shared {
+                state: Mutex::new(state),
+                changed: Condvar::new(),
+            }),
             prelude,
         }
     }
@@ -251,7 +266,11 @@ impl Session {
             state.pipes = Some((child.stdout.as_raw_fd(), child.stderr.as_raw_fd()));
             state.generation
         };
-        inner.shell = Some(Shell { pid: child.pid, control, _stop: stop_w });
+        inner.shell = Some(Shell {
+            pid: child.pid,
+            control,
+            _stop: stop_w,
+        });
         let shared = self.shared.clone();
         std::thread::Builder::new()
             .name("session-reader".into())
@@ -262,7 +281,12 @@ impl Session {
     fn start(&self, inner: &mut Inner) -> io::Result<()> {
         let (ctrl_r, ctrl_w) = sys::pipe()?;
         let script = LOOP.replace("{fd}", &ctrl_r.as_raw_fd().to_string());
-        let child = shell(&self.prelude, &script, &["--noprofile", "--norc"], Some(ctrl_r.as_raw_fd()))?;
+        let child = shell(
+            &self.prelude,
+            &script,
+            &["--noprofile", "--norc"],
+            Some(ctrl_r.as_raw_fd()),
+        )?;
         drop(ctrl_r);
         self.watch(inner, child, ctrl_w)
     }
@@ -286,7 +310,14 @@ impl Session {
         self.close_locked(&mut inner)
     }
 
-    pub fn run(&self, command: &str, timeout: Duration, cap: usize, emit: Option<&Emit>, read_background: bool) -> io::Result<Outcome> {
+    pub fn run(
+        &self,
+        command: &str,
+        timeout: Duration,
+        cap: usize,
+        emit: Option<&Emit>,
+        read_background: bool,
+    ) -> io::Result<Outcome> {
         let started = Instant::now();
         let mut inner = self.lock();
         let (out, err) = buffers(cap, emit);
@@ -308,8 +339,20 @@ impl Session {
         {
             let mut state = self.shared.lock();
             state.sinks = [
-                Some(Scanner { marker: marker.clone(), buf: out, want_code: true, pending: Vec::new(), done: None }),
-                Some(Scanner { marker: marker.clone(), buf: err, want_code: false, pending: Vec::new(), done: None }),
+                Some(Scanner {
+                    marker: marker.clone(),
+                    buf: out,
+                    want_code: true,
+                    pending: Vec::new(),
+                    done: None,
+                }),
+                Some(Scanner {
+                    marker: marker.clone(),
+                    buf: err,
+                    want_code: false,
+                    pending: Vec::new(),
+                    done: None,
+                }),
             ];
         }
         let mut message = marker.clone();
@@ -384,9 +427,12 @@ impl Session {
         let mut state = self.shared.lock();
         state.drain();
         let fds = match (inner.shell.as_ref(), state.exited, state.pipes) {
-            (Some(shell), None, Some((stdout, stderr))) => {
-                Some(SessionFds { pid: shell.pid, stdout, stderr, control: shell.control.as_raw_fd() })
-            }
+            (Some(shell), None, Some((stdout, stderr))) => Some(SessionFds {
+                pid: shell.pid,
+                stdout,
+                stderr,
+                control: shell.control.as_raw_fd(),
+            }),
             _ => None,
         };
         let held = state.background.held();
@@ -411,7 +457,11 @@ impl Session {
         if let Some(fds) = fds {
             // SAFETY: these fds were passed to us across exec and are owned by nothing else here
             let (out, err, control) = unsafe {
-                (OwnedFd::from_raw_fd(fds.stdout), OwnedFd::from_raw_fd(fds.stderr), OwnedFd::from_raw_fd(fds.control))
+                (
+                    OwnedFd::from_raw_fd(fds.stdout),
+                    OwnedFd::from_raw_fd(fds.stderr),
+                    OwnedFd::from_raw_fd(fds.control),
+                )
             };
             for fd in [&out, &err, &control] {
                 sys::set_inheritable(fd.as_raw_fd(), false)?; // the runner's own, never a command's
@@ -428,7 +478,13 @@ mod tests {
     use super::*;
 
     fn scanner(marker: &str) -> Scanner {
-        Scanner { marker: marker.into(), buf: BoundedBuffer::new(1000), want_code: true, pending: Vec::new(), done: None }
+        Scanner {
+            marker: marker.into(),
+            buf: BoundedBuffer::new(1000),
+            want_code: true,
+            pending: Vec::new(),
+            done: None,
+        }
     }
 
     #[test]

@@ -79,8 +79,14 @@ pub enum Ready {
 
 /// Wait until one of `fds` is readable (or hung up), at most `timeout_ms` (negative: forever).
 pub fn poll_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<Ready> {
-    let mut polled: Vec<libc::pollfd> =
-        fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
+    let mut polled: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
     loop {
         // SAFETY: polled is a valid array of pollfd of the given length
         let n = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, timeout_ms) };
@@ -118,7 +124,10 @@ pub fn random_hex(n: usize) -> String {
     let got = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), n, 0) };
     if got != n as isize {
         // never weaker than the clock and pid when the kernel refuses (it does not for small reads)
-        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
         for (i, b) in buf.iter_mut().enumerate() {
             *b = (seed >> ((i % 16) * 8)) as u8 ^ (std::process::id() as u8).wrapping_mul(i as u8 + 1);
         }
