@@ -238,8 +238,10 @@ impl Runner {
 
     fn reset(&self) -> Result<Value, Failure> {
         let started = std::time::Instant::now();
-        let mut killed = self.session.close();
-        killed += procs::kill_tree(procs::own_pid(), false);
+        // every process of the slot first, the session's shell among them: a session command that
+        // runs holds the session until its shell is gone
+        let mut killed = procs::kill_tree(procs::own_pid(), false);
+        killed += self.session.close();
         children::reap();
         files::empty_dir(&self.root)?;
         Ok(json!({"ok": true, "killed": killed, "duration_ms": outcome::elapsed_ms(started)}))
@@ -303,8 +305,9 @@ impl Runner {
         Ok(())
     }
 
+    /// Every process of the slot killed, then the runner ends (a session command that runs holds
+    /// the session, so its shell is killed with the rest, not closed).
     fn shutdown(&self) -> ! {
-        self.session.close();
         procs::kill_tree(procs::own_pid(), false);
         std::process::exit(0);
     }
