@@ -87,6 +87,7 @@ struct Runner {
 }
 
 impl Runner {
+    /// Answer one request, which the reading loop counted in `inflight`.
     fn answer(&self, req: Map<String, Value>, rid: Value) {
         let op = req.get("op").and_then(Value::as_str).unwrap_or("");
         let streamed =
@@ -97,10 +98,14 @@ impl Runner {
                 reply(&json!({"id": rid, "chunk": {"stream": stream, "data": data}}))
             }) as Emit
         });
-        match self.watched(&req, op, emit.as_ref()) {
-            Ok(result) => reply(&json!({"id": rid, "result": result})),
-            Err(Failure(error)) => reply(&json!({"id": rid, "error": error})),
-        }
+        let answer = match self.watched(&req, op, emit.as_ref()) {
+            Ok(result) => json!({"id": rid, "result": result}),
+            Err(Failure(error)) => json!({"id": rid, "error": error}),
+        };
+        // done before the answer goes out: a hibernation the server asks for once it has the
+        // answer must not find this request still counted
+        self.inflight.fetch_sub(1, Ordering::SeqCst);
+        reply(&answer);
     }
 
     /// Run the request while the limit watch looks on; a command's outcome then says what limit
@@ -484,14 +489,12 @@ fn serve(runner: &Arc<Runner>) {
             if let Some((req, rid)) = taken.lock().unwrap_or_else(|e| e.into_inner()).take() {
                 worker.answer(req, rid);
             }
-            worker.inflight.fetch_sub(1, Ordering::SeqCst);
         });
         if spawned.is_err() {
             // no thread to be had (the slot is at its process limit): answered here, in turn
             if let Some((req, rid)) = handled.lock().unwrap_or_else(|e| e.into_inner()).take() {
                 runner.answer(req, rid);
             }
-            runner.inflight.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
