@@ -266,15 +266,22 @@ impl Session {
             state.pipes = Some((child.stdout.as_raw_fd(), child.stderr.as_raw_fd()));
             state.generation
         };
+        let pid = child.pid;
+        let shared = self.shared.clone();
+        let reader = std::thread::Builder::new()
+            .name("session-reader".into())
+            .spawn(move || read_shell(shared, child, stop_r, generation));
+        if let Err(e) = reader {
+            // no thread to be had (the slot is at its process limit): no shell without its reader
+            procs::kill_tree(pid, true);
+            self.shared.lock().pipes = None;
+            return Err(e);
+        }
         inner.shell = Some(Shell {
-            pid: child.pid,
+            pid,
             control,
             _stop: stop_w,
         });
-        let shared = self.shared.clone();
-        std::thread::Builder::new()
-            .name("session-reader".into())
-            .spawn(move || read_shell(shared, child, stop_r, generation))?;
         Ok(())
     }
 
