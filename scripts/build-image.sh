@@ -8,7 +8,8 @@ Usage: scripts/build-image.sh [-t TAG] [--ca-bundle FILE] [--push] [-- DOCKER-BU
 
 Build the sandbox server image from images/Dockerfile. The build context is a temporary copy of
 the repository's files (tracked and untracked, without what .gitignore ignores), so a local .venv
-never reaches the daemon.
+never reaches the daemon, and the compiled slot runner, built here by cargo (the image has none; a
+static binary runs in any image); without cargo on PATH the image's servers run the Python runner.
 
   -t, --tag TAG       image tag (default: atropos-sandbox:latest, or $ATROPOS_IMAGE_TAG)
   --ca-bundle FILE    CA certificates the build's pip must trust (a TLS-intercepting proxy); default:
@@ -82,6 +83,13 @@ if git rev-parse --git-dir >/dev/null 2>&1; then
     done | xargs -0 cp --parents -t "$context"
 else
     tar -C "$repo" --exclude=.venv --exclude=.git -c . | tar -C "$context" -x
+fi
+mkdir "$context/.runner-bin"  # what the Dockerfile copies next to the server's script: empty without cargo
+if command -v cargo >/dev/null 2>&1; then
+    (cd runner && cargo build --release --locked --quiet) >&2
+    cp runner/target/release/atropos-runner "$context/.runner-bin/"
+else
+    echo "build-image.sh: no cargo on PATH: the image's slots will run the Python runner" >&2
 fi
 build_args=()
 if [ -n "$ca_bundle" ]; then

@@ -17,6 +17,7 @@ import httpx
 from atropos.host.procs import read_stat
 
 HIBERNATE_ALL = "ATROPOS_TEST_HIBERNATE_AFTER"
+RUNNER_ALL = "ATROPOS_TEST_RUNNER"
 
 
 @dataclass
@@ -66,8 +67,12 @@ def run_server(
     # $ATROPOS_TEST_HIBERNATE_AFTER: every server of the run sleeps its idle slots this soon (the
     # existing tests, unchanged, against slots that sleep between calls); a test's own option wins
     sleep = ["--hibernate-after", os.environ[HIBERNATE_ALL]] if HIBERNATE_ALL in os.environ else []
+    # $ATROPOS_TEST_RUNNER: every server of the run runs this slot runner (python: the fallback's
+    # run, the same tests); unset, the default (auto: the compiled runner where it was built)
+    runner = ["--runner", os.environ[RUNNER_ALL]] if RUNNER_ALL in os.environ else []
+    server = [sys.executable, "-m", "atropos.sandbox.server", "--port", "0", "--data-dir", data_dir]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "atropos.sandbox.server", "--port", "0", "--data-dir", data_dir, *sleep, *extra],
+        [*server, *sleep, *runner, *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -107,6 +112,26 @@ def pids_with_arg(marker: str) -> list[int]:
         if marker in cmd and state != b"Z" and int(name) != os.getpid():
             found.append(int(name))
     return found
+
+
+def is_runner(pid: int) -> bool:
+    """`pid` is a slot's runner: the compiled one (its program) or the Python one (its bootstrap, which
+    bubblewrap's command line holds too, after its options)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv = fh.read().split(b"\0")
+        with open(f"/proc/{pid}/comm", "rb") as fh:
+            comm = fh.read().strip()
+    except OSError:
+        return False
+    if os.path.basename(argv[0]) == b"atropos-runner":
+        return True
+    return comm != b"bwrap" and any(b"atropos.sandbox.runner.main" in arg for arg in argv)
+
+
+def runner_pids() -> list[int]:
+    """Every live slot runner on the machine (a sleeping one is its holder instead: not among them)."""
+    return [int(name) for name in os.listdir("/proc") if name.isdigit() and is_runner(int(name))]
 
 
 def wait_until_gone(marker: str, timeout: float = 10.0) -> list[int]:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.security_fixtures import temporary_server
-from tests.server_process import RunningServer, pids_with_arg
+from tests.server_process import RunningServer, pids_with_arg, runner_pids
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,7 @@ def test_the_token_is_in_no_command_line_and_no_runner_environment(token_server:
     for pid in own:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
             assert srv.token.encode() not in fh.read(), pid
-    for pid in pids_with_arg("atropos.sandbox.runner"):
+    for pid in runner_pids():
         try:
             with open(f"/proc/{pid}/environ", "rb") as fh:
                 assert srv.token.encode() not in fh.read(), pid

@@ -29,9 +29,9 @@ def test_slot_cannot_see_or_touch_another_slot(bwrap_server: RunningServer) -> N
     assert srv.execute(0, "read_file", path=other)["ok"] is False
 
 
-def test_the_runner_starts_from_compiled_modules(bwrap_server: RunningServer) -> None:
-    """The runner's private copy is compiled once by the server: a slot's runner (whose copy is
-    read-only, so it could never cache its own) compiles nothing at its start or its wake."""
+def test_the_python_runner_starts_from_compiled_modules(tmpdir_path: str) -> None:
+    """The Python runner's private copy is compiled once by the server: a slot's runner (whose copy
+    is read-only, so it could never cache its own) compiles nothing at its start or its wake."""
     script = (
         "import importlib.util, pathlib, sys\n"
         "for src in sorted(pathlib.Path('/run/atropos-runner').rglob('*.py')):\n"
@@ -40,15 +40,15 @@ def test_the_runner_starts_from_compiled_modules(bwrap_server: RunningServer) ->
         "    ok = head[:4] == importlib.util.MAGIC_NUMBER and head[4:8] == (1).to_bytes(4, 'little')\n"
         "    print('COMPILED' if ok else 'SOURCE', src)\n"
     )
-    srv = bwrap_server
-    srv.execute(0, "write_file", path="pyc.py", content=script)
     find = (
         "for p in /proc/[0-9]*; do grep -qs runner.main $p/cmdline || continue; e=$(readlink $p/exe); "
         'case "${e##*/}" in python*) echo "$e";; esac; done | head -1'
     )
-    python = str(srv.execute(0, "bash", command=find)["output"]).strip()
-    assert "python" in python, python
-    out = str(srv.execute(0, "bash", command=f"{python} -S -I pyc.py")["output"])
+    with run_server(tmpdir_path, "--slots", "1", "--isolation", "bwrap", "--runner", "python") as srv:
+        srv.execute(0, "write_file", path="pyc.py", content=script)
+        python = str(srv.execute(0, "bash", command=find)["output"]).strip()
+        assert "python" in python, python
+        out = str(srv.execute(0, "bash", command=f"{python} -S -I pyc.py")["output"])
     assert out.count("COMPILED") >= 10 and "SOURCE" not in out, out
 
 

@@ -6,8 +6,18 @@ import base64
 import os
 import threading
 
+import pytest
+
+from atropos.sandbox.runner_choice import find_binary
 from atropos.sandbox.settings import DEFAULT_HIBERNATE_AFTER
-from tests.server_process import HIBERNATE_ALL, RunningServer, pids_with_arg, wait_for_pids, wait_until_gone
+from tests.server_process import (
+    HIBERNATE_ALL,
+    RUNNER_ALL,
+    RunningServer,
+    pids_with_arg,
+    wait_for_pids,
+    wait_until_gone,
+)
 
 
 def test_health_reports_mode_without_auth(server: RunningServer) -> None:
@@ -25,6 +35,7 @@ def test_health_reports_mode_without_auth(server: RunningServer) -> None:
         "slots",
         "busy",
         "isolation",
+        "runner",
         "network",
         "uid",
         "limits",
@@ -50,6 +61,8 @@ def test_health_reports_mode_without_auth(server: RunningServer) -> None:
     # the default (or the whole run's, see tests.server_process); nothing used yet sleeps
     after = float(os.environ.get(HIBERNATE_ALL, DEFAULT_HIBERNATE_AFTER))
     assert body["hibernation"] == {"after_s": after, "asleep": 0}
+    # the run's runner (see tests.server_process), else auto's: the compiled one wherever it was built
+    assert body["runner"] == os.environ.get(RUNNER_ALL, "compiled" if find_binary() else "python")
 
 
 def test_bash_separates_streams_and_exit_code(server: RunningServer) -> None:
@@ -201,12 +214,13 @@ def test_reset_empties_a_tree_deeper_than_python_recursion(server: RunningServer
     assert server.execute(2, "bash", command="ls -A | wc -l")["stdout"] == "0\n"
 
 
-def test_reset_cuts_running_call_short(server: RunningServer) -> None:
+@pytest.mark.parametrize("tool", ["bash", "bash_session"])
+def test_reset_cuts_running_call_short(server: RunningServer, tool: str) -> None:
     result: dict[str, object] = {}
 
     def long_call() -> None:
         with server.client() as c:
-            r = c.post("/execute", json={"slot": 3, "tool": "bash", "args": {"command": "sleep 60"}})
+            r = c.post("/execute", json={"slot": 3, "tool": tool, "args": {"command": "sleep 60"}})
             result["status"] = r.status_code
             result["body"] = r.json()
 
@@ -215,7 +229,11 @@ def test_reset_cuts_running_call_short(server: RunningServer) -> None:
     while not pids_with_arg("sleep 60"):
         pass
     with server.client() as c:
-        assert c.post("/reset", json={"slot": 3}).status_code == 200
+        reset = c.post("/reset", json={"slot": 3})
+    assert reset.status_code == 200
+    # the runner killed the call's processes itself (a runner that did not answer in time is killed
+    # by the server instead, and then reports none)
+    assert reset.json()["killed"] >= 1, reset.json()
     t.join(20)
     assert result["status"] == 409, result
 

@@ -12,6 +12,7 @@ from atropos.backends.local import LocalBackend
 from atropos.host import snapshot, tree_members
 from atropos.slots import SlotPool, SlotPoolConfig
 from tests.faults import wait_for
+from tests.server_process import is_runner
 
 
 def pool(**kw: object) -> SlotPool:
@@ -40,18 +41,7 @@ async def until_warm(p: SlotPool, ready: int) -> dict[str, int]:
 def runner_pids(p: SlotPool) -> list[int]:
     assert isinstance(p.backend, LocalBackend)
     server = p.backend.pid(p.server_ids()[0])
-    found = []
-    for pid in tree_members(server, snapshot(), include_root=False):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                if (
-                    b"atropos.sandbox.runner.main" in fh.read()
-                    and b"bwrap" not in open(f"/proc/{pid}/comm", "rb").read()
-                ):
-                    found.append(pid)
-        except OSError:
-            continue
-    return found
+    return [pid for pid in tree_members(server, snapshot(), include_root=False) if is_runner(pid)]
 
 
 # what a slot shows of itself on its first call: its files, its processes, its shell's state

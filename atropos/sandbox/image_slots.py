@@ -9,7 +9,8 @@ overlay file system as the data dir), the slot gets a copy of the image's root i
 that costs the image's size in time and disk, said in the answer of POST /image.
 The image's files belong to the server's user, which is the slot's own user in its namespace.
 
-The runner is the server's Python, which the image may lack or have in another version: it runs
+The compiled runner is static: its copy is all a slot in an image needs of the node. The Python
+runner is the server's Python, which the image may lack or have in another version: it runs
 from the node's files, bound under `HOST` (its binary, its standard library, the node's loader and
 shared libraries), started by the node's loader with the node's library path, so the image's own C
 library never meets it. What the runner starts (the agent's shell and tools) is the image's.
@@ -23,8 +24,10 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-from atropos.images.roots import ImageRoot
+if TYPE_CHECKING:  # atropos.images imports the server's settings, which import this module's importers
+    from atropos.images.roots import ImageRoot
 
 __all__ = ["HOST", "HostPython", "SlotImage", "host_python"]
 

@@ -15,6 +15,7 @@ IsolationMode = Literal["bwrap", "none"]
 NetworkMode = Literal["public", "allow", "deny"]
 ForkMode = Literal["overlay", "copy"]
 RootMode = Literal["system", "image", "host", "none"]
+RunnerMode = Literal["compiled", "python"]
 
 
 def _json_integer(value: Any) -> Any:
@@ -355,6 +356,10 @@ class Enforcement(BaseModel):
     """What a server enforces on every slot, as it found it could at start-up (no secrets)."""
 
     isolation: IsolationMode
+    runner: RunnerMode = Field(
+        description="The program in every slot that runs its calls: compiled (the static binary the package's "
+        "build makes) or python (the fallback where it was not built, or asked for with --runner python)."
+    )
     network: NetworkMode
     uid: int = Field(description="The uid slot processes run as, seen from outside the slot.")
     limits: dict[str, int | None] = Field(description="Per-slot limits (null: off).")
@@ -376,7 +381,7 @@ class Enforcement(BaseModel):
         groups = ",".join(self.cgroups) or "none"
         binds = ",".join(self.binds) or "none"
         return (
-            f"isolation={self.isolation} network={self.network} root={self.root} binds={binds} "
+            f"isolation={self.isolation} runner={self.runner} network={self.network} root={self.root} binds={binds} "
             f"slot_uid={self.uid} cgroups={groups} " + " ".join(f"limit_{k}={v}" for k, v in self.limits.items())
         )
 

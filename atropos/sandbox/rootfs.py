@@ -16,8 +16,9 @@ bound into it. Fresh /dev, /proc, /tmp, an empty /run and the workspace come on 
 In every policy the server's own files are hidden wherever they would show: its data dir (every
 slot's workspace, the snapshots, the token it generated), the token file, the installed package
 (the server's code and the built-in tasks with their hidden checks) and the server's virtualenv.
-The slot's runner gets a private read-only copy of the few stdlib-only modules it runs
-(`RUNNER_DIR`), and the Python that runs it is bound by itself when it lives outside the allow-list.
+The slot's runner gets a private read-only copy of itself (`RUNNER_DIR`): the compiled runner's
+static binary, or the few stdlib-only modules the Python runner runs, whose interpreter is then bound
+by itself when it lives outside the allow-list.
 Directories the user declares (`--bind-ro`, `--bind`) come on top; a private path inside one of
 them is hidden there too.
 """
@@ -37,13 +38,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from atropos.sandbox.image_slots import host_python
+from atropos.sandbox.image_slots import HostPython, host_python
 
 RootPolicy = Literal["system", "image", "host"]
 ROOT_POLICIES: tuple[RootPolicy, ...] = ("system", "image", "host")
 ROOT_ENV = "ATROPOS_SANDBOX_ROOT"  # the default of --root where set (the Docker image and the SIF: image)
 
-RUNNER_DIR = "/run/atropos-runner"  # the runner's private copy of its modules, inside every slot
+RUNNER_DIR = "/run/atropos-runner"  # the runner's private copy, inside every slot
+RUNNER_BINARY = RUNNER_DIR + "/atropos-runner"  # the compiled runner's, run from there
 
 # what the runner imports of the package (tests/test_runner_imports.py holds it to these)
 RUNNER_PACKAGES = ("atropos.sandbox.runner", "atropos.host")
@@ -127,11 +129,16 @@ def private_paths(data_dir: str, token_files: Iterable[str]) -> list[str]:
     return sorted(set(paths))
 
 
-def copy_runner(dest: str) -> str:
-    """A fresh copy of the runner's modules under `dest` (what RUNNER_DIR shows); returns `dest`."""
-    parent = os.path.dirname(package_dir())
+def copy_runner(dest: str, binary: str | None = None) -> str:
+    """A fresh copy of the runner under `dest` (what RUNNER_DIR shows): the compiled runner `binary`,
+    or without one the Python runner's modules; returns `dest`."""
     if os.path.isdir(dest):
         shutil.rmtree(dest)
+    if binary is not None:
+        os.makedirs(dest)
+        shutil.copy(binary, os.path.join(dest, os.path.basename(RUNNER_BINARY)))  # with its mode
+        return dest
+    parent = os.path.dirname(package_dir())
     names = []
     for module in RUNNER_MODULES:
         path = module.replace(".", "/")
@@ -214,8 +221,10 @@ class RootLayout:
     args: tuple[str, ...]
     binds: tuple[Bind, ...]
     hidden: tuple[str, ...]  # where the server's own files would have shown: covered
-    # a slot in a task's image (atropos.sandbox.image_slots): what goes over the image's root
+    # a slot in a task's image (atropos.sandbox.image_slots): what goes over the image's root, and
+    # the runner's program there (in place of its argv[0]: the Python runner runs from the node's files)
     image_args: tuple[str, ...] = ()
+    image_runner: tuple[str, ...] = ()
 
 
 def _system_etc(b: _Builder, state_dir: str) -> None:
@@ -311,9 +320,11 @@ def build_layout(
     state_dir: str,
     private: Iterable[str],
     binds: Iterable[Bind] = (),
+    runner_binary: str | None = None,
 ) -> RootLayout:
-    """The root of every slot of this server; `state_dir` (inside the data dir, never shown to a
-    slot) receives the written /etc files, an empty dir to hide others with and the runner's copy."""
+    """The root of every slot of this server, whose runner is the compiled `runner_binary` or, without
+    one, the Python runner; `state_dir` (inside the data dir, never shown to a slot) receives the
+    written /etc files, an empty dir to hide others with and the runner's copy."""
     os.makedirs(state_dir, exist_ok=True)
     empty = os.path.join(state_dir, "empty")
     os.makedirs(empty, exist_ok=True)
@@ -332,9 +343,10 @@ def build_layout(
             for point in _runtime_mounts():
                 if b.visible(point):
                     b.hide_mount(point)
-    hide += _interpreter(b)
+    if runner_binary is None:
+        hide += _interpreter(b)
     b.args += ["--dir", "/run"]
-    runner = copy_runner(os.path.join(state_dir, "runner"))
+    runner = copy_runner(os.path.join(state_dir, "runner"), runner_binary)
     b.args += ["--ro-bind", runner, RUNNER_DIR]
     declared = tuple(binds)
     for bind in declared:
@@ -344,21 +356,31 @@ def build_layout(
         for target in b.shown_at(path):
             b.hide(path, target, empty)
     b.seal()
-    return RootLayout(policy, tuple(b.args), declared, tuple(b.hidden), _image_args(private, declared, runner, empty))
+    host = host_python() if runner_binary is None else None
+    return RootLayout(
+        policy,
+        tuple(b.args),
+        declared,
+        tuple(b.hidden),
+        _image_args(private, declared, runner, empty, host),
+        host.prefix if host is not None else (RUNNER_BINARY,),
+    )
 
 
-def _image_args(private: Iterable[str], binds: tuple[Bind, ...], runner: str, empty: str) -> tuple[str, ...]:
-    """What a slot in a task's image gets over the image's root: the node's Python for the runner
-    (atropos.sandbox.image_slots), the runner's copy, the declared binds; the server's own files and
-    the interpreter's site-packages covered wherever they would show."""
-    host = host_python()
+def _image_args(
+    private: Iterable[str], binds: tuple[Bind, ...], runner: str, empty: str, host: HostPython | None
+) -> tuple[str, ...]:
+    """What a slot in a task's image gets over the image's root: the runner's copy, the node's Python
+    `host` for the Python runner (atropos.sandbox.image_slots; the compiled one is static and needs
+    nothing of the node), the declared binds; the server's own files and the interpreter's
+    site-packages covered wherever they would show."""
     b = _Builder()
-    for source, target in host.binds:
+    for source, target in host.binds if host is not None else ():
         b.bind(source, target)
     b.args += ["--ro-bind", runner, RUNNER_DIR]
     for bind in binds:
         b.bind(bind.source, bind.target, writable=bind.writable)
-    for path in sorted({*private, *host.site}):
+    for path in sorted({*private, *(host.site if host is not None else ())}):
         for target in b.shown_at(path):
             b.hide(path, target, empty)
     return tuple(b.args)

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from atropos.pulls import PULL_POLICIES, PullPolicy
 from atropos.sandbox.limits import LIMIT_FLAGS, SlotLimits
 from atropos.sandbox.rootfs import ROOT_ENV, ROOT_POLICIES, Bind, RootError, RootPolicy
+from atropos.sandbox.runner_choice import RUNNER_BIN_ENV, RUNNER_OPTIONS, RunnerOption
 from atropos.units import format_size, parse_size
 
 TOKEN_ENV = "ATROPOS_SANDBOX_TOKEN"
@@ -49,6 +50,11 @@ class ServerSettings(BaseModel):
     data_dir: str = "./sandbox-data"
     token_file: str | None = None
     isolation: Isolation = "auto"
+    runner: RunnerOption = Field(
+        default="auto",
+        description="the slots' runner: compiled (the static binary the package's build makes), python, or "
+        "auto: compiled where its binary is found, else python",
+    )
     network: Network = "auto"
     root: RootPolicy = Field(
         default_factory=lambda: os.environ.get(ROOT_ENV) or "system",
@@ -203,6 +209,13 @@ _OPTIONS: tuple[_Option, ...] = (
         "--isolation",
         "bwrap: refuse to start without bubblewrap; auto: fall back to plain processes when it cannot work here",
         choices=["auto", "bwrap", "none"],
+    ),
+    _Option(
+        "--runner",
+        "the program in every slot that runs its calls: compiled: the static binary the package's build "
+        f"makes (atropos-runner, next to this command; ${RUNNER_BIN_ENV} names another), refuse to start "
+        "without it; python: the Python runner; auto: compiled where its binary is found, else python",
+        choices=list(RUNNER_OPTIONS),
     ),
     _Option(
         "--network",

@@ -19,6 +19,7 @@ from atropos.drivers import DriverConfig, ProcessDriver, nest_driver_keys
 from atropos.errors import PoolConfigError
 from atropos.pulls import PullPolicy
 from atropos.sandbox.limits import SlotLimits
+from atropos.sandbox.runner_choice import RunnerOption
 from atropos.sandbox.settings import ServerSettings, problem_of
 
 # flat key -> field of NomadBackendConfig
@@ -106,6 +107,11 @@ class SlotPoolConfig(BaseModel):
         ge=0,
         description="per server: seconds after its last call before an idle slot's runner sleeps until "
         "its next call (see `atropos-sandbox server --help`); None: the server's default (30); 0: never",
+    )
+    runner: RunnerOption | None = Field(
+        default=None,
+        description="per server: the slots' runner (compiled, python, or auto: compiled where it was built; see "
+        "`atropos-sandbox server --help`); None: the server's default (auto)",
     )
     image_cache: str | None = Field(
         default=None,
@@ -204,6 +210,8 @@ class SlotPoolConfig(BaseModel):
             values["warm_slots"] = self.warm_slots
         if self.hibernate_after is not None:
             values["hibernate_after"] = self.hibernate_after
+        if self.runner is not None:
+            values["runner"] = self.runner
         if self.root is not None:
             values["root"] = self.root
         if self.bind_ro:

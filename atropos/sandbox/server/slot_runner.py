@@ -17,6 +17,7 @@ from typing import Any
 from atropos.host import command_line, kill_child_tree, snapshot, tree_members
 from atropos.images.roots import ImageRoot
 from atropos.sandbox.image_slots import SlotImage, host_python
+from atropos.sandbox.rootfs import RUNNER_BINARY
 from atropos.sandbox.runner.files import empty_dir
 from atropos.sandbox.runner.pathsafe import WORKSPACE_ALIAS
 from atropos.sandbox.runner.protocol import (
@@ -534,14 +535,14 @@ def _note_cgroup_limit(result: Outcome, cgroup: SlotCgroup) -> None:
 
 
 def _runner_pid(sandbox: int) -> int:
-    """The host pid of the runner below the sandbox process `sandbox` (its argv[0] is this Python,
-    or in a task's image the node's loader that runs it; bubblewrap's own command line holds the
-    runner's too, after its options)."""
+    """The host pid of the runner below the sandbox process `sandbox` (its argv[0] is the compiled
+    runner's copy, or this Python, or in a task's image the node's loader that runs it; bubblewrap's
+    own command line holds the runner's too, after its options)."""
     python = os.path.realpath(sys.executable)
-    in_image = host_python().prefix[0]
+    own = (RUNNER_BINARY, host_python().prefix[0])
     for pid in sorted(tree_members(sandbox, snapshot(), include_root=False)):
         argv = command_line(pid).split(" ")
-        if argv and argv[0] and (argv[0] == in_image or os.path.realpath(argv[0]) == python):
+        if argv and argv[0] and (argv[0] in own or os.path.realpath(argv[0]) == python):
             return pid
     raise SlotFailure(f"sandbox {sandbox}: its runner process is not found")
 
