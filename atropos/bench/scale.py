@@ -143,8 +143,9 @@ def _bwrap_true_ms(runs: int = 20) -> float:
 
 
 async def _start_breakdown(say: Callable[[str], None]) -> list[Row]:
-    """One slot's start: the sandbox alone (bwrap running `true`), the runner (a fresh slot's first
-    `bash` call less a started slot's), the shell (first `bash_session` call less the next)."""
+    """One slot's start: the sandbox alone (bwrap running `true`), the rest of a fresh slot's first
+    `bash` call over a started slot's (the server's spawn, the slot's network link, the runner's
+    start), the shell (first `bash_session` call less the next)."""
     say("scale: a slot's start cost, broken down")
     bwrap_ms = _bwrap_true_ms()
     firsts: list[float] = []
@@ -152,6 +153,7 @@ async def _start_breakdown(say: Callable[[str], None]) -> list[Row]:
     session_firsts: list[float] = []
     session_seconds: list[float] = []
     async with SlotPool(_config(1, 8, warm_slots=0)) as pool:
+        runner = _runner_of(pool)
         for i in range(8):
             slot = await pool.acquire(f"b{i}")
             for bucket in (firsts, seconds):
@@ -167,7 +169,8 @@ async def _start_breakdown(say: Callable[[str], None]) -> list[Row]:
     total = bwrap_ms + runner_ms + shell_ms
     return [
         Row(_SCENARIO, "slot start: total (sandbox + runner + shell)", total, "ms",
-            note=f"bwrap {bwrap_ms:.1f} ms, runner {runner_ms:.1f} ms, shell {shell_ms:.1f} ms (medians of 8)",
+            note=f"bwrap {bwrap_ms:.1f} ms, network link + {runner} runner {runner_ms:.1f} ms, shell {shell_ms:.1f} ms "
+                 "(medians of 8)",
             extra={"bwrap_ms": bwrap_ms, "runner_ms": runner_ms, "shell_ms": shell_ms}),
     ]  # fmt: skip
 
@@ -198,6 +201,7 @@ async def _memory(slots: int, say: Callable[[str], None]) -> list[Row]:
     say(f"scale: memory of {slots} slots with an open session, awake and asleep")
     async with SlotPool(_config(1, slots, warm_slots=0, hibernate_after=_SLEEP_AFTER)) as pool:
         assert isinstance(pool.backend, LocalBackend)
+        runner = _runner_of(pool)
         pid = pool.backend.pid(pool.server_ids()[0])
         before, _ = _tree_pss(pid)
         leased: list[Slot] = [await pool.acquire(f"m{i}") for i in range(slots)]
@@ -223,8 +227,8 @@ async def _memory(slots: int, say: Callable[[str], None]) -> list[Row]:
     return [
         Row(_SCENARIO, f"PSS per slot, open session, awake ({slots} slots)", (awake - before) / slots, "MB",
             baseline="bwrap + idle bash (the floor)", baseline_value=floor or None,
-            note=f"server tree {awake:.0f} MB in {awake_procs} processes; server alone {before:.0f} MB; "
-                 "the Python runner is most of it (network public: one pasta per server, in the tree)"),
+            note=f"server tree {awake:.0f} MB in {awake_procs} processes; server alone {before:.0f} MB; {runner} "
+                 "runner (network public: one pasta per server, in the tree)"),
         judged(Row(_SCENARIO, f"PSS per slot, open session, asleep ({slots} slots)", (asleep - before) / slots, "MB",
                    baseline="bwrap + idle bash (the floor)", baseline_value=floor or None, target="<= 4 MB",
                    note=f"{asleep_count} of {slots} asleep after {_SLEEP_AFTER:.0f} s idle; server tree "
@@ -233,6 +237,11 @@ async def _memory(slots: int, say: Callable[[str], None]) -> list[Row]:
             baseline="the same call on an awake slot", baseline_value=warm,
             note=f"medians of {len(wake_ms)} slots, one at a time; p90 {percentile(sorted(wake_ms), 0.9):.0f} ms"),
     ]  # fmt: skip
+
+
+def _runner_of(pool: SlotPool) -> str:
+    """Which runner the pool's servers run (compiled or python), as their /health said."""
+    return ", ".join(sorted({str(e.get("runner")) for e in pool.enforcement().values()}))
 
 
 async def _call_ms(pool: SlotPool, slot: Slot) -> float:

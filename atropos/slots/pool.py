@@ -388,9 +388,9 @@ class SlotPool:
         return list(self._fleet.members)
 
     def enforcement(self) -> dict[str, dict[str, Any]]:
-        """Per server: what it said it enforces when it joined (isolation, network, the uid slots
-        run as, limits, cgroups, and why an `auto` mode fell back), from its /health."""
-        keys = ("isolation", "network", "uid", "limits", "cgroups", "isolation_reason", "network_reason")
+        """Per server: what it said it enforces when it joined (isolation, the slots' runner, network,
+        the uid slots run as, limits, cgroups, and why an `auto` mode fell back), from its /health."""
+        keys = ("isolation", "runner", "network", "uid", "limits", "cgroups", "isolation_reason", "network_reason")
         return {sid: {k: s.health.get(k) for k in keys} for sid, s in self._fleet.members.items()}
 
     async def servers_health(self) -> dict[str, dict[str, Any] | BaseException]:
