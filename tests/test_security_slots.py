@@ -2,7 +2,9 @@
 
 With bubblewrap each slot has its own PID namespace, so another slot's processes (and the server)
 have no pid it can name: kill, ptrace, /proc/<pid>/{mem,environ} all fail, and `kill -9 -1` reaches
-only its own processes. With `--isolation none` none of that holds (same user, same PID namespace):
+only its own processes. Within its own slot, its processes cannot reach the slot's runner (its pid
+1, not dumpable): neither kill it nor open its pipes to the server (to forge a call's answer or read
+another call's request). With `--isolation none` none of that holds (same user, same PID namespace):
 the last tests assert what still holds there and record, as a failing-if-it-changes fact, what does not.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -25,6 +28,15 @@ def start_victim(srv: RunningServer, slot: int) -> tuple[str, int]:
     srv.execute(slot, "bash", command=f"setsid sleep {marker} >/dev/null 2>&1 &")
     assert wait_for_pids(marker, 1) == 1
     return marker, pids_with_arg(marker)[0]
+
+
+def until_gone(pid: int, rounds: int = 100) -> bool:
+    """True once `pid` has died (polled: a death follows its signal by a moment)."""
+    for _ in range(rounds):
+        if not alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +74,13 @@ def test_slot_sees_only_its_own_processes(iso_server: RunningServer) -> None:
 
 def test_kill_all_from_a_slot_reaches_only_that_slot(iso_server: RunningServer) -> None:
     marker, victim = start_victim(iso_server, 0)
+    own_marker, own = start_victim(iso_server, 2)
     with iso_server.client() as client:
         res = client.post("/execute", json={"slot": 2, "tool": "bash", "args": {"command": "kill -9 -1"}})
-        # the slot's own runner dies with it: a 503 that names the slot, never a hang or a 500
-        assert res.status_code == 503 and "slot 2" in res.json()["error"], res.text
+        # the slot's own processes die; its runner, the sandbox's pid 1, is out of their reach and answers
+        assert res.status_code == 200, res.text
         assert client.get("/health").status_code == 200
+    assert until_gone(own), own_marker
     assert alive(victim) and alive(iso_server.proc.pid)
     assert iso_server.execute(2, "bash", command="echo back")["stdout"] == "back\n"
     assert iso_server.execute(0, "bash", command="echo still")["stdout"] == "still\n"
@@ -109,3 +123,30 @@ def test_with_isolation_none_slots_are_not_separated(plain_server: RunningServer
     out = str(srv.execute(1, "bash", command=attack_script(victim), timeout=60)["stdout"])
     assert "ATTACK-signal0-OK" in out and "ATTACK-environ-OK" in out and "ATTACK-cmdline-OK" in out, out
     srv.execute(0, "bash", command=f"pkill -f 'sleep {marker}'")
+
+
+# the slot's pid 1 and its runner (compiled, or Python's): their fds 0 and 1 are the pipes to the
+# server that a forged answer is written into and requests are read from
+_FORGE = r"""
+sleep 1
+for p in /proc/[0-9]*; do
+  argv0=$(tr '\0' '\n' < "$p/cmdline" 2>/dev/null | head -1)
+  case "$p:$argv0" in /proc/1:*|*:*atropos-runner|*:*bwrap*|*:*python*) ;; *) continue ;; esac
+  for id in $(seq 1 400); do
+    printf '{"id":%d,"result":{"ok":true,"output":"FORGED","stdout":"FORGED","stderr":"","exit_code":0}}\n' "$id"
+  done > "$p/fd/1" 2>/dev/null && echo "ATTACK-forged-into $p"
+  timeout 0.2 head -c 1 "$p/fd/0" >/dev/null 2>&1 && echo "ATTACK-read-requests-of $p"
+done
+"""
+
+
+def test_a_slots_processes_cannot_forge_its_runners_answers(iso_server: RunningServer) -> None:
+    """A process left in the slot (the agent's) writes answers for every likely call id into the
+    runner's pipe to the server while a later call (a hidden test's, say) runs: that call still gets
+    its own command's result, and the attacker reaches none of those pipes."""
+    iso_server.execute(2, "write_file", path="forge.sh", content=_FORGE)
+    iso_server.execute(2, "bash", command="nohup sh forge.sh > forge.log 2>&1 &")
+    result = iso_server.execute(2, "bash", command="sleep 3; echo real")
+    assert result["stdout"] == "real\n" and result["exit_code"] == 0, result
+    log = iso_server.execute(2, "bash", command="sleep 1; cat forge.log")
+    assert "ATTACK-" not in str(log["stdout"]), log

@@ -3,8 +3,16 @@ instead of silently answering from a fresh shell with another working directory.
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+
+import httpx
+
+from atropos.host import read_stat
 from atropos.sandbox.runner.session import SESSION_RESTARTED
 from tests.conftest import RunningServer
+from tests.server_process import is_runner, pids_with_arg, wait_for_pids
 
 
 def _start_state(srv: RunningServer, slot: int) -> None:
@@ -24,11 +32,31 @@ def test_shell_killed_between_calls_is_reported(server: RunningServer) -> None:
     assert SESSION_RESTARTED not in again["output"], "the note is for the first call after the loss only"
 
 
+def _runner_above(pid: int) -> int:
+    """The slot runner that `pid` descends from (seen from the host)."""
+    while not is_runner(pid):
+        info = read_stat(pid)
+        assert info is not None and info.ppid > 1, f"no runner above {pid}"
+        pid = info.ppid
+    return pid
+
+
 def test_sandbox_killed_between_calls_is_reported(server: RunningServer) -> None:
     _start_state(server, 2)
-    # a command's parent is the slot's runner: killing it takes the sandbox and its shell down
-    with server.client() as c:
-        r = c.post("/execute", json={"slot": 2, "tool": "bash", "args": {"command": "kill -KILL $PPID; sleep 5"}})
+    # the runner is out of the reach of the slot's own processes: killed from outside, it takes the
+    # sandbox and its shell down, and the call it was running fails
+    answer: dict[str, httpx.Response] = {}
+
+    def call() -> None:
+        with server.client() as c:
+            answer["r"] = c.post("/execute", json={"slot": 2, "tool": "bash", "args": {"command": "sleep 7.25"}})
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    assert wait_for_pids("sleep 7.25", 1) == 1
+    os.kill(_runner_above(pids_with_arg("sleep 7.25")[0]), signal.SIGKILL)
+    caller.join(30)
+    r = answer["r"]
     assert r.status_code == 503 and "sandbox exited" in r.json()["error"], r.text
     r2 = server.execute(2, "bash_session", command="echo ${KEEP:-gone}")
     assert r2["stdout"] == "gone\n" and SESSION_RESTARTED in r2["output"], r2

@@ -7,6 +7,7 @@ from atropos.host.lifetime import (
     become_subreaper,
     die_with_owner,
     die_with_parent,
+    forbid_inspection,
     forbid_new_privileges,
     parent_death_signal,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "command_line",
     "die_with_owner",
     "die_with_parent",
+    "forbid_inspection",
     "forbid_new_privileges",
     "kill_child_tree",
     "kill_tree",

@@ -1,5 +1,5 @@
-"""How long a process lives and what it may gain: prctl's parent-death signal, child subreaper and
-no_new_privs (standard library only, like `atropos.host.procs`)."""
+"""How long a process lives and what it may gain or show: prctl's parent-death signal, child subreaper,
+no_new_privs and dumpable (standard library only, like `atropos.host.procs`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 _PR_SET_PDEATHSIG = 1
 _PR_GET_PDEATHSIG = 2
+_PR_SET_DUMPABLE = 4
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_SET_NO_NEW_PRIVS = 38
 
@@ -43,6 +44,12 @@ def become_subreaper() -> bool:
 def forbid_new_privileges() -> bool:
     """no_new_privs: nothing this process executes gains privileges (setuid bits, file capabilities)."""
     return prctl(_PR_SET_NO_NEW_PRIVS, 1)
+
+
+def forbid_inspection() -> bool:
+    """Not dumpable: processes of the same user can no longer open this one's fds through /proc,
+    ptrace it or read its memory (what it executes is dumpable again: exec resets it)."""
+    return prctl(_PR_SET_DUMPABLE, 0)
 
 
 def die_with_owner() -> Callable[[], None]:

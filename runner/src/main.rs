@@ -394,6 +394,10 @@ fn run() -> Result<(), String> {
     };
     limits.apply_to_self();
     prctl(libc::PR_SET_CHILD_SUBREAPER, 1);
+    // no process of the slot (all run as our user) may open our fds through /proc, ptrace us or read
+    // our memory: our pipes to the server carry every call's request and answer. Commands we start
+    // are dumpable again (exec resets it), which is their business
+    prctl(libc::PR_SET_DUMPABLE, 0);
     prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong);
     let resume: Option<Value> = match opts.get(hibernate::RESUME_FLAG) {
         Some(state) => Some(serde_json::from_str(state).map_err(|e| format!("runner: bad resume state: {e}"))?),

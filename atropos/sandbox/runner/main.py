@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from atropos.host import become_subreaper, die_with_parent, kill_tree
+from atropos.host import become_subreaper, die_with_parent, forbid_inspection, kill_tree
 from atropos.host.background import Background
 from atropos.sandbox.runner.bridge import listen_and_hand_over
 from atropos.sandbox.runner.capture import Emit
@@ -340,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     limits.apply_to_self()
     become_subreaper()
     die_with_parent()
+    # the slot's processes (our user) must not open our pipes to the server through /proc (to forge
+    # answers or read requests), trace us or read our memory
+    forbid_inspection()
     resume: ResumeState | None = json.loads(opts[RESUME_FLAG]) if opts.get(RESUME_FLAG) else None
     if resume is None:  # a resumed runner is the same process, already niced
         # below the server: a slot full of busy commands must not starve the server's control plane

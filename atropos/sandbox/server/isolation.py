@@ -171,6 +171,11 @@ class SandboxSpec:
             self.bwrap,
             "--die-with-parent",
             "--unshare-pid",
+            # the runner is the sandbox's pid 1, with no init of bubblewrap's above it: that init would
+            # hold the runner's pipes to the server (its stdin and stdout) where the slot's own
+            # processes can open them (/proc/1/fd), to forge answers or read requests; the runner is
+            # not dumpable, so its own fds are out of their reach
+            "--as-pid-1",
             "--unshare-ipc",
             "--unshare-uts",
             "--unshare-cgroup-try",
