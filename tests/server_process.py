@@ -129,6 +129,16 @@ def is_runner(pid: int) -> bool:
     return comm != b"bwrap" and any(b"atropos.sandbox.runner.main" in arg for arg in argv)
 
 
+def runner_above(pid: int) -> int:
+    """The slot runner that `pid` descends from (seen from the host): what a test kills to end a
+    sandbox, from outside (its own processes cannot: it is the sandbox's pid 1)."""
+    while not is_runner(pid):
+        info = read_stat(pid)
+        assert info is not None and info.ppid > 1, f"no runner above {pid}"
+        pid = info.ppid
+    return pid
+
+
 def runner_pids() -> list[int]:
     """Every live slot runner on the machine (a sleeping one is its holder instead: not among them)."""
     return [int(name) for name in os.listdir("/proc") if name.isdigit() and is_runner(int(name))]

@@ -6,7 +6,9 @@ TCP service on this machine's loopback."""
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
+import signal
 import socket
 import threading
 from collections.abc import Iterator
@@ -19,6 +21,7 @@ from atropos.sandbox.server.bridges import MAX_CONNECTIONS
 from atropos.sandbox.status import render
 from atropos.slots import SlotPool, SlotPoolConfig, SyncSlotPool
 from tests.attacks import connect_probe, leaks, loopback_listener
+from tests.server_process import pids_with_arg, runner_above, wait_for_pids
 
 
 @contextmanager
@@ -194,8 +197,13 @@ async def test_a_sandbox_that_restarts_says_its_bridges_closed_and_opens_them_ag
     with echo_service(needle) as service:
         async with SlotPool(_cfg()) as pool, pool.sandbox() as sb:
             opened = await sb.bridge(service, port=18081)
-            with pytest.raises(SlotFailed):  # the runner, the commands' parent, killed: the sandbox ends
-                await sb.run("kill -KILL $PPID; sleep 5")
+            # the runner killed (from outside: the slot's processes cannot) while a call runs: the sandbox ends
+            marker = f"sleep 7.{secrets.randbelow(10**6):06d}"
+            call = asyncio.ensure_future(sb.run(marker))
+            assert await asyncio.to_thread(wait_for_pids, marker, 1) == 1
+            os.kill(runner_above(pids_with_arg(marker)[0]), signal.SIGKILL)
+            with pytest.raises(SlotFailed):
+                await call
             after = await sb.run("echo back")
             assert after.stdout == "back\n"
             assert "bridges (127.0.0.1:18081) are closed" in after.output, after

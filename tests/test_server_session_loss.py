@@ -9,10 +9,9 @@ import threading
 
 import httpx
 
-from atropos.host import read_stat
 from atropos.sandbox.runner.session import SESSION_RESTARTED
 from tests.conftest import RunningServer
-from tests.server_process import is_runner, pids_with_arg, wait_for_pids
+from tests.server_process import pids_with_arg, runner_above, wait_for_pids
 
 
 def _start_state(srv: RunningServer, slot: int) -> None:
@@ -32,15 +31,6 @@ def test_shell_killed_between_calls_is_reported(server: RunningServer) -> None:
     assert SESSION_RESTARTED not in again["output"], "the note is for the first call after the loss only"
 
 
-def _runner_above(pid: int) -> int:
-    """The slot runner that `pid` descends from (seen from the host)."""
-    while not is_runner(pid):
-        info = read_stat(pid)
-        assert info is not None and info.ppid > 1, f"no runner above {pid}"
-        pid = info.ppid
-    return pid
-
-
 def test_sandbox_killed_between_calls_is_reported(server: RunningServer) -> None:
     _start_state(server, 2)
     # the runner is out of the reach of the slot's own processes: killed from outside, it takes the
@@ -54,7 +44,7 @@ def test_sandbox_killed_between_calls_is_reported(server: RunningServer) -> None
     caller = threading.Thread(target=call)
     caller.start()
     assert wait_for_pids("sleep 7.25", 1) == 1
-    os.kill(_runner_above(pids_with_arg("sleep 7.25")[0]), signal.SIGKILL)
+    os.kill(runner_above(pids_with_arg("sleep 7.25")[0]), signal.SIGKILL)
     caller.join(30)
     r = answer["r"]
     assert r.status_code == 503 and "sandbox exited" in r.json()["error"], r.text

@@ -193,3 +193,19 @@ pub fn adopt(pid: i32, stdout: OwnedFd, stderr: OwnedFd) -> io::Result<Child> {
         exited: exit_r,
     })
 }
+
+/// Whether child `pid` has exited (a zombie not reaped yet, or reaped already), without reaping it:
+/// what a waiter learns only once the reaper and its own thread got to it.
+pub fn has_exited(pid: i32) -> bool {
+    // SAFETY: waitid with a valid siginfo out pointer; WNOWAIT leaves the child to the reaper
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let rc = libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        );
+        rc != 0 || info.si_pid() == pid
+    }
+}

@@ -246,8 +246,13 @@ impl Session {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The shell runs: neither its reader saw it exit nor has it exited meanwhile (killed between
+    /// calls, or while the runner slept: the next call must not be written to a dead shell).
     fn alive(&self, inner: &Inner) -> bool {
-        inner.shell.is_some() && self.shared.lock().exited.is_none()
+        match inner.shell.as_ref() {
+            Some(shell) => self.shared.lock().exited.is_none() && !children::has_exited(shell.pid),
+            None => false,
+        }
     }
 
     /// The shell died since the last call, not closed by us: the next call says so.

@@ -86,10 +86,18 @@ class Bridges:
             except OSError as exc:
                 raise BridgeError(f"slot {self.slot}: cannot reach the slot's /tmp: {exc}") from None
             try:
-                channel.listen(_BACKLOG)  # room for the runner behind anything else of the slot's
+                channel.listen(_BACKLOG)
                 channel.setblocking(False)
-                bound = await listen(f"/tmp/{name}")
-                fds = await self._from(runner, channel)
+                # accepted (and what others of the slot sent, dropped) while the runner is asked: a
+                # process of the slot that fills the backlog first would keep the runner out
+                taken = asyncio.ensure_future(self._from(runner, channel))
+                try:
+                    bound = await listen(f"/tmp/{name}")
+                    fds = await taken
+                finally:
+                    taken.cancel()
+                    if taken.done() and not taken.cancelled():
+                        taken.exception()  # retrieved: the call's own failure is the one reported
             except (OSError, asyncio.TimeoutError) as exc:
                 raise BridgeError(f"slot {self.slot}: the listening socket was not handed over: {exc!r}") from None
             finally:
