@@ -13,8 +13,8 @@ const TICK: Duration = Duration::from_millis(250);
 /// a workspace scan walks the tree: never spend more than ~5% of the time on it
 const SCAN_SHARE: f64 = 20.0;
 const MIN_SCAN_INTERVAL: Duration = Duration::from_secs(1);
-/// always present in a slot's PID namespace: bubblewrap's init, the runner and its threads, the
-/// session's shell
+/// always present in a slot's PID namespace: the runner (its pid 1) and its threads, the session's
+/// shell, and some room
 const RESIDENT: usize = 8;
 /// a fork bomb churns just below a kernel-held limit: a slot this close to it is stopped
 const NEAR_FULL: f64 = 0.9;

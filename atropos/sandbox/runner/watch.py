@@ -24,8 +24,8 @@ _TICK = 0.25
 # a workspace scan walks the tree: never spend more than ~5% of the time on it
 _SCAN_SHARE = 20.0
 _MIN_SCAN_INTERVAL = 1.0
-# always present in a slot's PID namespace: bubblewrap's init, the runner and its helper
-# threads, the session's shell
+# always present in a slot's PID namespace: the runner (its pid 1) and its helper threads, the
+# session's shell, and some room
 _RESIDENT = 8
 # Where the kernel bounds the count (pids cgroup, RLIMIT_NPROC), a fork bomb churns just below
 # the limit as its processes die and retry, so a sample rarely sees the limit itself: a slot this
