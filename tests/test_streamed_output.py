@@ -88,20 +88,16 @@ def test_what_does_not_stream(server: RunningServer) -> None:
 
 
 def test_background_output_of_a_session_is_read_back(server: RunningServer) -> None:
-    launched = server.execute(
-        3, "bash_session", command="(for i in 1 2 3; do echo bg $i; sleep 0.05; done; echo bg-err >&2) &"
-    )
-    # what the job prints before its launching command has ended is that command's output (a loaded
-    # machine lets `bg 1` out first); everything after, the background read gets
-    seen = str(launched["stdout"])
-    for _ in range(100):
-        out = server.execute(3, "bash_session", command="echo fg", read_background=True)
-        assert out["stdout"] == "fg\n"  # the job's lines never mix into a command's own output
-        seen += str(out["background"])
-        if "bg-err" in seen:
-            break
-        time.sleep(0.05)
-    assert seen == "bg 1\nbg 2\nbg 3\nbg-err\n"
+    # the job prints once told to, and only between session commands (one-shot calls in other
+    # shells tell it and wait for it), so each of its lines is background output, none a command's
+    job = "rm -f go done; (until [ -e go ]; do sleep 0.01; done; echo bg 1; echo bg 2; echo bg-err >&2; touch done) &"
+    launched = server.execute(3, "bash_session", command=job)
+    assert (launched["stdout"], launched["stderr"]) == ("", "")
+    server.execute(3, "bash", command="touch go; until [ -e done ]; do sleep 0.01; done")
+    # what the pipes held before a command was sent is background, never that command's output
+    # (also when the runner has just woken up to take the call)
+    out = server.execute(3, "bash_session", command="echo fg", read_background=True)
+    assert (out["stdout"], out["stderr"], out["background"]) == ("fg\n", "", "bg 1\nbg 2\nbg-err\n")
     assert server.execute(3, "bash_session", command="true", read_background=True)["background"] == ""
     # bounded: the newest 64 KiB, and how much older output went
     job = "rm -f done; (sleep 0.2; head -c 100000 /dev/zero | tr '\\0' y; echo; echo end; touch done) &"

@@ -350,6 +350,7 @@ impl Session {
         let marker = format!("__ATROPOS_END_{}__", sys::random_hex(16)).into_bytes();
         {
             let mut state = self.shared.lock();
+            state.drain(); // what the pipes hold now was printed before this command: background output
             state.sinks = [
                 Some(Scanner {
                     marker: marker.clone(),

@@ -199,6 +199,7 @@ class BashSession:
         child = self.child
         assert child is not None
         marker = f"__ATROPOS_END_{uuid.uuid4().hex}__".encode()
+        self.drain()  # what the pipes hold now was printed before this command: background output
         scan_out = _MarkerScanner(marker, out, want_code=True)
         scan_err = _MarkerScanner(marker, err, want_code=False)
         self._sinks = [scan_out, scan_err]
