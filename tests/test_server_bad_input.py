@@ -51,6 +51,8 @@ def test_symlink_out_refused(server: RunningServer) -> None:
         (b'{"slot": -1, "tool": "bash", "args": {"command": "true"}}', 422, "invalid request"),
         (b'{"slot": 0, "tool": "bash", "args": {"command": "true"}, "timeout": -5}', 422, "invalid request"),
         (b"[1, 2]", 422, "invalid request"),
+        (b'{"slot": 0, "tool": "bash", "args": {"command": "echo \\ud800"}}', 400, "not part of a pair"),
+        (b'{"slot": 0, "tool": "write_file", "args": {"path": "a\\uDC00", "content": ""}}', 400, "not part of a pair"),
     ],
 )
 def test_bad_execute_bodies(server: RunningServer, body: bytes, status: int, needle: str) -> None:

@@ -204,7 +204,8 @@ class SandboxApp:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"malformed JSON: {exc}") from None
-        if _has_lone_surrogate(data):
+        # a lone surrogate can only come from a \u escape (raw bytes that encode one are not UTF-8)
+        if b"\\u" in raw and _has_lone_surrogate(data):
             raise ApiError(400, "malformed JSON: a \\uD800-\\uDFFF escape that is not part of a pair is not text")
         try:
             return model.model_validate(data)

@@ -46,16 +46,15 @@ def _write(path: str, value: str) -> None:
         fh.write(value)
 
 
-def _read_counter(path: str, key: str) -> int:
-    """`key N` from a flat-keyed cgroup file; 0 when the file or the key is missing."""
-    try:
-        with open(path, encoding="ascii") as fh:
-            for line in fh:
-                name, _, value = line.partition(" ")
-                if name == key:
-                    return int(value)
-    except (OSError, ValueError):
-        pass
+def _counter_in(text: str, key: str) -> int:
+    """`key N` from a flat-keyed cgroup file's text; 0 when the key is missing."""
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == key:
+            try:
+                return int(value)
+            except ValueError:
+                return 0
     return 0
 
 
@@ -96,6 +95,7 @@ class SlotCgroup:
     dirs: list[str] = field(default_factory=list)
     values: dict[str, int] = field(default_factory=dict)  # limit kind -> its configured value
     _seen: dict[LimitKind, int] = field(default_factory=dict)  # counters at the last look (a new group: 0)
+    _open: dict[LimitKind, int] = field(default_factory=dict)  # the counter files' fds (-1: unreadable)
 
     def wrap(self, argv: list[str]) -> list[str]:
         """`argv` started from a shell that first joins the groups (children inherit them)."""
@@ -104,6 +104,10 @@ class SlotCgroup:
 
     def remove(self) -> None:
         """After the runner died: an empty group is removed by rmdir."""
+        for fd in self._open.values():
+            if fd >= 0:
+                os.close(fd)
+        self._open.clear()
         for path in self.dirs:
             _remove_tree(path)
 
@@ -118,10 +122,27 @@ class SlotCgroup:
         """Events that mean a limit was hit: OOM kills and refused forks."""
         found: dict[LimitKind, int] = {}
         if self.memory_dir:
-            found["memory"] = _read_counter(os.path.join(self.memory_dir, "memory.oom_control"), "oom_kill")
+            found["memory"] = self._counter("memory", os.path.join(self.memory_dir, "memory.oom_control"), "oom_kill")
         if self.pids_dir:
-            found["processes"] = _read_counter(os.path.join(self.pids_dir, "pids.events"), "max")
+            found["processes"] = self._counter("processes", os.path.join(self.pids_dir, "pids.events"), "max")
         return found
+
+    def _counter(self, kind: LimitKind, path: str, key: str) -> int:
+        """`key`'s count in `path`, read again through the fd opened at the first look (a call's
+        check is then one pread, not an open, a read and a close); 0 when it cannot be read."""
+        fd = self._open.get(kind)
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                fd = -1  # not looked for again
+            self._open[kind] = fd
+        if fd < 0:
+            return 0
+        try:
+            return _counter_in(os.pread(fd, 4096, 0).decode("ascii", "replace"), key)
+        except OSError:
+            return 0
 
 
 class SlotCgroups:
