@@ -16,6 +16,7 @@ mod outcome;
 mod pathsafe;
 mod procs;
 mod session;
+mod slotnet;
 mod sys;
 
 use std::io::{BufRead, BufReader};
@@ -504,6 +505,12 @@ fn serve(runner: &Arc<Runner>) {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(slotnet::FLAG) {
+        // not the runner: the link of a slot's network namespace to the hub, before its sandbox
+        eprintln!("{}", slotnet::main(&args[2..]));
+        std::process::exit(1);
+    }
     if let Err(message) = run() {
         eprintln!("{message}");
         std::process::exit(1);

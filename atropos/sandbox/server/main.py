@@ -145,7 +145,7 @@ def choose_isolation(cfg: ServerSettings, token_files: tuple[str, ...], runner: 
         for network in networks:
             try:
                 pasta = find_pasta() or "pasta"
-                egress = Egress.prepare(pasta, cfg.data_dir, cfg.slots) if network == "public" else None
+                egress = Egress.prepare(pasta, cfg.data_dir, cfg.slots, runner.binary) if network == "public" else None
             except (OSError, subprocess.SubprocessError) as exc:
                 failures.setdefault(network, []).append(f"cannot prepare per-slot networking: {exc}")
                 continue
