@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
 import subprocess
 import sys
@@ -138,25 +139,31 @@ def test_a_slots_etc_is_the_curated_one_in_a_single_mount(workdir: str) -> None:
     per entry cost a slot's start two thirds of its time)."""
     planted = f"/etc/{SENTINEL_PREFIX}{os.urandom(6).hex()}"
     inside_kept = f"/etc/ssl/{SENTINEL_PREFIX}token-{os.urandom(6).hex()}"
+    # readable by the server's group alone (a key in /etc/ssl/private readable by ssl-cert): a copy
+    # would be the server's user's, so the slot's
+    group_only = f"/etc/ssl/{SENTINEL_PREFIX}group-{os.urandom(6).hex()}"
     token = os.urandom(12).hex()
     try:
-        for path in (planted, inside_kept):
+        for path in (planted, inside_kept, group_only):
             with open(path, "w", encoding="ascii") as fh:
                 fh.write(token + "\n")
             os.chmod(path, 0o644)
+        os.chown(group_only, 0, pwd.getpwnam("nobody").pw_gid)  # the server runs as nobody (--run-as)
+        os.chmod(group_only, 0o640)
         data_dir = os.path.join(workdir, "data")
         with run_server(data_dir, "--slots", "1", "--token-file", inside_kept, token=token, cwd="/tmp") as srv:
             seen = "ls -A /etc; echo ==; ls -A /etc/ssl; echo ==; cat /proc/self/mountinfo"
             out = srv.execute(0, "bash", command=seen)
     finally:
-        for path in (planted, inside_kept):
+        for path in (planted, inside_kept, group_only):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
     listed, ssl, mounts = out["stdout"].split("==\n")
     node = {n for n in os.listdir("/etc") if (n in ETC_KEPT or n.startswith(ETC_KEPT_PREFIXES))}
-    node = {n for n in node if os.path.exists("/etc/" + n)}
+    node = {n for n in node if os.path.exists("/etc/" + n) and os.stat("/etc/" + n).st_mode & 0o004}
     assert set(listed.split()) == node | {"passwd", "group", "hosts", "hostname"}, out
-    assert os.path.basename(inside_kept) not in ssl.split() and "certs" in ssl.split(), out
+    assert {os.path.basename(inside_kept), os.path.basename(group_only)}.isdisjoint(ssl.split()), out
+    assert "certs" in ssl.split(), out
     under_etc = [line.split()[4] for line in mounts.splitlines() if line.split()[4].startswith("/etc")]
     assert sorted(under_etc) == ["/etc", "/etc/resolv.conf"], mounts  # the slot's resolver is its own
 

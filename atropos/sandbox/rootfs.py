@@ -34,6 +34,7 @@ import pwd
 import py_compile
 import re
 import shutil
+import stat
 import sys
 import sysconfig
 from collections.abc import Iterable
@@ -242,14 +243,22 @@ def _system_etc(b: _Builder, state_dir: str, private: list[str]) -> None:
     hidden = [os.path.realpath(p) for p in private]
 
     def skipped(folder: str, names: list[str]) -> set[str]:
-        return {n for n in names if any(_under(os.path.realpath(os.path.join(folder, n)), p) for p in hidden)}
+        """The server's private files, and what not everyone may read: a copy belongs to the server's
+        user, which the slot's user is, where the node's file may have been readable by its owner or
+        group alone (a key in /etc/ssl/private readable by the group ssl-cert)."""
+        out = set()
+        for name in names:
+            path = os.path.join(folder, name)
+            if any(_under(os.path.realpath(path), p) for p in hidden) or not _world_readable(path):
+                out.add(name)
+        return out
 
     for name in sorted(os.listdir("/etc")) if os.path.isdir("/etc") else []:
         path = "/etc/" + name
         # a dangling link (resolv.conf of a stopped resolver) is left out
         if not (name in ETC_KEPT or name.startswith(ETC_KEPT_PREFIXES)) or not os.path.exists(path):
             continue
-        if skipped("/etc", [name]):
+        if skipped("/etc", [name]) or not _world_readable(os.path.realpath(path)):
             continue
         try:  # the entry as a bind showed it: what a link at the top points to; links inside stay links
             if os.path.isdir(path):
@@ -263,6 +272,18 @@ def _system_etc(b: _Builder, state_dir: str, private: list[str]) -> None:
         with open(os.path.join(etc, name), "w", encoding="utf-8") as fh:
             fh.write(text)
     b.args += ["--ro-bind", etc, "/etc"]
+
+
+def _world_readable(path: str) -> bool:
+    """A link (its target is judged where it leads), or a file anyone may read, a directory anyone may list."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    if stat.S_ISLNK(st.st_mode):
+        return True
+    need = stat.S_IROTH | stat.S_IXOTH if stat.S_ISDIR(st.st_mode) else stat.S_IROTH
+    return st.st_mode & need == need
 
 
 def _remove_copy(top: str) -> None:
