@@ -154,10 +154,16 @@ def test_a_slots_etc_is_the_curated_one_in_a_single_mount(workdir: str) -> None:
         with run_server(data_dir, "--slots", "1", "--token-file", inside_kept, token=token, cwd="/tmp") as srv:
             seen = "ls -A /etc; echo ==; ls -A /etc/ssl; echo ==; cat /proc/self/mountinfo"
             out = srv.execute(0, "bash", command=seen)
+            # its files are the slot's user's now (the server's copy), so only the mount keeps them
+            # read-only, for this slot and for the others that share the copy
+            tamper = "echo x >> /etc/hosts || touch /etc/new || chmod 666 /etc/passwd || rm /etc/shells"
+            tampered = srv.execute(0, "bash", command=f"{tamper}; ls -A /etc | grep -c new; cat /etc/hosts")
     finally:
         for path in (planted, inside_kept, group_only):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+    assert tampered["stdout"].startswith("0\n") and "x" not in tampered["stdout"].split(), tampered
+    assert tampered["stderr"].count("Read-only file system") == 4, tampered
     listed, ssl, mounts = out["stdout"].split("==\n")
     node = {n for n in os.listdir("/etc") if (n in ETC_KEPT or n.startswith(ETC_KEPT_PREFIXES))}
     node = {n for n in node if os.path.exists("/etc/" + n) and os.stat("/etc/" + n).st_mode & 0o004}
