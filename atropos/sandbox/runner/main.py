@@ -289,7 +289,7 @@ async def serve(
     runner.shutdown()
 
 
-_VALUE_OPTIONS = (
+VALUE_OPTIONS = (
     "--root",
     "--max-output",
     "--max-file-bytes",
@@ -300,7 +300,7 @@ _VALUE_OPTIONS = (
     "--limit-processes",
     RESUME_FLAG,
 )
-_FLAGS = ("--nproc-rlimit", "--pid-namespace")
+FLAGS = ("--nproc-rlimit", "--pid-namespace")
 
 
 def parse_args(argv: list[str]) -> dict[str, str]:
@@ -309,9 +309,9 @@ def parse_args(argv: list[str]) -> dict[str, str]:
     opts = {"--max-output": str(1 << 20), "--max-file-bytes": str(16 << 20)}
     it = iter(argv)
     for flag in it:
-        if flag in _FLAGS:
+        if flag in FLAGS:
             opts[flag] = "1"
-        elif flag in _VALUE_OPTIONS:
+        elif flag in VALUE_OPTIONS:
             opts[flag] = next(it, "")
         else:
             raise SystemExit(f"runner: unknown option {flag}")

@@ -72,7 +72,7 @@ _SIGNAL_LIMITS: dict[int, LimitKind] = {128 + 24: "cpu_time", 128 + 25: "file_si
 
 
 # what programs print when an allocation fails under RLIMIT_DATA (Python, C, C++, Go, Node, Rust)
-_NO_MEMORY = (
+NO_MEMORY = (
     "MemoryError",
     "Cannot allocate memory",
     "std::bad_alloc",
@@ -90,7 +90,7 @@ def limit_of_result(result: Outcome) -> LimitKind | None:
     if result.get("ok") or code in (0, None):
         return None
     tail = (result.get("stderr") or "")[-2048:]
-    return "memory" if any(text in tail for text in _NO_MEMORY) else None
+    return "memory" if any(text in tail for text in NO_MEMORY) else None
 
 
 def describe_limit(kind: str, value: int | None) -> str:
