@@ -99,3 +99,22 @@ def test_job_render_for_slurm_prints_the_script_and_its_sbatch_command(tmp_path:
     ), proc.stdout
     assert "--comment" not in proc.stdout  # a job submitted by hand has no owner pool to outlive
     assert f"--token-file {job}/token" in lines[-1] and "openssl rand" in proc.stderr
+
+
+def test_a_command_line_imports_only_the_command_it_names() -> None:
+    """`atropos-sandbox server` (every container and job) pays for the server's imports alone; each
+    command still parses (its module registers it); without a command, all are listed."""
+    modules = {
+        "server": "atropos.sandbox.server.main",
+        "bench": "atropos.bench.cli",
+        "demo": "atropos.demo",
+        "image": "atropos.images.cli",
+        "job": "atropos.backends.job_cli",
+    }
+    probe = "import sys; from atropos import cli; cli.build_parser(sys.argv[1:]); print(*sorted(sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", probe, "server"], capture_output=True, text=True, check=True)
+    assert [m for m in modules.values() if m in loaded.stdout.split()] == [modules["server"]], loaded.stdout
+    for command in ("server", "status", "job", "image", "demo", "bench", "cleanup"):
+        assert run_cli(command, "--help").returncode == 0, command
+    listed = run_cli("--help").stdout
+    assert all(command in listed for command in ("server", "status", "job", "image", "demo", "bench", "cleanup"))
