@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-# a block may say what it prints: `<!-- runnable ...; it prints: A | B -->`
+# a block may say what it prints, line by line: `<!-- runnable ...; it prints: A | B -->`
 _BLOCK = re.compile(r"<!-- runnable([^>]*)-->\n```(\w+)\n(.*?)\n```", re.DOTALL)
 
 
@@ -40,7 +40,8 @@ def test_a_runnable_readme_example_runs(lang: str, code: str, prints: list[str],
     done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
     if prints:
-        assert all(p in done.stdout for p in prints), done.stdout
+        # whole lines, in this order: lines that interleave (threads printing at once) fail
+        assert [line for line in done.stdout.splitlines() if line in prints] == prints, done.stdout
     elif lang == "python":
         assert "2 True" in done.stdout and "1 bash call(s)" in done.stdout, done.stdout
     else:
