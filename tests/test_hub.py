@@ -224,3 +224,19 @@ def test_a_slot_cannot_change_its_link_spoof_a_neighbour_or_open_raw_sockets() -
             out = run(srv, slot, TAMPER.format(own=slot_address(slot), other=slot_address(1 - slot)))
             assert leaks(out) == [], out
             assert "EGRESS-OK" in run(srv, slot, egress_probe(host))  # and its network still works
+
+
+@pytest.mark.usefixtures("public")
+def test_a_link_left_in_the_hub_under_a_slots_name_is_replaced() -> None:
+    """A slot's last sandbox may leave its link in the hub a moment (its namespace not yet gone):
+    the next sandbox of that slot removes it and links itself, with its whole confinement."""
+    options = ("--slots", "2", "--network", "public", "--warm-slots", "0")
+    with egress_host() as host, temporary_server("atropos-test-hub-relink-", *options) as srv:
+        assert "EGRESS-OK" in run(srv, 0, egress_probe(host))  # the hub is up
+        in_hub = ["nsenter", "-t", str(the_hub(srv)), "-U", "-n"]
+        subprocess.run([*in_hub, "ip", "link", "add", "s1", "type", "veth", "peer", "name", "old1"], check=True)
+        refused = connect_probe([(host.neighbour, host.port), (hub_address(0), 22)])
+        out = run(srv, 1, egress_probe(host) + "\n" + refused)
+        assert "EGRESS-OK" in out and leaks(out) == [], out
+        shown = subprocess.run([*in_hub, "ip", "-d", "-o", "link", "show", "s1"], capture_output=True, text=True)
+        assert "link-netnsid" in shown.stdout, shown.stdout + shown.stderr  # its peer is the slot's eth0

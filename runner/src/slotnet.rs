@@ -273,25 +273,21 @@ fn route(sock: &OwnedFd, (dst, len): (Ipv4Addr, u8), via: Option<Ipv4Addr>) -> i
     msg.send(sock)
 }
 
-/// The veth pair: `eth0` here, `peer` in the namespace of `peer_ns`.
-fn veth(sock: &OwnedFd, peer: &str, peer_ns: RawFd) -> io::Result<()> {
+/// The veth pair, made from the hub: `hub_dev` here, `eth0` in the namespace of `slot_ns`.
+fn veth(sock: &OwnedFd, hub_dev: &str, slot_ns: RawFd) -> io::Result<()> {
     Message::new(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, &ifinfo(0, 0, 0))
-        .text(IFLA_IFNAME, "eth0")
+        .text(IFLA_IFNAME, hub_dev)
         .open(IFLA_LINKINFO)
         .text(IFLA_INFO_KIND, "veth")
         .open(IFLA_INFO_DATA)
         .open(VETH_INFO_PEER)
         .raw(&ifinfo(0, 0, 0))
-        .text(IFLA_IFNAME, peer)
-        .attr(IFLA_NET_NS_FD, &peer_ns.to_ne_bytes())
+        .text(IFLA_IFNAME, "eth0")
+        .attr(IFLA_NET_NS_FD, &slot_ns.to_ne_bytes())
         .close()
         .close()
         .close()
         .send(sock)
-}
-
-fn write_file(path: &str, text: &str) -> io::Result<()> {
-    std::fs::write(path, text)
 }
 
 fn step<T>(what: &str, result: io::Result<T>) -> Result<T, String> {
@@ -311,27 +307,25 @@ fn link(plan: &Plan) -> Result<(), String> {
         check(unsafe { libc::unshare(libc::CLONE_NEWNET) }),
     )?;
     let own_net = step("this network namespace", open("/proc/self/ns/net"))?;
-    let _ = write_file("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1");
+    let _ = std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1");
     let sock = step("netlink", netlink())?;
-    if let Err(first) = veth(&sock, &plan.hub_dev, hub_net.as_raw_fd()) {
+    // the hub's side, from inside the hub (names resolve there), then back here once
+    step("entering the hub", enter(&hub_net, libc::CLONE_NEWNET))?;
+    let hub_sock = step("netlink in the hub", netlink())?;
+    if let Err(first) = veth(&hub_sock, &plan.hub_dev, own_net.as_raw_fd()) {
         if first.raw_os_error() != Some(libc::EEXIST) {
             return step("creating the slot's link", Err(first));
         }
         // a link the slot's last sandbox left in the hub (its namespace not yet gone): replaced
-        step("entering the hub", enter(&hub_net, libc::CLONE_NEWNET))?;
-        let hub_sock = step("netlink in the hub", netlink())?;
         let removed = Message::new(RTM_DELLINK, 0, &ifinfo(0, 0, 0))
             .text(IFLA_IFNAME, &plan.hub_dev)
             .send(&hub_sock);
         step("removing the slot's old link", removed)?;
-        step("leaving the hub", enter(&own_net, libc::CLONE_NEWNET))?;
         step(
             "creating the slot's link",
-            veth(&sock, &plan.hub_dev, hub_net.as_raw_fd()),
+            veth(&hub_sock, &plan.hub_dev, own_net.as_raw_fd()),
         )?;
     }
-    step("entering the hub", enter(&hub_net, libc::CLONE_NEWNET))?;
-    let hub_sock = step("netlink in the hub", netlink())?;
     let hub_index = step("the hub's side of the link", index_of(&plan.hub_dev))?;
     step(
         "the hub's side of the link",
@@ -358,14 +352,14 @@ fn own_user(plan: &Plan) -> Result<(), String> {
     // SAFETY: getuid and getgid cannot fail; unshare with a constant flag
     let (outer_uid, outer_gid) = unsafe { (libc::getuid(), libc::getgid()) };
     step("a user namespace", check(unsafe { libc::unshare(libc::CLONE_NEWUSER) }))?;
-    step("setgroups", write_file("/proc/self/setgroups", "deny"))?;
+    step("setgroups", std::fs::write("/proc/self/setgroups", "deny"))?;
     step(
         "uid_map",
-        write_file("/proc/self/uid_map", &format!("{} {outer_uid} 1", plan.uid)),
+        std::fs::write("/proc/self/uid_map", format!("{} {outer_uid} 1", plan.uid)),
     )?;
     step(
         "gid_map",
-        write_file("/proc/self/gid_map", &format!("{} {outer_gid} 1", plan.gid)),
+        std::fs::write("/proc/self/gid_map", format!("{} {outer_gid} 1", plan.gid)),
     )
 }
 
