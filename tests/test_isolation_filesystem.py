@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -399,3 +400,52 @@ def test_a_bind_under_a_runtime_mount_the_image_root_hides(monkeypatch: pytest.M
         shutil.rmtree(base, ignore_errors=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "shared\ndata\n1\n", done.stdout  # the bind; nothing else of the home; read-only
+
+
+@pytest.fixture
+def open_tmp() -> Iterator[Path]:
+    """A scratch directory another user can reach (pytest's own is its user's alone)."""
+    path = Path(tempfile.mkdtemp(prefix="atropos-etc-copy-", dir="/var/tmp"))
+    path.chmod(0o755)
+    yield path
+    for folder in path.rglob("*"):
+        if folder.is_dir() and not folder.is_symlink():
+            folder.chmod(0o700)
+    shutil.rmtree(path)
+
+
+def test_an_earlier_servers_etc_copy_with_read_only_folders_is_replaced(open_tmp: Path) -> None:
+    """A server's copy of /etc keeps the node's modes: a read-only folder in it must not stop the
+    next server's start over the same data dir, and a link in it is removed, never followed."""
+    from atropos.sandbox.rootfs import build_layout
+
+    tmp_path = open_tmp
+    state, outside = tmp_path / "state", tmp_path / "outside"
+    deeper = state / "etc" / "ro" / "deeper"
+    deeper.mkdir(parents=True)
+    (deeper / "f").write_text("x")
+    (state / "etc" / "ro" / "g").write_text("y")
+    outside.mkdir()
+    (outside / "kept").write_text("z")
+    (state / "etc" / "ro" / "out").symlink_to(outside)
+    for folder in (deeper, deeper.parent, outside):
+        folder.chmod(0o555)
+    # as root, modes stop nothing: the removal runs as an unprivileged user (forked, this interpreter)
+    for path in (tmp_path, *tmp_path.rglob("*")):
+        os.lchown(path, 65534, 65534)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            # a compiled runner's layout: the Python one's would look for this interpreter, under /root
+            build_layout("system", state_dir=str(state), private=[], runner_binary="/bin/true")
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert not (state / "etc" / "ro").exists() and (state / "etc").is_dir()
+    assert (outside / "kept").read_text() == "z" and outside.stat().st_mode & 0o777 == 0o555

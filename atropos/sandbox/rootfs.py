@@ -287,18 +287,21 @@ def _world_readable(path: str) -> bool:
 
 
 def _remove_copy(top: str) -> None:
-    """Remove an earlier server's copy of /etc, whose directories may have kept read-only modes."""
-
-    def writable_then_again(_func: object, path: str, _exc: object) -> None:
-        os.chmod(os.path.dirname(path), 0o700)
-        if os.path.isdir(path) and not os.path.islink(path):
-            os.chmod(path, 0o700)
-            shutil.rmtree(path, onerror=writable_then_again)
-        else:
-            os.unlink(path)
-
-    if os.path.lexists(top):
-        shutil.rmtree(top, onerror=writable_then_again)
+    """Remove an earlier server's copy of /etc, whose directories may have kept read-only modes:
+    each directory made the owner's to change first (top-down, so before it is listed), links left
+    as they are, then one rmtree."""
+    if not os.path.lexists(top):
+        return
+    if os.path.islink(top) or not os.path.isdir(top):
+        os.unlink(top)
+        return
+    os.chmod(top, 0o700)
+    for folder, subfolders, _files in os.walk(top):
+        for name in subfolders:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o700)
+    shutil.rmtree(top)
 
 
 def _identity_files() -> dict[str, str]:
