@@ -175,6 +175,24 @@ def test_a_slots_etc_is_the_curated_one_in_a_single_mount(workdir: str) -> None:
     assert sorted(under_etc) == ["/etc", "/etc/resolv.conf"], mounts  # the slot's resolver is its own
 
 
+def test_a_slots_sys_shows_no_node_network_device_nor_any_control_group(workdir: str) -> None:
+    """/sys is the node's: its network devices' names (docker0, the hub's links) and the node's
+    control groups (the other slots', with their usage) are covered; what programs read to size
+    themselves (the CPUs) is still there."""
+    with run_server(os.path.join(workdir, "data"), "--slots", "2", cwd="/tmp") as srv:
+        srv.execute(1, "bash", command="sleep 0.1")  # another slot, with its groups
+        seen = (
+            "ls -A /sys/class/net /sys/devices/virtual/net /sys/fs/cgroup; echo ==; cat /sys/devices/system/cpu/online"
+        )
+        out = srv.execute(0, "bash", command=seen)
+        found = srv.execute(0, "bash", command="find /sys -maxdepth 6 -name 'slot-*' 2>/dev/null | head -3")
+    covered, cpus = out["stdout"].split("==\n")
+    listed = [line for line in covered.splitlines() if line and not line.endswith(":")]
+    assert listed == [], out
+    assert cpus.strip() == open("/sys/devices/system/cpu/online").read().strip(), out
+    assert found["stdout"] == "", found
+
+
 def test_programs_still_run_in_a_slot(workdir: str) -> None:
     wheel_src = (
         "mkdir -p pkg/hello && echo 'WORD = \"hi\"' > pkg/hello/__init__.py && "

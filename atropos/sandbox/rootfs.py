@@ -58,6 +58,10 @@ RUNNER_MODULES = ("atropos", "atropos.sandbox", "atropos.units")
 
 # top-level entries `system` binds from the node, where they exist
 SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "sys")
+# /sys as bound is the node's view, not the slot's: its network devices (the node's interface names;
+# a slot has its own eth0 and lo) and every control group on the node (the other slots' groups, with
+# their memory and processes counted); covered with an empty directory wherever /sys shows
+SYS_COVERED = ("/sys/class/net", "/sys/devices/virtual/net", "/sys/fs/cgroup")
 
 # /etc entries `system` copies (the rest of the node's /etc stays out); `python3*` and `java*` too
 ETC_KEPT = frozenset(
@@ -414,7 +418,7 @@ def build_layout(
     for bind in declared:
         _check_source(bind)
         b.bind(bind.source, bind.target, writable=bind.writable)
-    for path in sorted(set(hide)):
+    for path in (*sorted(set(hide)), *SYS_COVERED):
         for target in b.shown_at(path):
             b.hide(path, target, empty)
     b.seal()
