@@ -18,6 +18,9 @@ def test_judged_ratio_and_target() -> None:
     assert row.met is False
     table = format_table([row])
     assert "NO" in table and "0.30x" in table
+    # a target on the value itself ("<= 2 s") beside a baseline: 7 s is a miss, whatever the ratio
+    row = judged(Row("s", "p99", 7.0, "s", "no warm slots", 14.0, "<= 2 s"), 2.0, of_value=True)
+    assert row.ratio == 0.5 and row.met is False
 
 
 def test_bench_runs_and_writes_json(tmpdir_path: str) -> None:

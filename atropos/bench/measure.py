@@ -49,11 +49,12 @@ class Row:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-def judged(row: Row, limit: float, *, higher_is_better: bool = False) -> Row:
-    """Fill in the ratio to the baseline and whether the target holds."""
+def judged(row: Row, limit: float, *, higher_is_better: bool = False, of_value: bool = False) -> Row:
+    """Fill in the ratio to the baseline and whether the target holds: for the ratio where there is
+    a baseline, unless the target is the value's own (`of_value`: "<= 2 s" beside a baseline)."""
     if row.baseline_value:
         row.ratio = row.value / row.baseline_value
-    measure = row.ratio if row.ratio is not None else row.value
+    measure = row.ratio if row.ratio is not None and not of_value else row.value
     row.met = measure >= limit if higher_is_better else measure <= limit
     return row
 

@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from atropos.backends.local import LocalBackend
 from atropos.bench.measure import Row, judged, pss_mb, subprocess_floor_concurrent
@@ -31,6 +31,10 @@ class Wave:
     wall: float
     latencies: list[float]
     cpu: float  # this process's CPU seconds during the wave
+    first: list[float] = field(default_factory=list)  # each trajectory's first call
+
+    def first_p(self, q: float) -> float:
+        return percentile(sorted(self.first), q)
 
     @property
     def calls(self) -> int:
@@ -43,6 +47,7 @@ class Wave:
 async def _wave(pool: SlotPool, trajectories: int, tag: str) -> Wave:
     """Every trajectory leases a slot and makes _CALLS calls, all at once."""
     latencies: list[float] = []
+    first: list[float] = []
 
     async def trajectory(n: int) -> None:
         async with pool.slot(f"{tag}{n}", timeout=600) as slot:
@@ -51,12 +56,14 @@ async def _wave(pool: SlotPool, trajectories: int, tag: str) -> Wave:
                 t0 = time.perf_counter()
                 result = await pool.execute(slot, tool, {"command": f"echo {n}-{i}"}, timeout=120)
                 latencies.append(time.perf_counter() - t0)
+                if i == 0:
+                    first.append(latencies[-1])
                 if result.stdout.strip() != f"{n}-{i}":
                     raise RuntimeError(f"wrong output {result.stdout!r}")
 
     cpu0, t0 = time.process_time(), time.perf_counter()
     await asyncio.gather(*(trajectory(n) for n in range(trajectories)))
-    return Wave(time.perf_counter() - t0, latencies, time.process_time() - cpu0)
+    return Wave(time.perf_counter() - t0, latencies, time.process_time() - cpu0, first)
 
 
 async def _calls(pool: SlotPool, slots: list[Slot]) -> Wave:
@@ -175,12 +182,17 @@ async def _start_breakdown(say: Callable[[str], None]) -> list[Row]:
     ]  # fmt: skip
 
 
-async def _burst(servers: int, slots: int, warm: bool, say: Callable[[str], None]) -> tuple[Wave, Wave, float]:
-    """A pool's first wave (fresh slots) and second wave (the same slots again); seconds to warm."""
+async def _burst(
+    servers: int, slots: int, warm: bool, say: Callable[[str], None], *, wait: bool = True
+) -> tuple[Wave, Wave, float]:
+    """A pool's first wave (fresh slots) and second wave (the same slots again); seconds to warm.
+    Warm slots (the default) are waited for, unless not `wait`: the trajectories start with the pool,
+    as a trainer's do, and race the warm-up."""
     kw: dict[str, object] = {} if warm else {"warm_slots": 0}
     async with SlotPool(_config(servers, slots, **kw)) as pool:
-        warmed = await _warm_ready(pool) if warm else 0.0
-        say(f"scale: burst of {servers * slots} fresh slots ({'warm' if warm else 'cold'} start)")
+        warmed = await _warm_ready(pool) if warm and wait else 0.0
+        start = "cold" if not warm else "warm" if wait else "default settings, from pool start"
+        say(f"scale: burst of {servers * slots} fresh slots ({start})")
         first = await _wave(pool, servers * slots, "c")
         await asyncio.sleep(1.0)  # the releases' resets
         second = await _wave(pool, servers * slots, "w")
@@ -292,11 +304,16 @@ async def _shape(sizes: tuple[int, ...], say: Callable[[str], None]) -> list[Row
     return rows
 
 
+def _judged_if(judge: bool, row: Row, limit: float) -> Row:
+    return judged(row, limit) if judge else row
+
+
 async def scale_rows(quick: bool, say: Callable[[str], None]) -> list[Row]:
     rows = await _start_breakdown(say)
     servers, slots = (4, 16) if quick else (8, 32)
     n = servers * slots
     cold, cold_again, _ = await _burst(servers, slots, warm=False, say=say)
+    started, _, _ = await _burst(servers, slots, warm=True, say=say, wait=False)
     warm, warm_again, warmed = await _burst(servers, slots, warm=True, say=say)
     say(f"scale: floor, {n} concurrent plain subprocesses")
     floor_wall = await subprocess_floor_concurrent(n, _CALLS, "echo x")
@@ -304,10 +321,17 @@ async def scale_rows(quick: bool, say: Callable[[str], None]) -> list[Row]:
     rows += [
         Row(_SCENARIO, f"cold burst, {n} fresh slots: call p50", cold.p(0.5) * 1000, "ms",
             note=f"p99 {cold.p(0.99) * 1000:.0f} ms, wall {cold.wall:.1f} s ({cold.calls / cold.wall:.0f} calls/s)"),
-        judged(Row(_SCENARIO, f"burst on warm slots, {n} fresh slots: call p99", warm.p(0.99), "s",
-                   baseline="the same burst, no warm slots", baseline_value=cold.p(0.99), target="<= 2 s",
-                   note=f"p50 {warm.p(0.5) * 1000:.0f} ms, wall {warm.wall:.1f} s; warm slots ready "
-                        f"{warmed:.1f} s after the pool"), 2.0),
+        _judged_if(n == 64, Row(_SCENARIO, f"no warm slots, {n} fresh slots: slowest first call", max(cold.first),
+                                "s", target="<= 1.5 s" if n == 64 else "",
+                                note=f"first-call p99 {cold.first_p(0.99):.2f} s"), 1.5),
+        judged(Row(_SCENARIO, f"from pool start, {n} fresh slots: first-call p99", started.first_p(0.99), "s",
+                   baseline="the same burst, no warm slots", baseline_value=cold.first_p(0.99), target="<= 2 s",
+                   note=f"default settings (warm slots on, not waited for); p50 {started.first_p(0.5) * 1000:.0f} ms, "
+                        f"wall {started.wall:.1f} s"), 2.0, of_value=True),
+        judged(Row(_SCENARIO, f"burst on warm slots, {n} fresh slots: first-call p99", warm.first_p(0.99), "s",
+                   baseline="the same burst, no warm slots", baseline_value=cold.first_p(0.99), target="<= 2 s",
+                   note=f"p50 {warm.first_p(0.5) * 1000:.0f} ms, wall {warm.wall:.1f} s; warm slots ready "
+                        f"{warmed:.1f} s after the pool, waited for"), 2.0, of_value=True),
         judged(Row(_SCENARIO, f"warm throughput, {n} trajectories", warm_again.calls / warm_again.wall, "calls/s",
                    baseline=f"plain bash -c, {n} concurrent", baseline_value=floor_rate, target=">= 0.7x",
                    note=f"p50 {warm_again.p(0.5) * 1000:.0f} ms, p99 {warm_again.p(0.99) * 1000:.0f} ms "
@@ -317,7 +341,7 @@ async def scale_rows(quick: bool, say: Callable[[str], None]) -> list[Row]:
                    warm_again.cpu / warm_again.calls * 1e6, "us",
                    note=f"the same pool's first wave {warm.cpu / warm.calls * 1e6:.0f} us; without warm slots "
                         f"{cold.cpu / cold.calls * 1e6:.0f} us first, {cold_again.cpu / cold_again.calls * 1e6:.0f} us "
-                        "second"), 150.0),
+                        "second", target="<= 100 us"), 100.0),
     ]  # fmt: skip
     rows += await _memory(32 if quick else 64, say)
     rows += await _shape((64, 256) if quick else (64, 256, 1024), say)

@@ -121,10 +121,10 @@ async def latency_rows(sizes: Sizes, say: Callable[[str], None]) -> list[Row]:
                             "ms",
                             "subprocess bash -c true",
                             ms(floor.p50),
-                            "<= 2.0x",
+                            "<= 1.2x",
                             extra={"p99_ms": ms(t["one-shot"].p99)},
                         ),
-                        2.0,
+                        1.2,
                     )
                 )
                 rows.append(
