@@ -107,3 +107,28 @@ def test_invalid_request_does_not_echo_the_input(server: RunningServer) -> None:
     assert r.status_code == 422 and "invalid args" in r.json()["error"]
     assert big[:1000] not in r.text and len(r.content) < 2000, len(r.content)
     assert any(e["loc"] == ["junk"] for e in r.json()["detail"]), r.json()
+
+
+async def test_a_servers_own_bug_is_a_json_500_with_its_cause_and_the_server_goes_on(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception no handler expected (a bug) answers like every other error: JSON with `error`,
+    what failed and where, the traceback in the server's log; the next request is served."""
+    from aiohttp.test_utils import TestServer
+
+    from atropos.sandbox.models import Enforcement
+    from atropos.sandbox.server.app import SandboxApp
+
+    enforcement = Enforcement(isolation="none", runner="python", network="allow", uid=0, limits={}, cgroups=[])
+    api = SandboxApp([], token="t", default_timeout=5, enforcement=enforcement, max_body=1 << 20)
+
+    async def broken(_request: object) -> object:
+        raise KeyError("slot-state")
+
+    monkeypatch.setattr(api, "status", broken)
+    async with TestServer(api.build()) as srv, httpx.AsyncClient(base_url=str(srv.make_url(""))) as client:
+        r = await client.get("/status", headers={"Authorization": "Bearer t"})
+        assert r.status_code == 500 and r.headers["Content-Type"].startswith("application/json"), r.text
+        assert r.json()["error"] == "internal error of the server on GET /status: KeyError: 'slot-state'", r.text
+        assert (await client.get("/health")).status_code == 200
+    assert "Traceback" in caplog.text and "event=internal_error" in caplog.text

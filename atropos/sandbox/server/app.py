@@ -186,6 +186,10 @@ class SandboxApp:
         except SlotFailure as exc:
             log.warning("%s", exc)
             return _json(ErrorResponse(error=str(exc), stopping=self.stopping), 503)
+        except Exception as exc:  # a bug of the server's: said in JSON like every error, its traceback logged
+            log.exception("event=internal_error method=%s path=%s", request.method, request.path)
+            what = f"internal error of the server on {request.method} {request.path}: {type(exc).__name__}: {exc}"
+            return _json(ErrorResponse(error=what[:1000], stopping=self.stopping), 500)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
