@@ -7,6 +7,7 @@
 
 mod bridge;
 mod capture;
+mod cgjoin;
 mod children;
 mod files;
 mod hibernate;
@@ -506,9 +507,20 @@ fn serve(runner: &Arc<Runner>) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some(slotnet::FLAG) {
-        // not the runner: the link of a slot's network namespace to the hub, before its sandbox
-        eprintln!("{}", slotnet::main(&args[2..]));
+    // not the runner: what starts a slot's sandbox (its groups joined, its network linked to the hub)
+    let front = args.get(1).map(String::as_str);
+    if front == Some(cgjoin::FLAG) || front == Some(slotnet::FLAG) {
+        let why = match cgjoin::join(&args[1..]) {
+            Err(why) => why,
+            Ok(rest) if rest.first().map(String::as_str) == Some(slotnet::FLAG) => slotnet::main(&rest[1..]),
+            Ok(rest) if rest.first().map(String::as_str) == Some("--") => cgjoin::exec(&rest[1..]),
+            Ok(_) => format!(
+                "atropos-runner: {} needs -- COMMAND or {} after it",
+                cgjoin::FLAG,
+                slotnet::FLAG
+            ),
+        };
+        eprintln!("{why}");
         std::process::exit(1);
     }
     if let Err(message) = run() {

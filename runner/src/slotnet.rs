@@ -372,19 +372,7 @@ pub fn main(args: &[String]) -> String {
     if let Err(why) = link(&plan).and_then(|_| own_user(&plan)) {
         return why;
     }
-    let argv: Vec<CString> = match plan.command.iter().map(|a| CString::new(a.as_str())).collect() {
-        Ok(argv) => argv,
-        Err(_) => return "atropos-slot-net: the command holds a NUL byte".into(),
-    };
-    let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
-    ptrs.push(std::ptr::null());
-    // SAFETY: a NULL-terminated array of NUL-terminated strings that outlive the call
-    unsafe { libc::execvp(ptrs[0], ptrs.as_ptr()) };
-    format!(
-        "atropos-slot-net: cannot run {}: {}",
-        plan.command[0],
-        io::Error::last_os_error()
-    )
+    crate::cgjoin::exec(&plan.command)
 }
 
 #[cfg(test)]

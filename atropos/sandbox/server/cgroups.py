@@ -97,10 +97,17 @@ class SlotCgroup:
     _seen: dict[LimitKind, int] = field(default_factory=dict)  # counters at the last look (a new group: 0)
     _open: dict[LimitKind, int] = field(default_factory=dict)  # the counter files' fds (-1: unreadable)
 
-    def wrap(self, argv: list[str]) -> list[str]:
-        """`argv` started from a shell that first joins the groups (children inherit them)."""
-        joins = " && ".join(f"echo $$ > {shlex.quote(os.path.join(d, 'cgroup.procs'))}" for d in self.dirs)
-        return ["/bin/sh", "-c", f'{joins} && exec "$@"', "atropos-slot", *argv]
+    def wrap(self, argv: list[str], helper: str | None = None) -> list[str]:
+        """`argv` started from a process that first joins the groups (children inherit them): the
+        compiled runner's binary `helper` (`--join`; its `--slot-net` then runs in that same process),
+        or a shell."""
+        if helper is not None:
+            joins = [arg for d in self.dirs for arg in ("--join", d)]
+            if argv[:2] == [helper, "--slot-net"]:
+                return [helper, *joins, *argv[1:]]
+            return [helper, *joins, "--", *argv]
+        joins_sh = " && ".join(f"echo $$ > {shlex.quote(os.path.join(d, 'cgroup.procs'))}" for d in self.dirs)
+        return ["/bin/sh", "-c", f'{joins_sh} && exec "$@"', "atropos-slot", *argv]
 
     def remove(self) -> None:
         """After the runner died: an empty group is removed by rmdir."""

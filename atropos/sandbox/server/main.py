@@ -237,7 +237,7 @@ def build_slots(
             slot: int = i,
         ) -> list[str]:
             argv = spec.argv(workspace, runner, layers, image, slot) if spec is not None else runner
-            return cgroup.wrap(argv) if cgroup is not None and cgroup.dirs else argv
+            return cgroup.wrap(argv, runner_binary) if cgroup is not None and cgroup.dirs else argv
 
         slots.append(
             SlotRunner(
