@@ -3,7 +3,9 @@ instead of silently answering from a fresh shell with another working directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import signal
 import threading
 
@@ -11,7 +13,12 @@ import httpx
 
 from atropos.sandbox.runner.session import SESSION_RESTARTED
 from tests.conftest import RunningServer
-from tests.server_process import pids_with_arg, runner_above, wait_for_pids
+from tests.server_process import pids_with_arg, runner_above, wait_for_pids, wait_until_gone
+
+
+def unique_sleep(seconds: int) -> str:
+    """A command line no other process on the machine has (processes are looked for machine-wide)."""
+    return f"sleep {seconds}.{secrets.randbelow(10**6):06d}"
 
 
 def _start_state(srv: RunningServer, slot: int) -> None:
@@ -36,15 +43,16 @@ def test_sandbox_killed_between_calls_is_reported(server: RunningServer) -> None
     # the runner is out of the reach of the slot's own processes: killed from outside, it takes the
     # sandbox and its shell down, and the call it was running fails
     answer: dict[str, httpx.Response] = {}
+    marker = unique_sleep(7)
 
     def call() -> None:
         with server.client() as c:
-            answer["r"] = c.post("/execute", json={"slot": 2, "tool": "bash", "args": {"command": "sleep 7.25"}})
+            answer["r"] = c.post("/execute", json={"slot": 2, "tool": "bash", "args": {"command": marker}})
 
     caller = threading.Thread(target=call)
     caller.start()
-    assert wait_for_pids("sleep 7.25", 1) == 1
-    os.kill(runner_above(pids_with_arg("sleep 7.25")[0]), signal.SIGKILL)
+    assert wait_for_pids(marker, 1) == 1
+    os.kill(runner_above(pids_with_arg(marker)[0]), signal.SIGKILL)
     caller.join(30)
     r = answer["r"]
     assert r.status_code == 503 and "sandbox exited" in r.json()["error"], r.text
@@ -58,3 +66,23 @@ def test_reset_is_not_reported_as_a_loss(server: RunningServer) -> None:
         assert c.post("/reset", json={"slot": 3}).status_code == 200
     r = server.execute(3, "bash_session", command="echo ${KEEP:-fresh}")
     assert r["stdout"] == "fresh\n" and SESSION_RESTARTED not in r["output"], r
+
+
+def test_a_runner_that_stops_answering_is_replaced_and_the_call_says_so(server: RunningServer) -> None:
+    """A runner frozen from outside (stopped) answers nothing: the call fails once its timeout and
+    the server's grace are over, the runner is replaced, and the slot's next call is served."""
+    marker = unique_sleep(300)
+    assert server.execute(0, "bash_session", command=f"{marker} &")["ok"]
+    assert wait_for_pids(marker, 1) == 1
+    frozen = runner_above(pids_with_arg(marker)[0])
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        with server.client(timeout=60) as c:
+            r = c.post("/execute", json={"slot": 0, "tool": "bash", "args": {"command": "true"}, "timeout": 1})
+        assert r.status_code == 503 and "stopped answering" in r.json()["error"], r.text
+        assert wait_until_gone(marker) == [], "the frozen runner's sandbox is still there"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(frozen, signal.SIGCONT)
+    again = server.execute(0, "bash", command="echo served")
+    assert again["stdout"] == "served\n", again

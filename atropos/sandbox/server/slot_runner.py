@@ -66,6 +66,12 @@ class SlotReset(SlotFailure):
     pass
 
 
+def _expire(fut: asyncio.Future[Any]) -> None:
+    """A runner's answer that did not come in time."""
+    if not fut.done():
+        fut.set_exception(asyncio.TimeoutError())
+
+
 class SlotRunner:
     def __init__(
         self,
@@ -219,14 +225,18 @@ class SlotRunner:
         if request["op"] != "hibernate":
             await self._awake(proc)  # no await from here to the write below
         rid = next(self._ids)
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
         self._pending[rid] = fut
         if on_chunk is not None:
             self._chunks[rid] = on_chunk
         proc.stdin.write(request_line(rid, request))
+        # the answer's own deadline on its future: wait_for with a shield cost each call three more
+        # turns of the event loop (a waiter, a shield, their callbacks)
+        deadline = loop.call_later(timeout + RUNNER_GRACE, _expire, fut)
         try:
             await proc.stdin.drain()
-            return await asyncio.wait_for(asyncio.shield(fut), timeout + RUNNER_GRACE)
+            return await fut
         except asyncio.TimeoutError:
             log.error("slot %d: runner did not answer within %.0fs; replacing it", self.index, timeout + RUNNER_GRACE)
             await self.kill_runner()
@@ -234,6 +244,7 @@ class SlotRunner:
         except (BrokenPipeError, ConnectionResetError):
             raise SlotFailure(f"slot {self.index}: the sandbox exited; it restarts on the next call") from None
         finally:
+            deadline.cancel()
             self._pending.pop(rid, None)
             self._chunks.pop(rid, None)
 
