@@ -199,12 +199,18 @@ class HttpClient:
         deadline = time.monotonic() + timeout  # the connection's wait and the answer's, together
         conn = await self._connection(timeout)
         self._busy.add(conn)
+        # a timer that fails the connection's answer: wait_for cost each request a turn of the loop and
+        # a future more
+        timer = asyncio.get_running_loop().call_later(
+            max(0.0, deadline - time.monotonic()), conn.fail, asyncio.TimeoutError()
+        )
         try:
-            answer = await asyncio.wait_for(conn.send(data), max(0.0, deadline - time.monotonic()))
+            answer = await conn.send(data)
         except BaseException:
             conn.fail(HttpTransportError("request abandoned"))  # its answer may still come: never reuse it
             raise
         finally:
+            timer.cancel()
             self._busy.discard(conn)
         if conn.reusable and conn.transport is not None and len(self._idle) < self.keep and not self._closed:
             conn.idle_since = time.monotonic()
