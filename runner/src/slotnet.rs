@@ -6,7 +6,8 @@
 //!
 //! 1. enter the hub's user namespace, whose root our uid is (nsenter --preserve-credentials);
 //! 2. a new network namespace (owned by it), IPv6 off for its devices;
-//! 3. a veth pair: `eth0` here, its peer in the hub's namespace, addressed and up on both sides;
+//! 3. a veth pair, made from inside the hub (its names resolve there): its end in the hub, `eth0`
+//!    placed here by fd; addressed and up on both sides (one trip into the hub and back);
 //! 4. the slot's routes: default via the hub, `prohibit` for every blocked prefix;
 //! 5. a user namespace of its own mapping the server's uid and gid (unshare --map-user/--map-group);
 //! 6. exec the command (bubblewrap).
