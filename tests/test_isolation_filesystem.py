@@ -193,6 +193,16 @@ def test_a_slots_sys_shows_no_node_network_device_nor_any_control_group(workdir:
     assert found["stdout"] == "", found
 
 
+def test_the_layout_names_as_covered_only_the_servers_own_files(tmp_path: Path) -> None:
+    """What the server logs as its own files covered is those, not the /sys covers beside them."""
+    from atropos.sandbox.rootfs import SYS_COVERED, build_layout
+
+    own = "/usr/share/doc"  # a path the default root shows, standing in for a server's file there
+    layout = build_layout("system", state_dir=str(tmp_path), private=[own], runner_binary="/bin/true")
+    assert layout.hidden == (own,)
+    assert set(SYS_COVERED) <= set(layout.args), layout.args
+
+
 def test_programs_still_run_in_a_slot(workdir: str) -> None:
     wheel_src = (
         "mkdir -p pkg/hello && echo 'WORD = \"hi\"' > pkg/hello/__init__.py && "

@@ -418,7 +418,11 @@ def build_layout(
     for bind in declared:
         _check_source(bind)
         b.bind(bind.source, bind.target, writable=bind.writable)
-    for path in (*sorted(set(hide)), *SYS_COVERED):
+    for path in sorted(set(hide)):
+        for target in b.shown_at(path):
+            b.hide(path, target, empty)
+    own_files_covered = tuple(b.hidden)
+    for path in SYS_COVERED:
         for target in b.shown_at(path):
             b.hide(path, target, empty)
     b.seal()
@@ -427,7 +431,7 @@ def build_layout(
         policy,
         tuple(b.args),
         declared,
-        tuple(b.hidden),
+        own_files_covered,
         _image_args(private, declared, runner, empty, host),
         host.prefix if host is not None else (RUNNER_BINARY,),
     )
