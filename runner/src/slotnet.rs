@@ -313,19 +313,22 @@ fn link(plan: &Plan) -> Result<(), String> {
     // the hub's side, from inside the hub (names resolve there), then back here once
     step("entering the hub", enter(&hub_net, libc::CLONE_NEWNET))?;
     let hub_sock = step("netlink in the hub", netlink())?;
-    if let Err(first) = veth(&hub_sock, &plan.hub_dev, own_net.as_raw_fd()) {
-        if first.raw_os_error() != Some(libc::EEXIST) {
-            return step("creating the slot's link", Err(first));
+    let mut removals = 0;
+    while let Err(failed) = veth(&hub_sock, &plan.hub_dev, own_net.as_raw_fd()) {
+        if failed.raw_os_error() != Some(libc::EEXIST) || removals == 3 {
+            return step("creating the slot's link", Err(failed));
         }
-        // a link the slot's last sandbox left in the hub (its namespace not yet gone): replaced
+        removals += 1;
+        // a link the slot's last sandbox left in the hub (its namespace not yet gone): removed; one
+        // gone meanwhile (ENODEV: that namespace's teardown finished) is as good
         let removed = Message::new(RTM_DELLINK, 0, &ifinfo(0, 0, 0))
             .text(IFLA_IFNAME, &plan.hub_dev)
             .send(&hub_sock);
-        step("removing the slot's old link", removed)?;
-        step(
-            "creating the slot's link",
-            veth(&hub_sock, &plan.hub_dev, own_net.as_raw_fd()),
-        )?;
+        if let Err(why) = removed {
+            if why.raw_os_error() != Some(libc::ENODEV) {
+                return step("removing the slot's old link", Err(why));
+            }
+        }
     }
     let hub_index = step("the hub's side of the link", index_of(&plan.hub_dev))?;
     step(
