@@ -11,6 +11,7 @@ and a declared bind shows what it declares and nothing more.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import pwd
 import shutil
@@ -458,22 +459,25 @@ def test_an_earlier_servers_etc_copy_with_read_only_folders_is_replaced(open_tmp
     (state / "etc" / "ro" / "out").symlink_to(outside)
     for folder in (deeper, deeper.parent, outside):
         folder.chmod(0o555)
-    # as root, modes stop nothing: the removal runs as an unprivileged user (forked, this interpreter)
-    for path in (tmp_path, *tmp_path.rglob("*")):
-        os.lchown(path, 65534, 65534)
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            os.setgid(65534)
-            os.setuid(65534)
-            # a compiled runner's layout: the Python one's would look for this interpreter, under /root
-            build_layout("system", state_dir=str(state), private=[], runner_binary="/bin/true")
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    # a compiled runner's layout: the Python one's would look for this interpreter (under /root here)
+    build = functools.partial(build_layout, "system", state_dir=str(state), private=[], runner_binary="/bin/true")
+    if os.geteuid() != 0:
+        build()
+    else:  # as root, modes stop nothing: the removal runs as an unprivileged user (forked, this interpreter)
+        for path in (tmp_path, *tmp_path.rglob("*")):
+            os.lchown(path, 65534, 65534)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                build()
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
     assert not (state / "etc" / "ro").exists() and (state / "etc").is_dir()
     assert (outside / "kept").read_text() == "z" and outside.stat().st_mode & 0o777 == 0o555
