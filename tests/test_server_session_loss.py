@@ -69,16 +69,25 @@ def test_reset_is_not_reported_as_a_loss(server: RunningServer) -> None:
 
 
 def test_a_runner_that_stops_answering_is_replaced_and_the_call_says_so(server: RunningServer) -> None:
-    """A runner frozen from outside (stopped) answers nothing: the call fails once its timeout and
-    the server's grace are over, the runner is replaced, and the slot's next call is served."""
+    """A runner frozen from outside (stopped) while it runs a call answers nothing: the call fails
+    once its timeout and the server's grace are over, the runner is replaced, and the slot's next
+    call is served. (Frozen during the call: an idle slot may be asleep, its runner not there.)"""
+    answer: dict[str, httpx.Response] = {}
     marker = unique_sleep(300)
-    assert server.execute(0, "bash_session", command=f"{marker} &")["ok"]
+
+    def call() -> None:
+        with server.client(timeout=60) as c:
+            body = {"slot": 0, "tool": "bash", "args": {"command": marker}, "timeout": 3}
+            answer["r"] = c.post("/execute", json=body)
+
+    caller = threading.Thread(target=call)
+    caller.start()
     assert wait_for_pids(marker, 1) == 1
     frozen = runner_above(pids_with_arg(marker)[0])
-    os.kill(frozen, signal.SIGSTOP)
+    os.kill(frozen, signal.SIGSTOP)  # before the call's 3 s are over: the runner cannot answer it
     try:
-        with server.client(timeout=60) as c:
-            r = c.post("/execute", json={"slot": 0, "tool": "bash", "args": {"command": "true"}, "timeout": 1})
+        caller.join(60)
+        r = answer["r"]
         assert r.status_code == 503 and "stopped answering" in r.json()["error"], r.text
         assert wait_until_gone(marker) == [], "the frozen runner's sandbox is still there"
     finally:
