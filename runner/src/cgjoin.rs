@@ -4,8 +4,9 @@
 //! DIR/cgroup.procs && exec "$@"'` wrapper of atropos.sandbox.server.cgroups, which the Python
 //! runner's servers use: a shell's start cost every slot's start ~1.3 ms here.
 
-use std::ffi::CString;
 use std::io;
+
+use crate::sys;
 
 pub const FLAG: &str = "--join";
 
@@ -28,14 +29,12 @@ pub fn exec(command: &[String]) -> String {
     let Some(program) = command.first() else {
         return "atropos-runner: no command to run".into();
     };
-    let argv: Vec<CString> = match command.iter().map(|a| CString::new(a.as_str())).collect() {
+    let argv = match sys::Argv::new(command) {
         Ok(argv) => argv,
-        Err(_) => return "atropos-runner: the command holds a NUL byte".into(),
+        Err(e) => return format!("atropos-runner: cannot run {program}: {e}"),
     };
-    let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
-    ptrs.push(std::ptr::null());
     // SAFETY: a NULL-terminated array of NUL-terminated strings that outlive the call
-    unsafe { libc::execvp(ptrs[0], ptrs.as_ptr()) };
+    unsafe { libc::execvp(argv.program(), argv.as_ptr()) };
     format!("atropos-runner: cannot run {program}: {}", io::Error::last_os_error())
 }
 

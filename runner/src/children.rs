@@ -6,10 +6,8 @@
 //! waiter polls it beside the child's output.
 
 use std::collections::HashMap;
-use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::ptr;
 use std::sync::Mutex;
 
 use crate::sys;
@@ -68,14 +66,6 @@ pub fn read_exit(fd: RawFd) -> i32 {
     }
 }
 
-fn cstrings(argv: &[&str]) -> io::Result<Vec<CString>> {
-    argv.iter()
-        .map(|a| {
-            CString::new(*a).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "argument contains a NUL byte"))
-        })
-        .collect()
-}
-
 struct SpawnSetup {
     actions: libc::posix_spawn_file_actions_t,
     attr: libc::posix_spawnattr_t,
@@ -132,9 +122,7 @@ impl Drop for SpawnSetup {
 /// close-on-exec except `pass_fd`, made inheritable for this spawn alone (under the lock, so no
 /// other command inherits it). A refused fork is `ErrorKind::WouldBlock` (EAGAIN).
 pub fn spawn(argv: &[&str], pass_fd: Option<RawFd>) -> io::Result<Child> {
-    let args = cstrings(argv)?;
-    let mut ptrs: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
-    ptrs.push(ptr::null());
+    let argv = sys::Argv::new(argv)?;
     let (out_r, out_w) = sys::pipe()?;
     let (err_r, err_w) = sys::pipe()?;
     let (exit_r, exit_w) = sys::pipe()?;
@@ -149,10 +137,10 @@ pub fn spawn(argv: &[&str], pass_fd: Option<RawFd>) -> io::Result<Child> {
     let rc = unsafe {
         libc::posix_spawnp(
             &mut pid,
-            ptrs[0],
+            argv.program(),
             &setup.actions,
             &setup.attr,
-            ptrs.as_ptr() as *const *mut libc::c_char,
+            argv.as_ptr() as *const *mut libc::c_char,
             environ as *const *mut libc::c_char,
         )
     };

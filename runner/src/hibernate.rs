@@ -116,15 +116,9 @@ fn exec_holder(held: Held) -> io::Result<Never> {
     let mut argv: Vec<String> = vec![HOLDER.into(), "-c".into(), HOLD.into(), "atropos-hold".into()];
     argv.extend(without_resume(std::env::args().collect()));
     argv.extend([RESUME_FLAG.to_string(), state.to_string()]);
-    let args: Vec<CString> = argv
-        .into_iter()
-        .map(CString::new)
-        .collect::<Result<_, _>>()
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    let mut ptrs: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
-    ptrs.push(std::ptr::null());
+    let argv = sys::Argv::new(&argv)?;
     // SAFETY: a NUL-terminated array of NUL-terminated strings, all alive for the call
-    unsafe { libc::execv(ptrs[0], ptrs.as_ptr()) };
+    unsafe { libc::execv(argv.program(), argv.as_ptr()) };
     Err(io::Error::last_os_error())
 }
 

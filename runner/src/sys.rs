@@ -1,5 +1,6 @@
 //! Thin safe wrappers over the few system calls the runner makes on raw fds.
 
+use std::ffi::CString;
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
@@ -133,4 +134,62 @@ pub fn random_hex(n: usize) -> String {
         }
     }
     buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A command line as exec and posix_spawn take it: NUL-terminated strings, and a NULL-terminated
+/// array of pointers to them (valid while this lives: a CString's bytes do not move with it).
+pub struct Argv {
+    _strings: Vec<CString>,
+    ptrs: Vec<*const libc::c_char>,
+}
+
+impl Argv {
+    /// `InvalidInput` for an empty command line or an argument that holds a NUL byte.
+    pub fn new<S: AsRef<str>>(args: &[S]) -> io::Result<Argv> {
+        let invalid = |why: &str| io::Error::new(io::ErrorKind::InvalidInput, why.to_string());
+        if args.is_empty() {
+            return Err(invalid("no program to run"));
+        }
+        let strings = args
+            .iter()
+            .map(|a| CString::new(a.as_ref()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| invalid("an argument holds a NUL byte"))?;
+        let mut ptrs: Vec<*const libc::c_char> = strings.iter().map(|a| a.as_ptr()).collect();
+        ptrs.push(std::ptr::null());
+        Ok(Argv {
+            _strings: strings,
+            ptrs,
+        })
+    }
+
+    pub fn program(&self) -> *const libc::c_char {
+        self.ptrs[0]
+    }
+
+    pub fn as_ptr(&self) -> *const *const libc::c_char {
+        self.ptrs.as_ptr()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CStr;
+
+    #[test]
+    fn an_argv_is_null_terminated_and_refuses_what_exec_could_not_take() {
+        let argv = Argv::new(&["bash", "-c", "true"]).unwrap();
+        // SAFETY: the array holds three valid strings, then NULL, while `argv` lives
+        let seen: Vec<&str> = (0..3)
+            .map(|i| unsafe { CStr::from_ptr(*argv.as_ptr().add(i)) }.to_str().unwrap())
+            .collect();
+        assert_eq!(seen, ["bash", "-c", "true"]);
+        assert!(unsafe { *argv.as_ptr().add(3) }.is_null());
+        assert_eq!(argv.program(), unsafe { *argv.as_ptr() });
+        for bad in [&["a\0b"][..], &[][..]] {
+            let err = Argv::new(bad).err().expect("refused");
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        }
+    }
 }

@@ -43,6 +43,7 @@ from atropos.sandbox.server.isolation import (
 from atropos.sandbox.server.privileges import PrivilegeError, give_up_root, resolve_identity
 from atropos.sandbox.server.slot_runner import SlotRunner
 from atropos.sandbox.server.snapshots import SnapshotStore
+from atropos.sandbox.server.starts import Starts
 from atropos.sandbox.settings import READY_PREFIX, TOKEN_ENV, ServerSettings, add_arguments, flag_of, problem_of
 
 log = logging.getLogger("atropos.sandbox")
@@ -214,6 +215,7 @@ def build_slots(
     # RLIMIT_NPROC counts per user namespace, and never stops root
     nproc_rlimit = spec is not None and spec.userns and os.geteuid() != 0
     slots = []
+    starts = Starts()
     for i, cgroup in enumerate(cgroups):
         workspace = os.path.join(cfg.data_dir, "slots", str(i))
         os.makedirs(workspace, exist_ok=True)
@@ -249,6 +251,7 @@ def build_slots(
                 overlay_work,
                 os.path.join(cfg.data_dir, "image-layers", str(i)) if spec is not None else None,
                 own_network=spec is not None and spec.network != "allow",
+                starts=starts,
             )
         )
     return slots

@@ -41,12 +41,9 @@ from atropos.sandbox.server.bridges import BridgeError, Bridges
 from atropos.sandbox.server.cgroups import SlotCgroup
 from atropos.sandbox.server.isolation import Fork
 from atropos.sandbox.server.snapshots import Snapshot, copy_root
+from atropos.sandbox.server.starts import Starts
 
 log = logging.getLogger("atropos.sandbox")
-
-# runners starting at once: each costs ~50 ms of CPU, and a burst of 64 on a small machine would
-# starve the server's own event loop (health checks time out, the pool declares it lost)
-_STARTS = asyncio.Semaphore(max(2, os.cpu_count() or 2))
 
 # the runner enforces a call's timeout itself; the server gives it this long on top before it
 # declares the runner hung and replaces it
@@ -83,8 +80,11 @@ class SlotRunner:
         overlay_work: str | None = None,
         image_layer: str | None = None,
         own_network: bool = False,
+        *,
+        starts: Starts,
     ) -> None:
         self.index = index
+        self.starts = starts  # the server's: how many start at once, and which calls wait for them
         self.cgroup = cgroup
         self.workspace = workspace
         self._command = command
@@ -144,7 +144,7 @@ class SlotRunner:
         async with self._start_lock:
             if self._proc is not None and self._proc.returncode is None:
                 return self._proc
-            async with _STARTS:
+            async with self.starts.start():
                 return await self._start_runner()
 
     async def _start_runner(self) -> asyncio.subprocess.Process:
@@ -220,7 +220,13 @@ class SlotRunner:
         """The runner's answer to `request` (an Outcome for a tool call; see runner.protocol);
         a streamed command's output pieces go to `on_chunk` meanwhile."""
         timeout = request["timeout"]
-        proc = await self._ensure_runner()
+        if self.started:
+            if request["op"] != "hibernate":
+                await self.starts.turn()  # fresh slots' starts go first
+            proc = await self._ensure_runner()
+        else:
+            async with self.starts.awaited_by_a_call():
+                proc = await self._ensure_runner()
         assert proc.stdin is not None
         if request["op"] != "hibernate":
             await self._awake(proc)  # no await from here to the write below

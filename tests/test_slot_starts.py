@@ -1,0 +1,113 @@
+"""Fresh slots' starts go before started slots' calls (atropos.sandbox.server.starts), on real
+runners: a started slot's call waits while a start that a call waits for is under way, never longer
+than the hold, and a warm start (no call waits for it) holds nothing back.
+
+A slot's start is held at a gate (a FIFO its command reads before it execs the runner), so which
+call ran before which is seen in the calls' own output, not in timings."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from atropos.sandbox.image_slots import SlotImage
+from atropos.sandbox.models import BashCall
+from atropos.sandbox.runner.protocol import ToolOp
+from atropos.sandbox.server.isolation import Fork, runner_command, sandbox_env
+from atropos.sandbox.server.slot_runner import SlotRunner
+from atropos.sandbox.server.starts import Starts
+
+
+def bash(command: str) -> ToolOp:
+    return BashCall.model_validate({"slot": 0, "tool": "bash", "args": {"command": command}}).runner_op(30.0)
+
+
+class Slots:
+    """Two slots of one server (no sandbox: the runner alone), the second one's start gated."""
+
+    def __init__(self, tmp: Path, hold: float) -> None:
+        self.gate = tmp / "gate"
+        os.mkfifo(self.gate)
+        self.released = tmp / "released"  # made just before the gate opens
+        self.starts = Starts(hold=hold)
+        self.started, self.gated = self._slot(tmp, 0, None), self._slot(tmp, 1, self.gate)
+
+    def _slot(self, tmp: Path, index: int, gate: Path | None) -> SlotRunner:
+        workspace = str(tmp / f"slot{index}")
+        os.makedirs(workspace)
+        runner = runner_command(workspace, 1 << 16, 1 << 20)
+        prefix = ["sh", "-c", 'read _ < "$0" && exec "$@"', str(gate)] if gate is not None else []
+
+        def command(_fork: Fork | None, _image: SlotImage | None) -> list[str]:
+            return [*prefix, *runner]
+
+        return SlotRunner(index, workspace, command, sandbox_env(str(tmp), workspace), starts=self.starts)
+
+    def open_gate(self) -> None:
+        self.released.touch()
+        with open(self.gate, "w") as gate:  # the gated slot's shell waits on the other end
+            gate.write("go\n")
+
+    async def awaited(self) -> None:
+        """Until the gated slot's start is one a call waits for (a few turns of the loop)."""
+        for _ in range(100):
+            if self.starts.awaited:
+                return
+            await asyncio.sleep(0)
+        raise AssertionError("the gated slot's start never became one a call waits for")
+
+    def which(self) -> str:
+        """A command saying whether the gate had opened when it ran."""
+        return f"test -e {self.released} && echo after || echo before"
+
+
+@pytest.fixture
+async def slots(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Slots]:
+    two = Slots(tmp_path, hold=float(request.param))
+    try:
+        yield two
+    finally:
+        if not two.released.exists():
+            two.open_gate()
+        await asyncio.gather(two.started.close(), two.gated.close())
+
+
+@pytest.mark.parametrize("slots", [60.0], indirect=True)
+async def test_a_started_slots_call_waits_for_a_fresh_slots_start_that_a_call_waits_for(slots: Slots) -> None:
+    assert (await slots.started.execute(bash("true")))["exit_code"] == 0
+    fresh = asyncio.ensure_future(slots.gated.execute(bash("echo fresh")))
+    await slots.awaited()
+    held = asyncio.ensure_future(slots.started.execute(bash(slots.which())))
+    done, _ = await asyncio.wait({held}, timeout=1.0)  # time for a call that is not held to run
+    assert not done, f"the started slot's call ran while a fresh slot started: {held.result()}"
+    slots.open_gate()
+    assert (await fresh)["stdout"] == "fresh\n"
+    assert (await held)["stdout"] == "after\n"
+    assert slots.starts.awaited == 0
+
+
+@pytest.mark.parametrize("slots", [0.3], indirect=True)
+async def test_a_start_holds_started_slots_calls_no_longer_than_the_hold(slots: Slots) -> None:
+    assert (await slots.started.execute(bash("true")))["exit_code"] == 0
+    fresh = asyncio.ensure_future(slots.gated.execute(bash("echo fresh")))
+    await slots.awaited()
+    # the gate is still shut: the call goes once the hold is over
+    assert (await slots.started.execute(bash(slots.which())))["stdout"] == "before\n"
+    slots.open_gate()
+    assert (await fresh)["stdout"] == "fresh\n"
+
+
+@pytest.mark.parametrize("slots", [60.0], indirect=True)
+async def test_a_warm_start_holds_nothing_back(slots: Slots) -> None:
+    assert (await slots.started.execute(bash("true")))["exit_code"] == 0
+    warming = asyncio.ensure_future(slots.gated.warm_up())  # ahead of demand: nobody waits for it
+    await asyncio.sleep(0)
+    assert slots.starts.awaited == 0
+    assert (await slots.started.execute(bash(slots.which())))["stdout"] == "before\n"
+    slots.open_gate()
+    await warming
+    assert slots.gated.warm
