@@ -130,7 +130,7 @@ class SandboxApp:
         self.stopping = False
 
     def build(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_body, middlewares=[self._errors, self._auth])
+        app = web.Application(client_max_size=self.max_body, middlewares=[self._guarded])
         app.router.add_get("/health", self.health)
         app.router.add_post("/execute", self.execute)
         app.router.add_post("/batch", self.batch)
@@ -169,8 +169,12 @@ class SandboxApp:
             self.hub.close()  # after the slots: nothing is linked to it any more
 
     @web.middleware
-    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def _guarded(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Every request: its token checked (all but /health's), every failure answered in JSON. One
+        middleware, not two: each costs a call's path a coroutine and aiohttp's wrapper of it."""
         try:
+            if request.path != "/health":
+                self._check_token(request)
             return await handler(request)
         except ApiError as exc:
             return _json(ErrorResponse(error=exc.message, detail=exc.detail), exc.status)
@@ -191,16 +195,13 @@ class SandboxApp:
             what = f"internal error of the server on {request.method} {request.path}: {type(exc).__name__}: {exc}"
             return _json(ErrorResponse(error=what[:1000], stopping=self.stopping), 500)
 
-    @web.middleware
-    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path != "/health":
-            given = request.headers.get("Authorization", "")
-            scheme, _, value = given.partition(" ")
-            # surrogateescape: aiohttp keeps bytes that are not UTF-8 that way (they were a 500)
-            given_token = value.strip().encode("utf-8", "surrogateescape")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given_token, self.token):
-                raise ApiError(401, "missing or wrong bearer token")
-        return await handler(request)
+    def _check_token(self, request: web.Request) -> None:
+        given = request.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        # surrogateescape: aiohttp keeps bytes that are not UTF-8 that way (they were a 500)
+        given_token = value.strip().encode("utf-8", "surrogateescape")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given_token, self.token):
+            raise ApiError(401, "missing or wrong bearer token")
 
     async def _body(self, request: web.Request, model: type[BaseModel]) -> Any:
         raw = await request.read()
