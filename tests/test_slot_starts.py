@@ -1,6 +1,7 @@
 """Fresh slots' starts go before started slots' calls (atropos.sandbox.server.starts), on real
 runners: a started slot's call waits while a start that a call waits for is under way, never longer
-than the hold, and a warm start (no call waits for it) holds nothing back.
+than the hold (once, however many calls come meanwhile), and neither a warm start (no call waits
+for it) nor a fork's copy before its start holds anything back.
 
 A slot's start is held at a gate (a FIFO its command reads before it execs the runner), so which
 call ran before which is seen in the calls' own output, not in timings."""
@@ -19,6 +20,7 @@ from atropos.sandbox.models import BashCall
 from atropos.sandbox.runner.protocol import ToolOp
 from atropos.sandbox.server.isolation import Fork, runner_command, sandbox_env
 from atropos.sandbox.server.slot_runner import SlotRunner
+from atropos.sandbox.server.snapshots import Snapshot
 from atropos.sandbox.server.starts import Starts
 
 
@@ -27,7 +29,8 @@ def bash(command: str) -> ToolOp:
 
 
 class Slots:
-    """Two slots of one server (no sandbox: the runner alone), the second one's start gated."""
+    """Three slots of one server (no sandbox: the runner alone): one started first, one whose start
+    is gated, one to fork (its copy gated)."""
 
     def __init__(self, tmp: Path, hold: float) -> None:
         self.gate = tmp / "gate"
@@ -35,6 +38,7 @@ class Slots:
         self.released = tmp / "released"  # made just before the gate opens
         self.starts = Starts(hold=hold)
         self.started, self.gated = self._slot(tmp, 0, None), self._slot(tmp, 1, self.gate)
+        self.forked = self._slot(tmp, 2, None)
 
     def _slot(self, tmp: Path, index: int, gate: Path | None) -> SlotRunner:
         workspace = str(tmp / f"slot{index}")
@@ -47,10 +51,29 @@ class Slots:
 
         return SlotRunner(index, workspace, command, sandbox_env(str(tmp), workspace), starts=self.starts)
 
+    def wait_at_gate(self) -> None:
+        """What a slot's start or copy blocks on, in a thread: until `open_gate`."""
+        with open(self.gate) as gate:
+            gate.read()
+
+    async def fork(self, snapshot: Snapshot) -> None:
+        """The third slot forked from `snapshot`, its copy waiting at the gate."""
+        await self.forked.fork_from(snapshot, lambda _src, _dst: self.wait_at_gate(), lambda: None)
+
     def open_gate(self) -> None:
         self.released.touch()
-        with open(self.gate, "w") as gate:  # the gated slot's shell waits on the other end
+        with open(self.gate, "w") as gate:  # what waits at the gate holds the other end
             gate.write("go\n")
+
+    def open_gate_if_awaited(self) -> None:
+        """The gate opened for whatever still waits at it (a test that failed first), if anything."""
+        self.released.touch()
+        try:
+            fd = os.open(self.gate, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # nothing waits at it
+            return
+        os.write(fd, b"go\n")
+        os.close(fd)
 
     async def awaited(self) -> None:
         """Until the gated slot's start is one a call waits for (a few turns of the loop)."""
@@ -71,9 +94,8 @@ async def slots(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator
     try:
         yield two
     finally:
-        if not two.released.exists():
-            two.open_gate()
-        await asyncio.gather(two.started.close(), two.gated.close())
+        two.open_gate_if_awaited()
+        await asyncio.gather(two.started.close(), two.gated.close(), two.forked.close())
 
 
 @pytest.mark.parametrize("slots", [60.0], indirect=True)
@@ -111,3 +133,40 @@ async def test_a_warm_start_holds_nothing_back(slots: Slots) -> None:
     slots.open_gate()
     await warming
     assert slots.gated.warm
+
+
+@pytest.mark.parametrize("slots", [1.0], indirect=True)
+async def test_calls_meanwhile_wait_once_for_the_hold_not_each_for_its_own(slots: Slots) -> None:
+    """A start that does not end (a slot made to start slowly, say) costs the others' calls one
+    hold in all: the calls after the hold is over are not held again."""
+    assert (await slots.started.execute(bash("true")))["exit_code"] == 0
+    fresh = asyncio.ensure_future(slots.gated.execute(bash("echo fresh")))
+    await slots.awaited()
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    assert (await slots.started.execute(bash(slots.which())))["stdout"] == "before\n"
+    held_for = loop.time() - began
+    assert held_for >= slots.starts.hold
+    began = loop.time()
+    for _ in range(3):  # three more holds would take three times as long
+        assert (await slots.started.execute(bash(slots.which())))["stdout"] == "before\n"
+    assert loop.time() - began < slots.starts.hold, "the calls after the hold were held again"
+    slots.open_gate()
+    assert (await fresh)["stdout"] == "fresh\n"
+
+
+@pytest.mark.parametrize("slots", [60.0], indirect=True)
+async def test_a_forks_copy_holds_nothing_back(slots: Slots, tmp_path: Path) -> None:
+    """A fork copies its snapshot before its sandbox starts (where overlays cannot work), which can
+    take seconds; a call waiting for that fork does not hold the other slots' calls meanwhile."""
+    assert (await slots.started.execute(bash("true")))["exit_code"] == 0
+    snapshot = Snapshot(name="s", path=str(tmp_path / "snap"), source_slot=0, created=0.0, ready=True)
+    copying = asyncio.ensure_future(slots.fork(snapshot))
+    await asyncio.sleep(0)
+    forked = asyncio.ensure_future(slots.forked.execute(bash("echo forked")))
+    await asyncio.sleep(0)
+    assert slots.starts.awaited == 0
+    assert (await slots.started.execute(bash(slots.which())))["stdout"] == "before\n"
+    slots.open_gate()
+    await copying
+    assert (await forked)["stdout"] == "forked\n"

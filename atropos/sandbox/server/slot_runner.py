@@ -41,7 +41,7 @@ from atropos.sandbox.server.bridges import BridgeError, Bridges
 from atropos.sandbox.server.cgroups import SlotCgroup
 from atropos.sandbox.server.isolation import Fork
 from atropos.sandbox.server.snapshots import Snapshot, copy_root
-from atropos.sandbox.server.starts import Starts
+from atropos.sandbox.server.starts import StartKind, Starts
 
 log = logging.getLogger("atropos.sandbox")
 
@@ -140,11 +140,13 @@ class SlotRunner:
         """Start the runner ahead of the slot's first call (see atropos.sandbox.server.warm)."""
         await self._ensure_runner()
 
-    async def _ensure_runner(self) -> asyncio.subprocess.Process:
+    async def _ensure_runner(self, how: StartKind = StartKind.AHEAD) -> asyncio.subprocess.Process:
+        """The slot's runner, started now if it is not running; a start `FOR_A_CALL` holds back
+        the server's other calls meanwhile (atropos.sandbox.server.starts)."""
         async with self._start_lock:
             if self._proc is not None and self._proc.returncode is None:
                 return self._proc
-            async with self.starts.start():
+            async with self.starts.start(how):
                 return await self._start_runner()
 
     async def _start_runner(self) -> asyncio.subprocess.Process:
@@ -220,13 +222,9 @@ class SlotRunner:
         """The runner's answer to `request` (an Outcome for a tool call; see runner.protocol);
         a streamed command's output pieces go to `on_chunk` meanwhile."""
         timeout = request["timeout"]
-        if self.started:
-            if request["op"] != "hibernate":
-                await self.starts.turn()  # fresh slots' starts go first
-            proc = await self._ensure_runner()
-        else:
-            async with self.starts.awaited_by_a_call():
-                proc = await self._ensure_runner()
+        if self.started and request["op"] != "hibernate":
+            await self.starts.turn()  # fresh slots' starts go first
+        proc = await self._ensure_runner(StartKind.FOR_A_CALL)
         assert proc.stdin is not None
         if request["op"] != "hibernate":
             await self._awake(proc)  # no await from here to the write below
