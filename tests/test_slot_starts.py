@@ -1,7 +1,8 @@
 """Fresh slots' starts go before started slots' calls (atropos.sandbox.server.starts), on real
-runners: a started slot's call waits while a start that a call waits for is under way, never longer
-than the hold (once, however many calls come meanwhile), and neither a warm start (no call waits
-for it) nor a fork's copy before its start holds anything back.
+runners: the call of a slot whose trajectory has begun waits while a start that a call waits for is
+under way, never longer than the hold (once, however many calls come meanwhile); a warm slot's
+first call is not held (its trajectory has not begun), and neither a warm start (no call waits for
+it) nor a fork's copy before its start holds anything back.
 
 A slot's start is held at a gate (a FIFO its command reads before it execs the runner), so which
 call ran before which is seen in the calls' own output, not in timings."""
@@ -10,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import pytest
 
 from atropos.sandbox.image_slots import SlotImage
 from atropos.sandbox.models import BashCall
-from atropos.sandbox.runner.protocol import ToolOp
+from atropos.sandbox.runner.protocol import Outcome, ToolOp
 from atropos.sandbox.server.isolation import Fork, runner_command, sandbox_env
 from atropos.sandbox.server.slot_runner import SlotRunner
 from atropos.sandbox.server.snapshots import Snapshot
@@ -88,6 +89,15 @@ class Slots:
         return f"test -e {self.released} && echo after || echo before"
 
 
+async def unheld(call: Awaitable[Outcome]) -> Outcome:
+    """The outcome of a call that must not wait for the gated start (the hold is 60 s: a call held
+    by it would still answer, only later)."""
+    try:
+        return await asyncio.wait_for(call, 30.0)
+    except asyncio.TimeoutError:
+        raise AssertionError("the call was held until the gated start ends") from None
+
+
 @pytest.fixture
 async def slots(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Slots]:
     two = Slots(tmp_path, hold=float(request.param))
@@ -129,7 +139,7 @@ async def test_a_warm_start_holds_nothing_back(slots: Slots) -> None:
     warming = asyncio.ensure_future(slots.gated.warm_up())  # ahead of demand: nobody waits for it
     await asyncio.sleep(0)
     assert slots.starts.awaited == 0
-    assert (await slots.started.execute(bash(slots.which())))["stdout"] == "before\n"
+    assert (await unheld(slots.started.execute(bash(slots.which()))))["stdout"] == "before\n"
     slots.open_gate()
     await warming
     assert slots.gated.warm
@@ -166,7 +176,18 @@ async def test_a_forks_copy_holds_nothing_back(slots: Slots, tmp_path: Path) -> 
     forked = asyncio.ensure_future(slots.forked.execute(bash("echo forked")))
     await asyncio.sleep(0)
     assert slots.starts.awaited == 0
-    assert (await slots.started.execute(bash(slots.which())))["stdout"] == "before\n"
+    assert (await unheld(slots.started.execute(bash(slots.which()))))["stdout"] == "before\n"
     slots.open_gate()
     await copying
     assert (await forked)["stdout"] == "forked\n"
+
+
+@pytest.mark.parametrize("slots", [60.0], indirect=True)
+async def test_a_warm_slots_first_call_is_not_held(slots: Slots) -> None:
+    """A trajectory that has not begun goes first, whether its slot is warm or not."""
+    await slots.forked.warm_up()
+    fresh = asyncio.ensure_future(slots.gated.execute(bash("echo fresh")))
+    await slots.awaited()
+    assert (await unheld(slots.forked.execute(bash(slots.which()))))["stdout"] == "before\n"
+    slots.open_gate()
+    assert (await fresh)["stdout"] == "fresh\n"

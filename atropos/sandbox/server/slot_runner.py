@@ -222,8 +222,6 @@ class SlotRunner:
         """The runner's answer to `request` (an Outcome for a tool call; see runner.protocol);
         a streamed command's output pieces go to `on_chunk` meanwhile."""
         timeout = request["timeout"]
-        if self.started and request["op"] != "hibernate":
-            await self.starts.turn()  # fresh slots' starts go first
         proc = await self._ensure_runner(StartKind.FOR_A_CALL)
         assert proc.stdin is not None
         if request["op"] != "hibernate":
@@ -327,7 +325,10 @@ class SlotRunner:
             raise SlotReset(f"slot {self.index} was reset while the call ran")
 
     async def execute(self, op: ToolOp, on_chunk: ChunkSink | None = None) -> Outcome:
+        begun = self.used  # a call ran in the slot since its start or reset: its trajectory has begun
         async with self.holding(op["op"]) as generation:
+            if begun and self.started:
+                await self.starts.turn()  # trajectories that have not begun go first
             try:
                 result: Outcome = await self.call(op, on_chunk)
             except SlotFailure:

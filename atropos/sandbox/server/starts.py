@@ -5,10 +5,11 @@ burst of trajectories begins, each fresh slot's first call starts it, and the ne
 slots already started compete with those starts for the node's CPU: the last trajectory to begin
 waits for most of everyone else's work (256 fresh slots on 8 servers, ten calls each: first-call
 p99 3.5 s; with their first calls alone: 1.35 s). So while a start that a call waits for is queued
-or under way, the calls of this server's started slots wait for it, up to `hold` seconds from the
-first such start on: trajectories that have not begun go first. The work is the same, in another
-order. What comes before a start (a fork's copy, an image's root) holds nothing back, nor do starts
-no call waits for (warm slots, atropos.sandbox.server.warm; forks begun ahead).
+or under way, the tool calls of this server's slots whose trajectories have begun (a call ran since
+the slot's start or reset) wait for it, up to `hold` seconds from the first such start on:
+trajectories that have not begun go first, whether their slot is warm or not. The work is the
+same, in another order. What comes before a start (a fork's copy, an image's root) holds nothing
+back, nor do starts no call waits for (warm slots, atropos.sandbox.server.warm; forks begun ahead).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import AsyncIterator
 # server's own event loop (health checks time out, the pool declares it lost)
 AT_ONCE = max(2, os.cpu_count() or 2)
 
-# the longest the calls of started slots wait for other slots' starts, from the first such start
+# the longest the calls of begun trajectories wait for other slots' starts, from the first such start
 # on: a start that is slow (a large image's root, a loaded node, a slot made to start slowly on
 # purpose) delays the others' calls by this much at most, once, until no start is awaited again
 HOLD = 2.0
@@ -41,12 +42,12 @@ class Starts:
         self.awaited = 0  # starts a call waits for: queued or under way
         self._none_awaited = asyncio.Event()
         self._none_awaited.set()
-        self._hold_ends = 0.0  # loop time: the calls of started slots wait no longer than this
+        self._hold_ends = 0.0  # loop time: the calls of begun trajectories wait no longer than this
 
     @contextlib.asynccontextmanager
     async def start(self, kind: StartKind) -> AsyncIterator[None]:
         """One start, at most `at_once` together; while one FOR_A_CALL is queued or under way, the
-        calls of started slots wait (`turn`)."""
+        calls of begun trajectories wait (`turn`)."""
         if kind is StartKind.AHEAD:
             async with self._running:
                 yield
@@ -64,7 +65,7 @@ class Starts:
                 self._none_awaited.set()
 
     async def turn(self) -> None:
-        """A started slot's call: returns once no start is awaited by a call, or when the hold is over."""
+        """A begun trajectory's call: returns once no start is awaited by a call, or when the hold is over."""
         if self.awaited:
             left = self._hold_ends - asyncio.get_running_loop().time()
             if left > 0:
