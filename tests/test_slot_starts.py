@@ -2,7 +2,8 @@
 runners: the call of a slot whose trajectory has begun waits while a start that a call waits for is
 under way, never longer than the hold (once, however many calls come meanwhile); a warm slot's
 first call is not held (its trajectory has not begun), and neither a warm start (no call waits for
-it) nor a fork's copy before its start holds anything back.
+it) nor a fork's copy before its start holds anything back. Closing a slot (the server stopping)
+ends a start that hangs, and its call, at once.
 
 A slot's start is held at a gate (a FIFO its command reads before it execs the runner), so which
 call ran before which is seen in the calls' own output, not in timings."""
@@ -15,14 +16,18 @@ from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import make_mocked_request
 
+from atropos.host import command_line, snapshot
 from atropos.sandbox.image_slots import SlotImage
-from atropos.sandbox.models import BashCall
+from atropos.sandbox.models import BashCall, Enforcement, StatusResponse
 from atropos.sandbox.runner.protocol import Outcome, ToolOp
+from atropos.sandbox.server.app import SandboxApp
 from atropos.sandbox.server.isolation import Fork, runner_command, sandbox_env
-from atropos.sandbox.server.slot_runner import SlotRunner
+from atropos.sandbox.server.slot_runner import SlotFailure, SlotRunner
 from atropos.sandbox.server.snapshots import Snapshot
 from atropos.sandbox.server.starts import Starts
+from atropos.sandbox.status import render
 
 
 def bash(command: str) -> ToolOp:
@@ -96,6 +101,17 @@ async def unheld(call: Awaitable[Outcome]) -> Outcome:
         return await asyncio.wait_for(call, 30.0)
     except asyncio.TimeoutError:
         raise AssertionError("the call was held until the gated start ends") from None
+
+
+async def status_of(*slots: SlotRunner) -> str:
+    """`atropos-sandbox status` of a server of these slots, as its /status answers."""
+    enforcement = Enforcement(
+        isolation="none", runner="python", network="allow", uid=os.getuid(), limits={}, cgroups=[]
+    )
+    app = SandboxApp(list(slots), token="t", default_timeout=30.0, enforcement=enforcement, max_body=1 << 20)
+    answer = await app.status(make_mocked_request("GET", "/status"))
+    assert answer.text is not None
+    return render("http://server", StatusResponse.model_validate_json(answer.text))
 
 
 @pytest.fixture
@@ -191,3 +207,35 @@ async def test_a_warm_slots_first_call_is_not_held(slots: Slots) -> None:
     assert (await unheld(slots.forked.execute(bash(slots.which()))))["stdout"] == "before\n"
     slots.open_gate()
     assert (await fresh)["stdout"] == "fresh\n"
+
+
+@pytest.mark.parametrize("slots", [60.0], indirect=True)
+async def test_closing_a_slot_ends_a_start_that_hangs_and_its_call(slots: Slots) -> None:
+    """The server stopping does not wait for a sandbox that never comes up (aiohttp would wait a
+    minute for its call), and no sandbox starts after."""
+    fresh = asyncio.ensure_future(slots.gated.execute(bash("echo fresh")))
+    await slots.awaited()
+    for _ in range(3000):  # the gated start spawned, waiting at the gate: a start that hangs
+        if slots.gated.starting:
+            break
+        await asyncio.sleep(0.01)
+    assert any(str(slots.gate) in command_line(pid) for pid in snapshot())
+    assert "   1  starting" in await status_of(slots.started, slots.gated)  # where an operator sees it
+    await slots.gated.close()
+    with pytest.raises(SlotFailure, match="did not start"):
+        await unheld(fresh)
+    assert not any(str(slots.gate) in command_line(pid) for pid in snapshot()), "the hung start outlived its slot"
+    with pytest.raises(SlotFailure, match="stopping"):
+        await unheld(slots.gated.execute(bash("true")))
+
+
+@pytest.mark.parametrize("slots", [60.0], indirect=True)
+async def test_a_slot_closed_while_its_sandbox_is_spawned_starts_none(slots: Slots) -> None:
+    """Closed between the spawn and its end: the sandbox is stopped as soon as the spawn returns."""
+    fresh = asyncio.ensure_future(slots.gated.execute(bash("echo fresh")))
+    await slots.awaited()
+    assert not slots.gated.starting  # the spawn has not returned yet: no turn of the loop since it began
+    await slots.gated.close()
+    with pytest.raises(SlotFailure, match="no sandbox starts"):
+        await unheld(fresh)
+    assert not any(str(slots.gate) in command_line(pid) for pid in snapshot()), "the sandbox outlived its slot"

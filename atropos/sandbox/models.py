@@ -418,6 +418,11 @@ class SlotActivity(BaseModel):
     queued: int = Field(description="Calls waiting behind it (a slot runs its calls one after another).")
     calls: int = Field(description="Calls this slot has finished since the server started.")
     asleep: bool = Field(default=False, description="Its runner hibernates; its next call wakes it.")
+    starting: bool = Field(
+        default=False,
+        description="Its sandbox is coming up: spawned, its runner not answering yet (a slot that stays so has a "
+        "start that hangs).",
+    )
     image: str | None = Field(default=None, description="The task image it runs in (POST /image), until its reset.")
     bridges: dict[int, str] = Field(
         default_factory=dict,

@@ -57,7 +57,7 @@ def render(url: str, status: StatusResponse) -> str:
     ]
     for a in status.slot_activity:
         running = f"{a.running_s:.1f}s" if a.running_s is not None else "-"
-        state = "asleep" if a.asleep else a.state
+        state = "asleep" if a.asleep else "starting" if a.starting else a.state
         lines.append(
             f"{a.slot:>4}  {state:<8} {a.tool or '-':<13} {running:>9} {a.queued:>6} {a.calls:>7}  {a.image or '-'}"
             + "".join(f"  :{port}->{target}" for port, target in a.bridges.items())

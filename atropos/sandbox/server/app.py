@@ -257,6 +257,7 @@ class SandboxApp:
                 slot=slot.index, state="running" if tool else "idle", tool=tool,
                 running_s=round(now - since, 3) if since is not None else None,
                 queued=max(slot.busy - (1 if tool else 0), 0), calls=slot.finished, asleep=slot.hibernated,
+                starting=slot.starting,
                 image=slot.image.image.ref if slot.image is not None else None,
                 bridges={port: f"{host}:{to}" for port, (host, to) in slot.bridges.ports.items()},
             ))  # fmt: skip

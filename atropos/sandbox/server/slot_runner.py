@@ -115,6 +115,8 @@ class SlotRunner:
         self._release_image: Callable[[], None] = lambda: None
         self._view_pid: tuple[int, int] | None = None  # (sandbox pid, runner's host pid)
         self._starting: asyncio.Future[None] | None = None  # a fork's sandbox, started ahead
+        self._launching: asyncio.subprocess.Process | None = None  # a sandbox started, its runner not up yet
+        self._closed = False  # the server stops: no sandbox starts any more
         # hibernation (atropos.sandbox.server.hibernation): while `_hibernating` is set nothing else
         # is written to the runner (what it has not read when it execs would be lost)
         self.idle_since = time.monotonic()
@@ -130,6 +132,11 @@ class SlotRunner:
     @property
     def started(self) -> bool:
         return self._proc is not None and self._proc.returncode is None
+
+    @property
+    def starting(self) -> bool:
+        """Its sandbox is spawned and its runner has not said it is up yet."""
+        return self._launching is not None
 
     @property
     def warm(self) -> bool:
@@ -150,6 +157,8 @@ class SlotRunner:
                 return await self._start_runner()
 
     async def _start_runner(self) -> asyncio.subprocess.Process:
+        if self._closed:
+            raise SlotFailure(f"slot {self.index}: the server is stopping; no sandbox starts")
         proc = await asyncio.create_subprocess_exec(
             *self._command(self.fork, self.image),
             stdin=asyncio.subprocess.PIPE,
@@ -158,11 +167,16 @@ class SlotRunner:
             start_new_session=True,
             limit=256 * 1024 * 1024,
         )
+        self._launching = proc  # until its first line: close() ends it (a start that hangs holds up no stop)
         try:
+            if self._closed:  # while it was being spawned
+                raise SlotFailure(f"slot {self.index}: the server is stopping; no sandbox starts")
             return await self._hello(proc)
         except BaseException:  # cancelled (the server stopping mid-start) or failed: no orphan left
             await self._stop_started(proc)
             raise
+        finally:
+            self._launching = None
 
     async def _stop_started(self, proc: asyncio.subprocess.Process) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -513,6 +527,9 @@ class SlotRunner:
             self.idle_since = time.monotonic()
 
     async def close(self) -> None:
+        self._closed = True
+        if self._launching is not None:  # its call fails now: the sandbox did not start
+            await self._stop_started(self._launching)
         if self._starting is not None and not self._starting.done():
             self._starting.cancel()
             await asyncio.gather(self._starting, return_exceptions=True)
