@@ -116,12 +116,12 @@ async def status_of(*slots: SlotRunner) -> str:
 
 @pytest.fixture
 async def slots(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Slots]:
-    two = Slots(tmp_path, hold=float(request.param))
+    three = Slots(tmp_path, hold=float(request.param))
     try:
-        yield two
+        yield three
     finally:
-        two.open_gate_if_awaited()
-        await asyncio.gather(two.started.close(), two.gated.close(), two.forked.close())
+        three.open_gate_if_awaited()
+        await asyncio.gather(three.started.close(), three.gated.close(), three.forked.close())
 
 
 @pytest.mark.parametrize("slots", [60.0], indirect=True)

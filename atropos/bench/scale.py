@@ -305,7 +305,7 @@ async def _shape(sizes: tuple[int, ...], say: Callable[[str], None]) -> list[Row
 
 
 def _judged_if(judge: bool, row: Row, limit: float, target: str) -> Row:
-    """`row` with its `target` and judged by it where the target applies; as measured elsewhere."""
+    """`row` judged by `limit` and showing `target` where the target applies (`judge`); else as measured."""
     if not judge:
         return row
     row.target = target
