@@ -82,7 +82,12 @@ def test_a_runner_that_stops_answering_is_replaced_and_the_call_says_so(server: 
 
     caller = threading.Thread(target=call)
     caller.start()
-    assert wait_for_pids(marker, 1) == 1
+    if wait_for_pids(marker, 1) != 1:  # what the call came to says why (CI saw this once, cause unknown)
+        caller.join(30)
+        with server.client() as c:
+            status = c.get("/status").text
+        got = answer["r"].text if "r" in answer else "no answer in 40 s"
+        raise AssertionError(f"the call's command never ran: {got}; the server's /status: {status}")
     frozen = runner_above(pids_with_arg(marker)[0])
     os.kill(frozen, signal.SIGSTOP)  # before the call's 3 s are over: the runner cannot answer it
     try:
