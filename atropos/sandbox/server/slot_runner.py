@@ -156,9 +156,12 @@ class SlotRunner:
             async with self.starts.start(how):
                 return await self._start_runner()
 
-    async def _start_runner(self) -> asyncio.subprocess.Process:
+    def _refuse_if_closed(self) -> None:
         if self._closed:
             raise SlotFailure(f"slot {self.index}: the server is stopping; no sandbox starts")
+
+    async def _start_runner(self) -> asyncio.subprocess.Process:
+        self._refuse_if_closed()
         proc = await asyncio.create_subprocess_exec(
             *self._command(self.fork, self.image),
             stdin=asyncio.subprocess.PIPE,
@@ -169,8 +172,7 @@ class SlotRunner:
         )
         self._launching = proc  # until its first line: close() ends it (a start that hangs holds up no stop)
         try:
-            if self._closed:  # while it was being spawned
-                raise SlotFailure(f"slot {self.index}: the server is stopping; no sandbox starts")
+            self._refuse_if_closed()  # closed while it was being spawned
             return await self._hello(proc)
         except BaseException:  # cancelled (the server stopping mid-start) or failed: no orphan left
             await self._stop_started(proc)
@@ -341,7 +343,7 @@ class SlotRunner:
     async def execute(self, op: ToolOp, on_chunk: ChunkSink | None = None) -> Outcome:
         begun = self.used  # a call ran in the slot since its start or reset: its trajectory has begun
         async with self.holding(op["op"]) as generation:
-            if begun and self.started:
+            if begun and self.starts.awaited and self.started:  # no start awaited: not even a coroutine
                 await self.starts.turn()  # trajectories that have not begun go first
             try:
                 result: Outcome = await self.call(op, on_chunk)
